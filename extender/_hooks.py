@@ -1,0 +1,234 @@
+"""The base of every wrapper: forward hooks on chosen layers and their lifetime."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from ._layers import check_layer_id, resolve_layer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HooksHandle"]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end the model's forward early; caught by the wrapper.
+
+    It carries the state of the forward it belongs to, so that nested wrappers only ever
+    catch their own.
+    """
+
+    def __init__(self, state: _ForwardState) -> None:
+        super().__init__("forward stopped early once every wanted layer had run")
+        self.state = state
+
+
+class _ForwardState:
+    """What the hooks collect during one forward of one wrapper, in one thread."""
+
+    __slots__ = ("owner", "layer_ids", "records", "pending", "stopped")
+
+    def __init__(self, owner: HooksHandle, layer_ids: tuple[str, ...], stop_early: bool) -> None:
+        self.owner = owner
+        self.layer_ids = layer_ids
+        self.records: dict[str, Any] = {}
+        # The layers still to run before the forward may stop; None when it never stops.
+        self.pending: set[str] | None = set(layer_ids) if stop_early else None
+        self.stopped = False
+
+
+# One stack of running forwards per thread: the hooks find the state of their own wrapper
+# here, so two threads (or two nested wrappers) never see each other's outputs, and calling
+# the wrapped model directly, outside any wrapper forward, records nothing.
+_active = threading.local()
+
+
+def _active_states() -> list[_ForwardState]:
+    try:
+        return _active.states
+    except AttributeError:
+        _active.states = []
+        return _active.states
+
+
+def _remove_all(hooks: dict[str, RemovableHandle]) -> None:
+    for handle in hooks.values():
+        handle.remove()
+    hooks.clear()
+
+
+class HooksHandle(torch.nn.Module):
+    """Base class: a model wrapper with forward hooks on some of the model's layers.
+
+    It keeps the model as its child ``wrapped_model`` and one forward hook per registered
+    layer (see :attr:`registered_submodules`). Calling the wrapper calls the model with the
+    same positional and keyword arguments; what the hooks collect lives only for that one
+    call, so nothing is shared between calls or threads, and an exception in the model
+    leaves no stale outputs behind. Sub-classes decide what is collected and returned.
+
+    Hook lifetime:
+
+    * :meth:`remove` takes every hook off the model (safe to call again); the wrapper is
+      a context manager that calls it on exit, also when an exception is raised;
+    * a constructor that fails (say, one bad id among several) leaves no hook behind;
+    * a wrapper that is garbage collected takes its hooks off the model too.
+
+    The wrapper never changes the model's mode, device or ``requires_grad`` by itself.
+    Being a :class:`torch.nn.Module` with the model as a child, ``wrapper.eval()``,
+    ``wrapper.train()`` and ``wrapper.to(...)`` act on the wrapped model, just as they
+    would on any parent module.
+
+    Example:
+        >>> import torch
+        >>> from extender import ActivationMapGrabber, HooksHandle
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+        >>> with ActivationMapGrabber(model, ['0']) as grabber:
+        ...     isinstance(grabber, HooksHandle), grabber.registered_submodules
+        ...     out, maps = grabber(torch.rand(4, 2))
+        (True, ['0'])
+        >>> grabber.registered_submodules, len(model[0]._forward_hooks)
+        ([], 0)
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        super().__init__()
+        self.wrapped_model = model
+        # Layer id -> handle of its forward hook, in registration order.
+        self._layer_hooks: dict[str, RemovableHandle] = {}
+        self._hooks_finalizer = weakref.finalize(self, _remove_all, self._layer_hooks)
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    @property
+    def registered_submodules(self) -> list[str]:
+        """The ids of the layers that carry a hook, in registration order (a copy)."""
+        return list(self._layer_hooks)
+
+    def _register_layer(self, layer_id: str) -> None:
+        """Put a hook on the layer ``layer_id``; a layer that already has one is left alone."""
+        layer = resolve_layer(self.wrapped_model, layer_id)
+        if layer_id in self._layer_hooks:
+            return
+        self._layer_hooks[layer_id] = layer.register_forward_hook(
+            _make_hook(weakref.ref(self), layer_id)
+        )
+        logger.debug("%s: hooked layer %r", type(self).__name__, layer_id)
+
+    def _unregister_layer(self, layer_id: str) -> None:
+        """Take the hook off the layer ``layer_id``.
+
+        Raises:
+            KeyError: If the layer carries no hook of this wrapper.
+        """
+        check_layer_id(layer_id)
+        if layer_id not in self._layer_hooks:
+            raise KeyError(
+                f"Layer {layer_id!r} is not registered; registered layers: "
+                f"{self.registered_submodules}"
+            )
+        self._layer_hooks.pop(layer_id).remove()
+        logger.debug("%s: unhooked layer %r", type(self).__name__, layer_id)
+
+    def _register_all(self, layer_ids: Iterable[str]) -> None:
+        """Register several layers; on any error, remove every hook of this wrapper."""
+        try:
+            for layer_id in layer_ids:
+                self._register_layer(layer_id)
+        except BaseException:
+            self.remove()
+            raise
+
+    # -------------------------------------------------------------- hook lifetime
+
+    def remove(self) -> None:
+        """Take every hook of this wrapper off the model.
+
+        Afterwards no layer is registered and the wrapper passes calls straight to the
+        model; layers may be registered again. Calling it twice is harmless.
+        """
+        _remove_all(self._layer_hooks)
+
+    def __enter__(self) -> HooksHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    # ---------------------------------------------------------------- the forward
+
+    def _stops_early(self) -> bool:
+        """Whether the forward ends as soon as every registered layer has run once."""
+        return False
+
+    def _record(self, state: _ForwardState, layer_id: str, output: Any) -> None:
+        """Store what the hook of ``layer_id`` saw in ``state.records``."""
+        raise NotImplementedError
+
+    def _finish(self, model_output: Any, state: _ForwardState) -> Any:
+        """Build the wrapper's return value from the model output and ``state.records``.
+
+        ``model_output`` is None when the forward was stopped early.
+        """
+        raise NotImplementedError
+
+    def _on_layer_output(self, layer_id: str, output: Any) -> None:
+        """Called by the hook of ``layer_id`` with that layer's output."""
+        state = self._find_state()
+        if state is None or state.stopped or layer_id not in state.layer_ids:
+            return
+        self._record(state, layer_id, output)
+        if state.pending is not None:
+            state.pending.discard(layer_id)
+            if not state.pending:
+                state.stopped = True
+                raise _StopForward(state)
+
+    def _find_state(self) -> _ForwardState | None:
+        for state in reversed(_active_states()):
+            if state.owner is self:
+                return state
+        return None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model with ``*args`` and ``**kwargs`` and collect the hooks' findings."""
+        state = _ForwardState(self, tuple(self._layer_hooks), self._stops_early())
+        if state.pending is not None and not state.pending:
+            # Stopping as soon as all of no layers have run means not running at all.
+            return self._finish(None, state)
+        states = _active_states()
+        states.append(state)
+        try:
+            model_output = self.wrapped_model(*args, **kwargs)
+        except _StopForward as stop:
+            if stop.state is not state:
+                raise
+            model_output = None
+        finally:
+            states.remove(state)
+        if state.pending is not None:
+            # Early exit promises no model output, whether or not the stop happened.
+            model_output = None
+        return self._finish(model_output, state)
+
+
+def _make_hook(handle_ref: weakref.ReferenceType[HooksHandle], layer_id: str):
+    """A forward hook that reports ``layer_id``'s output to the wrapper, if it still exists.
+
+    The hook holds only a weak reference, so the model never keeps its wrapper alive.
+    """
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        handle = handle_ref()
+        if handle is not None:
+            handle._on_layer_output(layer_id, output)
+
+    return hook

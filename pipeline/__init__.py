@@ -1,0 +1,33 @@
+"""actmap's distributed dump: Ray actors run a model over a dataset and write the outputs of
+chosen layers to partitioned Parquet, which the readers here load back for concept training.
+
+Run it with ``actmap run CONFIG.yaml`` or from Python::
+
+    from pipeline import load_config, run
+    summary = run(load_config("dump.yaml"))
+
+Read it back with :func:`read_layer`, :class:`ActivationDataset` or :func:`to_ray_dataset`.
+"""
+
+from .config import Config, load_config
+from .driver import Summary, run
+from .errors import BadSampleError, ConfigError, OutputConflictError, ShardFailedError
+from .reader import ActivationDataset, DumpInfo, decode_column, inspect_dump, read_layer, read_table, to_ray_dataset
+
+__all__ = [
+    "ActivationDataset",
+    "BadSampleError",
+    "Config",
+    "ConfigError",
+    "DumpInfo",
+    "OutputConflictError",
+    "ShardFailedError",
+    "Summary",
+    "decode_column",
+    "inspect_dump",
+    "load_config",
+    "read_layer",
+    "read_table",
+    "run",
+    "to_ray_dataset",
+]

@@ -1,0 +1,109 @@
+"""The command line: ``actmap run``, ``actmap layers``, ``actmap inspect``.
+
+Exit status: 0 done, 1 the run failed (what was done is kept; rerun to resume), 2 a bad
+config or argument (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import ConfigError
+
+log = logging.getLogger("actmap")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actmap", description="Dump the intermediate-layer outputs of "
+                                     "PyTorch models over whole datasets into partitioned Parquet.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="dump layer outputs (with no config: the embedded default job)")
+    run.add_argument("config", nargs="?", help="YAML config; every key has a default")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set run.batch_size=64 (repeatable)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the Ray job's "
+                     "cluster, or a local Ray started for this run)")
+    run.add_argument("--overwrite", action="store_true", help="replace the dump in the output folder")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+
+    layers = sub.add_parser("layers", help="list a model's layer ids (with output shapes given an input size)")
+    layers.add_argument("model", help="torchvision builder name or package.module:callable")
+    layers.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                        help="example input size without batch dim, e.g. 3 224 224 (or one int: 3xNxN)")
+    layers.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="model builder kwargs, e.g. --set num_classes=10")
+
+    inspect = sub.add_parser("inspect", help="describe a dump: layers, shapes, rows, completeness, bad samples")
+    inspect.add_argument("output", help="the dump's folder or URI")
+    inspect.add_argument("--bad", type=int, default=20, metavar="N", help="list at most N bad samples")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .driver import run
+
+    config = load_config(args.config, args.overrides)
+    summary = run(config, address=args.address, overwrite=args.overwrite,
+                  stream=None if args.quiet else sys.stderr)
+    print(summary.format(), file=sys.stderr)
+    return 0
+
+
+def _layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from extender import format_layers, list_layers
+
+    from .config import ModelSpec, apply_overrides
+    from .models import build_model
+
+    kwargs = apply_overrides({}, args.overrides)
+    model = build_model(ModelSpec(name=args.model, kwargs=kwargs))
+    example = None
+    if args.input_size:
+        size = args.input_size
+        if len(size) == 1:
+            size = [3, size[0], size[0]]
+        example = torch.rand(1, *size)
+    print(format_layers(list_layers(model, example)))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .reader import inspect_dump
+
+    try:
+        info = inspect_dump(args.output)
+    except FileNotFoundError as exc:
+        raise ConfigError("output", str(exc)) from None
+    print(info.format(bad_limit=args.bad))
+    return 0 if info.complete else 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    handler = {"run": _run, "layers": _layers, "inspect": _inspect}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"actmap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("actmap: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        log.debug("failure", exc_info=True)
+        print(f"actmap: failed: {type(exc).__name__}: {exc}\n"
+              "The shards finished so far are kept; rerun the same command to resume.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

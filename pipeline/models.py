@@ -1,0 +1,118 @@
+"""Build the model a config names, identify it, and wrap it to return the wanted layers.
+
+Every actor builds its own copy: ``seed`` makes randomly initialised weights the same on all
+of them, and the weights' digest (kept in the manifest) proves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+
+from extender import ActivationMapGrabber, ModelStump, UnknownLayerError
+
+from .config import Mode, ModelSpec
+from .errors import ConfigError, close_matches
+from .sources.dataset import import_target
+
+
+def _builder(name: str) -> Callable[..., torch.nn.Module]:
+    if ":" in name:
+        builder = import_target(name, "model.name")
+        if not callable(builder):
+            raise ConfigError("model.name", f"{name!r} is not callable")
+        return builder
+    known = torchvision.models.list_models()
+    if name not in known:
+        raise ConfigError("model.name", f"{name!r} is not a torchvision model; {close_matches(name, known)} "
+                          "(or name your own as 'package.module:callable')")
+    return torchvision.models.get_model_builder(name)
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """The model of ``spec`` on the CPU, in eval mode, without gradients.
+
+    Torchvision builders get ``weights=None`` (and ``weights_backbone=None``) unless the
+    kwargs say otherwise: nothing is downloaded. A ``weights`` file is a state dict, loaded
+    with ``weights_only=True``.
+    """
+    builder = _builder(spec.name)
+    kwargs = dict(spec.kwargs)
+    if ":" not in spec.name:
+        params = inspect.signature(builder).parameters
+        for key in ("weights", "weights_backbone"):
+            if key in params:
+                kwargs.setdefault(key, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        try:
+            model = builder(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("model.kwargs", f"{spec.name}(**{kwargs!r}) failed: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError("model.name", f"{spec.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if spec.weights:
+        path = Path(spec.weights).expanduser()
+        if not path.is_file():
+            raise ConfigError("model.weights", f"{str(path)!r} is not a file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ConfigError("model.weights", f"cannot load {str(path)!r} into {spec.name}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return model.eval().requires_grad_(False)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """The SHA-256 of the model's state dict (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_identity(spec: ModelSpec, model: torch.nn.Module) -> dict:
+    """The model's identity for the manifest: its spec, class and weights digest."""
+    return {"name": spec.name, "class": type(model).__module__ + "." + type(model).__qualname__,
+            "weights_sha256": weights_digest(model),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+class LayerOutputs(torch.nn.Module):
+    """The wanted layers' outputs of one forward, as ``{layer: tensor}``.
+
+    Grab mode wraps the model in an :class:`~extender.ActivationMapGrabber`, stump mode in a
+    :class:`~extender.ModelStump`; with ``stop_early`` the forward ends once every wanted layer
+    has run.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.layers = spec.layers
+        try:
+            if spec.mode is Mode.STUMP:
+                self.wrapper = ModelStump(model, spec.layers[0])
+            else:
+                self.wrapper = ActivationMapGrabber(model, list(spec.layers), stop_early=spec.stop_early,
+                                                    detach=True)
+        except UnknownLayerError as exc:
+            raise ConfigError("model.layers", str(exc)) from None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(self.wrapper, ModelStump):
+            return {self.layers[0]: self.wrapper(x)}
+        return self.wrapper(x)[1]
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        self.wrapper.remove()

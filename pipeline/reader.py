@@ -1,0 +1,264 @@
+"""Reading a dump back: one layer as an array, a streaming torch ``Dataset``, a Ray dataset,
+and a description of what the dump holds.
+
+Only the on-disk contract is used (the Parquet files, their JSON metadata and the manifest),
+so this works on any dump, finished or not, local or remote.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import posixpath
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+
+from .encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata
+from .errors import close_matches
+from .manifest import MANIFEST_PATH, SHARDS_DIR, completed_shards
+from .shards import partition_dir
+from .store import OutputStore
+from .writer import ACTIVATION
+
+
+class UnknownDumpLayerError(KeyError):
+    """The dump holds no such layer."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _layer_files(store: OutputStore, layer: str) -> list[str]:
+    files = store.list_files(partition_dir(layer), ".parquet")
+    files = [f for f in files if not posixpath.basename(f).startswith(".")]
+    if not files:
+        layers = dump_layers(store)
+        raise UnknownDumpLayerError(f"{store.location!r} holds no rows of layer {layer!r}; "
+                                    f"{close_matches(layer, layers) if layers else 'it holds no layer yet'}")
+    return files
+
+
+def dump_layers(store: OutputStore | str) -> list[str]:
+    """The layers a dump holds files of (from its partition folders)."""
+    import urllib.parse
+
+    store = store if isinstance(store, OutputStore) else OutputStore(store)
+    return [urllib.parse.unquote(e[len("layer="):]) for e in store.entries() if e.startswith("layer=")]
+
+
+def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | torch.Tensor:
+    if dtype == "bfloat16":
+        if as_torch:
+            return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
+        return bfloat16_to_float32(values)
+    return torch.from_numpy(np.ascontiguousarray(values)) if as_torch else values
+
+
+def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,
+               columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of ``layer`` whose source index is in ``[start, stop)``, sorted by index."""
+    store = OutputStore(location)
+    files = [store.path(f) for f in _layer_files(store, layer)]
+    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
+    condition = None
+    if start is not None:
+        condition = pc.field("index") >= start
+    if stop is not None:
+        upper = pc.field("index") < stop
+        condition = upper if condition is None else condition & upper
+    table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
+    table = table.sort_by("index") if "index" in table.column_names else table
+    return table.replace_schema_metadata(dataset.schema.metadata)
+
+
+def decode_column(table: pa.Table, column: str = ACTIVATION, as_torch: bool = False):
+    """The tensor column of a dump table as one ``(N, ...)`` array (a list for variable shapes).
+
+    bfloat16 values come back as float32 in numpy (exact) and as bfloat16 in torch.
+    """
+    spec = read_metadata(table.schema)["columns"][column]
+    if spec["shape"] is not None:
+        return _to_array(decode_fixed(table.column(column), spec), spec["dtype"], as_torch)
+    arrays = decode_variable(table.column(column), table.column(f"{column}_shape"), spec)
+    return [_to_array(a, spec["dtype"], as_torch) for a in arrays]
+
+
+def read_layer(location: str, layer: str, start: int | None = None, stop: int | None = None,
+               as_torch: bool = False) -> np.ndarray | torch.Tensor | list:
+    """The activations of ``layer`` for the samples with source index in ``[start, stop)``.
+
+    Returns one ``(N, ...)`` array (or tensor), rows sorted by index; a list of arrays when the
+    dump stores variable shapes. The ids, indices and labels: :func:`read_table`.
+    """
+    table = read_table(location, layer, start, stop)
+    return decode_column(table, ACTIVATION, as_torch)
+
+
+class ActivationDataset(torch.utils.data.Dataset):
+    """The rows of one layer as ``(activation, labels)`` pairs, streamed from disk.
+
+    Only the Parquet row groups in use are held in memory (a few at a time), so a dump larger
+    than memory trains as well as a small one; ``labels`` is a dict of the row's other columns
+    (``sample_id``, ``index``, ``label``, ``mask``, ...), tensor columns decoded to tensors.
+    Works with a ``DataLoader`` and its worker processes.
+
+    Args:
+        location: the dump's root folder.
+        layer: the layer id.
+        dtype: the activations' torch dtype (``torch.float32`` by default; ``None`` keeps the
+            stored dtype).
+    """
+
+    def __init__(self, location: str, layer: str, dtype: torch.dtype | None = torch.float32,
+                 cache_row_groups: int = 4):
+        self.location, self.layer, self.dtype = location, layer, dtype
+        store = OutputStore(location)
+        self._files = [store.path(f) for f in _layer_files(store, layer)]
+        self._fs = store.fs
+        self._groups: list[tuple[int, int]] = []  # (file, row group)
+        offsets = [0]
+        for f, path in enumerate(self._files):
+            with self._fs.open_input_file(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
+            for g in range(meta.num_row_groups):
+                self._groups.append((f, g))
+                offsets.append(offsets[-1] + meta.row_group(g).num_rows)
+        self._offsets = offsets
+        self._cache: collections.OrderedDict[tuple[int, int], dict] = collections.OrderedDict()
+        self._cache_size = cache_row_groups
+        self._readers: dict[int, pq.ParquetFile] = {}
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own files
+        state = dict(self.__dict__)
+        state["_readers"], state["_cache"] = {}, collections.OrderedDict()
+        return state
+
+    def _group(self, key: tuple[int, int]) -> dict:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        f, g = key
+        if f not in self._readers:
+            self._readers[f] = pq.ParquetFile(self._fs.open_input_file(self._files[f]))
+        table = self._readers[f].read_row_group(g)
+        specs = read_metadata(table.schema)["columns"]
+        decoded = {}
+        for name in table.column_names:
+            if name in specs:
+                decoded[name] = decode_column(table, name, as_torch=True)
+            elif not name.endswith("_shape") or name[:-6] not in specs:
+                decoded[name] = table.column(name).to_pylist()
+        self._cache[key] = decoded
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return decoded
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} rows")
+        slot = bisect.bisect_right(self._offsets, i) - 1
+        row = i - self._offsets[slot]
+        group = self._group(self._groups[slot])
+        activation = group[ACTIVATION][row]
+        if self.dtype is not None:
+            activation = activation.to(self.dtype)
+        labels = {name: values[row] for name, values in group.items() if name != ACTIVATION}
+        return activation, labels
+
+
+def to_ray_dataset(location: str, layer: str):
+    """The rows of ``layer`` as a ``ray.data.Dataset`` with the activation as a tensor column
+    (bfloat16 widened to float32), for training on a cluster."""
+    import ray
+
+    store = OutputStore(location)
+    files = [store.path(f) for f in _layer_files(store, layer)]
+
+    def decode(batch: pa.Table) -> dict[str, Any]:
+        specs = read_metadata(batch.schema)["columns"]
+        out: dict[str, Any] = {}
+        for name in batch.column_names:
+            if name in specs:
+                out[name] = decode_column(batch, name)
+                if isinstance(out[name], list):
+                    out[name] = np.array(out[name], dtype=object)
+            elif not (name.endswith("_shape") and name[:-6] in specs):
+                out[name] = batch.column(name).to_numpy(zero_copy_only=False)
+        return out
+
+    return ray.data.read_parquet(files, filesystem=store.fs).map_batches(decode, batch_format="pyarrow")
+
+
+@dataclasses.dataclass
+class DumpInfo:
+    """What a dump holds: see :func:`inspect_dump`."""
+
+    location: str
+    manifest: dict | None
+    layers: dict[str, dict]
+    shards_done: int
+    shards_planned: int | None
+    bad: list[dict]
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_planned is not None and self.shards_done == self.shards_planned
+
+    def format(self, bad_limit: int = 20) -> str:
+        lines = [f"dump: {self.location}"]
+        if self.manifest:
+            m = self.manifest
+            lines.append(f"model: {m['model']['name']} (weights {m['model']['weights_sha256'][:12]}), "
+                         f"source: {m['source'].get('kind')} of {m['plan']['samples']:,} samples")
+        planned = "?" if self.shards_planned is None else self.shards_planned
+        state = "complete" if self.complete else "INCOMPLETE (rerun the same command to finish)"
+        lines.append(f"shards: {self.shards_done}/{planned} done, {state}")
+        for layer, info in self.layers.items():
+            shape = "variable" if info["shape"] is None else "x".join(map(str, info["shape"]))
+            lines.append(f"  layer {layer}: {info['rows']:,} rows, {shape} {info['dtype']}, "
+                         f"{info['files']} files, {info['bytes'] / 1e6:,.1f} MB, columns: "
+                         f"{', '.join(info['columns'])}")
+        lines.append(f"bad samples: {len(self.bad)}")
+        for b in self.bad[:bad_limit]:
+            lines.append(f"  {b['sample_id']} (index {b['index']}): {b['reason']}")
+        if len(self.bad) > bad_limit:
+            lines.append(f"  ... and {len(self.bad) - bad_limit} more")
+        return "\n".join(lines)
+
+
+def inspect_dump(location: str) -> DumpInfo:
+    """Describe a dump: layers (rows, shape, dtype, files, bytes, columns), completeness, bad samples."""
+    store = OutputStore(location)
+    if not store.entries():
+        raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
+    manifest = store.read_json(MANIFEST_PATH) if store.exists(MANIFEST_PATH) else None
+    records = completed_shards(store) if store.exists(SHARDS_DIR) else {}
+    layers = {}
+    for layer in dump_layers(store):
+        files = _layer_files(store, layer)
+        rows, size, schema = 0, 0, None
+        for f in files:
+            with store.fs.open_input_file(store.path(f)) as handle:
+                parquet = pq.ParquetFile(handle)
+                rows += parquet.metadata.num_rows
+                schema = schema or parquet.schema_arrow
+            size += store.size(f)
+        spec = read_metadata(schema)["columns"][ACTIVATION]
+        layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
+                         "bytes": size, "columns": schema.names}
+    bad = sorted((b for r in records.values() for b in r["bad"]), key=lambda b: b["index"])
+    planned = manifest["plan"]["shards"] if manifest else None
+    return DumpInfo(location, manifest, layers, len(records), planned, bad)

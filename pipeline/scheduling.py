@@ -1,0 +1,94 @@
+"""Pure scheduling logic: how many actors of what size, and which shard goes where next.
+
+>>> plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 4.0}, shards=100)
+ActorPlan(count=4, cpus=1.0, gpus=1.0)
+>>> plan_actors(RunSpec(cpus_per_actor=2), {"CPU": 8.0}, shards=100)
+ActorPlan(count=4, cpus=2.0, gpus=0.0)
+>>> plan_actors(RunSpec(actors=3, gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}, shards=2)
+ActorPlan(count=2, cpus=1.0, gpus=0.5)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+from .config import RunSpec
+from .errors import ConfigError, ShardFailedError
+from .shards import Shard
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorPlan:
+    """``count`` actors, each with ``cpus`` CPUs and ``gpus`` GPUs."""
+
+    count: int
+    cpus: float
+    gpus: float
+
+
+def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int) -> ActorPlan:
+    """The actor pool for ``run`` on a cluster with ``cluster`` resources (``ray.cluster_resources()``).
+
+    ``auto`` means one actor per GPU when the cluster has GPUs, else as many actors of
+    ``cpus_per_actor`` CPUs as the CPUs allow; never more actors than shards.
+    """
+    total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
+    gpus = (1.0 if total_gpus >= 1 else 0.0) if run.gpus_per_actor == "auto" else float(run.gpus_per_actor)
+    if gpus > total_gpus and run.actors == "auto":
+        raise ConfigError("run.gpus_per_actor", f"{gpus} GPUs per actor, but the cluster has "
+                          f"{total_gpus:g}; use 0 to run on the CPU")
+    if run.actors != "auto":
+        count = int(run.actors)
+    elif gpus > 0:
+        count = int(total_gpus // gpus)
+    else:
+        count = int(total_cpus // run.cpus_per_actor) if run.cpus_per_actor else 1
+    return ActorPlan(max(1, min(count, shards)), float(run.cpus_per_actor), gpus)
+
+
+class ShardQueue:
+    """The shards still to do, handed out in order; a failed shard goes back to the front.
+
+    >>> q = ShardQueue([Shard(0, 0, 2), Shard(1, 2, 4)], max_attempts=2)
+    >>> a = q.take(); q.failed(a, "actor died"); q.take() == a
+    True
+    >>> q.failed(a, "actor died again")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ShardFailedError: shard 0 (samples 0-2) failed 2 times; last error: actor died again
+    """
+
+    def __init__(self, shards: Iterable[Shard], max_attempts: int = 3):
+        self._todo = collections.deque(shards)
+        self._running: set[int] = set()
+        self.max_attempts = max_attempts
+        self.attempts: collections.Counter[int] = collections.Counter()
+        self.done: list[int] = []
+
+    def take(self) -> Shard | None:
+        """The next shard to start, or ``None`` when nothing waits."""
+        if not self._todo:
+            return None
+        shard = self._todo.popleft()
+        self._running.add(shard.id)
+        self.attempts[shard.id] += 1
+        return shard
+
+    def finished(self, shard: Shard) -> None:
+        self._running.discard(shard.id)
+        self.done.append(shard.id)
+
+    def failed(self, shard: Shard, error: object) -> None:
+        """Put ``shard`` back to retry; ``ShardFailedError`` once it has failed ``max_attempts`` times."""
+        self._running.discard(shard.id)
+        if self.attempts[shard.id] >= self.max_attempts:
+            raise ShardFailedError(f"shard {shard.id} (samples {shard.start}-{shard.stop}) failed "
+                                   f"{self.attempts[shard.id]} times; last error: {error}")
+        self._todo.appendleft(shard)
+
+    @property
+    def idle(self) -> bool:
+        """Whether every shard is done."""
+        return not self._todo and not self._running

@@ -1,0 +1,286 @@
+"""The work of one actor: build the model once, then turn shards into committed Parquet files.
+
+:class:`ShardWorker` is plain Python (the driver runs it as a Ray actor; tests also call it
+directly). For each shard it overlaps three stages: a loader thread reads and decodes the next
+batch while the model runs on this one, and a writer thread encodes and writes the previous
+batch. Only the shard's record (files, rows, bytes, timings, bad samples) goes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, Precision
+from .errors import BadSampleError
+from .manifest import shard_record_path
+from .errors import ConfigError
+from .models import LayerOutputs, build_model, model_identity
+from .preprocess import decode_many, resize_crop, to_model_input
+from .reduce import reduce_output
+from .shards import Shard
+from .sources import BadSample, Sample, open_source
+from .store import OutputStore
+from .writer import LayerFileWriter, build_table
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A loaded batch: the good samples, their preprocessed images, and the bad ones."""
+
+    samples: list[Sample]
+    images: list[torch.Tensor]
+    bad: list[BadSample]
+
+
+@dataclasses.dataclass
+class _Outputs:
+    """One batch's layer outputs on the host: per layer, one array per sample, in sample order."""
+
+    arrays: dict[str, list[np.ndarray]]
+    ready: torch.cuda.Event | None = None
+
+
+class _NoWriters(dict):
+    """Writers that check the tables of a probe and keep nothing."""
+
+    class _Check:
+        def write(self, table):
+            pass
+
+    def __missing__(self, layer):
+        return self._Check()
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Start the copy of a device tensor to (pinned) host memory."""
+    if t.device.type == "cpu":
+        return t
+    return t.to("cpu", non_blocking=True) if not t.is_pinned() else t
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+class ShardWorker:
+    """Dumps shards of the run ``config`` (a config dict, as the driver ships it).
+
+    Args:
+        config: ``Config.to_dict()`` of the run.
+        expected_digest: the weights digest the driver computed; a worker whose model differs
+            (a builder that is not deterministic under the seed) refuses to start.
+        device: where the model runs; by default the GPU when this process sees one.
+    """
+
+    def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
+                 device: str | None = None):
+        self.config = Config.from_dict(config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_model(self.config.model)
+        self.identity = model_identity(self.config.model, model)
+        self.digest = self.identity["weights_sha256"]
+        if expected_digest is not None and self.digest != expected_digest:
+            raise RuntimeError(f"the model built on this worker has weights {self.digest[:12]}, the "
+                               f"driver's has {expected_digest[:12]}: {self.config.model.name!r} does not "
+                               "build the same weights from model.seed; give a model.weights file")
+        if self.config.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.outputs = LayerOutputs(model.to(self.device), self.config.model)
+        self.source = open_source(self.config.source)
+        self.label_fields = self.source.label_fields()
+        self.store = OutputStore(self.config.run.output)
+        self.fixed = self.config.shapes_fixed()
+        self.mean_std = self.config.source.preprocess.mean_std()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="actmap-write")
+        log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
+
+    def info(self) -> dict:
+        """Where this worker runs: host, Ray node, process, device."""
+        node = None
+        with contextlib.suppress(Exception):
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device)}
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _load(self, indices: Sequence[int]) -> _Batch:
+        prep = self.config.source.preprocess
+        samples, bad = [], []
+        read = self.source.read(indices)
+        good = [s for s in read if isinstance(s, Sample)]
+        bad = [s for s in read if isinstance(s, BadSample)]
+        images = []
+        for sample, decoded in zip(good, decode_many([s.image for s in good], self.device)):
+            try:
+                if isinstance(decoded, Exception):
+                    raise decoded
+                images.append(resize_crop(decoded, prep.resize, prep.crop))
+                samples.append(sample)
+            except Exception as exc:  # a sample that does not decode is recorded, not fatal
+                bad.append(BadSample(sample.index, sample.sample_id, f"{type(exc).__name__}: {exc}"[:500]))
+        if bad and self.config.run.strict:
+            first = bad[0]
+            raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
+                                 "(run.strict is set; unset it to record bad samples and go on)")
+        return _Batch(samples, images, bad)
+
+    def _forward(self, batch: _Batch) -> _Outputs:
+        # equal-shaped images run together, so no sample is padded; rows keep sample order
+        groups: dict[tuple, list[int]] = {}
+        for position, image in enumerate(batch.images):
+            groups.setdefault((tuple(image.shape), image.dtype), []).append(position)
+        layers = self.config.model.layers
+        per_row: dict[str, list[Any]] = {layer: [None] * len(batch.images) for layer in layers}
+        precision = self.config.model.precision
+        autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+                    if precision in _AUTOCAST else contextlib.nullcontext())
+        for positions in groups.values():
+            pixels = torch.stack([batch.images[p] for p in positions])
+            if self.device.type == "cuda" and pixels.device.type == "cpu":
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            x = to_model_input(pixels, self.mean_std, self.config.model.channels_last)
+            with torch.inference_mode(), autocast:
+                outputs = self.outputs(x)
+            for layer in layers:
+                out = outputs.get(layer)
+                if not isinstance(out, torch.Tensor):
+                    raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; "
+                                       "choose a layer whose output is one tensor (`actmap layers` shows them)")
+                host = _host(reduce_output(out, self.config.dump, layer))
+                for row, position in enumerate(positions):
+                    per_row[layer][position] = host[row]
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Outputs(per_row, ready)
+
+    def _write(self, writers: dict[str, LayerFileWriter], batch: _Batch, outputs: _Outputs) -> None:
+        if outputs.ready is not None:
+            outputs.ready.synchronize()
+        if not batch.samples:
+            return
+        ids = [s.sample_id for s in batch.samples]
+        indices = [s.index for s in batch.samples]
+        names = list(batch.samples[0].labels)
+        labels = {n: [s.labels.get(n) for s in batch.samples] for n in names}
+        meta = {"reduce": self.config.dump.to_dict(), "model": self.config.model.name}
+        for layer, rows in outputs.arrays.items():
+            arrays = [_as_numpy(t) for t in rows]
+            if self.fixed:
+                shapes = {a.shape for a in arrays}
+                if len(shapes) > 1:
+                    raise RuntimeError(f"layer {layer!r} gave outputs of several shapes {sorted(shapes)}; "
+                                       "set source.preprocess.crop for one input size, or dump.shapes: variable")
+            table = build_table(np.stack(arrays) if self.fixed else arrays, sample_ids=ids,
+                                indices=indices, labels=labels, label_fields=self.label_fields,
+                                fixed=self.fixed, dtype=self.config.dump.dtype.value,
+                                metadata={**meta, "layer": layer})
+            writers[layer].write(table)
+
+    # -- one shard ---------------------------------------------------------------------------
+
+    def run_shard(self, shard: Shard | Mapping[str, int]) -> dict:
+        """Dump one shard; returns its record (also written to the manifest folder)."""
+        if isinstance(shard, Mapping):
+            shard = Shard(**shard)
+        started = time.perf_counter()
+        size = self.config.run.batch_size
+        chunks = [range(i, min(i + size, shard.stop)) for i in range(shard.start, shard.stop, size)]
+        layers = self.config.model.layers
+        compression = self.config.dump.compression.value
+        writers = {layer: LayerFileWriter(self.store, shard.file_name(layer), compression) for layer in layers}
+        seconds = {"load_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
+        bad: list[BadSample] = []
+        pending: Future | None = None
+        try:
+            loading = self._loader.submit(self._load, chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                t0 = time.perf_counter()
+                batch = loading.result()
+                t1 = time.perf_counter()
+                if i + 1 < len(chunks):
+                    loading = self._loader.submit(self._load, chunks[i + 1])
+                bad += batch.bad
+                outputs = self._forward(batch) if batch.samples else _Outputs({})
+                t2 = time.perf_counter()
+                if pending is not None:
+                    pending.result()
+                t3 = time.perf_counter()
+                pending = self._writer.submit(self._write, writers, batch, outputs)
+                seconds["load_wait"] += t1 - t0
+                seconds["forward"] += t2 - t1
+                seconds["write_wait"] += t3 - t2
+            if pending is not None:
+                pending.result()
+            sizes = {layer: writer.commit() for layer, writer in writers.items()}
+        except BaseException:
+            if pending is not None:
+                with contextlib.suppress(BaseException):
+                    pending.result()
+            for writer in writers.values():
+                writer.abort()
+            raise
+        seconds["total"] = time.perf_counter() - started
+        rows = {layer: writer.rows for layer, writer in writers.items()}
+        record = {
+            "shard": shard.id, "start": shard.start, "stop": shard.stop,
+            "rows": rows,
+            "files": {layer: shard.file_name(layer) for layer in layers if rows[layer]},
+            "bytes": {layer: size for layer, size in sizes.items() if size},
+            "bad": [b.to_dict() for b in bad],
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "worker": self.info(),
+        }
+        self.store.write_json(shard_record_path(shard.id), record)
+        return record
+
+    def probe(self, tries: int = 8) -> dict[str, dict]:
+        """Run the first readable sample through the whole path, writing nothing.
+
+        Returns each layer's stored ``{"shape", "dtype"}``; raises :class:`ConfigError` when
+        none of the first ``tries`` samples can be read, or when the forward or the encoding
+        fails (a layer that gives no tensor, a reduction that does not fit, ...).
+        """
+        batch = self._load(range(min(tries, len(self.source))))
+        if not batch.samples:
+            reasons = "; ".join(f"{b.sample_id}: {b.reason}" for b in batch.bad[:3])
+            raise ConfigError("source", f"none of the first {tries} samples can be read ({reasons})")
+        first = _Batch(batch.samples[:1], batch.images[:1], [])
+        try:
+            outputs = self._forward(first)
+            layers = {}
+            for layer, rows in outputs.arrays.items():
+                array = _as_numpy(rows[0])
+                layers[layer] = {"shape": list(array.shape), "dtype": self.config.dump.dtype.value}
+            self._write(_NoWriters(), first, outputs)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ConfigError("model", f"a trial forward of sample {first.samples[0].sample_id!r} "
+                              f"failed: {exc}") from None
+        return layers
+
+    def close(self) -> None:
+        """Stop the threads and take the hooks off the model."""
+        self._loader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self.outputs.remove()
