@@ -165,8 +165,8 @@ def _describe(value: Any, depth: int = 0) -> str:
         return str(tuple(value.shape))
     if value is None:
         return "None"
-    if depth >= 3:
-        return "..."
+    if depth >= 3 and isinstance(value, (tuple, list, Mapping)):
+        return f"{type(value).__name__}[...]"
     if isinstance(value, (tuple, list)):
         items = [_describe(v, depth + 1) for v in value[:4]]
         if len(value) > 4:

@@ -39,7 +39,7 @@ def close_matches(value: str, valid: Iterable[str], n: int = 3) -> str:
     """A hint listing the valid values closest to ``value``.
 
     >>> close_matches("layr3", ["layer1", "layer3", "fc"])
-    "did you mean 'layer3'?"
+    "did you mean 'layer3' or 'layer1'?"
     >>> close_matches("xyz", ["a", "b"])
     "valid: 'a', 'b'"
     """

@@ -15,6 +15,7 @@ the batch is normalised on the device, so only uint8 pixels cross the host-devic
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,11 @@ import torchvision.transforms.v2.functional as TF
 from .sources import RawImage
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
+# only batched GPU JPEG decoder that ships with torchvision, so we keep them and the noise off.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 def _from_pil(data: bytes) -> torch.Tensor:

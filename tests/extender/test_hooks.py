@@ -1,0 +1,198 @@
+"""Tests of extender._hooks: hook lifetime, per-forward state, the caller's model untouched."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+from extender import (
+    ActivationMapGrabber,
+    ExtendedModelStump,
+    HooksHandle,
+    ModelExtender,
+    ModelStump,
+    UnknownLayerError,
+)
+from extender._hooks import _active_states
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        ActivationMapGrabber(lambda x: x, [])
+
+
+def test_bare_base_class_leaves_recording_to_subclasses(counting_model):
+    handle = HooksHandle(counting_model)
+    assert list(handle.children()) == [counting_model]
+    assert handle.registered_submodules == []
+    with pytest.raises(NotImplementedError):
+        handle(torch.rand(1, 2))
+
+
+def test_registered_submodules_is_a_copy(counting_model):
+    grabber = ActivationMapGrabber(counting_model, ["0"])
+    grabber.registered_submodules.append("1")
+    assert grabber.registered_submodules == ["0"]
+    grabber.remove()
+
+
+def test_remove_is_idempotent_and_leaves_a_working_pass_through(counting_model, assert_no_hooks):
+    grabber = ActivationMapGrabber(counting_model, ["0", "count", ""])
+    assert grabber.registered_submodules == ["0", "count", ""]
+    grabber.remove()
+    assert_no_hooks(counting_model)
+    grabber.remove()
+    assert grabber.registered_submodules == []
+    out, maps = grabber(torch.rand(3, 2))
+    assert out.shape == (3, 1) and maps == {}
+    grabber.register_submodule("1")  # usable again
+    assert list(grabber(torch.rand(3, 2))[1]) == ["1"]
+    grabber.remove()
+    assert_no_hooks(counting_model)
+
+
+def test_context_manager_removes_hooks_also_on_exception(counting_model, assert_no_hooks):
+    with ActivationMapGrabber(counting_model, ["0", "1"]) as grabber:
+        assert set(grabber.registered_submodules) == {"0", "1"}
+    assert_no_hooks(counting_model)
+    with pytest.raises(RuntimeError):
+        with ActivationMapGrabber(counting_model, ["0", "1"]) as grabber:
+            grabber(torch.rand(3, 7))
+    assert_no_hooks(counting_model)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: ActivationMapGrabber(m, ["0", "1", "nope"]),
+        lambda m: ActivationMapGrabber(m, ["0", None]),
+        lambda m: ModelStump(m, "nope"),
+        lambda m: ExtendedModelStump(m, "nope", modification=torch.sum),
+        lambda m: ModelExtender(m, {"0": {"a": torch.nn.Identity()}, "nope": {"b": torch.nn.Identity()}}),
+        lambda m: ModelExtender(m, {"0": {"a": torch.nn.Identity()}, "1": {"b": "not a module"}}),
+    ],
+)
+def test_failed_construction_leaves_no_hook(counting_model, assert_no_hooks, make):
+    with pytest.raises((UnknownLayerError, ValueError, TypeError)):
+        make(counting_model)
+    assert_no_hooks(counting_model)
+
+
+def test_garbage_collected_wrapper_takes_its_hooks_along(counting_model, assert_no_hooks):
+    grabber = ActivationMapGrabber(counting_model, ["0", "1"])
+    stump = ModelStump(counting_model, "count")
+    assert counting_model[0]._forward_hooks
+    del grabber, stump
+    gc.collect()
+    assert_no_hooks(counting_model)
+
+
+def test_hooks_do_nothing_outside_the_wrapper_forward(counting_model):
+    with ActivationMapGrabber(counting_model, ["0"], stop_early=True) as grabber:
+        # Calling the model itself neither records nor stops it.
+        assert counting_model(torch.rand(2, 2)).shape == (2, 1)
+        assert counting_model.count.calls == 1
+        assert grabber(torch.rand(2, 2))[1].keys() == {"0"}
+
+
+def test_each_forward_gets_a_fresh_dict(counting_model):
+    with ActivationMapGrabber(counting_model, ["0"]) as grabber:
+        first = grabber(torch.rand(2, 2))[1]
+        second = grabber(torch.rand(2, 2))[1]
+    assert first is not second
+    assert not torch.equal(first["0"], second["0"])
+
+
+def test_exception_in_model_leaves_no_stale_state(counting_model):
+    with ActivationMapGrabber(counting_model, ["0", "3"]) as grabber:
+        with pytest.raises(RuntimeError):
+            grabber(torch.rand(2, 5))
+        assert _active_states() == []
+
+        # '0' ran before the failure; its output must not surface in a later forward.
+        class Boom(torch.nn.Module):
+            def forward(self, x):
+                raise ValueError("boom")
+
+        real_count = counting_model.count
+        counting_model.count = Boom()
+        with pytest.raises(ValueError, match="boom"):
+            grabber(torch.rand(2, 2))
+        assert _active_states() == []
+        counting_model.count = real_count
+        x = torch.rand(2, 2)
+        out, maps = grabber(x)
+        assert torch.equal(maps["0"], counting_model[0](x))
+
+
+def test_threads_see_only_their_own_outputs(counting_model):
+    grabber = ActivationMapGrabber(counting_model, ["0"])
+    results, errors = {}, []
+    barrier = threading.Barrier(4)
+
+    def work(k: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(20):
+                x = torch.full((1, 2), float(k))
+                out, maps = grabber(x)
+                with torch.no_grad():
+                    expected = counting_model[0](x)
+                assert torch.equal(maps["0"].detach(), expected)
+            results[k] = True
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    grabber.remove()
+    assert errors == [] and len(results) == 4
+
+
+def test_nested_wrappers_stop_at_the_right_level(counting_model, assert_no_hooks):
+    inner = ActivationMapGrabber(counting_model, ["3"], stop_early=True)
+    outer = ActivationMapGrabber(inner, ["wrapped_model.0"], stop_early=True)
+    out, maps = outer(torch.rand(2, 2))
+    assert out is None and list(maps) == ["wrapped_model.0"]
+    assert counting_model.count.calls == 0
+    out, maps = inner(torch.rand(2, 2))
+    assert out is None and list(maps) == ["3"] and counting_model.count.calls == 1
+    outer.remove(), inner.remove()
+    assert_no_hooks(counting_model)
+
+
+def test_wrapping_does_not_change_the_callers_model():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Dropout(), torch.nn.Linear(3, 1))
+    model.eval()
+    model[2].weight.requires_grad_(False)
+    dtype = model[0].weight.dtype
+    wrappers = [
+        ActivationMapGrabber(model, ["0"], stop_early=True, detach=True),
+        ModelExtender(model, {"1": {"probe": torch.nn.Linear(3, 1)}}),
+        ModelStump(model, "1"),
+        ExtendedModelStump(model, "1", torch.nn.Linear(3, 2)),
+    ]
+    for wrapper in wrappers:
+        wrapper(torch.rand(4, 2))
+        assert not any(m.training for m in model.modules())
+        assert [p.requires_grad for p in model.parameters()] == [True, True, False, True]
+        assert all(p.device.type == "cpu" and p.dtype == dtype for p in model.parameters())
+        wrapper.remove()
+
+
+def test_eval_train_and_to_on_the_wrapper_reach_the_model(counting_model):
+    """Documented: the wrapper is the model's parent module."""
+    with ActivationMapGrabber(counting_model, ["0"]) as grabber:
+        grabber.eval()
+        assert not counting_model.training
+        grabber.train()
+        assert counting_model[0].training
+        grabber.to(torch.float64)
+        assert counting_model[0].weight.dtype == torch.float64
+        assert grabber(torch.rand(1, 2, dtype=torch.float64))[1]["0"].dtype == torch.float64

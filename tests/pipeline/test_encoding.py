@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.encoding import (METADATA_KEY, bfloat16_to_float32, decode_fixed, decode_variable,
+                               encode_fixed, encode_variable, read_metadata, schema_metadata)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8, np.int64])
+def test_fixed_round_trip(dtype):
+    x = (np.random.default_rng(0).normal(size=(5, 3, 4, 2)) * 10).astype(dtype)
+    column, spec = encode_fixed(x)
+    assert spec == {"dtype": np.dtype(dtype).name, "shape": [3, 4, 2]}
+    assert np.array_equal(decode_fixed(column, spec), x)
+
+
+def test_fixed_encoding_does_not_copy_contiguous_arrays():
+    x = np.ones((4, 8), dtype=np.float16)
+    column, _ = encode_fixed(x)
+    assert column.buffers()[1].address == x.ctypes.data
+
+
+def test_fixed_decodes_sliced_and_chunked_columns():
+    x = np.arange(60, dtype=np.float32).reshape(10, 6)
+    column, spec = encode_fixed(x)
+    chunked = pa.chunked_array([column.slice(0, 3), column.slice(3, 4), column.slice(7)])
+    assert np.array_equal(decode_fixed(chunked, spec), x)
+    assert np.array_equal(decode_fixed(column.slice(2, 5), spec), x[2:7])
+
+
+def test_bfloat16_bits_round_trip_through_float32():
+    t = torch.tensor([[1.5, -2.0], [3.0e-3, 1.0e20]], dtype=torch.bfloat16)
+    bits = t.view(torch.int16).numpy().view(np.uint16)
+    column, spec = encode_fixed(bits, "bfloat16")
+    assert spec["dtype"] == "bfloat16"
+    assert np.array_equal(bfloat16_to_float32(decode_fixed(column, spec)), t.float().numpy())
+
+
+def test_variable_round_trip():
+    arrays = [np.full((2, k, 3), k, dtype=np.float16) for k in (1, 4, 2)]
+    column, shapes, spec = encode_variable(arrays)
+    assert spec == {"dtype": "float16", "shape": None}
+    out = decode_variable(column, shapes, spec)
+    assert [a.shape for a in out] == [(2, 1, 3), (2, 4, 3), (2, 2, 3)]
+    assert all(np.array_equal(a, b) for a, b in zip(out, arrays))
+
+
+def test_variable_needs_one_dtype():
+    with pytest.raises(ValueError, match="share one dtype"):
+        encode_variable([np.zeros(2, np.float16), np.zeros(2, np.float32)])
+
+
+def test_metadata_is_json_and_survives_parquet(tmp_path):
+    column, spec = encode_fixed(np.zeros((2, 3), np.float16))
+    table = pa.table({"activation": column}).replace_schema_metadata(
+        schema_metadata({"activation": spec}, layer="l1"))
+    pq.write_table(table, tmp_path / "f.parquet")
+    schema = pq.read_schema(tmp_path / "f.parquet")
+    doc = json.loads(schema.metadata[METADATA_KEY])
+    assert doc["columns"]["activation"] == {"dtype": "float16", "shape": [3]}
+    assert read_metadata(schema)["layer"] == "l1"
+
+
+def test_read_metadata_refuses_foreign_files():
+    with pytest.raises(ValueError, match="not an actmap dump"):
+        read_metadata(pa.schema([pa.field("x", pa.int64())]))

@@ -1,0 +1,39 @@
+import pytest
+
+from pipeline.config import RunSpec
+from pipeline.errors import ConfigError, ShardFailedError
+from pipeline.scheduling import ActorPlan, ShardQueue, plan_actors
+from pipeline.shards import plan_shards
+
+
+def test_plan_actors():
+    assert plan_actors(RunSpec(), {"CPU": 2.0}, 10) == ActorPlan(2, 1.0, 0.0)
+    assert plan_actors(RunSpec(), {"CPU": 2.0}, 1) == ActorPlan(1, 1.0, 0.0)
+    assert plan_actors(RunSpec(gpus_per_actor=0.25), {"CPU": 64.0, "GPU": 2.0}, 100) == ActorPlan(8, 1.0, 0.25)
+    assert plan_actors(RunSpec(actors=3, gpus_per_actor=0), {"CPU": 1.0, "GPU": 8.0}, 100) == ActorPlan(3, 1.0, 0.0)
+    with pytest.raises(ConfigError, match="run.gpus_per_actor: 2.0 GPUs per actor, but the cluster has 1"):
+        plan_actors(RunSpec(gpus_per_actor=2), {"CPU": 4.0, "GPU": 1.0}, 10)
+
+
+def test_queue_hands_out_each_shard_once():
+    q = ShardQueue(plan_shards(10, 3))
+    taken = []
+    while (s := q.take()) is not None:
+        taken.append(s)
+    assert [s.id for s in taken] == [0, 1, 2, 3]
+    assert not q.idle
+    for s in taken:
+        q.finished(s)
+    assert q.idle and q.done == [0, 1, 2, 3]
+
+
+def test_failed_shard_is_retried_first_then_gives_up():
+    shards = plan_shards(4, 2)
+    q = ShardQueue(shards, max_attempts=3)
+    first = q.take()
+    q.failed(first, "boom")
+    assert q.take() == first
+    q.failed(first, "boom")
+    assert q.take() == first
+    with pytest.raises(ShardFailedError, match="shard 0 \\(samples 0-2\\) failed 3 times; last error: boom"):
+        q.failed(first, "boom")

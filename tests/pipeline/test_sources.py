@@ -1,0 +1,121 @@
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import SourceSpec
+from pipeline.errors import ConfigError
+from pipeline.sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
+                              Sample, open_source)
+
+
+def _png(color, size=(12, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_generated_is_deterministic_and_labelled():
+    a, b = GeneratedSource(50, 32, seed=1), GeneratedSource(50, 32, seed=1)
+    for s, t in zip(a.read(range(50)), b.read(reversed(range(50)))[::-1]):
+        assert s.sample_id == t.sample_id == str(s.index)
+        assert torch.equal(s.image, t.image)
+    labels = [s.labels["label"] for s in a.read(range(50))]
+    assert set(labels) == {0, 1, 2, 3}
+    for s in a.read(range(50)):
+        assert (s.labels["mask"].sum() > 0) == (s.labels["label"] > 0)
+    assert not torch.equal(GeneratedSource(2, 32, seed=2).read([0])[0].image, a.read([0])[0].image)
+
+
+def test_folder_classes_ids_and_bad_files(tmp_path):
+    for cls, color in (("cat", "red"), ("dog", "blue")):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            (tmp_path / cls / f"{i}.png").write_bytes(_png(color))
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    source = FolderSource(tmp_path)
+    assert len(source) == 4
+    samples = source.read(range(4))
+    assert [s.sample_id for s in samples] == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    assert [s.labels for s in samples][2] == {"label": 1, "class_name": "dog"}
+    assert [f.name for f in source.label_fields()] == ["label", "class_name"]
+    identity = source.identity()
+    (tmp_path / "cat" / "2.png").write_bytes(_png("green"))
+    assert FolderSource(tmp_path).identity() != identity
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ConfigError, match="is not a folder"):
+        FolderSource(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="holds no image files"):
+        FolderSource(tmp_path)
+
+
+def _parquet(tmp_path, struct=False):
+    images = [_png((i * 40, 0, 0)) for i in range(5)]
+    column = (pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)]) if struct
+              else pa.array(images, pa.binary()))
+    table = pa.table({"img": column, "key": [f"k{i}" for i in range(5)], "label": [0, 1, 0, 1, 1],
+                      "score": pa.array([0.5] * 5, pa.float32())})
+    pq.write_table(table, tmp_path / "data.parquet", row_group_size=2)
+    return tmp_path / "data.parquet"
+
+
+@pytest.mark.parametrize("struct", [False, True])
+def test_parquet_passes_columns_through(tmp_path, struct):
+    path = _parquet(tmp_path, struct)
+    source = ParquetSource(str(path), image_column="img", id_column="key")
+    assert len(source) == 5
+    assert [f.name for f in source.label_fields()] == ["label", "score"]
+    assert source.label_fields()[1].type == pa.float32()
+    samples = source.read([4, 1])
+    assert [s.sample_id for s in samples] == ["k4", "k1"]
+    assert samples[0].labels == {"label": 1, "score": 0.5}
+    assert samples[0].image[:4] == b"\x89PNG"
+
+
+def test_parquet_errors(tmp_path):
+    path = str(_parquet(tmp_path))
+    with pytest.raises(ConfigError, match=r"source.image_column: no column 'image' in .*; did you mean 'img'\?"):
+        ParquetSource(path)
+    with pytest.raises(ConfigError, match="has type string; expected binary"):
+        ParquetSource(path, image_column="key")
+    with pytest.raises(ConfigError, match="source.columns: no column 'lable'"):
+        ParquetSource(path, image_column="img", columns=["lable"])
+    with pytest.raises(ConfigError, match="cannot open Parquet data"):
+        ParquetSource(str(tmp_path / "missing.parquet"))
+    pq.write_table(pa.table({"img": [b"x"], "index": [1]}), tmp_path / "clash.parquet")
+    with pytest.raises(ConfigError, match="column 'index' clashes with an output column"):
+        ParquetSource(str(tmp_path / "clash.parquet"), image_column="img")
+
+
+def test_dataset_source_items_and_bad_items():
+    source = DatasetSource("support.datasets:Squares", {"n": 6, "size": 8, "bad": 3})
+    assert len(source) == 6
+    samples = source.read(range(6))
+    assert isinstance(samples[3], BadSample) and samples[3].reason == "ValueError: item 3 is corrupt"
+    assert isinstance(samples[4], Sample) and samples[4].labels == {"label": 1}
+    assert [f.name for f in source.label_fields()] == ["label"]
+    dicts = DatasetSource("support.datasets:DictItems", {"n": 3})
+    item = dicts.read([2])[0]
+    assert item.labels["label"] == 2 and item.labels["box"].tolist() == [2, 3, 4, 5]
+    assert [f.name for f in dicts.label_fields()] == ["label"]
+
+
+def test_dataset_source_errors():
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
+        DatasetSource("no_such_module:x")
+    with pytest.raises(ConfigError, match="'support.datasets' has no attribute 'Sqaures'; did you mean 'Squares'"):
+        DatasetSource("support.datasets:Sqaures")
+    with pytest.raises(ConfigError, match=r"failed: TypeError"):
+        DatasetSource("support.datasets:Squares", {"colour": 1})
+
+
+def test_open_source_dispatches_on_kind(tmp_path):
+    assert isinstance(open_source(SourceSpec()), GeneratedSource)
+    path = str(_parquet(tmp_path))
+    assert isinstance(open_source(SourceSpec(kind="parquet", path=path, image_column="img")), ParquetSource)

@@ -1,0 +1,177 @@
+"""The actor's work, run in this process without Ray."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.errors import BadSampleError, ConfigError
+from pipeline.models import build_model
+from pipeline.preprocess import decode, to_model_input
+from pipeline.reader import read_layer, read_table
+from pipeline.shards import Shard
+from pipeline.sources import open_source
+from pipeline.worker import ShardWorker
+
+TINY = {"name": "support.models:tiny", "layers": ["relu1", "conv2"]}
+
+
+def _config(tmp_path, **sections):
+    data = {"model": dict(TINY), "source": {"count": 10, "image_size": 16},
+            "run": {"output": str(tmp_path / "out"), "batch_size": 4}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return Config.from_dict(data)
+
+
+def _direct(config, indices):
+    """The layers' outputs of a plain forward of the same model on the same samples."""
+    model = build_model(config.model)
+    seen = {}
+    hooks = [dict(model.named_modules())[name].register_forward_hook(
+        lambda m, a, out, name=name: seen.__setitem__(name, out)) for name in config.model.layers]
+    samples = open_source(config.source).read(indices)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
+    x = (torch.stack([s.image for s in samples]).float() / 255 - mean) / std
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_shard_matches_a_direct_forward(tmp_path):
+    config = _config(tmp_path)
+    worker = ShardWorker(config.to_dict())
+    record = worker.run_shard(Shard(1, 4, 10))
+    worker.close()
+    assert record["rows"] == {"relu1": 6, "conv2": 6}
+    assert record["files"] == {"relu1": "layer=relu1/part-00001.parquet", "conv2": "layer=conv2/part-00001.parquet"}
+    assert record["bad"] == [] and all(v > 0 for v in record["bytes"].values())
+    expected = _direct(config, range(4, 10))
+    for layer in ("relu1", "conv2"):
+        got = read_layer(config.run.output, layer)
+        assert got.dtype == np.float16 and got.shape == tuple(expected[layer].shape)
+        np.testing.assert_allclose(got, expected[layer].numpy(), rtol=1e-3, atol=1e-3)
+    table = read_table(config.run.output, "relu1")
+    assert table.column("sample_id").to_pylist() == [str(i) for i in range(4, 10)]
+    assert table.column("label").to_pylist() == [s.labels["label"] for s in open_source(config.source).read(range(4, 10))]
+
+
+def test_hooks_are_removed_on_close(tmp_path):
+    worker = ShardWorker(_config(tmp_path).to_dict())
+    model = worker.outputs.wrapper.wrapped_model
+    worker.close()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_storage_dtypes(tmp_path, dtype, rtol):
+    config = _config(tmp_path, dump={"dtype": dtype})
+    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    expected = _direct(config, range(3))["conv2"].numpy()
+    got = read_layer(config.run.output, "conv2")
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+    as_torch = read_layer(config.run.output, "conv2", as_torch=True)
+    assert as_torch.dtype == getattr(torch, dtype)
+
+
+def test_reductions(tmp_path):
+    config = _config(tmp_path, dump={"reduce": "pool", "pool_size": [2, 2], "dtype": "float32"})
+    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    expected = torch.nn.functional.adaptive_avg_pool2d(_direct(config, range(3))["conv2"], 2)
+    np.testing.assert_allclose(read_layer(config.run.output, "conv2"), expected.numpy(), rtol=1e-5, atol=1e-6)
+    config = _config(tmp_path / "b", dump={"reduce": "channel_mean", "dtype": "float32"})
+    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    expected = _direct(config, range(3))["relu1"].mean(1)
+    np.testing.assert_allclose(read_layer(config.run.output, "relu1"), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_stump_mode_stops_after_the_layer(tmp_path):
+    config = _config(tmp_path, model={"mode": "stump", "layers": ["conv1"]})
+    worker = ShardWorker(config.to_dict())
+    model = worker.outputs.wrapper.wrapped_model
+    calls = []
+    model.fc.register_forward_hook(lambda *a: calls.append(1))
+    worker.run_shard(Shard(0, 0, 4))
+    assert calls == []
+    expected = _direct(config, range(4))["conv1"].numpy()
+    np.testing.assert_allclose(read_layer(config.run.output, "conv1"), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_bad_samples_are_recorded_and_skipped(tmp_path):
+    config = _config(tmp_path, source={"kind": "dataset", "target": "support.datasets:Squares",
+                                       "kwargs": {"n": 8, "size": 8, "bad": 5}, "preprocess": {"normalize": "none"}})
+    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 8))
+    assert record["bad"] == [{"index": 5, "sample_id": "5", "reason": "ValueError: item 5 is corrupt"}]
+    assert record["rows"]["conv2"] == 7
+    assert read_table(config.run.output, "conv2").column("index").to_pylist() == [0, 1, 2, 3, 4, 6, 7]
+
+
+def test_strict_mode_fails_fast_and_leaves_no_file(tmp_path):
+    config = _config(tmp_path, run={"strict": True},
+                     source={"kind": "dataset", "target": "support.datasets:Squares",
+                             "kwargs": {"n": 8, "size": 8, "bad": 5}, "preprocess": {"normalize": "none"}})
+    with pytest.raises(BadSampleError, match=r"sample '5' \(index 5\): ValueError: item 5 is corrupt"):
+        ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 8))
+    out = tmp_path / "out"
+    assert not list(out.rglob("*.parquet")) and not list(out.rglob(".*.tmp"))
+
+
+def test_variable_shapes_from_a_folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = [(16, 12), (20, 20), (16, 12), (9, 14)]
+    for i, size in enumerate(sizes):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (i * 50, 100, 20)).save(buf, format="PNG")
+        (images / f"{i}.png").write_bytes(buf.getvalue())
+    (images / "4.png").write_bytes(b"not a png")
+    config = _config(tmp_path, source={"kind": "folder", "path": str(images)}, dump={"dtype": "float32"})
+    assert not config.shapes_fixed()
+    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 5))
+    assert [b["sample_id"] for b in record["bad"]] == ["4.png"]
+    got = read_layer(config.run.output, "relu1")
+    assert [a.shape for a in got] == [(8, h, w) for w, h in sizes]
+    model = build_model(config.model)
+    source = open_source(config.source)
+    for sample, array in zip(source.read(range(4)), got):
+        x = to_model_input(decode(sample.image)[None], config.source.preprocess.mean_std())
+        with torch.no_grad():
+            expected = model.relu1(model.conv1(x))[0]
+        np.testing.assert_allclose(array, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_probe_catches_what_would_fail_later(tmp_path):
+    worker = ShardWorker(_config(tmp_path).to_dict())
+    assert worker.probe() == {"relu1": {"shape": [8, 16, 16], "dtype": "float16"},
+                              "conv2": {"shape": [16, 8, 8], "dtype": "float16"}}
+    bad = _config(tmp_path, model={"layers": ["fc"]}, dump={"reduce": "pool"})
+    with pytest.raises(ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'fc' gives 2-d "
+                                          r"outputs \(1, 4\); dump.reduce 'pool' needs"):
+        ShardWorker(bad.to_dict()).probe()
+
+
+def test_unknown_layer_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.layers: .*'conv3'.*"):
+        ShardWorker(_config(tmp_path, model={"layers": ["conv3"]}).to_dict())
+
+
+def test_weights_digest_mismatch_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="does not build the same weights"):
+        ShardWorker(_config(tmp_path).to_dict(), expected_digest="0" * 64)
+
+
+def test_weights_file_is_loaded(tmp_path):
+    model = build_model(_config(tmp_path).model)
+    state = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "w.pt")
+    config = _config(tmp_path, model={"weights": str(tmp_path / "w.pt")})
+    assert torch.equal(build_model(config.model).conv1.weight, torch.full_like(model.conv1.weight, 0.5))
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="model.weights: cannot load"):
+        build_model(_config(tmp_path, model={"weights": str(tmp_path / "bad.pt")}).model)

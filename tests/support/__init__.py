@@ -1,0 +1,1 @@
+"""Tiny models and datasets for the tests, importable as ``support.<module>:<name>``."""

@@ -1,0 +1,27 @@
+"""Tiny models the tests name as ``support.models:<builder>``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyConvNet(nn.Module):
+    """conv(3->8) -> relu -> conv(8->16, stride 2) -> relu -> pool -> fc(16->num_classes)."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def tiny(num_classes: int = 4) -> TinyConvNet:
+    return TinyConvNet(num_classes)
