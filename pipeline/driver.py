@@ -108,8 +108,10 @@ def _start_actors(config: Config, plan: ActorPlan, digest: str) -> list:
     import ray
 
     remote = ray.remote(ShardWorker).options(
-        num_cpus=plan.cpus, num_gpus=plan.gpus, max_restarts=config.run.max_attempts,
-        max_task_retries=0, scheduling_strategy="SPREAD")
+        num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD",
+        # a dead actor restarts (building its model again) and Ray reruns its shards there;
+        # a rerun shard overwrites its own files, so the output stays exactly-once
+        max_restarts=config.run.max_attempts, max_task_retries=config.run.max_attempts)
     actors = [remote.remote(config.to_dict(), digest) for _ in range(plan.count)]
     log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)
     # surface a failing start (a model that does not build there) as itself
@@ -133,7 +135,6 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
     queue = ShardQueue(todo, config.run.max_attempts)
     pending: dict = {}  # object ref -> (actor index, shard)
     load = [0] * len(actors)
-    deaths = [0] * len(actors)
     alive = set(range(len(actors)))
     try:
         while not queue.idle:
@@ -155,11 +156,10 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
                     raise
                 except Exception as exc:
                     if _is_actor_death(exc):
-                        deaths[a] += 1
-                        log.warning("actor %d died on shard %d (%s); retrying the shard", a, shard.id,
+                        # Ray has used up the actor's restarts: the others take its shards
+                        log.warning("actor %d is gone (%s); its shards go to the others", a,
                                     type(exc).__name__)
-                        if deaths[a] > config.run.max_attempts:
-                            alive.discard(a)
+                        alive.discard(a)
                     else:
                         log.warning("shard %d failed: %s", shard.id, str(exc).splitlines()[-1])
                     queue.failed(shard, _last_line(exc))
