@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import json
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from .encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata
+from .encoding import FORMAT, bfloat16_to_float32, decode_fixed, decode_variable, read_metadata
 from .errors import close_matches
 from .manifest import MANIFEST_PATH, SHARDS_DIR, completed_shards
 from .shards import partition_dir
@@ -186,9 +187,13 @@ def to_ray_dataset(location: str, layer: str):
 
     store = OutputStore(location)
     files = [store.path(f) for f in _layer_files(store, layer)]
+    with store.fs.open_input_file(files[0]) as handle:
+        # Ray Data's batches drop the schema metadata: read it here and ship it with the function
+        specs = read_metadata(pq.read_schema(handle))["columns"]
+    metadata = {b"actmap": json.dumps({"format": FORMAT, "columns": specs}).encode()}
 
     def decode(batch: pa.Table) -> dict[str, Any]:
-        specs = read_metadata(batch.schema)["columns"]
+        batch = batch.replace_schema_metadata(metadata)
         out: dict[str, Any] = {}
         for name in batch.column_names:
             if name in specs:

@@ -1,0 +1,51 @@
+"""The command line, through its exit codes and what it prints."""
+
+import pytest
+
+from pipeline.cli import main
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+    assert main(["run", "--set", "run.batch_size=0", "--set", f"run.output={tmp_path}"]) == 2
+    assert "actmap: error: run.batch_size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_unknown_layer_exits_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--set", "model.name=support.models:tiny", "--set", "model.layers=[relu3]",
+                 "--set", f"run.output={out}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.layers" in err and "relu3" in err and "relu1" in err
+    assert not out.exists()
+
+
+def test_unknown_model_suggests(capsys, tmp_path):
+    assert main(["run", "--set", "model.name=resnet5", "--set", f"run.output={tmp_path}/o"]) == 2
+    assert "model.name: 'resnet5' is not a torchvision model; did you mean 'resnet50'" in capsys.readouterr().err
+
+
+def test_missing_config_file(capsys):
+    assert main(["run", "nope.yaml"]) == 2
+    assert "config file 'nope.yaml' does not exist" in capsys.readouterr().err
+
+
+def test_layers_lists_ids_and_shapes(capsys):
+    assert main(["layers", "support.models:tiny", "--input-size", "3", "16", "16"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "(1, 16, 8, 8)" in rows["conv2"] and "Conv2d" in rows["conv2"]
+    assert "(1, 4)" in rows["fc"]
+    assert main(["layers", "resnet18", "--set", "num_classes=3"]) == 0
+    assert "layer4.1.conv2" in capsys.readouterr().out
+
+
+def test_inspect_of_nothing_exits_2(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no dump there" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("run", "layers", "inspect"))

@@ -1,0 +1,104 @@
+"""Reading a dump back, with actmap and without it."""
+
+import json
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, to_ray_dataset
+from pipeline.config import Config
+from pipeline.manifest import new_manifest, prepare_output
+from pipeline.reader import UnknownDumpLayerError
+from pipeline.shards import plan_shards
+from pipeline.store import OutputStore
+from pipeline.worker import ShardWorker
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory):
+    """A finished dump of 30 generated samples, two layers, made without Ray."""
+    out = tmp_path_factory.mktemp("dump") / "out"
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1", "conv2"]},
+                               "source": {"count": 30, "image_size": 16},
+                               "run": {"output": str(out), "batch_size": 4, "shard_size": 8}})
+    worker = ShardWorker(config.to_dict())
+    prepare_output(OutputStore(str(out)), new_manifest(config, worker.identity, worker.source.identity(), 30))
+    for shard in plan_shards(30, 8):
+        worker.run_shard(shard)
+    worker.close()
+    return str(out)
+
+
+def test_read_layer_whole_and_slices(dump):
+    full = read_layer(dump, "conv2")
+    assert full.shape == (30, 16, 8, 8) and full.dtype == np.float16
+    assert np.array_equal(read_layer(dump, "conv2", start=5, stop=19), full[5:19])
+    tensor = read_layer(dump, "conv2", start=28, as_torch=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (2, 16, 8, 8)
+
+
+def test_read_table_has_ids_labels_and_masks(dump):
+    table = read_table(dump, "relu1", stop=3)
+    assert table.column("sample_id").to_pylist() == ["0", "1", "2"]
+    assert set(table.column_names) >= {"index", "activation", "label", "mask"}
+
+
+def test_plain_pyarrow_recipe_without_actmap(dump):
+    """The README's recipe: pyarrow, json and numpy only."""
+    table = pq.read_table(f"{dump}/layer=conv2").sort_by("index")
+    spec = json.loads(table.schema.metadata[b"actmap"])["columns"]["activation"]
+    column = table.column("activation").combine_chunks()
+    x = np.frombuffer(column.buffers()[1], dtype=spec["dtype"]).reshape(-1, *spec["shape"])
+    assert np.array_equal(x, read_layer(dump, "conv2"))
+    # the whole dump as one hive-partitioned dataset, one layer at a time
+    part = ds.dataset(dump, format="parquet", partitioning="hive").to_table(
+        filter=ds.field("layer") == "relu1", columns=["index", "layer"])
+    assert part.num_rows == 30
+
+
+def test_activation_dataset_streams_rows(dump):
+    data = ActivationDataset(dump, "conv2")
+    assert len(data) == 30
+    activation, labels = data[7]
+    assert activation.dtype == torch.float32 and activation.shape == (16, 8, 8)
+    assert labels["index"] == 7 and labels["sample_id"] == "7"
+    assert labels["mask"].shape == (16, 16)
+    np.testing.assert_array_equal(activation.numpy(), read_layer(dump, "conv2")[7].astype(np.float32))
+    assert torch.equal(data[-1][0], data[29][0])
+    with pytest.raises(IndexError):
+        data[30]
+    loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=2)
+    batches = list(loader)
+    assert sum(len(b[0]) for b in batches) == 30
+    assert batches[0][1]["label"].shape == (8,)
+    assert len(data._cache) <= 4
+
+
+def test_unknown_layer_names_close_matches(dump):
+    with pytest.raises(UnknownDumpLayerError, match="holds no rows of layer 'conv3'; did you mean 'conv2'"):
+        read_layer(dump, "conv3")
+
+
+def test_inspect(dump):
+    info = inspect_dump(dump)
+    assert info.complete and info.shards_done == 4 == info.shards_planned
+    assert info.layers["conv2"]["rows"] == 30 and info.layers["conv2"]["shape"] == [16, 8, 8]
+    text = info.format()
+    assert "shards: 4/4 done, complete" in text
+    assert "layer conv2: 30 rows, 16x8x8 float16, 4 files" in text
+
+
+def test_inspect_empty_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no dump there"):
+        inspect_dump(str(tmp_path))
+
+
+def test_ray_dataset(dump, ray_cluster):
+    rows = to_ray_dataset(dump, "conv2").take_all()
+    assert len(rows) == 30
+    first = min(rows, key=lambda r: r["index"])
+    assert first["activation"].shape == (16, 8, 8)
+    np.testing.assert_array_equal(first["activation"], read_layer(dump, "conv2")[0])
