@@ -329,7 +329,7 @@ class SourceSpec(_Section):
     _prefix = "source"
     kind: SourceKind = SourceKind.GENERATED
     path: str | None = None
-    count: int = 2048
+    count: int = 3000
     image_size: int = 64
     seed: int = 0
     image_column: str = "image"
