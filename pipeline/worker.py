@@ -67,10 +67,8 @@ class _NoWriters(dict):
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
-    """Start the copy of a device tensor to (pinned) host memory."""
-    if t.device.type == "cpu":
-        return t
-    return t.to("cpu", non_blocking=True) if not t.is_pinned() else t
+    """Start the copy of a device tensor to host memory (pinned, so the copy is asynchronous)."""
+    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -148,7 +146,7 @@ class ShardWorker:
         # equal-shaped images run together, so no sample is padded; rows keep sample order
         groups: dict[tuple, list[int]] = {}
         for position, image in enumerate(batch.images):
-            groups.setdefault((tuple(image.shape), image.dtype), []).append(position)
+            groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(position)
         layers = self.config.model.layers
         per_row: dict[str, list[Any]] = {layer: [None] * len(batch.images) for layer in layers}
         precision = self.config.model.precision

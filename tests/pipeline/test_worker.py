@@ -175,3 +175,15 @@ def test_weights_file_is_loaded(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="model.weights: cannot load"):
         build_model(_config(tmp_path, model={"weights": str(tmp_path / "bad.pt")}).model)
+
+
+@pytest.mark.parametrize("precision, channels_last, tol", [("bf16", False, 5e-2), ("fp16", True, 1e-2),
+                                                           ("fp32", True, 1e-3)])
+def test_precisions_and_memory_format(tmp_path, precision, channels_last, tol):
+    config = _config(tmp_path, model={"precision": precision, "channels_last": channels_last},
+                     dump={"dtype": "float32"})
+    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 4))
+    expected = _direct(config, range(4))["conv2"].numpy()
+    got = read_layer(config.run.output, "conv2")
+    assert got.shape == expected.shape  # stored in NCHW order whatever the memory format
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
