@@ -187,3 +187,13 @@ def test_precisions_and_memory_format(tmp_path, precision, channels_last, tol):
     got = read_layer(config.run.output, "conv2")
     assert got.shape == expected.shape  # stored in NCHW order whatever the memory format
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+
+
+def test_output_given_as_a_uri(tmp_path):
+    """Any filesystem pyarrow opens: the store never assumes a local path."""
+    uri = (tmp_path / "remote").as_uri()
+    config = _config(tmp_path, run={"output": uri})
+    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    assert (tmp_path / "remote" / record["files"]["conv2"]).is_file()
+    assert (tmp_path / "remote" / "_actmap" / "shards" / "00000.json").is_file()
+    np.testing.assert_array_equal(read_layer(uri, "conv2"), read_layer(str(tmp_path / "remote"), "conv2"))
