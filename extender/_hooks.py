@@ -71,14 +71,19 @@ class HooksHandle(torch.nn.Module):
     layer (see :attr:`registered_submodules`). Calling the wrapper calls the model with the
     same positional and keyword arguments; what the hooks collect lives only for that one
     call, so nothing is shared between calls or threads, and an exception in the model
-    leaves no stale outputs behind. Sub-classes decide what is collected and returned.
+    leaves no stale outputs behind. Hooks record only during the wrapper's own forward and
+    in the thread that called it: calling the model directly records nothing, and a model
+    that runs sub-modules in other threads (``DataParallel``) is not supported.
+    Sub-classes decide what is collected and returned.
 
     Hook lifetime:
 
     * :meth:`remove` takes every hook off the model (safe to call again); the wrapper is
       a context manager that calls it on exit, also when an exception is raised;
     * a constructor that fails (say, one bad id among several) leaves no hook behind;
-    * a wrapper that is garbage collected takes its hooks off the model too.
+    * a wrapper that is garbage collected takes its hooks off the model too;
+    * a copy of the wrapper (:func:`copy.deepcopy`, pickle) holds its own copy of the
+      model, whose hooks report to the copy.
 
     The wrapper never changes the model's mode, device or ``requires_grad`` by itself.
     Being a :class:`torch.nn.Module` with the model as a child, ``wrapper.eval()``,
@@ -106,6 +111,16 @@ class HooksHandle(torch.nn.Module):
         self._layer_hooks: dict[str, RemovableHandle] = {}
         self._hooks_finalizer = weakref.finalize(self, _remove_all, self._layer_hooks)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The finalizer is tied to this object; a copy (pickle, deepcopy) gets its own.
+        state = self.__dict__.copy()
+        state.pop("_hooks_finalizer", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._hooks_finalizer = weakref.finalize(self, _remove_all, self._layer_hooks)
+
     # ----------------------------------------------------------------- bookkeeping
 
     @property
@@ -118,9 +133,7 @@ class HooksHandle(torch.nn.Module):
         layer = resolve_layer(self.wrapped_model, layer_id)
         if layer_id in self._layer_hooks:
             return
-        self._layer_hooks[layer_id] = layer.register_forward_hook(
-            _make_hook(weakref.ref(self), layer_id)
-        )
+        self._layer_hooks[layer_id] = layer.register_forward_hook(_LayerHook(self, layer_id))
         logger.debug("%s: hooked layer %r", type(self).__name__, layer_id)
 
     def _unregister_layer(self, layer_id: str) -> None:
@@ -220,15 +233,25 @@ class HooksHandle(torch.nn.Module):
         return self._finish(model_output, state)
 
 
-def _make_hook(handle_ref: weakref.ReferenceType[HooksHandle], layer_id: str):
-    """A forward hook that reports ``layer_id``'s output to the wrapper, if it still exists.
+class _LayerHook:
+    """The forward hook of one layer: reports the layer's output to its wrapper.
 
-    The hook holds only a weak reference, so the model never keeps its wrapper alive.
+    It holds only a weak reference to the wrapper, so the model never keeps its wrapper
+    alive. It pickles (and deep-copies) as a reference to its wrapper, so a copied wrapper
+    comes with a copied model whose hooks report to the copy.
     """
 
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        handle = handle_ref()
-        if handle is not None:
-            handle._on_layer_output(layer_id, output)
+    __slots__ = ("_owner", "layer_id")
 
-    return hook
+    def __init__(self, owner: HooksHandle | None, layer_id: str) -> None:
+        self._owner = weakref.ref(owner) if owner is not None else None
+        self.layer_id = layer_id
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            owner._on_layer_output(self.layer_id, output)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        owner = self._owner() if self._owner is not None else None
+        return (_LayerHook, (owner, self.layer_id))

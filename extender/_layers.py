@@ -221,13 +221,15 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
     if example_input is None:
         return [LayerInfo(name, type(module).__name__) for name, module in named]
 
-    last_output: dict[str, Any] = {}
+    # Describe each output as soon as it appears, so no activation is kept alive.
+    seen: dict[str, tuple[tuple[int, ...] | None, str]] = {}
     calls: dict[str, int] = {name: 0 for name, _ in named}
 
     def make_hook(name: str):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             calls[name] += 1
-            last_output[name] = output
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+            seen[name] = (shape, _describe(output))
 
         return hook
 
@@ -248,17 +250,8 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
 
     infos = []
     for name, module in named:
-        out = last_output.get(name)
-        ran = calls[name] > 0
-        infos.append(
-            LayerInfo(
-                id=name,
-                type_name=type(module).__name__,
-                output_shape=tuple(out.shape) if isinstance(out, torch.Tensor) else None,
-                output_summary=_describe(out) if ran else None,
-                calls=calls[name],
-            )
-        )
+        shape, summary = seen.get(name, (None, None))
+        infos.append(LayerInfo(name, type(module).__name__, shape, summary, calls[name]))
     logger.debug("listed %d layers of %s", len(infos), type(model).__name__)
     return infos
 

@@ -262,7 +262,7 @@ def test_mask_rcnn_backbone_dump_skips_rpn_and_roi_heads(assert_no_hooks):
     ).eval()
     calls = {"fpn": 0, "rpn": 0, "roi_heads": 0}
     spies = [
-        getattr_path(model, path).register_forward_pre_hook(
+        model.get_submodule(path).register_forward_pre_hook(
             lambda module, args, key=key: calls.__setitem__(key, calls[key] + 1)
         )
         for key, path in [("fpn", "backbone.fpn"), ("rpn", "rpn"), ("roi_heads", "roi_heads")]
@@ -279,7 +279,3 @@ def test_mask_rcnn_backbone_dump_skips_rpn_and_roi_heads(assert_no_hooks):
     assert maps["backbone.body.layer4"].shape == (1, 2048, 2, 2)
     assert calls == {"fpn": 0, "rpn": 0, "roi_heads": 0}
     assert_no_hooks(model)
-
-
-def getattr_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    return model.get_submodule(path)

@@ -196,3 +196,32 @@ def test_eval_train_and_to_on_the_wrapper_reach_the_model(counting_model):
         grabber.to(torch.float64)
         assert counting_model[0].weight.dtype == torch.float64
         assert grabber(torch.rand(1, 2, dtype=torch.float64))[1]["0"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_copies_get_their_own_model_and_hooks(counting_model, assert_no_hooks, copier):
+    import copy
+    import pickle
+
+    grabber = ActivationMapGrabber(counting_model, ["1"], stop_early=True, detach=True)
+    twin = copy.deepcopy(grabber) if copier == "deepcopy" else pickle.loads(pickle.dumps(grabber))
+    assert twin.wrapped_model is not counting_model
+    assert twin.registered_submodules == ["1"] and twin.stop_early and twin.detach
+    x = torch.rand(2, 2)
+    out, maps = twin(x)
+    assert out is None and torch.equal(maps["1"], grabber(x)[1]["1"])
+    twin.remove()
+    assert_no_hooks(twin.wrapped_model)
+    assert grabber(x)[1].keys() == {"1"}  # the original is unaffected
+    grabber.remove()
+    assert_no_hooks(counting_model)
+
+
+def test_copying_a_hooked_model_alone_leaves_the_copy_clean(counting_model, assert_no_hooks):
+    import copy
+
+    with ActivationMapGrabber(counting_model, ["0", "1"]):
+        clone = copy.deepcopy(counting_model)
+        gc.collect()
+        assert_no_hooks(clone)
+        assert counting_model[0]._forward_hooks
