@@ -121,15 +121,16 @@ def test_bad_samples_are_reported_and_strict_mode_fails_fast(tmp_path):
     assert "00000.json" in done and "00002.json" not in done
 
 
-def test_killed_driver_is_resumed_by_the_same_command(tmp_path):
+def test_killed_driver_is_resumed_by_the_same_command(tmp_path, ray_cluster):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "pipeline", "run", "--quiet",
             "--set", "model.name=support.models:tiny", "--set", "model.layers=[relu1]",
             "--set", "source.count=160", "--set", "source.image_size=16", "--set", "run.shard_size=8",
             "--set", "run.actors=1", "--set", "run.batch_size=2", "--set", f"run.output={out}"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    # the driver process joins the test cluster; its actors die with it
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=log, stderr=log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list((out / SHARDS_DIR).glob("*.json"))) < 3:
         time.sleep(0.2)
