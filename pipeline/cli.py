@@ -100,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         log.debug("failure", exc_info=True)
-        print(f"actmap: failed: {type(exc).__name__}: {exc}\n"
-              "The shards finished so far are kept; rerun the same command to resume.", file=sys.stderr)
+        print(f"actmap: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if args.command == "run":
+            print("The shards finished so far are kept; rerun the same command to resume.", file=sys.stderr)
         return 1
 
 

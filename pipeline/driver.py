@@ -94,7 +94,9 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         return
     kwargs: dict = {"logging_level": logging.WARNING}
     if not address and not os.environ.get("RAY_ADDRESS"):
-        # a local Ray: its workers can import modules from the current folder, as the driver can
+        # a Ray of our own ("local": not whatever cluster `ray start` left running here); its
+        # workers can import modules from the current folder, as the driver can
+        address = "local"
         path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
         kwargs.update(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     ray.init(address=address, **kwargs)
@@ -205,6 +207,9 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
 
             plan = plan_actors(config.run, ray.cluster_resources(), len(todo))
             actor_count = plan.count
+            if config.run.gpus_per_actor == "auto" and not plan.gpus and (address or os.environ.get("RAY_ADDRESS")):
+                log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling "
+                            "cluster set run.gpus_per_actor and run.actors to have GPU nodes started")
             progress = Progress(new_samples, stream)
             actors = _start_actors(config, plan, probe.digest)
             try:

@@ -1,0 +1,183 @@
+"""`actmap run` submitted as a Ray job through the real job server, as on a cluster.
+
+A Ray head is started with `ray start --head` (dashboard and job API on 127.0.0.1), the job is
+sent with `ray job submit --working-dir` the way cluster.yaml documents it, and the dump it wrote
+is read back: complete, every sample exactly once, written by actors of that cluster.
+
+The head runs with token authentication: Ray turns ``--node-ip-address=127.0.0.1`` into the
+host's address and its GCS and raylet listen on every interface, so a head without a token would
+take code from anyone on the network while the test runs. The token lives only in the
+environment of the processes started here. Nothing here calls ``ray.init``, and the teardown
+stops exactly the processes of this head (all carry a marker in their environment); `ray stop
+--force` would also kill the session's in-process Ray and any other Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import inspect_dump, read_table
+
+TESTS = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
+MARKER = "ACTMAP_TEST_RAY_HEAD"
+
+COUNT = 40
+LAYERS = ["conv2", "fc"]
+JOB_CONFIG = {
+    "model": {"name": "support.models:tiny", "layers": LAYERS},
+    "source": {"kind": "generated", "count": COUNT, "image_size": 16, "seed": 3},
+    "dump": {"dtype": "float32"},
+    "run": {"actors": 1, "cpus_per_actor": 1, "batch_size": 4, "shard_size": 8},
+}
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on the loopback now (held together, so they differ)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def marked_processes(marker: str) -> list[int]:
+    """The processes whose environment holds ``marker`` (Linux /proc; others: psutil)."""
+    entry = marker.encode()
+    if not Path("/proc/self/environ").exists():
+        import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+        import psutil
+
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                key, _, value = marker.partition("=")
+                if proc.pid != os.getpid() and proc.environ().get(key) == value:
+                    found.append(proc.pid)
+        return found
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry in environ:
+            found.append(int(name))
+    return found
+
+
+def stop_marked(marker: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process carrying ``marker`` until none is left; returns those still alive."""
+    deadline = time.monotonic() + timeout
+    while (pids := marked_processes(marker)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    return marked_processes(marker)
+
+
+@dataclasses.dataclass
+class Head:
+    url: str
+    env: dict[str, str]
+    token: str
+
+    def get(self, path: str, token: str | None = None) -> dict:
+        request = urllib.request.Request(self.url + path)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture
+def ray_head() -> Iterator[Head]:
+    """A Ray head started with `ray start --head`, for this test alone."""
+    temp = tempfile.mkdtemp(prefix="actmap-rayjob-", dir="/tmp")  # short: Ray's socket paths
+    token = secrets.token_hex(32)
+    marker = f"{MARKER}={os.path.basename(temp)}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env.update({
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_TMPDIR": temp,  # its session files and address file stay out of /tmp/ray
+        "PATH": os.pathsep.join([str(RAY.parent), env.get("PATH", "")]),  # `actmap` for the job
+        MARKER: os.path.basename(temp),
+    })
+    gcs, dashboard, agent, client = free_ports(4)
+    start = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+             "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}/ray", "--disable-usage-stats"]
+    try:
+        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
+        yield Head(f"http://127.0.0.1:{dashboard}", env, token)
+    finally:
+        left = stop_marked(marker)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"processes of the test head could not be stopped: {left}"
+
+
+def test_actmap_run_as_a_ray_job(ray_head: Head, tmp_path: Path):
+    # the job's folder: its config and the model's code, which travels with --working-dir
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    (workdir / "dump.yaml").write_text(yaml.safe_dump(JOB_CONFIG))
+    shutil.copytree(TESTS / "support", workdir / "support", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    submission = f"actmap-test-{secrets.token_hex(4)}"
+
+    submit = [str(RAY), "job", "submit", "--address", ray_head.url, "--submission-id", submission,
+              "--working-dir", str(workdir), "--",
+              "actmap", "run", "dump.yaml", "--set", f"run.output={out}", "--quiet"]
+    started = time.monotonic()
+    job = subprocess.run(submit, env=ray_head.env, capture_output=True, text=True, timeout=300)
+    logs = f"{job.stdout[-6000:]}\n{job.stderr[-3000:]}"
+    assert job.returncode == 0, f"the job failed:\n{logs}"
+    assert f"{COUNT} samples, {len(LAYERS)} layer(s)" in job.stdout + job.stderr, logs
+
+    # the job server agrees, and only a caller with the token may ask it
+    info = ray_head.get(f"/api/jobs/{submission}", token=ray_head.token)
+    assert info["status"] == "SUCCEEDED", info
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        ray_head.get(f"/api/jobs/{submission}")
+    assert refused.value.code == 401
+
+    # complete, every sample exactly once in every layer
+    dump = inspect_dump(str(out))
+    assert dump.complete, dump.format()
+    assert dump.shards_done == dump.shards_planned == COUNT // JOB_CONFIG["run"]["shard_size"]
+    for layer in LAYERS:
+        table = read_table(str(out), layer)
+        assert table.column("index").to_pylist() == list(range(COUNT)), layer
+        ids = table.column("sample_id").to_pylist()
+        assert len(set(ids)) == len(ids) == COUNT, layer
+        assert dump.layers[layer]["rows"] == COUNT
+
+    # the actors were this cluster's, not a Ray the job started for itself
+    records = [json.loads(p.read_text()) for p in sorted((out / "_actmap" / "shards").glob("*.json"))]
+    assert len(records) == dump.shards_planned
+    assert {r["worker"]["node"] for r in records} == {info["driver_node_id"]}
+    print(f"job submit to done: {time.monotonic() - started:.1f}s")
