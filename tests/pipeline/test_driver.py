@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from pipeline import read_layer, read_table, run
 from pipeline.config import Config
 from pipeline.errors import BadSampleError, OutputConflictError
-from pipeline.manifest import MANIFEST_PATH, SHARDS_DIR
+from pipeline.manifest import SHARDS_DIR
 from pipeline.models import build_model
 from pipeline.sources import open_source
 

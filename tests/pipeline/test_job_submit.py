@@ -14,14 +14,11 @@ stops exactly the processes of this head (all carry a marker in their environmen
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +32,7 @@ import pytest
 import yaml
 
 from pipeline import inspect_dump, read_table
+from support.processes import free_ports, stop_marked
 
 TESTS = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
@@ -48,53 +46,6 @@ JOB_CONFIG = {
     "dump": {"dtype": "float32"},
     "run": {"actors": 1, "cpus_per_actor": 1, "batch_size": 4, "shard_size": 8},
 }
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on the loopback now (held together, so they differ)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def marked_processes(marker: str) -> list[int]:
-    """The processes whose environment holds ``marker`` (Linux /proc; others: psutil)."""
-    entry = marker.encode()
-    if not Path("/proc/self/environ").exists():
-        import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                key, _, value = marker.partition("=")
-                if proc.pid != os.getpid() and proc.environ().get(key) == value:
-                    found.append(proc.pid)
-        return found
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if entry in environ:
-            found.append(int(name))
-    return found
-
-
-def stop_marked(marker: str, timeout: float = 30.0) -> list[int]:
-    """SIGKILL every process carrying ``marker`` until none is left; returns those still alive."""
-    deadline = time.monotonic() + timeout
-    while (pids := marked_processes(marker)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    return marked_processes(marker)
 
 
 @dataclasses.dataclass

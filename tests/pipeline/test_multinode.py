@@ -10,21 +10,18 @@ then show which node wrote what.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 from pipeline import inspect_dump, read_table
+from support.processes import free_ports, stop_marked
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
@@ -58,45 +55,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def marked_processes(marker: str) -> list[int]:
-    """The processes whose environment holds ``marker`` (Linux /proc; others: psutil)."""
-    if not Path("/proc/self/environ").exists():
-        import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
-        import psutil
-
-        key, _, value = marker.partition("=")
-        found = []
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if proc.pid != os.getpid() and proc.environ().get(key) == value:
-                    found.append(proc.pid)
-        return found
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker.encode() in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
-                    found.append(int(name))
-    return found
-
-
-def stop_marked(marker: str, timeout: float = 30.0) -> list[int]:
-    """SIGKILL every process carrying ``marker`` until none is left; returns those still alive."""
-    deadline = time.monotonic() + timeout
-    while (pids := marked_processes(marker)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    return marked_processes(marker)
-
-
 def test_shards_run_on_both_nodes_exactly_once(tmp_path: Path):
     out = tmp_path / "out"
     config = {
@@ -118,7 +76,7 @@ def test_shards_run_on_both_nodes_exactly_once(tmp_path: Path):
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         MARKER: os.path.basename(temp),
     })
-    agent_port = free_port()
+    agent_port = free_ports(1)[0]
     try:
         done = subprocess.run([sys.executable, str(script), json.dumps(config), str(agent_port)],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)

@@ -1,0 +1,60 @@
+"""Smoke tests of the CPU benchmarks: each main runs with the tiniest settings and returns a
+table with the expected rows and positive rates (the figures themselves are not checked)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench(name: str):
+    # by plain name, so the raw-forward processes (spawned) can import it too
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def test_bench_encoding_rows(tmp_path, capsys):
+    bench = _bench("bench_encoding")
+    rows = bench.main(["--batch", "2", "--repeats", "1", "--threads", "2", "--dir", str(tmp_path)])
+    expected = [(kind, comp) for comp in ("none", "zstd") for kind in bench.ENCODINGS] + [(bench.RAW, "none")]
+    assert [(r["encoding"], r["compression"]) for r in rows] == expected
+    for r in rows:
+        rates = [r[k] for k in bench.RATES if r[k] is not None]
+        assert rates and all(x > 0 and math.isfinite(x) for x in rates), r
+    assert rows[-1]["write_1"] > 0 and rows[-1]["read_1"] is None
+    printed = capsys.readouterr().out
+    assert "ratio to fixed_size_binary" in printed and "FixedShapeTensorArray float16" in printed
+    assert list(tmp_path.iterdir()) == []  # its files are removed
+
+
+def test_bench_encoding_rejects_unknown_encoding():
+    bench = _bench("bench_encoding")
+    with pytest.raises(ValueError, match="unknown encoding"):
+        bench._encode("float8", None)
+
+
+def test_bench_pipeline_rows(ray_cluster, tmp_path, capsys):
+    bench = _bench("bench_pipeline")
+    result = bench.main(["--count", "16", "--size", "32", "--batch", "8", "--actors", "1",
+                         "--shard-size", "8", "--workdir", str(tmp_path)])
+    rows = result["rows"]
+    assert [r["run"] for r in rows] == [bench.RAW, bench.HOOKS, bench.HOST, bench.ACTMAP, bench.STEADY,
+                                        bench.RAYDATA, bench.RECHECK]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["vs_raw"] > 0, r
+        assert r["images"] == (8 if r["run"] == bench.STEADY else 16), r  # steady: the first shard left out
+    assert rows[0]["vs_raw"] == 1.0
+    b = result["breakdown"]
+    assert b["shards"] == 2 and b["rows"] == {"layer3": 16, "layer4": 16}
+    assert sum(b["fractions"].values()) == pytest.approx(1.0)
+    assert all(v >= 0 for k, v in b["seconds"].items() if k != "other")
+    printed = capsys.readouterr().out
+    assert "x raw forward" in printed and "load wait" in printed
+    assert list(tmp_path.iterdir()) == []  # the dumps are removed
