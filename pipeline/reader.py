@@ -135,24 +135,31 @@ class ActivationDataset(torch.utils.data.Dataset):
         self._offsets = offsets
         self._cache: collections.OrderedDict[tuple[int, int], dict] = collections.OrderedDict()
         self._cache_size = cache_row_groups
-        self._readers: dict[int, pq.ParquetFile] = {}
+        self._readers: collections.OrderedDict[int, pq.ParquetFile] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return self._offsets[-1]
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own files
         state = dict(self.__dict__)
-        state["_readers"], state["_cache"] = {}, collections.OrderedDict()
+        state["_readers"], state["_cache"] = collections.OrderedDict(), collections.OrderedDict()
         return state
+
+    def _reader(self, f: int) -> pq.ParquetFile:
+        """The open file ``f``; a few stay open, the least recently used is closed."""
+        if f in self._readers:
+            self._readers.move_to_end(f)
+        else:
+            self._readers[f] = pq.ParquetFile(self._fs.open_input_file(self._files[f]))
+            if len(self._readers) > self._cache_size:
+                self._readers.popitem(last=False)[1].close()
+        return self._readers[f]
 
     def _group(self, key: tuple[int, int]) -> dict:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        f, g = key
-        if f not in self._readers:
-            self._readers[f] = pq.ParquetFile(self._fs.open_input_file(self._files[f]))
-        table = self._readers[f].read_row_group(g)
+        table = self._reader(key[0]).read_row_group(key[1])
         specs = read_metadata(table.schema)["columns"]
         decoded = {}
         for name in table.column_names:

@@ -102,3 +102,10 @@ def test_ray_dataset(dump, ray_cluster):
     first = min(rows, key=lambda r: r["index"])
     assert first["activation"].shape == (16, 8, 8)
     np.testing.assert_array_equal(first["activation"], read_layer(dump, "conv2")[0])
+
+
+def test_activation_dataset_keeps_few_files_open(dump):
+    data = ActivationDataset(dump, "relu1", cache_row_groups=2)
+    for i in range(len(data)):
+        data[i]
+    assert len(data._readers) <= 2 and len(data._cache) <= 2
