@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# The GPU check: actmap on one CUDA GPU, in under 8 minutes, every step's output in $OUT.
+#
+#   1. env            the GPU, torch, pyarrow, Ray, the project importable from the tree
+#   2. cuda_sanity    ActivationMapGrabber on resnet50: CUDA equals the CPU (fp32, TF32 off);
+#                     bf16 + channels_last close to it; no hook left on the model
+#   3. cuda_pipeline  pipeline.run on the GPU, bf16 + channels_last, 2048 generated 224 px
+#                     images; read back (actmap and plain pyarrow), rows compared to a direct forward
+#   4. bench_pipeline resnet50, 224 px, batch 256, bf16, channels_last, 4096 images: raw forward,
+#                     hooks, actmap, Ray Data (generated source: the actors generate the images)
+#   5. bench_pipeline the same with the memory source (actors read the images from a .npy), no Ray Data
+#   6. bench_encoding the design table's batch of 256 on this host's cores
+#
+# On the GPU machine (torch and pyarrow there, Ray from .gpu-carry/), from the repository root:
+#   bash .gpu-carry/install.sh && export PYTHONPATH=$PWD/.gpu-carry/site && bash bench/gpu_check.sh
+# A dry run of every step's Python on the CPU, tiny sizes (here, with the project's venv):
+#   PYTHON=.venv/bin/python OUT=/tmp/gpu-dry bash bench/gpu_check.sh --cpu-dry-run
+#
+# A failing step does not stop the others; summary.txt lists each step's exit status (124: its
+# time limit). The dumps go to $WORK (default /tmp/actmap-gpu-check) and are deleted at the end;
+# only logs and one JSON go to $OUT (the tool that runs this brings back at most 8 files).
+
+set -uo pipefail
+set -x
+
+cd "$(dirname "$0")/.."
+DRY=0
+if [[ "${1:-}" == "--cpu-dry-run" ]]; then DRY=1; fi
+
+OUT=${OUT:-$PWD/gpu-check-out}
+WORK=${WORK:-/tmp/actmap-gpu-check}
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-465}   # seconds for all steps together
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}   # the local Ray started here listens on loopback only
+export PYTHONUNBUFFERED=1
+
+if [[ $DRY == 1 ]]; then
+  export DEVICE=cpu MODEL=resnet50 SIZE=64 COUNT=64 BATCH=16 BENCH_COUNT=64 SHARD=32
+  BENCH_EXTRA=(--actors 1 --device cpu)
+  ENC_ARGS=(--batch 4 --repeats 1)
+else
+  export DEVICE=cuda MODEL=resnet50 SIZE=224 COUNT=2048 BATCH=256 BENCH_COUNT=4096 SHARD=1024
+  BENCH_EXTRA=(--actors 1 --device cuda)
+  ENC_ARGS=(--full --repeats 1)
+fi
+export WORK
+
+: > "$OUT/summary.txt"
+step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, output to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS - 5))
+  if ((left < 20)); then
+    echo "$name: skipped, ${left}s of the budget left" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local t0=$SECONDS
+  timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc in $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
+  tail -n 30 "$OUT/$name.log"
+}
+
+# -- 1. the environment -----------------------------------------------------------------------------
+env_report() {
+  if [[ $DRY == 0 ]]; then nvidia-smi || true; fi
+  nproc; free -g || true
+  "$PY" - <<'EOF'
+import os, sys
+import numpy, pyarrow, torch, torchvision
+print("python", sys.version.split()[0], "numpy", numpy.__version__, "pyarrow", pyarrow.__version__,
+      "torch", torch.__version__, "torchvision", torchvision.__version__)
+print("cuda available:", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+import ray, yaml
+print("ray", ray.__version__, "from", ray.__file__)
+import extender, pipeline
+print("actmap from", pipeline.__file__)
+if os.environ["DEVICE"] == "cuda" and not torch.cuda.is_available():
+    sys.exit("DEVICE=cuda but torch sees no GPU")
+EOF
+}
+export -f env_report
+export DRY PY
+step 1_env 40 bash -c env_report
+
+# -- 2. the grabber on CUDA against the CPU ---------------------------------------------------------
+step 2_cuda_sanity 75 "$PY" - <<'EOF'
+import copy, os, sys
+import torch, torchvision
+from extender import ActivationMapGrabber
+
+device, name, size = os.environ["DEVICE"], os.environ["MODEL"], int(os.environ["SIZE"])
+torch.backends.cudnn.allow_tf32 = False        # fp32 on both sides, so they may be compared closely
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.manual_seed(0)
+model = torchvision.models.get_model(name, weights=None).eval()
+x = torch.randn(8, 3, size, size)
+layers = ["layer1", "layer3", "layer4"]
+
+def grab(device, bf16=False, channels_last=False, stop_early=False):
+    m = copy.deepcopy(model).to(device)
+    inp = x.to(device)
+    if channels_last:
+        m, inp = m.to(memory_format=torch.channels_last), inp.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+    with ActivationMapGrabber(m, layers, detach=True, stop_early=stop_early) as g, torch.inference_mode(), ctx:
+        out, maps = g(inp)
+        assert all(v.device.type == device for v in maps.values()), "a map is not on the device"
+    left = sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+    assert left == 0, f"{left} hooks left on the model"
+    return (None if out is None else out.float().cpu()), {k: v.float().cpu() for k, v in maps.items()}
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+ref_out, ref = grab("cpu")
+failures = []
+for label, kwargs, tol in [("fp32", {}, 1e-3), ("fp32 stop_early", {"stop_early": True}, 1e-3),
+                           ("bf16 + channels_last", {"bf16": True, "channels_last": True}, 0.1)]:
+    out, maps = grab(device, **kwargs)
+    errs = {k: rel(maps[k], ref[k]) for k in layers}
+    if out is not None:
+        errs["output"] = rel(out, ref_out)
+    ok = all(e <= tol for e in errs.values()) and list(maps) == layers
+    print(f"{device} vs cpu, {label}: max |diff| / max |cpu| = "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()) + f" (tolerance {tol:g}) {'OK' if ok else 'FAIL'}")
+    if not ok:
+        failures.append(label)
+sys.exit(f"FAILED: {failures}" if failures else 0)
+EOF
+
+# -- 3. pipeline.run on the GPU, read back, compare with a direct forward ---------------------------
+step 3_cuda_pipeline 110 "$PY" - <<'EOF'
+import glob, json, os, shutil, sys, time
+import numpy as np, pyarrow.parquet as pq, torch
+import pipeline
+from pipeline.models import LayerOutputs, build_model
+from pipeline.preprocess import to_model_input
+from pipeline.reduce import reduce_output
+from pipeline.sources.generated import generate
+
+device, name = os.environ["DEVICE"], os.environ["MODEL"]
+size, count, batch = int(os.environ["SIZE"]), int(os.environ["COUNT"]), int(os.environ["BATCH"])
+out = os.path.join(os.environ["WORK"], "cuda-pipeline")
+shutil.rmtree(out, ignore_errors=True)
+cfg = pipeline.load_config(None, [f"model.name={name}", "model.layers=[layer3, layer4]", "model.precision=bf16",
+                                  "model.channels_last=true", f"source.count={count}", f"source.image_size={size}",
+                                  f"run.output={out}", f"run.batch_size={batch}", "run.shard_size=512"])
+summary = pipeline.run(cfg, stream=None)
+print(summary.format())
+failures = []
+if summary.rows != {"layer3": count, "layer4": count} or summary.bad:
+    failures.append(f"rows {summary.rows}, bad {len(summary.bad)}")
+records = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/_actmap/shards/*.json"))]
+devices = {r["worker"]["device"] for r in records}
+print("actor devices:", devices, "; seconds summed over shards:",
+      {k: round(sum(r["seconds"][k] for r in records), 2) for k in ("load_wait", "forward", "write_wait", "total")})
+if device == "cuda" and not all(d.startswith("cuda") for d in devices):
+    failures.append(f"the actors ran on {devices}, not the GPU")
+
+rows = sorted({0, 1, count // 2 + 1, count - 1})
+model = build_model(cfg.model).to(memory_format=torch.channels_last).to(device)
+grab = LayerOutputs(model, cfg.model)
+pixels = torch.stack([generate(i, size, cfg.source.seed)[0] for i in rows]).to(device)
+x = to_model_input(pixels, cfg.source.preprocess.mean_std(), True)
+with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+    direct = {k: reduce_output(v, cfg.dump, k).float().cpu().numpy() for k, v in grab(x).items()}
+grab.remove()
+for layer in cfg.model.layers:
+    table = pipeline.read_table(out, layer, columns=["sample_id", "index"])
+    if table.column("index").to_pylist() != list(range(count)) or len(set(table.column("sample_id").to_pylist())) != count:
+        failures.append(f"{layer}: the indices or ids are not each sample once")
+    stored = pipeline.read_layer(out, layer)
+    got = stored[rows].astype(np.float32)
+    err = float(np.abs(got - direct[layer]).max() / max(np.abs(direct[layer]).max(), 1e-12))
+    ok = stored.dtype == np.float16 and stored.shape[0] == count and err <= 0.05
+    print(f"{layer}: stored {stored.shape} {stored.dtype}; rows {rows} vs a direct forward: "
+          f"max |diff| / max = {err:.2e} (tolerance 0.05) {'OK' if ok else 'FAIL'}")
+    if not ok:
+        failures.append(layer)
+    # the same rows without actmap: pyarrow and numpy only
+    first = sorted(glob.glob(f"{out}/layer={layer}/part-*.parquet"))[0]
+    t = pq.read_table(first)
+    meta = json.loads(t.schema.metadata[b"actmap"])["columns"]["activation"]
+    plain = np.frombuffer(t.column("activation").combine_chunks().buffers()[1], dtype=meta["dtype"])
+    plain = plain.reshape((t.num_rows, *meta["shape"]))
+    if not np.array_equal(plain, stored[t.column("index").to_numpy()]):
+        failures.append(f"{layer}: plain pyarrow read differs from pipeline.read_layer")
+shutil.rmtree(out, ignore_errors=True)
+sys.exit(f"FAILED: {failures}" if failures else 0)
+EOF
+
+# -- 4, 5. the pipeline benchmark -------------------------------------------------------------------
+IMAGES="$WORK/images-$MODEL-$SIZE-$BENCH_COUNT.npy"   # generated once, shared by both runs
+step 4_bench_pipeline 150 "$PY" bench/bench_pipeline.py --model "$MODEL" --size "$SIZE" --count "$BENCH_COUNT" \
+  --batch "$BATCH" --precision bf16 --channels-last --shard-size "$SHARD" "${BENCH_EXTRA[@]}" \
+  --images "$IMAGES" --workdir "$WORK" --json "$OUT/4_bench_pipeline.json"
+step 5_bench_pipeline_memory 80 "$PY" bench/bench_pipeline.py --model "$MODEL" --size "$SIZE" --count "$BENCH_COUNT" \
+  --batch "$BATCH" --precision bf16 --channels-last --shard-size "$SHARD" "${BENCH_EXTRA[@]}" \
+  --images "$IMAGES" --workdir "$WORK" --source memory --no-raydata
+
+# -- 6. the encodings on this host ------------------------------------------------------------------
+step 6_bench_encoding 60 "$PY" bench/bench_encoding.py "${ENC_ARGS[@]}" --dir "$WORK"
+
+rm -rf "$WORK"
+set +x
+echo "== summary (${SECONDS}s)"; cat "$OUT/summary.txt"
+for f in "$OUT"/4_bench_pipeline.log "$OUT"/5_bench_pipeline_memory.log; do
+  [[ -f $f ]] && { echo "== $f"; grep -v "^\s*$" "$f" | grep -E "^\||^resnet|^fixed|^actmap:" | tail -n 25; }
+done
+! grep -q "rc=[1-9]" "$OUT/summary.txt"
