@@ -187,6 +187,10 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     trial sample); a rerun of the same config resumes; ``overwrite`` starts afresh.
     """
     started = time.monotonic()
+    if config.run.shard_size < 4 * config.run.batch_size:
+        log.warning("run.shard_size %d is under 4 batches of %d: an actor overlaps loading and writing "
+                    "with the forward only within a shard, so small shards leave the device idle",
+                    config.run.shard_size, config.run.batch_size)
     probe = ShardWorker(config.to_dict(), device="cpu")
     try:
         layers = probe.probe()

@@ -49,21 +49,45 @@ class _Batch:
 
 @dataclasses.dataclass
 class _Outputs:
-    """One batch's layer outputs on the host: per layer, one array per sample, in sample order."""
+    """One batch's layer outputs on (or on their way to) the host.
 
-    arrays: dict[str, list[np.ndarray]]
+    One entry per group of equal-shaped inputs: the group's positions in the batch and each
+    layer's ``(rows, ...)`` tensor. Usually a batch is one group, in sample order.
+    """
+
+    groups: list[tuple[list[int], dict[str, torch.Tensor]]]
     ready: torch.cuda.Event | None = None
 
+    def rows(self, layer: str, count: int) -> list[np.ndarray]:
+        """The layer's outputs, one array per sample, in sample order."""
+        rows: list[Any] = [None] * count
+        for positions, tensors in self.groups:
+            array = _as_numpy(tensors[layer])
+            for row, position in enumerate(positions):
+                rows[position] = array[row]
+        return rows
 
-class _NoWriters(dict):
-    """Writers that check the tables of a probe and keep nothing."""
 
-    class _Check:
-        def write(self, table):
-            pass
+@dataclasses.dataclass
+class _Columns:
+    """The columns a batch shares across layers: ids, indices, pass-through labels."""
 
-    def __missing__(self, layer):
-        return self._Check()
+    ids: list[str]
+    indices: list[int]
+    labels: dict[str, list[Any]]
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> _Columns:
+        names = list(samples[0].labels) if samples else []
+        return cls([s.sample_id for s in samples], [s.index for s in samples],
+                   {n: [s.labels.get(n) for s in samples] for n in names})
+
+
+class _DiscardingWriter:
+    """A writer that builds the tables of a probe and keeps nothing."""
+
+    def write(self, table) -> None:
+        pass
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +131,8 @@ class ShardWorker:
         self.fixed = self.config.shapes_fixed()
         self.mean_std = self.config.source.preprocess.mean_std()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="actmap-write")
+        # one writer per layer: the files are independent, and pyarrow writes without the GIL
+        self._writer = ThreadPoolExecutor(len(self.config.model.layers), thread_name_prefix="actmap-write")
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
@@ -148,7 +173,7 @@ class ShardWorker:
         for position, image in enumerate(batch.images):
             groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(position)
         layers = self.config.model.layers
-        per_row: dict[str, list[Any]] = {layer: [None] * len(batch.images) for layer in layers}
+        results = []
         precision = self.config.model.precision
         autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
                     if precision in _AUTOCAST else contextlib.nullcontext())
@@ -159,42 +184,42 @@ class ShardWorker:
             x = to_model_input(pixels, self.mean_std, self.config.model.channels_last)
             with torch.inference_mode(), autocast:
                 outputs = self.outputs(x)
+            host = {}
             for layer in layers:
                 out = outputs.get(layer)
                 if not isinstance(out, torch.Tensor):
                     raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; "
                                        "choose a layer whose output is one tensor (`actmap layers` shows them)")
-                host = _host(reduce_output(out, self.config.dump, layer))
-                for row, position in enumerate(positions):
-                    per_row[layer][position] = host[row]
+                host[layer] = _host(reduce_output(out, self.config.dump, layer))
+            results.append((positions, host))
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return _Outputs(per_row, ready)
+        return _Outputs(results, ready)
 
-    def _write(self, writers: dict[str, LayerFileWriter], batch: _Batch, outputs: _Outputs) -> None:
+    def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
+        """Encode and write one layer's rows of a batch (the layers are written in parallel)."""
         if outputs.ready is not None:
             outputs.ready.synchronize()
-        if not batch.samples:
-            return
-        ids = [s.sample_id for s in batch.samples]
-        indices = [s.index for s in batch.samples]
-        names = list(batch.samples[0].labels)
-        labels = {n: [s.labels.get(n) for s in batch.samples] for n in names}
-        meta = {"reduce": self.config.dump.to_dict(), "model": self.config.model.name}
-        for layer, rows in outputs.arrays.items():
-            arrays = [_as_numpy(t) for t in rows]
+        count = len(columns.ids)
+        if len(outputs.groups) == 1:  # one input size: the rows are in order already, no copy
+            array = _as_numpy(outputs.groups[0][1][layer])
+            activations: Any = array if self.fixed else list(array)
+        else:
+            activations = outputs.rows(layer, count)
             if self.fixed:
-                shapes = {a.shape for a in arrays}
+                shapes = {a.shape for a in activations}
                 if len(shapes) > 1:
                     raise RuntimeError(f"layer {layer!r} gave outputs of several shapes {sorted(shapes)}; "
                                        "set source.preprocess.crop for one input size, or dump.shapes: variable")
-            table = build_table(np.stack(arrays) if self.fixed else arrays, sample_ids=ids,
-                                indices=indices, labels=labels, label_fields=self.label_fields,
-                                fixed=self.fixed, dtype=self.config.dump.dtype.value,
-                                metadata={**meta, "layer": layer})
-            writers[layer].write(table)
+                activations = np.stack(activations)
+        table = build_table(activations, sample_ids=columns.ids, indices=columns.indices,
+                            labels=columns.labels, label_fields=self.label_fields, fixed=self.fixed,
+                            dtype=self.config.dump.dtype.value,
+                            metadata={"reduce": self.config.dump.to_dict(), "model": self.config.model.name,
+                                      "layer": layer})
+        writer.write(table)
 
     # -- one shard ---------------------------------------------------------------------------
 
@@ -210,7 +235,7 @@ class ShardWorker:
         writers = {layer: LayerFileWriter(self.store, shard.file_name(layer), compression) for layer in layers}
         seconds = {"load_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
         bad: list[BadSample] = []
-        pending: Future | None = None
+        pending: list[Future] = []
         try:
             loading = self._loader.submit(self._load, chunks[0]) if chunks else None
             for i in range(len(chunks)):
@@ -220,22 +245,26 @@ class ShardWorker:
                 if i + 1 < len(chunks):
                     loading = self._loader.submit(self._load, chunks[i + 1])
                 bad += batch.bad
-                outputs = self._forward(batch) if batch.samples else _Outputs({})
+                outputs = self._forward(batch) if batch.samples else None
                 t2 = time.perf_counter()
-                if pending is not None:
-                    pending.result()
+                for future in pending:
+                    future.result()
                 t3 = time.perf_counter()
-                pending = self._writer.submit(self._write, writers, batch, outputs)
+                pending = []
+                if outputs is not None:
+                    columns = _Columns.of(batch.samples)
+                    pending = [self._writer.submit(self._write_layer, writers[layer], layer, columns, outputs)
+                               for layer in layers]
                 seconds["load_wait"] += t1 - t0
                 seconds["forward"] += t2 - t1
                 seconds["write_wait"] += t3 - t2
-            if pending is not None:
-                pending.result()
+            for future in pending:
+                future.result()
             sizes = {layer: writer.commit() for layer, writer in writers.items()}
         except BaseException:
-            if pending is not None:
+            for future in pending:
                 with contextlib.suppress(BaseException):
-                    pending.result()
+                    future.result()
             for writer in writers.values():
                 writer.abort()
             raise
@@ -268,10 +297,10 @@ class ShardWorker:
         try:
             outputs = self._forward(first)
             layers = {}
-            for layer, rows in outputs.arrays.items():
-                array = _as_numpy(rows[0])
+            for layer in self.config.model.layers:
+                array = outputs.rows(layer, 1)[0]
                 layers[layer] = {"shape": list(array.shape), "dtype": self.config.dump.dtype.value}
-            self._write(_NoWriters(), first, outputs)
+                self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples), outputs)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ConfigError("model", f"a trial forward of sample {first.samples[0].sample_id!r} "
                               f"failed: {exc}") from None
