@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,13 +137,12 @@ class ShardWorker:
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
-        """Where this worker runs: host, Ray node, process, device."""
+        """Where this worker runs: host, Ray node (when in Ray), process, device, threads."""
         node = None
-        with contextlib.suppress(Exception):
-            import ray
-
-            node = ray.get_runtime_context().get_node_id()
-        return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device)}
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            node = sys.modules["ray"].get_runtime_context().get_node_id()
+        return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device),
+                "threads": torch.get_num_threads()}
 
     # -- stages ----------------------------------------------------------------------------
 
