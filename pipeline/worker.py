@@ -30,7 +30,7 @@ from .models import LayerOutputs, build_model, model_identity
 from .preprocess import decode_many, resize_crop, to_model_input
 from .reduce import reduce_output
 from .shards import Shard
-from .sources import BadSample, Sample, open_source
+from .sources import BadSample, Sample, describe_error, open_source
 from .store import OutputStore
 from .writer import LayerFileWriter, build_table
 
@@ -148,11 +148,10 @@ class ShardWorker:
 
     def _load(self, indices: Sequence[int]) -> _Batch:
         prep = self.config.source.preprocess
-        samples, bad = [], []
         read = self.source.read(indices)
         good = [s for s in read if isinstance(s, Sample)]
         bad = [s for s in read if isinstance(s, BadSample)]
-        images = []
+        samples, images = [], []
         for sample, decoded in zip(good, decode_many([s.image for s in good], self.device)):
             try:
                 if isinstance(decoded, Exception):
@@ -160,7 +159,7 @@ class ShardWorker:
                 images.append(resize_crop(decoded, prep.resize, prep.crop))
                 samples.append(sample)
             except Exception as exc:  # a sample that does not decode is recorded, not fatal
-                bad.append(BadSample(sample.index, sample.sample_id, f"{type(exc).__name__}: {exc}"[:500]))
+                bad.append(BadSample(sample.index, sample.sample_id, describe_error(exc)))
         if bad and self.config.run.strict:
             first = bad[0]
             raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from ..config import SourceKind, SourceSpec
-from ._base import BadSample, RawImage, Sample, Source
+from ._base import BadSample, RawImage, Sample, Source, describe_error
 from .dataset import DatasetSource
 from .folder import FolderSource
 from .generated import GeneratedSource
 from .parquet import ParquetSource
 
 __all__ = ["BadSample", "DatasetSource", "FolderSource", "GeneratedSource", "ParquetSource",
-           "RawImage", "Sample", "Source", "open_source"]
+           "RawImage", "Sample", "Source", "describe_error", "open_source"]
 
 
 def open_source(spec: SourceSpec) -> Source:
