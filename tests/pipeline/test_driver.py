@@ -1,6 +1,7 @@
 """End to end on a local Ray: the dump equals a direct forward, exactly once, and survives
 interruptions, dead actors and reruns."""
 
+import json
 import os
 import signal
 import subprocess
@@ -33,8 +34,11 @@ def _config(out, **sections):
 def _direct(config):
     model = build_model(config.model)
     samples = open_source(config.source).read(range(len(open_source(config.source))))
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
-    x = (torch.stack([s.image for s in samples]).float() / 255 - mean) / std
+    x = torch.stack([s.image for s in samples])
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    if config.source.preprocess.mean_std() is not None:
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
+        x = (x - mean) / std
     with torch.no_grad():
         relu1 = model.relu1(model.conv1(x))
         return {"relu1": relu1, "conv2": model.conv2(relu1)}
@@ -43,8 +47,8 @@ def _direct(config):
 def _assert_complete(config, expected):
     for layer, values in expected.items():
         table = read_table(config.run.output, layer)
-        assert table.column("index").to_pylist() == list(range(config.source.count))
-        assert len(set(table.column("sample_id").to_pylist())) == config.source.count
+        assert table.column("index").to_pylist() == list(range(len(values)))
+        assert len(set(table.column("sample_id").to_pylist())) == len(values)
         np.testing.assert_allclose(read_layer(config.run.output, layer), values.numpy(), rtol=1e-3, atol=1e-3)
 
 
@@ -122,9 +126,12 @@ def test_bad_samples_are_reported_and_strict_mode_fails_fast(tmp_path):
 
 def test_killed_driver_is_resumed_by_the_same_command(tmp_path, ray_cluster):
     out = tmp_path / "out"
+    # 20 shards of 8 samples that take 0.05 s each to read: about 8 s of work to interrupt
+    source = {"kind": "dataset", "target": "support.datasets:Slow", "kwargs": {"n": 160, "size": 16, "delay": 0.05},
+              "preprocess": {"normalize": "none"}}
     args = [sys.executable, "-m", "pipeline", "run", "--quiet",
             "--set", "model.name=support.models:tiny", "--set", "model.layers=[relu1]",
-            "--set", "source.count=160", "--set", "source.image_size=16", "--set", "run.shard_size=8",
+            "--set", f"source={json.dumps(source)}", "--set", "run.shard_size=8",
             "--set", "run.actors=1", "--set", "run.batch_size=2", "--set", f"run.output={out}"]
     # the driver process joins the test cluster; its actors die with it
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -140,5 +147,5 @@ def test_killed_driver_is_resumed_by_the_same_command(tmp_path, ray_cluster):
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"({finished} already done)" in done.stderr or "already done" in done.stderr
-    config = _config(out, source={"count": 160}, model={"layers": ["relu1"]})
+    config = _config(out, source=source, model={"layers": ["relu1"]})
     _assert_complete(config, {"relu1": _direct(config)["relu1"]})

@@ -46,3 +46,17 @@ class DiesOnce(Squares):
             Path(self.marker).write_text("died")
             os._exit(1)
         return super().__getitem__(i)
+
+
+class Slow(Squares):
+    """Squares that take ``delay`` seconds each to read: a run long enough to interrupt."""
+
+    def __init__(self, n: int = 20, size: int = 16, delay: float = 0.02):
+        super().__init__(n, size)
+        self.delay = delay
+
+    def __getitem__(self, i: int):
+        import time
+
+        time.sleep(self.delay)
+        return super().__getitem__(i)
