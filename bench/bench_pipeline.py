@@ -280,34 +280,35 @@ def run_actmap(config: dict) -> tuple[list[dict], dict]:
     records = [json.loads(p.read_text()) for p in sorted(Path(cfg.run.output, "_actmap", "shards").glob("*.json"))]
     if not records:
         raise RuntimeError(f"no shard records under {cfg.run.output}/_actmap/shards")
-    totals = {"load_wait": 0.0, "forward": 0.0, "write_wait": 0.0, "total": 0.0}
+    totals = {"load_wait": 0.0, "device_wait": 0.0, "forward": 0.0, "write_wait": 0.0, "total": 0.0}
     by_actor: dict[object, list[dict]] = {}
     for r in records:
         by_actor.setdefault(r["worker"]["pid"], []).append(r)
         for key in totals:
-            totals[key] += r["seconds"][key]
+            totals[key] += r["seconds"].get(key, 0.0)
     bad = sum(len(r["bad"]) for r in records)
     # Steady state: as if every actor started at once, all rows over the busiest actor's shard
-    # seconds; each actor's first shard (its warm-up: first forwards, kernel selection) is left
-    # out when every actor did more than one.
+    # seconds, each actor's first shard (its warm-up: first forwards, kernel selection) left out
+    # when every actor did more than one. An actor runs two shards at once and the forwards
+    # take turns, so a shard's wait for the other's forward (device_wait) is not its own time.
     warm = all(len(rs) > 1 for rs in by_actor.values())
     used = [sorted(rs, key=lambda r: r["shard"])[1 if warm else 0:] for rs in by_actor.values()]
-    busiest = max(sum(r["seconds"]["total"] for r in rs) for rs in used)
+    busiest = max(sum(r["seconds"]["total"] - r["seconds"].get("device_wait", 0.0) for r in rs)
+                  for rs in used)
     steady_rows = sum(r["stop"] - r["start"] - len(r["bad"]) for rs in used for r in rs)
     steady = steady_rows / busiest if busiest > 0 else 0.0
     images = summary.new_samples - bad
     written = sum(summary.bytes.values())
     rows = [_row(ACTMAP, images, summary.seconds, f"{summary.actors} actor(s), {summary.shards} shards, "
                  f"incl. trial sample + actor start"),
-            _row(STEADY, steady_rows, busiest, "rows / busiest actor's shard seconds"
+            _row(STEADY, steady_rows, busiest, "rows / busiest actor's shard seconds less device waits"
                  + (", first shard of each actor left out" if warm else ", all shards (warm-up included)"))]
-    other = totals["total"] - totals["load_wait"] - totals["forward"] - totals["write_wait"]
+    stages = ("load_wait", "device_wait", "forward", "write_wait")
+    other = totals["total"] - sum(totals[k] for k in stages)
     breakdown = {
-        "seconds": {**{k: totals[k] for k in ("load_wait", "forward", "write_wait")}, "other": other,
-                    "total": totals["total"]},
+        "seconds": {**{k: totals[k] for k in stages}, "other": other, "total": totals["total"]},
         "fractions": {k: (v / totals["total"] if totals["total"] else 0.0) for k, v in
-                      {"load_wait": totals["load_wait"], "forward": totals["forward"],
-                       "write_wait": totals["write_wait"], "other": other}.items()},
+                      {**{k: totals[k] for k in stages}, "other": other}.items()},
         "fixed_seconds": summary.seconds - (images / steady if steady else 0.0),
         "mb_written": written / 1e6,
         "mb_per_s": written / 1e6 / summary.seconds if summary.seconds else 0.0,
@@ -488,7 +489,9 @@ def format_report(result: dict) -> str:
     lines += ["", f"actmap: where the actors' time went (summed over {b['shards']} shards on "
               f"{b['actors']} actor(s))", ""]
     body = [[name, f"{sec[key]:.2f}", f"{frac[key]:.1%}"] for name, key in (
-        ("load wait (loader thread behind)", "load_wait"), ("forward (stack, normalise, model, cast)", "forward"),
+        ("load wait (loader thread behind)", "load_wait"),
+        ("device wait (the actor's other shard held it)", "device_wait"),
+        ("forward (stack, normalise, model, cast)", "forward"),
         ("write wait (writer thread behind)", "write_wait"), ("other (commit files, record)", "other"))]
     body.append(["shard total", f"{sec['total']:.2f}", "100.0%"])
     lines += _grid(["stage", "seconds", "share"], body, right=(1, 2))

@@ -27,7 +27,8 @@ from .worker import ShardWorker
 
 log = logging.getLogger(__name__)
 
-#: Shards queued on each actor at once: the next one is ready when the current one ends.
+#: Shards each actor works on at once (in threads; one forward at a time holds its device), so
+#: the loading of one overlaps the forward and the writing of the other.
 IN_FLIGHT = 2
 
 
@@ -110,7 +111,7 @@ def _start_actors(config: Config, plan: ActorPlan, digest: str) -> list:
     import ray
 
     remote = ray.remote(ShardWorker).options(
-        num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD",
+        num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD", max_concurrency=IN_FLIGHT,
         # a dead actor restarts (building its model again) and Ray reruns its shards there;
         # a rerun shard overwrites its own files, so the output stays exactly-once
         max_restarts=config.run.max_attempts, max_task_retries=config.run.max_attempts)

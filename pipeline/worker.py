@@ -2,8 +2,11 @@
 
 :class:`ShardWorker` is plain Python (the driver runs it as a Ray actor; tests also call it
 directly). For each shard it overlaps three stages: a loader thread reads and decodes the next
-batch while the model runs on this one, and a writer thread encodes and writes the previous
-batch. Only the shard's record (files, rows, bytes, timings, bad samples) goes back.
+batch while the model runs on this one, and writer threads (one per layer) encode and write the
+previous batch. The driver lets an actor run two shards at once, in two threads: one forward at
+a time holds the device, so the next shard's first load and the last shard's final writes
+overlap a forward too. Only the shard's record (files, rows, bytes, timings, bad samples) goes
+back.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,6 +138,8 @@ class ShardWorker:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
         # one writer per layer: the files are independent, and pyarrow writes without the GIL
         self._writer = ThreadPoolExecutor(len(self.config.model.layers), thread_name_prefix="actmap-write")
+        # shards may run in two threads at once: the forwards take turns on the device
+        self._device = threading.Lock()
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
@@ -226,13 +232,13 @@ class ShardWorker:
         """Dump one shard; returns its record (also written to the manifest folder)."""
         if isinstance(shard, Mapping):
             shard = Shard(**shard)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         size = self.config.run.batch_size
         chunks = [range(i, min(i + size, shard.stop)) for i in range(shard.start, shard.stop, size)]
         layers = self.config.model.layers
         compression = self.config.dump.compression.value
         writers = {layer: LayerFileWriter(self.store, shard.file_name(layer), compression) for layer in layers}
-        seconds = {"load_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
+        seconds = {"load_wait": 0.0, "device_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
         bad: list[BadSample] = []
         pending: list[Future] = []
         try:
@@ -244,7 +250,11 @@ class ShardWorker:
                 if i + 1 < len(chunks):
                     loading = self._loader.submit(self._load, chunks[i + 1])
                 bad += batch.bad
-                outputs = self._forward(batch) if batch.samples else None
+                outputs = None
+                with self._device:
+                    t_device = time.perf_counter()
+                    if batch.samples:
+                        outputs = self._forward(batch)
                 t2 = time.perf_counter()
                 for future in pending:
                     future.result()
@@ -255,7 +265,8 @@ class ShardWorker:
                     pending = [self._writer.submit(self._write_layer, writers[layer], layer, columns, outputs)
                                for layer in layers]
                 seconds["load_wait"] += t1 - t0
-                seconds["forward"] += t2 - t1
+                seconds["device_wait"] += t_device - t1
+                seconds["forward"] += t2 - t_device
                 seconds["write_wait"] += t3 - t2
             for future in pending:
                 future.result()
@@ -276,6 +287,7 @@ class ShardWorker:
             "bytes": {layer: size for layer, size in sizes.items() if size},
             "bad": [b.to_dict() for b in bad],
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "started": round(started_at, 3), "finished": round(time.time(), 3),
             "worker": self.info(),
         }
         self.store.write_json(shard_record_path(shard.id), record)
