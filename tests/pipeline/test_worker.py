@@ -197,3 +197,19 @@ def test_output_given_as_a_uri(tmp_path):
     assert (tmp_path / "remote" / record["files"]["conv2"]).is_file()
     assert (tmp_path / "remote" / "_actmap" / "shards" / "00000.json").is_file()
     np.testing.assert_array_equal(read_layer(uri, "conv2"), read_layer(str(tmp_path / "remote"), "conv2"))
+
+
+def test_two_shards_at_once_in_one_worker(tmp_path):
+    """What an actor does with two shards in flight: both complete and correct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = _config(tmp_path, source={"count": 24})
+    worker = ShardWorker(config.to_dict())
+    with ThreadPoolExecutor(2) as pool:
+        records = list(pool.map(worker.run_shard, [Shard(0, 0, 12), Shard(1, 12, 24)]))
+    worker.close()
+    assert [r["rows"]["conv2"] for r in records] == [12, 12]
+    assert all(r["started"] <= r["finished"] for r in records)
+    expected = _direct(config, range(24))
+    for layer in ("relu1", "conv2"):
+        np.testing.assert_allclose(read_layer(config.run.output, layer), expected[layer].numpy(), rtol=1e-3, atol=1e-3)
