@@ -107,7 +107,7 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _start_actors(config: Config, plan: ActorPlan, digest: str) -> list:
+def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str, dict]) -> list:
     import ray
 
     remote = ray.remote(ShardWorker).options(
@@ -115,7 +115,8 @@ def _start_actors(config: Config, plan: ActorPlan, digest: str) -> list:
         # a dead actor restarts (building its model again) and Ray reruns its shards there;
         # a rerun shard overwrites its own files, so the output stays exactly-once
         max_restarts=config.run.max_attempts, max_task_retries=config.run.max_attempts)
-    actors = [remote.remote(config.to_dict(), digest) for _ in range(plan.count)]
+    shapes = {layer: info["shape"] for layer, info in layers.items()} if config.shapes_fixed() else None
+    actors = [remote.remote(config.to_dict(), digest, layer_shapes=shapes) for _ in range(plan.count)]
     log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)
     # surface a failing start (a model that does not build there) as itself
     for info in ray.get([a.info.remote() for a in actors]):
@@ -164,15 +165,16 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
                                     type(exc).__name__)
                         alive.discard(a)
                     else:
-                        log.warning("shard %d failed: %s", shard.id, str(exc).splitlines()[-1])
+                        log.warning("shard %d failed: %s", shard.id, _last_line(exc))
                     queue.failed(shard, _last_line(exc))
                 else:
                     queue.finished(shard)
                     records[shard.id] = record
                     progress.update(record["stop"] - record["start"], sum(record["bytes"].values()))
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        for ref in pending:  # best effort: the actors are killed right after
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -216,7 +218,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                 log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling "
                             "cluster set run.gpus_per_actor and run.actors to have GPU nodes started")
             progress = Progress(new_samples, stream)
-            actors = _start_actors(config, plan, probe.digest)
+            actors = _start_actors(config, plan, probe.digest, layers)
             try:
                 _execute(actors, todo, config, progress, records)
             finally:

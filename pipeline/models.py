@@ -103,8 +103,10 @@ class LayerOutputs(torch.nn.Module):
             if spec.mode is Mode.STUMP:
                 self.wrapper = ModelStump(model, spec.layers[0])
             else:
+                # clone: a later in-place op (ReLU(inplace=True) after a batch norm, a residual
+                # `out += identity`) would otherwise change an output before it is read
                 self.wrapper = ActivationMapGrabber(model, list(spec.layers), stop_early=spec.stop_early,
-                                                    detach=True)
+                                                    detach=True, clone=True)
         except UnknownLayerError as exc:
             raise ConfigError("model.layers", str(exc)) from None
 

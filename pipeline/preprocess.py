@@ -14,6 +14,8 @@ the batch is normalised on the device, so only uint8 pixels cross the host-devic
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import warnings
 from collections.abc import Sequence
@@ -67,10 +69,14 @@ def decode(raw: RawImage) -> torch.Tensor:
     raise TypeError(f"cannot decode an image from {type(raw).__name__}")
 
 
-def decode_many(raws: Sequence[RawImage], device: torch.device) -> list[torch.Tensor | Exception]:
+def decode_many(raws: Sequence[RawImage], device: torch.device,
+                gpu_turn: contextlib.AbstractContextManager | None = None) -> list[torch.Tensor | Exception]:
     """Decode a batch; on a CUDA device, JPEG files are decoded there in one call.
 
-    Returns a tensor or the exception for each image, in order.
+    The GPU decoder writes on a stream of its own that does not wait for work already queued,
+    so it runs inside ``gpu_turn`` (the worker's device lock: no forward queues work meanwhile)
+    with the device drained before and after. Returns a tensor or the exception for each image,
+    in order.
     """
     out: list[torch.Tensor | Exception | None] = [None] * len(raws)
     jpegs = [i for i, r in enumerate(raws)
@@ -78,7 +84,11 @@ def decode_many(raws: Sequence[RawImage], device: torch.device) -> list[torch.Te
     if jpegs:
         try:
             data = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpegs]
-            for i, img in zip(jpegs, tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=device)):
+            with gpu_turn or contextlib.nullcontext():
+                torch.cuda.synchronize(device)
+                images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=device)
+                torch.cuda.synchronize(device)
+            for i, img in zip(jpegs, images):
                 out[i] = img
         except RuntimeError:
             pass  # one bad file fails the whole call: decode them one by one below
@@ -100,12 +110,18 @@ def resize_crop(image: torch.Tensor, resize: int | None, crop: tuple[int, int] |
     return image
 
 
+@functools.lru_cache(maxsize=8)
+def _constants(mean_std: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The normalisation constants on ``device``, made once (a copy to a GPU waits for it)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in mean_std)
+
+
 def to_model_input(batch: torch.Tensor, mean_std: tuple[Sequence[float], Sequence[float]] | None,
                    channels_last: bool = False) -> torch.Tensor:
     """A float32 batch in [0, 1] (uint8 pixels are scaled), normalised when ``mean_std`` is set."""
     x = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
     if mean_std is not None:
-        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in mean_std)
+        mean, std = _constants((tuple(mean_std[0]), tuple(mean_std[1])), x.device)
         if x.shape[1] != mean.shape[1]:
             raise ValueError(f"normalisation has {mean.shape[1]} channels but the images have "
                              f"{x.shape[1]}; set source.preprocess.normalize to match or to 'none'")

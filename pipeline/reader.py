@@ -180,9 +180,8 @@ class ActivationDataset(torch.utils.data.Dataset):
         slot = bisect.bisect_right(self._offsets, i) - 1
         row = i - self._offsets[slot]
         group = self._group(self._groups[slot])
-        activation = group[ACTIVATION][row]
-        if self.dtype is not None:
-            activation = activation.to(self.dtype)
+        # a copy: the row group stays cached, and a caller may change what it gets in place
+        activation = group[ACTIVATION][row].to(self.dtype or group[ACTIVATION][row].dtype, copy=True)
         labels = {name: values[row] for name, values in group.items() if name != ACTIVATION}
         return activation, labels
 

@@ -114,10 +114,12 @@ class ShardWorker:
         expected_digest: the weights digest the driver computed; a worker whose model differs
             (a builder that is not deterministic under the seed) refuses to start.
         device: where the model runs; by default the GPU when this process sees one.
+        layer_shapes: each layer's stored per-sample shape as the driver's trial sample gave it;
+            with fixed shapes every batch must match it.
     """
 
     def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None):
         self.config = Config.from_dict(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_model(self.config.model)
@@ -134,6 +136,8 @@ class ShardWorker:
         self.label_fields = self.source.label_fields()
         self.store = OutputStore(self.config.run.output)
         self.fixed = self.config.shapes_fixed()
+        # the shape each layer must keep in a fixed-width column (first seen, unless given)
+        self._shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in (layer_shapes or {}).items()}
         self.mean_std = self.config.source.preprocess.mean_std()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
         # one writer per layer: the files are independent, and pyarrow writes without the GIL
@@ -158,7 +162,7 @@ class ShardWorker:
         good = [s for s in read if isinstance(s, Sample)]
         bad = [s for s in read if isinstance(s, BadSample)]
         samples, images = [], []
-        for sample, decoded in zip(good, decode_many([s.image for s in good], self.device)):
+        for sample, decoded in zip(good, decode_many([s.image for s in good], self.device, self._device)):
             try:
                 if isinstance(decoded, Exception):
                     raise decoded
@@ -200,7 +204,7 @@ class ShardWorker:
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))
         return _Outputs(results, ready)
 
     def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
@@ -213,11 +217,14 @@ class ShardWorker:
             activations: Any = array if self.fixed else list(array)
         else:
             activations = outputs.rows(layer, count)
-            if self.fixed:
-                shapes = {a.shape for a in activations}
-                if len(shapes) > 1:
-                    raise RuntimeError(f"layer {layer!r} gave outputs of several shapes {sorted(shapes)}; "
-                                       "set source.preprocess.crop for one input size, or dump.shapes: variable")
+        if self.fixed:
+            shapes = {a.shape for a in activations}
+            expected = self._shapes.setdefault(layer, activations[0].shape)
+            if shapes != {expected}:
+                raise RuntimeError(f"layer {layer!r} gave outputs of shape {sorted(shapes - {expected})[0]} "
+                                   f"where {expected} was expected: the inputs differ in size; set "
+                                   "source.preprocess.crop for one input size, or dump.shapes: variable")
+            if not isinstance(activations, np.ndarray):
                 activations = np.stack(activations)
         table = build_table(activations, sample_ids=columns.ids, indices=columns.indices,
                             labels=columns.labels, label_fields=self.label_fields, fixed=self.fixed,
@@ -241,6 +248,7 @@ class ShardWorker:
         seconds = {"load_wait": 0.0, "device_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
         bad: list[BadSample] = []
         pending: list[Future] = []
+        loading: Future | None = None
         try:
             loading = self._loader.submit(self._load, chunks[0]) if chunks else None
             for i in range(len(chunks)):
@@ -272,6 +280,10 @@ class ShardWorker:
                 future.result()
             sizes = {layer: writer.commit() for layer, writer in writers.items()}
         except BaseException:
+            if loading is not None:
+                loading.cancel()
+                with contextlib.suppress(BaseException):
+                    loading.result()
             for future in pending:
                 with contextlib.suppress(BaseException):
                     future.result()

@@ -100,12 +100,17 @@ class LayerFileWriter:
         self.rows += table.num_rows
 
     def commit(self) -> int:
-        """Close the file and give it its final name; returns its size in bytes (0 if no rows)."""
+        """Close the file and give it its final name; returns its size in bytes.
+
+        With no rows there is no file, and the file of an earlier attempt at the shard (whose
+        samples this attempt could not read) is removed: the record will not list it.
+        """
         if self._writer is None:
+            self.store.delete_file(self.store.path(self.relative))
             return 0
         self._writer.close()
         self.store.publish(self._temporary, self.relative)
-        self._writer = None
+        self._writer, self._temporary = None, None
         return self.store.size(self.relative)
 
     def abort(self) -> None:

@@ -149,3 +149,17 @@ def test_killed_driver_is_resumed_by_the_same_command(tmp_path, ray_cluster):
     assert f"({finished} already done)" in done.stderr or "already done" in done.stderr
     config = _config(out, source=source, model={"layers": ["relu1"]})
     _assert_complete(config, {"relu1": _direct(config)["relu1"]})
+
+
+def test_strict_failure_with_shards_in_flight_names_the_bad_sample(tmp_path, capsys):
+    from pipeline.cli import main
+
+    source = {"kind": "dataset", "target": "support.datasets:Squares", "kwargs": {"n": 32, "size": 8, "bad": 20},
+              "preprocess": {"normalize": "none"}}
+    code = main(["run", "--quiet", "--set", "model.name=support.models:tiny", "--set", "model.layers=[conv2]",
+                 "--set", f"source={json.dumps(source)}", "--set", "run.strict=true", "--set", "run.actors=1",
+                 "--set", "run.shard_size=4", "--set", "run.batch_size=2", "--set", f"run.output={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "BadSampleError: sample '20' (index 20): ValueError: item 20 is corrupt" in err
+    assert "rerun the same command to resume" in err

@@ -109,3 +109,11 @@ def test_activation_dataset_keeps_few_files_open(dump):
     for i in range(len(data)):
         data[i]
     assert len(data._readers) <= 2 and len(data._cache) <= 2
+
+
+def test_activation_dataset_items_are_copies(dump):
+    for dtype in (torch.float16, torch.float32, None):
+        data = ActivationDataset(dump, "conv2", dtype=dtype)
+        before = data[0][0].float().sum()
+        data[0][0].mul_(0)
+        assert data[0][0].float().sum() == before

@@ -213,3 +213,35 @@ def test_two_shards_at_once_in_one_worker(tmp_path):
     expected = _direct(config, range(24))
     for layer in ("relu1", "conv2"):
         np.testing.assert_allclose(read_layer(config.run.output, layer), expected[layer].numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_outputs_changed_in_place_later_are_stored_as_the_layer_gave_them(tmp_path):
+    """ResNet's bn1 is followed by ReLU(inplace=True): the dump must hold the batch norm's output."""
+    config = _config(tmp_path, model={"name": "resnet18", "layers": ["bn1", "layer1"]},
+                     source={"image_size": 32}, dump={"dtype": "float32"})
+    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 2))
+    model = build_model(config.model)
+    samples = open_source(config.source).read(range(2))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
+    x = (torch.stack([s.image for s in samples]).float() / 255 - mean) / std
+    with torch.no_grad():
+        expected = model.bn1(model.conv1(x))
+    got = read_layer(config.run.output, "bn1")
+    assert got.min() < 0
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_fixed_shapes_refuse_a_second_size_with_advice(tmp_path, batch_size):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(16, 16), (16, 16), (24, 20)]):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (i * 50, 100, 20)).save(buf, format="PNG")
+        (images / f"{i}.png").write_bytes(buf.getvalue())
+    config = _config(tmp_path, source={"kind": "folder", "path": str(images)}, dump={"shapes": "fixed"},
+                     run={"batch_size": batch_size})
+    with pytest.raises(RuntimeError, match=r"layer 'relu1' gave outputs of shape \(8, 20, 24\) where "
+                                           r"\(8, 16, 16\) was expected.*source.preprocess.crop"):
+        ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    assert not list((tmp_path / "out").rglob("*.parquet"))

@@ -80,3 +80,12 @@ def test_schema_change_within_a_file_is_refused(tmp_path):
 def test_commit_without_rows_writes_no_file(tmp_path):
     assert LayerFileWriter(OutputStore(str(tmp_path)), "layer=l1/part-00000.parquet").commit() == 0
     assert not (tmp_path / "layer=l1").exists()
+
+
+def test_an_attempt_without_rows_removes_the_file_of_an_earlier_attempt(tmp_path):
+    store = OutputStore(str(tmp_path))
+    first = LayerFileWriter(store, "layer=l1/part-00000.parquet")
+    first.write(_table())
+    first.commit()
+    assert LayerFileWriter(store, "layer=l1/part-00000.parquet").commit() == 0
+    assert not (tmp_path / "layer=l1/part-00000.parquet").exists()
