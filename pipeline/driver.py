@@ -191,9 +191,10 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     """
     started = time.monotonic()
     if config.run.shard_size < 4 * config.run.batch_size:
-        log.warning("run.shard_size %d is under 4 batches of %d: an actor overlaps loading and writing "
-                    "with the forward only within a shard, so small shards leave the device idle",
-                    config.run.shard_size, config.run.batch_size)
+        log.warning("run.shard_size %d is under 4 batches of %d: every shard costs a file per layer, a "
+                    "record and a round trip to the driver, so small shards mean many small files and "
+                    "idle gaps; a few batches or more per shard is better", config.run.shard_size,
+                    config.run.batch_size)
     probe = ShardWorker(config.to_dict(), device="cpu")
     try:
         layers = probe.probe()
