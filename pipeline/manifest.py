@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,6 +84,9 @@ def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) 
                                           "run; rerun with --overwrite to replace it, or choose another "
                                           "folder. Differences:\n  " + "\n  ".join(diff))
             done = completed_shards(store)
+            for leftover in store.list_files("", ".tmp"):
+                if posixpath.basename(leftover).startswith("."):  # a write the interruption cut short
+                    store.delete_file(store.path(leftover))
             log.info("resuming the dump in %s: %d of %d shards already done", store.location,
                      len(done), manifest["plan"]["shards"])
             return done

@@ -80,6 +80,7 @@ def test_rerun_resumes_and_equals_an_uninterrupted_run(tmp_path):
     assert (out / "layer=relu1/part-00000.parquet").stat().st_mtime_ns == stamp
     for layer, values in before.items():
         assert np.array_equal(read_layer(str(out), layer), values)
+    assert not list(out.rglob(".*.tmp")), "the interrupted write's temporary file is cleared"
     assert run(config, stream=None).new_samples == 0
 
 
