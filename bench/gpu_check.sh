@@ -10,6 +10,8 @@
 #                     hooks, actmap, Ray Data (generated source: the actors generate the images)
 #   5. bench_pipeline the same with the memory source (actors read the images from a .npy), no Ray Data
 #   6. bench_encoding the design table's batch of 256 on this host's cores
+#   7. jpeg_folder    a folder of 500x375 JPEG files (decoded on the GPU) through resnet50 layer3 + layer4:
+#                     images/s over N/4 and N files; a few rows against a CPU decode + direct forward
 #
 # On the GPU machine (torch and pyarrow there, Ray from .gpu-carry/), from the repository root:
 #   bash .gpu-carry/install.sh && export PYTHONPATH=$PWD/.gpu-carry/site && bash bench/gpu_check.sh
@@ -18,7 +20,7 @@
 #
 # A failing step does not stop the others; summary.txt lists each step's exit status (124: its
 # time limit). The dumps go to $WORK (default /tmp/actmap-gpu-check) and are deleted at the end;
-# only logs and one JSON go to $OUT (the tool that runs this brings back at most 8 files).
+# only logs and one JSON go to $OUT (at most 8 files: the short steps' logs end up in one).
 
 set -uo pipefail
 set -x
@@ -202,6 +204,79 @@ step 5_bench_pipeline_memory 80 "$PY" bench/bench_pipeline.py --model "$MODEL" -
   --batch "$BATCH" --precision bf16 --channels-last --shard-size "$SHARD" "${BENCH_EXTRA[@]}" \
   --images "$IMAGES" --workdir "$WORK" --source memory --no-raydata
 
+
+# -- 7. a folder of JPEG files: decoded on the GPU, dumped, compared with a CPU decode --------------
+step 7_jpeg_folder 130 "$PY" - <<'EOF'
+import glob, json, os, shutil, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, torch, torchvision.io as tvio
+import pipeline
+from pipeline.models import LayerOutputs, build_model
+from pipeline.preprocess import decode, resize_crop, to_model_input
+from pipeline.reduce import reduce_output
+from pipeline.sources.generated import generate
+
+device, name = os.environ["DEVICE"], os.environ["MODEL"]
+count, batch, work = int(os.environ["BENCH_COUNT"]), int(os.environ["BATCH"]), os.environ["WORK"]
+root = os.path.join(work, "jpegs")
+
+def make(i):  # a photo-sized (500x375) JPEG in one of 8 class folders
+    path = f"{root}/{i % 8}/{i:06d}.jpg"
+    tvio.write_jpeg(generate(i, 500, 0)[0][:, :375, :].contiguous(), path, quality=90)
+
+for k in range(8):
+    os.makedirs(f"{root}/{k}", exist_ok=True)
+t0 = time.perf_counter()
+with ThreadPoolExecutor(os.cpu_count()) as pool:
+    list(pool.map(make, range(count)))
+files = sorted(glob.glob(f"{root}/*/*.jpg"))
+print(f"{count} JPEGs of 500x375, {sum(map(os.path.getsize, files)) / count / 1e3:.0f} KB each, "
+      f"made in {time.perf_counter() - t0:.1f}s")
+quarter = os.path.join(work, "jpegs-quarter")
+for f in files[: count // 4]:
+    os.makedirs(os.path.dirname(os.path.join(quarter, os.path.relpath(f, root))), exist_ok=True)
+    os.link(f, os.path.join(quarter, os.path.relpath(f, root)))
+failures, rates = [], {}
+for label, src, n in (("quarter", quarter, count // 4), ("all", root, count)):
+    out = os.path.join(work, f"jpeg-dump-{label}")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = pipeline.load_config(None, [
+        f"model.name={name}", "model.layers=[layer3, layer4]", "model.precision=bf16", "model.channels_last=true",
+        "source.kind=folder", f"source.path={src}", "source.preprocess.resize=256", "source.preprocess.crop=224",
+        f"run.output={out}", f"run.batch_size={batch}", f"run.shard_size={4 * batch}"])
+    t0 = time.perf_counter()
+    summary = pipeline.run(cfg, stream=None)
+    rates[label] = (n, time.perf_counter() - t0)
+    print(summary.format())
+    records = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/_actmap/shards/*.json"))]
+    print("seconds summed over shards:", {k: round(sum(r["seconds"][k] for r in records), 2)
+          for k in ("load_wait", "device_wait", "forward", "write_wait", "total")},
+          "devices:", {r["worker"]["device"] for r in records})
+    if summary.rows != {"layer3": n, "layer4": n} or summary.bad:
+        failures.append(f"{label}: rows {summary.rows}, bad {summary.bad[:3]}")
+(n1, s1), (n2, s2) = rates["quarter"], rates["all"]
+print(f"JPEG folder, {name} layer3+layer4 bf16: end to end {n2 / s2:.0f} images/s over {n2} files; "
+      f"marginal (all - quarter) {(n2 - n1) / max(s2 - s1, 1e-9):.0f} images/s")
+# a few rows against a CPU decode and a direct forward (the GPU and CPU JPEG decoders differ a little)
+rows = [0, count // 2, count - 1]
+model = build_model(cfg.model).to(memory_format=torch.channels_last).to(device)
+grab = LayerOutputs(model, cfg.model)
+ids = pipeline.read_table(out, "layer4", columns=["sample_id"]).column("sample_id").to_pylist()
+pixels = torch.stack([resize_crop(decode(open(os.path.join(root, ids[i]), "rb").read()), 256, (224, 224))
+                      for i in rows]).to(device)
+x = to_model_input(pixels, cfg.source.preprocess.mean_std(), True)
+with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+    direct = {k: reduce_output(v, cfg.dump, k).float().cpu().numpy() for k, v in grab(x).items()}
+for layer in ("layer3", "layer4"):
+    got = pipeline.read_layer(out, layer)[rows].astype(np.float32)
+    err = float(np.abs(got - direct[layer]).max() / max(np.abs(direct[layer]).max(), 1e-12))
+    print(f"{layer}: rows {rows} vs a CPU decode + direct forward: max |diff| / max = {err:.2e} "
+          f"(tolerance 0.1) {'OK' if err <= 0.1 else 'FAIL'}")
+    if err > 0.1:
+        failures.append(layer)
+sys.exit(f"FAILED: {failures}" if failures else 0)
+EOF
+
 # -- 6. the encodings on this host ------------------------------------------------------------------
 step 6_bench_encoding 60 "$PY" bench/bench_encoding.py "${ENC_ARGS[@]}" --dir "$WORK"
 
@@ -210,5 +285,9 @@ set +x
 echo "== summary (${SECONDS}s)"; cat "$OUT/summary.txt"
 for f in "$OUT"/4_bench_pipeline.log "$OUT"/5_bench_pipeline_memory.log; do
   [[ -f $f ]] && { echo "== $f"; grep -v "^\s*$" "$f" | grep -E "^\||^resnet|^fixed|^actmap:" | tail -n 25; }
+done
+# the device tool brings back at most 8 files: the short logs go into one
+for f in "$OUT"/1_env.log "$OUT"/2_cuda_sanity.log "$OUT"/3_cuda_pipeline.log "$OUT"/6_bench_encoding.log; do
+  [[ -f $f ]] && { echo "=== $(basename "$f")"; cat "$f"; } >> "$OUT/short_steps.log" && rm "$f"
 done
 ! grep -q "rc=[1-9]" "$OUT/summary.txt"
