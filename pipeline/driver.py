@@ -18,10 +18,11 @@ from typing import TextIO
 
 from .config import Config
 from .errors import BadSampleError, ShardFailedError
-from .manifest import new_manifest, prepare_output
+from .manifest import SOURCE_INDEX_PATH, new_manifest, prepare_output
 from .progress import Progress, _duration
 from .scheduling import ActorPlan, ShardQueue, plan_actors
 from .shards import Shard, plan_shards
+from .sources import MemoryIndex, write_index
 from .store import OutputStore
 from .worker import ShardWorker
 
@@ -107,7 +108,18 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str, dict]) -> list:
+def _freeze_source(store: OutputStore, source) -> bool:
+    """Keep the source's index (what the driver listed) in the dump, for the actors to number
+    the samples by; whether there is one. A resumed run keeps the index it started with."""
+    index = getattr(source, "index", None)
+    if not isinstance(index, MemoryIndex):
+        return False
+    if not store.exists(SOURCE_INDEX_PATH):
+        write_index(store.fs, store.path(SOURCE_INDEX_PATH), index)
+    return True
+
+
+def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str, dict], frozen: bool) -> list:
     import ray
 
     remote = ray.remote(ShardWorker).options(
@@ -116,7 +128,8 @@ def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str
         # a rerun shard overwrites its own files, so the output stays exactly-once
         max_restarts=config.run.max_attempts, max_task_retries=config.run.max_attempts)
     shapes = {layer: info["shape"] for layer, info in layers.items()} if config.shapes_fixed() else None
-    actors = [remote.remote(config.to_dict(), digest, layer_shapes=shapes) for _ in range(plan.count)]
+    actors = [remote.remote(config.to_dict(), digest, layer_shapes=shapes, frozen_source=frozen)
+              for _ in range(plan.count)]
     log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)
     # surface a failing start (a model that does not build there) as itself
     for info in ray.get([a.info.remote() for a in actors]):
@@ -195,7 +208,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                     "record and a round trip to the driver, so small shards mean many small files and "
                     "idle gaps; a few batches or more per shard is better", config.run.shard_size,
                     config.run.batch_size)
-    probe = ShardWorker(config.to_dict(), device="cpu")
+    probe = ShardWorker(config.to_dict(), device="cpu", decode_threads=1)
     try:
         layers = probe.probe()
         samples = len(probe.source)
@@ -205,6 +218,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     manifest["layer_info"] = layers
     store = OutputStore(config.run.output)
     records = prepare_output(store, manifest, overwrite)
+    frozen = _freeze_source(store, probe.source)
     resumed = len(records)
     todo = [s for s in plan_shards(samples, config.run.shard_size) if s.id not in records]
     new_samples = sum(len(s) for s in todo)
@@ -219,7 +233,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                 log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling "
                             "cluster set run.gpus_per_actor and run.actors to have GPU nodes started")
             progress = Progress(new_samples, stream)
-            actors = _start_actors(config, plan, probe.digest, layers)
+            actors = _start_actors(config, plan, probe.digest, layers, frozen)
             try:
                 _execute(actors, todo, config, progress, records)
             finally:

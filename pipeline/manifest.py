@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 FORMAT = "actmap.manifest/1"
 MANIFEST_PATH = "_actmap/manifest.json"
 SHARDS_DIR = "_actmap/shards"
+#: The source's frozen index (a folder's listing, Parquet row groups, tar members), if it has one.
+SOURCE_INDEX_PATH = "_actmap/source-index.parquet"
 
 
 def shard_record_path(shard_id: int) -> str:

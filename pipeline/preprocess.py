@@ -1,7 +1,7 @@
-"""From a source's raw image to the model's input batch: decode, resize, crop, normalise.
+"""From decoded images to the model's input batch: resize, crop, normalise.
 
-Decoding and resizing happen per image (on the actor's GPU for JPEG files when it has one);
-the batch is normalised on the device, so only uint8 pixels cross the host-device link.
+Resizing happens per image (in the decoding threads, :mod:`pipeline.decoder`); the batch is
+normalised on the device, so only uint8 pixels cross the host-device link.
 
 >>> import torch
 >>> image = torch.zeros(3, 40, 60, dtype=torch.uint8)
@@ -14,91 +14,11 @@ the batch is normalised on the device, so only uint8 pixels cross the host-devic
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-import torchvision.io as tvio
 import torchvision.transforms.v2.functional as TF
-
-from .sources import RawImage
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
-# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
-# only batched GPU JPEG decoder that ships with torchvision, so we keep them and the noise off.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-
-
-def _from_pil(data: bytes) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-def decode(raw: RawImage) -> torch.Tensor:
-    """A ``(C, H, W)`` tensor on the CPU: uint8 for files and arrays, as given for tensors.
-
-    Encoded files become RGB (JPEG, PNG, GIF, WebP through torchvision; other formats that
-    PIL reads through PIL). Raises on unreadable data; the caller records a bad sample.
-    """
-    if isinstance(raw, (bytes, bytearray, memoryview)):
-        data = bytes(raw)
-        try:
-            return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                     mode=tvio.ImageReadMode.RGB)
-        except RuntimeError:
-            return _from_pil(data)
-    if isinstance(raw, np.ndarray):
-        array = raw[:, :, None] if raw.ndim == 2 else raw
-        if array.ndim != 3:
-            raise ValueError(f"an image array must be (H, W) or (H, W, C), got shape {raw.shape}")
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    if isinstance(raw, torch.Tensor):
-        if raw.ndim == 2:
-            return raw.unsqueeze(0)
-        if raw.ndim != 3:
-            raise ValueError(f"an image tensor must be (C, H, W), got shape {tuple(raw.shape)}")
-        return raw
-    raise TypeError(f"cannot decode an image from {type(raw).__name__}")
-
-
-def decode_many(raws: Sequence[RawImage], device: torch.device,
-                gpu_turn: contextlib.AbstractContextManager | None = None) -> list[torch.Tensor | Exception]:
-    """Decode a batch; on a CUDA device, JPEG files are decoded there in one call.
-
-    The GPU decoder writes on a stream of its own that does not wait for work already queued,
-    so it runs inside ``gpu_turn`` (the worker's device lock: no forward queues work meanwhile)
-    with the device drained before and after. Returns a tensor or the exception for each image,
-    in order.
-    """
-    out: list[torch.Tensor | Exception | None] = [None] * len(raws)
-    jpegs = [i for i, r in enumerate(raws)
-             if device.type == "cuda" and isinstance(r, bytes) and r[:3] == _JPEG_MAGIC]
-    if jpegs:
-        try:
-            data = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpegs]
-            with gpu_turn or contextlib.nullcontext():
-                torch.cuda.synchronize(device)
-                images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=device)
-                torch.cuda.synchronize(device)
-            for i, img in zip(jpegs, images):
-                out[i] = img
-        except RuntimeError:
-            pass  # one bad file fails the whole call: decode them one by one below
-    for i, raw in enumerate(raws):
-        if out[i] is None:
-            try:
-                out[i] = decode(raw)
-            except Exception as exc:  # recorded as a bad sample by the caller
-                out[i] = exc
-    return out
 
 
 def resize_crop(image: torch.Tensor, resize: int | None, crop: tuple[int, int] | None) -> torch.Tensor:

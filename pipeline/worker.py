@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import socket
@@ -28,13 +29,14 @@ import torch
 
 from .config import Config, Precision
 from .errors import BadSampleError
-from .manifest import shard_record_path
+from .manifest import SOURCE_INDEX_PATH, shard_record_path
 from .errors import ConfigError
 from .models import LayerOutputs, build_model, model_identity
-from .preprocess import decode_many, resize_crop, to_model_input
+from .decoder import Decoder
+from .preprocess import to_model_input
 from .reduce import reduce_output
 from .shards import Shard
-from .sources import BadSample, Sample, describe_error, open_source
+from .sources import BadSample, IndexFile, Sample, describe_error, open_source
 from .store import OutputStore
 from .writer import LayerFileWriter, build_table
 
@@ -116,10 +118,14 @@ class ShardWorker:
         device: where the model runs; by default the GPU when this process sees one.
         layer_shapes: each layer's stored per-sample shape as the driver's trial sample gave it;
             with fixed shapes every batch must match it.
+        decode_threads: threads that decode and resize images (default: ``run.cpus_per_actor``).
+        frozen_source: number the samples by the source index the driver wrote into the output
+            (``_actmap/source-index.parquet``), instead of looking at the source anew.
     """
 
     def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
-                 device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None):
+                 device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None,
+                 decode_threads: int | None = None, frozen_source: bool = False):
         self.config = Config.from_dict(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_model(self.config.model)
@@ -132,18 +138,24 @@ class ShardWorker:
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.outputs = LayerOutputs(model.to(self.device), self.config.model)
-        self.source = open_source(self.config.source)
-        self.label_fields = self.source.label_fields()
         self.store = OutputStore(self.config.run.output)
+        index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None
+        self.source = open_source(self.config.source, index=index)
+        self.label_fields = self.source.label_fields()
         self.fixed = self.config.shapes_fixed()
         # the shape each layer must keep in a fixed-width column (first seen, unless given)
         self._shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in (layer_shapes or {}).items()}
         self.mean_std = self.config.source.preprocess.mean_std()
+        prep = self.config.source.preprocess
+        # decoding threads: the actor's CPUs (the driver's trial sample: one)
+        threads = decode_threads if decode_threads is not None else max(1, int(self.config.run.cpus_per_actor))
+        self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=prep.resize, crop=prep.crop)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
         # one writer per layer: the files are independent, and pyarrow writes without the GIL
         self._writer = ThreadPoolExecutor(len(self.config.model.layers), thread_name_prefix="actmap-write")
         # shards may run in two threads at once: the forwards take turns on the device
         self._device = threading.Lock()
+        self.decoder.gpu_turn = self._device
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
@@ -156,20 +168,16 @@ class ShardWorker:
 
     # -- stages ----------------------------------------------------------------------------
 
-    def _load(self, indices: Sequence[int]) -> _Batch:
-        prep = self.config.source.preprocess
-        read = self.source.read(indices)
+    def _load(self, read: Sequence[Sample | BadSample]) -> _Batch:
         good = [s for s in read if isinstance(s, Sample)]
         bad = [s for s in read if isinstance(s, BadSample)]
         samples, images = [], []
-        for sample, decoded in zip(good, decode_many([s.image for s in good], self.device, self._device)):
-            try:
-                if isinstance(decoded, Exception):
-                    raise decoded
-                images.append(resize_crop(decoded, prep.resize, prep.crop))
+        for sample, decoded in zip(good, self.decoder([s.image for s in good])):
+            if isinstance(decoded, Exception):  # a sample that does not decode is recorded, not fatal
+                bad.append(BadSample(sample.index, sample.sample_id, describe_error(decoded)))
+            else:
+                images.append(decoded)
                 samples.append(sample)
-            except Exception as exc:  # a sample that does not decode is recorded, not fatal
-                bad.append(BadSample(sample.index, sample.sample_id, describe_error(exc)))
         if bad and self.config.run.strict:
             first = bad[0]
             raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
@@ -241,7 +249,12 @@ class ShardWorker:
             shard = Shard(**shard)
         started, started_at = time.perf_counter(), time.time()
         size = self.config.run.batch_size
-        chunks = [range(i, min(i + size, shard.stop)) for i in range(shard.start, shard.stop, size)]
+        stream = self.source.stream(shard.start, shard.stop)
+        chunks = [min(size, shard.stop - i) for i in range(shard.start, shard.stop, size)]
+
+        def load(count: int) -> _Batch:  # the next ``count`` samples of the shard, in order
+            return self._load(list(itertools.islice(stream, count)))
+
         layers = self.config.model.layers
         compression = self.config.dump.compression.value
         writers = {layer: LayerFileWriter(self.store, shard.file_name(layer), compression) for layer in layers}
@@ -250,13 +263,13 @@ class ShardWorker:
         pending: list[Future] = []
         loading: Future | None = None
         try:
-            loading = self._loader.submit(self._load, chunks[0]) if chunks else None
+            loading = self._loader.submit(load, chunks[0]) if chunks else None
             for i in range(len(chunks)):
                 t0 = time.perf_counter()
                 batch = loading.result()
                 t1 = time.perf_counter()
                 if i + 1 < len(chunks):
-                    loading = self._loader.submit(self._load, chunks[i + 1])
+                    loading = self._loader.submit(load, chunks[i + 1])
                 bad += batch.bad
                 outputs = None
                 with self._device:
@@ -312,7 +325,7 @@ class ShardWorker:
         none of the first ``tries`` samples can be read, or when the forward or the encoding
         fails (a layer that gives no tensor, a reduction that does not fit, ...).
         """
-        batch = self._load(range(min(tries, len(self.source))))
+        batch = self._load(self.source.read(range(min(tries, len(self.source)))))
         if not batch.samples:
             reasons = "; ".join(f"{b.sample_id}: {b.reason}" for b in batch.bad[:3])
             raise ConfigError("source", f"none of the first {tries} samples can be read ({reasons})")
@@ -333,4 +346,5 @@ class ShardWorker:
         """Stop the threads and take the hooks off the model."""
         self._loader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        self.decoder.close()
         self.outputs.remove()

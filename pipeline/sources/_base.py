@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-#: An image as a source hands it over: encoded file bytes (decoded by the actor, on its GPU
-#: where it has one), a ``uint8`` or float ``(C, H, W)`` tensor, or an ``(H, W, C)`` uint8 array.
-RawImage = Union[bytes, torch.Tensor, np.ndarray]
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """Encoded bytes not read yet: the thread that decodes the image reads them first, so the
+    reads of a batch run in parallel with no extra hand-off (``load()`` gives the bytes)."""
+
+    load: Callable[[], bytes]
+
+
+#: An image as a source hands it over: encoded file bytes, read now or by the decoding thread
+#: (decoded by the actor, on its GPU where it has one), a ``uint8`` or float ``(C, H, W)``
+#: tensor, or an ``(H, W, C)`` uint8 array.
+RawImage = Union[bytes, Deferred, torch.Tensor, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -39,7 +49,11 @@ class BadSample:
 
 
 class Source(Protocol):
-    """A map-style collection of samples, opened by each actor for its own shards."""
+    """A numbered collection of samples, opened by each actor for its own shards.
+
+    A shard is a range of indices, read once, in order, by :meth:`stream`; :meth:`read` gets
+    a few samples anywhere (the trial sample, pictures of a dump).
+    """
 
     def __len__(self) -> int: ...
 
@@ -49,8 +63,45 @@ class Source(Protocol):
     def label_fields(self) -> list[pa.Field]:
         """The Arrow fields of the scalar pass-through columns (array labels are tensor columns)."""
 
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        """Samples ``start`` to ``stop - 1``, in order; one that cannot be read is a ``BadSample``."""
+
     def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
-        """The samples at ``indices``, in order; a sample that cannot be read is a ``BadSample``."""
+        """The samples at ``indices``, in order."""
+
+
+def runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` runs of ``indices`` (in the order given).
+
+    >>> list(runs([3, 4, 5, 9, 1, 2]))
+    [(3, 6), (9, 10), (1, 3)]
+    """
+    for _, group in itertools.groupby(enumerate(indices), key=lambda p: p[1] - p[0]):
+        values = [v for _, v in group]
+        yield values[0], values[-1] + 1
+
+
+class StreamingSource:
+    """A source read in ranges: :meth:`read` of scattered indices streams each run of them."""
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        raise NotImplementedError
+
+    def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
+        return [s for start, stop in runs(list(indices)) for s in self.stream(start, stop)]
+
+
+class RandomAccessSource:
+    """A source whose samples are each cheap to reach: :meth:`stream` reads them in chunks."""
+
+    chunk = 64
+
+    def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
+        raise NotImplementedError
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        for first in range(start, stop, self.chunk):
+            yield from self.read(range(first, min(first + self.chunk, stop)))
 
 
 def describe_error(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from ..errors import ConfigError, close_matches
-from ._base import BadSample, Sample, describe_error
+from ._base import BadSample, RandomAccessSource, Sample, describe_error
 
 
 def import_target(target: str, key: str) -> Any:
@@ -56,7 +56,7 @@ def _to_image(value: Any) -> Any:
                     "a PIL image, an (H, W, C) uint8 array or encoded bytes")
 
 
-class DatasetSource:
+class DatasetSource(RandomAccessSource):
     """The items of the dataset that ``target(**kwargs)`` returns."""
 
     def __init__(self, target: str, kwargs: Mapping[str, Any] | None = None):

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ._base import Sample
+from ._base import RandomAccessSource, Sample
 
 SHAPES = ("none", "circle", "square", "triangle")
 
@@ -70,7 +70,7 @@ def generate(index: int, image_size: int, seed: int) -> tuple[torch.Tensor, int,
     return pixels, label, mask.astype(np.uint8)
 
 
-class GeneratedSource:
+class GeneratedSource(RandomAccessSource):
     """``count`` generated images of ``image_size`` px (see the module docstring)."""
 
     def __init__(self, count: int = 2048, image_size: int = 64, seed: int = 0):

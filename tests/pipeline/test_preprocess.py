@@ -1,42 +1,7 @@
-import io
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pipeline.preprocess import decode, decode_many, resize_crop, to_model_input
-
-
-def _encoded(fmt: str, mode="RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, (10, 6), 200 if mode == "L" else (200, 10, 30)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "GIF"])
-def test_decode_formats_to_rgb(fmt):
-    image = decode(_encoded(fmt))
-    assert image.shape == (3, 6, 10) and image.dtype == torch.uint8
-
-
-def test_decode_grayscale_file_becomes_rgb():
-    assert decode(_encoded("PNG", mode="L")).shape == (3, 6, 10)
-
-
-def test_decode_arrays_and_tensors():
-    assert decode(np.zeros((6, 10, 3), np.uint8)).shape == (3, 6, 10)
-    assert decode(np.zeros((6, 10), np.uint8)).shape == (1, 6, 10)
-    t = torch.rand(3, 4, 5)
-    assert decode(t) is t
-    with pytest.raises(ValueError, match="must be \\(C, H, W\\)"):
-        decode(torch.zeros(1, 3, 4, 5))
-
-
-def test_decode_many_reports_bad_files_in_place():
-    out = decode_many([_encoded("PNG"), b"garbage", _encoded("JPEG")], torch.device("cpu"))
-    assert isinstance(out[0], torch.Tensor) and isinstance(out[2], torch.Tensor)
-    assert isinstance(out[1], Exception)
+from pipeline.preprocess import resize_crop, to_model_input
 
 
 def test_resize_crop():

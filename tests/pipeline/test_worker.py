@@ -10,7 +10,8 @@ from PIL import Image
 from pipeline.config import Config
 from pipeline.errors import BadSampleError, ConfigError
 from pipeline.models import build_model
-from pipeline.preprocess import decode, to_model_input
+from pipeline.images import decode
+from pipeline.preprocess import to_model_input
 from pipeline.reader import read_layer, read_table
 from pipeline.shards import Shard
 from pipeline.sources import open_source

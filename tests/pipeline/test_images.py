@@ -1,0 +1,118 @@
+"""The image gate: sizes from headers, decoding, the conversions and the refusals."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.images import ImageError, conform, decode, header_size
+from pipeline.sources import Deferred
+
+
+def _encoded(fmt: str, mode="RGB", size=(10, 6), **kwargs) -> bytes:
+    buf = io.BytesIO()
+    colour = 200 if mode in ("L", "I;16") else (200, 10, 30, 128)[: len(mode)]
+    Image.new(mode, size, colour).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP"])
+def test_formats_decode_to_rgb_and_their_header_gives_the_size(fmt):
+    data = _encoded(fmt)
+    image = decode(data)
+    assert image.shape == (3, 6, 10) and image.dtype == torch.uint8
+    assert header_size(data) == (10, 6)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P"])
+def test_other_modes_become_rgb(mode):
+    assert decode(_encoded("PNG", mode=mode)).shape == (3, 6, 10)
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    assert decode(_encoded("JPEG", mode="CMYK")).shape == (3, 6, 10)
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (10, 12), (i * 100, 0, 0)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    image = decode(buf.getvalue())
+    assert image.shape == (3, 12, 10)
+    assert int(image[0].float().mean()) < 20  # the first frame is the dark one
+
+
+def test_16_bit_png_is_scaled_by_its_range():
+    white = np.full((4, 5), 65535, np.uint16)
+    grey = np.full((4, 5), 32768, np.uint16)
+    for array, expected in ((white, 1.0), (grey, 32768 / 65535)):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        image = decode(buf.getvalue())
+        assert image.shape == (3, 4, 5) and image.dtype == torch.float32
+        assert torch.allclose(image, torch.full_like(image, expected), atol=1e-4)
+
+
+def test_integer_arrays_and_tensors_are_scaled_by_their_range():
+    assert decode(np.full((3, 3), 65535, np.uint16)).max() == 1.0
+    assert decode(torch.full((3, 2, 2), 2**31 - 1, dtype=torch.int32)).max() == 1.0
+    assert decode(np.full((3, 3, 3), 255, np.uint8)).dtype == torch.uint8
+
+
+def test_arrays_tensors_and_pil_images():
+    assert decode(np.zeros((6, 10, 3), np.uint8)).shape == (3, 6, 10)
+    assert decode(np.zeros((6, 10), np.float32)).shape == (3, 6, 10)  # 2-d floats: grey
+    assert decode(torch.rand(4, 6, 10)).shape == (3, 6, 10)  # RGBA tensor
+    assert decode(Image.new("RGBA", (10, 6))).shape == (3, 6, 10)
+    assert decode(Deferred(lambda: _encoded("PNG"))).shape == (3, 6, 10)
+
+
+def test_grey_models_get_one_channel():
+    rgb = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2)
+    grey = conform(rgb, channels=1)
+    assert grey.shape == (1, 2, 2) and int(grey[0, 0, 0]) == round(0.299 * 255)
+    assert decode(_encoded("PNG", mode="L"), channels=1).shape == (1, 6, 10)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (torch.zeros(5, 4, 4), "5 channels"),
+    (torch.zeros(1, 1, 2, 3, 4), "5 dimensions"),
+    (torch.zeros(3, 0, 4), "empty image"),
+    (torch.full((3, 2, 2), float("nan")), "NaN or infinite"),
+    (b"garbage bytes", "cannot decode the image (13 bytes"),
+    ("a string", "cannot use a str as an image"),
+])
+def test_what_cannot_be_used_is_refused_with_the_reason(raw, message):
+    with pytest.raises(ImageError) as caught:
+        decode(raw)
+    assert message in str(caught.value)
+    assert "BytesIO object at" not in str(caught.value)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR claiming ``width`` x ``height``: no pixel data at all."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    bomb = _png_header_only(14_000, 14_000)  # would decode to 588 MB of RGB
+    with pytest.raises(ImageError, match=r"14000x14000 = 196,000,000 pixels, over the limit of 89,478,485"):
+        decode(bomb)
+    with pytest.raises(ImageError, match="over the limit of 100"):
+        decode(_encoded("JPEG", size=(20, 20)), max_pixels=100)
+    with pytest.raises(ImageError, match="over the limit"):
+        decode(np.zeros((20, 20, 3), np.uint8), max_pixels=100)
+    assert decode(_encoded("JPEG", size=(20, 20)), max_pixels=None).shape == (3, 20, 20)
+
+
+def test_jpeg_header_with_other_segments_first():
+    img = Image.new("RGB", (33, 17))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=b"Exif\x00\x00" + b"\x00" * 200, icc_profile=b"\x00" * 300)
+    assert header_size(buf.getvalue()) == (33, 17)
