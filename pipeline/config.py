@@ -74,6 +74,7 @@ class SourceKind(str, enum.Enum):
     FOLDER = "folder"
     PARQUET = "parquet"
     DATASET = "dataset"
+    WEBDATASET = "webdataset"
 
 
 class Compression(str, enum.Enum):
@@ -323,12 +324,14 @@ class SourceSpec(_Section):
     - ``parquet``: a table at ``path`` with an encoded-image column ``image_column``; the other
       columns (or those in ``columns``) pass through; ``id_column`` gives the sample ids;
     - ``dataset``: ``target`` names a ``package.module:callable`` that returns a map-style
-      ``torch.utils.data.Dataset`` (called with ``kwargs``).
+      ``torch.utils.data.Dataset`` (called with ``kwargs``);
+    - ``webdataset``: WebDataset tar shards at ``path`` (a path, glob or brace pattern, or a
+      list of them).
     """
 
     _prefix = "source"
     kind: SourceKind = SourceKind.GENERATED
-    path: str | None = None
+    path: str | tuple[str, ...] | None = None
     count: int = 3000
     image_size: int = 64
     seed: int = 0
@@ -354,7 +357,17 @@ class SourceSpec(_Section):
             set_(self, "columns", tuple(self.columns))
         if isinstance(self.preprocess, Mapping):
             set_(self, "preprocess", PreprocessSpec.from_dict(self.preprocess))
-        needs = {SourceKind.FOLDER: "path", SourceKind.PARQUET: "path", SourceKind.DATASET: "target"}
+        if self.path is not None:
+            if self.kind is SourceKind.WEBDATASET and not isinstance(self.path, str):
+                if (not isinstance(self.path, Sequence) or not self.path
+                        or not all(isinstance(p, str) and p for p in self.path)):
+                    raise ConfigError("source.path", f"expected a tar path, glob or brace pattern, or a "
+                                      f"list of them, got {self.path!r}")
+                set_(self, "path", tuple(self.path))
+            else:
+                _str("source.path", self.path)
+        needs = {SourceKind.FOLDER: "path", SourceKind.PARQUET: "path", SourceKind.DATASET: "target",
+                 SourceKind.WEBDATASET: "path"}
         need = needs.get(self.kind)
         if need and not getattr(self, need):
             example = "package.module:callable" if need == "target" else "/data/images"

@@ -30,3 +30,20 @@ def ray_cluster():
                  runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 endpoint on 127.0.0.1 (a moto server) and the URI query that points pyarrow at it:
+    ``f"s3://bucket/prefix?{s3}"``."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    yield f"endpoint_override={host}:{port}&scheme=http&allow_bucket_creation=true"
+    server.stop()
+

@@ -9,9 +9,10 @@ from .folder import FolderSource
 from ._index import Index, IndexFile, MemoryIndex, write_index
 from .generated import GeneratedSource
 from .parquet import ParquetSource
+from .webdataset import WebDatasetSource
 
 __all__ = ["BadSample", "DatasetSource", "Deferred", "Index", "IndexFile", "MemoryIndex", "FolderSource", "GeneratedSource", "ParquetSource",
-           "RawImage", "Sample", "Source", "describe_error", "open_source", "write_index"]
+           "RawImage", "Sample", "Source", "WebDatasetSource", "describe_error", "open_source", "write_index"]
 
 
 def open_source(spec: SourceSpec, index: Index | None = None) -> Source:
@@ -28,4 +29,6 @@ def open_source(spec: SourceSpec, index: Index | None = None) -> Source:
         return FolderSource(spec.path, index=index)
     if spec.kind is SourceKind.PARQUET:
         return ParquetSource(spec.path, spec.image_column, spec.id_column, spec.columns, index=index)
+    if spec.kind is SourceKind.WEBDATASET:
+        return WebDatasetSource(list(spec.path) if isinstance(spec.path, tuple) else spec.path, index=index)
     return DatasetSource(spec.target, spec.kwargs)

@@ -118,3 +118,116 @@ def test_open_source_dispatches_on_kind(tmp_path):
     assert isinstance(open_source(SourceSpec()), GeneratedSource)
     path = str(_parquet(tmp_path))
     assert isinstance(open_source(SourceSpec(kind="parquet", path=path, image_column="img")), ParquetSource)
+
+
+# -- the folder's listing, frozen --------------------------------------------------------------
+
+
+def _folder(root, n=6):
+    for i in range(n):
+        cls = "even" if i % 2 == 0 else "odd"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        (root / cls / f"{i:03d}.png").write_bytes(_png((i * 30, 0, 0)))
+    return root
+
+
+def test_folder_actors_read_the_drivers_listing_not_the_tree(tmp_path):
+    from pipeline.sources import IndexFile, write_index
+    from pipeline.store import OutputStore
+
+    root = _folder(tmp_path / "images")
+    driver = FolderSource(str(root))
+    store = OutputStore(str(tmp_path / "out"))
+    store.make_dirs("_actmap")
+    write_index(store.fs, store.path("_actmap/index.parquet"), driver.index)
+    (root / "even" / "000a.png").write_bytes(_png("green"))  # the folder changes after planning
+    actor = FolderSource(str(root), index=IndexFile(store.fs, store.path("_actmap/index.parquet")))
+    assert len(actor) == len(driver) == 6
+    assert actor.identity() == driver.identity()
+    assert [s.sample_id for s in actor.stream(0, 6)] == [s.sample_id for s in driver.stream(0, 6)]
+    assert [s.labels["class_name"] for s in actor.stream(2, 4)] == ["even", "odd"]
+    assert FolderSource(str(root)).identity() != driver.identity()  # a new listing sees the change
+
+
+def test_folder_on_object_storage(tmp_path, s3):
+    from support.storage import upload
+
+    root = _folder(tmp_path / "images")
+    upload(root, f"s3://data/images?{s3}")
+    remote, local = FolderSource(f"s3://data/images?{s3}"), FolderSource(str(root))
+    assert len(remote) == len(local) and remote.classes == local.classes == ["even", "odd"]
+    got, want = list(remote.stream(1, 5)), list(local.stream(1, 5))
+    assert [s.sample_id for s in got] == [s.sample_id for s in want]
+    assert [s.image for s in got] == [s.image.load() for s in want]
+    assert [s.labels for s in got] == [s.labels for s in want]
+
+
+# -- Parquet read as a stream --------------------------------------------------------------------
+
+
+def _many_files(folder, files, groups=5, rows=200, image_bytes=1024):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in range(files):
+        count = groups * rows
+        table = pa.table({"image": pa.array([rng.bytes(image_bytes) for _ in range(count)], pa.binary()),
+                          "key": [f"id-{n + i}" for i in range(count)], "label": list(range(n, n + count))})
+        pq.write_table(table, folder / f"part-{f:03d}.parquet", row_group_size=rows)
+        n += count
+    return folder, n
+
+
+def test_parquet_stream_gives_the_rows_in_order_across_files_and_groups(tmp_path):
+    folder, n = _many_files(tmp_path / "t", files=3, groups=2, rows=7)
+    source = ParquetSource(str(folder), id_column="key")
+    assert len(source) == n == 42
+    got = list(source.stream(5, 30))
+    assert [s.index for s in got] == list(range(5, 30))
+    assert [s.sample_id for s in got] == [f"id-{i}" for i in range(5, 30)]
+    assert [s.labels["label"] for s in got] == list(range(5, 30))
+    assert [s.sample_id for s in source.read([41, 0, 13])] == ["id-41", "id-0", "id-13"]
+
+
+def test_parquet_shard_cost_depends_on_neither_its_position_nor_the_dataset_size(tmp_path):
+    from support.storage import bytes_read
+
+    def cost(source, start, stop):
+        before = bytes_read()
+        assert len(list(source.stream(start, stop))) == stop - start
+        return bytes_read() - before
+
+    big, n = _many_files(tmp_path / "big", files=20)  # 20,000 rows of 1 KB
+    small, _ = _many_files(tmp_path / "small", files=2)
+    total = sum(p.stat().st_size for p in big.iterdir())
+    source = ParquetSource(str(big))
+    first, last, middle = cost(source, 0, 300), cost(source, n - 300, n), cost(source, 9_950, 10_250)
+    alone = cost(ParquetSource(str(small)), 0, 300)
+    payload = 300 * 1024
+    for c in (first, last, middle, alone):
+        assert payload <= c < 4 * payload, (first, last, middle, alone, payload)
+    assert max(first, last, middle, alone) < 3 * min(first, last, middle, alone)
+    assert first < total / 20
+
+
+def test_parquet_null_ids_are_bad_samples_and_repeats_are_reported(tmp_path):
+    table = pa.table({"image": [_png("red")] * 4, "key": ["a", None, "b", "a"]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    source = ParquetSource(str(tmp_path / "t.parquet"), id_column="key")
+    samples = source.read(range(4))
+    assert isinstance(samples[1], BadSample) and samples[1].reason == "the id (key) is null"
+    assert samples[1].sample_id == "1"
+    assert source.repeated_ids == {"count": 1, "examples": ["a"]}
+
+
+def test_parquet_on_object_storage(tmp_path, s3):
+    from support.storage import upload
+
+    folder, n = _many_files(tmp_path / "t", files=2, groups=2, rows=5, image_bytes=16)
+    upload(folder, f"s3://data/table?{s3}")
+    remote = ParquetSource(f"s3://data/table?{s3}", id_column="key")
+    local = ParquetSource(str(folder), id_column="key")
+    assert len(remote) == n and remote.identity()["index_sha256"] == local.identity()["index_sha256"]
+    assert [(s.sample_id, s.image) for s in remote.stream(3, 17)] == [(s.sample_id, s.image) for s in local.stream(3, 17)]

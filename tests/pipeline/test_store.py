@@ -11,21 +11,6 @@ from pipeline.shards import plan_shards
 from pipeline.worker import ShardWorker
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """An S3 endpoint on 127.0.0.1 and the URI parameters that point pyarrow at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
-    yield f"endpoint_override={host}:{port}&scheme=http&allow_bucket_creation=true"
-    server.stop()
-
-
 def test_local_store_basics(tmp_path):
     store = OutputStore(str(tmp_path / "a"))
     assert store.entries() == []

@@ -1,0 +1,126 @@
+"""WebDataset tar shards: grouping by key, side files, patterns, remote tars, shard reads."""
+
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.errors import ConfigError
+from pipeline.sources import BadSample, IndexFile, Sample, WebDatasetSource, write_index
+from pipeline.store import OutputStore
+
+
+def _image(fmt: str, value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (value, 0, 0)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, shards=3, per_shard=4, broken=()):
+    """``shards`` tars of ``per_shard`` samples: an image (jpg or png), .cls, .txt and .json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for s in range(shards):
+        with tarfile.open(folder / f"train-{s:04d}.tar", "w") as tar:
+            for _ in range(per_shard):
+                key = f"sample{n:05d}"
+                if n not in broken:
+                    _add(tar, f"{key}.{'jpg' if n % 2 else 'png'}", _image("JPEG" if n % 2 else "PNG", n))
+                _add(tar, f"{key}.cls", str(n % 3).encode())
+                _add(tar, f"{key}.txt", f"caption {n}".encode())
+                _add(tar, f"{key}.json", json.dumps({"score": n / 2, "tags": ["a", n], "ok": n % 2 == 0}).encode())
+                n += 1
+    return folder
+
+
+def test_samples_are_grouped_by_key_with_their_side_files(tmp_path):
+    folder = write_shards(tmp_path / "wds", broken={5})
+    source = WebDatasetSource(str(folder / "train-{0000..0002}.tar"))
+    assert len(source) == 12 and len(source.tars) == 3
+    fields = {f.name: f.type for f in source.label_fields()}
+    assert fields == {"label": pa.int64(), "caption": pa.string(), "score": pa.float64(),
+                      "tags": pa.string(), "ok": pa.bool_()}
+    samples = list(source.stream(0, 12))
+    assert [s.sample_id for s in samples] == [f"sample{i:05d}" for i in range(12)]
+    assert [s.index for s in samples] == list(range(12))
+    assert isinstance(samples[5], BadSample) and "no image member (members: cls, json, txt" in samples[5].reason
+    good = samples[7]
+    assert isinstance(good, Sample) and good.image[:3] == b"\xff\xd8\xff"
+    assert good.labels == {"label": 1, "caption": "caption 7", "score": 3.5, "tags": '["a", 7]', "ok": False}
+    assert samples[8].image[:4] == b"\x89PNG"
+
+
+def test_patterns_globs_and_lists_name_the_same_tars(tmp_path):
+    folder = write_shards(tmp_path / "wds")
+    by_brace = WebDatasetSource(str(folder / "train-{0000..0002}.tar"))
+    by_glob = WebDatasetSource(str(folder / "train-*.tar"))
+    by_list = WebDatasetSource([str(folder / f"train-{i:04d}.tar") for i in range(3)])
+    assert by_brace.identity()["index_sha256"] == by_list.identity()["index_sha256"]
+    assert by_glob.tars == by_list.tars
+    assert [s.sample_id for s in by_glob.read([11, 0])] == ["sample00011", "sample00000"]
+
+
+def test_a_shard_reads_one_range_per_tar(tmp_path, monkeypatch):
+    from pipeline.sources._files import Location
+
+    folder = write_shards(tmp_path / "wds", shards=2, per_shard=50)
+    source = WebDatasetSource(str(folder / "train-*.tar"))
+    reads = []
+    original = Location.read_range
+    monkeypatch.setattr(Location, "read_range", lambda self, name, offset, size: (
+        reads.append((name, offset, size)), original(self, name, offset, size))[1])
+    samples = list(source.stream(30, 80))
+    assert [s.index for s in samples] == list(range(30, 80))
+    assert [name for name, _, _ in reads] == ["train-0000.tar", "train-0001.tar"]
+    tar_size = (folder / "train-0000.tar").stat().st_size
+    assert reads[0][2] < 0.5 * tar_size  # 20 of its 50 samples
+
+
+def test_actors_read_the_drivers_index(tmp_path):
+    folder = write_shards(tmp_path / "wds")
+    driver = WebDatasetSource(str(folder / "train-*.tar"))
+    store = OutputStore(str(tmp_path / "out"))
+    store.make_dirs("_actmap")
+    write_index(store.fs, store.path("_actmap/index.parquet"), driver.index)
+    actor = WebDatasetSource(str(folder / "train-*.tar"), index=IndexFile(store.fs, store.path("_actmap/index.parquet")))
+    assert actor.identity() == driver.identity()
+    assert actor.label_fields() == driver.label_fields()
+    assert [(s.sample_id, s.labels) for s in actor.stream(2, 9)] == [(s.sample_id, s.labels) for s in driver.stream(2, 9)]
+
+
+def test_remote_tars(tmp_path, s3):
+    from support.storage import upload
+
+    folder = write_shards(tmp_path / "wds")
+    upload(folder, f"s3://data/wds?{s3}")
+    remote = WebDatasetSource(f"s3://data/wds/train-{{0000..0002}}.tar?{s3}")
+    local = WebDatasetSource(str(folder / "train-{0000..0002}.tar"))
+    assert len(remote) == len(local)
+    assert [(s.sample_id, s.image, s.labels) for s in remote.stream(1, 11)] == \
+        [(s.sample_id, s.image, s.labels) for s in local.stream(1, 11)]
+
+
+def test_errors_name_the_bad_pattern(tmp_path):
+    with pytest.raises(ConfigError, match="matches no file"):
+        WebDatasetSource(str(tmp_path / "nothing-*.tar"))
+    (tmp_path / "bad.tar").write_bytes(b"this is not a tar file" * 40)
+    with pytest.raises(ConfigError, match="cannot read the tar"):
+        WebDatasetSource(str(tmp_path / "bad.tar"))
+    with pytest.raises(ConfigError, match="cannot read the tar"):
+        WebDatasetSource(str(tmp_path / "missing.tar"))
+
+
+def test_remote_glob(tmp_path, s3):
+    from support.storage import upload
+
+    upload(write_shards(tmp_path / "wds"), f"s3://data/wds?{s3}")
+    assert len(WebDatasetSource(f"s3://data/wds/train-*.tar?{s3}")) == 12
