@@ -429,16 +429,19 @@ def measure(args: argparse.Namespace) -> dict:
         generate_s = time.perf_counter() - t0
         config = make_config(args, os.path.join(workdir, "actmap"), images_path)
         processes = args.actors if device.type == "cpu" else 1
-        threads = max(1, int(args.cpus_per_actor)) if device.type == "cpu" else torch.get_num_threads()
+        cpus = _cpus_per_actor(args, device)
+        threads = max(1, int(cpus)) if device.type == "cpu" else torch.get_num_threads()
         rows = raw_forward(config, images, args.batch, device, processes, threads, repeats=args.repeats)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # leave the GPU's memory to the actors
-        started = _ensure_ray(args.actors * args.cpus_per_actor + 1)
+        started = _ensure_ray(args.actors * cpus + 1)
         try:
             actmap_rows, breakdown = run_actmap(config)
             rows += actmap_rows
             if not args.no_raydata:
-                rows += run_ray_data(config, images, args.batch, args.actors, args.cpus_per_actor,
+                # Ray Data's read and write tasks need a CPU beside its actors'
+                rows += run_ray_data(config, images, args.batch, args.actors,
+                                     cpus if device.type == "cpu" else max(1, cpus - 1),
                                      args.gpus_per_actor, os.path.join(workdir, "raydata"))
         finally:
             if started:
@@ -455,11 +458,20 @@ def measure(args: argparse.Namespace) -> dict:
     for row in rows:
         row["vs_raw"] = row["images_per_s"] / raw if raw else 0.0
     settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
-    settings.update(device_name=_device_name(device), torch=torch.__version__, ray=ray.__version__,
+    settings.update(cpus_per_actor=cpus, device_name=_device_name(device), torch=torch.__version__, ray=ray.__version__,
                     cores=os.cpu_count(), load_average_before=load,
                     load_average_after=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                     pregenerate_s=generate_s)
     return {"rows": rows, "breakdown": breakdown, "settings": settings}
+
+
+def _cpus_per_actor(args: argparse.Namespace, device: torch.device) -> float:
+    """``--cpus-per-actor``, with ``auto`` resolved as actmap resolves it on this machine."""
+    if args.cpus_per_actor != "auto":
+        return float(args.cpus_per_actor)
+    if device.type == "cuda":
+        return float(max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count())))
+    return 1.0
 
 
 def _device_name(device: torch.device) -> str:
@@ -518,7 +530,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=768, help="images (default 768)")
     parser.add_argument("--batch", type=int, default=32, help="batch size, everywhere (default 32)")
     parser.add_argument("--actors", type=int, default=2, help="actmap actors = Ray Data pool size (default 2)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    parser.add_argument("--cpus-per-actor", type=lambda v: v if v == "auto" else float(v), default="auto",
+                        help="CPUs per actor, or auto as actmap resolves it (default: 1 on the CPU, the "
+                             "host's CPUs per GPU on a GPU)")
     parser.add_argument("--gpus-per-actor", type=float, default=None,
                         help="GPUs per actor (default: 1 with --device cuda, else 0)")
     parser.add_argument("--shard-size", type=int, default=128, help="actmap shard size (default 128)")

@@ -384,15 +384,16 @@ class SourceSpec(_Section):
 class RunSpec(_Section):
     """How the work is spread: actors, resources, batches, shards, and where the output goes.
 
-    ``actors`` and ``gpus_per_actor`` may be ``auto``: one actor per GPU of the cluster, or, on a
-    cluster without GPUs, one actor with ``cpus_per_actor`` CPUs.
+    ``actors``, ``gpus_per_actor`` and ``cpus_per_actor`` may be ``auto``: one actor per GPU of
+    the cluster with its share of the node's CPUs, or, on a cluster without GPUs, one actor per
+    CPU.
     """
 
     _prefix = "run"
     output: str = "actmap-out"
     actors: int | str = "auto"
     gpus_per_actor: float | str = "auto"
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | str = "auto"
     batch_size: int = 32
     shard_size: int = 256
     strict: bool = False
@@ -405,7 +406,8 @@ class RunSpec(_Section):
             set_(self, "actors", _int("run.actors", self.actors, 1))
         if self.gpus_per_actor != "auto":
             set_(self, "gpus_per_actor", _number("run.gpus_per_actor", self.gpus_per_actor))
-        set_(self, "cpus_per_actor", _number("run.cpus_per_actor", self.cpus_per_actor))
+        if self.cpus_per_actor != "auto":
+            set_(self, "cpus_per_actor", _number("run.cpus_per_actor", self.cpus_per_actor))
         set_(self, "batch_size", _int("run.batch_size", self.batch_size, 1))
         set_(self, "shard_size", _int("run.shard_size", self.shard_size, 1))
         set_(self, "strict", _bool("run.strict", self.strict))

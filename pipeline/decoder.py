@@ -61,7 +61,12 @@ class Decoder:
     def _map(self, fn, items: Sequence) -> list:
         if self._pool is None or len(items) < 2:
             return [fn(item) for item in items]
-        return list(self._pool.map(fn, items))
+        # a few contiguous chunks per thread, not a task per image: each hand-off costs about
+        # as much as decoding a small image
+        size = -(-len(items) // (2 * self.threads))
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        futures = [self._pool.submit(lambda chunk: [fn(item) for item in chunk], c) for c in chunks]
+        return [result for future in futures for result in future.result()]
 
     def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:
         if self.device.type != "cuda":

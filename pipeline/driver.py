@@ -28,10 +28,6 @@ from .worker import ShardWorker
 
 log = logging.getLogger(__name__)
 
-#: Shards each actor works on at once (in threads; one forward at a time holds its device), so
-#: the loading of one overlaps the forward and the writing of the other.
-IN_FLIGHT = 2
-
 
 @dataclasses.dataclass
 class Summary:
@@ -123,12 +119,14 @@ def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str
     import ray
 
     remote = ray.remote(ShardWorker).options(
-        num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD", max_concurrency=IN_FLIGHT,
+        num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD", max_concurrency=plan.shards_per_actor,
         # a dead actor restarts (building its model again) and Ray reruns its shards there;
         # a rerun shard overwrites its own files, so the output stays exactly-once
         max_restarts=config.run.max_attempts, max_task_retries=config.run.max_attempts)
     shapes = {layer: info["shape"] for layer, info in layers.items()} if config.shapes_fixed() else None
-    actors = [remote.remote(config.to_dict(), digest, layer_shapes=shapes, frozen_source=frozen)
+    threads = max(1, int(plan.cpus))  # decoding threads: the actor's CPUs
+    actors = [remote.remote(config.to_dict(), digest, layer_shapes=shapes, frozen_source=frozen,
+                            decode_threads=threads, shards_at_once=plan.shards_per_actor)
               for _ in range(plan.count)]
     log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)
     # surface a failing start (a model that does not build there) as itself
@@ -145,7 +143,7 @@ def _is_actor_death(exc: BaseException) -> bool:
 
 
 def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress,
-             records: dict[int, dict]) -> None:
+             records: dict[int, dict], in_flight: int) -> None:
     """Run ``todo`` on ``actors`` until every shard is done; raises when one cannot be."""
     import ray
 
@@ -156,7 +154,7 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
     try:
         while not queue.idle:
             for a in sorted(alive, key=lambda i: load[i]):
-                while load[a] < IN_FLIGHT and (shard := queue.take()) is not None:
+                while load[a] < in_flight and (shard := queue.take()) is not None:
                     ref = actors[a].run_shard.remote(dataclasses.asdict(shard))
                     pending[ref] = (a, shard)
                     load[a] += 1
@@ -227,7 +225,8 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         with ray_session(address):
             import ray
 
-            plan = plan_actors(config.run, ray.cluster_resources(), len(todo))
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            plan = plan_actors(config.run, ray.cluster_resources(), len(todo), nodes)
             actor_count = plan.count
             if config.run.gpus_per_actor == "auto" and not plan.gpus and (address or os.environ.get("RAY_ADDRESS")):
                 log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling "
@@ -235,7 +234,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
             progress = Progress(new_samples, stream)
             actors = _start_actors(config, plan, probe.digest, layers, frozen)
             try:
-                _execute(actors, todo, config, progress, records)
+                _execute(actors, todo, config, progress, records, plan.shards_per_actor)
             finally:
                 progress.close()
                 for actor in actors:

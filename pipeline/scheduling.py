@@ -1,18 +1,20 @@
 """Pure scheduling logic: how many actors of what size, and which shard goes where next.
 
 >>> plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 4.0}, shards=100)
-ActorPlan(count=4, cpus=1.0, gpus=1.0)
+ActorPlan(count=4, cpus=4.0, gpus=1.0)
+>>> plan_actors(RunSpec(), {"CPU": 2.0}, shards=100)
+ActorPlan(count=2, cpus=1.0, gpus=0.0)
 >>> plan_actors(RunSpec(cpus_per_actor=2), {"CPU": 8.0}, shards=100)
 ActorPlan(count=4, cpus=2.0, gpus=0.0)
 >>> plan_actors(RunSpec(actors=3, gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}, shards=2)
-ActorPlan(count=2, cpus=1.0, gpus=0.5)
+ActorPlan(count=2, cpus=2.0, gpus=0.5)
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from .config import RunSpec
 from .errors import ConfigError, ShardFailedError
@@ -27,25 +29,54 @@ class ActorPlan:
     cpus: float
     gpus: float
 
+    @property
+    def shards_per_actor(self) -> int:
+        """Shards an actor works on at once (in threads; one forward at a time holds its device):
+        two overlap one shard's loading with another's forward and writing; an actor with many
+        CPUs takes four, so that more files are encoded and written side by side.
 
-def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int) -> ActorPlan:
+        >>> ActorPlan(1, 1.0, 0.0).shards_per_actor, ActorPlan(1, 16.0, 1.0).shards_per_actor
+        (2, 4)
+        """
+        return 4 if self.cpus >= 8 else 2
+
+
+def _cpus_per_gpu(cluster: Mapping[str, float], nodes: Sequence[Mapping[str, float]] | None) -> float:
+    """The CPUs that go with one GPU: the fewest of any GPU node (the whole cluster's ratio when
+    the nodes are not known)."""
+    gpu_nodes = [n for n in nodes or () if n.get("GPU", 0) > 0]
+    if gpu_nodes:
+        return min(n.get("CPU", 0) / n["GPU"] for n in gpu_nodes)
+    return float(cluster.get("CPU", 0)) / max(float(cluster.get("GPU", 0)), 1e-9)
+
+
+def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
+                nodes: Sequence[Mapping[str, float]] | None = None) -> ActorPlan:
     """The actor pool for ``run`` on a cluster with ``cluster`` resources (``ray.cluster_resources()``).
 
-    ``auto`` means one actor per GPU when the cluster has GPUs, else as many actors of
-    ``cpus_per_actor`` CPUs as the CPUs allow; never more actors than shards.
+    ``auto`` actors means one actor per GPU when the cluster has GPUs, else as many actors of
+    ``cpus_per_actor`` CPUs as the CPUs allow; never more actors than shards. ``auto`` CPUs give
+    a GPU actor its share of its node's CPUs (they decode the images and encode the outputs, at
+    the GPU's pace), and a CPU actor one. ``nodes`` are the alive nodes' resources.
     """
     total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     gpus = (1.0 if total_gpus >= 1 else 0.0) if run.gpus_per_actor == "auto" else float(run.gpus_per_actor)
     if gpus > total_gpus and run.actors == "auto":
         raise ConfigError("run.gpus_per_actor", f"{gpus} GPUs per actor, but the cluster has "
                           f"{total_gpus:g}; use 0 to run on the CPU")
+    if run.cpus_per_actor != "auto":
+        cpus = float(run.cpus_per_actor)
+    elif gpus > 0:
+        cpus = max(1.0, float(int(_cpus_per_gpu(cluster, nodes) * gpus)))
+    else:
+        cpus = 1.0
     if run.actors != "auto":
         count = int(run.actors)
     elif gpus > 0:
         count = int(total_gpus // gpus)
     else:
-        count = int(total_cpus // run.cpus_per_actor) if run.cpus_per_actor else 1
-    return ActorPlan(max(1, min(count, shards)), float(run.cpus_per_actor), gpus)
+        count = int(total_cpus // cpus) if cpus else 1
+    return ActorPlan(max(1, min(count, shards)), cpus, gpus)
 
 
 class ShardQueue:

@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import resource
 import socket
 import sys
 import threading
@@ -121,11 +122,12 @@ class ShardWorker:
         decode_threads: threads that decode and resize images (default: ``run.cpus_per_actor``).
         frozen_source: number the samples by the source index the driver wrote into the output
             (``_actmap/source-index.parquet``), instead of looking at the source anew.
+        shards_at_once: how many shards the driver runs here at once (each writes its own files).
     """
 
     def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
                  device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None,
-                 decode_threads: int | None = None, frozen_source: bool = False):
+                 decode_threads: int | None = None, frozen_source: bool = False, shards_at_once: int = 2):
         self.config = Config.from_dict(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_model(self.config.model)
@@ -148,23 +150,29 @@ class ShardWorker:
         self.mean_std = self.config.source.preprocess.mean_std()
         prep = self.config.source.preprocess
         # decoding threads: the actor's CPUs (the driver's trial sample: one)
-        threads = decode_threads if decode_threads is not None else max(1, int(self.config.run.cpus_per_actor))
+        cpus = self.config.run.cpus_per_actor
+        threads = decode_threads if decode_threads is not None else max(1, int(1 if cpus == "auto" else cpus))
         self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=prep.resize, crop=prep.crop)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
-        # one writer per layer: the files are independent, and pyarrow writes without the GIL
-        self._writer = ThreadPoolExecutor(len(self.config.model.layers), thread_name_prefix="actmap-write")
+        # one writer per layer and shard at work: the files are independent, and pyarrow encodes
+        # and writes without the GIL
+        self._writer = ThreadPoolExecutor(len(self.config.model.layers) * max(1, shards_at_once),
+                                          thread_name_prefix="actmap-write")
         # shards may run in two threads at once: the forwards take turns on the device
         self._device = threading.Lock()
         self.decoder.gpu_turn = self._device
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
-        """Where this worker runs: host, Ray node (when in Ray), process, device, threads."""
+        """Where this worker runs: host, Ray node (when in Ray), process, device, threads, and
+        the process's peak memory so far."""
         node = None
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             node = sys.modules["ray"].get_runtime_context().get_node_id()
         return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "decode_threads": self.decoder.threads,
+                # the process's peak resident memory so far (Linux reports KiB)
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
     # -- stages ----------------------------------------------------------------------------
 

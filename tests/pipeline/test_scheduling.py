@@ -9,8 +9,13 @@ from pipeline.shards import plan_shards
 def test_plan_actors():
     assert plan_actors(RunSpec(), {"CPU": 2.0}, 10) == ActorPlan(2, 1.0, 0.0)
     assert plan_actors(RunSpec(), {"CPU": 2.0}, 1) == ActorPlan(1, 1.0, 0.0)
-    assert plan_actors(RunSpec(gpus_per_actor=0.25), {"CPU": 64.0, "GPU": 2.0}, 100) == ActorPlan(8, 1.0, 0.25)
+    assert plan_actors(RunSpec(gpus_per_actor=0.25), {"CPU": 64.0, "GPU": 2.0}, 100) == ActorPlan(8, 8.0, 0.25)
+    assert plan_actors(RunSpec(gpus_per_actor=0.25, cpus_per_actor=1), {"CPU": 64.0, "GPU": 2.0}, 100) == ActorPlan(8, 1.0, 0.25)
     assert plan_actors(RunSpec(actors=3, gpus_per_actor=0), {"CPU": 1.0, "GPU": 8.0}, 100) == ActorPlan(3, 1.0, 0.0)
+    # a GPU actor gets its share of the CPUs of its node: the node with the fewest per GPU
+    nodes = [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 1.0}, {"CPU": 48.0, "GPU": 4.0}]
+    assert plan_actors(RunSpec(), {"CPU": 72.0, "GPU": 5.0}, 100, nodes) == ActorPlan(5, 12.0, 1.0)
+    assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 100, [{"CPU": 16.0, "GPU": 1.0}]) == ActorPlan(1, 16.0, 1.0)
     with pytest.raises(ConfigError, match="run.gpus_per_actor: 2.0 GPUs per actor, but the cluster has 1"):
         plan_actors(RunSpec(gpus_per_actor=2), {"CPU": 4.0, "GPU": 1.0}, 10)
 

@@ -1,0 +1,477 @@
+"""The input path, measured per source kind against its floor and against Ray Data, in one run.
+
+For each kind (``parquet``: N rows in 20 files; ``folder``: N files; ``webdataset``: N samples
+in 20 tars; ``generated``), on the same small JPEG images (``--size`` px, ~2 KB):
+
+a. the floor: plain reads (pyarrow row-group batches, ``open().read()``, ``tarfile``) and the same
+   decoder (:func:`pipeline.images.decode`) in a plain loop, on 1 thread and on N threads (the
+   files split across them);
+b. the source alone, as an actor uses it: the source as the driver opens it, each shard's
+   ``stream`` in batches through the actor's :class:`~pipeline.decoder.Decoder` with 1 and N
+   threads (rows/s and MB/s of encoded input);
+c. actmap end to end (``python -m pipeline run``, a fresh process) with a model so cheap that the
+   input sets the pace (average-pool to 8x8, a 1x1 convolution), on N/4 and on N samples: the
+   marginal rate ``(N - N/4) / (t(N) - t(N/4))`` cancels the start-up; the driver's peak memory
+   (from ``wait4``) and the actors' (from the shard records) for both sizes;
+d. the same job with Ray Data (``read_parquet`` / ``read_images`` / ``read_webdataset`` ->
+   ``map_batches`` with the same model on an actor pool of one actor -> ``write_parquet``), its
+   marginal rate the same way; the read tasks get a CPU of their own beside the actor's, or the
+   pipeline waits for ever on a 2-CPU machine.
+
+And the driver's planning of a folder of ``--plan-files`` files (default 1,000,000 empty files):
+the listing, sort, index file and digest that ``FolderSource`` does, against one
+``os.scandir`` walk and one ``pyarrow.fs`` listing of the same tree.
+
+Every rate is measured when you run it; ratios compare runs made one after the other in this
+process. ``python bench/bench_sources.py --help`` lists the options; the defaults take about
+10 minutes on a 2-core machine (most of it Ray Data and making the 1,000,000 files once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.decoder import Decoder  # noqa: E402
+from pipeline.images import decode  # noqa: E402
+from pipeline.sources.generated import generate  # noqa: E402
+
+log = logging.getLogger("bench_sources")
+KINDS = ("parquet", "folder", "webdataset", "generated")
+FILES = 20  # Parquet files and tars
+
+
+# -- the cheap model ------------------------------------------------------------------------------
+
+
+def cheap_model() -> torch.nn.Module:
+    """A model whose forward costs next to nothing: average-pool to 8x8, then a 1x1 convolution
+    (layer ``conv``, 16x8x8 outputs). Named ``bench.bench_sources:cheap_model`` in configs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("pool", torch.nn.AdaptiveAvgPool2d(8))
+    model.add_module("conv", torch.nn.Conv2d(3, 16, 1))
+    return model
+
+
+# -- the data -------------------------------------------------------------------------------------
+
+
+def _jpeg(i: int, size: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(generate(i, size, 0)[0].permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_data(work: Path, n: int, size: int, kinds: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The datasets of N and N/4 samples per kind under ``work`` (made once, then reused)."""
+    images_path = work / f"images-{n}-{size}.npy"
+    paths: dict[str, dict[str, str]] = {}
+    if not images_path.exists() and any(k != "generated" for k in kinds):
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            blobs = list(pool.map(lambda i: _jpeg(i, size), range(n)))
+        np.save(images_path, np.array(blobs, dtype=object), allow_pickle=True)
+    blobs = np.load(images_path, allow_pickle=True) if images_path.exists() else None
+    per_file = -(-n // FILES)
+    for kind in kinds:
+        full, quarter = work / f"{kind}-{n}-{size}", work / f"{kind}-{n}-{size}-quarter"
+        paths[kind] = {"all": str(full), "quarter": str(quarter)}
+        if kind == "generated" or full.exists():
+            continue
+        tmp = work / f".{kind}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if kind == "parquet":
+            for f in range(FILES):
+                rows = range(f * per_file, min(n, (f + 1) * per_file))
+                table = pa.table({"image": pa.array([blobs[i] for i in rows], pa.binary()),
+                                  "key": [f"img-{i:07d}" for i in rows], "label": [i % 10 for i in rows]})
+                pq.write_table(table, tmp / f"part-{f:03d}.parquet", row_group_size=1000)
+        elif kind == "folder":
+            for i in range(n):
+                folder = tmp / f"class{i % 10}"
+                folder.mkdir(exist_ok=True)
+                (folder / f"{i:07d}.jpg").write_bytes(blobs[i])
+        elif kind == "webdataset":
+            for f in range(FILES):
+                with tarfile.open(tmp / f"shard-{f:04d}.tar", "w") as tar:
+                    for i in range(f * per_file, min(n, (f + 1) * per_file)):
+                        for ext, data in (("jpg", blobs[i]), ("cls", str(i % 10).encode())):
+                            info = tarfile.TarInfo(f"{i:07d}.{ext}")
+                            info.size = len(data)
+                            tar.addfile(info, io.BytesIO(data))
+        tmp.rename(full)
+        _quarter(kind, full, quarter, n)
+    return paths
+
+
+def _quarter(kind: str, full: Path, quarter: Path, n: int) -> None:
+    """The first quarter of a dataset (hard links: no copy)."""
+    shutil.rmtree(quarter, ignore_errors=True)
+    if kind in ("parquet", "webdataset"):
+        quarter.mkdir()
+        for path in sorted(full.iterdir())[: FILES // 4]:
+            os.link(path, quarter / path.name)
+    else:
+        files = sorted(full.rglob("*.jpg"))
+        files = sorted(files, key=lambda p: p.relative_to(full).as_posix())[: n // 4]
+        for path in files:
+            target = quarter / path.relative_to(full)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+
+
+# -- (a) the floor ----------------------------------------------------------------------------------
+
+
+def _split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def floor(kind: str, path: str, n: int, size: int, threads: int) -> tuple[int, int, float]:
+    """Plain reads + the decoder in a plain loop on ``threads`` threads: (rows, bytes, seconds)."""
+    def parquet(files):
+        rows = nbytes = 0
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["image"]):
+                for data in batch.column(0).to_pylist():
+                    decode(data)
+                    rows, nbytes = rows + 1, nbytes + len(data)
+        return rows, nbytes
+
+    def folder(files):
+        nbytes = 0
+        for f in files:
+            with open(f, "rb") as handle:
+                data = handle.read()
+            decode(data)
+            nbytes += len(data)
+        return len(files), nbytes
+
+    def webdataset(files):
+        rows = nbytes = 0
+        for f in files:
+            with tarfile.open(f, "r|") as tar:
+                for member in tar:
+                    if member.name.endswith(".jpg"):
+                        data = tar.extractfile(member).read()
+                        decode(data)
+                        rows, nbytes = rows + 1, nbytes + len(data)
+        return rows, nbytes
+
+    def generated(indices):
+        for i in indices:
+            generate(i, size, 0)
+        return len(indices), 3 * size * size * len(indices)
+
+    work: Callable = {"parquet": parquet, "folder": folder, "webdataset": webdataset, "generated": generated}[kind]
+    if kind == "generated":
+        items = list(range(n))
+    elif kind == "folder":
+        items = sorted(glob.glob(f"{path}/*/*.jpg"))
+    else:
+        items = sorted(glob.glob(f"{path}/*"))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(work, _split(items, threads)))
+    seconds = time.perf_counter() - t0
+    return sum(r[0] for r in results), sum(r[1] for r in results), seconds
+
+
+# -- (b) the source alone ---------------------------------------------------------------------------
+
+
+def source_spec(kind: str, path: str, n: int, size: int) -> dict:
+    if kind == "generated":
+        return {"kind": "generated", "count": n, "image_size": size}
+    if kind == "parquet":
+        return {"kind": "parquet", "path": path, "id_column": "key"}
+    if kind == "webdataset":
+        return {"kind": "webdataset", "path": f"{path}/shard-*.tar"}
+    return {"kind": "folder", "path": path}
+
+
+def source_alone(kind: str, path: str, n: int, size: int, threads: int, shard: int, batch: int) -> tuple[int, float]:
+    """The source as the driver opens it, read shard by shard and decoded as an actor does:
+    (rows, seconds)."""
+    from pipeline.config import SourceSpec
+    from pipeline.sources import open_source
+
+    source = open_source(SourceSpec.from_dict(source_spec(kind, path, n, size)))
+    decoder = Decoder(threads)
+    rows = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(source), shard):
+        stream = source.stream(start, min(start + shard, len(source)))
+        while True:
+            samples = [s for _, s in zip(range(batch), stream)]
+            if not samples:
+                break
+            raws = [s.image for s in samples if hasattr(s, "image")]
+            for image in decoder(raws):
+                if isinstance(image, Exception):
+                    raise image
+            rows += len(raws)
+    seconds = time.perf_counter() - t0
+    decoder.close()
+    return rows, seconds
+
+
+# -- (c) actmap end to end --------------------------------------------------------------------------
+
+
+def actmap_run(kind: str, path: str, n: int, size: int, output: str, batch: int, shard: int) -> dict:
+    """``python -m pipeline run`` in a fresh process: seconds, the driver's and actors' peak memory."""
+    source = source_spec(kind, path, n, size)
+    config = {"model": {"name": "bench.bench_sources:cheap_model", "layers": ["conv"]},
+              "source": source, "dump": {"dtype": "float16"},
+              "run": {"output": output, "batch_size": batch, "shard_size": shard}}
+    config_path = output + ".yaml"
+    Path(config_path).write_text(json.dumps(config))
+    shutil.rmtree(output, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config_path, "--quiet"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"actmap run failed:\n{err[-3000:]}")
+    records = [json.loads(Path(p).read_text()) for p in glob.glob(f"{output}/_actmap/shards/*.json")]
+    rows = sum(r["rows"]["conv"] for r in records)
+    if rows != (n if kind != "generated" else n):
+        raise RuntimeError(f"actmap wrote {rows} rows, expected {n}:\n{err[-2000:]}")
+    return {"seconds": seconds, "driver_rss_mb": usage.ru_maxrss / 1024,
+            "actor_rss_mb": max(r["worker"].get("max_rss_mb", 0) for r in records),
+            "load_wait": sum(r["seconds"]["load_wait"] for r in records),
+            "shard_seconds": sum(r["seconds"]["total"] for r in records)}
+
+
+# -- (d) Ray Data -----------------------------------------------------------------------------------
+
+
+class RayDataModel:
+    """Ray Data's callable class: the cheap model over a batch of decoded images."""
+
+    def __init__(self, size: int):
+        from pipeline.preprocess import to_model_input
+
+        self.model, self.size, self.to_input = cheap_model().eval(), size, to_model_input
+
+    def __call__(self, batch: dict) -> dict:
+        images = batch["image"]
+        if images.dtype == object:  # encoded bytes (Parquet, WebDataset): decode here
+            images = np.stack([decode(bytes(b)).numpy() for b in images])
+        else:  # read_images: (N, H, W, C) arrays
+            images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        x = self.to_input(torch.from_numpy(images), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+        with torch.inference_mode():
+            out = self.model(x).to(torch.float16)
+        return {"activation": out.reshape(len(out), -1).numpy()}
+
+
+def ray_data_run(kind: str, path: str, n: int, size: int, output: str, batch: int) -> float:
+    import ray
+    import ray.data
+
+    if __name__ != "__main__":
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    shutil.rmtree(output, ignore_errors=True)
+    t0 = time.perf_counter()
+    if kind == "parquet":
+        ds = ray.data.read_parquet(path, columns=["image"])
+    elif kind == "folder":
+        ds = ray.data.read_images(path, mode="RGB")
+    elif kind == "webdataset":
+        ds = ray.data.read_webdataset(sorted(glob.glob(f"{path}/*.tar")), decoder=None)
+        ds = ds.rename_columns({"jpg": "image"}).select_columns(["image"])
+    else:
+        ds = ray.data.range(n).map_batches(
+            lambda b: {"image": np.stack([generate(int(i), size, 0)[0].numpy() for i in b["id"]])
+                       .transpose(0, 2, 3, 1)}, batch_size=batch)
+    ds = ds.map_batches(RayDataModel, fn_constructor_kwargs={"size": size}, batch_size=batch,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    ds.write_parquet(output)
+    seconds = time.perf_counter() - t0
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in glob.glob(f"{output}/**/*.parquet", recursive=True))
+    if rows != n:
+        raise RuntimeError(f"Ray Data wrote {rows} rows, expected {n}")
+    return seconds
+
+
+# -- planning a large folder ------------------------------------------------------------------------
+
+
+def plan_folder(work: Path, files: int) -> dict:
+    import pyarrow.fs as pafs
+
+    from pipeline.sources import FolderSource, write_index
+
+    tree = work / f"plan-{files}"
+    if not tree.exists():
+        tmp = work / ".plan.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        per = 1000
+        for d in range(-(-files // per)):
+            folder = tmp / f"d{d:05d}"
+            folder.mkdir(parents=True)
+            for i in range(d * per, min(files, (d + 1) * per)):
+                os.close(os.open(folder / f"{i:08d}.jpg", os.O_CREAT | os.O_WRONLY))
+        tmp.rename(tree)
+
+    def scandir_walk() -> int:
+        count, stack = 0, [str(tree)]
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for e in entries:
+                    if e.is_dir():
+                        stack.append(e.path)
+                    else:
+                        count += 1
+        return count
+
+    def pyarrow_listing() -> int:
+        return len(pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(tree), recursive=True)))
+
+    def plan() -> int:
+        source = FolderSource(str(tree))
+        out = tempfile.mkdtemp()
+        write_index(pafs.LocalFileSystem(), f"{out}/index.parquet", source.index)
+        shutil.rmtree(out)
+        return len(source)
+
+    result = {}
+    for name, fn in (("scandir", scandir_walk), ("pyarrow", pyarrow_listing), ("plan", plan)):
+        fn()  # warm the dentry cache once, like the first listing of a real run would not be
+        t0 = time.perf_counter()
+        count = fn()
+        result[name] = time.perf_counter() - t0
+        result[f"{name}_count"] = count
+    return result
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{c:,.2f}" if isinstance(c, float) else (f"{c:,}" if isinstance(c, int) else str(c))
+                                            for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
+    parser.add_argument("--rows", type=int, default=100_000, help="Parquet rows (default 100,000)")
+    parser.add_argument("--files", type=int, default=20_000, help="folder files and tar samples (default 20,000)")
+    parser.add_argument("--generated", type=int, default=20_000, help="generated images (default 20,000)")
+    parser.add_argument("--size", type=int, default=64, help="image size in px (default 64)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="N (default: the cores)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--plan-files", type=int, default=1_000_000, help="0 skips the planning benchmark")
+    parser.add_argument("--no-e2e", action="store_true", help="skip actmap end to end")
+    parser.add_argument("--no-raydata", action="store_true", help="skip Ray Data")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "actmap-bench-sources"),
+                        help="datasets are made here once and reused")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    kinds = [k for k in args.kinds.split(",") if k]
+    sizes = {"parquet": args.rows, "folder": args.files, "webdataset": args.files, "generated": args.generated}
+    results: dict = {"settings": vars(args), "cpus": os.cpu_count(), "kinds": {}}
+    print(f"input path, {os.cpu_count()} cores, images of {args.size} px, N = {args.threads} threads, "
+          f"batch {args.batch}, shard {args.shard_size}", flush=True)
+    for kind in kinds:
+        n = sizes[kind]
+        paths = make_data(work, sizes["folder"] if kind == "webdataset" else n, args.size, [kind])[kind]
+        rows = []
+        res: dict = {"n": n}
+        for threads in sorted({1, args.threads}):
+            count, nbytes, s = floor(kind, paths["all"], n, args.size, threads)
+            res[f"floor_{threads}"] = count / s
+            rows.append((f"floor, {threads} thread(s)", count, s, count / s, nbytes / s / 1e6, 1.0))
+            count, s = source_alone(kind, paths["all"], n, args.size, threads, args.shard_size, args.batch)
+            res[f"source_{threads}"] = count / s
+            rows.append((f"source alone, {threads} thread(s)", count, s, count / s, nbytes / s / 1e6,
+                         (count / s) / res[f"floor_{threads}"]))
+        top = res[f"floor_{args.threads}"]
+        if not args.no_e2e:
+            runs = {q: actmap_run(kind, paths[q], n if q == "all" else n // 4, args.size,
+                                  str(work / f"out-{kind}-{q}"), args.batch, args.shard_size)
+                    for q in ("quarter", "all")}
+            marginal = (n - n // 4) / max(runs["all"]["seconds"] - runs["quarter"]["seconds"], 1e-9)
+            res["actmap"] = {"marginal": marginal, **{q: r for q, r in runs.items()}}
+            rows.append(("actmap end to end, marginal", n - n // 4, runs["all"]["seconds"] - runs["quarter"]["seconds"],
+                         marginal, float("nan"), marginal / top))
+        if not args.no_raydata:
+            import ray
+
+            if not ray.is_initialized():
+                # one CPU for the actor pool, one (at least) for the read tasks
+                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level=logging.WARNING,
+                         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+            quarter = ray_data_run(kind, paths["quarter"], n // 4, args.size, str(work / "rd-q"), args.batch)
+            whole = ray_data_run(kind, paths["all"], n, args.size, str(work / "rd-a"), args.batch)
+            marginal = (n - n // 4) / max(whole - quarter, 1e-9)
+            res["raydata"] = {"marginal": marginal, "quarter": quarter, "all": whole}
+            rows.append(("Ray Data end to end, marginal", n - n // 4, whole - quarter, marginal, float("nan"), marginal / top))
+        print(f"\n{kind}: {n:,} samples")
+        print(_table(["run", "rows", "seconds", "rows/s", "MB/s", "x floor (same threads; end to end: N)"], rows))
+        if "actmap" in res:
+            a = res["actmap"]
+            print(f"peak memory, N/4 -> N samples: driver {a['quarter']['driver_rss_mb']:.0f} -> "
+                  f"{a['all']['driver_rss_mb']:.0f} MB, actor {a['quarter']['actor_rss_mb']:.0f} -> "
+                  f"{a['all']['actor_rss_mb']:.0f} MB")
+            if "raydata" in res:
+                print(f"actmap / Ray Data, marginal: {a['marginal'] / res['raydata']['marginal']:.2f}x")
+        results["kinds"][kind] = res
+        sys.stdout.flush()
+    if args.plan_files:
+        plan = plan_folder(work, args.plan_files)
+        results["plan"] = plan
+        print(f"\nplanning a folder of {plan['plan_count']:,} files: {plan['plan']:.2f} s; one os.scandir walk "
+              f"{plan['scandir']:.2f} s ({plan['plan'] / plan['scandir']:.2f}x), one pyarrow.fs listing "
+              f"{plan['pyarrow']:.2f} s ({plan['plan'] / plan['pyarrow']:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
