@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,14 @@ def pregenerate(count: int, size: int, seed: int = 0) -> np.ndarray:
     from pipeline.sources.generated import generate
 
     out = np.empty((count, 3, size, size), dtype=np.uint8)
-    # one thread, as in an actor: the generator's tiny interpolations run slower on several
-    with _torch_threads(1):
-        for i in range(count):
-            out[i] = generate(i, size, seed)[0].numpy()
+
+    def fill(i: int) -> None:
+        out[i] = generate(i, size, seed)[0].numpy()
+
+    # torch on one thread per image (the generator's tiny interpolations run slower on several),
+    # the images on every core (numpy's work releases the GIL)
+    with _torch_threads(1), ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(fill, range(count)))
     return out
 
 

@@ -10,8 +10,12 @@
 #                     hooks, actmap, Ray Data (generated source: the actors generate the images)
 #   5. bench_pipeline the same with the memory source (actors read the images from a .npy), no Ray Data
 #   6. bench_encoding the design table's batch of 256 on this host's cores
-#   7. jpeg_folder    a folder of 500x375 JPEG files (decoded on the GPU) through resnet50 layer3 + layer4:
-#                     images/s over N/4 and N files; a few rows against a CPU decode + direct forward
+#   7. jpeg_folder    a folder of 500x375 JPEG files (decoded on the GPU) through resnet50 layer3 + layer4,
+#                     full maps and pooled to 1x1 (input-bound): images/s; a few rows against a CPU
+#                     decode + direct forward
+#   8. bench_sources  the input path on this host: floors and sources alone, 1 and all threads
+#
+# STEPS="1 7 8" runs only those steps.
 #
 # On the GPU machine (torch and pyarrow there, Ray from .gpu-carry/), from the repository root:
 #   bash .gpu-carry/install.sh && export PYTHONPATH=$PWD/.gpu-carry/site && bash bench/gpu_check.sh
@@ -42,16 +46,22 @@ if [[ $DRY == 1 ]]; then
   export DEVICE=cpu MODEL=resnet50 SIZE=64 COUNT=64 BATCH=16 BENCH_COUNT=64 SHARD=32
   BENCH_EXTRA=(--actors 1 --device cpu)
   ENC_ARGS=(--batch 4 --repeats 1)
+  SOURCES_ARGS=(--rows 2000 --files 1000)
 else
   export DEVICE=cuda MODEL=resnet50 SIZE=224 COUNT=2048 BATCH=256 BENCH_COUNT=4096 SHARD=1024
   BENCH_EXTRA=(--actors 1 --device cuda)
   ENC_ARGS=(--full --repeats 1)
+  SOURCES_ARGS=(--rows 40000 --files 20000)
 fi
 export WORK
 
 : > "$OUT/summary.txt"
+STEPS=${STEPS:-}  # e.g. STEPS="1 7 8": only those steps (default: all)
 step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, output to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  if [[ -n $STEPS && " $STEPS " != *" ${name%%_*} "* ]]; then
+    return
+  fi
   local left=$((BUDGET - SECONDS - 5))
   if ((left < 20)); then
     echo "$name: skipped, ${left}s of the budget left" | tee -a "$OUT/summary.txt"
@@ -206,13 +216,14 @@ step 5_bench_pipeline_memory 80 "$PY" bench/bench_pipeline.py --model "$MODEL" -
 
 
 # -- 7. a folder of JPEG files: decoded on the GPU, dumped, compared with a CPU decode --------------
-step 7_jpeg_folder 130 "$PY" - <<'EOF'
+step 7_jpeg_folder 150 "$PY" - <<'EOF'
 import glob, json, os, shutil, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np, torch, torchvision.io as tvio
 import pipeline
 from pipeline.models import LayerOutputs, build_model
-from pipeline.preprocess import decode, resize_crop, to_model_input
+from pipeline.images import decode
+from pipeline.preprocess import resize_crop, to_model_input
 from pipeline.reduce import reduce_output
 from pipeline.sources.generated import generate
 
@@ -232,31 +243,31 @@ with ThreadPoolExecutor(os.cpu_count()) as pool:
 files = sorted(glob.glob(f"{root}/*/*.jpg"))
 print(f"{count} JPEGs of 500x375, {sum(map(os.path.getsize, files)) / count / 1e3:.0f} KB each, "
       f"made in {time.perf_counter() - t0:.1f}s")
-quarter = os.path.join(work, "jpegs-quarter")
-for f in files[: count // 4]:
-    os.makedirs(os.path.dirname(os.path.join(quarter, os.path.relpath(f, root))), exist_ok=True)
-    os.link(f, os.path.join(quarter, os.path.relpath(f, root)))
-failures, rates = [], {}
-for label, src, n in (("quarter", quarter, count // 4), ("all", root, count)):
-    out = os.path.join(work, f"jpeg-dump-{label}")
+failures = []
+for label, extra in (("full maps", []), ("pooled to 1x1", ["dump.reduce=pool"])):
+    out = os.path.join(work, "jpeg-dump-" + label.split()[0])
     shutil.rmtree(out, ignore_errors=True)
     cfg = pipeline.load_config(None, [
         f"model.name={name}", "model.layers=[layer3, layer4]", "model.precision=bf16", "model.channels_last=true",
-        "source.kind=folder", f"source.path={src}", "source.preprocess.resize=256", "source.preprocess.crop=224",
-        f"run.output={out}", f"run.batch_size={batch}", f"run.shard_size={4 * batch}"])
+        "source.kind=folder", f"source.path={root}", "source.preprocess.resize=256", "source.preprocess.crop=224",
+        f"run.output={out}", f"run.batch_size={batch}", f"run.shard_size={2 * batch}", *extra])
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, stream=None)
-    rates[label] = (n, time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
     print(summary.format())
     records = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/_actmap/shards/*.json"))]
-    print("seconds summed over shards:", {k: round(sum(r["seconds"][k] for r in records), 2)
+    busy = max(r["finished"] for r in records) - min(r["started"] for r in records)
+    print(f"{label}: seconds summed over shards:", {k: round(sum(r["seconds"][k] for r in records), 2)
           for k in ("load_wait", "device_wait", "forward", "write_wait", "total")},
-          "devices:", {r["worker"]["device"] for r in records})
-    if summary.rows != {"layer3": n, "layer4": n} or summary.bad:
+          "workers:", {(r["worker"]["device"], r["worker"].get("decode_threads")) for r in records})
+    print(f"JPEG folder, {name} layer3+layer4 bf16, {label}: {count / wall:.0f} images/s end to end "
+          f"({wall:.1f} s, start-up included); {count / busy:.0f} images/s from the first shard's start to "
+          f"the last one's end; {sum(summary.bytes.values()) / busy / 1e9:.2f} GB/s written")
+    if summary.rows != {"layer3": count, "layer4": count} or summary.bad:
         failures.append(f"{label}: rows {summary.rows}, bad {summary.bad[:3]}")
-(n1, s1), (n2, s2) = rates["quarter"], rates["all"]
-print(f"JPEG folder, {name} layer3+layer4 bf16: end to end {n2 / s2:.0f} images/s over {n2} files; "
-      f"marginal (all - quarter) {(n2 - n1) / max(s2 - s1, 1e-9):.0f} images/s")
+    if label == "full maps":
+        full = (out, cfg)
+out, cfg = full
 # a few rows against a CPU decode and a direct forward (the GPU and CPU JPEG decoders differ a little)
 rows = [0, count // 2, count - 1]
 model = build_model(cfg.model).to(memory_format=torch.channels_last).to(device)
@@ -276,6 +287,10 @@ for layer in ("layer3", "layer4"):
         failures.append(layer)
 sys.exit(f"FAILED: {failures}" if failures else 0)
 EOF
+
+# -- 8. the input path on this host's cores: floors and sources alone, 1 and all threads ------------
+step 8_bench_sources 120 "$PY" bench/bench_sources.py --kinds parquet,folder,webdataset --no-e2e --no-raydata \
+  --plan-files 0 "${SOURCES_ARGS[@]}" --workdir "$WORK/sources" --json "$OUT/8_bench_sources.json"
 
 # -- 6. the encodings on this host ------------------------------------------------------------------
 step 6_bench_encoding 60 "$PY" bench/bench_encoding.py "${ENC_ARGS[@]}" --dir "$WORK"
