@@ -153,7 +153,8 @@ class ShardWorker:
         cpus = self.config.run.cpus_per_actor
         threads = decode_threads if decode_threads is not None else max(1, int(1 if cpus == "auto" else cpus))
         self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=prep.resize, crop=prep.crop)
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
+        # a loader per shard at work: each reads its own shard, the decoding pool is shared
+        self._loader = ThreadPoolExecutor(max(1, shards_at_once), thread_name_prefix="actmap-load")
         # one writer per layer and shard at work: the files are independent, and pyarrow encodes
         # and writes without the GIL
         self._writer = ThreadPoolExecutor(len(self.config.model.layers) * max(1, shards_at_once),
