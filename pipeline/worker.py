@@ -224,6 +224,36 @@ class ShardWorker:
             ready.record(torch.cuda.current_stream(self.device))
         return _Outputs(results, ready)
 
+    def _forward_isolating(self, batch: _Batch) -> tuple[_Batch, _Outputs | None]:
+        """The batch's forward; when it fails, each sample's alone, so that one sample the model
+        cannot take is recorded as bad instead of failing the shard. If every sample fails
+        alone, the fault is not theirs: the batch's error is raised."""
+        try:
+            return batch, self._forward(batch)
+        except Exception as exc:
+            if len(batch.samples) == 1:
+                raise
+            failed = exc
+        good = _Batch([], [], list(batch.bad))
+        for sample, image in zip(batch.samples, batch.images):
+            try:
+                self._forward(_Batch([sample], [image], []))
+            except Exception as exc:
+                good.bad.append(BadSample(sample.index, sample.sample_id,
+                                          f"the model's forward fails on it: {describe_error(exc)}"))
+            else:
+                good.samples.append(sample)
+                good.images.append(image)
+        if not good.samples:
+            raise failed
+        log.warning("a batch's forward failed (%s); %d of its samples fail alone and are recorded as bad",
+                    describe_error(failed), len(good.bad) - len(batch.bad))
+        if self.config.run.strict:
+            first = good.bad[len(batch.bad)]
+            raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
+                                 "(run.strict is set; unset it to record bad samples and go on)")
+        return good, self._forward(good)
+
     def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
         """Encode and write one layer's rows of a batch (the layers are written in parallel)."""
         if outputs.ready is not None:
@@ -279,13 +309,13 @@ class ShardWorker:
                 t1 = time.perf_counter()
                 if i + 1 < len(chunks):
                     loading = self._loader.submit(load, chunks[i + 1])
-                bad += batch.bad
                 outputs = None
                 with self._device:
                     t_device = time.perf_counter()
                     if batch.samples:
-                        outputs = self._forward(batch)
+                        batch, outputs = self._forward_isolating(batch)
                 t2 = time.perf_counter()
+                bad += batch.bad
                 for future in pending:
                     future.result()
                 t3 = time.perf_counter()

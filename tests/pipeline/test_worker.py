@@ -246,3 +246,65 @@ def test_fixed_shapes_refuse_a_second_size_with_advice(tmp_path, batch_size):
                                            r"\(8, 16, 16\) was expected.*source.preprocess.crop"):
         ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def _save(path, image, **kwargs):
+    buf = io.BytesIO()
+    image.save(buf, **kwargs)
+    path.write_bytes(buf.getvalue())
+
+
+def test_odd_images_are_converted_or_recorded_as_bad_with_their_reason(tmp_path):
+    import struct
+    import zlib
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _save(folder / "a-white8.png", Image.new("RGB", (16, 16), (255, 255, 255)), format="PNG")
+    _save(folder / "b-white16.png", Image.fromarray(np.full((16, 16), 65535, np.uint16)), format="PNG")
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 255, 255), (0, 0, 0))]
+    _save(folder / "c-anim.gif", frames[0], format="GIF", save_all=True, append_images=frames[1:])
+    _save(folder / "d-rgba.png", Image.new("RGBA", (16, 16), (255, 255, 255, 10)), format="PNG")
+    _save(folder / "e-grey.png", Image.new("L", (16, 16), 255), format="PNG")
+    ihdr = struct.pack(">IIBBBBB", 14_000, 14_000, 8, 2, 0, 0, 0)
+    (folder / "f-bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                                        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    (folder / "g-garbage.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    config = _config(tmp_path, source={"kind": "folder", "path": str(folder),
+                                       "preprocess": {"normalize": "none"}},
+                     dump={"dtype": "float32"}, run={"batch_size": 8})
+    worker = ShardWorker(config.to_dict())
+    record = worker.run_shard(Shard(0, 0, 7))
+    worker.close()
+    bad = {b["sample_id"]: b["reason"] for b in record["bad"]}
+    assert set(bad) == {"f-bomb.png", "g-garbage.jpg"}
+    assert "14000x14000 = 196,000,000 pixels, over the limit of 89,478,485" in bad["f-bomb.png"]
+    assert bad["g-garbage.jpg"].startswith("ImageError: cannot decode the image")
+    table = read_table(config.run.output, "relu1")
+    assert table.column("sample_id").to_pylist() == ["a-white8.png", "b-white16.png", "c-anim.gif", "d-rgba.png", "e-grey.png"]
+    maps = read_layer(config.run.output, "relu1")
+    assert np.isfinite(maps).all()
+    for i in range(1, 5):  # 16-bit white, the GIF's white first frame, RGBA white, grey white: all white
+        np.testing.assert_allclose(maps[i], maps[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_sample_the_model_cannot_take_is_isolated_from_its_batch(tmp_path):
+    config = _config(tmp_path, model={"name": "support.models:picky", "layers": ["relu1"]},
+                     source={"kind": "dataset", "target": "support.datasets:WithWhite",
+                             "kwargs": {"n": 8, "white": 2}, "preprocess": {"normalize": "none"}},
+                     run={"batch_size": 4})
+    worker = ShardWorker(config.to_dict())
+    record = worker.run_shard(Shard(0, 0, 8))
+    assert record["bad"] == [{"index": 2, "sample_id": "2", "reason": "the model's forward fails on it: "
+                              "ValueError: cannot take an all-white image"}]
+    assert read_table(config.run.output, "relu1").column("index").to_pylist() == [0, 1, 3, 4, 5, 6, 7]
+    model = build_model(config.model)
+    x = torch.stack([s.image for s in open_source(config.source).read([0, 1, 3])])
+    with torch.no_grad():
+        expected = model.relu1(model.conv1(x)).numpy()
+    np.testing.assert_allclose(read_layer(config.run.output, "relu1")[:3], expected, rtol=1e-3, atol=1e-3)
+    strict = _config(tmp_path / "s", model=config.to_dict()["model"], source=config.to_dict()["source"],
+                     run={"batch_size": 4, "strict": True})
+    with pytest.raises(BadSampleError, match="sample '2' \\(index 2\\): the model's forward fails on it"):
+        ShardWorker(strict.to_dict()).run_shard(Shard(0, 0, 8))
+    worker.close()

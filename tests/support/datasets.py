@@ -60,3 +60,15 @@ class Slow(Squares):
 
         time.sleep(self.delay)
         return super().__getitem__(i)
+
+
+class WithWhite(Squares):
+    """Squares where item ``white`` is all ones (white)."""
+
+    def __init__(self, n: int = 8, size: int = 16, white: int = 2):
+        super().__init__(n, size)
+        self.white = white
+
+    def __getitem__(self, i: int):
+        image, target = super().__getitem__(i)
+        return (torch.ones_like(image) if i == self.white else image), target

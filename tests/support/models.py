@@ -25,3 +25,17 @@ class TinyConvNet(nn.Module):
 
 def tiny(num_classes: int = 4) -> TinyConvNet:
     return TinyConvNet(num_classes)
+
+
+class Picky(TinyConvNet):
+    """A TinyConvNet whose forward refuses a batch that holds an all-white image (with
+    ``normalize: none``): a model that cannot take one sample of a batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.flatten(1).amin(1) >= 1.0).any()):
+            raise ValueError("cannot take an all-white image")
+        return super().forward(x)
+
+
+def picky() -> Picky:
+    return Picky()
