@@ -349,16 +349,16 @@ def plan_folder(work: Path, files: int) -> dict:
                 os.close(os.open(folder / f"{i:08d}.jpg", os.O_CREAT | os.O_WRONLY))
         tmp.rename(tree)
 
-    def scandir_walk() -> int:
-        count, stack = 0, [str(tree)]
+    def scandir_walk() -> int:  # the names of every file, as one listing has to give them
+        names, stack = [], [str(tree)]
         while stack:
             with os.scandir(stack.pop()) as entries:
                 for e in entries:
                     if e.is_dir():
                         stack.append(e.path)
                     else:
-                        count += 1
-        return count
+                        names.append(e.path)
+        return len(names)
 
     def pyarrow_listing() -> int:
         return len(pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(tree), recursive=True)))
