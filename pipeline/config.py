@@ -270,19 +270,28 @@ class PreprocessSpec(_Section):
     """Per-sample preprocessing: resize the shorter side, centre-crop, normalise on the device.
 
     ``normalize`` is ``imagenet``, ``none`` (images in [0, 1], as detection models want) or
-    ``{mean: [...], std: [...]}``.
+    ``{mean: [...], std: [...]}``. ``channels`` is what the model takes: 3 (grey images are
+    repeated) or 1 (colour images become their luma). ``max_pixels`` refuses larger images from
+    their header, before decoding (``null``: no limit).
     """
 
     _prefix = "source.preprocess"
     resize: int | None = None
     crop: tuple[int, int] | None = None
     normalize: Any = "imagenet"
+    channels: int = 3
+    max_pixels: int | None = 89_478_485
 
     def __post_init__(self):
         set_ = object.__setattr__
         if self.resize is not None:
             set_(self, "resize", _int("source.preprocess.resize", self.resize, 1))
         set_(self, "crop", _size("source.preprocess.crop", self.crop))
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ConfigError("source.preprocess.channels", f"{self.channels!r} is not valid; valid: 3 "
+                              "(RGB) or 1 (grey)")
+        if self.max_pixels is not None:
+            set_(self, "max_pixels", _int("source.preprocess.max_pixels", self.max_pixels, 1))
         norm = self.normalize
         if isinstance(norm, str):
             if norm.lower() not in _NORMALIZE_PRESETS:

@@ -152,7 +152,8 @@ class ShardWorker:
         # decoding threads: the actor's CPUs (the driver's trial sample: one)
         cpus = self.config.run.cpus_per_actor
         threads = decode_threads if decode_threads is not None else max(1, int(1 if cpus == "auto" else cpus))
-        self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=prep.resize, crop=prep.crop)
+        self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=prep.resize, crop=prep.crop,
+                               max_pixels=prep.max_pixels, channels=prep.channels)
         # a loader per shard at work: each reads its own shard, the decoding pool is shared
         self._loader = ThreadPoolExecutor(max(1, shards_at_once), thread_name_prefix="actmap-load")
         # one writer per layer and shard at work: the files are independent, and pyarrow encodes

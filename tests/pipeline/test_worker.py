@@ -308,3 +308,20 @@ def test_a_sample_the_model_cannot_take_is_isolated_from_its_batch(tmp_path):
     with pytest.raises(BadSampleError, match="sample '2' \\(index 2\\): the model's forward fails on it"):
         ShardWorker(strict.to_dict()).run_shard(Shard(0, 0, 8))
     worker.close()
+
+
+def test_pixel_limit_and_channels_come_from_the_config(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, size in enumerate([(16, 16), (40, 40), (16, 16)]):
+        _save(folder / f"{i}.png", Image.new("RGB", size, (200, 30, 10)), format="PNG")
+    config = _config(tmp_path, model={"name": "support.models:grey", "layers": ["relu1"]},
+                     source={"kind": "folder", "path": str(folder),
+                             "preprocess": {"normalize": "none", "channels": 1, "max_pixels": 1000}})
+    worker = ShardWorker(config.to_dict())
+    record = worker.run_shard(Shard(0, 0, 3))
+    worker.close()
+    assert [(b["sample_id"], "40x40 = 1,600 pixels, over the limit of 1,000" in b["reason"]) for b in record["bad"]] == [("1.png", True)]
+    assert [a.shape for a in read_layer(config.run.output, "relu1")] == [(8, 16, 16)] * 2  # one channel in
+    with pytest.raises(ConfigError, match="source.preprocess.channels: 2 is not valid; valid: 3 \\(RGB\\) or 1"):
+        _config(tmp_path, source={"preprocess": {"channels": 2}})

@@ -39,3 +39,10 @@ class Picky(TinyConvNet):
 
 def picky() -> Picky:
     return Picky()
+
+
+def grey() -> TinyConvNet:
+    """A TinyConvNet that takes one-channel images."""
+    model = TinyConvNet()
+    model.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+    return model
