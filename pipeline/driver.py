@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import TextIO
 
 from .config import Config
-from .errors import BadSampleError, ShardFailedError
+from .errors import BadSampleError, ConfigError, ShardFailedError
 from .manifest import SOURCE_INDEX_PATH, new_manifest, prepare_output
 from .progress import Progress, _duration
 from .scheduling import ActorPlan, ShardQueue, plan_actors
@@ -102,6 +102,20 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_ids(source, strict: bool) -> None:
+    """Sample ids that repeat (a Parquet id column, WebDataset keys): a warning, or with
+    ``run.strict`` a refusal before any work."""
+    repeated = getattr(source, "repeated_ids", None)
+    if not repeated or not repeated["count"]:
+        return
+    examples = ", ".join(repr(v) for v in repeated["examples"])
+    message = (f"{repeated['count']:,} sample ids appear more than once (e.g. {examples}); the rows "
+               "keep their distinct index, but joins on sample_id will match several")
+    if strict:
+        raise ConfigError("source", message + " (run.strict is set; unset it to go on)")
+    log.warning("%s", message)
 
 
 def _freeze_source(store: OutputStore, source) -> bool:
@@ -208,6 +222,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                     config.run.batch_size)
     probe = ShardWorker(config.to_dict(), device="cpu", decode_threads=1)
     try:
+        _check_ids(probe.source, config.run.strict)
         layers = probe.probe()
         samples = len(probe.source)
         manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)

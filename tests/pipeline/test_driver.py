@@ -164,3 +164,19 @@ def test_strict_failure_with_shards_in_flight_names_the_bad_sample(tmp_path, cap
     assert code == 1
     assert "BadSampleError: sample '20' (index 20): ValueError: item 20 is corrupt" in err
     assert "rerun the same command to resume" in err
+
+
+def test_repeated_ids_are_reported_or_refused_in_strict_mode(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.driver import _check_ids
+    from pipeline.errors import ConfigError
+    from pipeline.sources import ParquetSource
+
+    pq.write_table(pa.table({"image": [b"x"] * 5, "key": ["a", "b", "a", "c", "b"]}), tmp_path / "t.parquet")
+    source = ParquetSource(str(tmp_path / "t.parquet"), id_column="key")
+    with pytest.raises(ConfigError, match="2 sample ids appear more than once \\(e.g. 'a', 'b'\\)"):
+        _check_ids(source, strict=True)
+    _check_ids(source, strict=False)
+    assert "2 sample ids appear more than once" in caplog.text
