@@ -361,7 +361,8 @@ def plan_folder(work: Path, files: int) -> dict:
         return len(names)
 
     def pyarrow_listing() -> int:
-        return len(pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(tree), recursive=True)))
+        infos = pafs.LocalFileSystem().get_file_info(pafs.FileSelector(str(tree), recursive=True))
+        return sum(1 for i in infos if i.type == pafs.FileType.File)
 
     def plan() -> int:
         source = FolderSource(str(tree))
@@ -391,7 +392,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--rows", type=int, default=100_000, help="Parquet rows (default 100,000)")
@@ -470,8 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{plan['pyarrow']:.2f} s ({plan['plan'] / plan['pyarrow']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -58,3 +58,18 @@ def test_bench_pipeline_rows(ray_cluster, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "x raw forward" in printed and "load wait" in printed
     assert list(tmp_path.iterdir()) == []  # the dumps are removed
+
+
+def test_bench_sources_rows(tmp_path, capsys):
+    bench = _bench("bench_sources")
+    result = bench.main(["--rows", "120", "--files", "60", "--generated", "40", "--size", "16", "--threads", "2",
+                         "--batch", "16", "--shard-size", "32", "--no-e2e", "--no-raydata", "--plan-files", "300",
+                         "--workdir", str(tmp_path)])
+    assert list(result["kinds"]) == ["parquet", "folder", "webdataset", "generated"]
+    for kind, res in result["kinds"].items():
+        for key in ("floor_1", "floor_2", "source_1", "source_2"):
+            assert res[key] > 0 and math.isfinite(res[key]), (kind, key)
+    plan = result["plan"]
+    assert plan["plan_count"] == plan["scandir_count"] == plan["pyarrow_count"] == 300
+    printed = capsys.readouterr().out
+    assert "source alone, 2 thread(s)" in printed and "planning a folder of 300 files" in printed
