@@ -203,6 +203,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     finally:
         probe.close()
     manifest["layer_info"] = layers
+    manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
     store = OutputStore(config.run.output)
     records = prepare_output(store, manifest, overwrite)
     resumed = len(records)

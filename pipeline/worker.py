@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, Precision
+from .config import Config, Precision, Shapes
 from .errors import BadSampleError
 from .manifest import shard_record_path
 from .errors import ConfigError
+from .model_inputs import resolve_input
 from .models import LayerOutputs, build_model, model_identity
 from .preprocess import decode_many, resize_crop, to_model_input
 from .reduce import reduce_output
@@ -131,14 +132,16 @@ class ShardWorker:
                                "build the same weights from model.seed; give a model.weights file")
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # what the model is fed (normalize: model reads the model's own config)
+        self.inputs = resolve_input(self.config.source.preprocess, model)
         self.outputs = LayerOutputs(model.to(self.device), self.config.model)
         self.source = open_source(self.config.source)
         self.label_fields = self.source.label_fields()
         self.store = OutputStore(self.config.run.output)
-        self.fixed = self.config.shapes_fixed()
+        self.fixed = self.config.shapes_fixed() or (self.config.dump.shapes is Shapes.AUTO and bool(self.inputs.crop))
         # the shape each layer must keep in a fixed-width column (first seen, unless given)
         self._shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in (layer_shapes or {}).items()}
-        self.mean_std = self.config.source.preprocess.mean_std()
+        self.mean_std = self.inputs.mean_std
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="actmap-load")
         # one writer per layer: the files are independent, and pyarrow writes without the GIL
         self._writer = ThreadPoolExecutor(len(self.config.model.layers), thread_name_prefix="actmap-write")
@@ -157,7 +160,7 @@ class ShardWorker:
     # -- stages ----------------------------------------------------------------------------
 
     def _load(self, indices: Sequence[int]) -> _Batch:
-        prep = self.config.source.preprocess
+        prep = self.inputs
         read = self.source.read(indices)
         good = [s for s in read if isinstance(s, Sample)]
         bad = [s for s in read if isinstance(s, BadSample)]
@@ -197,8 +200,9 @@ class ShardWorker:
             for layer in layers:
                 out = outputs.get(layer)
                 if not isinstance(out, torch.Tensor):
-                    raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; "
-                                       "choose a layer whose output is one tensor (`actmap layers` shows them)")
+                    raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; pick "
+                                       f"one of its tensors with a selector, e.g. '{layer}[0]' (`actmap layers "
+                                       "MODEL --input-size ...` lists them)")
                 host[layer] = _host(reduce_output(out, self.config.dump, layer))
             results.append((positions, host))
         ready = None
