@@ -64,8 +64,9 @@ def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | to
 
 
 def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,
-               columns: Sequence[str] | None = None) -> pa.Table:
-    """The rows of ``layer`` whose source index is in ``[start, stop)``, sorted by index."""
+               columns: Sequence[str] | None = None, indices: Sequence[int] | None = None) -> pa.Table:
+    """The rows of ``layer`` whose source index is in ``[start, stop)`` (and in ``indices``, when
+    given), sorted by index."""
     store = OutputStore(location)
     files = [store.path(f) for f in _layer_files(store, layer)]
     dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
@@ -75,6 +76,9 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     if stop is not None:
         upper = pc.field("index") < stop
         condition = upper if condition is None else condition & upper
+    if indices is not None:
+        chosen = pc.field("index").isin(pa.array(list(indices), pa.int64()))
+        condition = chosen if condition is None else condition & chosen
     table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
     table = table.sort_by("index") if "index" in table.column_names else table
     return table.replace_schema_metadata(dataset.schema.metadata)

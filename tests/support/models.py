@@ -25,3 +25,11 @@ class TinyConvNet(nn.Module):
 
 def tiny(num_classes: int = 4) -> TinyConvNet:
     return TinyConvNet(num_classes)
+
+
+def overflowing(num_classes: int = 4) -> TinyConvNet:
+    """A TinyConvNet whose first convolution gives values beyond float16's range (inf when stored)."""
+    model = TinyConvNet(num_classes)
+    with torch.no_grad():
+        model.conv1.weight.mul_(1e6)
+    return model
