@@ -58,3 +58,14 @@ def test_bench_pipeline_rows(ray_cluster, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "x raw forward" in printed and "load wait" in printed
     assert list(tmp_path.iterdir()) == []  # the dumps are removed
+
+
+def test_bench_reader_rows(tmp_path, capsys):
+    bench = _bench("bench_reader")
+    rows = bench.main(["--rows", "96", "--shape", "4", "2", "2", "--row-group", "8", "--shard", "32",
+                       "--batch", "16", "--window", "24", "--repeats", "1", "--dir", str(tmp_path)])
+    assert [r["read"] for r in rows] == [bench.SEQUENTIAL, bench.BLOCK, bench.RANDOM]
+    assert all(r["rows_per_s"] > 0 and math.isfinite(r["rows_per_s"]) for r in rows)
+    assert rows[0]["vs_sequential"] == 1.0
+    assert "vs sequential" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # its files are removed
