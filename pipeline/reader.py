@@ -27,6 +27,7 @@ from .errors import close_matches
 from .manifest import MANIFEST_PATH, SHARDS_DIR, completed_shards
 from .shards import partition_dir
 from .shuffle import block_shuffle, groups_per_window
+from .stats import merge_records
 from .store import OutputStore
 from .writer import ACTIVATION
 
@@ -269,6 +270,8 @@ class DumpInfo:
             lines.append(f"  layer {layer}: {info['rows']:,} rows, {shape} {info['dtype']}, "
                          f"{info['files']} files, {info['bytes'] / 1e6:,.1f} MB, columns: "
                          f"{', '.join(info['columns'])}")
+            if info.get("values"):
+                lines.append(f"    values: {info['values'].format()}")
         lines.append(f"bad samples: {len(self.bad)}")
         for b in self.bad[:bad_limit]:
             lines.append(f"  {b['sample_id']} (index {b['index']}): {b['reason']}")
@@ -297,6 +300,9 @@ def inspect_dump(location: str) -> DumpInfo:
         spec = read_metadata(schema)["columns"][ACTIVATION]
         layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
                          "bytes": size, "columns": schema.names}
+    for layer, values in merge_records(records.values()).items():
+        if layer in layers:
+            layers[layer]["values"] = values  # computed by the actors as they wrote
     bad = sorted((b for r in records.values() for b in r["bad"]), key=lambda b: b["index"])
     planned = manifest["plan"]["shards"] if manifest else None
     return DumpInfo(location, manifest, layers, len(records), planned, bad)

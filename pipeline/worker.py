@@ -36,6 +36,7 @@ from .preprocess import decode_many, resize_crop, to_model_input
 from .reduce import reduce_output
 from .shards import Shard
 from .sources import BadSample, Sample, describe_error, open_source
+from .stats import ValueStats
 from .store import OutputStore
 from .writer import LayerFileWriter, build_table
 
@@ -179,7 +180,7 @@ class ShardWorker:
                                  "(run.strict is set; unset it to record bad samples and go on)")
         return _Batch(samples, images, bad)
 
-    def _forward(self, batch: _Batch) -> _Outputs:
+    def _forward(self, batch: _Batch, stats: Mapping[str, ValueStats] | None = None) -> _Outputs:
         # equal-shaped images run together, so no sample is padded; rows keep sample order
         groups: dict[tuple, list[int]] = {}
         for position, image in enumerate(batch.images):
@@ -203,7 +204,10 @@ class ShardWorker:
                     raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; pick "
                                        f"one of its tensors with a selector, e.g. '{layer}[0]' (`actmap layers "
                                        "MODEL --input-size ...` lists them)")
-                host[layer] = _host(reduce_output(out, self.config.dump, layer))
+                stored = reduce_output(out, self.config.dump, layer)
+                if stats is not None:  # the stored values, counted on the device
+                    stats[layer].add(stored)
+                host[layer] = _host(stored)
             results.append((positions, host))
         ready = None
         if self.device.type == "cuda":
@@ -250,6 +254,7 @@ class ShardWorker:
         compression = self.config.dump.compression.value
         writers = {layer: LayerFileWriter(self.store, shard.file_name(layer), compression) for layer in layers}
         seconds = {"load_wait": 0.0, "device_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
+        stats = {layer: ValueStats() for layer in layers}
         bad: list[BadSample] = []
         pending: list[Future] = []
         loading: Future | None = None
@@ -266,7 +271,7 @@ class ShardWorker:
                 with self._device:
                     t_device = time.perf_counter()
                     if batch.samples:
-                        outputs = self._forward(batch)
+                        outputs = self._forward(batch, stats)
                 t2 = time.perf_counter()
                 for future in pending:
                     future.result()
@@ -302,6 +307,7 @@ class ShardWorker:
             "files": {layer: shard.file_name(layer) for layer in layers if rows[layer]},
             "bytes": {layer: size for layer, size in sizes.items() if size},
             "bad": [b.to_dict() for b in bad],
+            "stats": {layer: s.to_dict() for layer, s in stats.items()},
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
             "started": round(started_at, 3), "finished": round(time.time(), 3),
             "worker": self.info(),

@@ -69,3 +69,15 @@ def test_bench_reader_rows(tmp_path, capsys):
     assert rows[0]["vs_sequential"] == 1.0
     assert "vs sequential" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # its files are removed
+
+
+def test_bench_stats_rows(tmp_path, capsys):
+    bench = _bench("bench_stats")
+    result = bench.main(["--jobs", "default dump", "--count", "8", "--batch", "4", "--repeats", "1",
+                         "--batch-repeats", "1", "--dir", str(tmp_path)])
+    (actor,) = result["actors"]
+    assert actor["job"] == "default dump" and actor["rows_per_s_with"] > 0 and actor["rows_per_s_without"] > 0
+    assert [b["shape"] for b in result["batches"]] == list(bench.BATCH_SHAPES)
+    assert all(b["write_ms"] > 0 and b["stats_ms"] > 0 for b in result["batches"])
+    assert "ValueStats.add against the writer" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # its files are removed
