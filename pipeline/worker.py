@@ -29,6 +29,7 @@ import torch
 from .config import Config, Precision, Shapes
 from .errors import BadSampleError
 from .manifest import shard_record_path
+from .metrics import ActorMetrics
 from .errors import ConfigError
 from .model_inputs import resolve_input
 from .models import LayerOutputs, build_model, model_identity
@@ -148,6 +149,7 @@ class ShardWorker:
         self._writer = ThreadPoolExecutor(len(self.config.model.layers), thread_name_prefix="actmap-write")
         # shards may run in two threads at once: the forwards take turns on the device
         self._device = threading.Lock()
+        self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
@@ -273,6 +275,7 @@ class ShardWorker:
                     if batch.samples:
                         outputs = self._forward(batch, stats)
                 t2 = time.perf_counter()
+                self.metrics.batch(shard.id, len(batch.samples), len(batch.bad))
                 for future in pending:
                     future.result()
                 t3 = time.perf_counter()
@@ -289,6 +292,7 @@ class ShardWorker:
                 future.result()
             sizes = {layer: writer.commit() for layer, writer in writers.items()}
         except BaseException:
+            self.metrics.shard_failed(shard.id)
             if loading is not None:
                 loading.cancel()
                 with contextlib.suppress(BaseException):
@@ -313,7 +317,12 @@ class ShardWorker:
             "worker": self.info(),
         }
         self.store.write_json(shard_record_path(shard.id), record)
+        self.metrics.shard_done(shard.id, record)
         return record
+
+    def progress(self) -> dict[int, int]:
+        """The samples done so far of each shard this worker is running (for the driver)."""
+        return self.metrics.in_flight()
 
     def probe(self, tries: int = 8) -> dict[str, dict]:
         """Run the first readable sample through the whole path, writing nothing.
