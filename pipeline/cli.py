@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="rows to draw, spread over the dump (default 4; with --stats 256 per layer)")
     show.add_argument("--channels", type=int, nargs="+", metavar="C",
                       help="draw these channels (token dims) one by one instead of their mean")
+    show.add_argument("--prefix-tokens", type=int, metavar="N", help="leading (class, register) tokens "
+                      "of a (tokens, dim) output, left out of the patch grid (default: found by itself)")
     show.add_argument("--stats", action="store_true", help="one histogram of values per layer (or --layer), "
                       "with the fraction of zeros and NaN/inf counts")
     show.add_argument("-o", "--out", dest="png", help="the PNG file to write (default: maps.png, stats.png)")
@@ -69,7 +71,8 @@ def _show(args: argparse.Namespace) -> int:
         elif not args.layer:
             raise ConfigError("--layer", "name the layer to draw (`actmap inspect OUT` lists them), or pass --stats")
         else:
-            path = show_maps(args.output, args.layer, args.png or "maps.png", args.samples or 4, args.channels)
+            path = show_maps(args.output, args.layer, args.png or "maps.png", args.samples or 4, args.channels,
+                             args.prefix_tokens)
     except (FileNotFoundError, NoMapError) as exc:
         raise ConfigError("--stats" if args.stats else "--layer", str(exc)) from None
     except KeyError as exc:  # an unknown layer: the reader names the layers there are

@@ -39,17 +39,23 @@ class Map:
     title: str
 
 
-def token_grid(tokens: int, aspect: float) -> tuple[int, int, int]:
+def token_grid(tokens: int, aspect: float, prefix: int | None = None) -> tuple[int, int, int]:
     """``(prefix, rows, cols)``: the fewest leading tokens whose removal leaves a patch grid of
-    the image's aspect ratio (``height / width``), within 10%.
+    the image's aspect ratio (``height / width``), within 10%; or exactly ``prefix`` of them.
+
+    Small grids can be ambiguous (9 tokens: 3x3, or 2x2 after a class and 4 register tokens);
+    give ``prefix`` then (``actmap show --prefix-tokens``).
 
     >>> token_grid(197, 1.0), token_grid(261, 1.0), token_grid(16, 1.0), token_grid(51, 0.5)
     ((1, 14, 14), (5, 16, 16), (0, 4, 4), (1, 5, 10))
+    >>> token_grid(9, 1.0), token_grid(9, 1.0, prefix=5)
+    ((0, 3, 3), (5, 2, 2))
 
     Raises:
         NoMapError: When no such grid exists.
     """
-    for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
+    candidates = range(min(MAX_PREFIX_TOKENS, tokens - 1) + 1) if prefix is None else [prefix]
+    for prefix in candidates:
         patches = tokens - prefix
         rows = max(1, round(float(np.sqrt(patches * aspect))))
         for r in (rows - 1, rows, rows + 1):
@@ -57,8 +63,9 @@ def token_grid(tokens: int, aspect: float) -> tuple[int, int, int]:
                 cols = patches // r
                 if abs((r / cols) / aspect - 1) <= 0.1 and (patches > 1 or tokens == 1):
                     return prefix, r, cols
+    leading = f"up to {MAX_PREFIX_TOKENS}" if len(candidates) > 1 else str(candidates[0])
     raise NoMapError(f"{tokens} tokens do not lay out as a patch grid of the image's aspect ratio "
-                     f"{aspect:.2f} after up to {MAX_PREFIX_TOKENS} leading tokens")
+                     f"{aspect:.2f} after {leading} leading tokens")
 
 
 def _pick(values: np.ndarray, channels: Sequence[int] | None, what: str) -> list[Map]:
@@ -75,7 +82,7 @@ def _pick(values: np.ndarray, channels: Sequence[int] | None, what: str) -> list
 
 
 def activation_maps(activation: np.ndarray, channels: Sequence[int] | None, aspect: float,
-                    reduce: str = "none") -> list[Map]:
+                    reduce: str = "none", prefix: int | None = None) -> list[Map]:
     """The maps to draw for one sample's activation (see the module docstring).
 
     Args:
@@ -84,6 +91,7 @@ def activation_maps(activation: np.ndarray, channels: Sequence[int] | None, aspe
         aspect: the image's ``height / width``, to lay out tokens.
         reduce: the dump's ``dump.reduce``: with ``channel_mean`` a 2-D activation is the map
             itself, otherwise it is ``(tokens, dim)``.
+        prefix: the leading (class, register) tokens of a token output; None finds them.
 
     Raises:
         NoMapError: When the activation has no spatial layout, or a channel is out of range.
@@ -97,7 +105,7 @@ def activation_maps(activation: np.ndarray, channels: Sequence[int] | None, aspe
                              "leave out --channels")
         return [Map(activation, "mean over the channels")]
     if activation.ndim == 2:
-        prefix, rows, cols = token_grid(activation.shape[0], aspect)
+        prefix, rows, cols = token_grid(activation.shape[0], aspect, prefix)
         grid = activation[prefix:].reshape(rows, cols, -1).transpose(2, 0, 1)
         note = f", {rows}x{cols} patches" + (f" (+{prefix} leading token{'s' * (prefix > 1)})" if prefix else "")
         return [Map(m.values, m.title + note) for m in _pick(grid, channels, "dim")]

@@ -126,14 +126,15 @@ def _outline(ax, mask: np.ndarray | None) -> None:
 
 
 def show_maps(location: str, layer: str, output: str, samples: int = 4,
-              channels: Sequence[int] | None = None) -> str:
+              channels: Sequence[int] | None = None, prefix_tokens: int | None = None) -> str:
     """Draw ``samples`` images of the dump beside their ``layer`` maps into the PNG ``output``.
 
+    ``prefix_tokens``: the leading tokens of a token output (found by itself when None).
     Returns the path written. Raises ``NoMapError`` for a layer without a spatial layout.
     """
     rows, meta, reduce = _rows(location, layer, samples)
-    maps = [activation_maps(row.activation, channels, row.image.shape[0] / row.image.shape[1], reduce)
-            for row in rows]
+    maps = [activation_maps(row.activation, channels, row.image.shape[0] / row.image.shape[1], reduce,
+                            prefix_tokens) for row in rows]
     shape = "x".join(map(str, meta["columns"][ACTIVATION]["shape"] or ["variable"]))
     figure, axes = _figure(len(rows), 1 + len(maps[0]))
     figure.suptitle(f"{location}  layer {layer}  ({shape} {meta['columns'][ACTIVATION]['dtype']}, "

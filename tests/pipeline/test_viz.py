@@ -96,6 +96,9 @@ def test_show_tokens_on_their_patch_grid(vit_dump, tmp_path):
     assert main(["show", vit_dump, "--layer", "blocks.0", "--samples", "2", "--channels", "3",
                  "-o", str(tmp_path / "vit.png")]) == 0
     _png(tmp_path / "vit.png")
+    assert main(["show", vit_dump, "--layer", "blocks.0", "--prefix-tokens", "1", "-o", str(tmp_path / "p.png")]) == 0
+    assert main(["show", vit_dump, "--layer", "blocks.0", "--prefix-tokens", "2", "-o", str(tmp_path / "q.png")]) == 2
+    assert not (tmp_path / "q.png").exists()
 
 
 def test_stats_show_dead_layers_and_overflows(tmp_path):
