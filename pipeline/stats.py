@@ -144,10 +144,10 @@ def _device_numbers(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     nan = torch.isnan(t).sum()
     finite = finite_mask.sum()
     inf = t.numel() - finite - nan
-    inf_t = torch.tensor(math.inf, dtype=t.dtype, device=t.device)
-    low = torch.where(finite_mask, t, inf_t).amin()
-    high = torch.where(finite_mask, t, -inf_t).amax()
-    total = torch.where(finite_mask, t, torch.zeros((), dtype=t.dtype, device=t.device)).sum(dtype=torch.float32)
+    # Python scalars, not tensors made here: on a GPU a new tensor would be a copy that waits
+    low = torch.where(finite_mask, t, math.inf).amin()
+    high = torch.where(finite_mask, t, -math.inf).amax()
+    total = torch.where(finite_mask, t, 0.0).sum(dtype=torch.float32)
     return (t == 0).sum(), nan, inf, finite, total, low, high
 
 
