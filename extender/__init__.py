@@ -1,7 +1,8 @@
 """Wrap PyTorch models to read, extend or cut off their intermediate layers.
 
 Layers are named by their :meth:`torch.nn.Module.named_modules` ids (``''`` is the whole
-model); :func:`list_layers` lists them. The wrappers are :class:`torch.nn.Module` s that
+model), optionally followed by selectors that pick one element of a layer's output
+(``'encoder.layer.3[0]'``, ``'encoder[last_hidden_state]'``); :func:`list_layers` lists them. The wrappers are :class:`torch.nn.Module` s that
 keep the model as their child ``wrapped_model`` and work through forward hooks:
 
 * :class:`ActivationMapGrabber`: the model output plus a dict of layer outputs;
@@ -23,6 +24,7 @@ from ._extender import ModelExtender
 from ._grabber import ActivationMapGrabber
 from ._hooks import HooksHandle
 from ._layers import LayerInfo, UnknownLayerError, format_layers, list_layers
+from ._selectors import OutputSelectionError
 from ._stump import ExtendedModelStump, ModelStump
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "LayerInfo",
     "ModelExtender",
     "ModelStump",
+    "OutputSelectionError",
     "UnknownLayerError",
     "format_layers",
     "list_layers",

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ._layers import check_layer_id, resolve_layer
+from ._layers import check_layer_id, resolve_selections
+from ._selectors import Selection
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,16 @@ class HooksHandle(torch.nn.Module):
         return list(self._layer_hooks)
 
     def _register_layer(self, layer_id: str) -> None:
-        """Put a hook on the layer ``layer_id``; a layer that already has one is left alone."""
-        layer = resolve_layer(self.wrapped_model, layer_id)
+        """Put a hook on the layer ``layer_id``; a layer that already has one is left alone.
+
+        An id with output selectors (``'attn[0]'``) hooks its module and records the
+        selected element only.
+        """
+        ((layer, selection),) = resolve_selections(self.wrapped_model, [layer_id])
         if layer_id in self._layer_hooks:
             return
-        self._layer_hooks[layer_id] = layer.register_forward_hook(_LayerHook(self, layer_id))
+        hook = _LayerHook(self, layer_id, selection if selection.keys else None)
+        self._layer_hooks[layer_id] = layer.register_forward_hook(hook)
         logger.debug("%s: hooked layer %r", type(self).__name__, layer_id)
 
     def _unregister_layer(self, layer_id: str) -> None:
@@ -193,11 +199,13 @@ class HooksHandle(torch.nn.Module):
         """
         raise NotImplementedError
 
-    def _on_layer_output(self, layer_id: str, output: Any) -> None:
-        """Called by the hook of ``layer_id`` with that layer's output."""
+    def _on_layer_output(self, layer_id: str, output: Any, selection: Selection | None = None) -> None:
+        """Called by the hook of ``layer_id`` with that layer's output (and the id's selectors)."""
         state = self._find_state()
         if state is None or state.stopped or layer_id not in state.layer_ids:
             return
+        if selection is not None:
+            output = selection.apply(output)
         self._record(state, layer_id, output)
         if state.pending is not None:
             state.pending.discard(layer_id)
@@ -238,20 +246,22 @@ class _LayerHook:
 
     It holds only a weak reference to the wrapper, so the model never keeps its wrapper
     alive. It pickles (and deep-copies) as a reference to its wrapper, so a copied wrapper
-    comes with a copied model whose hooks report to the copy.
+    comes with a copied model whose hooks report to the copy. ``selection`` (for an id with
+    output selectors) is applied by the wrapper, only while the wrapper runs a forward.
     """
 
-    __slots__ = ("_owner", "layer_id")
+    __slots__ = ("_owner", "layer_id", "selection")
 
-    def __init__(self, owner: HooksHandle | None, layer_id: str) -> None:
+    def __init__(self, owner: HooksHandle | None, layer_id: str, selection: Selection | None = None) -> None:
         self._owner = weakref.ref(owner) if owner is not None else None
         self.layer_id = layer_id
+        self.selection = selection
 
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         owner = self._owner() if self._owner is not None else None
         if owner is not None:
-            owner._on_layer_output(self.layer_id, output)
+            owner._on_layer_output(self.layer_id, output, self.selection)
 
     def __reduce__(self) -> tuple[Any, ...]:
         owner = self._owner() if self._owner is not None else None
-        return (_LayerHook, (owner, self.layer_id))
+        return (_LayerHook, (owner, self.layer_id, self.selection))

@@ -2,7 +2,9 @@
 
 A *layer id* is the name under which :meth:`torch.nn.Module.named_modules` lists a
 sub-module, for example ``'layer1.0.conv1'``; the empty string ``''`` names the
-whole model. Every class of :mod:`extender` speaks this one vocabulary.
+whole model. It may end in selectors that pick one element of the layer's output, such as
+``'encoder.layer.3[0]'`` (see :mod:`extender._selectors`). Every class of :mod:`extender`
+speaks this one vocabulary.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ._selectors import Selection, describe_output, element_ids, format_keys
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +91,39 @@ def check_layer_id(layer_id: object) -> str:
     return layer_id
 
 
+def resolve_selections(model: torch.nn.Module, layer_ids: Iterable[object]) -> list[tuple[torch.nn.Module, Selection]]:
+    """Look up several layer ids at once, selectors included; raise on the first bad one.
+
+    An id that is a ``named_modules()`` name names that module; otherwise a trailing run of
+    ``[key]`` selectors is split off and the rest must be a module name.
+
+    Returns:
+        For each id, in order, the sub-module to hook and the selection to apply to its output.
+
+    Raises:
+        ValueError: If an id is None.
+        TypeError: If an id is not a str.
+        UnknownLayerError: If an id names no sub-module; the suggestions keep its selectors.
+    """
+    ids = [check_layer_id(i) for i in layer_ids]
+    modules = dict(model.named_modules())
+    found = []
+    for layer_id in ids:
+        selection = Selection(layer_id, layer_id) if layer_id in modules else Selection.of(layer_id)
+        if selection.module_id not in modules:
+            suffix = format_keys(selection.keys)
+            near = difflib.get_close_matches(selection.module_id, [k for k in modules if k], n=3)
+            raise UnknownLayerError(layer_id, type(model).__name__, [n + suffix for n in near])
+        found.append((modules[selection.module_id], selection))
+    return found
+
+
 def resolve_layers(model: torch.nn.Module, layer_ids: Iterable[object]) -> list[torch.nn.Module]:
     """Look up several layer ids at once; raise on the first bad one.
 
     Args:
         model: The model whose ``named_modules()`` define the valid ids.
-        layer_ids: The ids to look up.
+        layer_ids: The ids to look up (with or without output selectors).
 
     Returns:
         The sub-modules, in the order of ``layer_ids``.
@@ -102,15 +133,7 @@ def resolve_layers(model: torch.nn.Module, layer_ids: Iterable[object]) -> list[
         TypeError: If an id is not a str.
         UnknownLayerError: If an id names no sub-module.
     """
-    ids = [check_layer_id(i) for i in layer_ids]
-    modules = dict(model.named_modules())
-    found = []
-    for layer_id in ids:
-        if layer_id not in modules:
-            suggestions = difflib.get_close_matches(layer_id, [k for k in modules if k], n=3)
-            raise UnknownLayerError(layer_id, type(model).__name__, suggestions)
-        found.append(modules[layer_id])
-    return found
+    return [module for module, _ in resolve_selections(model, layer_ids)]
 
 
 def resolve_layer(model: torch.nn.Module, layer_id: object) -> torch.nn.Module:
@@ -159,28 +182,6 @@ class LayerInfo:
         return "  ".join(p for p in parts if p)
 
 
-def _describe(value: Any, depth: int = 0) -> str:
-    """A short readable description of a layer output: shapes for tensors, else types."""
-    if isinstance(value, torch.Tensor):
-        return str(tuple(value.shape))
-    if value is None:
-        return "None"
-    if depth >= 3 and isinstance(value, (tuple, list, Mapping)):
-        return f"{type(value).__name__}[...]"
-    if isinstance(value, (tuple, list)):
-        items = [_describe(v, depth + 1) for v in value[:4]]
-        if len(value) > 4:
-            items.append(f"... ({len(value) - 4} more)")
-        return f"{type(value).__name__}[{', '.join(items)}]"
-    if isinstance(value, Mapping):
-        keys = list(value.keys())
-        items = [f"{k!r}: {_describe(value[k], depth + 1)}" for k in keys[:4]]
-        if len(keys) > 4:
-            items.append(f"... ({len(keys) - 4} more)")
-        return f"{type(value).__name__}{{{', '.join(items)}}}"
-    return type(value).__name__
-
-
 def _call_model(model: torch.nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, tuple):
         return model(*example_input)
@@ -195,7 +196,9 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
     with temporary hooks on every sub-module (removed afterwards, even on errors). For that
     forward every sub-module is put in eval mode and each one's own mode is restored
     afterwards, so batch-norm statistics are not touched and detection models return
-    detections rather than asking for targets.
+    detections rather than asking for targets. A layer whose output is a tuple, list, dict
+    or ``ModelOutput`` is followed by one entry per tensor inside it, with the id that
+    selects it (``'encoder[last_hidden_state]'``, ``'attn[0]'``; type ``Tensor``).
 
     Args:
         model: The model to inspect.
@@ -222,14 +225,17 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
         return [LayerInfo(name, type(module).__name__) for name, module in named]
 
     # Describe each output as soon as it appears, so no activation is kept alive.
-    seen: dict[str, tuple[tuple[int, ...] | None, str]] = {}
+    seen: dict[str, tuple[tuple[int, ...] | None, str, list[tuple[str, tuple[int, ...]]]]] = {}
     calls: dict[str, int] = {name: 0 for name, _ in named}
 
     def make_hook(name: str):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             calls[name] += 1
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-            seen[name] = (shape, _describe(output))
+            if isinstance(output, torch.Tensor):
+                seen[name] = (tuple(output.shape), describe_output(output), [])
+            else:
+                elements = [(keys, tuple(t.shape)) for keys, t in element_ids(output)]
+                seen[name] = (None, describe_output(output), elements)
 
         return hook
 
@@ -250,8 +256,10 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
 
     infos = []
     for name, module in named:
-        shape, summary = seen.get(name, (None, None))
+        shape, summary, elements = seen.get(name, (None, None, []))
         infos.append(LayerInfo(name, type(module).__name__, shape, summary, calls[name]))
+        for keys, element_shape in elements:
+            infos.append(LayerInfo(name + keys, "Tensor", element_shape, str(element_shape), calls[name]))
     logger.debug("listed %d layers of %s", len(infos), type(model).__name__)
     return infos
 

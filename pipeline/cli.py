@@ -1,4 +1,4 @@
-"""The command line: ``actmap run``, ``actmap layers``, ``actmap inspect``.
+"""The command line: ``actmap run``, ``actmap layers``, ``actmap inspect``, ``actmap show``.
 
 Exit status: 0 done, 1 the run failed (what was done is kept; rerun to resume), 2 a bad
 config or argument (nothing was started).
@@ -41,7 +41,44 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="describe a dump: layers, shapes, rows, completeness, bad samples")
     inspect.add_argument("output", help="the dump's folder or URI")
     inspect.add_argument("--bad", type=int, default=20, metavar="N", help="list at most N bad samples")
+
+    show = sub.add_parser("show", help="draw activation maps over their images, or value histograms (--stats), "
+                          "into a PNG file")
+    show.add_argument("output", help="the dump's folder or URI")
+    show.add_argument("--layer", help="the layer to draw (required without --stats)")
+    show.add_argument("--samples", type=int, default=None, metavar="N",
+                      help="rows to draw, spread over the dump (default 4; with --stats 256 per layer)")
+    show.add_argument("--channels", type=int, nargs="+", metavar="C",
+                      help="draw these channels (token dims) one by one instead of their mean")
+    show.add_argument("--prefix-tokens", type=int, metavar="N", help="leading (class, register) tokens "
+                      "of a (tokens, dim) output, left out of the patch grid (default: found by itself)")
+    show.add_argument("--stats", action="store_true", help="one histogram of values per layer (or --layer), "
+                      "with the fraction of zeros and NaN/inf counts")
+    show.add_argument("-o", "--out", dest="png", help="the PNG file to write (default: maps.png, stats.png)")
     return parser
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .maps import NoMapError
+    from .viz import show_maps, show_stats
+
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError("--samples", f"must be at least 1, got {args.samples}")
+    try:
+        if args.stats:
+            path = show_stats(args.output, args.png or "stats.png", args.samples or 256,
+                              [args.layer] if args.layer else None)
+        elif not args.layer:
+            raise ConfigError("--layer", "name the layer to draw (`actmap inspect OUT` lists them), or pass --stats")
+        else:
+            path = show_maps(args.output, args.layer, args.png or "maps.png", args.samples or 4, args.channels,
+                             args.prefix_tokens)
+    except (FileNotFoundError, NoMapError) as exc:
+        raise ConfigError("--stats" if args.stats else "--layer", str(exc)) from None
+    except KeyError as exc:  # an unknown layer: the reader names the layers there are
+        raise ConfigError("--layer", str(exc)) from None
+    print(path)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -89,7 +126,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    handler = {"run": _run, "layers": _layers, "inspect": _inspect}[args.command]
+    handler = {"run": _run, "layers": _layers, "inspect": _inspect, "show": _show}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

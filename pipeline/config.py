@@ -59,6 +59,8 @@ class Reduction(str, enum.Enum):
     NONE = "none"
     POOL = "pool"  # adaptive average pooling of the spatial dims to ``pool_size``
     CHANNEL_MEAN = "channel_mean"  # mean over the channel dim (dim 1 of the batch)
+    CLS = "cls"  # token 0 of a (tokens, dim) output: a ViT's class token
+    MEAN = "mean"  # the mean over the tokens of a (tokens, dim) output
 
 
 class Shapes(str, enum.Enum):
@@ -226,7 +228,8 @@ class ModelSpec(_Section):
         for layer in layers:
             if not isinstance(layer, str) or not layer:
                 raise ConfigError("model.layers", f"{layer!r} is not a layer id; layer ids are "
-                                  "named_modules() names such as 'layer3' (see `actmap layers MODEL`)")
+                                  "named_modules() names such as 'layer3' (see `actmap layers MODEL`); "
+                                  "quote ids with selectors in YAML lists: [\"encoder.layer.3[0]\"]")
         if len(set(layers)) != len(layers):
             raise ConfigError("model.layers", f"lists a layer twice: {list(layers)}")
         set_(self, "layers", tuple(layers))
@@ -269,10 +272,11 @@ _NORMALIZE_PRESETS = {
 class PreprocessSpec(_Section):
     """Per-sample preprocessing: resize the shorter side, centre-crop, normalise on the device.
 
-    ``normalize`` is ``imagenet``, ``none`` (images in [0, 1], as detection models want) or
-    ``{mean: [...], std: [...]}``. ``channels`` is what the model takes: 3 (grey images are
-    repeated) or 1 (colour images become their luma). ``max_pixels`` refuses larger images from
-    their header, before decoding (``null``: no limit).
+    ``normalize`` is ``imagenet``, ``none`` (images in [0, 1], as detection models want),
+    ``model`` (the model's own mean and std, and its input size where it wants one: see
+    :mod:`pipeline.model_inputs`) or ``{mean: [...], std: [...]}``. ``channels`` is what the
+    model takes: 3 (grey images are repeated) or 1 (colour images become their luma).
+    ``max_pixels`` refuses larger images from their header, before decoding (``null``: no limit).
     """
 
     _prefix = "source.preprocess"
@@ -294,9 +298,9 @@ class PreprocessSpec(_Section):
             set_(self, "max_pixels", _int("source.preprocess.max_pixels", self.max_pixels, 1))
         norm = self.normalize
         if isinstance(norm, str):
-            if norm.lower() not in _NORMALIZE_PRESETS:
+            if norm.lower() not in _NORMALIZE_PRESETS and norm.lower() != "model":
                 raise ConfigError("source.preprocess.normalize", f"{norm!r} is not valid; valid: "
-                                  "'imagenet', 'none' or {mean: [r, g, b], std: [r, g, b]}")
+                                  "'imagenet', 'none', 'model' or {mean: [r, g, b], std: [r, g, b]}")
             norm = norm.lower()
         elif isinstance(norm, Mapping):
             if set(norm) != {"mean", "std"} or not all(
@@ -308,11 +312,18 @@ class PreprocessSpec(_Section):
             norm = {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
         else:
             raise ConfigError("source.preprocess.normalize", f"{norm!r} is not valid; valid: "
-                              "'imagenet', 'none' or {mean: [r, g, b], std: [r, g, b]}")
+                              "'imagenet', 'none', 'model' or {mean: [r, g, b], std: [r, g, b]}")
         set_(self, "normalize", norm)
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-        """The normalisation constants, or ``None`` to keep images in [0, 1]."""
+        """The normalisation constants, or ``None`` to keep images in [0, 1].
+
+        Raises ``ValueError`` for ``model``: those come with the model
+        (:func:`pipeline.model_inputs.resolve_input`).
+        """
+        if self.normalize == "model":
+            raise ValueError("normalize 'model' takes its constants from the model: use "
+                             "pipeline.model_inputs.resolve_input(preprocess, model)")
         if isinstance(self.normalize, str):
             return _NORMALIZE_PRESETS[self.normalize]
         return tuple(self.normalize["mean"]), tuple(self.normalize["std"])

@@ -19,6 +19,7 @@ from typing import TextIO
 from .config import Config
 from .errors import BadSampleError, ConfigError, ShardFailedError
 from .manifest import SOURCE_INDEX_PATH, new_manifest, prepare_output
+from .metrics import InFlightPoller
 from .progress import Progress, _duration
 from .scheduling import ActorPlan, ShardQueue, plan_actors
 from .shards import Shard, plan_shards
@@ -133,7 +134,8 @@ def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str
     import ray
 
     remote = ray.remote(ShardWorker).options(
-        num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD", max_concurrency=plan.shards_per_actor,
+        # one more thread than shards in flight answers the driver's progress questions
+        num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD", max_concurrency=plan.shards_per_actor + 1,
         # a dead actor restarts (building its model again) and Ray reruns its shards there;
         # a rerun shard overwrites its own files, so the output stays exactly-once
         max_restarts=config.run.max_attempts, max_task_retries=config.run.max_attempts)
@@ -165,6 +167,7 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
     pending: dict = {}  # object ref -> (actor index, shard)
     load = [0] * len(actors)
     alive = set(range(len(actors)))
+    poller = InFlightPoller(actors)
     try:
         while not queue.idle:
             for a in sorted(alive, key=lambda i: load[i]):
@@ -175,7 +178,7 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
             if not pending:
                 raise ShardFailedError("every actor has died; the shards done so far are kept, "
                                        "rerun the same command to finish")
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 a, shard = pending.pop(ref)
                 load[a] -= 1
@@ -196,7 +199,9 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
                     queue.finished(shard)
                     records[shard.id] = record
                     progress.update(record["stop"] - record["start"], sum(record["bytes"].values()))
+            progress.in_flight(poller.poll(alive, records))  # the batches of the shards still running
     finally:
+        poller.close()
         for ref in pending:  # best effort: the actors are killed right after
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
@@ -229,6 +234,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     finally:
         probe.close()
     manifest["layer_info"] = layers
+    manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
     store = OutputStore(config.run.output)
     records = prepare_output(store, manifest, overwrite)
     frozen = _freeze_source(store, probe.source)

@@ -6,6 +6,7 @@ of them, and the weights' digest (kept in the manifest) proves it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable
@@ -18,10 +19,37 @@ from extender import ActivationMapGrabber, ModelStump, UnknownLayerError
 
 from .config import Mode, ModelSpec
 from .errors import ConfigError, close_matches
+from .extras import require
 from .sources.dataset import import_target
 
 
+#: Prefixes of ``model.name`` that build a timm model: ``timm:resnet50``, ``timm/vit_small_patch16_224``.
+TIMM_PREFIXES = ("timm:", "timm/")
+
+
+def timm_name(name: str) -> str | None:
+    """The timm model name in ``model.name``, or None when it names no timm model.
+
+    >>> timm_name("timm:vit_small_patch16_224.augreg_in21k"), timm_name("resnet50")
+    ('vit_small_patch16_224.augreg_in21k', None)
+    """
+    for prefix in TIMM_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return None
+
+
+def _timm_builder(name: str) -> Callable[..., torch.nn.Module]:
+    timm = require("timm", "timm", "model.name")
+    if not timm.is_model(name):
+        raise ConfigError("model.name", f"{name!r} is not a timm model; {close_matches(name, timm.list_models())} "
+                          "(timm.list_models() lists them)")
+    return functools.partial(timm.create_model, name)
+
+
 def _builder(name: str) -> Callable[..., torch.nn.Module]:
+    if timm_name(name) is not None:
+        return _timm_builder(timm_name(name))
     if ":" in name:
         builder = import_target(name, "model.name")
         if not callable(builder):
@@ -30,20 +58,22 @@ def _builder(name: str) -> Callable[..., torch.nn.Module]:
     known = torchvision.models.list_models()
     if name not in known:
         raise ConfigError("model.name", f"{name!r} is not a torchvision model; {close_matches(name, known)} "
-                          "(or name your own as 'package.module:callable')")
+                          "(or a timm model as 'timm:NAME', or your own as 'package.module:callable')")
     return torchvision.models.get_model_builder(name)
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """The model of ``spec`` on the CPU, in eval mode, without gradients.
 
-    Torchvision builders get ``weights=None`` (and ``weights_backbone=None``) unless the
-    kwargs say otherwise: nothing is downloaded. A ``weights`` file is a state dict, loaded
-    with ``weights_only=True``.
+    Torchvision builders get ``weights=None`` (and ``weights_backbone=None``), timm models
+    ``pretrained=False``, unless the kwargs say otherwise: nothing is downloaded. A ``weights``
+    file is a state dict, loaded with ``weights_only=True`` (or a ``.safetensors`` file).
     """
     builder = _builder(spec.name)
     kwargs = dict(spec.kwargs)
-    if ":" not in spec.name:
+    if timm_name(spec.name) is not None:
+        kwargs.setdefault("pretrained", False)
+    elif ":" not in spec.name:
         params = inspect.signature(builder).parameters
         for key in ("weights", "weights_backbone"):
             if key in params:
@@ -52,7 +82,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         torch.manual_seed(spec.seed)
         try:
             model = builder(**kwargs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError("model.kwargs", f"{spec.name}(**{kwargs!r}) failed: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError("model.name", f"{spec.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -61,7 +91,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         if not path.is_file():
             raise ConfigError("model.weights", f"{str(path)!r} is not a file")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load_state(path)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             model.load_state_dict(state)
@@ -69,6 +99,13 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
             raise ConfigError("model.weights", f"cannot load {str(path)!r} into {spec.name}: "
                               f"{str(exc).splitlines()[0]}") from None
     return model.eval().requires_grad_(False)
+
+
+def _load_state(path: Path) -> dict:
+    """A state dict from a ``torch.save`` file (weights only) or a ``.safetensors`` file."""
+    if path.suffix == ".safetensors":
+        return require("safetensors.torch", "timm", "model.weights").load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -26,6 +26,8 @@ from .encoding import FORMAT, bfloat16_to_float32, decode_fixed, decode_variable
 from .errors import close_matches
 from .manifest import MANIFEST_PATH, SHARDS_DIR, completed_shards
 from .shards import partition_dir
+from .shuffle import block_shuffle, groups_per_window
+from .stats import merge_records
 from .store import OutputStore
 from .writer import ACTIVATION
 
@@ -64,8 +66,9 @@ def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | to
 
 
 def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,
-               columns: Sequence[str] | None = None) -> pa.Table:
-    """The rows of ``layer`` whose source index is in ``[start, stop)``, sorted by index."""
+               columns: Sequence[str] | None = None, indices: Sequence[int] | None = None) -> pa.Table:
+    """The rows of ``layer`` whose source index is in ``[start, stop)`` (and in ``indices``, when
+    given), sorted by index."""
     store = OutputStore(location)
     files = [store.path(f) for f in _layer_files(store, layer)]
     dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
@@ -75,6 +78,9 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     if stop is not None:
         upper = pc.field("index") < stop
         condition = upper if condition is None else condition & upper
+    if indices is not None:
+        chosen = pc.field("index").isin(pa.array(list(indices), pa.int64()))
+        condition = chosen if condition is None else condition & chosen
     table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
     table = table.sort_by("index") if "index" in table.column_names else table
     return table.replace_schema_metadata(dataset.schema.metadata)
@@ -116,10 +122,16 @@ class ActivationDataset(torch.utils.data.Dataset):
         layer: the layer id.
         dtype: the activations' torch dtype (``torch.float32`` by default; ``None`` keeps the
             stored dtype).
+        shuffle: serve the rows in a block-shuffled order (:mod:`pipeline.shuffle`): row groups in
+            a random order, rows shuffled within windows of ``window`` rows; item ``i`` is then the
+            ``i``-th row of that order, so a ``DataLoader`` without a sampler gets shuffled batches
+            while each row group is still read once. :meth:`set_epoch` draws a new order.
+        window: rows shuffled together (the row groups of one window are held in memory).
+        seed: the seed of the order (with the epoch).
     """
 
     def __init__(self, location: str, layer: str, dtype: torch.dtype | None = torch.float32,
-                 cache_row_groups: int = 4):
+                 cache_row_groups: int = 4, shuffle: bool = False, window: int = 1024, seed: int = 0):
         self.location, self.layer, self.dtype = location, layer, dtype
         store = OutputStore(location)
         self._files = [store.path(f) for f in _layer_files(store, layer)]
@@ -135,10 +147,24 @@ class ActivationDataset(torch.utils.data.Dataset):
         self._offsets = offsets
         self._cache: collections.OrderedDict[tuple[int, int], dict] = collections.OrderedDict()
         self._cache_size = cache_row_groups
+        self.shuffle, self.window, self.seed = shuffle, window, seed
+        self._order = None
+        if shuffle:
+            sizes = list(np.diff(offsets))
+            self._cache_size = max(cache_row_groups, groups_per_window(sizes, window) + 1)
+            self.set_epoch(0)
         self._readers: collections.OrderedDict[int, pq.ParquetFile] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return self._offsets[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the shuffled order of ``epoch`` (a pure function of seed and epoch); no-op unshuffled.
+
+        With ``DataLoader`` worker processes, call it before each epoch's iterator is made.
+        """
+        if self.shuffle:
+            self._order = block_shuffle(list(np.diff(self._offsets)), self.window, self.seed + epoch * 1_000_003)
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own files
         state = dict(self.__dict__)
@@ -177,6 +203,8 @@ class ActivationDataset(torch.utils.data.Dataset):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} rows")
+        if self._order is not None:
+            i = int(self._order[i])
         slot = bisect.bisect_right(self._offsets, i) - 1
         row = i - self._offsets[slot]
         group = self._group(self._groups[slot])
@@ -242,6 +270,8 @@ class DumpInfo:
             lines.append(f"  layer {layer}: {info['rows']:,} rows, {shape} {info['dtype']}, "
                          f"{info['files']} files, {info['bytes'] / 1e6:,.1f} MB, columns: "
                          f"{', '.join(info['columns'])}")
+            if info.get("values"):
+                lines.append(f"    values: {info['values'].format()}")
         lines.append(f"bad samples: {len(self.bad)}")
         for b in self.bad[:bad_limit]:
             lines.append(f"  {b['sample_id']} (index {b['index']}): {b['reason']}")
@@ -270,6 +300,9 @@ def inspect_dump(location: str) -> DumpInfo:
         spec = read_metadata(schema)["columns"][ACTIVATION]
         layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
                          "bytes": size, "columns": schema.names}
+    for layer, values in merge_records(records.values()).items():
+        if layer in layers:
+            layers[layer]["values"] = values  # computed by the actors as they wrote
     bad = sorted((b for r in records.values() for b in r["bad"]), key=lambda b: b["index"])
     planned = manifest["plan"]["shards"] if manifest else None
     return DumpInfo(location, manifest, layers, len(records), planned, bad)

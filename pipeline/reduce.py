@@ -7,6 +7,11 @@
 torch.Size([2, 8, 2, 2])
 >>> reduce_output(x, DumpSpec(reduce="channel_mean")).dtype
 torch.float16
+>>> tokens = torch.arange(12.0).reshape(1, 3, 4)  # (batch, tokens, dim)
+>>> reduce_output(tokens, DumpSpec(reduce="cls", dtype="float32")).tolist()
+[[0.0, 1.0, 2.0, 3.0]]
+>>> reduce_output(tokens, DumpSpec(reduce="mean", dtype="float32")).tolist()
+[[4.0, 5.0, 6.0, 7.0]]
 """
 
 from __future__ import annotations
@@ -31,4 +36,10 @@ def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "") -> torc
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
                              "dump.reduce 'channel_mean' needs (batch, channels, ...)")
         output = output.mean(dim=1)
+    elif spec.reduce in (Reduction.CLS, Reduction.MEAN):
+        if output.ndim != 3:
+            raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
+                             f"dump.reduce {spec.reduce.value!r} needs tokens (batch, tokens, dim); "
+                             "for (batch, channels, height, width) maps use 'pool'")
+        output = output[:, 0] if spec.reduce is Reduction.CLS else output.mean(dim=1)
     return output.to(TORCH_DTYPES[spec.dtype.value]).contiguous()

@@ -28,16 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, Precision
+from .config import Config, Precision, Shapes
 from .errors import BadSampleError
 from .manifest import SOURCE_INDEX_PATH, shard_record_path
+from .metrics import ActorMetrics
 from .errors import ConfigError
+from .model_inputs import resolve_input
 from .models import LayerOutputs, build_model, model_identity
 from .decoder import Decoder
 from .preprocess import to_model_input
 from .reduce import reduce_output
 from .shards import Shard
 from .sources import BadSample, IndexFile, Sample, describe_error, open_source
+from .stats import ValueStats
 from .store import OutputStore
 from .writer import LayerFileWriter, build_table
 
@@ -139,20 +142,22 @@ class ShardWorker:
                                "build the same weights from model.seed; give a model.weights file")
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # what the model is fed (normalize: model reads the model's own config)
+        self.inputs = resolve_input(self.config.source.preprocess, model)
         self.outputs = LayerOutputs(model.to(self.device), self.config.model)
         self.store = OutputStore(self.config.run.output)
         index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None
         self.source = open_source(self.config.source, index=index)
         self.label_fields = self.source.label_fields()
-        self.fixed = self.config.shapes_fixed()
+        self.fixed = self.config.shapes_fixed() or (self.config.dump.shapes is Shapes.AUTO and bool(self.inputs.crop))
         # the shape each layer must keep in a fixed-width column (first seen, unless given)
         self._shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in (layer_shapes or {}).items()}
-        self.mean_std = self.config.source.preprocess.mean_std()
+        self.mean_std = self.inputs.mean_std
         prep = self.config.source.preprocess
         # decoding threads: the actor's CPUs (the driver's trial sample: one)
         cpus = self.config.run.cpus_per_actor
         threads = decode_threads if decode_threads is not None else max(1, int(1 if cpus == "auto" else cpus))
-        self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=prep.resize, crop=prep.crop,
+        self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=self.inputs.resize, crop=self.inputs.crop,
                                max_pixels=prep.max_pixels, channels=prep.channels)
         # a loader per shard at work: each reads its own shard, the decoding pool is shared
         self._loader = ThreadPoolExecutor(max(1, shards_at_once), thread_name_prefix="actmap-load")
@@ -163,6 +168,7 @@ class ShardWorker:
         # shards may run in two threads at once: the forwards take turns on the device
         self._device = threading.Lock()
         self.decoder.gpu_turn = self._device
+        self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
@@ -194,13 +200,13 @@ class ShardWorker:
                                  "(run.strict is set; unset it to record bad samples and go on)")
         return _Batch(samples, images, bad)
 
-    def _forward(self, batch: _Batch) -> _Outputs:
+    def _forward(self, batch: _Batch, stats: Mapping[str, ValueStats] | None = None) -> _Outputs:
         # equal-shaped images run together, so no sample is padded; rows keep sample order
         groups: dict[tuple, list[int]] = {}
         for position, image in enumerate(batch.images):
             groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(position)
         layers = self.config.model.layers
-        results = []
+        results, counted = [], []
         precision = self.config.model.precision
         autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
                     if precision in _AUTOCAST else contextlib.nullcontext())
@@ -215,22 +221,28 @@ class ShardWorker:
             for layer in layers:
                 out = outputs.get(layer)
                 if not isinstance(out, torch.Tensor):
-                    raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; "
-                                       "choose a layer whose output is one tensor (`actmap layers` shows them)")
-                host[layer] = _host(reduce_output(out, self.config.dump, layer))
+                    raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; pick "
+                                       f"one of its tensors with a selector, e.g. '{layer}[0]' (`actmap layers "
+                                       "MODEL --input-size ...` lists them)")
+                stored = reduce_output(out, self.config.dump, layer)
+                counted.append((layer, stored))
+                host[layer] = _host(stored)
             results.append((positions, host))
+        if stats is not None:  # the stored values, counted on the device once the whole batch ran
+            for layer, stored in counted:
+                stats[layer].add(stored)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         return _Outputs(results, ready)
 
-    def _forward_isolating(self, batch: _Batch) -> tuple[_Batch, _Outputs | None]:
+    def _forward_isolating(self, batch: _Batch, stats: Mapping[str, ValueStats]) -> tuple[_Batch, _Outputs | None]:
         """The batch's forward; when it fails, each sample's alone, so that one sample the model
         cannot take is recorded as bad instead of failing the shard. If every sample fails
         alone, the fault is not theirs: the batch's error is raised."""
         try:
-            return batch, self._forward(batch)
+            return batch, self._forward(batch, stats)
         except Exception as exc:
             if len(batch.samples) == 1:
                 raise
@@ -253,7 +265,7 @@ class ShardWorker:
             first = good.bad[len(batch.bad)]
             raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
                                  "(run.strict is set; unset it to record bad samples and go on)")
-        return good, self._forward(good)
+        return good, self._forward(good, stats)
 
     def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
         """Encode and write one layer's rows of a batch (the layers are written in parallel)."""
@@ -299,6 +311,7 @@ class ShardWorker:
         compression = self.config.dump.compression.value
         writers = {layer: LayerFileWriter(self.store, shard.file_name(layer), compression) for layer in layers}
         seconds = {"load_wait": 0.0, "device_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
+        stats = {layer: ValueStats() for layer in layers}
         bad: list[BadSample] = []
         pending: list[Future] = []
         loading: Future | None = None
@@ -314,9 +327,10 @@ class ShardWorker:
                 with self._device:
                     t_device = time.perf_counter()
                     if batch.samples:
-                        batch, outputs = self._forward_isolating(batch)
+                        batch, outputs = self._forward_isolating(batch, stats)
                 t2 = time.perf_counter()
                 bad += batch.bad
+                self.metrics.batch(shard.id, len(batch.samples), len(batch.bad))
                 for future in pending:
                     future.result()
                 t3 = time.perf_counter()
@@ -333,6 +347,7 @@ class ShardWorker:
                 future.result()
             sizes = {layer: writer.commit() for layer, writer in writers.items()}
         except BaseException:
+            self.metrics.shard_failed(shard.id)
             if loading is not None:
                 loading.cancel()
                 with contextlib.suppress(BaseException):
@@ -351,12 +366,18 @@ class ShardWorker:
             "files": {layer: shard.file_name(layer) for layer in layers if rows[layer]},
             "bytes": {layer: size for layer, size in sizes.items() if size},
             "bad": [b.to_dict() for b in bad],
+            "stats": {layer: s.to_dict() for layer, s in stats.items()},
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
             "started": round(started_at, 3), "finished": round(time.time(), 3),
             "worker": self.info(),
         }
         self.store.write_json(shard_record_path(shard.id), record)
+        self.metrics.shard_done(shard.id, record)
         return record
+
+    def progress(self) -> dict[int, int]:
+        """The samples done so far of each shard this worker is running (for the driver)."""
+        return self.metrics.in_flight()
 
     def probe(self, tries: int = 8) -> dict[str, dict]:
         """Run the first readable sample through the whole path, writing nothing.

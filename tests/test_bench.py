@@ -73,3 +73,26 @@ def test_bench_sources_rows(tmp_path, capsys):
     assert plan["plan_count"] == plan["scandir_count"] == plan["pyarrow_count"] == 300
     printed = capsys.readouterr().out
     assert "source alone, 2 thread(s)" in printed and "planning a folder of 300 files" in printed
+
+
+def test_bench_reader_rows(tmp_path, capsys):
+    bench = _bench("bench_reader")
+    rows = bench.main(["--rows", "96", "--shape", "4", "2", "2", "--row-group", "8", "--shard", "32",
+                       "--batch", "16", "--window", "24", "--repeats", "1", "--dir", str(tmp_path)])
+    assert [r["read"] for r in rows] == [bench.SEQUENTIAL, bench.BLOCK, bench.RANDOM]
+    assert all(r["rows_per_s"] > 0 and math.isfinite(r["rows_per_s"]) for r in rows)
+    assert rows[0]["vs_sequential"] == 1.0
+    assert "vs sequential" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # its files are removed
+
+
+def test_bench_stats_rows(tmp_path, capsys):
+    bench = _bench("bench_stats")
+    result = bench.main(["--jobs", "default dump", "--count", "8", "--batch", "4", "--repeats", "1",
+                         "--batch-repeats", "1", "--dir", str(tmp_path)])
+    (actor,) = result["actors"]
+    assert actor["job"] == "default dump" and actor["rows_per_s_with"] > 0 and actor["rows_per_s_without"] > 0
+    assert [b["shape"] for b in result["batches"]] == list(bench.BATCH_SHAPES)
+    assert all(b["write_ms"] > 0 and b["stats_ms"] > 0 for b in result["batches"])
+    assert "ValueStats.add against the writer" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # its files are removed

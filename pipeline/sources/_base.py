@@ -92,9 +92,10 @@ class StreamingSource:
 
 
 class RandomAccessSource:
-    """A source whose samples are each cheap to reach: :meth:`stream` reads them in chunks."""
+    """A source whose samples are each cheap to reach: :meth:`stream` reads them one by one,
+    as they are asked for (a slow item holds back only its own batch)."""
 
-    chunk = 64
+    chunk = 1
 
     def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
         raise NotImplementedError

@@ -39,11 +39,11 @@ def test_yaml_file_and_overrides(tmp_path):
     ({"source": {"kind": "dataset", "target": "nocolon"}},
      "source.target: 'nocolon' is not of the form 'package.module:callable'"),
     ({"source": {"preprocess": {"normalize": "imagenette"}}},
-     "source.preprocess.normalize: 'imagenette' is not valid; valid: 'imagenet', 'none' or "
+     "source.preprocess.normalize: 'imagenette' is not valid; valid: 'imagenet', 'none', 'model' or "
      "{mean: [r, g, b], std: [r, g, b]}"),
     ({"source": {"preprocess": {"crop": [0, 3]}}},
      "source.preprocess.crop: expected a positive int or [height, width], got [0, 3]"),
-    ({"dump": {"reduce": "max"}}, "dump.reduce: 'max' is not valid; valid: 'none', 'pool', 'channel_mean'"),
+    ({"dump": {"reduce": "max"}}, "dump.reduce: 'max' is not valid; valid: 'none', 'pool', 'channel_mean', 'cls', 'mean'"),
     ({"run": {"strict": "yes"}}, "run.strict: expected true or false, got 'yes'"),
     ({"run": 3}, "run: expected a mapping, got 3"),
 ])

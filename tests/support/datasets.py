@@ -51,8 +51,8 @@ class DiesOnce(Squares):
 class Slow(Squares):
     """Squares that take ``delay`` seconds each to read: a run long enough to interrupt."""
 
-    def __init__(self, n: int = 20, size: int = 16, delay: float = 0.02):
-        super().__init__(n, size)
+    def __init__(self, n: int = 20, size: int = 16, delay: float = 0.02, bad: int | None = None):
+        super().__init__(n, size, bad)
         self.delay = delay
 
     def __getitem__(self, i: int):

@@ -46,3 +46,11 @@ def grey() -> TinyConvNet:
     model = TinyConvNet()
     model.conv1 = nn.Conv2d(1, 8, 3, padding=1)
     return model
+
+
+def overflowing(num_classes: int = 4) -> TinyConvNet:
+    """A TinyConvNet whose first convolution gives values beyond float16's range (inf when stored)."""
+    model = TinyConvNet(num_classes)
+    with torch.no_grad():
+        model.conv1.weight.mul_(1e6)
+    return model

@@ -1,0 +1,158 @@
+"""timm and transformers models dumped end to end and compared value by value with a direct
+forward of the same model: a timm ResNet, a timm ViT (tokens), a transformers ViT from a tiny
+config (layers that return tuples and ModelOutputs, picked with selectors), and token reductions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from pipeline import read_layer, read_table, run
+from pipeline.config import Config
+from pipeline.models import build_model
+from pipeline.shards import plan_shards
+from pipeline.sources import open_source
+from pipeline.worker import ShardWorker
+
+VIT = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+
+
+def _config(out, model, layers, normalize="model", reduce="none", count=12):
+    return Config.from_dict({"model": {**model, "layers": layers},
+                             "source": {"count": count, "image_size": 32, "preprocess": {"normalize": normalize}},
+                             "dump": {"dtype": "float32", "reduce": reduce},
+                             "run": {"output": str(out), "batch_size": 4, "shard_size": 4, "actors": 2}})
+
+
+def _images(config, resize=None, crop=None):
+    """The source's images as a float batch in [0, 1], resized and cropped independently of actmap."""
+    source = open_source(config.source)
+    images = []
+    for sample in source.read(range(len(source))):
+        image = sample.image
+        if resize:
+            image = TF.resize(image, [resize], antialias=True)
+        if crop:
+            image = TF.center_crop(image, [crop, crop])
+        images.append(image)
+    return torch.stack(images).float() / 255
+
+
+def _direct(model, x, mean, std, picks):
+    """Each wanted output of a plain forward: ``picks`` maps a layer id to (module id, picker)."""
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    seen = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[module].register_forward_hook(
+        lambda m, a, out, layer=layer, pick=pick: seen.__setitem__(layer, pick(out).clone()))
+        for layer, (module, pick) in picks.items()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _assert_dump_equals(config, expected):
+    for layer, values in expected.items():
+        table = read_table(config.run.output, layer, columns=["index"])
+        assert table.column("index").to_pylist() == list(range(len(values)))
+        got = read_layer(config.run.output, layer)
+        assert got.dtype == np.float32 and got.shape == tuple(values.shape), layer
+        np.testing.assert_allclose(got, values.numpy(), rtol=1e-5, atol=1e-5, err_msg=layer)
+
+
+def _identity(out):
+    return out
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_timm_resnet_dump_equals_a_direct_forward(tmp_path):
+    import timm
+
+    config = _config(tmp_path / "out", {"name": "timm:resnet18"}, ["layer3", "layer4"])
+    summary = run(config, stream=None)
+    assert summary.rows == {"layer3": 12, "layer4": 12} and summary.actors == 2
+    model = build_model(config.model)
+    data = timm.data.resolve_model_data_config(model)
+    expected = _direct(model, _images(config), data["mean"], data["std"],
+                       {"layer3": ("layer3", _identity), "layer4": ("layer4", _identity)})
+    _assert_dump_equals(config, expected)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_timm_vit_token_dump_equals_a_direct_forward(tmp_path):
+    import timm
+
+    config = _config(tmp_path / "out", VIT, ["blocks.0", "norm"])
+    run(config, stream=None)
+    model = build_model(config.model)
+    data = timm.data.resolve_model_data_config(model)
+    resize = math.floor(32 / data["crop_pct"])  # timm's evaluation transform at the model's 32 px grid
+    expected = _direct(model, _images(config, resize, 32), data["mean"], data["std"],
+                       {"blocks.0": ("blocks.0", _identity), "norm": ("norm", _identity)})
+    assert expected["norm"].shape == (12, 17, 192)  # 16 patches and the class token
+    _assert_dump_equals(config, expected)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_transformers_vit_dump_equals_a_direct_forward(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from support.hf_models import tiny_vit
+
+    folder = tmp_path / "vit"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        tiny_vit().save_pretrained(folder)
+    ViTImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
+    layers = ["layers.0.attention[0]", "layers.1", "[last_hidden_state]", "[pooler_output]"]
+    config = _config(tmp_path / "out", {"name": "support.hf_models:vit_from_folder", "kwargs": {"path": str(folder)}},
+                     layers)
+    run(config, stream=None)
+    model = build_model(config.model)
+    expected = _direct(model, _images(config, 32, 32), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], {
+        "layers.0.attention[0]": ("layers.0.attention", lambda out: out[0]),
+        "layers.1": ("layers.1", _identity),
+        "[last_hidden_state]": ("", lambda out: out.last_hidden_state),
+        "[pooler_output]": ("", lambda out: out.pooler_output)})
+    _assert_dump_equals(config, expected)
+
+
+@pytest.mark.parametrize("builder, layer, module", [
+    ("tiny_clip_vision", "[last_hidden_state]", ""),
+    ("tiny_dinov2", "encoder[last_hidden_state]", "encoder"),
+])
+@pytest.mark.parametrize("reduce", ["cls", "mean", "none"])
+def test_token_reductions_of_transformers_models(tmp_path, builder, layer, module, reduce):
+    """CLIP and DINOv2 through the actor's code path (no Ray): cls, mean and none against a direct forward."""
+    config = _config(tmp_path / "out", {"name": f"support.hf_models:{builder}"}, [layer], normalize="imagenet",
+                     reduce=reduce, count=6)
+    worker = ShardWorker(config.to_dict())
+    for shard in plan_shards(6, 4):
+        worker.run_shard(shard)
+    worker.close()
+    model = build_model(config.model)
+    key = layer[layer.index("[") + 1:-1]
+    full = _direct(model, _images(config), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                   {layer: (module, lambda out: out[key])})[layer]
+    assert full.shape == (6, 17, 32)
+    _assert_dump_equals(config, {layer: {"cls": full[:, 0], "mean": full.mean(dim=1), "none": full}[reduce]})
+
+
+def test_token_reduction_of_an_output_without_tokens_is_refused_by_the_trial_forward(tmp_path):
+    from pipeline.errors import ConfigError
+
+    config = _config(tmp_path / "out", {"name": "support.hf_models:tiny_clip_vision"}, ["[pooler_output]"],
+                     normalize="imagenet", reduce="cls")
+    worker = ShardWorker(config.to_dict())
+    try:
+        with pytest.raises(ConfigError, match=r"layer '\[pooler_output\]' gives 2-d outputs \(1, 32\); dump.reduce "
+                                              r"'cls' needs tokens \(batch, tokens, dim\)"):
+            worker.probe()
+    finally:
+        worker.close()
