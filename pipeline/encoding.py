@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-METADATA_KEY = b"actmap"
-FORMAT = "actmap.tensor/1"
+from ._layout import METADATA_KEY, TENSOR_FORMAT
 
 # bfloat16 has no numpy dtype: its bits travel as uint16 and are widened on read.
 _STORAGE_NUMPY = {"bfloat16": np.dtype(np.uint16)}
@@ -113,7 +112,7 @@ def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def schema_metadata(columns: Mapping[str, Mapping[str, Any]], **extra: Any) -> dict[bytes, bytes]:
     """The schema metadata that describes the tensor columns of a table, as JSON."""
-    doc = {"format": FORMAT, "columns": dict(columns), **extra}
+    doc = {"format": TENSOR_FORMAT, "columns": dict(columns), **extra}
     return {METADATA_KEY: json.dumps(doc, sort_keys=True).encode()}
 
 
@@ -123,6 +122,7 @@ def read_metadata(schema: pa.Schema) -> dict:
     if raw is None:
         raise ValueError("this Parquet schema carries no 'actmap' metadata: not an actmap dump")
     doc = json.loads(raw)
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"unknown actmap metadata format {doc.get('format')!r}; this version reads {FORMAT!r}")
+    if doc.get("format") != TENSOR_FORMAT:
+        raise ValueError(f"unknown actmap metadata format {doc.get('format')!r}; this version reads "
+                         f"{TENSOR_FORMAT!r}")
     return doc

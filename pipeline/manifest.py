@@ -9,29 +9,21 @@ from __future__ import annotations
 
 import datetime
 import logging
-import posixpath
 from collections.abc import Mapping
 from typing import Any
 
+from ._layout import MANIFEST_FORMAT, MANIFEST_PATH, SHARDS_DIR, is_hidden, is_shard_record, is_temporary
 from .config import Config, identity_diff
 from .errors import OutputConflictError
 from .store import OutputStore
 
 log = logging.getLogger(__name__)
 
-FORMAT = "actmap.manifest/1"
-MANIFEST_PATH = "_actmap/manifest.json"
-SHARDS_DIR = "_actmap/shards"
-
-
-def shard_record_path(shard_id: int) -> str:
-    return f"{SHARDS_DIR}/{shard_id:05d}.json"
-
 
 def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: int) -> dict:
     """The manifest document of a run (a pure function of its inputs, but for the timestamp)."""
     return {
-        "format": FORMAT,
+        "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "identity": config.identity(),
         "config": config.to_dict(),
@@ -52,8 +44,8 @@ def conflicts(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     >>> conflicts(a, b)
     ['config: dump.dtype: "float16" -> "float32"']
     """
-    if existing.get("format") != FORMAT:
-        return [f"manifest format {existing.get('format')!r}, this version writes {FORMAT!r}"]
+    if existing.get("format") != MANIFEST_FORMAT:
+        return [f"manifest format {existing.get('format')!r}, this version writes {MANIFEST_FORMAT!r}"]
     lines = [f"config: {line}" for line in identity_diff(existing["identity"], new["identity"])]
     lines += [f"model: {line}" for line in identity_diff(existing["model"], new["model"])]
     lines += [f"source: {line}" for line in identity_diff(existing["source"], new["source"])]
@@ -67,7 +59,7 @@ def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) 
     (or cleared, with ``overwrite``). A folder with another run's manifest, or with files that
     are not a dump, is refused with :class:`OutputConflictError`, and nothing in it is touched.
     """
-    entries = [e for e in store.entries() if not e.startswith(".")]
+    entries = [e for e in store.entries() if not is_hidden(e)]
     if entries and not store.exists(MANIFEST_PATH):
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise OutputConflictError("run.output", f"{store.location!r} holds files that are not an actmap "
@@ -84,9 +76,8 @@ def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) 
                                           "run; rerun with --overwrite to replace it, or choose another "
                                           "folder. Differences:\n  " + "\n  ".join(diff))
             done = completed_shards(store)
-            for leftover in store.list_files("", ".tmp"):
-                if posixpath.basename(leftover).startswith("."):  # a write the interruption cut short
-                    store.delete_file(store.path(leftover))
+            for leftover in filter(is_temporary, store.list_files("")):  # writes cut short
+                store.delete_file(store.path(leftover))
             log.info("resuming the dump in %s: %d of %d shards already done", store.location,
                      len(done), manifest["plan"]["shards"])
             return done
@@ -97,7 +88,7 @@ def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) 
 def completed_shards(store: OutputStore) -> dict[int, dict]:
     """The records of the shards whose files are all in place, by shard id."""
     done = {}
-    for path in store.list_files(SHARDS_DIR, ".json"):
+    for path in filter(is_shard_record, store.list_files(SHARDS_DIR)):
         record = store.read_json(path)
         if all(store.exists(f) for f in record["files"].values()):
             done[record["shard"]] = record

@@ -16,9 +16,9 @@ import torchvision
 
 from extender import ActivationMapGrabber, ModelStump, UnknownLayerError
 
+from ._targets import import_target
 from .config import Mode, ModelSpec
 from .errors import ConfigError, close_matches
-from .sources.dataset import import_target
 
 
 def _builder(name: str) -> Callable[..., torch.nn.Module]:

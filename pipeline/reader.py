@@ -10,8 +10,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import json
-import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,24 +20,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from .encoding import FORMAT, bfloat16_to_float32, decode_fixed, decode_variable, read_metadata
-from .errors import close_matches
-from .manifest import MANIFEST_PATH, SHARDS_DIR, completed_shards
-from .shards import partition_dir
+from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, is_data_file, partition_dir,
+                      partition_layer, shape_column, shape_columns)
+from .encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
+from .errors import UnknownDumpLayerError, close_matches
+from .manifest import completed_shards
 from .store import OutputStore
-from .writer import ACTIVATION
-
-
-class UnknownDumpLayerError(KeyError):
-    """The dump holds no such layer."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def _layer_files(store: OutputStore, layer: str) -> list[str]:
-    files = store.list_files(partition_dir(layer), ".parquet")
-    files = [f for f in files if not posixpath.basename(f).startswith(".")]
+    files = [f for f in store.list_files(partition_dir(layer)) if is_data_file(f)]
     if not files:
         layers = dump_layers(store)
         raise UnknownDumpLayerError(f"{store.location!r} holds no rows of layer {layer!r}; "
@@ -49,10 +39,8 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
 
 def dump_layers(store: OutputStore | str) -> list[str]:
     """The layers a dump holds files of (from its partition folders)."""
-    import urllib.parse
-
     store = store if isinstance(store, OutputStore) else OutputStore(store)
-    return [urllib.parse.unquote(e[len("layer="):]) for e in store.entries() if e.startswith("layer=")]
+    return [layer for layer in map(partition_layer, store.entries()) if layer is not None]
 
 
 def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | torch.Tensor:
@@ -71,12 +59,12 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
     condition = None
     if start is not None:
-        condition = pc.field("index") >= start
+        condition = pc.field(INDEX) >= start
     if stop is not None:
-        upper = pc.field("index") < stop
+        upper = pc.field(INDEX) < stop
         condition = upper if condition is None else condition & upper
     table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
-    table = table.sort_by("index") if "index" in table.column_names else table
+    table = table.sort_by(INDEX) if INDEX in table.column_names else table
     return table.replace_schema_metadata(dataset.schema.metadata)
 
 
@@ -88,7 +76,7 @@ def decode_column(table: pa.Table, column: str = ACTIVATION, as_torch: bool = Fa
     spec = read_metadata(table.schema)["columns"][column]
     if spec["shape"] is not None:
         return _to_array(decode_fixed(table.column(column), spec), spec["dtype"], as_torch)
-    arrays = decode_variable(table.column(column), table.column(f"{column}_shape"), spec)
+    arrays = decode_variable(table.column(column), table.column(shape_column(column)), spec)
     return [_to_array(a, spec["dtype"], as_torch) for a in arrays]
 
 
@@ -135,7 +123,8 @@ class ActivationDataset(torch.utils.data.Dataset):
         self._offsets = offsets
         self._cache: collections.OrderedDict[tuple[int, int], dict] = collections.OrderedDict()
         self._cache_size = cache_row_groups
-        self._readers: collections.OrderedDict[int, pq.ParquetFile] = collections.OrderedDict()
+        # open files: (reader, the handle it reads, which ParquetFile.close leaves open)
+        self._readers: collections.OrderedDict[int, tuple[pq.ParquetFile, Any]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -150,10 +139,17 @@ class ActivationDataset(torch.utils.data.Dataset):
         if f in self._readers:
             self._readers.move_to_end(f)
         else:
-            self._readers[f] = pq.ParquetFile(self._fs.open_input_file(self._files[f]))
+            handle = self._fs.open_input_file(self._files[f])
+            self._readers[f] = (pq.ParquetFile(handle), handle)
             if len(self._readers) > self._cache_size:
-                self._readers.popitem(last=False)[1].close()
-        return self._readers[f]
+                self._readers.popitem(last=False)[1][1].close()
+        return self._readers[f][0]
+
+    def close(self) -> None:
+        """Close the open files (the dataset stays usable: it opens them again when asked)."""
+        while self._readers:
+            self._readers.popitem()[1][1].close()
+        self._cache.clear()
 
     def _group(self, key: tuple[int, int]) -> dict:
         if key in self._cache:
@@ -161,11 +157,12 @@ class ActivationDataset(torch.utils.data.Dataset):
             return self._cache[key]
         table = self._reader(key[0]).read_row_group(key[1])
         specs = read_metadata(table.schema)["columns"]
+        companions = shape_columns(specs)
         decoded = {}
         for name in table.column_names:
             if name in specs:
                 decoded[name] = decode_column(table, name, as_torch=True)
-            elif not name.endswith("_shape") or name[:-6] not in specs:
+            elif name not in companions:
                 decoded[name] = table.column(name).to_pylist()
         self._cache[key] = decoded
         if len(self._cache) > self._cache_size:
@@ -196,7 +193,8 @@ def to_ray_dataset(location: str, layer: str):
     with store.fs.open_input_file(files[0]) as handle:
         # Ray Data's batches drop the schema metadata: read it here and ship it with the function
         specs = read_metadata(pq.read_schema(handle))["columns"]
-    metadata = {b"actmap": json.dumps({"format": FORMAT, "columns": specs}).encode()}
+    metadata = schema_metadata(specs)
+    companions = shape_columns(specs)
 
     def decode(batch: pa.Table) -> dict[str, Any]:
         batch = batch.replace_schema_metadata(metadata)
@@ -206,7 +204,7 @@ def to_ray_dataset(location: str, layer: str):
                 out[name] = decode_column(batch, name)
                 if isinstance(out[name], list):
                     out[name] = np.array(out[name], dtype=object)
-            elif not (name.endswith("_shape") and name[:-6] in specs):
+            elif name not in companions:
                 out[name] = batch.column(name).to_numpy(zero_copy_only=False)
         return out
 

@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import dataclasses
-import urllib.parse
+
+from ._layout import layer_file
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -28,16 +29,7 @@ class Shard:
 
         A pure function of (layer, shard): a retried shard overwrites its own file.
         """
-        return f"{partition_dir(layer)}/part-{self.id:05d}.parquet"
-
-
-def partition_dir(layer: str) -> str:
-    """The Hive-style folder of a layer, ``layer=<id>`` (characters outside ids are quoted).
-
-    >>> partition_dir("backbone.body.layer3")
-    'layer=backbone.body.layer3'
-    """
-    return "layer=" + urllib.parse.quote(layer, safe="._-")
+        return layer_file(layer, self.id)
 
 
 def plan_shards(num_samples: int, shard_size: int) -> list[Shard]:

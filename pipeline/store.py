@@ -5,8 +5,8 @@ ignored by Parquet readers) and moved to its final name when done.
 
 >>> import tempfile
 >>> store = OutputStore(tempfile.mkdtemp())
->>> store.write_json("_actmap/x.json", {"a": 1})
->>> store.read_json("_actmap/x.json")
+>>> store.write_json("meta/x.json", {"a": 1})
+>>> store.read_json("meta/x.json")
 {'a': 1}
 """
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from ._layout import temporary_name
 
 
 def _split_location(location: str) -> tuple[pafs.FileSystem, str]:
@@ -38,9 +39,8 @@ class OutputStore:
         return posixpath.join(self.root, relative)
 
     def temporary(self, relative: str) -> str:
-        """A hidden temporary name beside ``relative``, unique to this writer."""
-        folder, name = posixpath.split(relative)
-        return posixpath.join(self.root, folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        """A hidden temporary name beside ``relative``, unique to this writer (a full path)."""
+        return self.path(temporary_name(relative))
 
     def make_dirs(self, relative: str) -> None:
         self.fs.create_dir(self.path(relative), recursive=True)
@@ -71,14 +71,14 @@ class OutputStore:
         return sorted(posixpath.basename(i.path) for i in
                       self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)))
 
-    def list_files(self, relative: str, suffix: str = "") -> list[str]:
-        """The files under ``relative`` whose names end in ``suffix``, relative to the root."""
+    def list_files(self, relative: str) -> list[str]:
+        """The files under ``relative`` (at any depth), relative to the root."""
         base = self.path(relative)
         if self.fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
         return sorted(posixpath.relpath(i.path, self.root) for i in infos
-                      if i.type == pafs.FileType.File and i.path.endswith(suffix))
+                      if i.type == pafs.FileType.File)
 
     def clear(self) -> None:
         """Delete everything in the root folder."""

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from .config import Config, Precision
-from .errors import BadSampleError
-from .manifest import shard_record_path
-from .errors import ConfigError
+from .errors import BadSampleError, ConfigError, LayerOutputError, ShapeChangedError, WeightsMismatchError
+from ._layout import shard_record_path
 from .models import LayerOutputs, build_model, model_identity
 from .preprocess import decode_many, resize_crop, to_model_input
 from .reduce import reduce_output
@@ -126,7 +125,7 @@ class ShardWorker:
         self.identity = model_identity(self.config.model, model)
         self.digest = self.identity["weights_sha256"]
         if expected_digest is not None and self.digest != expected_digest:
-            raise RuntimeError(f"the model built on this worker has weights {self.digest[:12]}, the "
+            raise WeightsMismatchError(f"the model built on this worker has weights {self.digest[:12]}, the "
                                f"driver's has {expected_digest[:12]}: {self.config.model.name!r} does not "
                                "build the same weights from model.seed; give a model.weights file")
         if self.config.model.channels_last:
@@ -197,7 +196,7 @@ class ShardWorker:
             for layer in layers:
                 out = outputs.get(layer)
                 if not isinstance(out, torch.Tensor):
-                    raise RuntimeError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; "
+                    raise LayerOutputError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; "
                                        "choose a layer whose output is one tensor (`actmap layers` shows them)")
                 host[layer] = _host(reduce_output(out, self.config.dump, layer))
             results.append((positions, host))
@@ -221,7 +220,7 @@ class ShardWorker:
             shapes = {a.shape for a in activations}
             expected = self._shapes.setdefault(layer, activations[0].shape)
             if shapes != {expected}:
-                raise RuntimeError(f"layer {layer!r} gave outputs of shape {sorted(shapes - {expected})[0]} "
+                raise ShapeChangedError(f"layer {layer!r} gave outputs of shape {sorted(shapes - {expected})[0]} "
                                    f"where {expected} was expected: the inputs differ in size; set "
                                    "source.preprocess.crop for one input size, or dump.shapes: variable")
             if not isinstance(activations, np.ndarray):
@@ -324,6 +323,8 @@ class ShardWorker:
                 array = outputs.rows(layer, 1)[0]
                 layers[layer] = {"shape": list(array.shape), "dtype": self.config.dump.dtype.value}
                 self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples), outputs)
+        except ConfigError:
+            raise  # names its own key (a pass-through column that takes an output column's name)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ConfigError("model", f"a trial forward of sample {first.samples[0].sample_id!r} "
                               f"failed: {exc}") from None

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._layout import ACTIVATION, INDEX, RESERVED_COLUMNS, SAMPLE_ID, shape_column
 from .encoding import encode_fixed, encode_variable, schema_metadata
+from .errors import ReservedColumnError
 from .store import OutputStore
 
 log = logging.getLogger(__name__)
-
-ACTIVATION = "activation"
 
 
 def _tensor_columns(name: str, arrays: Sequence[np.ndarray] | np.ndarray, fixed: bool,
@@ -31,7 +31,7 @@ def _tensor_columns(name: str, arrays: Sequence[np.ndarray] | np.ndarray, fixed:
         column, spec = encode_fixed(batch, dtype)
         return [(name, column)], spec
     column, shapes, spec = encode_variable(list(arrays), dtype)
-    return [(name, column), (f"{name}_shape", shapes)], spec
+    return [(name, column), (shape_column(name), shapes)], spec
 
 
 def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: Sequence[str],
@@ -56,10 +56,11 @@ def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: S
     >>> t.column_names
     ['sample_id', 'index', 'activation', 'label']
     """
-    columns: list[tuple[str, pa.Array]] = [("sample_id", pa.array(sample_ids, pa.string())),
-                                           ("index", pa.array(indices, pa.int64()))]
+    columns: list[tuple[str, pa.Array]] = [(SAMPLE_ID, pa.array(sample_ids, pa.string())),
+                                           (INDEX, pa.array(indices, pa.int64()))]
     encoded, spec = _tensor_columns(ACTIVATION, activations, fixed, dtype)
     columns += encoded
+    own = len(columns)
     specs = {ACTIVATION: spec}
     types = {f.name: f.type for f in label_fields}
     for name, values in labels.items():
@@ -68,6 +69,11 @@ def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: S
             columns += encoded
         else:
             columns.append((name, pa.array(values, type=types.get(name))))
+    taken = set(RESERVED_COLUMNS)
+    for name, _ in columns[own:]:  # the pass-through columns (and their shape columns) take no name twice
+        if name in taken:
+            raise ReservedColumnError(name, taken)
+        taken.add(name)
     table = pa.table(dict(columns))
     return table.replace_schema_metadata(schema_metadata(specs, **(metadata or {})))
 
@@ -92,7 +98,7 @@ class LayerFileWriter:
             self._temporary = self.store.temporary(self.relative)
             self._writer = pq.ParquetWriter(self._temporary, table.schema, filesystem=self.store.fs,
                                             compression=self.compression, use_dictionary=False,
-                                            write_statistics=["sample_id", "index"])
+                                            write_statistics=[SAMPLE_ID, INDEX])
         elif not table.schema.equals(self._writer.schema, check_metadata=False):
             raise ValueError(f"{self.relative}: a batch's columns changed within the file:\n"
                              f"{self._writer.schema}\nthen\n{table.schema}")

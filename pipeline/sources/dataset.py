@@ -9,7 +9,6 @@ array target becomes an array column named ``target``. Ids are the indices.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,26 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..errors import ConfigError, close_matches
+from .._targets import import_target
+from ..errors import ConfigError
 from ._base import BadSample, Sample, describe_error
-
-
-def import_target(target: str, key: str) -> Any:
-    """The object named by ``package.module:attribute`` (``ConfigError`` naming ``key`` if absent)."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(key, f"{target!r} is not of the form 'package.module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(key, f"cannot import module {module_name!r} of {target!r}: {exc}") from None
-    obj = module
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            public = [n for n in dir(obj) if not n.startswith("_")]
-            raise ConfigError(key, f"{module_name!r} has no attribute {part!r}; {close_matches(part, public)}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def _as_label(value: Any) -> Any:

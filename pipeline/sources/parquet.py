@@ -17,10 +17,6 @@ import pyarrow.dataset as ds
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample
 
-#: Output columns a pass-through column may not take the name of.
-RESERVED = frozenset({"sample_id", "index", "layer", "activation", "activation_shape"})
-
-
 class ParquetSource:
     """The rows of the Parquet data at ``path``."""
 
@@ -48,10 +44,6 @@ class ParquetSource:
             if name not in names:
                 raise ConfigError("source.columns", f"no column {name!r} in {path!r}; "
                                   f"{close_matches(name, names)}")
-            if name in RESERVED:
-                raise ConfigError("source.columns", f"column {name!r} clashes with an output column "
-                                  f"({', '.join(sorted(RESERVED))}); list the columns to pass through "
-                                  "without it in source.columns")
         self.image_column, self.id_column = image_column, id_column
         self.columns = list(columns)
         self._fields = [schema.field(n) for n in self.columns]

@@ -15,7 +15,7 @@ import torch
 from pipeline import read_layer, read_table, run
 from pipeline.config import Config
 from pipeline.errors import BadSampleError, OutputConflictError
-from pipeline.manifest import SHARDS_DIR
+from pipeline._layout import SHARDS_DIR
 from pipeline.models import build_model
 from pipeline.sources import open_source
 

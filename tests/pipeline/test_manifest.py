@@ -4,8 +4,8 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.errors import OutputConflictError
-from pipeline.manifest import (MANIFEST_PATH, completed_shards, new_manifest, prepare_output,
-                               shard_record_path)
+from pipeline._layout import MANIFEST_PATH, shard_record_path
+from pipeline.manifest import completed_shards, new_manifest, prepare_output
 from pipeline.store import OutputStore
 
 MODEL = {"name": "resnet18", "weights_sha256": "abc"}

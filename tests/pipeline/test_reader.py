@@ -11,7 +11,7 @@ import torch
 from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, to_ray_dataset
 from pipeline.config import Config
 from pipeline.manifest import new_manifest, prepare_output
-from pipeline.reader import UnknownDumpLayerError
+from pipeline.errors import UnknownDumpLayerError
 from pipeline.shards import plan_shards
 from pipeline.store import OutputStore
 from pipeline.worker import ShardWorker
@@ -106,9 +106,17 @@ def test_ray_dataset(dump, ray_cluster):
 
 def test_activation_dataset_keeps_few_files_open(dump):
     data = ActivationDataset(dump, "relu1", cache_row_groups=2)
+    handles = []
     for i in range(len(data)):
         data[i]
+        handles += [h for _, h in data._readers.values() if h not in handles]
     assert len(data._readers) <= 2 and len(data._cache) <= 2
+    assert len(handles) == 4, "each of the 4 files was opened once, in order"
+    still_open = [h for h in handles if not h.closed]
+    assert still_open == [h for _, h in data._readers.values()], "a file let go of is closed"
+    data.close()
+    assert all(h.closed for h in handles) and not data._readers
+    assert torch.equal(data[3][0], ActivationDataset(dump, "relu1")[3][0]), "usable after close"
 
 
 def test_activation_dataset_items_are_copies(dump):

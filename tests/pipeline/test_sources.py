@@ -87,9 +87,6 @@ def test_parquet_errors(tmp_path):
         ParquetSource(path, image_column="img", columns=["lable"])
     with pytest.raises(ConfigError, match="cannot open Parquet data"):
         ParquetSource(str(tmp_path / "missing.parquet"))
-    pq.write_table(pa.table({"img": [b"x"], "index": [1]}), tmp_path / "clash.parquet")
-    with pytest.raises(ConfigError, match="column 'index' clashes with an output column"):
-        ParquetSource(str(tmp_path / "clash.parquet"), image_column="img")
 
 
 def test_dataset_source_items_and_bad_items():

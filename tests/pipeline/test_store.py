@@ -31,7 +31,7 @@ def test_local_store_basics(tmp_path):
     assert store.entries() == []
     store.write_json("_actmap/x.json", [1, 2])
     assert store.entries() == ["_actmap"] and store.read_json("_actmap/x.json") == [1, 2]
-    assert store.list_files("_actmap", ".json") == ["_actmap/x.json"]
+    assert store.list_files("_actmap") == ["_actmap/x.json"]
     assert not [p for p in (tmp_path / "a" / "_actmap").iterdir() if p.name.startswith(".")]
     store.clear()
     assert store.entries() == []

@@ -3,12 +3,15 @@
 import io
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.errors import BadSampleError, ConfigError
+from pipeline.errors import (BadSampleError, ConfigError, LayerOutputError, ReservedColumnError,
+                             ShapeChangedError, WeightsMismatchError)
 from pipeline.models import build_model
 from pipeline.preprocess import decode, to_model_input
 from pipeline.reader import read_layer, read_table
@@ -162,7 +165,7 @@ def test_unknown_layer_is_a_config_error(tmp_path):
 
 
 def test_weights_digest_mismatch_is_refused(tmp_path):
-    with pytest.raises(RuntimeError, match="does not build the same weights"):
+    with pytest.raises(WeightsMismatchError, match="does not build the same weights"):
         ShardWorker(_config(tmp_path).to_dict(), expected_digest="0" * 64)
 
 
@@ -241,7 +244,55 @@ def test_fixed_shapes_refuse_a_second_size_with_advice(tmp_path, batch_size):
         (images / f"{i}.png").write_bytes(buf.getvalue())
     config = _config(tmp_path, source={"kind": "folder", "path": str(images)}, dump={"shapes": "fixed"},
                      run={"batch_size": batch_size})
-    with pytest.raises(RuntimeError, match=r"layer 'relu1' gave outputs of shape \(8, 20, 24\) where "
+    with pytest.raises(ShapeChangedError, match=r"layer 'relu1' gave outputs of shape \(8, 20, 24\) where "
                                            r"\(8, 16, 16\) was expected.*source.preprocess.crop"):
         ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("keys", [("index",), ("sample_id",), ("activation",), ("label", "index", "sample_id")])
+def test_dataset_items_may_not_replace_output_columns(tmp_path, keys):
+    """A dict item's keys pass through as columns; one named like an output column is refused
+    before any work starts, rather than silently replacing that column."""
+    config = _config(tmp_path, source={"kind": "dataset", "target": "support.datasets:Keyed",
+                                       "kwargs": {"keys": list(keys)}, "preprocess": {"normalize": "none"}})
+    worker = ShardWorker(config.to_dict())
+    try:
+        with pytest.raises(ReservedColumnError, match=rf"source: the pass-through column '{keys[-1] if len(keys) == 1 else 'index'}' clashes"):
+            worker.probe()
+        with pytest.raises(ReservedColumnError):
+            worker.run_shard(Shard(0, 0, 4))
+    finally:
+        worker.close()
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_parquet_columns_may_not_replace_output_columns(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    pq.write_table(pa.table({"img": [buf.getvalue()] * 3, "index": [7, 8, 9]}), tmp_path / "clash.parquet")
+    source = {"kind": "parquet", "path": str(tmp_path / "clash.parquet"), "image_column": "img"}
+    worker = ShardWorker(_config(tmp_path, source=source).to_dict())
+    try:
+        with pytest.raises(ReservedColumnError, match="'index' clashes with an output column.*source.columns"):
+            worker.probe()
+    finally:
+        worker.close()
+    worker = ShardWorker(_config(tmp_path, source={**source, "columns": []}).to_dict())
+    try:
+        assert set(worker.probe()) == {"relu1", "conv2"}
+    finally:
+        worker.close()
+
+
+def test_a_layer_that_gives_no_tensor(tmp_path):
+    config = _config(tmp_path, model={"name": "support.models:pair_net", "layers": ["conv", "pair"]})
+    worker = ShardWorker(config.to_dict())
+    try:
+        with pytest.raises(ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'pair' gave "
+                                              r"tuple instead of a tensor"):
+            worker.probe()
+        with pytest.raises(LayerOutputError, match="layer 'pair' gave tuple instead of a tensor; choose a layer"):
+            worker.run_shard(Shard(0, 0, 2))
+    finally:
+        worker.close()

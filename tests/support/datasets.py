@@ -34,6 +34,18 @@ class DictItems(Squares):
                 "box": np.array([i, i + 1, i + 2, i + 3], dtype=np.float32)}
 
 
+class Keyed(Squares):
+    """Items as dicts with a label under each of ``keys`` (the index, as its string for ``sample_id``)."""
+
+    def __init__(self, n: int = 8, size: int = 8, keys: tuple[str, ...] = ("index",)):
+        super().__init__(n, size)
+        self.keys = tuple(keys)
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        return {"image": image, **{k: str(i) if k == "sample_id" else i for k in self.keys}}
+
+
 class DiesOnce(Squares):
     """Kills its process the first time item ``die_at`` is read (``marker`` records that it did)."""
 
