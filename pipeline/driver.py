@@ -19,6 +19,8 @@ from typing import TextIO
 from .config import Config
 from .errors import BadSampleError, ShardFailedError
 from .manifest import new_manifest, prepare_output
+from ._records import BadSample, LayerSpec, ShardRecord
+from ._report import bad_sample_lines, layer_lines, sorted_bad
 from .progress import Progress, _duration
 from .scheduling import ActorPlan, ShardQueue, plan_actors
 from .shards import Shard, plan_shards
@@ -34,7 +36,12 @@ IN_FLIGHT = 2
 
 @dataclasses.dataclass
 class Summary:
-    """What a run did: rows and bytes per layer, bad samples, time."""
+    """What a run did: rows and bytes per layer, bad samples, time.
+
+    ``layers`` holds each layer's stored ``{"shape", "dtype"}`` (``shape`` is ``None`` when
+    every row has its own), ``bad`` one dict per bad sample (its index, id and reason, as
+    ``BadSample.to_dict`` gives them).
+    """
 
     output: str
     layers: dict[str, dict]
@@ -49,35 +56,26 @@ class Summary:
     new_samples: int
 
     @classmethod
-    def from_records(cls, records: Mapping[int, dict], *, output: str, layers: dict[str, dict],
+    def from_records(cls, records: Mapping[int, ShardRecord], *, output: str, layers: Mapping[str, LayerSpec],
                      samples: int, resumed: int, actors: int, seconds: float, new_samples: int) -> Summary:
-        rows = {layer: 0 for layer in layers}
-        nbytes = {layer: 0 for layer in layers}
-        bad: list[dict] = []
-        for record in records.values():
-            for layer in layers:
-                rows[layer] += record["rows"].get(layer, 0)
-                nbytes[layer] += record["bytes"].get(layer, 0)
-            bad += record["bad"]
-        return cls(output, layers, samples, rows, nbytes, sorted(bad, key=lambda b: b["index"]),
+        rows = {layer: sum(r.rows.get(layer, 0) for r in records.values()) for layer in layers}
+        nbytes = {layer: sum(r.bytes.get(layer, 0) for r in records.values()) for layer in layers}
+        bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
+        return cls(output, {k: v.to_dict() for k, v in layers.items()}, samples, rows, nbytes, bad,
                    len(records), resumed, actors, seconds, new_samples)
 
     def format(self) -> str:
         total = sum(self.bytes.values())
         rate = self.new_samples / self.seconds if self.seconds else 0.0
         lines = [f"actmap: {self.samples:,} samples, {len(self.layers)} layer(s) in {self.output}"]
-        for layer, info in self.layers.items():
-            shape = "x".join(map(str, info["shape"])) if info.get("shape") is not None else "variable"
-            lines.append(f"  {layer}: {self.rows[layer]:,} rows of {shape} {info['dtype']}, "
-                         f"{self.bytes[layer] / 1e6:,.1f} MB")
+        layers = {layer: LayerSpec.from_dict(info) for layer, info in self.layers.items()}
+        lines += layer_lines(layers, self.rows, self.bytes, indent="  ")
         lines.append(f"  {self.shards} shards ({self.resumed} already done) on {self.actors} actor(s); "
                      f"{_duration(self.seconds)} wall, {rate:,.1f} samples/s, "
                      f"{total / max(self.seconds, 1e-9) / 1e6:,.1f} MB/s written")
         lines.append(f"  bad samples: {len(self.bad)}")
-        for b in self.bad[:10]:
-            lines.append(f"    {b['sample_id']} (index {b['index']}): {b['reason']}")
-        if len(self.bad) > 10:
-            lines.append(f"    ... `actmap inspect {self.output}` lists all {len(self.bad)}")
+        lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=10, indent="    ",
+                                  more=f"... `actmap inspect {self.output}` lists all {{all}}")
         first = next(iter(self.layers))
         lines.append(f"Read it back: pipeline.read_layer({self.output!r}, {first!r}) -> numpy array; "
                      f"`actmap inspect {self.output}` describes the dump")
@@ -107,7 +105,7 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str, dict]) -> list:
+def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str, LayerSpec]) -> list:
     import ray
 
     remote = ray.remote(ShardWorker).options(
@@ -115,7 +113,7 @@ def _start_actors(config: Config, plan: ActorPlan, digest: str, layers: dict[str
         # a dead actor restarts (building its model again) and Ray reruns its shards there;
         # a rerun shard overwrites its own files, so the output stays exactly-once
         max_restarts=config.run.max_attempts, max_task_retries=config.run.max_attempts)
-    shapes = {layer: info["shape"] for layer, info in layers.items()} if config.shapes_fixed() else None
+    shapes = {layer: spec.shape for layer, spec in layers.items()} if config.shapes_fixed() else None
     actors = [remote.remote(config.to_dict(), digest, layer_shapes=shapes) for _ in range(plan.count)]
     log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)
     # surface a failing start (a model that does not build there) as itself
@@ -132,7 +130,7 @@ def _is_actor_death(exc: BaseException) -> bool:
 
 
 def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress,
-             records: dict[int, dict]) -> None:
+             records: dict[int, ShardRecord]) -> None:
     """Run ``todo`` on ``actors`` until every shard is done; raises when one cannot be."""
     import ray
 
@@ -170,7 +168,7 @@ def _execute(actors: list, todo: list[Shard], config: Config, progress: Progress
                 else:
                     queue.finished(shard)
                     records[shard.id] = record
-                    progress.update(record["stop"] - record["start"], sum(record["bytes"].values()))
+                    progress.update(len(shard), record.total_bytes)
     finally:
         for ref in pending:  # best effort: the actors are killed right after
             with contextlib.suppress(Exception):
@@ -202,7 +200,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)
     finally:
         probe.close()
-    manifest["layer_info"] = layers
+    manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
     store = OutputStore(config.run.output)
     records = prepare_output(store, manifest, overwrite)
     resumed = len(records)

@@ -79,6 +79,10 @@ class WeightsMismatchError(PipelineError, RuntimeError):
     """A worker built the model with other weights than the driver did."""
 
 
+class RecordError(PipelineError, ValueError):
+    """A record of the dump (a shard's, a layer's) lacks a field it needs."""
+
+
 class UnknownDumpLayerError(PipelineError, KeyError):
     """The dump holds no such layer."""
 

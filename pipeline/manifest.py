@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._layout import MANIFEST_FORMAT, MANIFEST_PATH, SHARDS_DIR, is_hidden, is_shard_record, is_temporary
+from ._records import ShardRecord
 from .config import Config, identity_diff
 from .errors import OutputConflictError
 from .store import OutputStore
@@ -52,7 +53,7 @@ def conflicts(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) -> dict[int, dict]:
+def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) -> dict[int, ShardRecord]:
     """Make the output folder ready for ``manifest``'s run; return the records of shards done.
 
     An empty or missing folder gets the manifest. A folder with a matching manifest is resumed
@@ -85,13 +86,13 @@ def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) 
     return {}
 
 
-def completed_shards(store: OutputStore) -> dict[int, dict]:
+def completed_shards(store: OutputStore) -> dict[int, ShardRecord]:
     """The records of the shards whose files are all in place, by shard id."""
     done = {}
     for path in filter(is_shard_record, store.list_files(SHARDS_DIR)):
-        record = store.read_json(path)
-        if all(store.exists(f) for f in record["files"].values()):
-            done[record["shard"]] = record
+        record = ShardRecord.from_dict(store.read_json(path))
+        if all(store.exists(f) for f in record.files.values()):
+            done[record.shard] = record
         else:
-            log.warning("shard %s has a record but misses files; it will be redone", record["shard"])
+            log.warning("shard %s has a record but misses files; it will be redone", record.shard)
     return done

@@ -23,6 +23,8 @@ import torch
 from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, is_data_file, partition_dir,
                       partition_layer, shape_column, shape_columns)
 from .encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
+from ._records import BadSample, LayerSpec
+from ._report import bad_sample_lines, layer_lines, sorted_bad
 from .errors import UnknownDumpLayerError, close_matches
 from .manifest import completed_shards
 from .store import OutputStore
@@ -213,7 +215,12 @@ def to_ray_dataset(location: str, layer: str):
 
 @dataclasses.dataclass
 class DumpInfo:
-    """What a dump holds: see :func:`inspect_dump`."""
+    """What a dump holds: see :func:`inspect_dump`.
+
+    ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
+    ``dtype``, ``files``, ``bytes`` and ``columns``; ``bad`` one dict per bad sample of the
+    shards done (its index, id and reason).
+    """
 
     location: str
     manifest: dict | None
@@ -235,16 +242,15 @@ class DumpInfo:
         planned = "?" if self.shards_planned is None else self.shards_planned
         state = "complete" if self.complete else "INCOMPLETE (rerun the same command to finish)"
         lines.append(f"shards: {self.shards_done}/{planned} done, {state}")
-        for layer, info in self.layers.items():
-            shape = "variable" if info["shape"] is None else "x".join(map(str, info["shape"]))
-            lines.append(f"  layer {layer}: {info['rows']:,} rows, {shape} {info['dtype']}, "
-                         f"{info['files']} files, {info['bytes'] / 1e6:,.1f} MB, columns: "
-                         f"{', '.join(info['columns'])}")
+        info = self.layers
+        lines += layer_lines({layer: LayerSpec.from_dict(i) for layer, i in info.items()},
+                             {layer: i["rows"] for layer, i in info.items()},
+                             {layer: i["bytes"] for layer, i in info.items()}, indent="  ", label="layer ",
+                             extra={layer: f"{i['files']} files, columns: {', '.join(i['columns'])}"
+                                    for layer, i in info.items()})
         lines.append(f"bad samples: {len(self.bad)}")
-        for b in self.bad[:bad_limit]:
-            lines.append(f"  {b['sample_id']} (index {b['index']}): {b['reason']}")
-        if len(self.bad) > bad_limit:
-            lines.append(f"  ... and {len(self.bad) - bad_limit} more")
+        lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=bad_limit, indent="  ",
+                                  more="... and {rest} more")
         return "\n".join(lines)
 
 
@@ -268,6 +274,6 @@ def inspect_dump(location: str) -> DumpInfo:
         spec = read_metadata(schema)["columns"][ACTIVATION]
         layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
                          "bytes": size, "columns": schema.names}
-    bad = sorted((b for r in records.values() for b in r["bad"]), key=lambda b: b["index"])
+    bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
     planned = manifest["plan"]["shards"] if manifest else None
     return DumpInfo(location, manifest, layers, len(records), planned, bad)

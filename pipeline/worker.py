@@ -29,6 +29,7 @@ import torch
 from .config import Config, Precision
 from .errors import BadSampleError, ConfigError, LayerOutputError, ShapeChangedError, WeightsMismatchError
 from ._layout import shard_record_path
+from ._records import LayerSpec, ShardRecord
 from .models import LayerOutputs, build_model, model_identity
 from .preprocess import decode_many, resize_crop, to_model_input
 from .reduce import reduce_output
@@ -126,13 +127,17 @@ class ShardWorker:
         self.digest = self.identity["weights_sha256"]
         if expected_digest is not None and self.digest != expected_digest:
             raise WeightsMismatchError(f"the model built on this worker has weights {self.digest[:12]}, the "
-                               f"driver's has {expected_digest[:12]}: {self.config.model.name!r} does not "
-                               "build the same weights from model.seed; give a model.weights file")
+                                       f"driver's has {expected_digest[:12]}: {self.config.model.name!r} does "
+                                       "not build the same weights from model.seed; give a model.weights file")
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.outputs = LayerOutputs(model.to(self.device), self.config.model)
-        self.source = open_source(self.config.source)
-        self.label_fields = self.source.label_fields()
+        try:
+            self.source = open_source(self.config.source)
+            self.label_fields = self.source.label_fields()
+        except BaseException:
+            self.outputs.remove()  # a source that does not open leaves no hooks behind
+            raise
         self.store = OutputStore(self.config.run.output)
         self.fixed = self.config.shapes_fixed()
         # the shape each layer must keep in a fixed-width column (first seen, unless given)
@@ -234,7 +239,7 @@ class ShardWorker:
 
     # -- one shard ---------------------------------------------------------------------------
 
-    def run_shard(self, shard: Shard | Mapping[str, int]) -> dict:
+    def run_shard(self, shard: Shard | Mapping[str, int]) -> ShardRecord:
         """Dump one shard; returns its record (also written to the manifest folder)."""
         if isinstance(shard, Mapping):
             shard = Shard(**shard)
@@ -291,23 +296,19 @@ class ShardWorker:
             raise
         seconds["total"] = time.perf_counter() - started
         rows = {layer: writer.rows for layer, writer in writers.items()}
-        record = {
-            "shard": shard.id, "start": shard.start, "stop": shard.stop,
-            "rows": rows,
-            "files": {layer: shard.file_name(layer) for layer in layers if rows[layer]},
-            "bytes": {layer: size for layer, size in sizes.items() if size},
-            "bad": [b.to_dict() for b in bad],
-            "seconds": {k: round(v, 4) for k, v in seconds.items()},
-            "started": round(started_at, 3), "finished": round(time.time(), 3),
-            "worker": self.info(),
-        }
-        self.store.write_json(shard_record_path(shard.id), record)
+        record = ShardRecord(
+            shard=shard.id, start=shard.start, stop=shard.stop, rows=rows,
+            files={layer: shard.file_name(layer) for layer in layers if rows[layer]},
+            bytes={layer: size for layer, size in sizes.items() if size}, bad=tuple(bad),
+            seconds={k: round(v, 4) for k, v in seconds.items()},
+            started=round(started_at, 3), finished=round(time.time(), 3), worker=self.info())
+        self.store.write_json(shard_record_path(shard.id), record.to_dict())
         return record
 
-    def probe(self, tries: int = 8) -> dict[str, dict]:
+    def probe(self, tries: int = 8) -> dict[str, LayerSpec]:
         """Run the first readable sample through the whole path, writing nothing.
 
-        Returns each layer's stored ``{"shape", "dtype"}``; raises :class:`ConfigError` when
+        Returns how each layer is stored (shape and dtype); raises :class:`ConfigError` when
         none of the first ``tries`` samples can be read, or when the forward or the encoding
         fails (a layer that gives no tensor, a reduction that does not fit, ...).
         """
@@ -321,7 +322,8 @@ class ShardWorker:
             layers = {}
             for layer in self.config.model.layers:
                 array = outputs.rows(layer, 1)[0]
-                layers[layer] = {"shape": list(array.shape), "dtype": self.config.dump.dtype.value}
+                shape = array.shape if self.fixed else None
+                layers[layer] = LayerSpec(shape, self.config.dump.dtype.value)
                 self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples), outputs)
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
@@ -331,7 +333,13 @@ class ShardWorker:
         return layers
 
     def close(self) -> None:
-        """Stop the threads and take the hooks off the model."""
+        """Stop the threads and take the hooks off the model (safe to call twice)."""
         self._loader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self.outputs.remove()
+
+    def __enter__(self) -> ShardWorker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

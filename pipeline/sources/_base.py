@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .._records import BadSample
+
 #: An image as a source hands it over: encoded file bytes (decoded by the actor, on its GPU
 #: where it has one), a ``uint8`` or float ``(C, H, W)`` tensor, or an ``(H, W, C)`` uint8 array.
 RawImage = Union[bytes, torch.Tensor, np.ndarray]
@@ -24,18 +26,6 @@ class Sample:
     sample_id: str
     image: RawImage
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class BadSample:
-    """A sample that could not be read, with the reason; the run records it and goes on."""
-
-    index: int
-    sample_id: str
-    reason: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Source(Protocol):

@@ -77,7 +77,7 @@ def test_generated_dump_inspected():
     text = info.format()
     assert "model: support.models:tiny (weights " in text and "source: generated of 30 samples" in text
     assert "shards: 4/4 done, complete" in text
-    assert "layer relu1: 30 rows, 8x8x8 float16, 4 files" in text
+    assert "layer relu1: 30 rows of 8x8x8 float16, 0.0 MB, 4 files, columns: sample_id, index" in text
 
 
 def _png_layers() -> list[dict[str, torch.Tensor]]:
@@ -116,7 +116,7 @@ def test_variable_dump_as_a_torch_dataset_and_inspected():
     info = inspect_dump(VARIABLE)
     assert info.complete and info.layers["relu1"]["shape"] is None
     assert [b["sample_id"] for b in info.bad] == ["5.png"]
-    assert "layer relu1: 5 rows, variable bfloat16, 2 files" in info.format()
+    assert "layer relu1: 5 rows of variable bfloat16, 0.0 MB, 2 files" in info.format()
 
 
 @pytest.mark.parametrize("location", [GENERATED, VARIABLE])

@@ -15,6 +15,7 @@ BUILT_IN = {
     errors.LayerOutputError: RuntimeError,
     errors.ShapeChangedError: RuntimeError,
     errors.WeightsMismatchError: RuntimeError,
+    errors.RecordError: ValueError,
     errors.UnknownDumpLayerError: KeyError,
 }
 
@@ -24,7 +25,8 @@ def _examples():
     yield errors.OutputConflictError("run.output", "holds another run")
     yield errors.ReservedColumnError("index", ["index", "sample_id"])
     for cls in (errors.BadSampleError, errors.ShardFailedError, errors.LayerOutputError,
-                errors.ShapeChangedError, errors.WeightsMismatchError, errors.UnknownDumpLayerError):
+                errors.ShapeChangedError, errors.WeightsMismatchError, errors.RecordError,
+                errors.UnknownDumpLayerError):
         yield cls(f"a {cls.__name__}")
 
 

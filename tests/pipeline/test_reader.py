@@ -1,6 +1,7 @@
 """Reading a dump back, with actmap and without it."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -88,7 +89,8 @@ def test_inspect(dump):
     assert info.layers["conv2"]["rows"] == 30 and info.layers["conv2"]["shape"] == [16, 8, 8]
     text = info.format()
     assert "shards: 4/4 done, complete" in text
-    assert "layer conv2: 30 rows, 16x8x8 float16, 4 files" in text
+    assert re.search(r"\n  layer conv2: 30 rows of 16x8x8 float16, \d+\.\d MB, 4 files, columns: sample_id, "
+                     r"index, activation, label, mask\n", text)
 
 
 def test_inspect_empty_folder(tmp_path):

@@ -1,6 +1,7 @@
 """The actor's work, run in this process without Ray."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline._records import BadSample, LayerSpec, ShardRecord
 from pipeline.config import Config
 from pipeline.errors import (BadSampleError, ConfigError, LayerOutputError, ReservedColumnError,
                              ShapeChangedError, WeightsMismatchError)
@@ -30,6 +32,12 @@ def _config(tmp_path, **sections):
     return Config.from_dict(data)
 
 
+def _run_shard(config, shard, **kwargs):
+    """One shard run by a worker that is closed after."""
+    with ShardWorker(config.to_dict(), **kwargs) as worker:
+        return worker.run_shard(shard)
+
+
 def _direct(config, indices):
     """The layers' outputs of a plain forward of the same model on the same samples."""
     model = build_model(config.model)
@@ -48,12 +56,12 @@ def _direct(config, indices):
 
 def test_shard_matches_a_direct_forward(tmp_path):
     config = _config(tmp_path)
-    worker = ShardWorker(config.to_dict())
-    record = worker.run_shard(Shard(1, 4, 10))
-    worker.close()
-    assert record["rows"] == {"relu1": 6, "conv2": 6}
-    assert record["files"] == {"relu1": "layer=relu1/part-00001.parquet", "conv2": "layer=conv2/part-00001.parquet"}
-    assert record["bad"] == [] and all(v > 0 for v in record["bytes"].values())
+    record = _run_shard(config, Shard(1, 4, 10))
+    assert record.rows == {"relu1": 6, "conv2": 6}
+    assert record.files == {"relu1": "layer=relu1/part-00001.parquet", "conv2": "layer=conv2/part-00001.parquet"}
+    assert record.bad == () and all(v > 0 for v in record.bytes.values())
+    on_disk = json.loads((tmp_path / "out" / "_actmap" / "shards" / "00001.json").read_text())
+    assert ShardRecord.from_dict(on_disk) == record
     expected = _direct(config, range(4, 10))
     for layer in ("relu1", "conv2"):
         got = read_layer(config.run.output, layer)
@@ -69,12 +77,24 @@ def test_hooks_are_removed_on_close(tmp_path):
     model = worker.outputs.wrapper.wrapped_model
     worker.close()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    worker.close()  # twice is harmless
+
+
+def test_a_source_that_does_not_open_leaves_no_hooks(tmp_path, monkeypatch):
+    import pipeline.worker
+
+    built = []
+    monkeypatch.setattr(pipeline.worker, "build_model", lambda spec: built.append(build_model(spec)) or built[-1])
+    with pytest.raises(ConfigError, match="source.path: .* is not a folder"):
+        ShardWorker(_config(tmp_path, source={"kind": "folder", "path": str(tmp_path / "nope")}).to_dict())
+    assert len(built) == 1
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in built[0].modules())
 
 
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("bfloat16", 1e-2)])
 def test_storage_dtypes(tmp_path, dtype, rtol):
     config = _config(tmp_path, dump={"dtype": dtype})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    _run_shard(config, Shard(0, 0, 3))
     expected = _direct(config, range(3))["conv2"].numpy()
     got = read_layer(config.run.output, "conv2")
     assert got.dtype == np.float32
@@ -85,22 +105,22 @@ def test_storage_dtypes(tmp_path, dtype, rtol):
 
 def test_reductions(tmp_path):
     config = _config(tmp_path, dump={"reduce": "pool", "pool_size": [2, 2], "dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    _run_shard(config, Shard(0, 0, 3))
     expected = torch.nn.functional.adaptive_avg_pool2d(_direct(config, range(3))["conv2"], 2)
     np.testing.assert_allclose(read_layer(config.run.output, "conv2"), expected.numpy(), rtol=1e-5, atol=1e-6)
     config = _config(tmp_path / "b", dump={"reduce": "channel_mean", "dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    _run_shard(config, Shard(0, 0, 3))
     expected = _direct(config, range(3))["relu1"].mean(1)
     np.testing.assert_allclose(read_layer(config.run.output, "relu1"), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_stump_mode_stops_after_the_layer(tmp_path):
     config = _config(tmp_path, model={"mode": "stump", "layers": ["conv1"]})
-    worker = ShardWorker(config.to_dict())
-    model = worker.outputs.wrapper.wrapped_model
-    calls = []
-    model.fc.register_forward_hook(lambda *a: calls.append(1))
-    worker.run_shard(Shard(0, 0, 4))
+    with ShardWorker(config.to_dict()) as worker:
+        model = worker.outputs.wrapper.wrapped_model
+        calls = []
+        model.fc.register_forward_hook(lambda *a: calls.append(1))
+        worker.run_shard(Shard(0, 0, 4))
     assert calls == []
     expected = _direct(config, range(4))["conv1"].numpy()
     np.testing.assert_allclose(read_layer(config.run.output, "conv1"), expected, rtol=1e-3, atol=1e-3)
@@ -109,9 +129,9 @@ def test_stump_mode_stops_after_the_layer(tmp_path):
 def test_bad_samples_are_recorded_and_skipped(tmp_path):
     config = _config(tmp_path, source={"kind": "dataset", "target": "support.datasets:Squares",
                                        "kwargs": {"n": 8, "size": 8, "bad": 5}, "preprocess": {"normalize": "none"}})
-    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 8))
-    assert record["bad"] == [{"index": 5, "sample_id": "5", "reason": "ValueError: item 5 is corrupt"}]
-    assert record["rows"]["conv2"] == 7
+    record = _run_shard(config, Shard(0, 0, 8))
+    assert record.bad == (BadSample(5, "5", "ValueError: item 5 is corrupt"),)
+    assert record.rows["conv2"] == 7
     assert read_table(config.run.output, "conv2").column("index").to_pylist() == [0, 1, 2, 3, 4, 6, 7]
 
 
@@ -120,7 +140,7 @@ def test_strict_mode_fails_fast_and_leaves_no_file(tmp_path):
                      source={"kind": "dataset", "target": "support.datasets:Squares",
                              "kwargs": {"n": 8, "size": 8, "bad": 5}, "preprocess": {"normalize": "none"}})
     with pytest.raises(BadSampleError, match=r"sample '5' \(index 5\): ValueError: item 5 is corrupt"):
-        ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 8))
+        _run_shard(config, Shard(0, 0, 8))
     out = tmp_path / "out"
     assert not list(out.rglob("*.parquet")) and not list(out.rglob(".*.tmp"))
 
@@ -136,8 +156,8 @@ def test_variable_shapes_from_a_folder(tmp_path):
     (images / "4.png").write_bytes(b"not a png")
     config = _config(tmp_path, source={"kind": "folder", "path": str(images)}, dump={"dtype": "float32"})
     assert not config.shapes_fixed()
-    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 5))
-    assert [b["sample_id"] for b in record["bad"]] == ["4.png"]
+    record = _run_shard(config, Shard(0, 0, 5))
+    assert [b.sample_id for b in record.bad] == ["4.png"]
     got = read_layer(config.run.output, "relu1")
     assert [a.shape for a in got] == [(8, h, w) for w, h in sizes]
     model = build_model(config.model)
@@ -150,13 +170,18 @@ def test_variable_shapes_from_a_folder(tmp_path):
 
 
 def test_probe_catches_what_would_fail_later(tmp_path):
-    worker = ShardWorker(_config(tmp_path).to_dict())
-    assert worker.probe() == {"relu1": {"shape": [8, 16, 16], "dtype": "float16"},
-                              "conv2": {"shape": [16, 8, 8], "dtype": "float16"}}
+    with ShardWorker(_config(tmp_path).to_dict()) as worker:
+        assert worker.probe() == {"relu1": LayerSpec((8, 16, 16), "float16"), "conv2": LayerSpec((16, 8, 8), "float16")}
     bad = _config(tmp_path, model={"layers": ["fc"]}, dump={"reduce": "pool"})
-    with pytest.raises(ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'fc' gives 2-d "
-                                          r"outputs \(1, 4\); dump.reduce 'pool' needs"):
-        ShardWorker(bad.to_dict()).probe()
+    with ShardWorker(bad.to_dict()) as worker, pytest.raises(
+            ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'fc' gives 2-d "
+                               r"outputs \(1, 4\); dump.reduce 'pool' needs"):
+        worker.probe()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (9, 7)).save(images / "0.png")
+    with ShardWorker(_config(tmp_path, source={"kind": "folder", "path": str(images)}).to_dict()) as worker:
+        assert worker.probe()["conv2"] == LayerSpec(None, "float16"), "variable shapes: no one shape"
 
 
 def test_unknown_layer_is_a_config_error(tmp_path):
@@ -185,7 +210,7 @@ def test_weights_file_is_loaded(tmp_path):
 def test_precisions_and_memory_format(tmp_path, precision, channels_last, tol):
     config = _config(tmp_path, model={"precision": precision, "channels_last": channels_last},
                      dump={"dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 4))
+    _run_shard(config, Shard(0, 0, 4))
     expected = _direct(config, range(4))["conv2"].numpy()
     got = read_layer(config.run.output, "conv2")
     assert got.shape == expected.shape  # stored in NCHW order whatever the memory format
@@ -196,8 +221,8 @@ def test_output_given_as_a_uri(tmp_path):
     """Any filesystem pyarrow opens: the store never assumes a local path."""
     uri = (tmp_path / "remote").as_uri()
     config = _config(tmp_path, run={"output": uri})
-    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
-    assert (tmp_path / "remote" / record["files"]["conv2"]).is_file()
+    record = _run_shard(config, Shard(0, 0, 3))
+    assert (tmp_path / "remote" / record.files["conv2"]).is_file()
     assert (tmp_path / "remote" / "_actmap" / "shards" / "00000.json").is_file()
     np.testing.assert_array_equal(read_layer(uri, "conv2"), read_layer(str(tmp_path / "remote"), "conv2"))
 
@@ -207,12 +232,10 @@ def test_two_shards_at_once_in_one_worker(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     config = _config(tmp_path, source={"count": 24})
-    worker = ShardWorker(config.to_dict())
-    with ThreadPoolExecutor(2) as pool:
+    with ShardWorker(config.to_dict()) as worker, ThreadPoolExecutor(2) as pool:
         records = list(pool.map(worker.run_shard, [Shard(0, 0, 12), Shard(1, 12, 24)]))
-    worker.close()
-    assert [r["rows"]["conv2"] for r in records] == [12, 12]
-    assert all(r["started"] <= r["finished"] for r in records)
+    assert [r.rows["conv2"] for r in records] == [12, 12]
+    assert all(r.started <= r.finished for r in records)
     expected = _direct(config, range(24))
     for layer in ("relu1", "conv2"):
         np.testing.assert_allclose(read_layer(config.run.output, layer), expected[layer].numpy(), rtol=1e-3, atol=1e-3)
@@ -222,7 +245,7 @@ def test_outputs_changed_in_place_later_are_stored_as_the_layer_gave_them(tmp_pa
     """ResNet's bn1 is followed by ReLU(inplace=True): the dump must hold the batch norm's output."""
     config = _config(tmp_path, model={"name": "resnet18", "layers": ["bn1", "layer1"]},
                      source={"image_size": 32}, dump={"dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 2))
+    _run_shard(config, Shard(0, 0, 2))
     model = build_model(config.model)
     samples = open_source(config.source).read(range(2))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
@@ -246,7 +269,7 @@ def test_fixed_shapes_refuse_a_second_size_with_advice(tmp_path, batch_size):
                      run={"batch_size": batch_size})
     with pytest.raises(ShapeChangedError, match=r"layer 'relu1' gave outputs of shape \(8, 20, 24\) where "
                                            r"\(8, 16, 16\) was expected.*source.preprocess.crop"):
-        ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+        _run_shard(config, Shard(0, 0, 3))
     assert not list((tmp_path / "out").rglob("*.parquet"))
 
 
@@ -256,14 +279,12 @@ def test_dataset_items_may_not_replace_output_columns(tmp_path, keys):
     before any work starts, rather than silently replacing that column."""
     config = _config(tmp_path, source={"kind": "dataset", "target": "support.datasets:Keyed",
                                        "kwargs": {"keys": list(keys)}, "preprocess": {"normalize": "none"}})
-    worker = ShardWorker(config.to_dict())
-    try:
-        with pytest.raises(ReservedColumnError, match=rf"source: the pass-through column '{keys[-1] if len(keys) == 1 else 'index'}' clashes"):
+    clash = keys[0] if len(keys) == 1 else "index"
+    with ShardWorker(config.to_dict()) as worker:
+        with pytest.raises(ReservedColumnError, match=rf"source: the pass-through column '{clash}' clashes"):
             worker.probe()
         with pytest.raises(ReservedColumnError):
             worker.run_shard(Shard(0, 0, 4))
-    finally:
-        worker.close()
     assert not list((tmp_path / "out").rglob("*.parquet"))
 
 
@@ -272,27 +293,18 @@ def test_parquet_columns_may_not_replace_output_columns(tmp_path):
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
     pq.write_table(pa.table({"img": [buf.getvalue()] * 3, "index": [7, 8, 9]}), tmp_path / "clash.parquet")
     source = {"kind": "parquet", "path": str(tmp_path / "clash.parquet"), "image_column": "img"}
-    worker = ShardWorker(_config(tmp_path, source=source).to_dict())
-    try:
+    with ShardWorker(_config(tmp_path, source=source).to_dict()) as worker:
         with pytest.raises(ReservedColumnError, match="'index' clashes with an output column.*source.columns"):
             worker.probe()
-    finally:
-        worker.close()
-    worker = ShardWorker(_config(tmp_path, source={**source, "columns": []}).to_dict())
-    try:
+    with ShardWorker(_config(tmp_path, source={**source, "columns": []}).to_dict()) as worker:
         assert set(worker.probe()) == {"relu1", "conv2"}
-    finally:
-        worker.close()
 
 
 def test_a_layer_that_gives_no_tensor(tmp_path):
     config = _config(tmp_path, model={"name": "support.models:pair_net", "layers": ["conv", "pair"]})
-    worker = ShardWorker(config.to_dict())
-    try:
+    with ShardWorker(config.to_dict()) as worker:
         with pytest.raises(ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'pair' gave "
                                               r"tuple instead of a tensor"):
             worker.probe()
         with pytest.raises(LayerOutputError, match="layer 'pair' gave tuple instead of a tensor; choose a layer"):
             worker.run_shard(Shard(0, 0, 2))
-    finally:
-        worker.close()
