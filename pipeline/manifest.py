@@ -14,7 +14,7 @@ from typing import Any
 
 from ._layout import MANIFEST_FORMAT, MANIFEST_PATH, SHARDS_DIR, is_hidden, is_shard_record, is_temporary
 from ._records import ShardRecord
-from .config import Config, identity_diff
+from .config import Config, comparable_identity, identity_diff
 from .errors import OutputConflictError
 from .store import OutputStore
 
@@ -47,7 +47,8 @@ def conflicts(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """
     if existing.get("format") != MANIFEST_FORMAT:
         return [f"manifest format {existing.get('format')!r}, this version writes {MANIFEST_FORMAT!r}"]
-    lines = [f"config: {line}" for line in identity_diff(existing["identity"], new["identity"])]
+    old_identity, new_identity = comparable_identity(existing["identity"]), comparable_identity(new["identity"])
+    lines = [f"config: {line}" for line in identity_diff(old_identity, new_identity)]
     lines += [f"model: {line}" for line in identity_diff(existing["model"], new["model"])]
     lines += [f"source: {line}" for line in identity_diff(existing["source"], new["source"])]
     return lines

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from ..config import SourceKind, SourceSpec
-from ._base import BadSample, RawImage, Sample, Source, describe_error
+from .._records import BadSample
+from ._base import RawImage, Sample, Source, describe_error
 from .dataset import DatasetSource
 from .folder import FolderSource
 from .generated import GeneratedSource
@@ -15,10 +19,13 @@ __all__ = ["BadSample", "DatasetSource", "FolderSource", "GeneratedSource", "Par
 
 def open_source(spec: SourceSpec) -> Source:
     """The source a config's ``source`` section describes."""
-    if spec.kind is SourceKind.GENERATED:
-        return GeneratedSource(spec.count, spec.image_size, spec.seed)
-    if spec.kind is SourceKind.FOLDER:
-        return FolderSource(spec.path)
-    if spec.kind is SourceKind.PARQUET:
-        return ParquetSource(spec.path, spec.image_column, spec.id_column, spec.columns)
-    return DatasetSource(spec.target, spec.kwargs)
+    return _OPENERS[spec.kind](spec)
+
+
+#: How each kind's section becomes its source.
+_OPENERS: dict[SourceKind, Callable[[Any], Source]] = {
+    SourceKind.GENERATED: lambda spec: GeneratedSource(spec.count, spec.image_size, spec.seed),
+    SourceKind.FOLDER: lambda spec: FolderSource(spec.path),
+    SourceKind.PARQUET: lambda spec: ParquetSource(spec.path, spec.image_column, spec.id_column, spec.columns),
+    SourceKind.DATASET: lambda spec: DatasetSource(spec.target, spec.kwargs),
+}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import SourceSpec
+from pipeline.config import Config, GeneratedSpec, ParquetSpec, SourceKind, SourceSpec
 from pipeline.errors import ConfigError
 from pipeline.sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
                               Sample, open_source)
@@ -112,6 +112,15 @@ def test_dataset_source_errors():
 
 
 def test_open_source_dispatches_on_kind(tmp_path):
-    assert isinstance(open_source(SourceSpec()), GeneratedSource)
+    assert isinstance(open_source(GeneratedSpec()), GeneratedSource)
     path = str(_parquet(tmp_path))
-    assert isinstance(open_source(SourceSpec(kind="parquet", path=path, image_column="img")), ParquetSource)
+    assert isinstance(open_source(ParquetSpec(path=path, image_column="img")), ParquetSource)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(_png("red"))
+    specs = {"generated": {}, "folder": {"path": str(tmp_path / "images")},
+             "parquet": {"path": path, "image_column": "img"}, "dataset": {"target": "support.datasets:Squares"}}
+    assert set(specs) == {k.value for k in SourceKind}, "every kind has a section and a source"
+    for kind, keys in specs.items():
+        spec = Config.from_dict({"source": {"kind": kind, **keys}}).source
+        assert isinstance(spec, SourceSpec) and spec.kind is SourceKind(kind)
+        assert len(open_source(spec)) > 0
