@@ -10,7 +10,8 @@ Read it back with :func:`read_layer`, :class:`ActivationDataset` or :func:`to_ra
 """
 
 from .config import Config, load_config
-from .driver import Summary, run
+from ._report import Summary
+from .driver import run
 from .errors import BadSampleError, ConfigError, OutputConflictError, ShardFailedError
 from .reader import ActivationDataset, DumpInfo, decode_column, inspect_dump, read_layer, read_table, to_ray_dataset
 

@@ -1,4 +1,5 @@
-"""The text of a dump's description, shared by the run's summary and ``actmap inspect``.
+"""What a run did (:class:`Summary`), and the text of a dump's description that the summary and
+``actmap inspect`` share.
 
 >>> print("\\n".join(layer_lines({"conv2": LayerSpec((16, 8, 8), "float16")}, {"conv2": 30},
 ...                              {"conv2": 2_500_000}, indent="  ")))
@@ -12,9 +13,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
-from ._records import BadSample, LayerSpec
+from ._records import BadSample, LayerSpec, ShardRecord
+from .progress import _duration
 
 
 def megabytes(nbytes: float) -> str:
@@ -44,3 +47,51 @@ def bad_sample_lines(bad: Sequence[BadSample], *, limit: int, indent: str, more:
 def sorted_bad(groups: Iterable[Iterable[BadSample]]) -> list[BadSample]:
     """The bad samples of several records, in source order."""
     return sorted((b for group in groups for b in group), key=lambda b: b.index)
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did: rows and bytes per layer, bad samples, time.
+
+    ``layers`` holds each layer's stored ``{"shape", "dtype"}`` (``shape`` is ``None`` when
+    every row has its own), ``bad`` one dict per bad sample (its index, id and reason, as
+    ``BadSample.to_dict`` gives them).
+    """
+
+    output: str
+    layers: dict[str, dict]
+    samples: int
+    rows: dict[str, int]
+    bytes: dict[str, int]
+    bad: list[dict]
+    shards: int
+    resumed: int
+    actors: int
+    seconds: float
+    new_samples: int
+
+    @classmethod
+    def from_records(cls, records: Mapping[int, ShardRecord], *, output: str, layers: Mapping[str, LayerSpec],
+                     samples: int, resumed: int, actors: int, seconds: float, new_samples: int) -> Summary:
+        rows = {layer: sum(r.rows.get(layer, 0) for r in records.values()) for layer in layers}
+        nbytes = {layer: sum(r.bytes.get(layer, 0) for r in records.values()) for layer in layers}
+        bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
+        return cls(output, {k: v.to_dict() for k, v in layers.items()}, samples, rows, nbytes, bad,
+                   len(records), resumed, actors, seconds, new_samples)
+
+    def format(self) -> str:
+        total = sum(self.bytes.values())
+        rate = self.new_samples / self.seconds if self.seconds else 0.0
+        lines = [f"actmap: {self.samples:,} samples, {len(self.layers)} layer(s) in {self.output}"]
+        layers = {layer: LayerSpec.from_dict(info) for layer, info in self.layers.items()}
+        lines += layer_lines(layers, self.rows, self.bytes, indent="  ")
+        lines.append(f"  {self.shards} shards ({self.resumed} already done) on {self.actors} actor(s); "
+                     f"{_duration(self.seconds)} wall, {rate:,.1f} samples/s, "
+                     f"{total / max(self.seconds, 1e-9) / 1e6:,.1f} MB/s written")
+        lines.append(f"  bad samples: {len(self.bad)}")
+        lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=10, indent="    ",
+                                  more=f"... `actmap inspect {self.output}` lists all {{all}}")
+        first = next(iter(self.layers))
+        lines.append(f"Read it back: pipeline.read_layer({self.output!r}, {first!r}) -> numpy array; "
+                     f"`actmap inspect {self.output}` describes the dump")
+        return "\n".join(lines)

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 _AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
+class _Stopped(RuntimeError):
+    """The worker was stopped while the shard ran (its files are dropped)."""
+
+
 @dataclasses.dataclass
 class _Batch:
     """A loaded batch: the good samples, their preprocessed images, and the bad ones."""
@@ -148,6 +152,7 @@ class ShardWorker:
         self._writer = ThreadPoolExecutor(len(self.config.model.layers), thread_name_prefix="actmap-write")
         # shards may run in two threads at once: the forwards take turns on the device
         self._device = threading.Lock()
+        self._stopping = threading.Event()
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
@@ -256,6 +261,8 @@ class ShardWorker:
         try:
             loading = self._loader.submit(self._load, chunks[0]) if chunks else None
             for i in range(len(chunks)):
+                if self._stopping.is_set():
+                    raise _Stopped(f"shard {shard.id} given up: the worker is stopping")
                 t0 = time.perf_counter()
                 batch = loading.result()
                 t1 = time.perf_counter()
@@ -331,6 +338,10 @@ class ShardWorker:
             raise ConfigError("model", f"a trial forward of sample {first.samples[0].sample_id!r} "
                               f"failed: {exc}") from None
         return layers
+
+    def stop(self) -> None:
+        """Have the shards in flight give up at their next batch (their files are dropped)."""
+        self._stopping.set()
 
     def close(self) -> None:
         """Stop the threads and take the hooks off the model (safe to call twice)."""

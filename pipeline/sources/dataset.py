@@ -20,6 +20,9 @@ from .._targets import import_target
 from ..errors import ConfigError
 from ._base import BadSample, Sample, describe_error
 
+#: How many of the first items type the label columns.
+_TYPED_FROM = 8
+
 
 def _as_label(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
@@ -76,15 +79,30 @@ class DatasetSource:
         return item, {}
 
     def label_fields(self) -> list[pa.Field]:
+        """The scalar labels' fields, typed from the first readable items (up to a few, so an
+        item that cannot be read is left to be recorded as bad, and an integer label in one item
+        and a float in another make a float column)."""
         if self._fields is None:
-            fields = []
-            if self.count:
-                _, labels = self._split(self.dataset[0])
+            values: dict[str, list] = {}
+            for index in range(min(self.count, _TYPED_FROM)):
+                try:
+                    _, labels = self._split(self.dataset[index])
+                except Exception:  # recorded as a bad sample when its shard reads it
+                    continue
                 for name, value in labels.items():
                     if not isinstance(value, np.ndarray):
-                        fields.append(pa.field(name, pa.array([value]).type))
-            self._fields = fields
+                        values.setdefault(name, []).append(value)
+            self._fields = [self._field(name, seen) for name, seen in values.items()]
         return self._fields
+
+    def _field(self, name: str, values: list[Any]) -> pa.Field:
+        try:
+            return pa.field(name, pa.array(values).type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+            kinds = sorted({type(v).__name__ for v in values})
+            raise ConfigError("source.target", f"the label {name!r} of {self.target!r} holds values of "
+                              f"types {', '.join(kinds)} in the first items, which make no one column: "
+                              f"{describe_error(exc)}") from None
 
     def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
         samples: list[Sample | BadSample] = []

@@ -46,18 +46,37 @@ class Keyed(Squares):
         return {"image": image, **{k: str(i) if k == "sample_id" else i for k in self.keys}}
 
 
-class DiesOnce(Squares):
-    """Kills its process the first time item ``die_at`` is read (``marker`` records that it did)."""
+class _Trips(Squares):
+    """Squares whose item ``at`` trips the first ``times`` times it is read; each read of it adds
+    a line to the file ``log`` (which counts them across processes and restarts)."""
 
-    def __init__(self, n: int = 40, size: int = 16, die_at: int = 25, marker: str = ""):
+    def __init__(self, n: int = 40, size: int = 16, at: int = 25, log: str = "", times: int = 1):
         super().__init__(n, size)
-        self.die_at, self.marker = die_at, marker
+        self.at, self.log, self.times = at, log, times
+
+    def _tripped(self, i: int) -> bool:
+        if i != self.at:
+            return False
+        with open(self.log, "a") as f:
+            f.write("read\n")
+        return len(Path(self.log).read_text().splitlines()) <= self.times
+
+
+class Dies(_Trips):
+    """Kills its process when item ``at`` trips."""
 
     def __getitem__(self, i: int):
-        if i == self.die_at and not Path(self.marker).exists():
-            Path(self.marker).write_text("died")
+        if self._tripped(i):
             os._exit(1)
         return super().__getitem__(i)
+
+
+class Fails(_Trips):
+    """Gives a one-channel image when item ``at`` trips: its shard's forward fails (not a bad sample)."""
+
+    def __getitem__(self, i: int):
+        image, target = super().__getitem__(i)
+        return (image[:1] if self._tripped(i) else image), target
 
 
 class Slow(Squares):
