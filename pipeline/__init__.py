@@ -7,13 +7,17 @@ Run it with ``actmap run CONFIG.yaml`` or from Python::
     summary = run(load_config("dump.yaml"))
 
 Read it back with :func:`read_layer`, :class:`ActivationDataset` or :func:`to_ray_dataset`.
+The public names are these, :mod:`pipeline.config` (the config sections) and
+:mod:`pipeline.errors`; the modules whose names start with ``_`` are internal.
 """
 
-from .config import Config, load_config
+from ._driver import run
+from ._reader import ActivationDataset, DumpInfo, decode_column, inspect_dump, read_layer, read_table, to_ray_dataset
 from ._report import Summary
-from .driver import run
-from .errors import BadSampleError, ConfigError, OutputConflictError, ShardFailedError
-from .reader import ActivationDataset, DumpInfo, decode_column, inspect_dump, read_layer, read_table, to_ray_dataset
+from .config import Config, load_config
+from .errors import (BadSampleError, ConfigError, LayerOutputError, OutputConflictError, PipelineError,
+                     RecordError, ReservedColumnError, ShapeChangedError, ShardFailedError, UnknownDumpLayerError,
+                     WeightsMismatchError)
 
 __all__ = [
     "ActivationDataset",
@@ -21,9 +25,16 @@ __all__ = [
     "Config",
     "ConfigError",
     "DumpInfo",
+    "LayerOutputError",
     "OutputConflictError",
+    "PipelineError",
+    "RecordError",
+    "ReservedColumnError",
+    "ShapeChangedError",
     "ShardFailedError",
     "Summary",
+    "UnknownDumpLayerError",
+    "WeightsMismatchError",
     "decode_column",
     "inspect_dump",
     "load_config",

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from ._records import LayerSpec, ShardRecord
+from ._shards import Shard
 from .config import Config
-from .shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class LocalExecutor:
         self._pending: dict[concurrent.futures.Future, tuple[int, Shard]] = {}
 
     def start(self, workers: WorkerSpec, shards: int) -> None:
-        from .worker import ShardWorker
+        from ._worker import ShardWorker
 
         actors = workers.config.run.actors
         count = max(1, min(1 if actors == "auto" else int(actors), shards))

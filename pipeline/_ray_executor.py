@@ -15,8 +15,8 @@ import os
 from collections.abc import Iterator
 
 from ._executor import IN_FLIGHT, Outcome, Slots, WorkerSpec
-from .scheduling import plan_actors
-from .shards import Shard
+from ._scheduling import plan_actors
+from ._shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class RayExecutor:
         self._session.enter_context(ray_session(self.address))
         import ray
 
-        from .worker import ShardWorker
+        from ._worker import ShardWorker
 
         run = workers.config.run
         plan = plan_actors(run, ray.cluster_resources(), shards)

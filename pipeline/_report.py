@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
+from ._progress import duration_text
 from ._records import BadSample, LayerSpec, ShardRecord
-from .progress import _duration
 
 
 def megabytes(nbytes: float) -> str:
@@ -86,7 +86,7 @@ class Summary:
         layers = {layer: LayerSpec.from_dict(info) for layer, info in self.layers.items()}
         lines += layer_lines(layers, self.rows, self.bytes, indent="  ")
         lines.append(f"  {self.shards} shards ({self.resumed} already done) on {self.actors} actor(s); "
-                     f"{_duration(self.seconds)} wall, {rate:,.1f} samples/s, "
+                     f"{duration_text(self.seconds)} wall, {rate:,.1f} samples/s, "
                      f"{total / max(self.seconds, 1e-9) / 1e6:,.1f} MB/s written")
         lines.append(f"  bad samples: {len(self.bad)}")
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=10, indent="    ",

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .driver import run
+    from ._driver import run
 
     config = load_config(args.config, args.overrides)
     summary = run(config, address=args.address, overwrite=args.overwrite,
@@ -61,7 +61,7 @@ def _layers(args: argparse.Namespace) -> int:
     from extender import format_layers, list_layers
 
     from .config import ModelSpec, apply_overrides
-    from .models import build_model
+    from ._models import build_model
 
     kwargs = apply_overrides({}, args.overrides)
     model = build_model(ModelSpec(name=args.model, kwargs=kwargs))
@@ -76,7 +76,7 @@ def _layers(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .reader import inspect_dump
+    from ._reader import inspect_dump
 
     try:
         info = inspect_dump(args.output)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pipeline import ActivationDataset, inspect_dump, read_layer, read_table
-from pipeline.preprocess import decode, to_model_input
-from pipeline.sources.generated import generate
+from pipeline._preprocess import decode, to_model_input
+from pipeline._sources.generated import generate
 from support.models import tiny
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"

@@ -21,10 +21,10 @@ import torch
 
 from pipeline import read_layer, read_table, run
 from pipeline._layout import SHARDS_DIR, layer_file, shard_record_path
+from pipeline._models import build_model
+from pipeline._sources import open_source
 from pipeline.config import Config
 from pipeline.errors import BadSampleError, OutputConflictError, ShardFailedError
-from pipeline.models import build_model
-from pipeline.sources import open_source
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"
 

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline import _layout as layout
+from pipeline._store import OutputStore
+from pipeline._writer import build_table
 from pipeline.errors import ConfigError, ReservedColumnError
-from pipeline.store import OutputStore
-from pipeline.writer import build_table
 
 PIPELINE = Path(layout.__file__).parent
 

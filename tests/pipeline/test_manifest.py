@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline._layout import MANIFEST_PATH, shard_record_path
+from pipeline._manifest import completed_shards, new_manifest, prepare_output
+from pipeline._records import ShardRecord
+from pipeline._store import OutputStore
 from pipeline.config import Config
 from pipeline.errors import OutputConflictError
-from pipeline._layout import MANIFEST_PATH, shard_record_path
-from pipeline._records import ShardRecord
-from pipeline.manifest import completed_shards, new_manifest, prepare_output
-from pipeline.store import OutputStore
 
 MODEL = {"name": "resnet18", "weights_sha256": "abc"}
 SOURCE = {"kind": "generated", "count": 10}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.preprocess import decode, decode_many, resize_crop, to_model_input
+from pipeline._preprocess import decode, decode_many, resize_crop, to_model_input
 
 
 def _encoded(fmt: str, mode="RGB") -> bytes:

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, to_ray_dataset
+from pipeline._manifest import new_manifest, prepare_output
+from pipeline._shards import plan_shards
+from pipeline._store import OutputStore
+from pipeline._worker import ShardWorker
 from pipeline.config import Config
-from pipeline.manifest import new_manifest, prepare_output
 from pipeline.errors import UnknownDumpLayerError
-from pipeline.shards import plan_shards
-from pipeline.store import OutputStore
-from pipeline.worker import ShardWorker
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.shards import Shard, plan_shards
+from pipeline._shards import Shard, plan_shards
 
 
 @pytest.mark.parametrize("n, size", [(0, 4), (1, 4), (4, 4), (10, 3), (1000, 256)])

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline._sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
+                              Sample, open_source)
 from pipeline.config import Config, GeneratedSpec, ParquetSpec, SourceKind, SourceSpec
 from pipeline.errors import ConfigError
-from pipeline.sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
-                              Sample, open_source)
 
 
 def _png(color, size=(12, 8)) -> bytes:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from pipeline import inspect_dump, read_layer
+from pipeline._manifest import new_manifest, prepare_output
+from pipeline._shards import plan_shards
+from pipeline._store import OutputStore
+from pipeline._worker import ShardWorker
 from pipeline.config import Config
-from pipeline.manifest import new_manifest, prepare_output
-from pipeline.store import OutputStore
-from pipeline.shards import plan_shards
-from pipeline.worker import ShardWorker
 
 
 @pytest.fixture

@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline._models import build_model
+from pipeline._preprocess import decode, to_model_input
+from pipeline._reader import read_layer, read_table
 from pipeline._records import BadSample, LayerSpec, ShardRecord
+from pipeline._shards import Shard
+from pipeline._sources import open_source
+from pipeline._worker import ShardWorker
 from pipeline.config import Config
 from pipeline.errors import (BadSampleError, ConfigError, LayerOutputError, ReservedColumnError,
                              ShapeChangedError, WeightsMismatchError)
-from pipeline.models import build_model
-from pipeline.preprocess import decode, to_model_input
-from pipeline.reader import read_layer, read_table
-from pipeline.shards import Shard
-from pipeline.sources import open_source
-from pipeline.worker import ShardWorker
 
 TINY = {"name": "support.models:tiny", "layers": ["relu1", "conv2"]}
 
@@ -81,10 +81,10 @@ def test_hooks_are_removed_on_close(tmp_path):
 
 
 def test_a_source_that_does_not_open_leaves_no_hooks(tmp_path, monkeypatch):
-    import pipeline.worker
+    import pipeline._worker
 
     built = []
-    monkeypatch.setattr(pipeline.worker, "build_model", lambda spec: built.append(build_model(spec)) or built[-1])
+    monkeypatch.setattr(pipeline._worker, "build_model", lambda spec: built.append(build_model(spec)) or built[-1])
     with pytest.raises(ConfigError, match="source.path: .* is not a folder"):
         ShardWorker(_config(tmp_path, source={"kind": "folder", "path": str(tmp_path / "nope")}).to_dict())
     assert len(built) == 1

@@ -14,9 +14,9 @@ from typing import Any
 
 from ._layout import MANIFEST_FORMAT, MANIFEST_PATH, SHARDS_DIR, is_hidden, is_shard_record, is_temporary
 from ._records import ShardRecord
+from ._store import OutputStore
 from .config import Config, comparable_identity, identity_diff
 from .errors import OutputConflictError
-from .store import OutputStore
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import SourceKind, SourceSpec
 from .._records import BadSample
+from ..config import SourceKind, SourceSpec
 from ._base import RawImage, Sample, Source, describe_error
 from .dataset import DatasetSource
 from .folder import FolderSource

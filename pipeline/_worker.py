@@ -26,17 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._layout import shard_record_path
+from ._models import LayerOutputs, build_model, model_identity
+from ._preprocess import decode_many, resize_crop, to_model_input
+from ._records import LayerSpec, ShardRecord
+from ._reduce import reduce_output
+from ._shards import Shard
+from ._sources import BadSample, Sample, describe_error, open_source
+from ._store import OutputStore
+from ._writer import LayerFileWriter, build_table
 from .config import Config, Precision
 from .errors import BadSampleError, ConfigError, LayerOutputError, ShapeChangedError, WeightsMismatchError
-from ._layout import shard_record_path
-from ._records import LayerSpec, ShardRecord
-from .models import LayerOutputs, build_model, model_identity
-from .preprocess import decode_many, resize_crop, to_model_input
-from .reduce import reduce_output
-from .shards import Shard
-from .sources import BadSample, Sample, describe_error, open_source
-from .store import OutputStore
-from .writer import LayerFileWriter, build_table
 
 log = logging.getLogger(__name__)
 

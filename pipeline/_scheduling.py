@@ -14,9 +14,9 @@ import collections
 import dataclasses
 from collections.abc import Iterable, Mapping
 
+from ._shards import Shard
 from .config import RunSpec
 from .errors import ConfigError, ShardFailedError
-from .shards import Shard
 
 
 @dataclasses.dataclass(frozen=True)

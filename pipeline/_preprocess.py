@@ -25,7 +25,7 @@ import torch
 import torchvision.io as tvio
 import torchvision.transforms.v2.functional as TF
 
-from .sources import RawImage
+from ._sources import RawImage
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 

@@ -20,14 +20,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
+from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
 from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, is_data_file, partition_dir,
                       partition_layer, shape_column, shape_columns)
-from .encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
+from ._manifest import completed_shards
 from ._records import BadSample, LayerSpec
 from ._report import bad_sample_lines, layer_lines, sorted_bad
+from ._store import OutputStore
 from .errors import UnknownDumpLayerError, close_matches
-from .manifest import completed_shards
-from .store import OutputStore
 
 
 def _layer_files(store: OutputStore, layer: str) -> list[str]:

@@ -16,16 +16,16 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from ._executor import Executor, LocalExecutor, WorkerSpec
+from ._manifest import new_manifest, prepare_output
+from ._progress import Progress
 from ._records import ShardRecord
 from ._report import Summary
+from ._scheduling import ShardQueue
+from ._shards import Shard, plan_shards
+from ._store import OutputStore
+from ._worker import ShardWorker
 from .config import Config, ExecutorKind, RunSpec
 from .errors import BadSampleError, ShardFailedError
-from .manifest import new_manifest, prepare_output
-from .progress import Progress
-from .scheduling import ShardQueue
-from .shards import Shard, plan_shards
-from .store import OutputStore
-from .worker import ShardWorker
 
 log = logging.getLogger(__name__)
 

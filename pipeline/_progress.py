@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -52,7 +52,7 @@ class Progress:
         rate = self.samples / elapsed
         width = 20
         filled = int(width * self.samples / self.total) if self.total else width
-        eta = _duration((self.total - self.samples) / rate) if rate > 0 else "?"
+        eta = duration_text((self.total - self.samples) / rate) if rate > 0 else "?"
         return (f"[{'#' * filled}{'.' * (width - filled)}] {self.samples:>6,}/{self.total:,} samples  "
                 f"{rate:.1f} samples/s  {self.bytes / elapsed / 1e6:.1f} MB/s  ETA {eta}")
 

@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._encoding import encode_fixed, encode_variable, schema_metadata
 from ._layout import ACTIVATION, INDEX, RESERVED_COLUMNS, SAMPLE_ID, shape_column
-from .encoding import encode_fixed, encode_variable, schema_metadata
+from ._store import OutputStore
 from .errors import ReservedColumnError
-from .store import OutputStore
 
 log = logging.getLogger(__name__)
 
