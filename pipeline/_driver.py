@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 def make_executor(kind: ExecutorKind, address: str | None = None) -> Executor:
     """The executor ``run.executor`` names (``address``: the Ray cluster's, for ``ray``)."""
     if kind is ExecutorKind.LOCAL:
+        if address:
+            log.warning("the Ray address %r is not used: run.executor is local", address)
         return LocalExecutor()
     from ._ray_executor import RayExecutor
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torchvision
 
 from extender import ActivationMapGrabber, ModelStump, UnknownLayerError
 
@@ -27,6 +26,8 @@ def _builder(name: str) -> Callable[..., torch.nn.Module]:
         if not callable(builder):
             raise ConfigError("model.name", f"{name!r} is not callable")
         return builder
+    import torchvision  # imported when a torchvision model is named: it takes seconds
+
     known = torchvision.models.list_models()
     if name not in known:
         raise ConfigError("model.name", f"{name!r} is not a torchvision model; {close_matches(name, known)} "

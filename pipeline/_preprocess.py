@@ -22,8 +22,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torchvision.io as tvio
-import torchvision.transforms.v2.functional as TF
 
 from ._sources import RawImage
 
@@ -49,6 +47,8 @@ def decode(raw: RawImage) -> torch.Tensor:
     PIL reads through PIL). Raises on unreadable data; the caller records a bad sample.
     """
     if isinstance(raw, (bytes, bytearray, memoryview)):
+        import torchvision.io as tvio  # torchvision is imported when first needed: it takes seconds
+
         data = bytes(raw)
         try:
             return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
@@ -82,6 +82,8 @@ def decode_many(raws: Sequence[RawImage], device: torch.device,
     jpegs = [i for i, r in enumerate(raws)
              if device.type == "cuda" and isinstance(r, bytes) and r[:3] == _JPEG_MAGIC]
     if jpegs:
+        import torchvision.io as tvio
+
         try:
             data = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpegs]
             with gpu_turn or contextlib.nullcontext():
@@ -103,6 +105,10 @@ def decode_many(raws: Sequence[RawImage], device: torch.device,
 
 def resize_crop(image: torch.Tensor, resize: int | None, crop: tuple[int, int] | None) -> torch.Tensor:
     """Resize the shorter side to ``resize`` (antialiased), then centre-crop to ``crop``."""
+    if resize is None and crop is None:
+        return image
+    import torchvision.transforms.v2.functional as TF
+
     if resize is not None:
         image = TF.resize(image, [resize], antialias=True)
     if crop is not None:

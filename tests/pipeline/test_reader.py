@@ -9,11 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, to_ray_dataset
-from pipeline._manifest import new_manifest, prepare_output
-from pipeline._shards import plan_shards
-from pipeline._store import OutputStore
-from pipeline._worker import ShardWorker
+from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, run, to_ray_dataset
 from pipeline.config import Config
 from pipeline.errors import UnknownDumpLayerError
 
@@ -24,12 +20,8 @@ def dump(tmp_path_factory):
     out = tmp_path_factory.mktemp("dump") / "out"
     config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1", "conv2"]},
                                "source": {"count": 30, "image_size": 16},
-                               "run": {"output": str(out), "batch_size": 4, "shard_size": 8}})
-    worker = ShardWorker(config.to_dict())
-    prepare_output(OutputStore(str(out)), new_manifest(config, worker.identity, worker.source.identity(), 30))
-    for shard in plan_shards(30, 8):
-        worker.run_shard(shard)
-    worker.close()
+                               "run": {"output": str(out), "batch_size": 4, "shard_size": 8, "executor": "local"}})
+    run(config, stream=None)
     return str(out)
 
 

@@ -124,3 +124,12 @@ def test_open_source_dispatches_on_kind(tmp_path):
         spec = Config.from_dict({"source": {"kind": kind, **keys}}).source
         assert isinstance(spec, SourceSpec) and spec.kind is SourceKind(kind)
         assert len(open_source(spec)) > 0
+
+
+def test_dataset_label_types_come_from_the_first_readable_items():
+    assert DatasetSource("support.datasets:Squares", {"n": 6, "bad": 0}).label_fields() == [pa.field("label", pa.int64())]
+    scored = DatasetSource("support.datasets:Scored", {"n": 6})
+    assert scored.label_fields() == [pa.field("score", pa.float64())], "an int, then a float: a float column"
+    with pytest.raises(ConfigError, match=r"source.target: the label 'score' of 'support.datasets:Scored' holds "
+                                          r"values of types float, int, str in the first items"):
+        DatasetSource("support.datasets:Scored", {"n": 6, "text_at": 3}).label_fields()

@@ -34,6 +34,20 @@ class DictItems(Squares):
                 "box": np.array([i, i + 1, i + 2, i + 3], dtype=np.float32)}
 
 
+class Scored(Squares):
+    """Dict items whose ``score`` is an int for even indices and a float for odd ones (or a
+    string at index ``text_at``)."""
+
+    def __init__(self, n: int = 8, size: int = 8, text_at: int | None = None):
+        super().__init__(n, size)
+        self.text_at = text_at
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        score = "high" if i == self.text_at else (i if i % 2 == 0 else i + 0.5)
+        return {"image": image, "score": score}
+
+
 class Keyed(Squares):
     """Items as dicts with a label under each of ``keys`` (the index, as its string for ``sample_id``)."""
 
