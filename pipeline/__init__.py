@@ -1,5 +1,6 @@
-"""actmap's distributed dump: Ray actors run a model over a dataset and write the outputs of
-chosen layers to partitioned Parquet, which the readers here load back for concept training.
+"""actmap's distributed dump: Ray actors (or, for small jobs, workers in this process) run a
+model over a dataset and write the outputs of chosen layers to partitioned Parquet, which the
+readers here load back for concept training.
 
 Run it with ``actmap run CONFIG.yaml`` or from Python::
 

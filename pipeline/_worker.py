@@ -1,12 +1,12 @@
-"""The work of one actor: build the model once, then turn shards into committed Parquet files.
+"""The work of one worker: build the model once, then turn shards into committed Parquet files.
 
-:class:`ShardWorker` is plain Python (the driver runs it as a Ray actor; tests also call it
-directly). For each shard it overlaps three stages: a loader thread reads and decodes the next
-batch while the model runs on this one, and writer threads (one per layer) encode and write the
-previous batch. The driver lets an actor run two shards at once, in two threads: one forward at
-a time holds the device, so the next shard's first load and the last shard's final writes
-overlap a forward too. Only the shard's record (files, rows, bytes, timings, bad samples) goes
-back.
+:class:`ShardWorker` is plain Python: an executor runs it as a Ray actor, or in threads of the
+driver's process (``run.executor: local``); tests also call it directly. For each shard it
+overlaps three stages: a loader thread reads and decodes the next batch while the model runs on
+this one, and writer threads (one per layer) encode and write the previous batch. An executor
+lets a worker run two shards at once, in two threads: one forward at a time holds the device,
+so the next shard's first load and the last shard's final writes overlap a forward too. Only
+the shard's record (files, rows, bytes, timings, bad samples) goes back.
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ class ShardWorker:
                 out = outputs.get(layer)
                 if not isinstance(out, torch.Tensor):
                     raise LayerOutputError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; "
-                                       "choose a layer whose output is one tensor (`actmap layers` shows them)")
+                                           "choose a layer whose output is one tensor (`actmap layers` shows "
+                                           "them)")
                 host[layer] = _host(reduce_output(out, self.config.dump, layer))
             results.append((positions, host))
         ready = None
@@ -231,8 +232,8 @@ class ShardWorker:
             expected = self._shapes.setdefault(layer, activations[0].shape)
             if shapes != {expected}:
                 raise ShapeChangedError(f"layer {layer!r} gave outputs of shape {sorted(shapes - {expected})[0]} "
-                                   f"where {expected} was expected: the inputs differ in size; set "
-                                   "source.preprocess.crop for one input size, or dump.shapes: variable")
+                                        f"where {expected} was expected: the inputs differ in size; set "
+                                        "source.preprocess.crop for one input size, or dump.shapes: variable")
             if not isinstance(activations, np.ndarray):
                 activations = np.stack(activations)
         table = build_table(activations, sample_ids=columns.ids, indices=columns.indices,

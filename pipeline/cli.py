@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set run.batch_size=64 (repeatable)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the Ray job's "
-                     "cluster, or a local Ray started for this run)")
+                     "cluster, or a local Ray started for this run; not used by run.executor local)")
     run.add_argument("--overwrite", action="store_true", help="replace the dump in the output folder")
     run.add_argument("--quiet", action="store_true", help="no progress line")
 
