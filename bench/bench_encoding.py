@@ -6,7 +6,7 @@ image), written with ``pq.write_table`` and read back into an ndarray, as
 
 * ``FixedShapeTensorArray`` of float16 (Arrow's canonical tensor extension type),
 * ``FixedSizeList`` of uint16 (an element-wise list, the storage of most tensor types),
-* ``fixed_size_binary``, one raw value per row (actmap's :func:`pipeline.encoding.encode_fixed`),
+* ``fixed_size_binary``, one raw value per row (actmap's :func:`pipeline._encoding.encode_fixed`),
 
 each without compression and with zstd, and the disk itself (raw bytes, write + fsync).
 
@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.encoding import decode_fixed, encode_fixed
+from pipeline._encoding import decode_fixed, encode_fixed
 
 #: The two layers of the design table: ResNet-50 layer3 and layer4 at 224 px.
 LAYERS = {"layer3": (1024, 14, 14), "layer4": (2048, 7, 7)}

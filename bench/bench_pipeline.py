@@ -6,7 +6,7 @@ For one model and config (default: ResNet-18, layers layer3 + layer4, generated 
 a. the raw forward: torch, ``inference_mode``, the batches already stacked and normalised in
    memory (on the device), the whole model;
 b. the forward with hooks on the layers, through the wrapper the actors use
-   (:class:`pipeline.models.LayerOutputs`: an ``ActivationMapGrabber``, ``stop_early`` as
+   (:class:`pipeline._models.LayerOutputs`: an ``ActivationMapGrabber``, ``stop_early`` as
    configured), then also each map cast to the stored dtype and copied to host memory;
 c. actmap end to end: ``pipeline.run`` (the trial sample, actor start, every shard), and its
    steady-state rate from the shard records, with where the actors' time went
@@ -76,7 +76,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def pregenerate(count: int, size: int, seed: int = 0) -> np.ndarray:
     """The ``(count, 3, size, size)`` uint8 images of ``source.kind: generated`` with ``seed``."""
-    from pipeline.sources.generated import generate
+    from pipeline._sources.generated import generate
 
     out = np.empty((count, 3, size, size), dtype=np.uint8)
 
@@ -159,9 +159,9 @@ def _raw_worker(rank: int, config: dict, images: np.ndarray, batch: int, device:
     import copy
 
     from pipeline.config import Config
-    from pipeline.models import LayerOutputs, build_model
-    from pipeline.preprocess import to_model_input
-    from pipeline.reduce import reduce_output
+    from pipeline._models import LayerOutputs, build_model
+    from pipeline._preprocess import to_model_input
+    from pipeline._reduce import reduce_output
 
     try:
         torch.set_num_threads(threads)
@@ -334,7 +334,7 @@ class GrabLayers:
 
         from extender import ActivationMapGrabber
         from pipeline.config import Config
-        from pipeline.models import build_model
+        from pipeline._models import build_model
 
         # Ray Data hands read-only arrays; the input is only read (to_model_input makes a new tensor)
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -349,8 +349,8 @@ class GrabLayers:
                                             stop_early=self.spec.stop_early, detach=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.preprocess import to_model_input
-        from pipeline.reduce import reduce_output
+        from pipeline._preprocess import to_model_input
+        from pipeline._reduce import reduce_output
 
         pixels = torch.from_numpy(batch["data"]).to(self.device)
         x = to_model_input(pixels, self.mean_std, self.spec.channels_last)

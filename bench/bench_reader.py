@@ -6,7 +6,7 @@ batch, zstd), then reads every row through ``torch.utils.data.DataLoader`` over
 
 * ``sequential`` -- the rows in storage order (no shuffling);
 * ``block shuffle`` -- ``ActivationDataset(..., shuffle=True, window=W)``: row groups in a random
-  order, rows shuffled within windows of W rows (:mod:`pipeline.shuffle`);
+  order, rows shuffled within windows of W rows (:mod:`pipeline._shuffle`);
 * ``random order`` -- ``DataLoader(shuffle=True)``, a uniform permutation of the rows: each batch
   touches rows all over the dump, so row groups are read (and decoded) again and again.
 
@@ -32,9 +32,9 @@ import pyarrow as pa
 import torch
 
 from pipeline import ActivationDataset
-from pipeline.shards import plan_shards
-from pipeline.store import OutputStore
-from pipeline.writer import LayerFileWriter, build_table
+from pipeline._shards import plan_shards
+from pipeline._store import OutputStore
+from pipeline._writer import LayerFileWriter, build_table
 
 SEQUENTIAL, BLOCK, RANDOM = "sequential", "block shuffle", "random order"
 LAYER = "layer3"

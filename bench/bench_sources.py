@@ -4,10 +4,10 @@ For each kind (``parquet``: N rows in 20 files; ``folder``: N files; ``webdatase
 in 20 tars; ``generated``), on the same small JPEG images (``--size`` px, ~2 KB):
 
 a. the floor: plain reads (pyarrow row-group batches, ``open().read()``, ``tarfile``) and the same
-   decoder (:func:`pipeline.images.decode`) in a plain loop, on 1 thread and on N threads (the
+   decoder (:func:`pipeline._images.decode`) in a plain loop, on 1 thread and on N threads (the
    files split across them);
 b. the source alone, as an actor uses it: the source as the driver opens it, each shard's
-   ``stream`` in batches through the actor's :class:`~pipeline.decoder.Decoder` with 1 and N
+   ``stream`` in batches through the actor's :class:`~pipeline._decoder.Decoder` with 1 and N
    threads (rows/s and MB/s of encoded input);
 c. actmap end to end (``python -m pipeline run``, a fresh process) with a model so cheap that the
    input sets the pace (average-pool to 8x8, a 1x1 convolution), on N/4 and on N samples: the
@@ -54,9 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.decoder import Decoder  # noqa: E402
-from pipeline.images import decode  # noqa: E402
-from pipeline.sources.generated import generate  # noqa: E402
+from pipeline._decoder import Decoder  # noqa: E402
+from pipeline._images import decode  # noqa: E402
+from pipeline._sources.generated import generate  # noqa: E402
 
 log = logging.getLogger("bench_sources")
 KINDS = ("parquet", "folder", "webdataset", "generated")
@@ -219,7 +219,7 @@ def source_alone(kind: str, path: str, n: int, size: int, threads: int, shard: i
     """The source as the driver opens it, read shard by shard and decoded as an actor does:
     (rows, seconds)."""
     from pipeline.config import SourceSpec
-    from pipeline.sources import open_source
+    from pipeline._sources import open_source
 
     source = open_source(SourceSpec.from_dict(source_spec(kind, path, n, size)))
     decoder = Decoder(threads)
@@ -280,7 +280,7 @@ class RayDataModel:
     """Ray Data's callable class: the cheap model over a batch of decoded images."""
 
     def __init__(self, size: int):
-        from pipeline.preprocess import to_model_input
+        from pipeline._preprocess import to_model_input
 
         self.model, self.size, self.to_input = cheap_model().eval(), size, to_model_input
 
@@ -335,7 +335,7 @@ def ray_data_run(kind: str, path: str, n: int, size: int, output: str, batch: in
 def plan_folder(work: Path, files: int) -> dict:
     import pyarrow.fs as pafs
 
-    from pipeline.sources import FolderSource, write_index
+    from pipeline._sources import FolderSource, write_index
 
     tree = work / f"plan-{files}"
     if not tree.exists():

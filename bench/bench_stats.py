@@ -1,7 +1,7 @@
 """What do the value statistics (``actmap inspect``'s min, max, mean, zeros, NaN/inf) cost a dump?
 
 The actors count each batch's stored values on the device, right after the cast to the storage
-dtype (:class:`pipeline.stats.ValueStats`), so the writer threads do no extra work; on the CPU
+dtype (:class:`pipeline._stats.ValueStats`), so the writer threads do no extra work; on the CPU
 the counting takes the forward thread's time instead. Two measurements, one process, CPU only:
 
 1. **Actor throughput**: ``ShardWorker.run_shard`` over the same shards (no Ray), with the
@@ -33,11 +33,11 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import Config
-from pipeline.shards import plan_shards
-from pipeline.stats import ValueStats
-from pipeline.store import OutputStore
-from pipeline.worker import ShardWorker
-from pipeline.writer import LayerFileWriter, build_table
+from pipeline._shards import plan_shards
+from pipeline._stats import ValueStats
+from pipeline._store import OutputStore
+from pipeline._worker import ShardWorker
+from pipeline._writer import LayerFileWriter, build_table
 
 JOBS = {
     "default dump": {"model": {"name": "resnet18", "layers": ["layer3", "layer4"]}, "source": {"image_size": 64}},

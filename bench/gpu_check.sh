@@ -149,10 +149,10 @@ step 3_cuda_pipeline 110 "$PY" - <<'EOF'
 import glob, json, os, shutil, sys, time
 import numpy as np, pyarrow.parquet as pq, torch
 import pipeline
-from pipeline.models import LayerOutputs, build_model
-from pipeline.preprocess import to_model_input
-from pipeline.reduce import reduce_output
-from pipeline.sources.generated import generate
+from pipeline._models import LayerOutputs, build_model
+from pipeline._preprocess import to_model_input
+from pipeline._reduce import reduce_output
+from pipeline._sources.generated import generate
 
 device, name = os.environ["DEVICE"], os.environ["MODEL"]
 size, count, batch = int(os.environ["SIZE"]), int(os.environ["COUNT"]), int(os.environ["BATCH"])
@@ -221,11 +221,11 @@ import glob, json, os, shutil, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np, torch, torchvision.io as tvio
 import pipeline
-from pipeline.models import LayerOutputs, build_model
-from pipeline.images import decode
-from pipeline.preprocess import resize_crop, to_model_input
-from pipeline.reduce import reduce_output
-from pipeline.sources.generated import generate
+from pipeline._models import LayerOutputs, build_model
+from pipeline._images import decode
+from pipeline._preprocess import resize_crop, to_model_input
+from pipeline._reduce import reduce_output
+from pipeline._sources.generated import generate
 
 device, name = os.environ["DEVICE"], os.environ["MODEL"]
 count, batch, work = int(os.environ["BENCH_COUNT"]), int(os.environ["BATCH"]), os.environ["WORK"]

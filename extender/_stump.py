@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -10,8 +9,6 @@ import torch
 
 from ._hooks import HooksHandle, _ForwardState
 from ._layers import check_layer_id, resolve_layer
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ExtendedModelStump", "ModelStump"]
 

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set run.batch_size=64 (repeatable)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the Ray job's "
-                     "cluster, or a local Ray started for this run)")
+                     "cluster, or a local Ray started for this run; not used by run.executor local)")
     run.add_argument("--overwrite", action="store_true", help="replace the dump in the output folder")
     run.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .maps import NoMapError
-    from .viz import show_maps, show_stats
+    from ._maps import NoMapError
+    from ._viz import show_maps, show_stats
 
     if args.samples is not None and args.samples < 1:
         raise ConfigError("--samples", f"must be at least 1, got {args.samples}")
@@ -83,7 +83,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .driver import run
+    from ._driver import run
 
     config = load_config(args.config, args.overrides)
     summary = run(config, address=args.address, overwrite=args.overwrite,
@@ -98,7 +98,7 @@ def _layers(args: argparse.Namespace) -> int:
     from extender import format_layers, list_layers
 
     from .config import ModelSpec, apply_overrides
-    from .models import build_model
+    from ._models import build_model
 
     kwargs = apply_overrides({}, args.overrides)
     model = build_model(ModelSpec(name=args.model, kwargs=kwargs))
@@ -113,7 +113,7 @@ def _layers(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .reader import inspect_dump
+    from ._reader import inspect_dump
 
     try:
         info = inspect_dump(args.output)

@@ -12,8 +12,13 @@ Traceback (most recent call last):
 ...
 pipeline.errors.ConfigError: run.batch_sise: unknown key; did you mean 'batch_size'?
 
-Checks that need the model or the data (do the layers exist? does the source open?) run in
-:func:`pipeline.validate.validate`, still before any work starts.
+Each field declares its check once (:mod:`pipeline._checks`); a key is always its section's
+prefix and the field's name. The ``source`` section has one class per kind, holding only the
+keys that kind uses.
+
+Checks that need the model or the data (do the layers exist? does the source open?) run when
+:func:`pipeline.run` starts: the driver builds the model, opens the source and sends one trial
+sample through the whole path, still before any work starts.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from . import _checks as check
 from .errors import ConfigError, close_matches
+
+log = logging.getLogger(__name__)
 
 
 class Mode(str, enum.Enum):
@@ -72,6 +81,8 @@ class Shapes(str, enum.Enum):
 
 
 class SourceKind(str, enum.Enum):
+    """Where the samples come from; each kind has its section class (see :class:`SourceSpec`)."""
+
     GENERATED = "generated"
     FOLDER = "folder"
     PARQUET = "parquet"
@@ -86,73 +97,21 @@ class Compression(str, enum.Enum):
     LZ4 = "lz4"
 
 
-# -- value checks ---------------------------------------------------------------------------
+class ExecutorKind(str, enum.Enum):
+    """What runs the shards: ``ray`` actors, or ``local`` workers in threads of the driver's
+    process (no Ray: for small jobs and tests)."""
+
+    RAY = "ray"
+    LOCAL = "local"
 
 
-def _enum(key: str, value: Any, kind: type[enum.Enum]) -> Any:
-    if isinstance(value, kind):
-        return value
-    valid = [m.value for m in kind]
-    if isinstance(value, str) and value.lower() in valid:
-        return kind(value.lower())
-    raise ConfigError(key, f"{value!r} is not valid; {close_matches(str(value), valid)}"
-                      if isinstance(value, str) else f"{value!r} is not valid; valid: {valid}")
-
-
-def _int(key: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(key, f"must be at least {minimum}, got {value}")
-    return value
-
-
-def _number(key: str, value: Any, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(key, f"must be at least {minimum}, got {value}")
-    return float(value)
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    return value
-
-
-def _str(key: str, value: Any, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _size(key: str, value: Any, optional: bool = True) -> tuple[int, int] | None:
-    """An image size: one int (square) or ``[height, width]``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value, value]
-    if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        raise ConfigError(key, f"expected a positive int or [height, width], got {value!r}")
-    return (int(value[0]), int(value[1]))
-
-
-def _mapping(key: str, value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(key, f"expected a mapping, got {value!r}")
-    return dict(value)
+# -- sections -----------------------------------------------------------------------------------
 
 
 def _freeze(obj: Any) -> Any:
     """A JSON-able plain copy (tuples become lists) for identities and manifests."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _freeze(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, _Section):
+        return obj.to_dict()
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, Mapping):
@@ -162,35 +121,60 @@ def _freeze(obj: Any) -> Any:
     return obj
 
 
-class _Section:
-    """Shared parsing for the config sections: unknown keys are errors with close matches."""
+def _field(default: Any, value_check: check.Check, **metadata: Any) -> Any:
+    """A section field with its default and its check (run on every value it is given)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return dataclasses.field(**factory, metadata={"check": value_check, **metadata})
 
-    _prefix = ""
+
+def _section(kind: type[_Section], default: Callable[[], _Section] | None = None) -> Any:
+    """A nested section: a mapping becomes the section, a section instance stays."""
+    return _field(default or kind, kind.coerce)
+
+
+class _Section:
+    """Shared behaviour of the config sections: every field's check runs on construction, and
+    unknown keys are errors with close matches."""
+
+    _prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](self._key(f.name), getattr(self, f.name)))
+        self._check()
+
+    def _check(self) -> None:
+        """Checks that involve several fields."""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str | None = None):
-        prefix = cls._prefix if prefix is None else prefix
-        data = _mapping(prefix, data)
-        names = [f.name for f in dataclasses.fields(cls)]
+    def _key(cls, name: str) -> str:
+        return f"{cls._prefix}.{name}" if cls._prefix else name
+
+    @classmethod
+    def _names(cls) -> list[str]:
+        """The keys this section accepts."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None):
+        """The section from its mapping (``None``: all defaults); unknown keys are errors."""
+        return cls._parse(check.mapping(cls._prefix, data))
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any]):
+        names = cls._names()
         for key in data:
             if key not in names:
-                raise ConfigError(f"{prefix}.{key}" if prefix else str(key),
-                                  f"unknown key; {close_matches(str(key), names)}")
-        nested = {f.name: f.metadata["section"] for f in dataclasses.fields(cls)
-                  if "section" in f.metadata}
-        kwargs = {}
-        for key, value in data.items():
-            if key in nested:
-                value = nested[key].from_dict(value, f"{prefix}.{key}" if prefix else key)
-            kwargs[key] = value
-        return cls(**kwargs)
+                raise ConfigError(cls._key(str(key)), f"unknown key; {close_matches(str(key), names)}")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, key: str, value: Any):
+        """``value`` as this section: itself, or built from a mapping."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
 
     def to_dict(self) -> dict:
-        return _freeze(self)
-
-
-def _section(kind: type) -> Any:
-    return dataclasses.field(default_factory=kind, metadata={"section": kind})
+        return {f.name: _freeze(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,42 +188,20 @@ class ModelSpec(_Section):
     """
 
     _prefix = "model"
-    name: str = "resnet18"
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    weights: str | None = None
-    seed: int = 0
-    layers: tuple[str, ...] = ("layer3", "layer4")
-    mode: Mode = Mode.GRAB
-    stop_early: bool = True
-    precision: Precision = Precision.FP32
-    channels_last: bool = False
+    name: str = _field("resnet18", check.text())
+    kwargs: Mapping[str, Any] = _field(dict, check.mapping)
+    weights: str | None = _field(None, check.text(optional=True))
+    seed: int = _field(0, check.integer(0))
+    layers: tuple[str, ...] = _field(("layer3", "layer4"), check.layer_ids)
+    mode: Mode = _field(Mode.GRAB, check.choice(Mode))
+    stop_early: bool = _field(True, check.boolean)
+    precision: Precision = _field(Precision.FP32, check.choice(Precision))
+    channels_last: bool = _field(False, check.boolean)
 
-    def __post_init__(self):
-        set_ = object.__setattr__
-        set_(self, "name", _str("model.name", self.name))
-        set_(self, "kwargs", _mapping("model.kwargs", self.kwargs))
-        set_(self, "weights", _str("model.weights", self.weights, optional=True))
-        set_(self, "seed", _int("model.seed", self.seed, 0))
-        layers = self.layers
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(layers, Sequence) or not layers:
-            raise ConfigError("model.layers", f"expected a non-empty list of layer ids, got {layers!r}")
-        for layer in layers:
-            if not isinstance(layer, str) or not layer:
-                raise ConfigError("model.layers", f"{layer!r} is not a layer id; layer ids are "
-                                  "named_modules() names such as 'layer3' (see `actmap layers MODEL`); "
-                                  "quote ids with selectors in YAML lists: [\"encoder.layer.3[0]\"]")
-        if len(set(layers)) != len(layers):
-            raise ConfigError("model.layers", f"lists a layer twice: {list(layers)}")
-        set_(self, "layers", tuple(layers))
-        set_(self, "mode", _enum("model.mode", self.mode, Mode))
+    def _check(self) -> None:
         if self.mode is Mode.STUMP and len(self.layers) != 1:
-            raise ConfigError("model.layers", f"stump mode takes exactly one layer, got "
+            raise ConfigError(self._key("layers"), f"stump mode takes exactly one layer, got "
                               f"{list(self.layers)}; use mode: grab for several")
-        set_(self, "stop_early", _bool("model.stop_early", self.stop_early))
-        set_(self, "precision", _enum("model.precision", self.precision, Precision))
-        set_(self, "channels_last", _bool("model.channels_last", self.channels_last))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,25 +209,11 @@ class DumpSpec(_Section):
     """How the activations are stored: dtype, reduction on the device, compression, shapes."""
 
     _prefix = "dump"
-    dtype: StorageDtype = StorageDtype.FLOAT16
-    reduce: Reduction = Reduction.NONE
-    pool_size: tuple[int, int] = (1, 1)
-    compression: Compression = Compression.ZSTD
-    shapes: Shapes = Shapes.AUTO
-
-    def __post_init__(self):
-        set_ = object.__setattr__
-        set_(self, "dtype", _enum("dump.dtype", self.dtype, StorageDtype))
-        set_(self, "reduce", _enum("dump.reduce", self.reduce, Reduction))
-        set_(self, "pool_size", _size("dump.pool_size", self.pool_size, optional=False))
-        set_(self, "compression", _enum("dump.compression", self.compression, Compression))
-        set_(self, "shapes", _enum("dump.shapes", self.shapes, Shapes))
-
-
-_NORMALIZE_PRESETS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "none": None,
-}
+    dtype: StorageDtype = _field(StorageDtype.FLOAT16, check.choice(StorageDtype))
+    reduce: Reduction = _field(Reduction.NONE, check.choice(Reduction))
+    pool_size: tuple[int, int] = _field((1, 1), check.size(optional=False))
+    compression: Compression = _field(Compression.ZSTD, check.choice(Compression))
+    shapes: Shapes = _field(Shapes.AUTO, check.choice(Shapes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,58 +222,29 @@ class PreprocessSpec(_Section):
 
     ``normalize`` is ``imagenet``, ``none`` (images in [0, 1], as detection models want),
     ``model`` (the model's own mean and std, and its input size where it wants one: see
-    :mod:`pipeline.model_inputs`) or ``{mean: [...], std: [...]}``. ``channels`` is what the
+    :mod:`pipeline._model_inputs`) or ``{mean: [...], std: [...]}``. ``channels`` is what the
     model takes: 3 (grey images are repeated) or 1 (colour images become their luma).
     ``max_pixels`` refuses larger images from their header, before decoding (``null``: no limit).
     """
 
     _prefix = "source.preprocess"
-    resize: int | None = None
-    crop: tuple[int, int] | None = None
-    normalize: Any = "imagenet"
-    channels: int = 3
-    max_pixels: int | None = 89_478_485
-
-    def __post_init__(self):
-        set_ = object.__setattr__
-        if self.resize is not None:
-            set_(self, "resize", _int("source.preprocess.resize", self.resize, 1))
-        set_(self, "crop", _size("source.preprocess.crop", self.crop))
-        if self.channels not in (1, 3) or isinstance(self.channels, bool):
-            raise ConfigError("source.preprocess.channels", f"{self.channels!r} is not valid; valid: 3 "
-                              "(RGB) or 1 (grey)")
-        if self.max_pixels is not None:
-            set_(self, "max_pixels", _int("source.preprocess.max_pixels", self.max_pixels, 1))
-        norm = self.normalize
-        if isinstance(norm, str):
-            if norm.lower() not in _NORMALIZE_PRESETS and norm.lower() != "model":
-                raise ConfigError("source.preprocess.normalize", f"{norm!r} is not valid; valid: "
-                                  "'imagenet', 'none', 'model' or {mean: [r, g, b], std: [r, g, b]}")
-            norm = norm.lower()
-        elif isinstance(norm, Mapping):
-            if set(norm) != {"mean", "std"} or not all(
-                    isinstance(norm[k], Sequence) and len(norm[k]) == 3 for k in ("mean", "std")):
-                raise ConfigError("source.preprocess.normalize",
-                                  f"expected {{mean: [r, g, b], std: [r, g, b]}}, got {dict(norm)!r}")
-            if any(s <= 0 for s in norm["std"]):
-                raise ConfigError("source.preprocess.normalize", f"std must be positive, got {norm['std']}")
-            norm = {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]]}
-        else:
-            raise ConfigError("source.preprocess.normalize", f"{norm!r} is not valid; valid: "
-                              "'imagenet', 'none', 'model' or {mean: [r, g, b], std: [r, g, b]}")
-        set_(self, "normalize", norm)
+    resize: int | None = _field(None, check.integer(1, optional=True))
+    crop: tuple[int, int] | None = _field(None, check.size())
+    normalize: Any = _field("imagenet", check.normalization)
+    channels: int = _field(3, check.one_of(3, 1))
+    max_pixels: int | None = _field(89_478_485, check.integer(1, optional=True))
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The normalisation constants, or ``None`` to keep images in [0, 1].
 
         Raises ``ValueError`` for ``model``: those come with the model
-        (:func:`pipeline.model_inputs.resolve_input`).
+        (:func:`pipeline._model_inputs.resolve_input`).
         """
         if self.normalize == "model":
             raise ValueError("normalize 'model' takes its constants from the model: use "
-                             "pipeline.model_inputs.resolve_input(preprocess, model)")
+                             "pipeline._model_inputs.resolve_input(preprocess, model)")
         if isinstance(self.normalize, str):
-            return _NORMALIZE_PRESETS[self.normalize]
+            return check.NORMALIZE_PRESETS[self.normalize]
         return tuple(self.normalize["mean"]), tuple(self.normalize["std"])
 
     @property
@@ -336,102 +255,125 @@ class PreprocessSpec(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec(_Section):
-    """Where the samples come from.
+    """Where the samples come from: the base of one section class per :class:`SourceKind`.
 
-    - ``generated``: ``count`` images of ``image_size`` px, deterministic by ``seed``, each with
-      a shape (the concept) of class ``label`` and its ``mask``;
-    - ``folder``: image files under ``path``; class sub-folders become ``label``;
-    - ``parquet``: a table at ``path`` with an encoded-image column ``image_column``; the other
-      columns (or those in ``columns``) pass through; ``id_column`` gives the sample ids;
-    - ``dataset``: ``target`` names a ``package.module:callable`` that returns a map-style
-      ``torch.utils.data.Dataset`` (called with ``kwargs``);
-    - ``webdataset``: WebDataset tar shards at ``path`` (a path, glob or brace pattern, or a
-      list of them).
+    A kind's class declares only the keys that kind uses (and so only those make up the
+    source's part of the run's identity); it registers itself with its class statement,
+    ``class FolderSpec(SourceSpec, kind=SourceKind.FOLDER)``. A field whose metadata holds an
+    ``example`` is required. In a config, ``source.kind`` picks the class; keys that only other
+    kinds use are ignored with a warning, unknown keys are errors.
     """
 
     _prefix = "source"
-    kind: SourceKind = SourceKind.GENERATED
-    path: str | tuple[str, ...] | None = None
-    count: int = 3000
-    image_size: int = 64
-    seed: int = 0
-    image_column: str = "image"
-    id_column: str | None = None
-    columns: tuple[str, ...] | None = None
-    target: str | None = None
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    _kinds: ClassVar[dict[SourceKind, type[SourceSpec]]] = {}
+    kind: ClassVar[SourceKind]
+    #: whether every image of the kind has one size before preprocessing
+    uniform_images: ClassVar[bool] = False
     preprocess: PreprocessSpec = _section(PreprocessSpec)
 
-    def __post_init__(self):
-        set_ = object.__setattr__
-        set_(self, "kind", _enum("source.kind", self.kind, SourceKind))
-        set_(self, "count", _int("source.count", self.count, 1))
-        set_(self, "image_size", _int("source.image_size", self.image_size, 8))
-        set_(self, "seed", _int("source.seed", self.seed, 0))
-        set_(self, "image_column", _str("source.image_column", self.image_column))
-        set_(self, "id_column", _str("source.id_column", self.id_column, optional=True))
-        set_(self, "kwargs", _mapping("source.kwargs", self.kwargs))
-        if self.columns is not None:
-            if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
-                raise ConfigError("source.columns", f"expected a list of column names, got {self.columns!r}")
-            set_(self, "columns", tuple(self.columns))
-        if isinstance(self.preprocess, Mapping):
-            set_(self, "preprocess", PreprocessSpec.from_dict(self.preprocess))
-        if self.path is not None:
-            if self.kind is SourceKind.WEBDATASET and not isinstance(self.path, str):
-                if (not isinstance(self.path, Sequence) or not self.path
-                        or not all(isinstance(p, str) and p for p in self.path)):
-                    raise ConfigError("source.path", f"expected a tar path, glob or brace pattern, or a "
-                                      f"list of them, got {self.path!r}")
-                set_(self, "path", tuple(self.path))
-            else:
-                _str("source.path", self.path)
-        needs = {SourceKind.FOLDER: "path", SourceKind.PARQUET: "path", SourceKind.DATASET: "target",
-                 SourceKind.WEBDATASET: "path"}
-        need = needs.get(self.kind)
-        if need and not getattr(self, need):
-            example = "package.module:callable" if need == "target" else "/data/images"
-            raise ConfigError(f"source.{need}", f"required for source.kind {self.kind.value!r} "
-                              f"(e.g. {example!r})")
-        if self.target is not None:
-            _str("source.target", self.target)
-            if ":" not in self.target:
-                raise ConfigError("source.target", f"{self.target!r} is not of the form "
-                                  "'package.module:callable'")
+    def __init_subclass__(cls, kind: SourceKind | None = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+            SourceSpec._kinds[kind] = cls
+
+    def _check(self) -> None:
+        if type(self) not in SourceSpec._kinds.values():
+            raise TypeError(f"{type(self).__name__} is not a source kind; use one of "
+                            f"{', '.join(c.__name__ for c in SourceSpec._kinds.values())}")
+        for f in dataclasses.fields(self):
+            if "example" in f.metadata and getattr(self, f.name) is None:
+                raise ConfigError(self._key(f.name), f"required for source.kind {self.kind.value!r} "
+                                  f"(e.g. {f.metadata['example']!r})")
+
+    @classmethod
+    def _names(cls) -> list[str]:
+        return ["kind", *super()._names()]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SourceSpec:
+        """The section of the kind ``data["kind"]`` names (``generated`` by default)."""
+        data = check.mapping(cls._prefix, data)
+        default = getattr(cls, "kind", SourceKind.GENERATED)
+        kind = check.choice(SourceKind)(cls._key("kind"), data.pop("kind", default))
+        section = SourceSpec._kinds[kind]
+        own = set(section._names())
+        for key in [k for k in data if k not in own]:
+            if any(key in other._names() for other in SourceSpec._kinds.values()):
+                log.warning("%s is not used by source.kind %r; it is ignored", cls._key(key), kind.value)
+                del data[key]
+        return section._parse(data)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind.value, **super().to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedSpec(SourceSpec, kind=SourceKind.GENERATED):
+    """``count`` images of ``image_size`` px, deterministic by ``seed``, each with a shape (the
+    concept) of class ``label`` and its ``mask``."""
+
+    uniform_images = True
+    count: int = _field(3000, check.integer(1))
+    image_size: int = _field(64, check.integer(8))
+    seed: int = _field(0, check.integer(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSpec(SourceSpec, kind=SourceKind.FOLDER):
+    """Image files under ``path``; class sub-folders become ``label``."""
+
+    path: str | None = _field(None, check.text(optional=True), example="/data/images")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetSpec(SourceSpec, kind=SourceKind.PARQUET):
+    """A table at ``path`` with an encoded-image column ``image_column``; the other columns (or
+    those in ``columns``) pass through; ``id_column`` gives the sample ids."""
+
+    path: str | None = _field(None, check.text(optional=True), example="/data/images")
+    image_column: str = _field("image", check.text())
+    id_column: str | None = _field(None, check.text(optional=True))
+    columns: tuple[str, ...] | None = _field(None, check.names())
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec(SourceSpec, kind=SourceKind.DATASET):
+    """``target`` names a ``package.module:callable`` that returns a map-style
+    ``torch.utils.data.Dataset`` (called with ``kwargs``)."""
+
+    target: str | None = _field(None, check.target, example="package.module:callable")
+    kwargs: Mapping[str, Any] = _field(dict, check.mapping)
+
+
+@dataclasses.dataclass(frozen=True)
+class WebDatasetSpec(SourceSpec, kind=SourceKind.WEBDATASET):
+    """WebDataset tar shards at ``path``: a path, glob or brace pattern
+    (``train-{0000..0099}.tar``), or a list of them; local or URIs."""
+
+    path: str | tuple[str, ...] | None = _field(None, check.paths, example="/data/train-{0000..0099}.tar")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec(_Section):
-    """How the work is spread: actors, resources, batches, shards, and where the output goes.
+    """How the work is spread: executor, actors, resources, batches, shards, retries, and where
+    the output goes.
 
     ``actors``, ``gpus_per_actor`` and ``cpus_per_actor`` may be ``auto``: one actor per GPU of
     the cluster with its share of the node's CPUs, or, on a cluster without GPUs, one actor per
-    CPU.
+    CPU. A shard is tried at most ``max_attempts`` times in all, on whatever worker.
     """
 
     _prefix = "run"
-    output: str = "actmap-out"
-    actors: int | str = "auto"
-    gpus_per_actor: float | str = "auto"
-    cpus_per_actor: float | str = "auto"
-    batch_size: int = 32
-    shard_size: int = 256
-    strict: bool = False
-    max_attempts: int = 3
-
-    def __post_init__(self):
-        set_ = object.__setattr__
-        set_(self, "output", _str("run.output", self.output))
-        if self.actors != "auto":
-            set_(self, "actors", _int("run.actors", self.actors, 1))
-        if self.gpus_per_actor != "auto":
-            set_(self, "gpus_per_actor", _number("run.gpus_per_actor", self.gpus_per_actor))
-        if self.cpus_per_actor != "auto":
-            set_(self, "cpus_per_actor", _number("run.cpus_per_actor", self.cpus_per_actor))
-        set_(self, "batch_size", _int("run.batch_size", self.batch_size, 1))
-        set_(self, "shard_size", _int("run.shard_size", self.shard_size, 1))
-        set_(self, "strict", _bool("run.strict", self.strict))
-        set_(self, "max_attempts", _int("run.max_attempts", self.max_attempts, 1))
+    output: str = _field("actmap-out", check.text())
+    executor: ExecutorKind = _field(ExecutorKind.RAY, check.choice(ExecutorKind))
+    actors: int | str = _field("auto", check.auto_or(check.integer(1)))
+    gpus_per_actor: float | str = _field("auto", check.auto_or(check.number()))
+    cpus_per_actor: float | str = _field("auto", check.auto_or(check.number()))
+    batch_size: int = _field(32, check.integer(1))
+    shard_size: int = _field(256, check.integer(1))
+    strict: bool = _field(False, check.boolean)
+    max_attempts: int = _field(3, check.integer(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,7 +381,7 @@ class Config(_Section):
     """The whole run: ``model``, ``source``, ``dump`` and ``run`` sections."""
 
     model: ModelSpec = _section(ModelSpec)
-    source: SourceSpec = _section(SourceSpec)
+    source: SourceSpec = _section(SourceSpec, default=GeneratedSpec)
     dump: DumpSpec = _section(DumpSpec)
     run: RunSpec = _section(RunSpec)
 
@@ -449,15 +391,38 @@ class Config(_Section):
         The resources and batch size may change between runs; the shard size may not, since
         file names are a function of the shard.
         """
-        whole = self.to_dict()
-        return {"model": whole["model"], "source": whole["source"], "dump": whole["dump"],
+        return {"model": self.model.to_dict(), "source": self.source.to_dict(), "dump": self.dump.to_dict(),
                 "shard_size": self.run.shard_size}
 
     def shapes_fixed(self) -> bool:
         """Whether each layer's activations all have one shape (so a fixed-width column)."""
         if self.dump.shapes is Shapes.AUTO:
-            return self.source.preprocess.fixed_size or self.source.kind is SourceKind.GENERATED
+            return self.source.preprocess.fixed_size or self.source.uniform_images
         return self.dump.shapes is Shapes.FIXED
+
+
+def comparable_identity(identity: Mapping[str, Any]) -> dict:
+    """A stored identity as this version compares it: the source section of an older manifest
+    (which held every kind's keys) keeps only the keys of its kind.
+
+    >>> old = {"source": {"kind": "folder", "path": "/x", "count": 3000, "seed": 0}, "shard_size": 8}
+    >>> comparable_identity(old)
+    {'source': {'kind': 'folder', 'path': '/x'}, 'shard_size': 8}
+    """
+    source = identity.get("source")
+    section = SourceSpec._kinds.get(source.get("kind")) if isinstance(source, Mapping) else None
+    if section is None:
+        return dict(identity)
+    keep = set(section._names())
+    identity = {**identity, "source": {k: v for k, v in source.items() if k in keep}}
+    if not {"model", "dump", "shard_size"} <= set(identity):
+        return identity
+    # read as this version reads a config: keys added since it was written take their defaults
+    try:
+        sections = {k: identity[k] for k in ("model", "source", "dump")}
+        return Config.from_dict({**sections, "run": {"shard_size": identity["shard_size"]}}).identity()
+    except (ConfigError, TypeError):
+        return identity
 
 
 def identity_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:

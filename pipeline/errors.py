@@ -1,16 +1,38 @@
 """The errors the pipeline raises on purpose.
 
-Each names the bad value and what would be valid; the CLI turns a :class:`ConfigError` into exit
-status 2 before any work has started.
+All derive from :class:`PipelineError`, and each also from the built-in error it is a kind of
+(a :class:`ConfigError` is a ``ValueError``). Each names the bad value and what would be valid;
+the CLI turns a :class:`ConfigError` into exit status 2 before any work has started.
+
+>>> err = ConfigError("run.batch_size", "must be at least 1, got 0")
+>>> str(err), err.key, isinstance(err, PipelineError), isinstance(err, ValueError)
+('run.batch_size: must be at least 1, got 0', 'run.batch_size', True, True)
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
-class ConfigError(ValueError):
+class PipelineError(Exception):
+    """The base of the errors the pipeline raises on purpose."""
+
+    def __reduce__(self) -> tuple:
+        # rebuilt without calling __init__ (whose arguments differ from ``args``), so these
+        # errors cross process boundaries (Ray, DataLoader workers) intact
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[PipelineError], args: tuple, state: dict[str, Any]) -> PipelineError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class ConfigError(PipelineError, ValueError):
     """A config key or value is invalid; raised before any work starts.
 
     Args:
@@ -27,12 +49,45 @@ class OutputConflictError(ConfigError):
     """The output folder holds another run, or files that are not a dump."""
 
 
-class BadSampleError(RuntimeError):
+class ReservedColumnError(ConfigError):
+    """A pass-through column of the source takes the name of an output column."""
+
+    def __init__(self, column: str, taken: Iterable[str]):
+        self.column = column
+        super().__init__("source", f"the pass-through column {column!r} clashes with an output column "
+                         f"({', '.join(sorted(taken))}); rename it in the data, or leave it out (a "
+                         "parquet source passes through only the columns listed in source.columns)")
+
+
+class BadSampleError(PipelineError, RuntimeError):
     """A sample could not be read in strict mode."""
 
 
-class ShardFailedError(RuntimeError):
+class ShardFailedError(PipelineError, RuntimeError):
     """A shard failed on every attempt; the shards already done are kept."""
+
+
+class LayerOutputError(PipelineError, RuntimeError):
+    """A layer's output is not one tensor (a tuple, a dict, ...): it cannot be stored."""
+
+
+class ShapeChangedError(PipelineError, RuntimeError):
+    """Under fixed shapes, a layer gave an output of another shape than before."""
+
+
+class WeightsMismatchError(PipelineError, RuntimeError):
+    """A worker built the model with other weights than the driver did."""
+
+
+class RecordError(PipelineError, ValueError):
+    """A record of the dump (a shard's, a layer's) lacks a field it needs."""
+
+
+class UnknownDumpLayerError(PipelineError, KeyError):
+    """The dump holds no such layer."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def close_matches(value: str, valid: Iterable[str], n: int = 3) -> str:

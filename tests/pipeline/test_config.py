@@ -1,8 +1,16 @@
+import dataclasses
+import json
+import re
+from pathlib import Path
+
 import pytest
 
-from pipeline.config import (Config, Mode, Precision, SourceKind, StorageDtype, apply_overrides,
-                             identity_diff, load_config)
+import pipeline.config
+from pipeline.config import (Config, DatasetSpec, ExecutorKind, FolderSpec, Mode, Precision, SourceKind, SourceSpec,
+                             StorageDtype, apply_overrides, comparable_identity, identity_diff, load_config)
 from pipeline.errors import ConfigError
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"
 
 
 def test_empty_config_is_the_embedded_default():
@@ -46,6 +54,14 @@ def test_yaml_file_and_overrides(tmp_path):
     ({"dump": {"reduce": "max"}}, "dump.reduce: 'max' is not valid; valid: 'none', 'pool', 'channel_mean', 'cls', 'mean'"),
     ({"run": {"strict": "yes"}}, "run.strict: expected true or false, got 'yes'"),
     ({"run": 3}, "run: expected a mapping, got 3"),
+    ({"run": {"executor": "dask"}}, "run.executor: 'dask' is not valid; valid: 'ray', 'local'"),
+    ({"source": {"kind": "folders", "path": "/x"}}, "source.kind: 'folders' is not valid; did you mean 'folder'?"),
+    ({"source": {"kind": "folder", "path": "/x", "pth": "/y"}}, "source.pth: unknown key; did you mean 'path'?"),
+    ({"source": {"kind": "dataset"}},
+     "source.target: required for source.kind 'dataset' (e.g. 'package.module:callable')"),
+    ({"source": {"kind": "parquet", "path": "/x", "columns": "label"}},
+     "source.columns: expected a list of column names, got 'label'"),
+    ({"source": {"preprocess": 3}}, "source.preprocess: expected a mapping, got 3"),
 ])
 def test_bad_values_name_the_key_and_what_is_valid(data, message):
     with pytest.raises(ConfigError) as info:
@@ -97,3 +113,54 @@ def test_variable_shapes_when_images_are_not_cropped():
     assert not Config.from_dict({"source": {"kind": "folder", "path": "/x"}}).shapes_fixed()
     assert Config.from_dict({"source": {"kind": "folder", "path": "/x", "preprocess": {"crop": 8}}}).shapes_fixed()
     assert Config.from_dict({"source": {"kind": "folder", "path": "/x"}, "dump": {"shapes": "fixed"}}).shapes_fixed()
+
+
+def test_executor_defaults_to_ray():
+    assert Config().run.executor is ExecutorKind.RAY
+    assert Config.from_dict({"run": {"executor": "LOCAL"}}).run.executor is ExecutorKind.LOCAL
+
+
+def test_each_source_kind_holds_only_its_keys(caplog):
+    folder = {"kind": "folder", "path": "/x"}
+    cfg = Config.from_dict({"source": {**folder, "count": 5, "image_column": "img"}})
+    assert isinstance(cfg.source, FolderSpec) and cfg.source.kind is SourceKind.FOLDER
+    assert cfg.source.to_dict() == {**folder, "preprocess": {"resize": None, "crop": None, "normalize": "imagenet",
+                                                             "channels": 3, "max_pixels": 89_478_485}}
+    assert cfg.identity() == Config.from_dict({"source": folder}).identity()
+    assert [r.getMessage() for r in caplog.records] == [
+        "source.count is not used by source.kind 'folder'; it is ignored",
+        "source.image_column is not used by source.kind 'folder'; it is ignored"]
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    dataset = Config.from_dict({"source": {"kind": "dataset", "target": "m:f", "kwargs": {"n": 3}}}).source
+    assert dataset == DatasetSpec(target="m:f", kwargs={"n": 3})
+    assert set(dataset.to_dict()) == {"kind", "preprocess", "target", "kwargs"}
+
+
+def test_every_kind_has_a_section_and_no_base_section_is_built():
+    assert set(SourceSpec._kinds) == set(SourceKind)
+    for kind, section in SourceSpec._kinds.items():
+        assert section.kind is kind and Config.from_dict({"source": {"kind": kind.value, "path": "/x",
+                                                                      "target": "m:f"}}).source.kind is kind
+    with pytest.raises(TypeError, match="SourceSpec is not a source kind; use one of GeneratedSpec"):
+        SourceSpec()
+
+
+def test_every_field_declares_its_check_and_no_key_is_typed_by_hand():
+    sections = [obj for obj in vars(pipeline.config).values()
+                if isinstance(obj, type) and dataclasses.is_dataclass(obj) and issubclass(obj, pipeline.config._Section)]
+    assert len(sections) == 11
+    for section in sections:
+        assert all(callable(f.metadata.get("check")) for f in dataclasses.fields(section)), section
+    lines = Path(pipeline.config.__file__).read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.strip().startswith("_prefix = "))
+    assert not re.findall(r"""["'](?:model|source|dump|run)\.\w+["']""", text)
+
+
+def test_a_manifest_of_release_0_1_0_compares_by_the_keys_of_its_source_kind():
+    for name in ("generated", "variable"):
+        manifest = json.loads((FIXTURE / name / "_actmap" / "manifest.json").read_text())
+        assert "count" in manifest["identity"]["source"], "0.1.0 kept every kind's keys"
+        again = Config.from_dict(manifest["config"]).identity()
+        assert identity_diff(comparable_identity(manifest["identity"]), comparable_identity(again)) == []
+    manifest = json.loads((FIXTURE / "variable" / "_actmap" / "manifest.json").read_text())
+    assert set(comparable_identity(manifest["identity"])["source"]) == {"kind", "path", "preprocess"}

@@ -6,9 +6,9 @@ import threading
 import torch
 from PIL import Image
 
-from pipeline.decoder import Decoder
-from pipeline.images import ImageError
-from pipeline.sources import Deferred
+from pipeline._decoder import Decoder
+from pipeline._images import ImageError
+from pipeline._sources import Deferred
 
 
 def _png(value: int, size=(12, 8)) -> bytes:

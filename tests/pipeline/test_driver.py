@@ -1,34 +1,46 @@
-"""End to end on a local Ray: the dump equals a direct forward, exactly once, and survives
-interruptions, dead actors and reruns."""
+"""End to end: the dump equals a direct forward, exactly once, and survives interruptions, failed
+shards, dead actors and reruns.
+
+Resume, retry, strict mode and bad samples are the driver's logic: they run on the local
+executor (no Ray). What Ray itself does (actors that die and restart, the retry budget there,
+errors that come back through Ray) runs on the session's local Ray.
+"""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline import read_layer, read_table, run
+from pipeline._layout import SHARDS_DIR, layer_file, shard_record_path
+from pipeline._models import build_model
+from pipeline._sources import open_source
 from pipeline.config import Config
-from pipeline.errors import BadSampleError, OutputConflictError
-from pipeline.manifest import SHARDS_DIR
-from pipeline.models import build_model
-from pipeline.sources import open_source
+from pipeline.errors import BadSampleError, OutputConflictError, ShardFailedError
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"
 
 
-def _config(out, **sections):
+def _config(out, executor="local", **sections):
     data = {"model": {"name": "support.models:tiny", "layers": ["relu1", "conv2"]},
             "source": {"count": 40, "image_size": 16},
-            "run": {"output": str(out), "batch_size": 4, "shard_size": 8, "actors": 2}}
+            "run": {"output": str(out), "batch_size": 4, "shard_size": 8, "actors": 2, "executor": executor}}
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return Config.from_dict(data)
+
+
+def _dataset(target, **kwargs):
+    return {"kind": "dataset", "target": f"support.datasets:{target}", "kwargs": kwargs,
+            "preprocess": {"normalize": "none"}}
 
 
 def _direct(config):
@@ -52,14 +64,20 @@ def _assert_complete(config, expected):
         np.testing.assert_allclose(read_layer(config.run.output, layer), values.numpy(), rtol=1e-3, atol=1e-3)
 
 
-def test_dump_equals_a_direct_forward_exactly_once(tmp_path):
-    config = _config(tmp_path / "out")
+def _records(out):
+    return sorted(p.name for p in (Path(out) / SHARDS_DIR).glob("*.json"))
+
+
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_dump_equals_a_direct_forward_exactly_once(tmp_path, executor, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    config = _config(tmp_path / "out", executor)
     summary = run(config, stream=None)
     assert summary.rows == {"relu1": 40, "conv2": 40}
     assert summary.shards == 5 and summary.resumed == 0 and summary.actors == 2 and summary.bad == []
     _assert_complete(config, _direct(config))
-    records = sorted((tmp_path / "out" / SHARDS_DIR).glob("*.json"))
-    assert len(records) == 5
+    assert len(_records(tmp_path / "out")) == 5
     assert "40 samples, 2 layer(s)" in summary.format()
     assert not list((tmp_path / "out").rglob(".*.tmp"))
 
@@ -71,13 +89,13 @@ def test_rerun_resumes_and_equals_an_uninterrupted_run(tmp_path):
     before = {layer: read_layer(str(out), layer) for layer in ("relu1", "conv2")}
     # an interruption: two shards never finished (no record; one left a temporary file)
     for shard in (1, 3):
-        (out / SHARDS_DIR / f"{shard:05d}.json").unlink()
-        (out / f"layer=conv2/part-{shard:05d}.parquet").unlink()
+        (out / shard_record_path(shard)).unlink()
+        (out / layer_file("conv2", shard)).unlink()
     (out / "layer=conv2/.part-00003.parquet.deadbeef.tmp").write_bytes(b"half")
-    stamp = (out / "layer=relu1/part-00000.parquet").stat().st_mtime_ns
+    stamp = (out / layer_file("relu1", 0)).stat().st_mtime_ns
     summary = run(_config(out, run={"actors": 1, "batch_size": 3}), stream=None)
     assert summary.resumed == 3 and summary.new_samples == 16
-    assert (out / "layer=relu1/part-00000.parquet").stat().st_mtime_ns == stamp
+    assert (out / layer_file("relu1", 0)).stat().st_mtime_ns == stamp
     for layer, values in before.items():
         assert np.array_equal(read_layer(str(out), layer), values)
     assert not list(out.rglob(".*.tmp")), "the interrupted write's temporary file is cleared"
@@ -96,23 +114,60 @@ def test_other_config_is_refused_and_overwrite_replaces(tmp_path):
     assert not (out / "layer=relu1").exists()
 
 
-def test_dead_actor_loses_nothing(tmp_path):
-    marker = tmp_path / "died"
-    config = _config(tmp_path / "out", run={"actors": 1},
-                     source={"kind": "dataset", "target": "support.datasets:DiesOnce",
-                             "kwargs": {"n": 24, "size": 8, "die_at": 13, "marker": str(marker)},
-                             "preprocess": {"normalize": "none"}})
+def test_a_key_the_source_kind_does_not_use_does_not_refuse_a_resume(tmp_path):
+    shutil.copytree(FIXTURE / "images", tmp_path / "images")
+    out = tmp_path / "out"
+    source = {"kind": "folder", "path": str(tmp_path / "images")}
+    first = run(_config(out, source=source, run={"shard_size": 4}), stream=None)
+    assert first.rows == {"relu1": 5, "conv2": 5} and len(first.bad) == 1
+    again = run(_config(out, source={**source, "count": 7, "image_size": 32}, run={"shard_size": 4}), stream=None)
+    assert again.resumed == 2 and again.new_samples == 0
+    (tmp_path / "images" / "6.png").write_bytes((tmp_path / "images" / "0.png").read_bytes())
+    with pytest.raises(OutputConflictError, match=r"source: files: 6 -> 7"):
+        run(_config(out, source=source, run={"shard_size": 4}), stream=None)
+
+
+def test_a_dump_of_release_0_1_0_is_resumed(tmp_path):
+    """The fixture's config, rerun by this version: nothing to redo, and a shard made to be
+    missing is redone equal to what 0.1.0 wrote."""
+    out = tmp_path / "generated"
+    shutil.copytree(FIXTURE / "generated", out)
+    manifest = json.loads((out / "_actmap" / "manifest.json").read_text())
+    config = Config.from_dict({**manifest["config"], "run": {**manifest["config"]["run"], "output": str(out),
+                                                             "executor": "local"}})
     summary = run(config, stream=None)
-    assert marker.exists(), "the actor should have died once"
+    assert summary.resumed == 4 and summary.new_samples == 0
+    before = read_layer(str(out), "conv2")
+    (out / shard_record_path(2)).unlink()
+    summary = run(config, stream=None)
+    assert summary.resumed == 3 and summary.new_samples == 8
+    np.testing.assert_array_equal(read_layer(str(out), "conv2"), before)
+
+
+def test_a_failed_shard_is_retried(tmp_path, caplog):
+    log = tmp_path / "reads"
+    config = _config(tmp_path / "out", source=_dataset("Fails", n=24, size=8, at=13, log=str(log), times=1),
+                     dump={"shapes": "fixed"})
+    summary = run(config, stream=None)
     assert summary.rows == {"relu1": 24, "conv2": 24} and summary.bad == []
-    table = read_table(config.run.output, "conv2")
-    assert table.column("index").to_pylist() == list(range(24))
-    assert table.column("label").to_pylist() == [i % 3 for i in range(24)]
+    assert len(log.read_text().splitlines()) == 2, "tried twice: failed, then done"
+    assert any("shard 1 failed" in r.getMessage() and "shape" in r.getMessage() for r in caplog.records)
+    assert read_table(config.run.output, "conv2").column("index").to_pylist() == list(range(24))
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_a_shard_is_tried_max_attempts_times_in_all(tmp_path, attempts):
+    log = tmp_path / "reads"
+    config = _config(tmp_path / "out", source=_dataset("Fails", n=24, size=8, at=13, log=str(log), times=99),
+                     dump={"shapes": "fixed"},
+                     run={"max_attempts": attempts, "actors": 1})
+    with pytest.raises(ShardFailedError, match=rf"shard 1 \(samples 8-16\) failed {attempts} times; last error: "):
+        run(config, stream=None)
+    assert len(log.read_text().splitlines()) == attempts
 
 
 def test_bad_samples_are_reported_and_strict_mode_fails_fast(tmp_path):
-    source = {"kind": "dataset", "target": "support.datasets:Squares", "kwargs": {"n": 24, "size": 8, "bad": 17},
-              "preprocess": {"normalize": "none"}}
+    source = _dataset("Squares", n=24, size=8, bad=17)
     summary = run(_config(tmp_path / "lenient", source=source), stream=None)
     assert summary.bad == [{"index": 17, "sample_id": "17", "reason": "ValueError: item 17 is corrupt"}]
     assert summary.rows["conv2"] == 23
@@ -121,58 +176,98 @@ def test_bad_samples_are_reported_and_strict_mode_fails_fast(tmp_path):
     with pytest.raises(BadSampleError, match="item 17 is corrupt"):
         run(strict, stream=None)
     # the shards before the bad one are kept
-    done = sorted(p.name for p in (tmp_path / "strict" / SHARDS_DIR).glob("*.json"))
+    done = _records(tmp_path / "strict")
     assert "00000.json" in done and "00002.json" not in done
+    assert not list((tmp_path / "strict").rglob(".*.tmp"))
 
 
-def test_killed_driver_is_resumed_by_the_same_command(tmp_path, ray_cluster):
+def test_a_bad_first_item_is_recorded_in_a_lenient_run(tmp_path):
+    summary = run(_config(tmp_path / "out", source=_dataset("Squares", n=12, size=8, bad=0)), stream=None)
+    assert summary.bad == [{"index": 0, "sample_id": "0", "reason": "ValueError: item 0 is corrupt"}]
+    assert read_table(str(tmp_path / "out"), "conv2").column("label").to_pylist() == [i % 3 for i in range(1, 12)]
+
+
+#: ``actmap`` (its CLI), and then whether Ray was imported: the local executor needs none.
+CLI = ("import sys; from pipeline.cli import main; code = main(sys.argv[1:]); "
+       "print('ray imported:', 'ray' in sys.modules); sys.exit(code)")
+
+
+def test_killed_driver_is_resumed_by_the_same_command(tmp_path):
     out = tmp_path / "out"
-    # 20 shards of 8 samples that take 0.05 s each to read: about 8 s of work to interrupt
-    source = {"kind": "dataset", "target": "support.datasets:Slow", "kwargs": {"n": 160, "size": 16, "delay": 0.05},
-              "preprocess": {"normalize": "none"}}
-    args = [sys.executable, "-m", "pipeline", "run", "--quiet",
+    # 8 shards of 8 samples that take 0.05 s each to read: about 3 s of work to interrupt
+    source = _dataset("Slow", n=64, size=16, delay=0.05)
+    args = [sys.executable, "-c", CLI, "run", "--quiet", "--set", "run.executor=local",
             "--set", "model.name=support.models:tiny", "--set", "model.layers=[relu1]",
             "--set", f"source={json.dumps(source)}", "--set", "run.shard_size=8",
             "--set", "run.actors=1", "--set", "run.batch_size=2", "--set", f"run.output={out}"]
-    # the driver process joins the test cluster; its actors die with it
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=log, stderr=log)
+        proc = subprocess.Popen(args, start_new_session=True, stdout=log, stderr=log)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list((out / SHARDS_DIR).glob("*.json"))) < 3:
-        time.sleep(0.2)
+    while time.monotonic() < deadline and len(_records(out)) < 3:
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list((out / SHARDS_DIR).glob("*.json")))
-    assert 3 <= finished < 20, "the driver should have been killed mid-run"
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    finished = len(_records(out))
+    assert 3 <= finished < 8, "the driver should have been killed mid-run"
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"({finished} already done)" in done.stderr or "already done" in done.stderr
-    config = _config(out, source=source, model={"layers": ["relu1"]})
+    assert f"8 shards ({finished} already done) on 1 actor(s)" in done.stderr
+    assert done.stdout.strip() == "ray imported: False"
+    config = _config(out, source=_dataset("Squares", n=64, size=16), model={"layers": ["relu1"]})
     _assert_complete(config, {"relu1": _direct(config)["relu1"]})
+    assert not list(out.rglob(".*.tmp"))
 
 
-def test_strict_failure_with_shards_in_flight_names_the_bad_sample(tmp_path, capsys):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_strict_failure_with_shards_in_flight_names_the_bad_sample(tmp_path, capsys, executor, request):
     from pipeline.cli import main
 
-    source = {"kind": "dataset", "target": "support.datasets:Squares", "kwargs": {"n": 32, "size": 8, "bad": 20},
-              "preprocess": {"normalize": "none"}}
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    source = _dataset("Squares", n=32, size=8, bad=20)
     code = main(["run", "--quiet", "--set", "model.name=support.models:tiny", "--set", "model.layers=[conv2]",
                  "--set", f"source={json.dumps(source)}", "--set", "run.strict=true", "--set", "run.actors=1",
-                 "--set", "run.shard_size=4", "--set", "run.batch_size=2", "--set", f"run.output={tmp_path / 'out'}"])
+                 "--set", f"run.executor={executor}", "--set", "run.shard_size=4", "--set", "run.batch_size=2",
+                 "--set", f"run.output={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert code == 1
     assert "BadSampleError: sample '20' (index 20): ValueError: item 20 is corrupt" in err
     assert "rerun the same command to resume" in err
 
 
+# -- what Ray itself does ----------------------------------------------------------------------------
+
+
+def test_dead_actor_loses_nothing(tmp_path, ray_cluster):
+    log = tmp_path / "reads"
+    config = _config(tmp_path / "out", "ray", run={"actors": 1},
+                     source=_dataset("Dies", n=24, size=8, at=13, log=str(log), times=1))
+    summary = run(config, stream=None)
+    assert len(log.read_text().splitlines()) == 2, "the actor should have died once, then read it again"
+    assert summary.rows == {"relu1": 24, "conv2": 24} and summary.bad == []
+    table = read_table(config.run.output, "conv2")
+    assert table.column("index").to_pylist() == list(range(24))
+    assert table.column("label").to_pylist() == [i % 3 for i in range(24)]
+
+
+def test_ray_reruns_no_shard_behind_the_drivers_back(tmp_path, ray_cluster):
+    """One attempt: the actor dies on the shard and restarts, and the shard is not tried again
+    (Ray's own task retries would have rerun it on the restarted actor)."""
+    log = tmp_path / "reads"
+    config = _config(tmp_path / "out", "ray", run={"actors": 1, "max_attempts": 1},
+                     source=_dataset("Dies", n=24, size=8, at=13, log=str(log), times=99))
+    with pytest.raises(ShardFailedError, match=r"failed 1 times; last error: "):
+        run(config, stream=None)
+    assert len(log.read_text().splitlines()) == 1
+
+
 def test_repeated_ids_are_reported_or_refused_in_strict_mode(tmp_path, caplog):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.driver import _check_ids
+    from pipeline._driver import _check_ids
     from pipeline.errors import ConfigError
-    from pipeline.sources import ParquetSource
+    from pipeline._sources import ParquetSource
 
     pq.write_table(pa.table({"image": [b"x"] * 5, "key": ["a", "b", "a", "c", "b"]}), tmp_path / "t.parquet")
     source = ParquetSource(str(tmp_path / "t.parquet"), id_column="key")

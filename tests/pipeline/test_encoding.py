@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.encoding import (METADATA_KEY, bfloat16_to_float32, decode_fixed, decode_variable,
+from pipeline._encoding import (METADATA_KEY, bfloat16_to_float32, decode_fixed, decode_variable,
                                encode_fixed, encode_variable, read_metadata, schema_metadata)
 
 

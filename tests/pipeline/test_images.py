@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import ImageError, conform, decode, header_size
-from pipeline.sources import Deferred
+from pipeline._images import ImageError, conform, decode, header_size
+from pipeline._sources import Deferred
 
 
 def _encoded(fmt: str, mode="RGB", size=(10, 6), **kwargs) -> bytes:

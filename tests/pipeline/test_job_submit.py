@@ -35,6 +35,7 @@ from pipeline import inspect_dump, read_table
 from support.processes import free_ports, stop_marked
 
 TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
 RAY = Path(sys.executable).parent / "ray"
 MARKER = "ACTMAP_TEST_RAY_HEAD"
 
@@ -74,6 +75,8 @@ def ray_head() -> Iterator[Head]:
         "RAY_AUTH_TOKEN": token,
         "RAY_TMPDIR": temp,  # its session files and address file stay out of /tmp/ray
         "PATH": os.pathsep.join([str(RAY.parent), env.get("PATH", "")]),  # `actmap` for the job
+        # the job's `actmap` imports this checkout's packages, not whichever the venv installed
+        "PYTHONPATH": str(ROOT),
         MARKER: os.path.basename(temp),
     })
     gcs, dashboard, agent, client = free_ports(4)

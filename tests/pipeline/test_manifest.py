@@ -2,11 +2,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline._layout import MANIFEST_PATH, shard_record_path
+from pipeline._manifest import completed_shards, new_manifest, prepare_output
+from pipeline._records import ShardRecord
+from pipeline._store import OutputStore
 from pipeline.config import Config
 from pipeline.errors import OutputConflictError
-from pipeline.manifest import (MANIFEST_PATH, completed_shards, new_manifest, prepare_output,
-                               shard_record_path)
-from pipeline.store import OutputStore
 
 MODEL = {"name": "resnet18", "weights_sha256": "abc"}
 SOURCE = {"kind": "generated", "count": 10}
@@ -28,14 +29,14 @@ def _record(store, shard, files):
     for f in files:
         Path(store.path(f)).parent.mkdir(parents=True, exist_ok=True)
         Path(store.path(f)).write_bytes(b"x")
-    store.write_json(shard_record_path(shard), {"shard": shard, "files": {"l": f for f in files}, "bad": []})
+    store.write_json(shard_record_path(shard), ShardRecord(shard, 0, 1, files={"l": f for f in files}).to_dict())
 
 
 def test_resume_returns_the_shards_done(tmp_path):
     store = OutputStore(str(tmp_path))
     prepare_output(store, _manifest())
     _record(store, 0, ["layer=l/part-00000.parquet"])
-    store.write_json(shard_record_path(1), {"shard": 1, "files": {"l": "layer=l/part-00001.parquet"}, "bad": []})
+    store.write_json(shard_record_path(1), ShardRecord(1, 1, 2, files={"l": "layer=l/part-00001.parquet"}).to_dict())
     # shard 1's file is missing: it is redone
     assert set(prepare_output(store, _manifest(actors=3))) == {0}
     assert set(completed_shards(store)) == {0}

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import run
 from pipeline.config import Config
-from pipeline.metrics import ActorMetrics, InFlightPoller
+from pipeline._metrics import ActorMetrics, InFlightPoller
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

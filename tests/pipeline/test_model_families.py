@@ -11,10 +11,10 @@ import torchvision.transforms.v2.functional as TF
 
 from pipeline import read_layer, read_table, run
 from pipeline.config import Config
-from pipeline.models import build_model
-from pipeline.shards import plan_shards
-from pipeline.sources import open_source
-from pipeline.worker import ShardWorker
+from pipeline._models import build_model
+from pipeline._shards import plan_shards
+from pipeline._sources import open_source
+from pipeline._worker import ShardWorker
 
 VIT = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
 

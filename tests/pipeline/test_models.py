@@ -10,8 +10,8 @@ import torch
 
 from pipeline.config import ModelSpec, PreprocessSpec
 from pipeline.errors import ConfigError
-from pipeline.model_inputs import ModelInput, resolve_input
-from pipeline.models import build_model
+from pipeline._model_inputs import ModelInput, resolve_input
+from pipeline._models import build_model
 
 VIT = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
 

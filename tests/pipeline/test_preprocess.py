@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.preprocess import resize_crop, to_model_input
+from pipeline._preprocess import resize_crop, to_model_input
 
 
 def test_resize_crop():

@@ -1,6 +1,7 @@
 """Reading a dump back, with actmap and without it."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -8,13 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, to_ray_dataset
+from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, run, to_ray_dataset
 from pipeline.config import Config
-from pipeline.manifest import new_manifest, prepare_output
-from pipeline.reader import UnknownDumpLayerError
-from pipeline.shards import plan_shards
-from pipeline.store import OutputStore
-from pipeline.worker import ShardWorker
+from pipeline.errors import UnknownDumpLayerError
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +20,8 @@ def dump(tmp_path_factory):
     out = tmp_path_factory.mktemp("dump") / "out"
     config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1", "conv2"]},
                                "source": {"count": 30, "image_size": 16},
-                               "run": {"output": str(out), "batch_size": 4, "shard_size": 8}})
-    worker = ShardWorker(config.to_dict())
-    prepare_output(OutputStore(str(out)), new_manifest(config, worker.identity, worker.source.identity(), 30))
-    for shard in plan_shards(30, 8):
-        worker.run_shard(shard)
-    worker.close()
+                               "run": {"output": str(out), "batch_size": 4, "shard_size": 8, "executor": "local"}})
+    run(config, stream=None)
     return str(out)
 
 
@@ -88,7 +81,8 @@ def test_inspect(dump):
     assert info.layers["conv2"]["rows"] == 30 and info.layers["conv2"]["shape"] == [16, 8, 8]
     text = info.format()
     assert "shards: 4/4 done, complete" in text
-    assert "layer conv2: 30 rows, 16x8x8 float16, 4 files" in text
+    assert re.search(r"\n  layer conv2: 30 rows of 16x8x8 float16, \d+\.\d MB, 4 files, columns: sample_id, "
+                     r"index, activation, label, mask\n", text)
 
 
 def test_inspect_empty_folder(tmp_path):
@@ -106,9 +100,17 @@ def test_ray_dataset(dump, ray_cluster):
 
 def test_activation_dataset_keeps_few_files_open(dump):
     data = ActivationDataset(dump, "relu1", cache_row_groups=2)
+    handles = []
     for i in range(len(data)):
         data[i]
+        handles += [h for _, h in data._readers.values() if h not in handles]
     assert len(data._readers) <= 2 and len(data._cache) <= 2
+    assert len(handles) == 4, "each of the 4 files was opened once, in order"
+    still_open = [h for h in handles if not h.closed]
+    assert still_open == [h for _, h in data._readers.values()], "a file let go of is closed"
+    data.close()
+    assert all(h.closed for h in handles) and not data._readers
+    assert torch.equal(data[3][0], ActivationDataset(dump, "relu1")[3][0]), "usable after close"
 
 
 def test_activation_dataset_items_are_copies(dump):

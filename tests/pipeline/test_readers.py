@@ -11,7 +11,7 @@ import torch
 
 from pipeline import ActivationDataset, read_layer, read_table, run
 from pipeline.config import Config
-from pipeline.shuffle import block_shuffle, groups_per_window
+from pipeline._shuffle import block_shuffle, groups_per_window
 
 LAYERS = ("relu1", "conv2")
 

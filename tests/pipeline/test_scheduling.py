@@ -1,9 +1,9 @@
 import pytest
 
+from pipeline._scheduling import ActorPlan, ShardQueue, plan_actors
+from pipeline._shards import plan_shards
 from pipeline.config import RunSpec
 from pipeline.errors import ConfigError, ShardFailedError
-from pipeline.scheduling import ActorPlan, ShardQueue, plan_actors
-from pipeline.shards import plan_shards
 
 
 def test_plan_actors():

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.shards import Shard, partition_dir, plan_shards
+from pipeline._shards import Shard, plan_shards
 
 
 @pytest.mark.parametrize("n, size", [(0, 4), (1, 4), (4, 4), (10, 3), (1000, 256)])
@@ -19,7 +19,6 @@ def test_plan_is_a_pure_function():
 def test_file_names_are_a_function_of_layer_and_shard():
     shard = Shard(12, 0, 5)
     assert shard.file_name("backbone.body.layer3") == "layer=backbone.body.layer3/part-00012.parquet"
-    assert partition_dir("a/b c") == "layer=a%2Fb%20c"
 
 
 def test_bad_plan_arguments():

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import SourceSpec
-from pipeline.errors import ConfigError
-from pipeline.sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
+from pipeline._sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
                               Sample, open_source)
+from pipeline.config import Config, GeneratedSpec, ParquetSpec, SourceKind, SourceSpec
+from pipeline.errors import ConfigError
 
 
 def _png(color, size=(12, 8)) -> bytes:
@@ -87,9 +87,6 @@ def test_parquet_errors(tmp_path):
         ParquetSource(path, image_column="img", columns=["lable"])
     with pytest.raises(ConfigError, match="cannot open Parquet data"):
         ParquetSource(str(tmp_path / "missing.parquet"))
-    pq.write_table(pa.table({"img": [b"x"], "index": [1]}), tmp_path / "clash.parquet")
-    with pytest.raises(ConfigError, match="column 'index' clashes with an output column"):
-        ParquetSource(str(tmp_path / "clash.parquet"), image_column="img")
 
 
 def test_dataset_source_items_and_bad_items():
@@ -115,9 +112,31 @@ def test_dataset_source_errors():
 
 
 def test_open_source_dispatches_on_kind(tmp_path):
-    assert isinstance(open_source(SourceSpec()), GeneratedSource)
+    assert isinstance(open_source(GeneratedSpec()), GeneratedSource)
     path = str(_parquet(tmp_path))
-    assert isinstance(open_source(SourceSpec(kind="parquet", path=path, image_column="img")), ParquetSource)
+    assert isinstance(open_source(ParquetSpec(path=path, image_column="img")), ParquetSource)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(_png("red"))
+    from support.webdataset import write_shards
+
+    shards = write_shards(tmp_path / "wds")
+    specs = {"generated": {}, "folder": {"path": str(tmp_path / "images")},
+             "parquet": {"path": path, "image_column": "img"}, "dataset": {"target": "support.datasets:Squares"},
+             "webdataset": {"path": [str(shards / "train-0000.tar"), str(shards / "train-0001.tar")]}}
+    assert set(specs) == {k.value for k in SourceKind}, "every kind has a section and a source"
+    for kind, keys in specs.items():
+        spec = Config.from_dict({"source": {"kind": kind, **keys}}).source
+        assert isinstance(spec, SourceSpec) and spec.kind is SourceKind(kind)
+        assert len(open_source(spec)) > 0
+
+
+def test_dataset_label_types_come_from_the_first_readable_items():
+    assert DatasetSource("support.datasets:Squares", {"n": 6, "bad": 0}).label_fields() == [pa.field("label", pa.int64())]
+    scored = DatasetSource("support.datasets:Scored", {"n": 6})
+    assert scored.label_fields() == [pa.field("score", pa.float64())], "an int, then a float: a float column"
+    with pytest.raises(ConfigError, match=r"source.target: the label 'score' of 'support.datasets:Scored' holds "
+                                          r"values of types float, int, str in the first items"):
+        DatasetSource("support.datasets:Scored", {"n": 6, "text_at": 3}).label_fields()
 
 
 # -- the folder's listing, frozen --------------------------------------------------------------
@@ -132,8 +151,8 @@ def _folder(root, n=6):
 
 
 def test_folder_actors_read_the_drivers_listing_not_the_tree(tmp_path):
-    from pipeline.sources import IndexFile, write_index
-    from pipeline.store import OutputStore
+    from pipeline._sources import IndexFile, write_index
+    from pipeline._store import OutputStore
 
     root = _folder(tmp_path / "images")
     driver = FolderSource(str(root))

@@ -8,11 +8,11 @@ import torch
 
 from pipeline import inspect_dump, read_layer
 from pipeline.config import Config
-from pipeline.manifest import SHARDS_DIR, new_manifest, prepare_output
-from pipeline.shards import plan_shards
-from pipeline.stats import ValueStats, _device_numbers, merge_records
-from pipeline.store import OutputStore
-from pipeline.worker import ShardWorker
+from pipeline._manifest import SHARDS_DIR, new_manifest, prepare_output
+from pipeline._shards import plan_shards
+from pipeline._stats import ValueStats, _device_numbers, merge_records
+from pipeline._store import OutputStore
+from pipeline._worker import ShardWorker
 
 
 def _expected(values: np.ndarray) -> dict:
@@ -76,7 +76,7 @@ def test_shard_records_carry_the_stats_of_what_was_written(tmp_path, dtype):
     records = [worker.run_shard(shard) for shard in plan_shards(10, 5)]
     worker.close()
     on_disk = json.loads((tmp_path / "out" / SHARDS_DIR / "00001.json").read_text())
-    assert on_disk["stats"] == records[1]["stats"]
+    assert on_disk["stats"] == records[1].stats
     merged = merge_records(records)
     for layer in ("conv1", "relu1"):
         got = merged[layer].to_dict()

@@ -8,13 +8,13 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import Config
-from pipeline.manifest import new_manifest, prepare_output
-from pipeline.maps import NoMapError, activation_maps, token_grid
-from pipeline.shards import plan_shards
-from pipeline.sources.generated import generate
-from pipeline.store import OutputStore
-from pipeline.viz import _rows, layer_summary, show_maps
-from pipeline.worker import ShardWorker
+from pipeline._manifest import new_manifest, prepare_output
+from pipeline._maps import NoMapError, activation_maps, token_grid
+from pipeline._shards import plan_shards
+from pipeline._sources.generated import generate
+from pipeline._store import OutputStore
+from pipeline._viz import _rows, layer_summary, show_maps
+from pipeline._worker import ShardWorker
 
 
 def _dump(out, model, layers, count=12, **sections):
@@ -103,7 +103,7 @@ def test_show_tokens_on_their_patch_grid(vit_dump, tmp_path):
 
 def test_stats_show_dead_layers_and_overflows(tmp_path):
     dump = _dump(tmp_path / "out", {"name": "support.models:overflowing"}, ["conv1", "relu1"], count=4)
-    from pipeline.reader import read_layer
+    from pipeline._reader import read_layer
 
     assert layer_summary(read_layer(dump, "conv1").ravel())["inf"] > 0
     relu = layer_summary(read_layer(dump, "relu1").ravel())

@@ -1,45 +1,12 @@
 """WebDataset tar shards: grouping by key, side files, patterns, remote tars, shard reads."""
 
-import io
-import json
-import tarfile
-
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.sources import BadSample, IndexFile, Sample, WebDatasetSource, write_index
-from pipeline.store import OutputStore
-
-
-def _image(fmt: str, value: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 6), (value, 0, 0)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shards(folder, shards=3, per_shard=4, broken=()):
-    """``shards`` tars of ``per_shard`` samples: an image (jpg or png), .cls, .txt and .json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for s in range(shards):
-        with tarfile.open(folder / f"train-{s:04d}.tar", "w") as tar:
-            for _ in range(per_shard):
-                key = f"sample{n:05d}"
-                if n not in broken:
-                    _add(tar, f"{key}.{'jpg' if n % 2 else 'png'}", _image("JPEG" if n % 2 else "PNG", n))
-                _add(tar, f"{key}.cls", str(n % 3).encode())
-                _add(tar, f"{key}.txt", f"caption {n}".encode())
-                _add(tar, f"{key}.json", json.dumps({"score": n / 2, "tags": ["a", n], "ok": n % 2 == 0}).encode())
-                n += 1
-    return folder
+from pipeline._sources import BadSample, IndexFile, Sample, WebDatasetSource, write_index
+from pipeline._store import OutputStore
+from support.webdataset import write_shards
 
 
 def test_samples_are_grouped_by_key_with_their_side_files(tmp_path):
@@ -70,7 +37,7 @@ def test_patterns_globs_and_lists_name_the_same_tars(tmp_path):
 
 
 def test_a_shard_reads_one_range_per_tar(tmp_path, monkeypatch):
-    from pipeline.sources._files import Location
+    from pipeline._sources._files import Location
 
     folder = write_shards(tmp_path / "wds", shards=2, per_shard=50)
     source = WebDatasetSource(str(folder / "train-*.tar"))

@@ -1,21 +1,26 @@
 """The actor's work, run in this process without Ray."""
 
 import io
+import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+from pipeline._models import build_model
+from pipeline._images import decode
+from pipeline._preprocess import to_model_input
+from pipeline._reader import read_layer, read_table
+from pipeline._records import BadSample, LayerSpec, ShardRecord
+from pipeline._shards import Shard
+from pipeline._sources import open_source
+from pipeline._worker import ShardWorker
 from pipeline.config import Config
-from pipeline.errors import BadSampleError, ConfigError
-from pipeline.models import build_model
-from pipeline.images import decode
-from pipeline.preprocess import to_model_input
-from pipeline.reader import read_layer, read_table
-from pipeline.shards import Shard
-from pipeline.sources import open_source
-from pipeline.worker import ShardWorker
+from pipeline.errors import (BadSampleError, ConfigError, LayerOutputError, ReservedColumnError,
+                             ShapeChangedError, WeightsMismatchError)
 
 TINY = {"name": "support.models:tiny", "layers": ["relu1", "conv2"]}
 
@@ -26,6 +31,12 @@ def _config(tmp_path, **sections):
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return Config.from_dict(data)
+
+
+def _run_shard(config, shard, **kwargs):
+    """One shard run by a worker that is closed after."""
+    with ShardWorker(config.to_dict(), **kwargs) as worker:
+        return worker.run_shard(shard)
 
 
 def _direct(config, indices):
@@ -46,12 +57,12 @@ def _direct(config, indices):
 
 def test_shard_matches_a_direct_forward(tmp_path):
     config = _config(tmp_path)
-    worker = ShardWorker(config.to_dict())
-    record = worker.run_shard(Shard(1, 4, 10))
-    worker.close()
-    assert record["rows"] == {"relu1": 6, "conv2": 6}
-    assert record["files"] == {"relu1": "layer=relu1/part-00001.parquet", "conv2": "layer=conv2/part-00001.parquet"}
-    assert record["bad"] == [] and all(v > 0 for v in record["bytes"].values())
+    record = _run_shard(config, Shard(1, 4, 10))
+    assert record.rows == {"relu1": 6, "conv2": 6}
+    assert record.files == {"relu1": "layer=relu1/part-00001.parquet", "conv2": "layer=conv2/part-00001.parquet"}
+    assert record.bad == () and all(v > 0 for v in record.bytes.values())
+    on_disk = json.loads((tmp_path / "out" / "_actmap" / "shards" / "00001.json").read_text())
+    assert ShardRecord.from_dict(on_disk) == record
     expected = _direct(config, range(4, 10))
     for layer in ("relu1", "conv2"):
         got = read_layer(config.run.output, layer)
@@ -67,12 +78,24 @@ def test_hooks_are_removed_on_close(tmp_path):
     model = worker.outputs.wrapper.wrapped_model
     worker.close()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    worker.close()  # twice is harmless
+
+
+def test_a_source_that_does_not_open_leaves_no_hooks(tmp_path, monkeypatch):
+    import pipeline._worker
+
+    built = []
+    monkeypatch.setattr(pipeline._worker, "build_model", lambda spec: built.append(build_model(spec)) or built[-1])
+    with pytest.raises(ConfigError, match="source.path: .* is not a folder"):
+        ShardWorker(_config(tmp_path, source={"kind": "folder", "path": str(tmp_path / "nope")}).to_dict())
+    assert len(built) == 1
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in built[0].modules())
 
 
 @pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("bfloat16", 1e-2)])
 def test_storage_dtypes(tmp_path, dtype, rtol):
     config = _config(tmp_path, dump={"dtype": dtype})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    _run_shard(config, Shard(0, 0, 3))
     expected = _direct(config, range(3))["conv2"].numpy()
     got = read_layer(config.run.output, "conv2")
     assert got.dtype == np.float32
@@ -83,22 +106,22 @@ def test_storage_dtypes(tmp_path, dtype, rtol):
 
 def test_reductions(tmp_path):
     config = _config(tmp_path, dump={"reduce": "pool", "pool_size": [2, 2], "dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    _run_shard(config, Shard(0, 0, 3))
     expected = torch.nn.functional.adaptive_avg_pool2d(_direct(config, range(3))["conv2"], 2)
     np.testing.assert_allclose(read_layer(config.run.output, "conv2"), expected.numpy(), rtol=1e-5, atol=1e-6)
     config = _config(tmp_path / "b", dump={"reduce": "channel_mean", "dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+    _run_shard(config, Shard(0, 0, 3))
     expected = _direct(config, range(3))["relu1"].mean(1)
     np.testing.assert_allclose(read_layer(config.run.output, "relu1"), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_stump_mode_stops_after_the_layer(tmp_path):
     config = _config(tmp_path, model={"mode": "stump", "layers": ["conv1"]})
-    worker = ShardWorker(config.to_dict())
-    model = worker.outputs.wrapper.wrapped_model
-    calls = []
-    model.fc.register_forward_hook(lambda *a: calls.append(1))
-    worker.run_shard(Shard(0, 0, 4))
+    with ShardWorker(config.to_dict()) as worker:
+        model = worker.outputs.wrapper.wrapped_model
+        calls = []
+        model.fc.register_forward_hook(lambda *a: calls.append(1))
+        worker.run_shard(Shard(0, 0, 4))
     assert calls == []
     expected = _direct(config, range(4))["conv1"].numpy()
     np.testing.assert_allclose(read_layer(config.run.output, "conv1"), expected, rtol=1e-3, atol=1e-3)
@@ -107,9 +130,9 @@ def test_stump_mode_stops_after_the_layer(tmp_path):
 def test_bad_samples_are_recorded_and_skipped(tmp_path):
     config = _config(tmp_path, source={"kind": "dataset", "target": "support.datasets:Squares",
                                        "kwargs": {"n": 8, "size": 8, "bad": 5}, "preprocess": {"normalize": "none"}})
-    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 8))
-    assert record["bad"] == [{"index": 5, "sample_id": "5", "reason": "ValueError: item 5 is corrupt"}]
-    assert record["rows"]["conv2"] == 7
+    record = _run_shard(config, Shard(0, 0, 8))
+    assert record.bad == (BadSample(5, "5", "ValueError: item 5 is corrupt"),)
+    assert record.rows["conv2"] == 7
     assert read_table(config.run.output, "conv2").column("index").to_pylist() == [0, 1, 2, 3, 4, 6, 7]
 
 
@@ -118,7 +141,7 @@ def test_strict_mode_fails_fast_and_leaves_no_file(tmp_path):
                      source={"kind": "dataset", "target": "support.datasets:Squares",
                              "kwargs": {"n": 8, "size": 8, "bad": 5}, "preprocess": {"normalize": "none"}})
     with pytest.raises(BadSampleError, match=r"sample '5' \(index 5\): ValueError: item 5 is corrupt"):
-        ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 8))
+        _run_shard(config, Shard(0, 0, 8))
     out = tmp_path / "out"
     assert not list(out.rglob("*.parquet")) and not list(out.rglob(".*.tmp"))
 
@@ -134,8 +157,8 @@ def test_variable_shapes_from_a_folder(tmp_path):
     (images / "4.png").write_bytes(b"not a png")
     config = _config(tmp_path, source={"kind": "folder", "path": str(images)}, dump={"dtype": "float32"})
     assert not config.shapes_fixed()
-    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 5))
-    assert [b["sample_id"] for b in record["bad"]] == ["4.png"]
+    record = _run_shard(config, Shard(0, 0, 5))
+    assert [b.sample_id for b in record.bad] == ["4.png"]
     got = read_layer(config.run.output, "relu1")
     assert [a.shape for a in got] == [(8, h, w) for w, h in sizes]
     model = build_model(config.model)
@@ -148,13 +171,18 @@ def test_variable_shapes_from_a_folder(tmp_path):
 
 
 def test_probe_catches_what_would_fail_later(tmp_path):
-    worker = ShardWorker(_config(tmp_path).to_dict())
-    assert worker.probe() == {"relu1": {"shape": [8, 16, 16], "dtype": "float16"},
-                              "conv2": {"shape": [16, 8, 8], "dtype": "float16"}}
+    with ShardWorker(_config(tmp_path).to_dict()) as worker:
+        assert worker.probe() == {"relu1": LayerSpec((8, 16, 16), "float16"), "conv2": LayerSpec((16, 8, 8), "float16")}
     bad = _config(tmp_path, model={"layers": ["fc"]}, dump={"reduce": "pool"})
-    with pytest.raises(ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'fc' gives 2-d "
-                                          r"outputs \(1, 4\); dump.reduce 'pool' needs"):
-        ShardWorker(bad.to_dict()).probe()
+    with ShardWorker(bad.to_dict()) as worker, pytest.raises(
+            ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'fc' gives 2-d "
+                               r"outputs \(1, 4\); dump.reduce 'pool' needs"):
+        worker.probe()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (9, 7)).save(images / "0.png")
+    with ShardWorker(_config(tmp_path, source={"kind": "folder", "path": str(images)}).to_dict()) as worker:
+        assert worker.probe()["conv2"] == LayerSpec(None, "float16"), "variable shapes: no one shape"
 
 
 def test_unknown_layer_is_a_config_error(tmp_path):
@@ -163,7 +191,7 @@ def test_unknown_layer_is_a_config_error(tmp_path):
 
 
 def test_weights_digest_mismatch_is_refused(tmp_path):
-    with pytest.raises(RuntimeError, match="does not build the same weights"):
+    with pytest.raises(WeightsMismatchError, match="does not build the same weights"):
         ShardWorker(_config(tmp_path).to_dict(), expected_digest="0" * 64)
 
 
@@ -183,7 +211,7 @@ def test_weights_file_is_loaded(tmp_path):
 def test_precisions_and_memory_format(tmp_path, precision, channels_last, tol):
     config = _config(tmp_path, model={"precision": precision, "channels_last": channels_last},
                      dump={"dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 4))
+    _run_shard(config, Shard(0, 0, 4))
     expected = _direct(config, range(4))["conv2"].numpy()
     got = read_layer(config.run.output, "conv2")
     assert got.shape == expected.shape  # stored in NCHW order whatever the memory format
@@ -194,8 +222,8 @@ def test_output_given_as_a_uri(tmp_path):
     """Any filesystem pyarrow opens: the store never assumes a local path."""
     uri = (tmp_path / "remote").as_uri()
     config = _config(tmp_path, run={"output": uri})
-    record = ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
-    assert (tmp_path / "remote" / record["files"]["conv2"]).is_file()
+    record = _run_shard(config, Shard(0, 0, 3))
+    assert (tmp_path / "remote" / record.files["conv2"]).is_file()
     assert (tmp_path / "remote" / "_actmap" / "shards" / "00000.json").is_file()
     np.testing.assert_array_equal(read_layer(uri, "conv2"), read_layer(str(tmp_path / "remote"), "conv2"))
 
@@ -205,12 +233,10 @@ def test_two_shards_at_once_in_one_worker(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     config = _config(tmp_path, source={"count": 24})
-    worker = ShardWorker(config.to_dict())
-    with ThreadPoolExecutor(2) as pool:
+    with ShardWorker(config.to_dict()) as worker, ThreadPoolExecutor(2) as pool:
         records = list(pool.map(worker.run_shard, [Shard(0, 0, 12), Shard(1, 12, 24)]))
-    worker.close()
-    assert [r["rows"]["conv2"] for r in records] == [12, 12]
-    assert all(r["started"] <= r["finished"] for r in records)
+    assert [r.rows["conv2"] for r in records] == [12, 12]
+    assert all(r.started <= r.finished for r in records)
     expected = _direct(config, range(24))
     for layer in ("relu1", "conv2"):
         np.testing.assert_allclose(read_layer(config.run.output, layer), expected[layer].numpy(), rtol=1e-3, atol=1e-3)
@@ -220,7 +246,7 @@ def test_outputs_changed_in_place_later_are_stored_as_the_layer_gave_them(tmp_pa
     """ResNet's bn1 is followed by ReLU(inplace=True): the dump must hold the batch norm's output."""
     config = _config(tmp_path, model={"name": "resnet18", "layers": ["bn1", "layer1"]},
                      source={"image_size": 32}, dump={"dtype": "float32"})
-    ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 2))
+    _run_shard(config, Shard(0, 0, 2))
     model = build_model(config.model)
     samples = open_source(config.source).read(range(2))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
@@ -242,10 +268,47 @@ def test_fixed_shapes_refuse_a_second_size_with_advice(tmp_path, batch_size):
         (images / f"{i}.png").write_bytes(buf.getvalue())
     config = _config(tmp_path, source={"kind": "folder", "path": str(images)}, dump={"shapes": "fixed"},
                      run={"batch_size": batch_size})
-    with pytest.raises(RuntimeError, match=r"layer 'relu1' gave outputs of shape \(8, 20, 24\) where "
+    with pytest.raises(ShapeChangedError, match=r"layer 'relu1' gave outputs of shape \(8, 20, 24\) where "
                                            r"\(8, 16, 16\) was expected.*source.preprocess.crop"):
-        ShardWorker(config.to_dict()).run_shard(Shard(0, 0, 3))
+        _run_shard(config, Shard(0, 0, 3))
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("keys", [("index",), ("sample_id",), ("activation",), ("label", "index", "sample_id")])
+def test_dataset_items_may_not_replace_output_columns(tmp_path, keys):
+    """A dict item's keys pass through as columns; one named like an output column is refused
+    before any work starts, rather than silently replacing that column."""
+    config = _config(tmp_path, source={"kind": "dataset", "target": "support.datasets:Keyed",
+                                       "kwargs": {"keys": list(keys)}, "preprocess": {"normalize": "none"}})
+    clash = keys[0] if len(keys) == 1 else "index"
+    with ShardWorker(config.to_dict()) as worker:
+        with pytest.raises(ReservedColumnError, match=rf"source: the pass-through column '{clash}' clashes"):
+            worker.probe()
+        with pytest.raises(ReservedColumnError):
+            worker.run_shard(Shard(0, 0, 4))
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_parquet_columns_may_not_replace_output_columns(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    pq.write_table(pa.table({"img": [buf.getvalue()] * 3, "index": [7, 8, 9]}), tmp_path / "clash.parquet")
+    source = {"kind": "parquet", "path": str(tmp_path / "clash.parquet"), "image_column": "img"}
+    with ShardWorker(_config(tmp_path, source=source).to_dict()) as worker:
+        with pytest.raises(ReservedColumnError, match="'index' clashes with an output column.*source.columns"):
+            worker.probe()
+    with ShardWorker(_config(tmp_path, source={**source, "columns": []}).to_dict()) as worker:
+        assert set(worker.probe()) == {"relu1", "conv2"}
+
+
+def test_a_layer_that_gives_no_tensor(tmp_path):
+    config = _config(tmp_path, model={"name": "support.models:pair_net", "layers": ["conv", "pair"]})
+    with ShardWorker(config.to_dict()) as worker:
+        with pytest.raises(ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'pair' gave "
+                                              r"tuple instead of a tensor"):
+            worker.probe()
+        with pytest.raises(LayerOutputError, match="layer 'pair' gave tuple instead of a tensor; pick one of its tensors"):
+            worker.run_shard(Shard(0, 0, 2))
 
 
 def _save(path, image, **kwargs):
@@ -276,7 +339,7 @@ def test_odd_images_are_converted_or_recorded_as_bad_with_their_reason(tmp_path)
     worker = ShardWorker(config.to_dict())
     record = worker.run_shard(Shard(0, 0, 7))
     worker.close()
-    bad = {b["sample_id"]: b["reason"] for b in record["bad"]}
+    bad = {b.sample_id: b.reason for b in record.bad}
     assert set(bad) == {"f-bomb.png", "g-garbage.jpg"}
     assert "14000x14000 = 196,000,000 pixels, over the limit of 89,478,485" in bad["f-bomb.png"]
     assert bad["g-garbage.jpg"].startswith("ImageError: cannot decode the image")
@@ -295,7 +358,7 @@ def test_a_sample_the_model_cannot_take_is_isolated_from_its_batch(tmp_path):
                      run={"batch_size": 4})
     worker = ShardWorker(config.to_dict())
     record = worker.run_shard(Shard(0, 0, 8))
-    assert record["bad"] == [{"index": 2, "sample_id": "2", "reason": "the model's forward fails on it: "
+    assert [b.to_dict() for b in record.bad] == [{"index": 2, "sample_id": "2", "reason": "the model's forward fails on it: "
                               "ValueError: cannot take an all-white image"}]
     assert read_table(config.run.output, "relu1").column("index").to_pylist() == [0, 1, 3, 4, 5, 6, 7]
     model = build_model(config.model)
@@ -321,7 +384,7 @@ def test_pixel_limit_and_channels_come_from_the_config(tmp_path):
     worker = ShardWorker(config.to_dict())
     record = worker.run_shard(Shard(0, 0, 3))
     worker.close()
-    assert [(b["sample_id"], "40x40 = 1,600 pixels, over the limit of 1,000" in b["reason"]) for b in record["bad"]] == [("1.png", True)]
+    assert [(b.sample_id, "40x40 = 1,600 pixels, over the limit of 1,000" in b.reason) for b in record.bad] == [("1.png", True)]
     assert [a.shape for a in read_layer(config.run.output, "relu1")] == [(8, 16, 16)] * 2  # one channel in
-    with pytest.raises(ConfigError, match="source.preprocess.channels: 2 is not valid; valid: 3 \\(RGB\\) or 1"):
+    with pytest.raises(ConfigError, match="source.preprocess.channels: 2 is not valid; valid: 3 or 1"):
         _config(tmp_path, source={"preprocess": {"channels": 2}})

@@ -3,9 +3,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.encoding import decode_fixed, read_metadata
-from pipeline.store import OutputStore
-from pipeline.writer import LayerFileWriter, build_table
+from pipeline._encoding import decode_fixed, read_metadata
+from pipeline._store import OutputStore
+from pipeline._writer import LayerFileWriter, build_table
 
 
 def _table(n=3, start=0, fixed=True):

@@ -34,18 +34,64 @@ class DictItems(Squares):
                 "box": np.array([i, i + 1, i + 2, i + 3], dtype=np.float32)}
 
 
-class DiesOnce(Squares):
-    """Kills its process the first time item ``die_at`` is read (``marker`` records that it did)."""
+class Scored(Squares):
+    """Dict items whose ``score`` is an int for even indices and a float for odd ones (or a
+    string at index ``text_at``)."""
 
-    def __init__(self, n: int = 40, size: int = 16, die_at: int = 25, marker: str = ""):
+    def __init__(self, n: int = 8, size: int = 8, text_at: int | None = None):
         super().__init__(n, size)
-        self.die_at, self.marker = die_at, marker
+        self.text_at = text_at
 
     def __getitem__(self, i: int):
-        if i == self.die_at and not Path(self.marker).exists():
-            Path(self.marker).write_text("died")
+        image, _ = super().__getitem__(i)
+        score = "high" if i == self.text_at else (i if i % 2 == 0 else i + 0.5)
+        return {"image": image, "score": score}
+
+
+class Keyed(Squares):
+    """Items as dicts with a label under each of ``keys`` (the index, as its string for ``sample_id``)."""
+
+    def __init__(self, n: int = 8, size: int = 8, keys: tuple[str, ...] = ("index",)):
+        super().__init__(n, size)
+        self.keys = tuple(keys)
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        return {"image": image, **{k: str(i) if k == "sample_id" else i for k in self.keys}}
+
+
+class _Trips(Squares):
+    """Squares whose item ``at`` trips the first ``times`` times it is read; each read of it adds
+    a line to the file ``log`` (which counts them across processes and restarts)."""
+
+    def __init__(self, n: int = 40, size: int = 16, at: int = 25, log: str = "", times: int = 1):
+        super().__init__(n, size)
+        self.at, self.log, self.times = at, log, times
+
+    def _tripped(self, i: int) -> bool:
+        if i != self.at:
+            return False
+        with open(self.log, "a") as f:
+            f.write("read\n")
+        return len(Path(self.log).read_text().splitlines()) <= self.times
+
+
+class Dies(_Trips):
+    """Kills its process when item ``at`` trips."""
+
+    def __getitem__(self, i: int):
+        if self._tripped(i):
             os._exit(1)
         return super().__getitem__(i)
+
+
+class Fails(_Trips):
+    """Gives a larger image when item ``at`` trips: with ``dump.shapes: fixed`` its layers change
+    shape, and its shard fails (not a bad sample: the image itself is fine)."""
+
+    def __getitem__(self, i: int):
+        image, target = super().__getitem__(i)
+        return (torch.nn.functional.pad(image, (0, 2, 0, 2)) if self._tripped(i) else image), target
 
 
 class Slow(Squares):

@@ -54,3 +54,27 @@ def overflowing(num_classes: int = 4) -> TinyConvNet:
     with torch.no_grad():
         model.conv1.weight.mul_(1e6)
     return model
+
+
+class Pair(nn.Module):
+    """Returns its input twice: a layer whose output is a tuple, not one tensor."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+class PairNet(nn.Module):
+    """conv(3->4) -> pair -> sum: ``pair`` gives a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pair = Pair()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.pair(self.conv(x))
+        return a + b
+
+
+def pair_net() -> PairNet:
+    return PairNet()

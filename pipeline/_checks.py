@@ -1,0 +1,187 @@
+"""Value checks for config fields: each takes the field's dotted key and its value, and returns
+the value in its canonical form (an enum member, a tuple) or raises a :class:`ConfigError` that
+names the key and what would be valid.
+
+>>> integer(minimum=1)("run.batch_size", 8)
+8
+>>> integer(minimum=1)("run.batch_size", 0)
+Traceback (most recent call last):
+...
+pipeline.errors.ConfigError: run.batch_size: must be at least 1, got 0
+>>> size()("source.preprocess.crop", 224)
+(224, 224)
+>>> auto_or(integer(1))("run.actors", "auto")
+'auto'
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigError, close_matches
+
+#: A check: ``(key, value) -> value``.
+Check = Callable[[str, Any], Any]
+
+
+def choice(kind: type[enum.Enum]) -> Check:
+    """A member of ``kind``, given as itself or by its value (any case)."""
+    valid = [m.value for m in kind]
+
+    def check(key: str, value: Any) -> enum.Enum:
+        if isinstance(value, kind):
+            return value
+        if isinstance(value, str) and value.lower() in valid:
+            return kind(value.lower())
+        hint = close_matches(value, valid) if isinstance(value, str) else f"valid: {valid}"
+        raise ConfigError(key, f"{value!r} is not valid; {hint}")
+    return check
+
+
+def integer(minimum: int | None = None, optional: bool = False) -> Check:
+    def check(key: str, value: Any) -> int | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(key, f"must be at least {minimum}, got {value}")
+        return value
+    return check
+
+
+def number(minimum: float = 0.0) -> Check:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if value < minimum:
+            raise ConfigError(key, f"must be at least {minimum}, got {value}")
+        return float(value)
+    return check
+
+
+def boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def text(optional: bool = False) -> Check:
+    """A non-empty string (or ``None`` when ``optional``)."""
+    def check(key: str, value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+        return value
+    return check
+
+
+def target(key: str, value: Any) -> str | None:
+    """A ``package.module:callable`` name, or ``None``."""
+    value = text(optional=True)(key, value)
+    if value is not None and ":" not in value:
+        raise ConfigError(key, f"{value!r} is not of the form 'package.module:callable'")
+    return value
+
+
+def names(optional: bool = True) -> Check:
+    """A list of names (column names), as a tuple."""
+    def check(key: str, value: Any) -> tuple[str, ...] | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of column names, got {value!r}")
+        return tuple(value)
+    return check
+
+
+def size(optional: bool = True) -> Check:
+    """An image size: one int (square) or ``[height, width]``, as a tuple."""
+    def check(key: str, value: Any) -> tuple[int, int] | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise ConfigError(key, f"expected a positive int or [height, width], got {value!r}")
+        return (int(value[0]), int(value[1]))
+    return check
+
+
+def one_of(*valid: Any) -> Check:
+    """One of the values ``valid`` (compared with ``==``, booleans excluded)."""
+    def check(key: str, value: Any) -> Any:
+        if isinstance(value, bool) or value not in valid:
+            shown = " or ".join(repr(v) for v in valid)
+            raise ConfigError(key, f"{value!r} is not valid; valid: {shown}")
+        return value
+    return check
+
+
+def paths(key: str, value: Any) -> str | tuple[str, ...] | None:
+    """A path or pattern, or a non-empty list of them."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if (isinstance(value, Sequence) and not isinstance(value, str) and value
+            and all(isinstance(v, str) and v for v in value)):
+        return tuple(value)
+    raise ConfigError(key, f"expected a path, glob or brace pattern, or a list of them, got {value!r}")
+
+
+def mapping(key: str, value: Any) -> dict:
+    """A mapping (``None`` is an empty one), as a dict."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def auto_or(check: Check) -> Check:
+    """``"auto"``, or a value that passes ``check``."""
+    def auto_or_check(key: str, value: Any) -> Any:
+        return value if value == "auto" else check(key, value)
+    return auto_or_check
+
+
+def layer_ids(key: str, value: Any) -> tuple[str, ...]:
+    """One or more distinct layer ids (``named_modules()`` names)."""
+    layers = [value] if isinstance(value, str) else value
+    if not isinstance(layers, Sequence) or not layers:
+        raise ConfigError(key, f"expected a non-empty list of layer ids, got {layers!r}")
+    for layer in layers:
+        if not isinstance(layer, str) or not layer:
+            raise ConfigError(key, f"{layer!r} is not a layer id; layer ids are named_modules() names "
+                              "such as 'layer3' (see `actmap layers MODEL`); quote ids with selectors in "
+                              "YAML lists: [\"encoder.layer.3[0]\"]")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(key, f"lists a layer twice: {list(layers)}")
+    return tuple(layers)
+
+
+#: The normalisation presets by name (``None``: keep images in [0, 1]).
+NORMALIZE_PRESETS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": None,
+}
+_NORMALIZE_VALID = "'imagenet', 'none', 'model' or {mean: [r, g, b], std: [r, g, b]}"
+
+
+def normalization(key: str, value: Any) -> str | dict[str, list[float]]:
+    """A preset name, or ``{mean: [r, g, b], std: [r, g, b]}`` with positive ``std``."""
+    if isinstance(value, str):
+        if value.lower() not in NORMALIZE_PRESETS and value.lower() != "model":
+            raise ConfigError(key, f"{value!r} is not valid; valid: {_NORMALIZE_VALID}")
+        return value.lower()
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"{value!r} is not valid; valid: {_NORMALIZE_VALID}")
+    if set(value) != {"mean", "std"} or not all(
+            isinstance(value[k], Sequence) and len(value[k]) == 3 for k in ("mean", "std")):
+        raise ConfigError(key, f"expected {{mean: [r, g, b], std: [r, g, b]}}, got {dict(value)!r}")
+    if any(s <= 0 for s in value["std"]):
+        raise ConfigError(key, f"std must be positive, got {value['std']}")
+    return {"mean": [float(v) for v in value["mean"]], "std": [float(v) for v in value["std"]]}

@@ -1,0 +1,123 @@
+"""An actor's image decoding: a pool of threads (and its GPU for JPEG files), batch by batch.
+
+Decoding, resizing and cropping run on ``threads`` threads (the actor's CPUs): torchvision's
+and PIL's decoders and torch's resize release the GIL, so they run in parallel, and a file
+that a source hands over unread (a local file) is read by the thread that decodes it. On a
+CUDA device the JPEG files of a batch are decoded there in one call instead.
+
+>>> import torch
+>>> decoder = Decoder(threads=2, resize=8, crop=(8, 8))
+>>> images = decoder([torch.zeros(3, 16, 20, dtype=torch.uint8), b"not an image"])
+>>> tuple(images[0].shape), type(images[1]).__name__
+((3, 8, 8), 'ImageError')
+>>> decoder.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torchvision.io as tvio
+
+from ._images import DEFAULT_MAX_PIXELS, ImageError, conform, decode, header_size
+from ._preprocess import resize_crop
+from ._sources._base import Deferred, RawImage
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class Decoder:
+    """Turns a batch of raw images into resized, cropped ``(3, H, W)`` tensors, or the
+    exception that says why one cannot be used (the caller records a bad sample).
+
+    Args:
+        threads: decoding threads (at least 1).
+        device: where the model runs; on CUDA, JPEG files are decoded there.
+        gpu_turn: held around a GPU decode (the worker's device lock).
+        resize, crop, channels: as ``source.preprocess``.
+        max_pixels: larger images are refused from their header, before decoding.
+    """
+
+    def __init__(self, threads: int = 1, device: torch.device | str = "cpu",
+                 gpu_turn: contextlib.AbstractContextManager | None = None, resize: int | None = None,
+                 crop: tuple[int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 channels: int = 3):
+        self.threads = max(1, int(threads))
+        self.device = torch.device(device)
+        self.gpu_turn = gpu_turn
+        self.resize, self.crop, self.max_pixels, self.channels = resize, crop, max_pixels, channels
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actmap-decode") if self.threads > 1 else None
+
+    def one(self, raw: RawImage) -> torch.Tensor | Exception:
+        """One image, decoded, checked, resized and cropped (or the exception)."""
+        try:
+            return resize_crop(decode(raw, self.max_pixels, self.channels), self.resize, self.crop)
+        except Exception as exc:  # recorded as a bad sample by the caller
+            return exc
+
+    def _map(self, fn, items: Sequence) -> list:
+        if self._pool is None or len(items) < 2:
+            return [fn(item) for item in items]
+        # a few contiguous chunks per thread, not a task per image: each hand-off costs about
+        # as much as decoding a small image
+        size = -(-len(items) // (2 * self.threads))
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        futures = [self._pool.submit(lambda chunk: [fn(item) for item in chunk], c) for c in chunks]
+        return [result for future in futures for result in future.result()]
+
+    def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:
+        if self.device.type != "cuda":
+            return self._map(self.one, raws)
+        return self._with_gpu_jpeg(list(raws))
+
+    def _with_gpu_jpeg(self, raws: list) -> list[torch.Tensor | Exception]:
+        # the bytes first (read in parallel), then the JPEG files in one call on the GPU
+        raws = self._map(_load, raws)
+        out: list[torch.Tensor | Exception | None] = [None] * len(raws)
+        jpegs = []
+        for i, raw in enumerate(raws):
+            if isinstance(raw, Exception):
+                out[i] = raw
+            elif isinstance(raw, bytes) and raw[:3] == _JPEG_MAGIC:
+                size = header_size(raw)
+                if size is not None and self.max_pixels is not None and size[0] * size[1] > self.max_pixels:
+                    out[i] = self.one(raw)  # raises the limit's error, without decoding
+                else:
+                    jpegs.append(i)
+        if jpegs:
+            try:
+                data = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpegs]
+                # the GPU decoder writes on a stream of its own that does not wait for work
+                # already queued: no forward may queue work meanwhile, and the device is drained
+                with self.gpu_turn or contextlib.nullcontext():
+                    torch.cuda.synchronize(self.device)
+                    images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
+                    torch.cuda.synchronize(self.device)
+                for i, image in zip(jpegs, images):
+                    image = conform(image, channels_last=False, channels=self.channels)
+                    out[i] = resize_crop(image, self.resize, self.crop)
+            except RuntimeError:
+                pass  # one bad file fails the whole call: those left go through the CPU path
+        left = [i for i, o in enumerate(out) if o is None]
+        for i, image in zip(left, self._map(self.one, [raws[i] for i in left])):
+            out[i] = image
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _load(raw: RawImage) -> RawImage | Exception:
+    if isinstance(raw, Deferred):
+        try:
+            return raw.load()
+        except OSError as exc:
+            return exc
+    return raw
+
+
+__all__ = ["Decoder", "ImageError"]

@@ -1,0 +1,196 @@
+"""The executor seam: what runs the shards, apart from what decides which shard runs when.
+
+The driver plans the shards and owns their retries (one attempt budget, ``run.max_attempts``);
+an executor starts workers, takes shards while it has room (``free``), and reports each shard
+that ended as an :class:`Outcome`. Two executors: :class:`LocalExecutor` here (the
+``ShardWorker`` s in threads of this process, no Ray: for small jobs and tests) and
+``pipeline._ray_executor.RayExecutor`` (Ray actors, on a laptop or a cluster).
+
+>>> slots = Slots(workers=2, per_worker=2)
+>>> [slots.take() for _ in range(slots.free)]
+[0, 1, 0, 1]
+>>> slots.release(1); slots.lose(0)
+True
+>>> slots.free, slots.take()
+(1, 1)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ._records import LayerSpec, ShardRecord
+from ._shards import Shard
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+#: Shards each worker works on at once (in threads; one forward at a time holds its device), so
+#: the loading of one overlaps the forward and the writing of the other.
+IN_FLIGHT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker is built from: the run's config, the weights digest the driver's model
+    has (a worker whose model differs refuses to start), and each layer's shape when shapes are
+    fixed (every batch must keep it)."""
+
+    config: Config
+    digest: str
+    layers: Mapping[str, LayerSpec]
+    frozen_source: bool = False
+
+    def arguments(self, decode_threads: int = 1, shards_at_once: int = IN_FLIGHT) -> dict[str, Any]:
+        """The ``ShardWorker`` arguments (plain data, to ship to another process), for a worker
+        with ``decode_threads`` threads that decode images and ``shards_at_once`` shards at work."""
+        shapes = ({layer: list(spec.shape) for layer, spec in self.layers.items()}
+                  if self.config.shapes_fixed() else None)
+        return {"config": self.config.to_dict(), "expected_digest": self.digest, "layer_shapes": shapes,
+                "frozen_source": self.frozen_source, "decode_threads": decode_threads,
+                "shards_at_once": shards_at_once}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How one try at a shard ended: its record, or the error; ``lost_worker`` when the worker
+    running it died (its other shards in flight end the same way)."""
+
+    shard: Shard
+    record: ShardRecord | None = None
+    error: BaseException | None = None
+    lost_worker: bool = False
+
+
+class Executor(Protocol):
+    """Runs shards on workers it starts and stops."""
+
+    #: how many workers ``start`` started
+    workers: int
+
+    def start(self, workers: WorkerSpec, shards: int) -> None:
+        """Start the workers (never more than there are ``shards``); raises if one cannot start."""
+
+    @property
+    def free(self) -> int:
+        """How many more shards it takes now."""
+
+    @property
+    def busy(self) -> bool:
+        """Whether a shard is in flight, or a worker on its way back (so ``wait`` will report)."""
+
+    def submit(self, shard: Shard) -> None:
+        """Start ``shard`` on the least loaded worker (only while ``free``)."""
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        """The shards that ended since the last call, waiting up to ``timeout`` s for one."""
+
+    def in_flight(self, finished: Mapping[int, Any]) -> int:
+        """Samples done so far of the shards still running (not in ``finished``), as last heard."""
+
+    def close(self) -> None:
+        """Stop the workers; shards still in flight are given up (rerun to redo them)."""
+
+
+class Slots:
+    """Which worker takes the next shard: the least loaded of those alive, each holding at most
+    ``per_worker`` shards at once."""
+
+    def __init__(self, workers: int, per_worker: int = IN_FLIGHT):
+        self.per_worker = per_worker
+        self.load = [0] * workers
+        self.alive = set(range(workers))
+
+    @property
+    def free(self) -> int:
+        return sum(self.per_worker - self.load[i] for i in self.alive)
+
+    def take(self) -> int:
+        """The worker for the next shard (``free`` must be positive)."""
+        worker = min((i for i in sorted(self.alive) if self.load[i] < self.per_worker), key=lambda i: self.load[i])
+        self.load[worker] += 1
+        return worker
+
+    def release(self, worker: int) -> None:
+        self.load[worker] -= 1
+
+    def lose(self, worker: int) -> bool:
+        """Take no more shards to ``worker``; whether it was alive until now."""
+        alive = worker in self.alive
+        self.alive.discard(worker)
+        return alive
+
+    def revive(self, worker: int) -> None:
+        self.alive.add(worker)
+
+
+class LocalExecutor:
+    """Workers in threads of this process: ``run.actors`` of them (one for ``auto``), each
+    running up to :data:`IN_FLIGHT` shards at once on this machine's GPU, or its CPU.
+
+    No Ray is started or imported: a small job skips Ray's start-up, and tests run in
+    milliseconds. A worker cannot die without the process, so every error is the shard's.
+    """
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+        self.workers = 0
+        self._workers: list = []
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._slots = Slots(0)
+        self._pending: dict[concurrent.futures.Future, tuple[int, Shard]] = {}
+
+    def start(self, workers: WorkerSpec, shards: int) -> None:
+        from ._worker import ShardWorker
+
+        run = workers.config.run
+        count = max(1, min(1 if run.actors == "auto" else int(run.actors), shards))
+        # this machine's cores shared by the workers, unless the config says how many each has
+        cpus = run.cpus_per_actor if run.cpus_per_actor != "auto" else (os.cpu_count() or 1) / count
+        for _ in range(count):
+            self._workers.append(ShardWorker(**workers.arguments(decode_threads=max(1, int(cpus))),
+                                             device=self.device))
+        self.workers = count
+        self._slots = Slots(count)
+        self._threads = concurrent.futures.ThreadPoolExecutor(count * IN_FLIGHT, thread_name_prefix="actmap-shard")
+        log.info("started %d local worker(s) on %s", count, self._workers[0].device)
+
+    @property
+    def free(self) -> int:
+        return self._slots.free
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    def submit(self, shard: Shard) -> None:
+        worker = self._slots.take()
+        self._pending[self._threads.submit(self._workers[worker].run_shard, shard)] = (worker, shard)
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        done, _ = concurrent.futures.wait(self._pending, timeout, concurrent.futures.FIRST_COMPLETED)
+        outcomes = []
+        for future in done:
+            worker, shard = self._pending.pop(future)
+            self._slots.release(worker)
+            error = future.exception()
+            outcomes.append(Outcome(shard, None if error else future.result(), error))
+        return outcomes
+
+    def in_flight(self, finished: Mapping[int, Any]) -> int:
+        return sum(samples for worker in self._workers for shard, samples in worker.progress().items()
+                   if shard not in finished)
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()  # shards in flight end at their next batch, their files dropped
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+        for worker in self._workers:
+            worker.close()
+        self._pending.clear()

@@ -1,0 +1,235 @@
+"""From what a source gives to one checked image: a ``(3, H, W)`` tensor the model can take
+(``(1, H, W)`` for models of grey images).
+
+Every image goes through the same gate, wherever it comes from (file bytes, a dataset's tensor
+or array, a PIL image):
+
+- its size is read from the file header and refused above ``max_pixels`` before any decoding
+  (a 188 KB PNG can decode to 1.35 GB);
+- it is decoded (torchvision's decoders, PIL for the formats they lack);
+- what has one sensible conversion is converted: the first frame of an animation, grey to RGB,
+  RGBA / grey + alpha to RGB (the alpha dropped), a 2-D array to one channel;
+- integer pixels are scaled by their type's range (16-bit PNGs are ``uint16``: 65535 is white);
+  ``uint8`` stays ``uint8`` (scaled on the device), other types become ``float32`` in [0, 1];
+- anything else (other channel counts, empty images, non-finite floats) raises
+  :class:`ImageError`, which the worker records as a bad sample with its id.
+
+>>> import io
+>>> from PIL import Image
+>>> buf = io.BytesIO(); Image.new("LA", (6, 4)).save(buf, format="PNG")
+>>> image = decode(buf.getvalue())
+>>> tuple(image.shape), image.dtype
+((3, 4, 6), torch.uint8)
+>>> header_size(buf.getvalue())
+(6, 4)
+>>> decode(buf.getvalue(), max_pixels=10)
+Traceback (most recent call last):
+...
+pipeline._images.ImageError: the image is 6x4 = 24 pixels, over the limit of 10 (source.preprocess.max_pixels)
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+import torch
+import torchvision.io as tvio
+
+from ._sources._base import Deferred, RawImage
+
+#: PIL's own default limit (``Image.MAX_IMAGE_PIXELS``): about 89.5 megapixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
+# only batched GPU JPEG decoder that ships with torchvision, so we keep them and the noise off.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+class ImageError(ValueError):
+    """An image that cannot become a model input; the reason names what is wrong."""
+
+
+# -- the size from the header ---------------------------------------------------------------------
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    position = 2
+    while position + 9 < len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        length = struct.unpack(">H", data[position + 2:position + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        position += 2 + length
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image file's header, without decoding; ``None`` if unknown.
+
+    PNG, JPEG, GIF and WebP are read here (a few bytes); other formats through PIL's lazy open.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_size(data)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_size(data)
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's own bomb warning: the limit is ours to apply
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except Exception:  # not an image PIL knows: decoding will say so
+        return None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"the image is {width}x{height} = {width * height:,} pixels, over the limit of "
+                         f"{max_pixels:,} (source.preprocess.max_pixels)")
+
+
+# -- decoding and conversions --------------------------------------------------------------------
+
+
+def _pil_decode(data: bytes) -> torch.Tensor:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as img:
+            img.seek(0)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return conform(np.asarray(img))
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def _decode_bytes(data: bytes, max_pixels: int | None) -> torch.Tensor:
+    size = header_size(data)
+    if size is not None:
+        _check_pixels(*size, max_pixels)
+    try:
+        image = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                  mode=tvio.ImageReadMode.RGB)
+    except RuntimeError:
+        try:
+            image = _pil_decode(data)
+        except Exception as exc:
+            # PIL names the in-memory file it was given ("<_io.BytesIO object at 0x...>"): noise
+            why = "not an image format torchvision or PIL reads" if "BytesIO" in str(exc) else str(exc)
+            raise ImageError(f"cannot decode the image ({len(data):,} bytes, starting "
+                             f"{data[:8]!r}): {type(exc).__name__}: {why}") from None
+    return image
+
+
+def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None, channels: int = 3) -> torch.Tensor:
+    """A ``(channels, H, W)`` image from a decoded one (see the module docstring for the rules).
+
+    Args:
+        image: ``(C, H, W)`` (tensors), ``(H, W, C)`` (arrays), ``(H, W)``, or ``(N, C, H, W)``
+            frames of an animation.
+        channels_last: whether a 3-d input is ``(H, W, C)``; default: for numpy arrays.
+        channels: what the model takes: 3 (RGB; grey is repeated) or 1 (grey; RGB becomes its
+            luma, 0.299 R + 0.587 G + 0.114 B).
+
+    >>> conform(torch.zeros(4, 5, 6, dtype=torch.uint8)).shape
+    torch.Size([3, 5, 6])
+    >>> conform(np.full((2, 2), 65535, np.uint16)).max()
+    tensor(1.)
+    >>> conform(torch.zeros(5, 8, 8))
+    Traceback (most recent call last):
+    ...
+    pipeline._images.ImageError: an image with 5 channels (shape (5, 8, 8)); expected 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA)
+    """
+    if channels_last is None:
+        channels_last = isinstance(image, np.ndarray)
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:  # torch has few uint16 kernels: scale here
+            image = image.astype(np.float32) / 65535.0
+        elif image.dtype.kind in "iu" and image.dtype != np.uint8:
+            image = image.astype(np.float32) / float(np.iinfo(image.dtype).max)
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    shape = tuple(image.shape)
+    if image.ndim == 4:  # the frames of an animation: the first
+        image = image[0]
+    elif image.ndim == 2:
+        image = image.unsqueeze(0)
+    elif image.ndim == 3 and channels_last:
+        image = image.permute(2, 0, 1)
+    elif image.ndim != 3:
+        raise ImageError(f"an image of {image.ndim} dimensions (shape {shape}); expected (C, H, W), "
+                         "(H, W, C) for arrays, or (H, W)")
+    given = image.shape[0]
+    if given in (2, 4):  # drop the alpha channel
+        image = image[:-1]
+    elif given not in (1, 3):
+        raise ImageError(f"an image with {given} channels (shape {shape}); expected 1 (grey), "
+                         "2 (grey + alpha), 3 (RGB) or 4 (RGBA)")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ImageError(f"an empty image (shape {shape})")
+    if channels == 3 and image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    elif channels == 1 and image.shape[0] == 3:
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        grey = (image.float() * luma).sum(0, keepdim=True)
+        image = grey.round_().to(torch.uint8) if image.dtype == torch.uint8 else grey.to(image.dtype)
+    if image.dtype == torch.uint8:
+        return image.contiguous()
+    if image.dtype == torch.bool:
+        return image.to(torch.uint8).mul_(255).contiguous()
+    if not image.is_floating_point():
+        info = torch.iinfo(image.dtype)
+        return (image.float() / float(info.max)).clamp_(0, 1).contiguous()
+    image = image.float()
+    if not bool(torch.isfinite(image).all()):
+        raise ImageError(f"a float image with NaN or infinite values (shape {shape})")
+    return image.contiguous()
+
+
+def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, channels: int = 3) -> torch.Tensor:
+    """The checked ``(channels, H, W)`` image of one raw image (on the CPU); raises
+    :class:`ImageError` (or the read's ``OSError``) for one that cannot be used."""
+    if isinstance(raw, Deferred):
+        raw = raw.load()
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return conform(_decode_bytes(bytes(raw), max_pixels), channels_last=False, channels=channels)
+    if hasattr(raw, "convert") and hasattr(raw, "size"):  # a PIL image
+        _check_pixels(*raw.size, max_pixels)
+        return conform(np.array(raw.convert("RGB")), channels=channels)
+    if isinstance(raw, (np.ndarray, torch.Tensor)):
+        height, width = (raw.shape[-2:] if isinstance(raw, torch.Tensor) and raw.ndim >= 3
+                         else raw.shape[:2])
+        _check_pixels(int(width), int(height), max_pixels)
+        return conform(raw, channels=channels)
+    raise ImageError(f"cannot use a {type(raw).__name__} as an image; expected encoded bytes, a "
+                     "(C, H, W) tensor, an (H, W, C) or (H, W) array, or a PIL image")

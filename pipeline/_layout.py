@@ -1,0 +1,124 @@
+"""The on-disk contract: every name and path rule of a dump, defined here and nowhere else.
+
+A dump at ``OUT`` holds one Hive-style folder per layer, ``OUT/layer=<layer id>/``, with one
+Parquet file per (layer, shard); the files' columns are ``sample_id``, ``index``, the
+``activation`` (plus ``activation_shape`` when shapes vary) and the source's pass-through
+columns; the schema metadata is JSON under the key ``actmap``. Files are written under hidden
+temporary names and renamed when complete. ``OUT/_actmap/`` holds the manifest, one record per
+finished shard, and the index of the source the run numbered its samples by (Parquet readers
+skip folders that start with ``_``).
+
+>>> layer_file("backbone.body.layer3", 2)
+'layer=backbone.body.layer3/part-00002.parquet'
+>>> partition_layer("layer=a%2Fb"), partition_layer("_actmap")
+('a/b', None)
+>>> shape_column(ACTIVATION), shard_record_path(7)
+('activation_shape', '_actmap/shards/00007.json')
+>>> is_temporary("layer=x/.part-00001.parquet.0123456789ab.tmp"), is_data_file("layer=x/part-00001.parquet")
+(True, True)
+"""
+
+from __future__ import annotations
+
+import posixpath
+import urllib.parse
+import uuid
+from collections.abc import Iterable
+
+# -- columns ----------------------------------------------------------------------------------
+
+SAMPLE_ID = "sample_id"
+INDEX = "index"
+ACTIVATION = "activation"
+#: The Hive partition key: a reader of the whole dump sees the layer id as this column.
+PARTITION_KEY = "layer"
+_SHAPE_SUFFIX = "_shape"
+
+
+def shape_column(column: str) -> str:
+    """The companion column that holds each row's shape of a variable-shape tensor column."""
+    return column + _SHAPE_SUFFIX
+
+
+def shape_columns(tensor_columns: Iterable[str]) -> set[str]:
+    """The shape companions of ``tensor_columns`` (what a reader decodes with them, not beside)."""
+    return {shape_column(c) for c in tensor_columns}
+
+
+#: Output columns a pass-through label may not take the name of.
+RESERVED_COLUMNS = frozenset({SAMPLE_ID, INDEX, PARTITION_KEY, ACTIVATION, shape_column(ACTIVATION)})
+
+# -- schema metadata ----------------------------------------------------------------------------
+
+#: The Parquet schema metadata key of the JSON that describes the tensor columns.
+METADATA_KEY = b"actmap"
+TENSOR_FORMAT = "actmap.tensor/1"
+
+# -- files ------------------------------------------------------------------------------------
+
+_PARTITION_PREFIX = PARTITION_KEY + "="
+_DATA_SUFFIX = ".parquet"
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+def partition_dir(layer: str) -> str:
+    """The folder of a layer, ``layer=<id>`` (characters outside ids are quoted)."""
+    return _PARTITION_PREFIX + urllib.parse.quote(layer, safe="._-")
+
+
+def partition_layer(entry: str) -> str | None:
+    """The layer id of a partition folder's name (the inverse of :func:`partition_dir`);
+    ``None`` for any other name."""
+    if not entry.startswith(_PARTITION_PREFIX):
+        return None
+    return urllib.parse.unquote(entry[len(_PARTITION_PREFIX):])
+
+
+def layer_file(layer: str, shard_id: int) -> str:
+    """Where shard ``shard_id``'s rows of ``layer`` live, relative to the output root.
+
+    A pure function of (layer, shard): a retried shard overwrites its own file.
+    """
+    return f"{partition_dir(layer)}/part-{shard_id:05d}{_DATA_SUFFIX}"
+
+
+def is_hidden(path: str) -> bool:
+    """Whether a name is hidden (``.`` first): never part of the dump."""
+    return posixpath.basename(path).startswith(".")
+
+
+def is_data_file(path: str) -> bool:
+    """Whether ``path`` is a finished data file (not a temporary one)."""
+    return path.endswith(_DATA_SUFFIX) and not is_hidden(path)
+
+
+def temporary_name(relative: str) -> str:
+    """A hidden temporary name beside ``relative``, unique to one writer."""
+    folder, name = posixpath.split(relative)
+    return posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{_TEMPORARY_SUFFIX}")
+
+
+def is_temporary(path: str) -> bool:
+    """Whether ``path`` is a temporary file (of a write that finished or not)."""
+    return is_hidden(path) and path.endswith(_TEMPORARY_SUFFIX)
+
+
+# -- the run's own folder -------------------------------------------------------------------------
+
+META_DIR = "_actmap"
+MANIFEST_PATH = f"{META_DIR}/manifest.json"
+MANIFEST_FORMAT = "actmap.manifest/1"
+SHARDS_DIR = f"{META_DIR}/shards"
+_RECORD_SUFFIX = ".json"
+#: The source's frozen index (a folder's listing, Parquet row groups, tar members), if it has one.
+SOURCE_INDEX_PATH = f"{META_DIR}/source-index.parquet"
+
+
+def shard_record_path(shard_id: int) -> str:
+    """Where the record of a finished shard lives, relative to the output root."""
+    return f"{SHARDS_DIR}/{shard_id:05d}{_RECORD_SUFFIX}"
+
+
+def is_shard_record(path: str) -> bool:
+    """Whether ``path`` (relative to the root) is a shard record."""
+    return posixpath.dirname(path) == SHARDS_DIR and path.endswith(_RECORD_SUFFIX) and not is_hidden(path)

@@ -1,0 +1,313 @@
+"""Reading a dump back: one layer as an array, a streaming torch ``Dataset``, a Ray dataset,
+and a description of what the dump holds.
+
+Only the on-disk contract is used (the Parquet files, their JSON metadata and the manifest),
+so this works on any dump, finished or not, local or remote.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+
+from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
+from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, is_data_file, partition_dir,
+                      partition_layer, shape_column, shape_columns)
+from ._manifest import completed_shards
+from ._records import BadSample, LayerSpec
+from ._report import bad_sample_lines, layer_lines, sorted_bad
+from ._store import OutputStore
+from .errors import UnknownDumpLayerError, close_matches
+from ._shuffle import block_shuffle, groups_per_window
+from ._stats import merge_records
+
+
+def _layer_files(store: OutputStore, layer: str) -> list[str]:
+    files = [f for f in store.list_files(partition_dir(layer)) if is_data_file(f)]
+    if not files:
+        layers = dump_layers(store)
+        raise UnknownDumpLayerError(f"{store.location!r} holds no rows of layer {layer!r}; "
+                                    f"{close_matches(layer, layers) if layers else 'it holds no layer yet'}")
+    return files
+
+
+def dump_layers(store: OutputStore | str) -> list[str]:
+    """The layers a dump holds files of (from its partition folders)."""
+    store = store if isinstance(store, OutputStore) else OutputStore(store)
+    return [layer for layer in map(partition_layer, store.entries()) if layer is not None]
+
+
+def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | torch.Tensor:
+    if dtype == "bfloat16":
+        if as_torch:
+            return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
+        return bfloat16_to_float32(values)
+    return torch.from_numpy(np.ascontiguousarray(values)) if as_torch else values
+
+
+def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,
+               columns: Sequence[str] | None = None, indices: Sequence[int] | None = None) -> pa.Table:
+    """The rows of ``layer`` whose source index is in ``[start, stop)`` (and in ``indices``, when
+    given), sorted by index."""
+    store = OutputStore(location)
+    files = [store.path(f) for f in _layer_files(store, layer)]
+    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
+    condition = None
+    if start is not None:
+        condition = pc.field(INDEX) >= start
+    if stop is not None:
+        upper = pc.field(INDEX) < stop
+        condition = upper if condition is None else condition & upper
+    if indices is not None:
+        chosen = pc.field("index").isin(pa.array(list(indices), pa.int64()))
+        condition = chosen if condition is None else condition & chosen
+    table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
+    table = table.sort_by(INDEX) if INDEX in table.column_names else table
+    return table.replace_schema_metadata(dataset.schema.metadata)
+
+
+def decode_column(table: pa.Table, column: str = ACTIVATION, as_torch: bool = False):
+    """The tensor column of a dump table as one ``(N, ...)`` array (a list for variable shapes).
+
+    bfloat16 values come back as float32 in numpy (exact) and as bfloat16 in torch.
+    """
+    spec = read_metadata(table.schema)["columns"][column]
+    if spec["shape"] is not None:
+        return _to_array(decode_fixed(table.column(column), spec), spec["dtype"], as_torch)
+    arrays = decode_variable(table.column(column), table.column(shape_column(column)), spec)
+    return [_to_array(a, spec["dtype"], as_torch) for a in arrays]
+
+
+def read_layer(location: str, layer: str, start: int | None = None, stop: int | None = None,
+               as_torch: bool = False) -> np.ndarray | torch.Tensor | list:
+    """The activations of ``layer`` for the samples with source index in ``[start, stop)``.
+
+    Returns one ``(N, ...)`` array (or tensor), rows sorted by index; a list of arrays when the
+    dump stores variable shapes. The ids, indices and labels: :func:`read_table`.
+    """
+    table = read_table(location, layer, start, stop)
+    return decode_column(table, ACTIVATION, as_torch)
+
+
+class ActivationDataset(torch.utils.data.Dataset):
+    """The rows of one layer as ``(activation, labels)`` pairs, streamed from disk.
+
+    Only the Parquet row groups in use are held in memory (a few at a time), so a dump larger
+    than memory trains as well as a small one; ``labels`` is a dict of the row's other columns
+    (``sample_id``, ``index``, ``label``, ``mask``, ...), tensor columns decoded to tensors.
+    Works with a ``DataLoader`` and its worker processes.
+
+    Args:
+        location: the dump's root folder.
+        layer: the layer id.
+        dtype: the activations' torch dtype (``torch.float32`` by default; ``None`` keeps the
+            stored dtype).
+        shuffle: serve the rows in a block-shuffled order (:mod:`pipeline._shuffle`): row groups in
+            a random order, rows shuffled within windows of ``window`` rows; item ``i`` is then the
+            ``i``-th row of that order, so a ``DataLoader`` without a sampler gets shuffled batches
+            while each row group is still read once. :meth:`set_epoch` draws a new order.
+        window: rows shuffled together (the row groups of one window are held in memory).
+        seed: the seed of the order (with the epoch).
+    """
+
+    def __init__(self, location: str, layer: str, dtype: torch.dtype | None = torch.float32,
+                 cache_row_groups: int = 4, shuffle: bool = False, window: int = 1024, seed: int = 0):
+        self.location, self.layer, self.dtype = location, layer, dtype
+        store = OutputStore(location)
+        self._files = [store.path(f) for f in _layer_files(store, layer)]
+        self._fs = store.fs
+        self._groups: list[tuple[int, int]] = []  # (file, row group)
+        offsets = [0]
+        for f, path in enumerate(self._files):
+            with self._fs.open_input_file(path) as handle:
+                meta = pq.ParquetFile(handle).metadata
+            for g in range(meta.num_row_groups):
+                self._groups.append((f, g))
+                offsets.append(offsets[-1] + meta.row_group(g).num_rows)
+        self._offsets = offsets
+        self._cache: collections.OrderedDict[tuple[int, int], dict] = collections.OrderedDict()
+        self._cache_size = cache_row_groups
+        self.shuffle, self.window, self.seed = shuffle, window, seed
+        self._order = None
+        if shuffle:
+            sizes = list(np.diff(offsets))
+            self._cache_size = max(cache_row_groups, groups_per_window(sizes, window) + 1)
+            self.set_epoch(0)
+        # open files: (reader, the handle it reads, which ParquetFile.close leaves open)
+        self._readers: collections.OrderedDict[int, tuple[pq.ParquetFile, Any]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the shuffled order of ``epoch`` (a pure function of seed and epoch); no-op unshuffled.
+
+        With ``DataLoader`` worker processes, call it before each epoch's iterator is made.
+        """
+        if self.shuffle:
+            self._order = block_shuffle(list(np.diff(self._offsets)), self.window, self.seed + epoch * 1_000_003)
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own files
+        state = dict(self.__dict__)
+        state["_readers"], state["_cache"] = collections.OrderedDict(), collections.OrderedDict()
+        return state
+
+    def _reader(self, f: int) -> pq.ParquetFile:
+        """The open file ``f``; a few stay open, the least recently used is closed."""
+        if f in self._readers:
+            self._readers.move_to_end(f)
+        else:
+            handle = self._fs.open_input_file(self._files[f])
+            self._readers[f] = (pq.ParquetFile(handle), handle)
+            if len(self._readers) > self._cache_size:
+                self._readers.popitem(last=False)[1][1].close()
+        return self._readers[f][0]
+
+    def close(self) -> None:
+        """Close the open files (the dataset stays usable: it opens them again when asked)."""
+        while self._readers:
+            self._readers.popitem()[1][1].close()
+        self._cache.clear()
+
+    def _group(self, key: tuple[int, int]) -> dict:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        table = self._reader(key[0]).read_row_group(key[1])
+        specs = read_metadata(table.schema)["columns"]
+        companions = shape_columns(specs)
+        decoded = {}
+        for name in table.column_names:
+            if name in specs:
+                decoded[name] = decode_column(table, name, as_torch=True)
+            elif name not in companions:
+                decoded[name] = table.column(name).to_pylist()
+        self._cache[key] = decoded
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return decoded
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} rows")
+        if self._order is not None:
+            i = int(self._order[i])
+        slot = bisect.bisect_right(self._offsets, i) - 1
+        row = i - self._offsets[slot]
+        group = self._group(self._groups[slot])
+        # a copy: the row group stays cached, and a caller may change what it gets in place
+        activation = group[ACTIVATION][row].to(self.dtype or group[ACTIVATION][row].dtype, copy=True)
+        labels = {name: values[row] for name, values in group.items() if name != ACTIVATION}
+        return activation, labels
+
+
+def to_ray_dataset(location: str, layer: str):
+    """The rows of ``layer`` as a ``ray.data.Dataset`` with the activation as a tensor column
+    (bfloat16 widened to float32), for training on a cluster."""
+    import ray
+
+    store = OutputStore(location)
+    files = [store.path(f) for f in _layer_files(store, layer)]
+    with store.fs.open_input_file(files[0]) as handle:
+        # Ray Data's batches drop the schema metadata: read it here and ship it with the function
+        specs = read_metadata(pq.read_schema(handle))["columns"]
+    metadata = schema_metadata(specs)
+    companions = shape_columns(specs)
+
+    def decode(batch: pa.Table) -> dict[str, Any]:
+        batch = batch.replace_schema_metadata(metadata)
+        out: dict[str, Any] = {}
+        for name in batch.column_names:
+            if name in specs:
+                out[name] = decode_column(batch, name)
+                if isinstance(out[name], list):
+                    out[name] = np.array(out[name], dtype=object)
+            elif name not in companions:
+                out[name] = batch.column(name).to_numpy(zero_copy_only=False)
+        return out
+
+    return ray.data.read_parquet(files, filesystem=store.fs).map_batches(decode, batch_format="pyarrow")
+
+
+@dataclasses.dataclass
+class DumpInfo:
+    """What a dump holds: see :func:`inspect_dump`.
+
+    ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
+    ``dtype``, ``files``, ``bytes`` and ``columns``; ``bad`` one dict per bad sample of the
+    shards done (its index, id and reason).
+    """
+
+    location: str
+    manifest: dict | None
+    layers: dict[str, dict]
+    shards_done: int
+    shards_planned: int | None
+    bad: list[dict]
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_planned is not None and self.shards_done == self.shards_planned
+
+    def format(self, bad_limit: int = 20) -> str:
+        lines = [f"dump: {self.location}"]
+        if self.manifest:
+            m = self.manifest
+            lines.append(f"model: {m['model']['name']} (weights {m['model']['weights_sha256'][:12]}), "
+                         f"source: {m['source'].get('kind')} of {m['plan']['samples']:,} samples")
+        planned = "?" if self.shards_planned is None else self.shards_planned
+        state = "complete" if self.complete else "INCOMPLETE (rerun the same command to finish)"
+        lines.append(f"shards: {self.shards_done}/{planned} done, {state}")
+        info = self.layers
+        lines += layer_lines({layer: LayerSpec.from_dict(i) for layer, i in info.items()},
+                             {layer: i["rows"] for layer, i in info.items()},
+                             {layer: i["bytes"] for layer, i in info.items()}, indent="  ", label="layer ",
+                             extra={layer: f"{i['files']} files, columns: {', '.join(i['columns'])}"
+                                    for layer, i in info.items()})
+        for layer, i in info.items():
+            if i.get("values"):
+                lines.append(f"    {layer} values: {i['values'].format()}")
+        lines.append(f"bad samples: {len(self.bad)}")
+        lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=bad_limit, indent="  ",
+                                  more="... and {rest} more")
+        return "\n".join(lines)
+
+
+def inspect_dump(location: str) -> DumpInfo:
+    """Describe a dump: layers (rows, shape, dtype, files, bytes, columns), completeness, bad samples."""
+    store = OutputStore(location)
+    if not store.entries():
+        raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
+    manifest = store.read_json(MANIFEST_PATH) if store.exists(MANIFEST_PATH) else None
+    records = completed_shards(store) if store.exists(SHARDS_DIR) else {}
+    layers = {}
+    for layer in dump_layers(store):
+        files = _layer_files(store, layer)
+        rows, size, schema = 0, 0, None
+        for f in files:
+            with store.fs.open_input_file(store.path(f)) as handle:
+                parquet = pq.ParquetFile(handle)
+                rows += parquet.metadata.num_rows
+                schema = schema or parquet.schema_arrow
+            size += store.size(f)
+        spec = read_metadata(schema)["columns"][ACTIVATION]
+        layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
+                         "bytes": size, "columns": schema.names}
+    for layer, values in merge_records(records.values()).items():
+        if layer in layers:
+            layers[layer]["values"] = values  # computed by the actors as they wrote
+    bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
+    planned = manifest["plan"]["shards"] if manifest else None
+    return DumpInfo(location, manifest, layers, len(records), planned, bad)

@@ -1,0 +1,128 @@
+"""The records that cross processes and land on disk: a layer's stored type, a bad sample, and
+what one finished shard wrote.
+
+Each converts to a JSON-able dict and back in one place. ``from_dict`` ignores keys it does not
+know and fills fields that are missing with their defaults, so a field added later (with a
+default) still loads the records of older versions, and an older version reads newer records.
+
+>>> spec = LayerSpec.from_dict({"shape": [16, 8, 8], "dtype": "float16"})
+>>> spec, spec.describe(), LayerSpec(None, "bfloat16").describe()
+(LayerSpec(shape=(16, 8, 8), dtype='float16'), '16x8x8 float16', 'variable bfloat16')
+>>> record = ShardRecord(shard=2, start=8, stop=12, rows={"conv2": 3},
+...                      bad=(BadSample(9, "9", "ValueError: corrupt"),))
+>>> ShardRecord.from_dict(record.to_dict()) == record
+True
+>>> record.to_dict()["bad"]
+[{'index': 9, 'sample_id': '9', 'reason': 'ValueError: corrupt'}]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import RecordError
+
+
+def _known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of ``cls`` (the others are left for newer readers);
+    a required field that is missing is a :class:`RecordError`."""
+    if not isinstance(data, Mapping):
+        raise RecordError(f"a {cls.__name__} is a mapping, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecordError(f"a {cls.__name__} needs {', '.join(missing)}; got keys {sorted(data)}")
+    return {f.name: data[f.name] for f in fields if f.name in data}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """How a layer's activations are stored: the per-sample ``shape`` (``None`` when each row
+    has its own) and the ``dtype``."""
+
+    shape: tuple[int, ...] | None
+    dtype: str
+
+    def __post_init__(self):
+        if self.shape is not None:
+            object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    def describe(self) -> str:
+        """``16x8x8 float16``, or ``variable float16``."""
+        shape = "variable" if self.shape is None else "x".join(map(str, self.shape))
+        return f"{shape} {self.dtype}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerSpec:
+        return cls(**_known_fields(cls, data))
+
+
+@dataclasses.dataclass(frozen=True)
+class BadSample:
+    """A sample that could not be read, with the reason; the run records it and goes on."""
+
+    index: int
+    sample_id: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BadSample:
+        return cls(**_known_fields(cls, data))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """What one finished shard wrote: written to ``_actmap/shards/`` once its files are committed,
+    and returned to the driver.
+
+    Attributes:
+        shard, start, stop: the shard's id and its samples ``[start, stop)``.
+        rows: rows written per layer.
+        files: each layer's file, relative to the output root (no entry: no rows, no file).
+        bytes: each file's size.
+        bad: the samples that could not be read.
+        seconds: where the shard's time went (``load_wait``, ``forward``, ``write_wait``, ...).
+        started, finished: wall-clock times (seconds since the epoch).
+        worker: where it ran (host, Ray node, process, device, threads, peak memory).
+        stats: each layer's value statistics (``ValueStats.to_dict()``), counted as it was written.
+    """
+
+    shard: int
+    start: int
+    stop: int
+    rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    bad: tuple[BadSample, ...] = ()
+    seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    started: float = 0.0
+    finished: float = 0.0
+    worker: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    stats: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "bad", tuple(b if isinstance(b, BadSample) else BadSample.from_dict(b)
+                                              for b in self.bad))
+
+    @property
+    def total_bytes(self) -> int:
+        """The bytes of the shard's files, all layers together."""
+        return sum(self.bytes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        doc["bad"] = [b.to_dict() for b in self.bad]
+        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in doc.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardRecord:
+        return cls(**_known_fields(cls, data))

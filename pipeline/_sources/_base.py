@@ -1,0 +1,101 @@
+"""What every source gives: samples with a stable id, and a description of itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, Union
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .._records import BadSample
+
+
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """Encoded bytes not read yet: the thread that decodes the image reads them first, so the
+    reads of a batch run in parallel with no extra hand-off (``load()`` gives the bytes)."""
+
+    load: Callable[[], bytes]
+
+
+#: An image as a source hands it over: encoded file bytes, read now or by the decoding thread
+#: (decoded by the actor, on its GPU where it has one), a ``uint8`` or float ``(C, H, W)``
+#: tensor, or an ``(H, W, C)`` uint8 array.
+RawImage = Union[bytes, Deferred, torch.Tensor, np.ndarray]
+
+
+@dataclasses.dataclass
+class Sample:
+    """One sample: its position ``index`` in the source, its stable ``sample_id``, the image,
+    and its labels (values for the pass-through columns, named as in ``Source.label_fields``)."""
+
+    index: int
+    sample_id: str
+    image: RawImage
+    labels: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Source(Protocol):
+    """A numbered collection of samples, opened by each actor for its own shards.
+
+    A shard is a range of indices, read once, in order, by :meth:`stream`; :meth:`read` gets
+    a few samples anywhere (the trial sample, pictures of a dump).
+    """
+
+    def __len__(self) -> int: ...
+
+    def identity(self) -> dict:
+        """A JSON description that changes when the samples change (kept in the manifest)."""
+
+    def label_fields(self) -> list[pa.Field]:
+        """The Arrow fields of the scalar pass-through columns (array labels are tensor columns)."""
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        """Samples ``start`` to ``stop - 1``, in order; one that cannot be read is a ``BadSample``."""
+
+    def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
+        """The samples at ``indices``, in order."""
+
+
+def runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` runs of ``indices`` (in the order given).
+
+    >>> list(runs([3, 4, 5, 9, 1, 2]))
+    [(3, 6), (9, 10), (1, 3)]
+    """
+    for _, group in itertools.groupby(enumerate(indices), key=lambda p: p[1] - p[0]):
+        values = [v for _, v in group]
+        yield values[0], values[-1] + 1
+
+
+class StreamingSource:
+    """A source read in ranges: :meth:`read` of scattered indices streams each run of them."""
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        raise NotImplementedError
+
+    def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
+        return [s for start, stop in runs(list(indices)) for s in self.stream(start, stop)]
+
+
+class RandomAccessSource:
+    """A source whose samples are each cheap to reach: :meth:`stream` reads them one by one,
+    as they are asked for (a slow item holds back only its own batch)."""
+
+    chunk = 1
+
+    def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
+        raise NotImplementedError
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        for first in range(start, stop, self.chunk):
+            yield from self.read(range(first, min(first + self.chunk, stop)))
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for a bad sample."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

@@ -1,0 +1,112 @@
+"""A source's index: the frozen list of what it holds, made once by the driver.
+
+Sources that must look around before they can number their samples (the files of a folder,
+the row groups of Parquet files, the members of tar shards) do so once, on the driver, and
+write what they found as an index table. The dump keeps it (``_layout.SOURCE_INDEX_PATH``),
+so every actor numbers the samples the same way, none walks the tree again, and a source that
+changes during a run cannot shift the indices of the work already done.
+
+The index file is written in row groups of :data:`GROUP_ROWS` rows, so the rows of one shard
+come from the one or two row groups that hold them, whatever the size of the index.
+
+>>> table = pa.table({"path": ["a.png", "b.png", "c.png"], "size": [1, 2, 3]})
+>>> index = MemoryIndex(table, {"classes": []})
+>>> index.slice(1, 3).column("path").to_pylist()
+['b.png', 'c.png']
+>>> len(index), index.meta
+(3, {'classes': []})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .._layout import temporary_name
+
+#: Rows per row group of an index file: one shard reads one or two of them.
+GROUP_ROWS = 16_384
+
+_META_KEY = b"actmap.index"
+
+
+class Index(Protocol):
+    """Rows of a source's index, read by range, and the source's facts that go with them."""
+
+    meta: dict[str, Any]
+
+    def __len__(self) -> int: ...
+
+    def slice(self, start: int, stop: int) -> pa.Table:
+        """Rows ``[start, stop)`` of the index."""
+
+
+class MemoryIndex:
+    """An index held in memory: the driver's, before it is written."""
+
+    def __init__(self, table: pa.Table, meta: Mapping[str, Any] | None = None):
+        self.table, self.meta = table, dict(meta or {})
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def slice(self, start: int, stop: int) -> pa.Table:
+        return self.table.slice(start, max(0, stop - start))
+
+
+class IndexFile:
+    """An index written by :func:`write_index`, read a row group range at a time."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str):
+        self.fs, self.path = fs, path
+        self._file = pq.ParquetFile(fs.open_input_file(path))
+        metadata = self._file.metadata
+        self.meta = json.loads(self._file.schema_arrow.metadata[_META_KEY])
+        self._rows = metadata.num_rows
+        self._group_rows = metadata.row_group(0).num_rows if metadata.num_row_groups else GROUP_ROWS
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def slice(self, start: int, stop: int) -> pa.Table:
+        stop = min(stop, self._rows)
+        if start >= stop:
+            return self._file.schema_arrow.empty_table()
+        first, last = start // self._group_rows, (stop - 1) // self._group_rows
+        table = self._file.read_row_groups(list(range(first, last + 1)))
+        return table.slice(start - first * self._group_rows, stop - start)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_index(fs: pafs.FileSystem, path: str, index: MemoryIndex) -> None:
+    """Write ``index`` to ``path`` (complete or not at all: a temporary name, then a move)."""
+    schema = index.table.schema.with_metadata({_META_KEY: json.dumps(index.meta, sort_keys=True).encode()})
+    temporary = temporary_name(path)
+    with pq.ParquetWriter(temporary, schema, filesystem=fs, compression="zstd") as writer:
+        writer.write_table(index.table.replace_schema_metadata(schema.metadata), row_group_size=GROUP_ROWS)
+    fs.move(temporary, path)
+
+
+def digest(table: pa.Table, meta: Mapping[str, Any] | None = None) -> str:
+    """A SHA-256 of an index's rows and facts: the identity of the source it describes.
+
+    >>> t = pa.table({"path": ["a", "b"]})
+    >>> digest(t) == digest(pa.table({"path": ["a", "b"]})), digest(t) == digest(pa.table({"path": ["b", "a"]}))
+    (True, False)
+    """
+    h = hashlib.sha256(json.dumps(meta or {}, sort_keys=True).encode())
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as stream:  # the logical bytes, whatever the chunks
+        for batch in table.to_batches(max_chunksize=65_536):
+            stream.write_batch(batch)
+    h.update(sink.getvalue())
+    return h.hexdigest()

@@ -1,0 +1,121 @@
+"""A folder of image files, local or on object storage; class sub-folders become labels.
+
+The driver lists the folder once (:func:`~pipeline._sources._files.list_tree`): the files,
+sorted by path, are the samples, and the listing is the source's index, kept in the dump so
+that every actor numbers the files the same way without walking the tree. A file's id is its
+path relative to the root (``cat/001.jpg``). When every file lies in a sub-folder, the sorted
+first-level folder names are the classes: ``label`` is the class index and ``class_name`` the
+folder.
+
+On a local disk a sample's bytes are read by the thread that decodes it (so reads run as
+parallel as decoding); on object storage a pool of readers fetches the files ahead of the
+decoder, since each request waits on the network.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import ConfigError
+from ._base import BadSample, Deferred, Sample, StreamingSource, describe_error
+from ._files import Location, list_tree, ordered_map
+from ._index import Index, MemoryIndex, digest
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                            ".ppm", ".pgm", ".pbm", ".tga", ".ico"})
+
+#: Files fetched at once from object storage, per shard being read.
+REMOTE_READERS = 32
+
+
+def _classes(paths: pa.ChunkedArray) -> list[str]:
+    """The class folders: the first-level folders when every file lies in one, else none.
+
+    >>> _classes(pa.chunked_array([["cat/1.png", "dog/2.png", "cat/3.png"]]))
+    ['cat', 'dog']
+    >>> _classes(pa.chunked_array([["cat/1.png", "2.png"]]))
+    []
+    """
+    if not len(paths) or not pc.all(pc.match_substring(paths, "/")).as_py():
+        return []
+    first = pc.list_element(pc.split_pattern(paths, "/", max_splits=1), 0)
+    return sorted(pc.unique(first).to_pylist())
+
+
+class FolderSource(StreamingSource):
+    """The images under ``path`` (any format PIL reads), numbered by sorted relative path.
+
+    Args:
+        path: a local folder or a URI (``s3://bucket/prefix``, ``gs://...``, ``file://...``).
+        index: the listing the driver made (actors); ``None`` lists the folder now.
+    """
+
+    def __init__(self, path: str, index: Index | None = None):
+        self.location = Location(str(path))
+        if index is None:
+            index = self._list()
+        self.index = index
+        self.classes: list[str] = list(index.meta["classes"])
+        self._class_index = {name: i for i, name in enumerate(self.classes)}
+        self._readers: ThreadPoolExecutor | None = None
+
+    def _list(self) -> MemoryIndex:
+        try:
+            kind = self.location.kind()
+        except OSError as exc:
+            raise ConfigError("source.path", f"cannot reach {self.location.location!r}: {exc}") from None
+        if kind.name != "Directory":
+            raise ConfigError("source.path", f"{self.location.location!r} is not a folder")
+        listing = list_tree(self.location, IMAGE_SUFFIXES)
+        if not listing.num_rows:
+            raise ConfigError("source.path", f"{self.location.location!r} holds no image files "
+                              f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        classes = _classes(listing.column("path"))
+        return MemoryIndex(listing, {"classes": classes, "sha256": digest(listing, {"classes": classes})})
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def identity(self) -> dict:
+        where = self.location.root if self.location.local else self.location.location
+        return {"kind": "folder", "path": where, "files": len(self),
+                "listing_sha256": self.index.meta["sha256"], "classes": self.classes}
+
+    def label_fields(self) -> list[pa.Field]:
+        if not self.classes:
+            return []
+        return [pa.field("label", pa.int64()), pa.field("class_name", pa.string())]
+
+    def _labels(self, name: str) -> dict:
+        if not self.classes:
+            return {}
+        folder = name.split("/", 1)[0]
+        return {"label": self._class_index[folder], "class_name": folder}
+
+    def _fetch(self, name: str) -> bytes | Exception:
+        try:
+            return self.location.read(name)
+        except OSError as exc:
+            return exc
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        names = self.index.slice(start, stop).column("path").to_pylist()
+        if self.location.local:
+            for index, name in enumerate(names, start):
+                yield Sample(index, name, Deferred(functools.partial(self.location.read, name)),
+                             self._labels(name))
+            return
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(REMOTE_READERS, thread_name_prefix="actmap-fetch")
+        fetched = ordered_map(self._readers, self._fetch, names, window=2 * REMOTE_READERS)
+        for index, (name, future) in enumerate(zip(names, fetched), start):
+            data = future.result()
+            if isinstance(data, Exception):
+                yield BadSample(index, name, describe_error(data))
+            else:
+                yield Sample(index, name, data, self._labels(name))

@@ -1,0 +1,193 @@
+"""A Parquet table (one file or a folder of files, local or on object storage) with an
+encoded-image column.
+
+The other columns (all, or those named in ``columns``) pass through to every output row with
+their Arrow types: ids, labels, masks, anything. ``id_column`` gives the sample ids; without it
+the id is the row's index. An image column may hold the encoded bytes, or a struct with a
+``bytes`` field (as Hugging Face datasets write them).
+
+The driver reads the files' footers once and indexes their row groups: which file, which row
+group, how many rows, and the index of the first. A shard then reads each row group that holds
+its rows once, in order, with only the columns it needs, so its cost depends on its own size
+only, not on where it lies or on how large the dataset is.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from ..errors import ConfigError, close_matches
+from ._base import BadSample, Sample, StreamingSource
+from ._files import Location
+from ._index import Index, MemoryIndex, digest
+
+log = logging.getLogger(__name__)
+
+#: Rows decoded at a time from a row group, and the read buffer: a shard holds about this much.
+BATCH_ROWS = 256
+READ_BUFFER = 1 << 20
+
+_INDEX_SCHEMA = pa.schema([("file", pa.string()), ("group", pa.int32()), ("rows", pa.int64()),
+                           ("first", pa.int64())])
+
+
+def _row_groups(dataset: ds.FileSystemDataset, root: str) -> pa.Table:
+    """One row per row group of ``dataset``'s files (sorted by path): file, group, rows, first."""
+    files, groups, rows, firsts = [], [], [], []
+    first = 0
+    for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path):
+        relative = fragment.path[len(root):].lstrip("/") if fragment.path.startswith(root) else fragment.path
+        for group in fragment.row_groups:
+            files.append(relative)
+            groups.append(group.id)
+            rows.append(group.num_rows)
+            firsts.append(first)
+            first += group.num_rows
+    return pa.table([files, groups, rows, firsts], schema=_INDEX_SCHEMA)
+
+
+class ParquetSource(StreamingSource):
+    """The rows of the Parquet data at ``path``.
+
+    Args:
+        path: a file or folder, local or a URI (``s3://bucket/table/``, ...).
+        image_column: the encoded-image column (binary, or a struct with a ``bytes`` field).
+        id_column: the column of the sample ids (else the row index).
+        columns: the columns to pass through (default: all others).
+        index: the row-group index the driver made (actors); ``None`` reads the footers now.
+    """
+
+    def __init__(self, path: str, image_column: str = "image", id_column: str | None = None,
+                 columns: Sequence[str] | None = None, index: Index | None = None):
+        self.path = str(path)
+        self.location = Location(self.path)
+        try:
+            single = self.location.kind().name == "File"
+            dataset = ds.dataset(self.location.root, filesystem=self.location.fs, format="parquet")
+            schema = dataset.schema
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ConfigError("source.path", f"cannot open Parquet data at {path!r}: {exc}") from None
+        # file paths in the index are relative to the folder (a single file: to its own folder)
+        self._root = self.location.root.rsplit("/", 1)[0] if single else self.location.root
+        names = schema.names
+        for key, name in (("source.image_column", image_column), ("source.id_column", id_column)):
+            if name is not None and name not in names:
+                raise ConfigError(key, f"no column {name!r} in {path!r}; {close_matches(name, names)}")
+        image_type = schema.field(image_column).type
+        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+                or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)):
+            raise ConfigError("source.image_column", f"column {image_column!r} has type {image_type}; "
+                              "expected binary (encoded image files) or a struct with a 'bytes' field")
+        if columns is None:
+            columns = [n for n in names if n not in (image_column, id_column)]
+        for name in columns:
+            if name not in names:
+                raise ConfigError("source.columns", f"no column {name!r} in {path!r}; "
+                                  f"{close_matches(name, names)}")
+        self.image_column, self.id_column = image_column, id_column
+        self.columns = list(columns)
+        self._fields = [schema.field(n) for n in self.columns]
+        self._schema_text = schema.remove_metadata().to_string()
+        if index is None:
+            table = _row_groups(dataset, self._root)
+            meta = {"rows": int(pc.sum(table.column("rows")).as_py() or 0), "files": len(set(table.column("file").to_pylist())),
+                    "repeated_ids": self._repeated_ids(dataset) if id_column else None}
+            meta["sha256"] = digest(table, {**meta, "schema": self._schema_text})
+            index = MemoryIndex(table, meta)
+        self.index = index
+        groups = index.slice(0, len(index))
+        self._files = groups.column("file").to_pylist()
+        self._groups = groups.column("group").to_pylist()
+        self._firsts = groups.column("first").to_pylist()
+        self._rows = groups.column("rows").to_pylist()
+        self.count = int(index.meta["rows"])
+        self._open: tuple[str, pq.ParquetFile] | None = None
+
+    def _repeated_ids(self, dataset: ds.Dataset) -> dict:
+        """How many ids appear more than once, with a few of them (one read of the id column)."""
+        ids = dataset.to_table(columns=[self.id_column]).column(self.id_column)
+        counts = pc.value_counts(ids)
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+        return {"count": len(repeated),
+                "examples": [str(v) for v in repeated.field("values")[:5].to_pylist()]}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def identity(self) -> dict:
+        meta = self.index.meta
+        return {"kind": "parquet", "path": self.path, "rows": self.count, "files": meta["files"],
+                "index_sha256": meta["sha256"], "image_column": self.image_column,
+                "id_column": self.id_column, "columns": self.columns}
+
+    @property
+    def repeated_ids(self) -> dict | None:
+        """``{"count", "examples"}`` of the ids that appear more than once (with an id column)."""
+        return self.index.meta.get("repeated_ids")
+
+    def label_fields(self) -> list[pa.Field]:
+        return list(self._fields)
+
+    def _file(self, relative: str) -> pq.ParquetFile:
+        if self._open is None or self._open[0] != relative:
+            if self._open is not None:
+                self._open[1].close()
+            handle = self.location.fs.open_input_file(f"{self._root}/{relative}")
+            # buffered: pages are read as they are decoded, not a whole column chunk at once
+            self._open = (relative, pq.ParquetFile(handle, buffer_size=READ_BUFFER))
+        return self._open[1]
+
+    def _images(self, table: pa.Table) -> list:
+        images = table.column(self.image_column)
+        if pa.types.is_struct(images.type):
+            images = pc.struct_field(images, "bytes")
+        return images.to_pylist()
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        stop = min(stop, self.count)
+        wanted = [self.image_column] + ([self.id_column] if self.id_column else []) + self.columns
+        g = max(0, bisect.bisect_right(self._firsts, start) - 1)
+        while g < len(self._firsts) and self._firsts[g] < stop:
+            first = self._firsts[g]
+            lo, hi = max(start - first, 0), min(stop - first, self._rows[g])
+            # a row group may be far larger than a shard: stream it in batches, from its start
+            # (Parquet has no row offsets inside a group) to the shard's last row, then stop
+            position = 0
+            batches = self._file(self._files[g]).iter_batches(BATCH_ROWS, row_groups=[self._groups[g]],
+                                                             columns=wanted, use_threads=False)
+            for batch in batches:
+                end = position + batch.num_rows
+                if end > lo:
+                    part = batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position))
+                    yield from self._samples(part, first + max(lo, position))
+                position = end
+                if position >= hi:
+                    break
+            g += 1
+
+    def _samples(self, table: pa.Table | pa.RecordBatch, first: int) -> Iterator[Sample | BadSample]:
+        images = self._images(table)
+        ids = table.column(self.id_column).to_pylist() if self.id_column else None
+        labels = {name: table.column(name).to_pylist() for name in self.columns}
+        for row, image in enumerate(images):
+            index = first + row
+            if ids is not None and ids[row] is None:
+                yield BadSample(index, str(index), f"the id ({self.id_column}) is null")
+                continue
+            sample_id = str(ids[row]) if ids is not None else str(index)
+            if image is None:
+                yield BadSample(index, sample_id, "the image value is null")
+                continue
+            yield Sample(index, sample_id, image, {name: values[row] for name, values in labels.items()})
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None

@@ -1,0 +1,310 @@
+"""WebDataset tar shards: samples are the runs of tar members that share a key.
+
+``source.path`` is one pattern or a list of them, local or URIs: a path, a glob
+(``/data/train-*.tar``) or a brace range (``s3://bucket/train-{0000..0099}.tar``). In each tar,
+consecutive members with the same key (the name up to the first dot of its file name) are one
+sample, as WebDataset groups them: ``000123.jpg`` is its image (``jpg``, ``jpeg``, ``png``,
+``webp`` and the other image suffixes), ``000123.cls`` becomes ``label`` (an integer),
+``000123.txt`` becomes ``caption``, and the fields of ``000123.json`` become columns of their
+own (their types from the first sample that has one). ``sample_id`` is the key.
+
+The driver reads the tar headers once (on a local disk it seeks from header to header; on
+object storage it streams each tar once, several at a time) and indexes every sample's members
+by offset. A shard then reads, from each tar it touches, the one byte range that holds its
+samples (in pieces of at most :data:`READ_BYTES`): sequential reads, no extraction to disk, and
+the same sample ids and indices on every actor and every rerun.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from .._layout import RESERVED_COLUMNS
+from ..errors import ConfigError
+from ._base import BadSample, Sample, StreamingSource, describe_error
+from ._files import Location
+from ._index import Index, MemoryIndex, digest
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+#: The most bytes read at once from one tar.
+READ_BYTES = 64 << 20
+#: Tars indexed at once by the driver.
+INDEX_THREADS = 16
+
+_MEMBER = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
+_INDEX_SCHEMA = pa.schema([("tar", pa.int32()), ("key", pa.string()), ("members", pa.list_(_MEMBER))])
+_JSON_TYPES = {bool: "bool", int: "int64", float: "double", str: "string"}
+#: Column names a ``.json`` field cannot take.
+TAKEN = RESERVED_COLUMNS | {"label", "caption"}
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The names a brace pattern stands for: numeric ranges (kept zero-padded) and lists.
+
+    >>> expand_braces("train-{00..02}.tar")
+    ['train-00.tar', 'train-01.tar', 'train-02.tar']
+    >>> expand_braces("{a,b}/x-{8..10}.tar")
+    ['a/x-8.tar', 'a/x-9.tar', 'a/x-10.tar', 'b/x-8.tar', 'b/x-9.tar', 'b/x-10.tar']
+    """
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    if match.group(3) is not None:
+        choices = match.group(3).split(",")
+    else:
+        low, high = match.group(1), match.group(2)
+        width = len(low) if low.startswith("0") else 0
+        choices = [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """A member's (key, extension), split at the first dot of its file name.
+
+    >>> split_key("a/b/000123.seg.png"), split_key("README")
+    (('a/b/000123', 'seg.png'), ('README', ''))
+    """
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def split_tar(tar: str) -> tuple[str, str]:
+    """A tar's (folder, file name); a URI's query (``?endpoint_override=...``) stays with the folder.
+
+    >>> split_tar("s3://bucket/train/x-0001.tar?scheme=http")
+    ('s3://bucket/train?scheme=http', 'x-0001.tar')
+    >>> split_tar("x.tar")
+    ('.', 'x.tar')
+    """
+    base, mark, query = tar.partition("?") if "://" in tar else (tar, "", "")
+    folder, _, name = base.rpartition("/")
+    return (folder or ".") + mark + query, name
+
+
+def _resolve(patterns: Sequence[str]) -> list[str]:
+    """The tar files the patterns name, in the order given (each glob sorted)."""
+    tars: list[str] = []
+    for pattern in patterns:
+        for name in expand_braces(pattern):
+            folder, base = split_tar(name)
+            if not any(c in base for c in "*?["):
+                tars.append(name)
+                continue
+            location = Location(folder)
+            try:
+                entries = location.fs.get_file_info(pafs.FileSelector(location.root))
+            except (OSError, FileNotFoundError) as exc:
+                raise ConfigError("source.path", f"cannot list {folder!r} for {name!r}: {exc}") from None
+            found = sorted(e.base_name for e in entries if fnmatch.fnmatchcase(e.base_name, base))
+            if not found:
+                raise ConfigError("source.path", f"{name!r} matches no file")
+            tars += [_join(folder, f) for f in found]
+    return tars
+
+
+def _join(folder: str, name: str) -> str:
+    base, mark, query = folder.partition("?") if "://" in folder else (folder, "", "")
+    return f"{base}/{name}{mark}{query}" if base != "." else name
+
+
+def _members(location: Location, name: str) -> list[tuple[str, int, int]]:
+    """``(member name, data offset, size)`` of the regular files in one tar, from its headers."""
+    if location.local:
+        with open(location.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+
+def _samples_of(members: list[tuple[str, int, int]]) -> list[tuple[str, list[dict]]]:
+    """Group consecutive members by key: ``(key, [{"ext", "offset", "size"}, ...])``."""
+    samples: list[tuple[str, list[dict]]] = []
+    for name, offset, size in members:
+        key, ext = split_key(name)
+        if not samples or samples[-1][0] != key:
+            samples.append((key, []))
+        samples[-1][1].append({"ext": ext, "offset": offset, "size": size})
+    return samples
+
+
+class WebDatasetSource(StreamingSource):
+    """The samples of WebDataset tar shards (see the module docstring).
+
+    Args:
+        path: one pattern or a list (paths, globs, brace ranges; local or URIs).
+        index: the driver's index of the tars (actors); ``None`` reads the headers now.
+    """
+
+    def __init__(self, path: str | Sequence[str], index: Index | None = None):
+        self.patterns = [path] if isinstance(path, str) else list(path)
+        if index is None:
+            index = self._index()
+        self.index = index
+        meta = index.meta
+        self.tars: list[str] = meta["tars"]
+        self._json_fields: list[tuple[str, str]] = [tuple(f) for f in meta["json_fields"]]
+        self._has = set(meta["extensions"])
+        self._locations: dict[str, Location] = {}
+
+    # -- the driver's index ------------------------------------------------------------------------
+
+    def _location(self, tar: str) -> tuple[Location, str]:
+        folder, name = split_tar(tar)
+        if folder not in self._locations:
+            self._locations[folder] = Location(folder)
+        return self._locations[folder], name
+
+    def _index(self) -> MemoryIndex:
+        self._locations = {}
+        tars = _resolve(self.patterns)
+        if not tars:
+            raise ConfigError("source.path", f"{self.patterns!r} names no tar file")
+
+        def walk(tar: str) -> list[tuple[str, list[dict]]]:
+            location, name = self._location(tar)
+            try:
+                return _samples_of(_members(location, name))
+            except (OSError, tarfile.TarError) as exc:
+                raise ConfigError("source.path", f"cannot read the tar {tar!r}: {exc}") from None
+
+        with ThreadPoolExecutor(min(INDEX_THREADS, len(tars))) as pool:
+            per_tar = list(pool.map(walk, tars))
+        numbers, keys, members = [], [], []
+        for number, samples in enumerate(per_tar):
+            for key, parts in samples:
+                numbers.append(number)
+                keys.append(key)
+                members.append(parts)
+        table = pa.table([pa.array(numbers, pa.int32()), pa.array(keys, pa.string()),
+                          pa.array(members, pa.list_(_MEMBER))], schema=_INDEX_SCHEMA)
+        if not table.num_rows:
+            raise ConfigError("source.path", f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
+        extensions = sorted(pc.unique(pc.list_flatten(table.column("members")).combine_chunks().field("ext")).to_pylist())
+        counts = pc.value_counts(table.column("key"))
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+        meta = {"tars": tars, "extensions": extensions, "samples": table.num_rows,
+                "repeated_ids": {"count": len(repeated), "examples": repeated.field("values")[:5].to_pylist()}}
+        self.index, self.tars = MemoryIndex(table, meta), tars
+        meta = self.index.meta
+        meta["json_fields"] = self._infer_json_fields() if "json" in extensions else []
+        meta["sha256"] = digest(table, meta)
+        return self.index
+
+    def _infer_json_fields(self) -> list[tuple[str, str]]:
+        """The columns of the ``.json`` members: the fields of the first one that parses (scalars
+        keep their type; lists and objects are stored as JSON text)."""
+        table = self.index.slice(0, len(self.index))
+        for tar, parts in zip(table.column("tar").to_pylist(), table.column("members").to_pylist()):
+            member = next((m for m in parts if m["ext"] == "json"), None)
+            if member is None:
+                continue
+            location, name = self._location(self.tars[tar])
+            try:
+                doc = json.loads(location.read_range(name, member["offset"], member["size"]))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(doc, dict):
+                return []
+            fields = []
+            for field, value in doc.items():
+                if field in TAKEN:
+                    log.warning("the .json field %r is not passed through: an output column has that name", field)
+                    continue
+                fields.append((field, _JSON_TYPES.get(type(value), "json")))
+            return fields
+        return []
+
+    # -- what it is --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def identity(self) -> dict:
+        return {"kind": "webdataset", "path": self.patterns, "tars": len(self.tars),
+                "samples": len(self), "index_sha256": self.index.meta["sha256"]}
+
+    @property
+    def repeated_ids(self) -> dict | None:
+        return self.index.meta.get("repeated_ids")
+
+    def label_fields(self) -> list[pa.Field]:
+        fields = []
+        if "cls" in self._has:
+            fields.append(pa.field("label", pa.int64()))
+        if "txt" in self._has:
+            fields.append(pa.field("caption", pa.string()))
+        for name, kind in self._json_fields:
+            fields.append(pa.field(name, pa.string() if kind == "json" else pa.type_for_alias(kind)))
+        return fields
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _pieces(self, rows: pa.Table) -> Iterator[tuple[int, int, int, int, bytes | Exception]]:
+        """``(first row, end row, tar, base offset, bytes)``: runs of rows in one tar, read at once."""
+        tars = rows.column("tar").to_pylist()
+        spans = [(min(m["offset"] for m in ms), max(m["offset"] + m["size"] for m in ms)) if ms else (0, 0)
+                 for ms in rows.column("members").to_pylist()]
+        row = 0
+        while row < len(tars):
+            end, low, high = row + 1, spans[row][0], spans[row][1]
+            while end < len(tars) and tars[end] == tars[row] and spans[end][1] - low <= READ_BYTES:
+                high = max(high, spans[end][1])
+                end += 1
+            location, name = self._location(self.tars[tars[row]])
+            try:
+                data: bytes | Exception = location.read_range(name, low, high - low)
+            except OSError as exc:
+                data = exc
+            yield row, end, tars[row], low, data
+            row = end
+
+    def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        rows = self.index.slice(start, stop)
+        keys = rows.column("key").to_pylist()
+        members = rows.column("members").to_pylist()
+        for first, end, _, base, data in self._pieces(rows):
+            for row in range(first, end):
+                index, key = start + row, keys[row]
+                if isinstance(data, Exception):
+                    yield BadSample(index, key, describe_error(data))
+                    continue
+                parts = {m["ext"]: data[m["offset"] - base:m["offset"] - base + m["size"]] for m in members[row]}
+                yield self._sample(index, key, parts)
+
+    def _sample(self, index: int, key: str, parts: dict[str, bytes]) -> Sample | BadSample:
+        image_ext = next((e for e in parts if e.lower() in IMAGE_EXTENSIONS), None)
+        if image_ext is None:
+            return BadSample(index, key, f"no image member (members: {', '.join(sorted(parts)) or 'none'}; "
+                             f"looked for {', '.join(IMAGE_EXTENSIONS)})")
+        labels: dict = {}
+        try:
+            if "cls" in self._has:
+                labels["label"] = int(parts["cls"].decode().strip()) if "cls" in parts else None
+            if "txt" in self._has:
+                labels["caption"] = parts["txt"].decode("utf-8", "replace") if "txt" in parts else None
+            doc = json.loads(parts["json"]) if "json" in parts else None
+        except (ValueError, UnicodeDecodeError) as exc:
+            return BadSample(index, key, f"a side file does not parse: {describe_error(exc)}")
+        for name, kind in self._json_fields:
+            value = doc.get(name) if isinstance(doc, dict) else None
+            if kind == "json" and value is not None:
+                value = json.dumps(value)
+            elif value is not None and _JSON_TYPES.get(type(value)) != kind and not (kind == "double" and type(value) is int):
+                value = None  # another type than the first sample's: left empty
+            labels[name] = value
+        return Sample(index, key, bytes(parts[image_ext]), labels)

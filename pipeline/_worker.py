@@ -1,0 +1,432 @@
+"""The work of one worker: build the model once, then turn shards into committed Parquet files.
+
+:class:`ShardWorker` is plain Python: an executor runs it as a Ray actor, or in threads of the
+driver's process (``run.executor: local``); tests also call it directly. For each shard it overlaps three stages: a loader thread reads and decodes the next
+batch while the model runs on this one, and writer threads (one per layer) encode and write the
+previous batch. The driver lets an actor run two shards at once, in two threads: one forward at
+a time holds the device, so the next shard's first load and the last shard's final writes
+overlap a forward too. Only the shard's record (files, rows, bytes, timings, bad samples) goes
+back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._decoder import Decoder
+from ._layout import SOURCE_INDEX_PATH, shard_record_path
+from ._metrics import ActorMetrics
+from ._model_inputs import resolve_input
+from ._models import LayerOutputs, build_model, model_identity
+from ._preprocess import to_model_input
+from ._records import LayerSpec, ShardRecord
+from ._reduce import reduce_output
+from ._shards import Shard
+from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
+from ._stats import ValueStats
+from ._store import OutputStore
+from ._writer import LayerFileWriter, build_table
+from .config import Config, Precision, Shapes
+from .errors import BadSampleError, ConfigError, LayerOutputError, ShapeChangedError, WeightsMismatchError
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+class _Stopped(RuntimeError):
+    """The worker was stopped while the shard ran (its files are dropped)."""
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A loaded batch: the good samples, their preprocessed images, and the bad ones."""
+
+    samples: list[Sample]
+    images: list[torch.Tensor]
+    bad: list[BadSample]
+
+
+@dataclasses.dataclass
+class _Outputs:
+    """One batch's layer outputs on (or on their way to) the host.
+
+    One entry per group of equal-shaped inputs: the group's positions in the batch and each
+    layer's ``(rows, ...)`` tensor. Usually a batch is one group, in sample order.
+    """
+
+    groups: list[tuple[list[int], dict[str, torch.Tensor]]]
+    ready: torch.cuda.Event | None = None
+
+    def rows(self, layer: str, count: int) -> list[np.ndarray]:
+        """The layer's outputs, one array per sample, in sample order."""
+        rows: list[Any] = [None] * count
+        for positions, tensors in self.groups:
+            array = _as_numpy(tensors[layer])
+            for row, position in enumerate(positions):
+                rows[position] = array[row]
+        return rows
+
+
+@dataclasses.dataclass
+class _Columns:
+    """The columns a batch shares across layers: ids, indices, pass-through labels."""
+
+    ids: list[str]
+    indices: list[int]
+    labels: dict[str, list[Any]]
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> _Columns:
+        names = list(samples[0].labels) if samples else []
+        return cls([s.sample_id for s in samples], [s.index for s in samples],
+                   {n: [s.labels.get(n) for s in samples] for n in names})
+
+
+class _DiscardingWriter:
+    """A writer that builds the tables of a probe and keeps nothing."""
+
+    def write(self, table) -> None:
+        pass
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Start the copy of a device tensor to host memory (pinned, so the copy is asynchronous)."""
+    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+class ShardWorker:
+    """Dumps shards of the run ``config`` (a config dict, as the driver ships it).
+
+    Args:
+        config: ``Config.to_dict()`` of the run.
+        expected_digest: the weights digest the driver computed; a worker whose model differs
+            (a builder that is not deterministic under the seed) refuses to start.
+        device: where the model runs; by default the GPU when this process sees one.
+        layer_shapes: each layer's stored per-sample shape as the driver's trial sample gave it;
+            with fixed shapes every batch must match it.
+        decode_threads: threads that decode and resize images (default: ``run.cpus_per_actor``).
+        frozen_source: number the samples by the source index the driver wrote into the output
+            (``_actmap/source-index.parquet``), instead of looking at the source anew.
+        shards_at_once: how many shards the driver runs here at once (each writes its own files).
+    """
+
+    def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
+                 device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None,
+                 decode_threads: int | None = None, frozen_source: bool = False, shards_at_once: int = 2):
+        self.config = Config.from_dict(config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_model(self.config.model)
+        self.identity = model_identity(self.config.model, model)
+        self.digest = self.identity["weights_sha256"]
+        if expected_digest is not None and self.digest != expected_digest:
+            raise WeightsMismatchError(f"the model built on this worker has weights {self.digest[:12]}, the "
+                                       f"driver's has {expected_digest[:12]}: {self.config.model.name!r} does "
+                                       "not build the same weights from model.seed; give a model.weights file")
+        if self.config.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # what the model is fed (normalize: model reads the model's own config)
+        self.inputs = resolve_input(self.config.source.preprocess, model)
+        self.outputs = LayerOutputs(model.to(self.device), self.config.model)
+        self.store = OutputStore(self.config.run.output)
+        try:
+            index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None
+            self.source = open_source(self.config.source, index=index)
+            self.label_fields = self.source.label_fields()
+        except BaseException:
+            self.outputs.remove()  # a source that does not open leaves no hooks behind
+            raise
+        self.fixed = self.config.shapes_fixed() or (self.config.dump.shapes is Shapes.AUTO and bool(self.inputs.crop))
+        # the shape each layer must keep in a fixed-width column (first seen, unless given)
+        self._shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in (layer_shapes or {}).items()}
+        self.mean_std = self.inputs.mean_std
+        prep = self.config.source.preprocess
+        # decoding threads: the actor's CPUs (the driver's trial sample: one)
+        cpus = self.config.run.cpus_per_actor
+        threads = decode_threads if decode_threads is not None else max(1, int(1 if cpus == "auto" else cpus))
+        self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=self.inputs.resize, crop=self.inputs.crop,
+                               max_pixels=prep.max_pixels, channels=prep.channels)
+        # a loader per shard at work: each reads its own shard, the decoding pool is shared
+        self._loader = ThreadPoolExecutor(max(1, shards_at_once), thread_name_prefix="actmap-load")
+        # one writer per layer and shard at work: the files are independent, and pyarrow encodes
+        # and writes without the GIL
+        self._writer = ThreadPoolExecutor(len(self.config.model.layers) * max(1, shards_at_once),
+                                          thread_name_prefix="actmap-write")
+        # shards may run in two threads at once: the forwards take turns on the device
+        self._device = threading.Lock()
+        self.decoder.gpu_turn = self._device
+        self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
+        self._stopping = threading.Event()
+        log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
+
+    def info(self) -> dict:
+        """Where this worker runs: host, Ray node (when in Ray), process, device, threads, and
+        the process's peak memory so far."""
+        node = None
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            node = sys.modules["ray"].get_runtime_context().get_node_id()
+        return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device),
+                "threads": torch.get_num_threads(), "decode_threads": self.decoder.threads,
+                # the process's peak resident memory so far (Linux reports KiB)
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _load(self, read: Sequence[Sample | BadSample]) -> _Batch:
+        good = [s for s in read if isinstance(s, Sample)]
+        bad = [s for s in read if isinstance(s, BadSample)]
+        samples, images = [], []
+        for sample, decoded in zip(good, self.decoder([s.image for s in good])):
+            if isinstance(decoded, Exception):  # a sample that does not decode is recorded, not fatal
+                bad.append(BadSample(sample.index, sample.sample_id, describe_error(decoded)))
+            else:
+                images.append(decoded)
+                samples.append(sample)
+        if bad and self.config.run.strict:
+            first = bad[0]
+            raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
+                                 "(run.strict is set; unset it to record bad samples and go on)")
+        return _Batch(samples, images, bad)
+
+    def _forward(self, batch: _Batch, stats: Mapping[str, ValueStats] | None = None) -> _Outputs:
+        # equal-shaped images run together, so no sample is padded; rows keep sample order
+        groups: dict[tuple, list[int]] = {}
+        for position, image in enumerate(batch.images):
+            groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(position)
+        layers = self.config.model.layers
+        results, counted = [], []
+        precision = self.config.model.precision
+        autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+                    if precision in _AUTOCAST else contextlib.nullcontext())
+        for positions in groups.values():
+            pixels = torch.stack([batch.images[p] for p in positions])
+            if self.device.type == "cuda" and pixels.device.type == "cpu":
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            x = to_model_input(pixels, self.mean_std, self.config.model.channels_last)
+            with torch.inference_mode(), autocast:
+                outputs = self.outputs(x)
+            host = {}
+            for layer in layers:
+                out = outputs.get(layer)
+                if not isinstance(out, torch.Tensor):
+                    raise LayerOutputError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; pick "
+                                           f"one of its tensors with a selector, e.g. '{layer}[0]' (`actmap "
+                                           "layers MODEL --input-size ...` lists them)")
+                stored = reduce_output(out, self.config.dump, layer)
+                counted.append((layer, stored))
+                host[layer] = _host(stored)
+            results.append((positions, host))
+        if stats is not None:  # the stored values, counted on the device once the whole batch ran
+            for layer, stored in counted:
+                stats[layer].add(stored)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return _Outputs(results, ready)
+
+    def _forward_isolating(self, batch: _Batch, stats: Mapping[str, ValueStats]) -> tuple[_Batch, _Outputs | None]:
+        """The batch's forward; when it fails, each sample's alone, so that one sample the model
+        cannot take is recorded as bad instead of failing the shard. If every sample fails
+        alone, the fault is not theirs: the batch's error is raised."""
+        try:
+            return batch, self._forward(batch, stats)
+        except Exception as exc:
+            if len(batch.samples) == 1:
+                raise
+            failed = exc
+        good = _Batch([], [], list(batch.bad))
+        for sample, image in zip(batch.samples, batch.images):
+            try:
+                self._forward(_Batch([sample], [image], []))
+            except Exception as exc:
+                good.bad.append(BadSample(sample.index, sample.sample_id,
+                                          f"the model's forward fails on it: {describe_error(exc)}"))
+            else:
+                good.samples.append(sample)
+                good.images.append(image)
+        if not good.samples:
+            raise failed
+        log.warning("a batch's forward failed (%s); %d of its samples fail alone and are recorded as bad",
+                    describe_error(failed), len(good.bad) - len(batch.bad))
+        if self.config.run.strict:
+            first = good.bad[len(batch.bad)]
+            raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
+                                 "(run.strict is set; unset it to record bad samples and go on)")
+        return good, self._forward(good, stats)
+
+    def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
+        """Encode and write one layer's rows of a batch (the layers are written in parallel)."""
+        if outputs.ready is not None:
+            outputs.ready.synchronize()
+        count = len(columns.ids)
+        if len(outputs.groups) == 1:  # one input size: the rows are in order already, no copy
+            array = _as_numpy(outputs.groups[0][1][layer])
+            activations: Any = array if self.fixed else list(array)
+        else:
+            activations = outputs.rows(layer, count)
+        if self.fixed:
+            shapes = {a.shape for a in activations}
+            expected = self._shapes.setdefault(layer, activations[0].shape)
+            if shapes != {expected}:
+                raise ShapeChangedError(f"layer {layer!r} gave outputs of shape {sorted(shapes - {expected})[0]} "
+                                        f"where {expected} was expected: the inputs differ in size; set "
+                                        "source.preprocess.crop for one input size, or dump.shapes: variable")
+            if not isinstance(activations, np.ndarray):
+                activations = np.stack(activations)
+        table = build_table(activations, sample_ids=columns.ids, indices=columns.indices,
+                            labels=columns.labels, label_fields=self.label_fields, fixed=self.fixed,
+                            dtype=self.config.dump.dtype.value,
+                            metadata={"reduce": self.config.dump.to_dict(), "model": self.config.model.name,
+                                      "layer": layer})
+        writer.write(table)
+
+    # -- one shard ---------------------------------------------------------------------------
+
+    def run_shard(self, shard: Shard | Mapping[str, int]) -> ShardRecord:
+        """Dump one shard; returns its record (also written to the manifest folder)."""
+        if isinstance(shard, Mapping):
+            shard = Shard(**shard)
+        started, started_at = time.perf_counter(), time.time()
+        size = self.config.run.batch_size
+        stream = self.source.stream(shard.start, shard.stop)
+        chunks = [min(size, shard.stop - i) for i in range(shard.start, shard.stop, size)]
+
+        def load(count: int) -> _Batch:  # the next ``count`` samples of the shard, in order
+            return self._load(list(itertools.islice(stream, count)))
+
+        layers = self.config.model.layers
+        compression = self.config.dump.compression.value
+        writers = {layer: LayerFileWriter(self.store, shard.file_name(layer), compression) for layer in layers}
+        seconds = {"load_wait": 0.0, "device_wait": 0.0, "forward": 0.0, "write_wait": 0.0}
+        stats = {layer: ValueStats() for layer in layers}
+        bad: list[BadSample] = []
+        pending: list[Future] = []
+        loading: Future | None = None
+        try:
+            loading = self._loader.submit(load, chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                if self._stopping.is_set():
+                    raise _Stopped(f"shard {shard.id} given up: the worker is stopping")
+                t0 = time.perf_counter()
+                batch = loading.result()
+                t1 = time.perf_counter()
+                if i + 1 < len(chunks):
+                    loading = self._loader.submit(load, chunks[i + 1])
+                outputs = None
+                with self._device:
+                    t_device = time.perf_counter()
+                    if batch.samples:
+                        batch, outputs = self._forward_isolating(batch, stats)
+                t2 = time.perf_counter()
+                bad += batch.bad
+                self.metrics.batch(shard.id, len(batch.samples), len(batch.bad))
+                for future in pending:
+                    future.result()
+                t3 = time.perf_counter()
+                pending = []
+                if outputs is not None:
+                    columns = _Columns.of(batch.samples)
+                    pending = [self._writer.submit(self._write_layer, writers[layer], layer, columns, outputs)
+                               for layer in layers]
+                seconds["load_wait"] += t1 - t0
+                seconds["device_wait"] += t_device - t1
+                seconds["forward"] += t2 - t_device
+                seconds["write_wait"] += t3 - t2
+            for future in pending:
+                future.result()
+            sizes = {layer: writer.commit() for layer, writer in writers.items()}
+        except BaseException:
+            self.metrics.shard_failed(shard.id)
+            if loading is not None:
+                loading.cancel()
+                with contextlib.suppress(BaseException):
+                    loading.result()
+            for future in pending:
+                with contextlib.suppress(BaseException):
+                    future.result()
+            for writer in writers.values():
+                writer.abort()
+            raise
+        seconds["total"] = time.perf_counter() - started
+        rows = {layer: writer.rows for layer, writer in writers.items()}
+        record = ShardRecord(
+            shard=shard.id, start=shard.start, stop=shard.stop, rows=rows,
+            files={layer: shard.file_name(layer) for layer in layers if rows[layer]},
+            bytes={layer: size for layer, size in sizes.items() if size}, bad=tuple(bad),
+            seconds={k: round(v, 4) for k, v in seconds.items()},
+            started=round(started_at, 3), finished=round(time.time(), 3), worker=self.info(),
+            stats={layer: s.to_dict() for layer, s in stats.items()})
+        document = record.to_dict()
+        self.store.write_json(shard_record_path(shard.id), document)
+        self.metrics.shard_done(shard.id, document)
+        return record
+
+    def progress(self) -> dict[int, int]:
+        """The samples done so far of each shard this worker is running (for the driver)."""
+        return self.metrics.in_flight()
+
+    def probe(self, tries: int = 8) -> dict[str, LayerSpec]:
+        """Run the first readable sample through the whole path, writing nothing.
+
+        Returns how each layer is stored (shape and dtype); raises :class:`ConfigError` when
+        none of the first ``tries`` samples can be read, or when the forward or the encoding
+        fails (a layer that gives no tensor, a reduction that does not fit, ...).
+        """
+        batch = self._load(self.source.read(range(min(tries, len(self.source)))))
+        if not batch.samples:
+            reasons = "; ".join(f"{b.sample_id}: {b.reason}" for b in batch.bad[:3])
+            raise ConfigError("source", f"none of the first {tries} samples can be read ({reasons})")
+        first = _Batch(batch.samples[:1], batch.images[:1], [])
+        try:
+            outputs = self._forward(first)
+            layers = {}
+            for layer in self.config.model.layers:
+                array = outputs.rows(layer, 1)[0]
+                shape = array.shape if self.fixed else None
+                layers[layer] = LayerSpec(shape, self.config.dump.dtype.value)
+                self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples), outputs)
+        except ConfigError:
+            raise  # names its own key (a pass-through column that takes an output column's name)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ConfigError("model", f"a trial forward of sample {first.samples[0].sample_id!r} "
+                              f"failed: {exc}") from None
+        return layers
+
+    def stop(self) -> None:
+        """Have the shards in flight give up at their next batch (their files are dropped)."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        """Stop the threads and take the hooks off the model (safe to call twice)."""
+        self._loader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self.decoder.close()
+        self.outputs.remove()
+
+    def __enter__(self) -> ShardWorker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

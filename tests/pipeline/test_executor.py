@@ -1,0 +1,104 @@
+"""The executor seam without Ray: the local executor, and the driver's loop on a scripted one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline._driver import execute
+from pipeline._executor import LocalExecutor, Outcome, WorkerSpec
+from pipeline._progress import Progress
+from pipeline._shards import Shard, plan_shards
+from pipeline._worker import ShardWorker
+from pipeline.config import Config
+from pipeline.errors import ShardFailedError
+
+
+class Lossy:
+    """An executor with one worker that loses every shard it is given; with ``comes_back`` the
+    worker returns after each loss, else it is gone."""
+
+    def __init__(self, comes_back: bool):
+        self.comes_back, self.alive, self.workers = comes_back, True, 1
+        self.pending: list[Shard] = []
+        self.tries: dict[int, int] = {}
+
+    @property
+    def free(self) -> int:
+        return int(self.alive and not self.pending)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    def submit(self, shard: Shard) -> None:
+        self.pending.append(shard)
+        self.tries[shard.id] = self.tries.get(shard.id, 0) + 1
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        lost = [Outcome(s, error=RuntimeError("the worker died"), lost_worker=True) for s in self.pending]
+        self.pending, self.alive = [], self.comes_back
+        return lost
+
+    def in_flight(self, finished) -> int:
+        return 0
+
+
+def test_a_lost_try_counts_against_the_attempt_budget():
+    executor = Lossy(comes_back=True)
+    with pytest.raises(ShardFailedError, match=r"shard 0 \(samples 0-4\) failed 3 times; last error: the worker died"):
+        execute(executor, plan_shards(8, 4), 3, Progress(8, None), {})
+    assert executor.tries == {0: 3}
+
+
+def test_a_run_whose_workers_are_all_gone_ends():
+    with pytest.raises(ShardFailedError, match="every worker has died; the shards done so far are kept"):
+        execute(Lossy(comes_back=False), plan_shards(8, 4), 3, Progress(8, None), {})
+
+
+def _local(tmp_path, **run):
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["conv2"]},
+                               "source": {"kind": "dataset", "target": "support.datasets:Slow",
+                                          "kwargs": {"n": 40, "size": 8, "delay": 0.05},
+                                          "preprocess": {"normalize": "none"}},
+                               "run": {"output": str(tmp_path / "out"), "executor": "local", "batch_size": 2,
+                                       **run}})
+    with ShardWorker(config.to_dict(), device="cpu") as probe:
+        spec = WorkerSpec(config, probe.digest, probe.probe())
+    return config, spec
+
+
+def test_the_local_executor_runs_shards_on_its_workers(tmp_path):
+    config, spec = _local(tmp_path, actors=2)
+    executor = LocalExecutor()
+    try:
+        executor.start(spec, shards=1)
+        assert executor.workers == 1, "never more workers than shards"
+        assert executor.free == 2
+        executor.submit(Shard(0, 0, 4))
+        executor.submit(Shard(1, 4, 8))
+        assert executor.free == 0 and executor.busy
+        outcomes = []
+        deadline = time.monotonic() + 60
+        while executor.busy and time.monotonic() < deadline:
+            outcomes += executor.wait(timeout=5.0)
+    finally:
+        executor.close()
+    assert sorted(o.shard.id for o in outcomes) == [0, 1]
+    assert all(o.error is None and o.record.rows == {"conv2": 4} for o in outcomes)
+    assert executor.free == 2 and not executor.busy
+
+
+def test_closing_the_local_executor_gives_up_the_shards_in_flight(tmp_path):
+    """Each shard takes 20 reads of 0.05 s; closing right after the start drops both, rather than
+    waiting for them: no file and no record is left."""
+    config, spec = _local(tmp_path, actors=1)
+    executor = LocalExecutor()
+    executor.start(spec, shards=2)
+    executor.submit(Shard(0, 0, 20))
+    executor.submit(Shard(1, 20, 40))
+    time.sleep(0.2)
+    executor.close()
+    out = tmp_path / "out"
+    assert not list(out.rglob("*.parquet")) and not list(out.rglob("*.json")) and not list(out.rglob(".*"))
