@@ -270,15 +270,12 @@ class DumpInfo:
         planned = "?" if self.shards_planned is None else self.shards_planned
         state = "complete" if self.complete else "INCOMPLETE (rerun the same command to finish)"
         lines.append(f"shards: {self.shards_done}/{planned} done, {state}")
-        info = self.layers
-        lines += layer_lines({layer: LayerSpec.from_dict(i) for layer, i in info.items()},
-                             {layer: i["rows"] for layer, i in info.items()},
-                             {layer: i["bytes"] for layer, i in info.items()}, indent="  ", label="layer ",
-                             extra={layer: f"{i['files']} files, columns: {', '.join(i['columns'])}"
-                                    for layer, i in info.items()})
-        for layer, i in info.items():
+        for layer, i in self.layers.items():  # each layer's line, then its values when counted
+            lines += layer_lines({layer: LayerSpec.from_dict(i)}, {layer: i["rows"]}, {layer: i["bytes"]},
+                                 indent="  ", label="layer ",
+                                 extra={layer: f"{i['files']} files, columns: {', '.join(i['columns'])}"})
             if i.get("values"):
-                lines.append(f"    {layer} values: {i['values'].format()}")
+                lines.append(f"    values: {i['values'].format()}")
         lines.append(f"bad samples: {len(self.bad)}")
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=bad_limit, indent="  ",
                                   more="... and {rest} more")
