@@ -16,7 +16,7 @@ from ._driver import run
 from ._reader import ActivationDataset, DumpInfo, decode_column, inspect_dump, read_layer, read_table, to_ray_dataset
 from ._report import Summary
 from .config import Config, load_config
-from .errors import (BadSampleError, ConfigError, LayerOutputError, OutputConflictError, PipelineError,
+from .errors import (BadSampleError, ConfigError, DamagedDumpError, LayerOutputError, OutputConflictError, PipelineError,
                      RecordError, ReservedColumnError, ShapeChangedError, ShardFailedError, UnknownDumpLayerError,
                      WeightsMismatchError)
 
@@ -25,6 +25,7 @@ __all__ = [
     "BadSampleError",
     "Config",
     "ConfigError",
+    "DamagedDumpError",
     "DumpInfo",
     "LayerOutputError",
     "OutputConflictError",

@@ -17,6 +17,7 @@ pipeline.errors.ConfigError: run.batch_size: must be at least 1, got 0
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -52,12 +53,23 @@ def integer(minimum: int | None = None, optional: bool = False) -> Check:
     return check
 
 
-def number(minimum: float = 0.0) -> Check:
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number(minimum: float = 0.0, above: bool = False) -> Check:
+    """A finite number of at least ``minimum`` (more than it, with ``above``), as a float.
+
+    >>> number()("run.gpus_per_actor", float("nan"))
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: run.gpus_per_actor: expected a finite number, got nan
+    """
     def check(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        if value < minimum:
-            raise ConfigError(key, f"must be at least {minimum}, got {value}")
+        if not _is_real(value) or not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        if value < minimum or (above and value == minimum):
+            raise ConfigError(key, f"must be {'more than' if above else 'at least'} {minimum:g}, got {value:g}")
         return float(value)
     return check
 
@@ -180,8 +192,12 @@ def normalization(key: str, value: Any) -> str | dict[str, list[float]]:
     if not isinstance(value, Mapping):
         raise ConfigError(key, f"{value!r} is not valid; valid: {_NORMALIZE_VALID}")
     if set(value) != {"mean", "std"} or not all(
-            isinstance(value[k], Sequence) and len(value[k]) == 3 for k in ("mean", "std")):
+            isinstance(value[k], Sequence) and not isinstance(value[k], str) and len(value[k]) == 3
+            for k in ("mean", "std")):
         raise ConfigError(key, f"expected {{mean: [r, g, b], std: [r, g, b]}}, got {dict(value)!r}")
+    for name in ("mean", "std"):
+        if not all(_is_real(v) and math.isfinite(v) for v in value[name]):
+            raise ConfigError(f"{key}.{name}", f"expected three finite numbers, got {list(value[name])!r}")
     if any(s <= 0 for s in value["std"]):
-        raise ConfigError(key, f"std must be positive, got {value['std']}")
+        raise ConfigError(f"{key}.std", f"must be positive, got {list(value['std'])!r}")
     return {"mean": [float(v) for v in value["mean"]], "std": [float(v) for v in value["std"]]}

@@ -12,17 +12,18 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import TextIO
 
 from ._executor import Executor, LocalExecutor, WorkerSpec
 from ._layout import SOURCE_INDEX_PATH
-from ._manifest import new_manifest, prepare_output
+from ._lock import OutputLock
+from ._manifest import assess_output, check_output_folder, commit_output, new_manifest, remove_temporaries
 from ._progress import Progress
 from ._records import ShardRecord
 from ._report import Summary
 from ._scheduling import ShardQueue
-from ._shards import Shard, plan_shards
+from ._shards import MAX_SHARDS, Shard, ShardPlan
 from ._sources import MemoryIndex, write_index
 from ._store import OutputStore
 from ._worker import ShardWorker
@@ -43,13 +44,15 @@ def make_executor(kind: ExecutorKind, address: str | None = None) -> Executor:
     return RayExecutor(address)
 
 
-def execute(executor: Executor, todo: Sequence[Shard], max_attempts: int, progress: Progress,
-            records: dict[int, ShardRecord]) -> None:
+def execute(executor: Executor, todo: Iterable[Shard], max_attempts: int, progress: Progress,
+            records: dict[int, ShardRecord], lock: OutputLock | None = None) -> None:
     """Run ``todo`` on the started ``executor`` until every shard is done, adding each record to
-    ``records``; raises when a shard fails ``max_attempts`` times, when every worker is gone, or
-    at the first bad sample in strict mode."""
+    ``records``; raises when a shard fails ``max_attempts`` times, when every worker is gone, at
+    the first bad sample in strict mode, or when another run took over the output's ``lock``."""
     queue = ShardQueue(todo, max_attempts)
     while not queue.idle:
+        if lock is not None:
+            lock.check()
         while executor.free and (shard := queue.take()) is not None:
             executor.submit(shard)
         if not executor.busy:
@@ -66,8 +69,9 @@ def execute(executor: Executor, todo: Sequence[Shard], max_attempts: int, progre
                 reason = _last_line(outcome.error)
                 log.warning("shard %d %s: %s", outcome.shard.id,
                             "lost its worker" if outcome.lost_worker else "failed", reason)
-                queue.failed(outcome.shard, reason)
-        progress.in_flight(executor.in_flight(records))  # the batches of the shards still running
+                queue.failed(outcome.shard, reason, outcome.error)
+        # the batches of the shards still running, and the workers still on their way
+        progress.in_flight(executor.in_flight(records), executor.pending)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -107,42 +111,67 @@ def _warn_small_shards(run: RunSpec) -> None:
                     "idle gaps; a few batches or more per shard is better", run.shard_size, run.batch_size)
 
 
+def _plan(samples: int, shard_size: int) -> ShardPlan:
+    """The run's shard plan; a plan of more than :data:`MAX_SHARDS` shards is refused."""
+    plan = ShardPlan(samples, shard_size)
+    if len(plan) > MAX_SHARDS:
+        raise ConfigError("run.shard_size", f"{samples:,} samples in shards of {shard_size:,} make {len(plan):,} "
+                          f"shards, more than the {MAX_SHARDS:,} a run takes (each is a file per layer, a record "
+                          f"and a round trip to the driver); set run.shard_size to at least "
+                          f"{-(-samples // MAX_SHARDS):,}, or dump a part of the source at a time")
+    return plan
+
+
 def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         stream: TextIO | None = sys.stderr) -> Summary:
     """Dump ``config``'s layers over its source into ``config.run.output``.
 
-    Everything is checked before any work starts (model, layers, source, output folder, one
-    trial sample); a rerun of the same config resumes; ``overwrite`` starts afresh. ``address``
-    names the Ray cluster for the ``ray`` executor.
+    Everything is checked before anything is written (model, layers, source, output folder,
+    one trial sample, the cluster's room for the workers); a rerun of the same config resumes;
+    ``overwrite`` replaces the dump (only what actmap wrote). One run at a time holds the output
+    folder. ``address`` names the Ray cluster for the ``ray`` executor.
     """
     started = time.monotonic()
     _warn_small_shards(config.run)
+    store = OutputStore(config.run.output)
+    check_output_folder(store)
     with ShardWorker(config.to_dict(), device="cpu", decode_threads=1) as probe:
         _check_ids(probe.source, config.run.strict)
         layers = probe.probe()
         samples = len(probe.source)
+        plan = _plan(samples, config.run.shard_size)
         manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)
         digest = probe.digest
         source = probe.source
     manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
     manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
-    store = OutputStore(config.run.output)
-    records = prepare_output(store, manifest, overwrite)
-    frozen = _freeze_source(store, source)
-    resumed = len(records)
-    todo = [s for s in plan_shards(samples, config.run.shard_size) if s.id not in records]
-    new_samples = sum(len(s) for s in todo)
-    workers = 0
-    if todo:
-        executor = make_executor(config.run.executor, address)
-        progress = Progress(new_samples, stream)
+    with OutputLock(store) as lock:
+        state = assess_output(store, manifest, overwrite)
+        records = dict(state.done)
+        todo = (s for s in plan if s.id not in records)
+        shards_left = len(plan) - len(records)
+        new_samples = samples - sum(len(plan[i]) for i in records)
+        executor = make_executor(config.run.executor, address) if shards_left else None
+        workers = 0
         try:
-            executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), len(todo))
-            workers = executor.workers
-            execute(executor, todo, config.run.max_attempts, progress, records)
+            if executor is not None:
+                executor.check(config, shards_left)  # a cluster that can never run the workers: nothing written
+            commit_output(store, manifest, state)
+            frozen = _freeze_source(store, source)
+            if executor is not None:
+                progress = Progress(new_samples, stream)
+                try:
+                    executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), shards_left)
+                    workers = executor.workers
+                    execute(executor, todo, config.run.max_attempts, progress, records, lock)
+                finally:
+                    progress.close()
+            # the temporary files of workers that died, now that none is in flight
+            remove_temporaries(store, config.model.layers)
         finally:
-            progress.close()
-            executor.close()
+            if executor is not None:
+                executor.close()
+    written = sum(records[i].total_bytes for i in records if i not in state.done)
     return Summary.from_records(records, output=store.location, layers=layers, samples=samples,
-                                resumed=resumed, actors=workers, seconds=time.monotonic() - started,
-                                new_samples=new_samples)
+                                resumed=len(state.done), actors=workers, seconds=time.monotonic() - started,
+                                new_samples=new_samples, written=written)

@@ -73,8 +73,16 @@ class Executor(Protocol):
     #: how many workers ``start`` started
     workers: int
 
+    def check(self, config: Config, shards: int) -> None:
+        """Check, starting nothing, that the workers ``config`` asks for can run for ``shards``
+        shards (a Ray cluster that can never hold them: :class:`~pipeline.errors.ConfigError`)."""
+
     def start(self, workers: WorkerSpec, shards: int) -> None:
-        """Start the workers (never more than there are ``shards``); raises if one cannot start."""
+        """Start the workers (never more than there are ``shards``); raises if none can start."""
+
+    @property
+    def pending(self) -> int:
+        """Workers asked for that have not come up yet (a cluster still scaling up)."""
 
     @property
     def free(self) -> int:
@@ -144,6 +152,13 @@ class LocalExecutor:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots = Slots(0)
         self._pending: dict[concurrent.futures.Future, tuple[int, Shard]] = {}
+
+    def check(self, config: Config, shards: int) -> None:
+        """Nothing to check: threads of this process always start."""
+
+    @property
+    def pending(self) -> int:
+        return 0
 
     def start(self, workers: WorkerSpec, shards: int) -> None:
         from ._worker import ShardWorker

@@ -16,11 +16,14 @@ skip folders that start with ``_``).
 ('activation_shape', '_actmap/shards/00007.json')
 >>> is_temporary("layer=x/.part-00001.parquet.0123456789ab.tmp"), is_data_file("layer=x/part-00001.parquet")
 (True, True)
+>>> file_shard("layer=x/part-00001.parquet"), is_owned("layer=x/notes.txt"), is_owned("_actmap/anything")
+(1, False, True)
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 import urllib.parse
 import uuid
 from collections.abc import Iterable
@@ -59,6 +62,8 @@ TENSOR_FORMAT = "actmap.tensor/1"
 _PARTITION_PREFIX = PARTITION_KEY + "="
 _DATA_SUFFIX = ".parquet"
 _TEMPORARY_SUFFIX = ".tmp"
+_DATA_NAME = re.compile(r"part-(\d{5,})" + re.escape(_DATA_SUFFIX))
+_TEMPORARY_NAME = re.compile(r"\.(.+)\.[0-9a-f]+" + re.escape(_TEMPORARY_SUFFIX))
 
 
 def partition_dir(layer: str) -> str:
@@ -87,9 +92,16 @@ def is_hidden(path: str) -> bool:
     return posixpath.basename(path).startswith(".")
 
 
+def file_shard(path: str) -> int | None:
+    """The shard whose rows a data file (``.../part-00003.parquet``) holds; ``None`` for any
+    other name."""
+    match = _DATA_NAME.fullmatch(posixpath.basename(path))
+    return int(match.group(1)) if match else None
+
+
 def is_data_file(path: str) -> bool:
-    """Whether ``path`` is a finished data file (not a temporary one)."""
-    return path.endswith(_DATA_SUFFIX) and not is_hidden(path)
+    """Whether ``path`` is named as a finished data file (not a temporary one)."""
+    return file_shard(path) is not None
 
 
 def temporary_name(relative: str) -> str:
@@ -98,9 +110,35 @@ def temporary_name(relative: str) -> str:
     return posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{_TEMPORARY_SUFFIX}")
 
 
+def temporary_target(path: str) -> str | None:
+    """The file a temporary file of :func:`temporary_name` was to become (``None``: ``path`` is
+    no such temporary file)."""
+    folder, name = posixpath.split(path)
+    match = _TEMPORARY_NAME.fullmatch(name)
+    return posixpath.join(folder, match.group(1)) if match else None
+
+
 def is_temporary(path: str) -> bool:
-    """Whether ``path`` is a temporary file (of a write that finished or not)."""
-    return is_hidden(path) and path.endswith(_TEMPORARY_SUFFIX)
+    """Whether ``path`` is named as a temporary file of :func:`temporary_name` (of a write that
+    finished or not)."""
+    return temporary_target(path) is not None
+
+
+def is_owned(path: str) -> bool:
+    """Whether a dump writes ``path`` (relative to the root): anything in its own folder
+    (``_actmap/``), and in a layer's folder its data files and their temporary files. A dump
+    deletes nothing else, and a folder holding anything else is no dump.
+
+    >>> [is_owned(p) for p in ("layer=a/part-00000.parquet", "layer=a/.part-00000.parquet.0123456789ab.tmp",
+    ...                        "layer=a/mine.parquet", "notes.txt", ".git/HEAD", "layer=a")]
+    [True, True, False, False, False, False]
+    """
+    top, _, rest = path.partition("/")
+    if top == META_DIR:
+        return True
+    if partition_layer(top) is None or "/" in rest:
+        return False
+    return is_data_file(temporary_target(rest) or rest)
 
 
 # -- the run's own folder -------------------------------------------------------------------------
@@ -112,6 +150,8 @@ SHARDS_DIR = f"{META_DIR}/shards"
 _RECORD_SUFFIX = ".json"
 #: The source's frozen index (a folder's listing, Parquet row groups, tar members), if it has one.
 SOURCE_INDEX_PATH = f"{META_DIR}/source-index.parquet"
+#: Who runs on the dump now (one run at a time): host, process, start, lease.
+LOCK_PATH = f"{META_DIR}/lock.json"
 
 
 def shard_record_path(shard_id: int) -> str:
@@ -122,3 +162,10 @@ def shard_record_path(shard_id: int) -> str:
 def is_shard_record(path: str) -> bool:
     """Whether ``path`` (relative to the root) is a shard record."""
     return posixpath.dirname(path) == SHARDS_DIR and path.endswith(_RECORD_SUFFIX) and not is_hidden(path)
+
+
+def record_shard(path: str) -> int | None:
+    """The shard a record file is of (``_actmap/shards/00007.json`` -> 7); ``None`` when its
+    name is not a shard number."""
+    stem = posixpath.basename(path)[:-len(_RECORD_SUFFIX)]
+    return int(stem) if is_shard_record(path) and stem.isdigit() else None

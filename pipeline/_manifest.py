@@ -1,22 +1,32 @@
-"""The manifest: what a dump is (config, model, source, shard plan) and which shards are done.
+"""The manifest, and what a run may do with the output folder it is given.
 
 ``OUT/_actmap/manifest.json`` is written once when a run starts; each finished shard adds
 ``OUT/_actmap/shards/<id>.json`` after its files are committed, so a run that stops at any point
 can be resumed by the same command. The folder starts with ``_``, which Parquet readers skip.
+
+A dump owns only what it writes (:func:`pipeline._layout.is_owned`): its own folder, and in
+each layer's folder its data files and their temporary files. A folder that holds anything
+else (hidden entries too) and no manifest is refused before the first run; next to a dump,
+other files are left alone, by a resume and by ``--overwrite`` alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from ._layout import MANIFEST_FORMAT, MANIFEST_PATH, SHARDS_DIR, is_hidden, is_shard_record, is_temporary
+from ._integrity import Damage, check_dump
+from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, is_owned, is_temporary,
+                      partition_layer, shard_record_path, temporary_target)
 from ._records import ShardRecord
+from ._shards import ShardPlan
+from ._sources._base import describe_error
 from ._store import OutputStore
 from .config import Config, comparable_identity, identity_diff
-from .errors import OutputConflictError
+from .errors import DamagedDumpError, OutputConflictError
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +41,31 @@ def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: i
         "model": dict(model),
         "source": dict(source),
         "plan": {"samples": num_samples, "shard_size": config.run.shard_size,
-                 "shards": -(-num_samples // config.run.shard_size)},
+                 "shards": len(ShardPlan(num_samples, config.run.shard_size))},
         "layers": list(config.model.layers),
     }
+
+
+def manifest_plan(manifest: Mapping[str, Any]) -> ShardPlan:
+    """The shard plan a manifest records."""
+    return ShardPlan(manifest["plan"]["samples"], manifest["plan"]["shard_size"])
+
+
+def read_manifest(store: OutputStore) -> dict | None:
+    """The dump's manifest (``None`` when there is none); :class:`DamagedDumpError`, naming the
+    file and what to do, when it cannot be read."""
+    if not store.exists(MANIFEST_PATH):
+        return None
+    try:
+        manifest = store.read_json(MANIFEST_PATH)
+        manifest_plan(manifest)
+        if not isinstance(manifest["layers"], list) or not isinstance(manifest["identity"], Mapping):
+            raise TypeError("'layers' or 'identity' is of the wrong kind")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedDumpError(f"{store.path(MANIFEST_PATH)} cannot be read ({describe_error(exc)}): without it "
+                               "the dump cannot be resumed or checked. Rerun with --overwrite to replace the "
+                               "dump (only the files actmap wrote are deleted), or choose another folder") from None
+    return manifest
 
 
 def conflicts(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -54,46 +86,151 @@ def conflicts(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def prepare_output(store: OutputStore, manifest: dict, overwrite: bool = False) -> dict[int, ShardRecord]:
-    """Make the output folder ready for ``manifest``'s run; return the records of shards done.
+# -- the folder ----------------------------------------------------------------------------------
 
-    An empty or missing folder gets the manifest. A folder with a matching manifest is resumed
-    (or cleared, with ``overwrite``). A folder with another run's manifest, or with files that
-    are not a dump, is refused with :class:`OutputConflictError`, and nothing in it is touched.
-    """
-    entries = [e for e in store.entries() if not is_hidden(e)]
-    if entries and not store.exists(MANIFEST_PATH):
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise OutputConflictError("run.output", f"{store.location!r} holds files that are not an actmap "
-                                  f"dump ({shown}); choose an empty or new folder")
-    if entries:
-        existing = store.read_json(MANIFEST_PATH)
-        if overwrite:
-            log.info("overwriting the dump in %s", store.location)
-            store.clear()
+
+def _owned_layer(entry: str, layers: Collection[str] | None) -> bool:
+    layer = partition_layer(entry)
+    return layer is not None and (layers is None or layer in layers)
+
+
+def foreign_entries(store: OutputStore, layers: Collection[str] | None = None) -> list[str]:
+    """What the output folder holds that a dump of ``layers`` (``None``: of any layers) does not
+    write: names in the folder (hidden ones too), and files in the layers' folders."""
+    foreign = []
+    for entry in store.entries():
+        if entry == META_DIR:
+            continue
+        if not _owned_layer(entry, layers):
+            foreign.append(entry)
         else:
-            diff = conflicts(existing, manifest)
-            if diff:
-                raise OutputConflictError("run.output", f"{store.location!r} holds a dump of another "
-                                          "run; rerun with --overwrite to replace it, or choose another "
-                                          "folder. Differences:\n  " + "\n  ".join(diff))
-            done = completed_shards(store)
-            for leftover in filter(is_temporary, store.list_files("")):  # writes cut short
-                store.delete_file(store.path(leftover))
-            log.info("resuming the dump in %s: %d of %d shards already done", store.location,
-                     len(done), manifest["plan"]["shards"])
-            return done
-    store.write_json(MANIFEST_PATH, manifest)
-    return {}
+            foreign += [f for f in store.list_files(entry) if not is_owned(f)]
+    return foreign
+
+
+def check_output_folder(store: OutputStore) -> None:
+    """Refuse, touching nothing, an output that is a file, or a folder that holds no dump but
+    holds anything else (hidden entries too)."""
+    try:
+        store.entries()
+    except NotADirectoryError:
+        raise OutputConflictError("run.output", f"{store.location!r} is a file, not a folder; give a folder: a new "
+                                  "one, an empty one, or one that holds a dump of this run") from None
+    if not store.exists(MANIFEST_PATH) and (foreign := foreign_entries(store)):
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise OutputConflictError("run.output", f"{store.location!r} holds files that are not an actmap dump "
+                                  f"({shown}); choose an empty or new folder")
+
+
+def remove_dump(store: OutputStore, layers: Collection[str] | None) -> None:
+    """Delete what a dump of ``layers`` (``None``: of any layers) wrote, and nothing else: its
+    data and temporary files, its own folder (but the run's lock), the layer folders left
+    empty."""
+    for entry in store.entries():
+        if not _owned_layer(entry, layers):
+            continue
+        files = store.list_files(entry)
+        for f in filter(is_owned, files):
+            store.delete_file(store.path(f))
+        if all(map(is_owned, files)):
+            store.delete_dir(entry)
+    for f in store.list_files(META_DIR):
+        if f != LOCK_PATH and temporary_target(f) != LOCK_PATH:
+            store.delete_file(store.path(f))
+    store.delete_dir(SHARDS_DIR)
+
+
+def remove_temporaries(store: OutputStore, layers: Collection[str]) -> int:
+    """Delete the temporary files of writes that never finished (a worker that died, a run cut
+    short); how many. Only a run that holds the folder's lock may: others' writes are in flight."""
+    folders = [e for e in store.entries() if _owned_layer(e, layers)] + [META_DIR]
+    leftovers = [f for folder in folders for f in store.list_files(folder)
+                 if is_temporary(f) and is_owned(f) and temporary_target(f) != LOCK_PATH]
+    for f in leftovers:
+        store.delete_file(store.path(f))
+    return len(leftovers)
+
+
+@dataclasses.dataclass
+class OutputState:
+    """What :func:`assess_output` found: whether the run ``resume`` s a dump, the shards
+    ``done``, the ``damage`` whose shards are redone, and the old dump to remove first
+    (``remove``: its layers, ``None`` for any; ``False``: none)."""
+
+    resume: bool
+    done: dict[int, ShardRecord] = dataclasses.field(default_factory=dict)
+    damage: list[Damage] = dataclasses.field(default_factory=list)
+    remove: Collection[str] | None | bool = False
+
+
+def assess_output(store: OutputStore, manifest: Mapping[str, Any], overwrite: bool = False) -> OutputState:
+    """What the run of ``manifest`` will do with the output folder, reading only.
+
+    An empty or missing folder is new. A folder with a matching manifest is resumed: the shards
+    whose records and files pass the check are done, the others redone (or all are, with
+    ``overwrite``). A folder with another run's manifest, an unreadable manifest, or the files
+    of a dump without a manifest is refused with :class:`OutputConflictError` unless
+    ``overwrite``; one with files that are not a dump, always.
+    """
+    check_output_folder(store)
+    try:
+        existing = read_manifest(store)
+    except DamagedDumpError as exc:
+        if not overwrite:
+            raise OutputConflictError("run.output", str(exc)) from None
+        log.warning("%s; --overwrite replaces the dump", exc)
+        return OutputState(False, remove=None)
+    if existing is None:
+        leftovers = [f for f in store.list_files(META_DIR) if f != LOCK_PATH and not is_temporary(f)]
+        leftovers += [e for e in store.entries() if partition_layer(e) is not None]
+        if leftovers and not overwrite:
+            raise OutputConflictError("run.output", f"{store.location!r} holds the files of an actmap dump without "
+                                      f"its manifest ({', '.join(leftovers[:5])}): it cannot be resumed; rerun with "
+                                      "--overwrite to replace it, or choose another folder")
+        return OutputState(False, remove=None if leftovers else False)
+    if overwrite:
+        return OutputState(False, remove=existing["layers"])
+    diff = conflicts(existing, manifest)
+    if diff:
+        raise OutputConflictError("run.output", f"{store.location!r} holds a dump of another run; rerun with "
+                                  "--overwrite to replace it, or choose another folder. Differences:\n  "
+                                  + "\n  ".join(diff))
+    checked = check_dump(store, manifest_plan(existing), existing["layers"])
+    return OutputState(True, checked.records, checked.damage)
+
+
+def commit_output(store: OutputStore, manifest: Mapping[str, Any], state: OutputState) -> None:
+    """Make the folder ready as :func:`assess_output` found it must be: remove the old dump,
+    write the manifest, drop the records of damaged shards, clear the temporary files of writes
+    cut short."""
+    if state.remove is not False:
+        log.info("replacing the dump in %s", store.location)
+        remove_dump(store, state.remove)
+    if not state.resume:
+        store.write_json(MANIFEST_PATH, manifest)
+        return
+    for shard in sorted({d.shard for d in state.damage if d.shard is not None}):
+        reasons = "; ".join(str(d) for d in state.damage if d.shard == shard)
+        log.warning("shard %d is redone: %s", shard, reasons)
+        store.delete_file(store.path(shard_record_path(shard)))
+    for damage in state.damage:
+        if damage.shard is None:
+            log.warning("%s (left as it is)", damage)
+    remove_temporaries(store, manifest["layers"])
+    log.info("resuming the dump in %s: %d of %d shards already done", store.location, len(state.done),
+             manifest["plan"]["shards"])
+
+
+def prepare_output(store: OutputStore, manifest: Mapping[str, Any], overwrite: bool = False) -> dict[int, ShardRecord]:
+    """:func:`assess_output`, then :func:`commit_output`; returns the records of the shards done."""
+    state = assess_output(store, manifest, overwrite)
+    commit_output(store, manifest, state)
+    return state.done
 
 
 def completed_shards(store: OutputStore) -> dict[int, ShardRecord]:
-    """The records of the shards whose files are all in place, by shard id."""
-    done = {}
-    for path in filter(is_shard_record, store.list_files(SHARDS_DIR)):
-        record = ShardRecord.from_dict(store.read_json(path))
-        if all(store.exists(f) for f in record.files.values()):
-            done[record.shard] = record
-        else:
-            log.warning("shard %s has a record but misses files; it will be redone", record.shard)
-    return done
+    """The records of the shards whose files are all in place as recorded, by shard id."""
+    manifest = read_manifest(store)
+    layers = manifest["layers"] if manifest else sorted({layer for layer in map(partition_layer, store.entries())
+                                                         if layer is not None})
+    return check_dump(store, manifest_plan(manifest) if manifest else None, layers).records

@@ -8,6 +8,9 @@
 >>> p.in_flight(50)  # samples done of shards still running count too
 >>> p.line()
 '[######..............]    300/1,000 samples  30.0 samples/s  5.0 MB/s  ETA 0:23'
+>>> p.in_flight(50, pending=2)  # workers asked for that are not up yet
+>>> p.line()
+'[######..............]    300/1,000 samples  30.0 samples/s  5.0 MB/s  ETA 0:23  (2 actors pending)'
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Progress:
         self.samples = 0
         self.partial = 0
         self.bytes = 0
+        self.pending = 0
         self._last_print = -1e9
         self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
 
@@ -48,10 +52,11 @@ class Progress:
         self.bytes += nbytes
         self._draw()
 
-    def in_flight(self, samples: int) -> None:
-        """Set the samples done so far of the shards still running; redraw if it changed."""
-        if samples != self.partial:
-            self.partial = samples
+    def in_flight(self, samples: int, pending: int = 0) -> None:
+        """Set the samples done so far of the shards still running, and the workers not up yet;
+        redraw if either changed."""
+        if (samples, pending) != (self.partial, self.pending):
+            self.partial, self.pending = samples, pending
             self._draw()
 
     def _draw(self) -> None:
@@ -71,8 +76,9 @@ class Progress:
         width = 20
         filled = int(width * done / self.total) if self.total else width
         eta = duration_text((self.total - done) / rate) if rate > 0 else "?"
+        pending = f"  ({self.pending} actor{'s' if self.pending > 1 else ''} pending)" if self.pending else ""
         return (f"[{'#' * filled}{'.' * (width - filled)}] {done:>6,}/{self.total:,} samples  "
-                f"{rate:.1f} samples/s  {self.bytes / elapsed / 1e6:.1f} MB/s  ETA {eta}")
+                f"{rate:.1f} samples/s  {self.bytes / elapsed / 1e6:.1f} MB/s  ETA {eta}{pending}")
 
     def close(self) -> None:
         if self.stream is not None and self._tty:

@@ -4,32 +4,46 @@ Retries are the driver's alone: Ray reruns no task (``max_task_retries=0``), so 
 tried exactly as often as the driver's queue says. An actor that dies is restarted by Ray (at
 most ``run.max_attempts`` times, building its model again); the shards it had in flight come
 back as lost and go back to the queue, and the actor takes shards again once it answers a ping.
+
+A pool the cluster can never hold is refused before anything starts, naming what the cluster
+has. The work starts when every actor is up, or, when some are not up a while after the first
+(a cluster busy with other work, or an autoscaler adding nodes), on those that are: the others
+join as they come up, and the progress line counts them as pending. A run whose actors none
+comes up within ``run.start_timeout`` seconds stops, saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 from ._executor import Outcome, Slots, WorkerSpec
 from ._metrics import InFlightPoller
-from ._scheduling import plan_actors
+from ._scheduling import ActorPlan, plan_actors, unmet
 from ._shards import Shard
+from .config import Config
+from .errors import WorkersUnavailableError
 
 log = logging.getLogger(__name__)
 
+#: Seconds the other actors get to come up after the first one did, beyond the time it took.
+STRAGGLERS = 5.0
+
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None) -> Iterator[bool]:
     """Use the Ray that is already up (a Ray job, a test), or connect to ``address`` /
-    ``RAY_ADDRESS``, or start a local Ray; shut down only what was started here."""
+    ``RAY_ADDRESS``, or start a local Ray; shut down only what was started here. Yields whether
+    the Ray was started here (a local one, which no autoscaler grows)."""
     import ray
 
     if ray.is_initialized():
-        yield
+        yield False
         return
     kwargs: dict = {"logging_level": logging.WARNING}
     if not address and not os.environ.get("RAY_ADDRESS"):
@@ -40,9 +54,30 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         kwargs.update(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     ray.init(address=address, **kwargs)
     try:
-        yield
+        yield address == "local"
     finally:
         ray.shutdown()
+
+
+def autoscaling() -> bool:
+    """Whether an autoscaler may add nodes to the cluster Ray is connected to.
+
+    Ray's monitor runs a read-only autoscaler on a cluster started without an autoscaling
+    config: it reports each node as a node type of its own. A cluster whose report says so
+    cannot grow; any other (a launcher's config, autoscaler v2, no report yet) may.
+    """
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
+        mapping = json.loads(status)["autoscaler_report"]["node_type_mapping"] if status else None
+    except Exception:  # an older or newer Ray that reports otherwise: assume it may grow
+        log.debug("no autoscaler status", exc_info=True)
+        return True
+    return not (isinstance(mapping, dict) and mapping and all(k == v for k, v in mapping.items()))
 
 
 def _is_actor_death(exc: BaseException) -> bool:
@@ -59,24 +94,49 @@ class RayExecutor:
         self.address = address
         self.workers = 0
         self._session = contextlib.ExitStack()
+        self._started_here = False
+        self._plan: ActorPlan | None = None
         self._actors: list = []
         self._slots = Slots(0)
         self._pending: dict = {}  # object ref -> (actor, shard)
-        self._pings: dict = {}  # object ref -> actor that died and is expected back
+        self._pings: dict = {}  # object ref -> actor not up yet, or dead and expected back
+        self._starting: set[int] = set()  # actors that never came up yet
+        self._timeout = 0.0
+        self._none_since: float | None = None  # since when no actor is up (all pending, or dead)
         self._poller: InFlightPoller | None = None
 
-    def start(self, workers: WorkerSpec, shards: int) -> None:
-        self._session.enter_context(ray_session(self.address))
+    def _connect(self) -> None:
+        if not self._session._exit_callbacks:
+            self._started_here = self._session.enter_context(ray_session(self.address))
+
+    def check(self, config: Config, shards: int) -> None:
+        """Connect to Ray and plan the actors; a pool the cluster can never hold (and no
+        autoscaler can grow it) is a :class:`~pipeline.errors.ConfigError` naming what it has."""
         import ray
 
-        from ._worker import ShardWorker
-
-        run = workers.config.run
+        self._connect()
+        run = config.run
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         plan = plan_actors(run, ray.cluster_resources(), shards, nodes)
         if run.gpus_per_actor == "auto" and not plan.gpus and (self.address or os.environ.get("RAY_ADDRESS")):
             log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling "
                         "cluster set run.gpus_per_actor and run.actors to have GPU nodes started")
+        error = unmet(plan, nodes)
+        if error is not None:
+            if self._started_here or not autoscaling():
+                raise error
+            log.warning("%s; the autoscaler may add nodes: the work starts on the actors that come up", error)
+        self._plan = plan
+
+    def start(self, workers: WorkerSpec, shards: int) -> None:
+        import ray
+
+        from ._worker import ShardWorker
+
+        run = workers.config.run
+        if self._plan is None:
+            self.check(workers.config, shards)
+        plan = self._plan
         remote = ray.remote(ShardWorker).options(
             # one more thread than shards at work answers the driver's progress questions
             num_cpus=plan.cpus, num_gpus=plan.gpus, scheduling_strategy="SPREAD",
@@ -90,9 +150,39 @@ class RayExecutor:
         self._slots = Slots(plan.count, per_worker=plan.shards_per_actor)
         self._poller = InFlightPoller(self._actors)
         log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)
-        # surface a failing start (a model that does not build there) as itself
-        for info in ray.get([a.info.remote() for a in self._actors]):
-            log.info("actor on %s (%s)", info["host"], info["device"])
+        for actor in range(plan.count):  # none takes shards before it answers
+            self._slots.lose(actor)
+            self._starting.add(actor)
+            self._pings[self._actors[actor].info.remote()] = actor
+        self._timeout = run.start_timeout
+        began = time.monotonic()
+        deadline = began + run.start_timeout
+        while self._starting:
+            ready, _ = ray.wait(list(self._pings), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready and not self._slots.alive:
+                raise WorkersUnavailableError(self._none_up(plan, run.start_timeout))
+            if ready:
+                first = not self._slots.alive
+                self._answered(ready[0], first=first)
+                if first and self._slots.alive:  # the others get as long again (they build the same model)
+                    deadline = min(deadline, time.monotonic() + STRAGGLERS + (time.monotonic() - began))
+            if time.monotonic() >= deadline:  # the rest wait for room, or for nodes: they join when up
+                log.warning("%d of %d actors are up; the work starts, the others join as they come up",
+                            plan.count - len(self._starting), plan.count)
+                break
+
+    def _none_up(self, plan: ActorPlan, timeout: float) -> str:
+        import ray
+
+        free, total = ray.available_resources(), ray.cluster_resources()
+        has = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s" for k in ("CPU", "GPU"))
+        return (f"no actor came up within {timeout:g} s (run.start_timeout): each needs {plan.cpus:g} CPU and "
+                f"{plan.gpus:g} GPU, and the cluster has {has} free now"
+                + (", and its autoscaler added no node that fits" if not self._started_here and autoscaling() else ""))
+
+    @property
+    def pending(self) -> int:
+        return len(self._starting)
 
     @property
     def free(self) -> int:
@@ -109,6 +199,12 @@ class RayExecutor:
     def wait(self, timeout: float) -> list[Outcome]:
         import ray
 
+        if self._slots.alive or self._pending:
+            self._none_since = None
+        elif self._none_since is None:
+            self._none_since = time.monotonic()
+        elif time.monotonic() - self._none_since > self._timeout:
+            raise WorkersUnavailableError(self._none_up(self._plan, self._timeout))
         ready, _ = ray.wait([*self._pending, *self._pings], num_returns=1, timeout=timeout)
         outcomes = []
         for ref in ready:
@@ -128,21 +224,31 @@ class RayExecutor:
                 outcomes.append(Outcome(shard, error=exc, lost_worker=lost))
         return outcomes
 
-    def _answered(self, ref) -> None:
+    def _answered(self, ref, first: bool = False) -> None:
+        """An actor answered its ping: it takes shards again (or for the first time). An actor
+        that cannot start raises its error while none is up yet (``first``), else it is left out."""
         import ray
         import ray.exceptions as rex
 
         actor = self._pings.pop(ref)
         try:
-            ray.get(ref)
+            info = ray.get(ref)
         except rex.ActorUnavailableError:  # still on its way back: ask again
             log.debug("actor %d is not back yet", actor)
             self._pings[self._actors[actor].info.remote()] = actor
+            return
         except Exception as exc:
+            self._starting.discard(actor)
+            if first:  # every actor builds the same model: the first that cannot is the run's error
+                raise
             log.warning("actor %d is gone for good (%s); the others take its shards", actor, type(exc).__name__)
+            return
+        if actor in self._starting:
+            self._starting.discard(actor)
+            log.info("actor %d is up on %s (%s)", actor, info["host"], info["device"])
         else:
             log.info("actor %d is back", actor)
-            self._slots.revive(actor)
+        self._slots.revive(actor)
 
     def in_flight(self, finished) -> int:
         return self._poller.poll(self._slots.alive, finished) if self._poller is not None else 0

@@ -21,24 +21,42 @@ import pyarrow.parquet as pq
 import torch
 
 from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
-from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, is_data_file, partition_dir,
-                      partition_layer, shape_column, shape_columns)
-from ._manifest import completed_shards
+from ._integrity import Damage, check_dump, index_problems, parallel_map
+from ._layout import ACTIVATION, INDEX, file_shard, partition_layer, shape_column, shape_columns
+from ._manifest import manifest_plan, read_manifest
 from ._records import BadSample, LayerSpec
 from ._report import bad_sample_lines, layer_lines, sorted_bad
 from ._store import OutputStore
-from .errors import UnknownDumpLayerError, close_matches
+from .errors import DamagedDumpError, UnknownDumpLayerError, close_matches
+from ._sources._base import describe_error
 from ._shuffle import block_shuffle, groups_per_window
 from ._stats import merge_records
 
 
 def _layer_files(store: OutputStore, layer: str) -> list[str]:
-    files = [f for f in store.list_files(partition_dir(layer)) if is_data_file(f)]
+    """The data files of ``layer``, once each is checked against its shard's record (and the
+    manifest's plan): a dump whose files contradict them is refused, naming each file."""
+    manifest = read_manifest(store)
+    checked = check_dump(store, manifest_plan(manifest) if manifest else None, [layer])
+    files = sorted(checked.files[layer])
     if not files:
         layers = dump_layers(store)
         raise UnknownDumpLayerError(f"{store.location!r} holds no rows of layer {layer!r}; "
                                     f"{close_matches(layer, layers) if layers else 'it holds no layer yet'}")
+    if checked.damage:
+        raise DamagedDumpError(f"{store.location!r} is damaged: its files contradict its records, so its rows "
+                               f"cannot be trusted: {_listed(checked.damage)}. Rerun the command that made it: "
+                               "the rerun checks every file and redoes those shards (`actmap inspect` lists the damage)")
     return files
+
+
+def _listed(damage: Sequence[object], limit: int = 5) -> str:
+    return "; ".join(map(str, damage[:limit])) + (f"; and {len(damage) - limit} more" if len(damage) > limit else "")
+
+
+#: Parquet scans that verify each page's checksum (files written by actmap carry them).
+_FORMAT = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+    page_checksum_verification=True))
 
 
 def dump_layers(store: OutputStore | str) -> list[str]:
@@ -61,7 +79,7 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     given), sorted by index."""
     store = OutputStore(location)
     files = [store.path(f) for f in _layer_files(store, layer)]
-    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
+    dataset = ds.dataset(files, format=_FORMAT, filesystem=store.fs)
     condition = None
     if start is not None:
         condition = pc.field(INDEX) >= start
@@ -168,7 +186,7 @@ class ActivationDataset(torch.utils.data.Dataset):
             self._readers.move_to_end(f)
         else:
             handle = self._fs.open_input_file(self._files[f])
-            self._readers[f] = (pq.ParquetFile(handle), handle)
+            self._readers[f] = (pq.ParquetFile(handle, page_checksum_verification=True), handle)
             if len(self._readers) > self._cache_size:
                 self._readers.popitem(last=False)[1][1].close()
         return self._readers[f][0]
@@ -247,7 +265,8 @@ class DumpInfo:
 
     ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
     ``dtype``, ``files``, ``bytes`` and ``columns``; ``bad`` one dict per bad sample of the
-    shards done (its index, id and reason).
+    shards done (its index, id and reason); ``damage`` one line per file that is not what the
+    dump's records say (each naming the file).
     """
 
     location: str
@@ -256,10 +275,13 @@ class DumpInfo:
     shards_done: int
     shards_planned: int | None
     bad: list[dict]
+    damage: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return self.shards_planned is not None and self.shards_done == self.shards_planned
+        """Whether every planned shard is done, and each sample is in each layer exactly once
+        (but the bad samples)."""
+        return self.shards_planned is not None and self.shards_done == self.shards_planned and not self.damage
 
     def format(self, bad_limit: int = 20) -> str:
         lines = [f"dump: {self.location}"]
@@ -268,7 +290,8 @@ class DumpInfo:
             lines.append(f"model: {m['model']['name']} (weights {m['model']['weights_sha256'][:12]}), "
                          f"source: {m['source'].get('kind')} of {m['plan']['samples']:,} samples")
         planned = "?" if self.shards_planned is None else self.shards_planned
-        state = "complete" if self.complete else "INCOMPLETE (rerun the same command to finish)"
+        state = ("complete" if self.complete else "DAMAGED" if self.damage
+                 else "INCOMPLETE (rerun the same command to finish)")
         lines.append(f"shards: {self.shards_done}/{planned} done, {state}")
         for layer, i in self.layers.items():  # each layer's line, then its values when counted
             lines += layer_lines({layer: LayerSpec.from_dict(i)}, {layer: i["rows"]}, {layer: i["bytes"]},
@@ -279,32 +302,58 @@ class DumpInfo:
         lines.append(f"bad samples: {len(self.bad)}")
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=bad_limit, indent="  ",
                                   more="... and {rest} more")
+        if self.damage:
+            lines.append(f"damage: {len(self.damage)} file(s) are not what the dump's records say; the readers "
+                         "refuse the dump until a rerun of the same command redoes their shards:")
+            lines += [f"  {line}" for line in self.damage]
         return "\n".join(lines)
 
 
 def inspect_dump(location: str) -> DumpInfo:
-    """Describe a dump: layers (rows, shape, dtype, files, bytes, columns), completeness, bad samples."""
+    """Describe a dump: layers (rows, shape, dtype, files, bytes, columns), completeness, bad
+    samples, and damage: each file is checked against its shard's record, and its index column
+    read, so that each sample of the shards done is proven to be in each layer exactly once."""
     store = OutputStore(location)
     if not store.entries():
         raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
-    manifest = store.read_json(MANIFEST_PATH) if store.exists(MANIFEST_PATH) else None
-    records = completed_shards(store) if store.exists(SHARDS_DIR) else {}
+    manifest = read_manifest(store)
+    layer_ids = dump_layers(store)
+    checked = check_dump(store, manifest_plan(manifest) if manifest else None, layer_ids)
+    records = checked.records
+    damage: list[Damage] = list(checked.damage)
     layers = {}
-    for layer in dump_layers(store):
-        files = _layer_files(store, layer)
+    for layer in layer_ids:
+        files = sorted(checked.files[layer])
         rows, size, schema = 0, 0, None
+        readable = []
         for f in files:
-            with store.fs.open_input_file(store.path(f)) as handle:
-                parquet = pq.ParquetFile(handle)
-                rows += parquet.metadata.num_rows
-                schema = schema or parquet.schema_arrow
-            size += store.size(f)
+            size += checked.files[layer][f]
+            try:
+                with store.fs.open_input_file(store.path(f)) as handle:
+                    parquet = pq.ParquetFile(handle)
+                    rows += parquet.metadata.num_rows
+                    schema = schema or parquet.schema_arrow
+            except Exception as exc:  # named as damage (by the check, or here)
+                if not any(d.path == f for d in damage):
+                    damage.append(Damage(f, f"unreadable ({describe_error(exc)})", file_shard(f)))
+                continue
+            readable.append(f)
+        if schema is None:
+            continue
         spec = read_metadata(schema)["columns"][ACTIVATION]
         layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
                          "bytes": size, "columns": schema.names}
+        # each sample of the shards done, in each layer, exactly once
+        damaged = {d.path for d in damage}
+        recorded = [(f, records[file_shard(f)]) for f in readable if file_shard(f) in records and f not in damaged]
+        found = parallel_map(store, lambda item: index_problems(store, item[0], item[1].start, item[1].stop,
+                                                                {b.index for b in item[1].bad}), recorded)
+        damage += [Damage(f, problem, record.shard) for (f, record), problems in zip(recorded, found)
+                   for problem in problems]
     for layer, values in merge_records(records.values()).items():
         if layer in layers:
             layers[layer]["values"] = values  # computed by the actors as they wrote
     bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
     planned = manifest["plan"]["shards"] if manifest else None
-    return DumpInfo(location, manifest, layers, len(records), planned, bad)
+    done = len(set(records) - {d.shard for d in damage})
+    return DumpInfo(location, manifest, layers, done, planned, bad, [str(d) for d in damage])

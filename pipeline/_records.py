@@ -38,6 +38,17 @@ def _known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     return {f.name: data[f.name] for f in fields if f.name in data}
 
 
+def _build(cls: type, data: Mapping[str, Any]) -> Any:
+    """``cls`` from the known fields of ``data``; values of the wrong kind are a :class:`RecordError`."""
+    known = _known_fields(cls, data)
+    try:
+        return cls(**known)
+    except RecordError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise RecordError(f"a {cls.__name__} with a value of the wrong kind ({type(exc).__name__}: {exc})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """How a layer's activations are stored: the per-sample ``shape`` (``None`` when each row
@@ -60,7 +71,7 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerSpec:
-        return cls(**_known_fields(cls, data))
+        return _build(cls, data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +87,7 @@ class BadSample:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BadSample:
-        return cls(**_known_fields(cls, data))
+        return _build(cls, data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +100,9 @@ class ShardRecord:
         rows: rows written per layer.
         files: each layer's file, relative to the output root (no entry: no rows, no file).
         bytes: each file's size.
+        index_range: each file's first and last source index; with ``rows`` and ``bytes`` it
+            pins what the shard committed, so a file damaged or replaced since is found
+            (records of older versions have none: their files are checked against the shard).
         bad: the samples that could not be read.
         seconds: where the shard's time went (``load_wait``, ``forward``, ``write_wait``, ...).
         started, finished: wall-clock times (seconds since the epoch).
@@ -102,6 +116,7 @@ class ShardRecord:
     rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
     files: Mapping[str, str] = dataclasses.field(default_factory=dict)
     bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    index_range: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     bad: tuple[BadSample, ...] = ()
     seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
     started: float = 0.0
@@ -112,6 +127,7 @@ class ShardRecord:
     def __post_init__(self):
         object.__setattr__(self, "bad", tuple(b if isinstance(b, BadSample) else BadSample.from_dict(b)
                                               for b in self.bad))
+        object.__setattr__(self, "index_range", {k: (int(v[0]), int(v[1])) for k, v in self.index_range.items()})
 
     @property
     def total_bytes(self) -> int:
@@ -121,8 +137,9 @@ class ShardRecord:
     def to_dict(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         doc["bad"] = [b.to_dict() for b in self.bad]
+        doc["index_range"] = {k: list(v) for k, v in self.index_range.items()}
         return {k: dict(v) if isinstance(v, Mapping) else v for k, v in doc.items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ShardRecord:
-        return cls(**_known_fields(cls, data))
+        return _build(cls, data)

@@ -55,7 +55,8 @@ class Summary:
 
     ``layers`` holds each layer's stored ``{"shape", "dtype"}`` (``shape`` is ``None`` when
     every row has its own), ``bad`` one dict per bad sample (its index, id and reason, as
-    ``BadSample.to_dict`` gives them).
+    ``BadSample.to_dict`` gives them); ``rows`` and ``bytes`` are the whole dump's,
+    ``new_samples`` and ``written`` (bytes) this run's.
     """
 
     output: str
@@ -69,25 +70,30 @@ class Summary:
     actors: int
     seconds: float
     new_samples: int
+    written: int = 0
 
     @classmethod
     def from_records(cls, records: Mapping[int, ShardRecord], *, output: str, layers: Mapping[str, LayerSpec],
-                     samples: int, resumed: int, actors: int, seconds: float, new_samples: int) -> Summary:
+                     samples: int, resumed: int, actors: int, seconds: float, new_samples: int,
+                     written: int = 0) -> Summary:
         rows = {layer: sum(r.rows.get(layer, 0) for r in records.values()) for layer in layers}
         nbytes = {layer: sum(r.bytes.get(layer, 0) for r in records.values()) for layer in layers}
         bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
         return cls(output, {k: v.to_dict() for k, v in layers.items()}, samples, rows, nbytes, bad,
-                   len(records), resumed, actors, seconds, new_samples)
+                   len(records), resumed, actors, seconds, new_samples, written)
 
     def format(self) -> str:
-        total = sum(self.bytes.values())
-        rate = self.new_samples / self.seconds if self.seconds else 0.0
         lines = [f"actmap: {self.samples:,} samples, {len(self.layers)} layer(s) in {self.output}"]
         layers = {layer: LayerSpec.from_dict(info) for layer, info in self.layers.items()}
         lines += layer_lines(layers, self.rows, self.bytes, indent="  ")
-        lines.append(f"  {self.shards} shards ({self.resumed} already done) on {self.actors} actor(s); "
-                     f"{duration_text(self.seconds)} wall, {rate:,.1f} samples/s, "
-                     f"{total / max(self.seconds, 1e-9) / 1e6:,.1f} MB/s written")
+        if self.new_samples:
+            rate = self.new_samples / max(self.seconds, 1e-9)
+            lines.append(f"  {self.shards} shards ({self.resumed} already done) on {self.actors} actor(s); "
+                         f"{duration_text(self.seconds)} wall, {rate:,.1f} samples/s, "
+                         f"{self.written / max(self.seconds, 1e-9) / 1e6:,.1f} MB/s written")
+        else:
+            lines.append(f"  {self.shards} shards, all already done: nothing to do "
+                         f"({duration_text(self.seconds)} wall)")
         lines.append(f"  bad samples: {len(self.bad)}")
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=10, indent="    ",
                                   more=f"... `actmap inspect {self.output}` lists all {{all}}")

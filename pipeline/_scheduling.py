@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from ._shards import Shard
@@ -79,6 +80,43 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     return ActorPlan(max(1, min(count, shards)), cpus, gpus)
 
 
+def room(plan: ActorPlan, nodes: Sequence[Mapping[str, float]]) -> int:
+    """How many actors of ``plan``'s size the ``nodes`` (their total resources) hold at most.
+
+    >>> room(ActorPlan(3, 1.0, 0.0), [{"CPU": 2.0}])
+    2
+    >>> room(ActorPlan(4, 4.0, 1.0), [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 64.0}])
+    2
+    """
+    if plan.cpus <= 0 and plan.gpus <= 0:
+        return plan.count
+    fits = 0
+    for node in nodes:
+        per_resource = [node.get(kind, 0.0) / need for kind, need in (("CPU", plan.cpus), ("GPU", plan.gpus)) if need > 0]
+        fits += math.floor(min(per_resource) + 1e-9)
+    return fits
+
+
+def unmet(plan: ActorPlan, nodes: Sequence[Mapping[str, float]]) -> ConfigError | None:
+    """The error for a pool the ``nodes`` can never hold all of (``None``: they can), naming
+    what the cluster has.
+
+    >>> print(unmet(ActorPlan(3, 1.0, 0.0), [{"CPU": 2.0}]))
+    run.actors: 3 actors of 1 CPU and 0 GPU each, but the cluster has 2 CPUs and 0 GPUs on 1 node(s), room for 2 of them; set run.actors to at most 2 (or auto), or give each actor less
+    """
+    fits = room(plan, nodes)
+    if fits >= plan.count:
+        return None
+    cpus, gpus = (sum(n.get(kind, 0.0) for n in nodes) for kind in ("CPU", "GPU"))
+    has = (f"{plan.count} actors of {plan.cpus:g} CPU and {plan.gpus:g} GPU each, but the cluster has "
+           f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)")
+    if fits:
+        return ConfigError("run.actors", f"{has}, room for {fits} of them; set run.actors to at most {fits} "
+                           "(or auto), or give each actor less")
+    short = "run.gpus_per_actor" if plan.gpus and all(n.get("GPU", 0.0) < plan.gpus for n in nodes) else "run.cpus_per_actor"
+    return ConfigError(short, f"{has}: no node holds one actor; lower {short}")
+
+
 class ShardQueue:
     """The shards still to do, handed out in order; a failed shard goes back to the front.
 
@@ -92,7 +130,9 @@ class ShardQueue:
     """
 
     def __init__(self, shards: Iterable[Shard], max_attempts: int = 3):
-        self._todo = collections.deque(shards)
+        self._fresh = iter(shards)  # taken as they are needed: a plan of any size costs nothing here
+        self._next = next(self._fresh, None)
+        self._retry: collections.deque[Shard] = collections.deque()
         self._running: set[int] = set()
         self.max_attempts = max_attempts
         self.attempts: collections.Counter[int] = collections.Counter()
@@ -100,9 +140,12 @@ class ShardQueue:
 
     def take(self) -> Shard | None:
         """The next shard to start, or ``None`` when nothing waits."""
-        if not self._todo:
+        if self._retry:
+            shard = self._retry.popleft()
+        elif self._next is not None:
+            shard, self._next = self._next, next(self._fresh, None)
+        else:
             return None
-        shard = self._todo.popleft()
         self._running.add(shard.id)
         self.attempts[shard.id] += 1
         return shard
@@ -111,15 +154,16 @@ class ShardQueue:
         self._running.discard(shard.id)
         self.done.append(shard.id)
 
-    def failed(self, shard: Shard, error: object) -> None:
-        """Put ``shard`` back to retry; ``ShardFailedError`` once it has failed ``max_attempts`` times."""
+    def failed(self, shard: Shard, error: object, cause: BaseException | None = None) -> None:
+        """Put ``shard`` back to retry; ``ShardFailedError`` once it has failed ``max_attempts``
+        times (``cause``: the error it failed with)."""
         self._running.discard(shard.id)
         if self.attempts[shard.id] >= self.max_attempts:
             raise ShardFailedError(f"shard {shard.id} (samples {shard.start}-{shard.stop}) failed "
-                                   f"{self.attempts[shard.id]} times; last error: {error}")
-        self._todo.appendleft(shard)
+                                   f"{self.attempts[shard.id]} times; last error: {error}", cause)
+        self._retry.appendleft(shard)
 
     @property
     def idle(self) -> bool:
         """Whether every shard is done."""
-        return not self._todo and not self._running
+        return not self._retry and self._next is None and not self._running

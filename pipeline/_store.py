@@ -71,19 +71,32 @@ class OutputStore:
         return sorted(posixpath.basename(i.path) for i in
                       self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)))
 
-    def list_files(self, relative: str) -> list[str]:
-        """The files under ``relative`` (at any depth), relative to the root."""
+    def sizes(self, relative: str) -> dict[str, int]:
+        """The files under ``relative`` (at any depth), relative to the root, with their sizes:
+        one listing, however many files."""
         base = self.path(relative)
         if self.fs.get_file_info(base).type != pafs.FileType.Directory:
-            return []
+            return {}
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        return sorted(posixpath.relpath(i.path, self.root) for i in infos
-                      if i.type == pafs.FileType.File)
+        return {posixpath.relpath(i.path, self.root): i.size for i in sorted(infos, key=lambda i: i.path)
+                if i.type == pafs.FileType.File}
 
-    def clear(self) -> None:
-        """Delete everything in the root folder."""
-        if self.entries():
-            self.fs.delete_dir_contents(self.root)
+    def list_files(self, relative: str) -> list[str]:
+        """The files under ``relative`` (at any depth), relative to the root."""
+        return list(self.sizes(relative))
+
+    def is_dir(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.Directory
+
+    def delete_dir(self, relative: str) -> None:
+        """Delete the folder ``relative`` if it is there (with what it holds)."""
+        if self.is_dir(relative):
+            self.fs.delete_dir(self.path(relative))
+
+    @property
+    def local(self) -> bool:
+        """Whether the store is on this machine's filesystem."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     def write_json(self, relative: str, doc: Any) -> None:
         """Write a JSON document atomically."""
@@ -96,3 +109,28 @@ class OutputStore:
     def read_json(self, relative: str) -> Any:
         with self.fs.open_input_stream(self.path(relative)) as f:
             return json.loads(f.read())
+
+    def create_json(self, relative: str, doc: Any) -> bool:
+        """Write a JSON document only if ``relative`` does not exist yet; whether it was written.
+
+        On a local disk the document is written under a temporary name and hard-linked to
+        ``relative``, which fails if it exists: of two writers one wins, and no reader sees
+        half a document. Object stores offer pyarrow no conditional write: there it is a check,
+        then a write.
+        """
+        if not self.local:
+            if self.exists(relative):
+                return False
+            self.write_json(relative, doc)
+            return True
+        self.make_dirs(posixpath.dirname(relative) or ".")
+        tmp = self.temporary(relative)
+        with open(tmp, "wb") as out:
+            out.write(json.dumps(doc, indent=1, sort_keys=True).encode())
+        try:
+            os.link(tmp, self.path(relative))
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True

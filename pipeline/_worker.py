@@ -374,7 +374,8 @@ class ShardWorker:
         record = ShardRecord(
             shard=shard.id, start=shard.start, stop=shard.stop, rows=rows,
             files={layer: shard.file_name(layer) for layer in layers if rows[layer]},
-            bytes={layer: size for layer, size in sizes.items() if size}, bad=tuple(bad),
+            bytes={layer: size for layer, size in sizes.items() if size},
+            index_range={layer: w.index_range for layer, w in writers.items() if w.index_range}, bad=tuple(bad),
             seconds={k: round(v, 4) for k, v in seconds.items()},
             started=round(started_at, 3), finished=round(time.time(), 3), worker=self.info(),
             stats={layer: s.to_dict() for layer, s in stats.items()})

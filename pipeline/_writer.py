@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._encoding import encode_fixed, encode_variable, schema_metadata
@@ -82,7 +83,9 @@ class LayerFileWriter:
     """Writes the file of one (layer, shard): ``write`` batches, then ``commit`` or ``abort``.
 
     The file is written under a hidden temporary name and appears under its final name only on
-    commit, replacing the file of an earlier attempt at the same shard.
+    commit, replacing the file of an earlier attempt at the same shard. Every page carries its
+    CRC-32 (readers verify it), and ``index_range`` is the first and last source index written:
+    with the rows and the size, the shard's record pins what the file holds.
     """
 
     def __init__(self, store: OutputStore, relative: str, compression: str = "zstd"):
@@ -91,6 +94,7 @@ class LayerFileWriter:
         self._temporary: str | None = None
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
+        self.index_range: tuple[int, int] | None = None
 
     def write(self, table: pa.Table) -> None:
         if self._writer is None:
@@ -98,12 +102,18 @@ class LayerFileWriter:
             self._temporary = self.store.temporary(self.relative)
             self._writer = pq.ParquetWriter(self._temporary, table.schema, filesystem=self.store.fs,
                                             compression=self.compression, use_dictionary=False,
-                                            write_statistics=[SAMPLE_ID, INDEX])
+                                            write_statistics=[SAMPLE_ID, INDEX], write_page_checksum=True)
         elif not table.schema.equals(self._writer.schema, check_metadata=False):
             raise ValueError(f"{self.relative}: a batch's columns changed within the file:\n"
                              f"{self._writer.schema}\nthen\n{table.schema}")
         self._writer.write_table(table)
         self.rows += table.num_rows
+        if table.num_rows:
+            low, high = pc.min_max(table.column(INDEX)).values()
+            low, high = low.as_py(), high.as_py()
+            if self.index_range is not None:
+                low, high = min(low, self.index_range[0]), max(high, self.index_range[1])
+            self.index_range = (low, high)
 
     def commit(self) -> int:
         """Close the file and give it its final name; returns its size in bytes.

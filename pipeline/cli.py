@@ -1,7 +1,8 @@
 """The command line: ``actmap run``, ``actmap layers``, ``actmap inspect``, ``actmap show``.
 
-Exit status: 0 done, 1 the run failed (what was done is kept; rerun to resume), 2 a bad
-config or argument (nothing was started).
+Exit status: 0 done, 1 the run failed (what was done is kept; what to do next is printed), 2 a
+bad config or argument, or an output folder that cannot be used (nothing was started), 3 a
+dump that ``inspect`` finds incomplete or damaged.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, DamagedDumpError
 
 log = logging.getLogger("actmap")
+
+#: What to do after a run failed, unless its error says otherwise (``PipelineError.after``).
+RESUME = "The shards finished so far are kept; rerun the same command to resume."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,6 +123,9 @@ def _inspect(args: argparse.Namespace) -> int:
         info = inspect_dump(args.output)
     except FileNotFoundError as exc:
         raise ConfigError("output", str(exc)) from None
+    except DamagedDumpError as exc:
+        print(f"actmap: damaged: {exc}", file=sys.stderr)
+        return 3
     print(info.format(bad_limit=args.bad))
     return 0 if info.complete else 3
 
@@ -139,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("failure", exc_info=True)
         print(f"actmap: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         if args.command == "run":
-            print("The shards finished so far are kept; rerun the same command to resume.", file=sys.stderr)
+            print(getattr(exc, "after", None) or RESUME, file=sys.stderr)
         return 1
 
 

@@ -361,7 +361,9 @@ class RunSpec(_Section):
 
     ``actors``, ``gpus_per_actor`` and ``cpus_per_actor`` may be ``auto``: one actor per GPU of
     the cluster with its share of the node's CPUs, or, on a cluster without GPUs, one actor per
-    CPU. A shard is tried at most ``max_attempts`` times in all, on whatever worker.
+    CPU. A shard is tried at most ``max_attempts`` times in all, on whatever worker. A Ray run
+    whose actors none comes up within ``start_timeout`` seconds (a busy cluster, one that does
+    not scale up) stops.
     """
 
     _prefix = "run"
@@ -374,6 +376,7 @@ class RunSpec(_Section):
     shard_size: int = _field(256, check.integer(1))
     strict: bool = _field(False, check.boolean)
     max_attempts: int = _field(3, check.integer(1))
+    start_timeout: float = _field(600.0, check.number(0.0, above=True))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,13 @@ from typing import Any
 
 
 class PipelineError(Exception):
-    """The base of the errors the pipeline raises on purpose."""
+    """The base of the errors the pipeline raises on purpose.
+
+    ``after`` is what to do once a run stopped on it (the CLI prints it); ``None``: a rerun of
+    the same command resumes.
+    """
+
+    after: str | None = None
 
     def __reduce__(self) -> tuple:
         # rebuilt without calling __init__ (whose arguments differ from ``args``), so these
@@ -49,6 +55,29 @@ class OutputConflictError(ConfigError):
     """The output folder holds another run, or files that are not a dump."""
 
 
+class OutputLockedError(OutputConflictError):
+    """Another run is at work on the output folder."""
+
+
+class DamagedDumpError(PipelineError, ValueError):
+    """A dump's files contradict its records (cut short, replaced, missing), or one of its
+    records, or its manifest, cannot be read. The message names each file."""
+
+
+class LockLostError(PipelineError, RuntimeError):
+    """Another run took over the output folder's lock while this one ran."""
+
+    after = ("The shards finished so far are kept. Another run works on this output now: let it finish "
+             "(`actmap inspect` tells when the dump is complete) rather than rerunning beside it.")
+
+
+class WorkersUnavailableError(PipelineError, RuntimeError):
+    """No worker came up on the cluster in time."""
+
+    after = ("Nothing was lost: the shards finished so far are kept. Rerun the same command once the cluster "
+             "has room for an actor, or ask for less per actor.")
+
+
 class ReservedColumnError(ConfigError):
     """A pass-through column of the source takes the name of an output column."""
 
@@ -59,24 +88,45 @@ class ReservedColumnError(ConfigError):
                          "parquet source passes through only the columns listed in source.columns)")
 
 
+#: What to do after an error that a rerun of the same config meets again.
+_RERUN_FAILS = ("The shards finished so far are kept, but a rerun of the same config fails the same way: "
+                "change the config as the error says (a change to the model or the dump needs --overwrite).")
+
+
 class BadSampleError(PipelineError, RuntimeError):
     """A sample could not be read in strict mode."""
 
+    after = ("The shards finished so far are kept. A rerun reads that sample again: mend or remove it, or "
+             "unset run.strict to record it as bad and go on, then rerun the same command to resume.")
+
 
 class ShardFailedError(PipelineError, RuntimeError):
-    """A shard failed on every attempt; the shards already done are kept."""
+    """A shard failed on every attempt; the shards already done are kept.
+
+    ``cause``: the last attempt's error; its ``after`` is this error's.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.after = getattr(cause, "after", None)
 
 
 class LayerOutputError(PipelineError, RuntimeError):
     """A layer's output is not one tensor (a tuple, a dict, ...): it cannot be stored."""
 
+    after = _RERUN_FAILS
+
 
 class ShapeChangedError(PipelineError, RuntimeError):
     """Under fixed shapes, a layer gave an output of another shape than before."""
 
+    after = _RERUN_FAILS
+
 
 class WeightsMismatchError(PipelineError, RuntimeError):
     """A worker built the model with other weights than the driver did."""
+
+    after = _RERUN_FAILS
 
 
 class RecordError(PipelineError, ValueError):

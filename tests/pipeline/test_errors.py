@@ -9,6 +9,10 @@ from pipeline import errors
 BUILT_IN = {
     errors.ConfigError: ValueError,
     errors.OutputConflictError: ValueError,
+    errors.OutputLockedError: ValueError,
+    errors.DamagedDumpError: ValueError,
+    errors.LockLostError: RuntimeError,
+    errors.WorkersUnavailableError: RuntimeError,
     errors.ReservedColumnError: ValueError,
     errors.BadSampleError: RuntimeError,
     errors.ShardFailedError: RuntimeError,
@@ -23,10 +27,13 @@ BUILT_IN = {
 def _examples():
     yield errors.ConfigError("run.batch_size", "must be at least 1, got 0")
     yield errors.OutputConflictError("run.output", "holds another run")
+    yield errors.OutputLockedError("run.output", "is in use by another run")
+    yield errors.ShardFailedError("shard 1 failed 3 times", errors.ShapeChangedError("shape"))
     yield errors.ReservedColumnError("index", ["index", "sample_id"])
     for cls in (errors.BadSampleError, errors.ShardFailedError, errors.LayerOutputError,
                 errors.ShapeChangedError, errors.WeightsMismatchError, errors.RecordError,
-                errors.UnknownDumpLayerError):
+                errors.UnknownDumpLayerError, errors.DamagedDumpError, errors.LockLostError,
+                errors.WorkersUnavailableError):
         yield cls(f"a {cls.__name__}")
 
 
@@ -50,3 +57,12 @@ def test_config_errors_name_their_key():
         "source: the pass-through column 'index' clashes with an output column (index, sample_id)")
     assert errors.ReservedColumnError("index", []).key == "source"
     assert str(errors.ConfigError("", "no key")) == "no key"
+
+
+def test_what_to_do_after_an_error():
+    """``after`` is what the CLI prints once a run stopped on the error: a rerun resumes unless
+    the error says otherwise."""
+    assert errors.ShardFailedError("lost").after is None
+    assert "fails the same way" in errors.ShardFailedError("x", errors.ShapeChangedError("y")).after
+    assert "fails the same way" in pickle.loads(pickle.dumps(errors.ShardFailedError("x", errors.LayerOutputError("y")))).after
+    assert "unset run.strict" in errors.BadSampleError("x").after

@@ -21,24 +21,25 @@ class Lossy:
 
     def __init__(self, comes_back: bool):
         self.comes_back, self.alive, self.workers = comes_back, True, 1
-        self.pending: list[Shard] = []
+        self.shards: list[Shard] = []
+        self.pending = 0
         self.tries: dict[int, int] = {}
 
     @property
     def free(self) -> int:
-        return int(self.alive and not self.pending)
+        return int(self.alive and not self.shards)
 
     @property
     def busy(self) -> bool:
-        return bool(self.pending)
+        return bool(self.shards)
 
     def submit(self, shard: Shard) -> None:
-        self.pending.append(shard)
+        self.shards.append(shard)
         self.tries[shard.id] = self.tries.get(shard.id, 0) + 1
 
     def wait(self, timeout: float) -> list[Outcome]:
-        lost = [Outcome(s, error=RuntimeError("the worker died"), lost_worker=True) for s in self.pending]
-        self.pending, self.alive = [], self.comes_back
+        lost = [Outcome(s, error=RuntimeError("the worker died"), lost_worker=True) for s in self.shards]
+        self.shards, self.alive = [], self.comes_back
         return lost
 
     def in_flight(self, finished) -> int:

@@ -1,11 +1,17 @@
+"""The manifest and the output folder: new, resumed, refused, replaced; what a dump owns."""
+
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pipeline._layout import MANIFEST_PATH, shard_record_path
-from pipeline._manifest import completed_shards, new_manifest, prepare_output
+from pipeline._layout import LOCK_PATH, MANIFEST_PATH, layer_file, shard_record_path
+from pipeline._manifest import completed_shards, foreign_entries, new_manifest, prepare_output, remove_dump
 from pipeline._records import ShardRecord
+from pipeline._shards import plan_shards
 from pipeline._store import OutputStore
+from pipeline._writer import LayerFileWriter, build_table
 from pipeline.config import Config
 from pipeline.errors import OutputConflictError
 
@@ -13,75 +19,178 @@ MODEL = {"name": "resnet18", "weights_sha256": "abc"}
 SOURCE = {"kind": "generated", "count": 10}
 
 
-def _manifest(**run):
-    return new_manifest(Config.from_dict({"run": run}), MODEL, SOURCE, 10)
+def _manifest(layers=("l",), **run):
+    return new_manifest(Config.from_dict({"model": {"layers": list(layers)}, "run": {"shard_size": 4, **run}}),
+                        MODEL, SOURCE, 10)
+
+
+def _commit(store, shard_id, layer="l"):
+    """Write shard ``shard_id``'s file of ``layer`` and its record, as a worker does."""
+    shard = plan_shards(10, 4)[shard_id]
+    writer = LayerFileWriter(store, shard.file_name(layer), "none")
+    indices = list(range(shard.start, shard.stop))
+    writer.write(build_table(np.zeros((len(shard), 2), np.float16), sample_ids=[str(i) for i in indices],
+                             indices=indices, labels={}, label_fields=[], fixed=True))
+    size = writer.commit()
+    record = ShardRecord(shard.id, shard.start, shard.stop, rows={layer: len(shard)},
+                         files={layer: shard.file_name(layer)}, bytes={layer: size},
+                         index_range={layer: writer.index_range})
+    store.write_json(shard_record_path(shard.id), record.to_dict())
+    return record
 
 
 def test_new_folder_gets_the_manifest(tmp_path):
     store = OutputStore(str(tmp_path / "out"))
-    assert prepare_output(store, _manifest(shard_size=4)) == {}
+    assert prepare_output(store, _manifest()) == {}
     doc = store.read_json(MANIFEST_PATH)
     assert doc["plan"] == {"samples": 10, "shard_size": 4, "shards": 3}
     assert doc["model"] == MODEL and doc["source"] == SOURCE
 
 
-def _record(store, shard, files):
-    for f in files:
-        Path(store.path(f)).parent.mkdir(parents=True, exist_ok=True)
-        Path(store.path(f)).write_bytes(b"x")
-    store.write_json(shard_record_path(shard), ShardRecord(shard, 0, 1, files={"l": f for f in files}).to_dict())
-
-
-def test_resume_returns_the_shards_done(tmp_path):
+def test_resume_returns_the_shards_done_and_redoes_those_that_miss_files(tmp_path, caplog):
     store = OutputStore(str(tmp_path))
     prepare_output(store, _manifest())
-    _record(store, 0, ["layer=l/part-00000.parquet"])
-    store.write_json(shard_record_path(1), ShardRecord(1, 1, 2, files={"l": "layer=l/part-00001.parquet"}).to_dict())
-    # shard 1's file is missing: it is redone
-    assert set(prepare_output(store, _manifest(actors=3))) == {0}
+    first = _commit(store, 0)
+    _commit(store, 1)
+    (tmp_path / layer_file("l", 1)).unlink()
+    assert prepare_output(store, _manifest(actors=3)) == {0: first}
+    assert "shard 1 is redone: layer=l/part-00001.parquet: missing" in caplog.text
+    assert not (tmp_path / shard_record_path(1)).exists(), "the record of a shard to redo goes"
     assert set(completed_shards(store)) == {0}
 
 
 def test_other_run_is_refused_with_the_difference(tmp_path):
     store = OutputStore(str(tmp_path))
     prepare_output(store, _manifest())
-    other = new_manifest(Config.from_dict({"model": {"layers": ["layer2"]}}), MODEL, SOURCE, 10)
     with pytest.raises(OutputConflictError) as info:
-        prepare_output(store, other)
+        prepare_output(store, _manifest(layers=["layer2"]))
     message = str(info.value)
     assert "holds a dump of another run" in message and "--overwrite" in message
-    assert 'config: model.layers: ["layer3", "layer4"] -> ["layer2"]' in message
+    assert 'config: model.layers: ["l"] -> ["layer2"]' in message
     assert store.exists(MANIFEST_PATH)
 
 
 def test_changed_weights_are_refused(tmp_path):
     store = OutputStore(str(tmp_path))
     prepare_output(store, _manifest())
-    other = new_manifest(Config(), {**MODEL, "weights_sha256": "def"}, SOURCE, 10)
+    other = new_manifest(Config.from_dict({"model": {"layers": ["l"]}, "run": {"shard_size": 4}}),
+                         {**MODEL, "weights_sha256": "def"}, SOURCE, 10)
     with pytest.raises(OutputConflictError, match='model: weights_sha256: "abc" -> "def"'):
         prepare_output(store, other)
 
 
-def test_overwrite_clears_the_old_dump(tmp_path):
+def test_overwrite_deletes_only_what_the_dump_wrote(tmp_path):
     store = OutputStore(str(tmp_path))
     prepare_output(store, _manifest())
-    _record(store, 0, ["layer=l/part-00000.parquet"])
-    other = new_manifest(Config.from_dict({"model": {"layers": ["layer2"]}}), MODEL, SOURCE, 10)
-    assert prepare_output(store, other, overwrite=True) == {}
-    assert not (tmp_path / "layer=l").exists()
+    _commit(store, 0)
+    (tmp_path / "layer=l" / ".part-00001.parquet.0123456789ab.tmp").write_bytes(b"cut short")
+    mine = {"notes.txt": "mine", ".env": "SECRET=1", "probe_results/a.csv": "1,2", "layer=l/README": "mine",
+            "layer=other/part-00000.parquet": "not of this dump's layers", ".git/HEAD": "ref"}
+    for name, text in mine.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert prepare_output(store, _manifest(layers=["layer2"]), overwrite=True) == {}
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted([*mine, MANIFEST_PATH])
     assert store.read_json(MANIFEST_PATH)["identity"]["model"]["layers"] == ["layer2"]
 
 
-def test_foreign_files_are_never_touched(tmp_path):
-    (tmp_path / "thesis.tex").write_text("precious")
+def test_a_folder_that_is_no_dump_is_refused_hidden_entries_included(tmp_path):
+    for name in ("thesis.tex", ".git/HEAD", ".env", "layer=x/mine.parquet"):
+        folder = tmp_path / name.replace("/", "_")
+        (folder / name).parent.mkdir(parents=True)
+        (folder / name).write_text("precious")
+        store = OutputStore(str(folder))
+        for overwrite in (False, True):
+            with pytest.raises(OutputConflictError, match=r"holds files that are not an actmap dump \("):
+                prepare_output(store, _manifest(), overwrite=overwrite)
+        assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [Path(name).name], "nothing written"
+        assert (folder / name).read_text() == "precious"
+
+
+def test_the_files_of_a_dump_without_its_manifest_are_replaced_only_with_overwrite(tmp_path):
     store = OutputStore(str(tmp_path))
-    for overwrite in (False, True):
-        with pytest.raises(OutputConflictError, match=r"holds files that are not an actmap dump \(thesis.tex\)"):
-            prepare_output(store, _manifest(), overwrite=overwrite)
-    assert (tmp_path / "thesis.tex").read_text() == "precious"
+    prepare_output(store, _manifest())
+    _commit(store, 0)
+    (tmp_path / MANIFEST_PATH).unlink()
+    with pytest.raises(OutputConflictError, match="holds the files of an actmap dump without its manifest"):
+        prepare_output(store, _manifest())
+    assert (tmp_path / layer_file("l", 0)).exists()
+    assert prepare_output(store, _manifest(), overwrite=True) == {}
+    assert not (tmp_path / layer_file("l", 0)).exists() and not (tmp_path / shard_record_path(0)).exists()
+
+
+def test_a_corrupt_manifest_is_named_with_what_to_do(tmp_path):
+    store = OutputStore(str(tmp_path))
+    prepare_output(store, _manifest())
+    _commit(store, 0)
+    (tmp_path / MANIFEST_PATH).write_text('{"format": "actmap.manifest/1", "plan": {"sam')
+    with pytest.raises(OutputConflictError) as info:
+        prepare_output(store, _manifest())
+    assert f"{tmp_path}/_actmap/manifest.json cannot be read (JSONDecodeError" in str(info.value)
+    assert "Rerun with --overwrite to replace the dump" in str(info.value)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert prepare_output(store, _manifest(), overwrite=True) == {}
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / layer_file("l", 0)).exists()
+
+
+def test_a_corrupt_record_is_named_and_its_shard_redone(tmp_path, caplog):
+    store = OutputStore(str(tmp_path))
+    prepare_output(store, _manifest())
+    first, _ = _commit(store, 0), _commit(store, 1)
+    (tmp_path / shard_record_path(1)).write_text('{"shard": 1, "sta')
+    assert prepare_output(store, _manifest()) == {0: first}
+    assert ("shard 1 is redone: _actmap/shards/00001.json: the record cannot be read (JSONDecodeError"
+            in caplog.text)
+    (tmp_path / shard_record_path(0)).write_text(json.dumps({"shard": 0, "start": 0, "stop": 4, "bad": [7]}))
+    assert prepare_output(store, _manifest()) == {}
+    assert "_actmap/shards/00000.json: the record cannot be read (RecordError: a BadSample is a mapping" in caplog.text
+
+
+def test_foreign_entries_and_remove_dump_keep_the_lock(tmp_path):
+    store = OutputStore(str(tmp_path))
+    prepare_output(store, _manifest())
+    _commit(store, 0)
+    store.write_json(LOCK_PATH, {"pid": 1})
+    (tmp_path / "layer=l" / "sub").mkdir()
+    (tmp_path / "layer=l" / "sub" / "part-00009.parquet").write_text("nested: not the dump's")
+    assert foreign_entries(store, ["l"]) == ["layer=l/sub/part-00009.parquet"]
+    remove_dump(store, ["l"])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        LOCK_PATH, "layer=l/sub/part-00009.parquet"]
 
 
 def test_output_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+    with pytest.raises(OutputConflictError, match="run.output: '.*/f' is a file, not a folder; give a folder"):
         prepare_output(OutputStore(str(tmp_path / "f")), _manifest())
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_damaged_file_is_found_and_its_shard_redone(tmp_path, caplog):
+    store = OutputStore(str(tmp_path))
+    prepare_output(store, _manifest())
+    records = {i: _commit(store, i) for i in range(3)}
+    assert prepare_output(store, _manifest()) == records
+    # shard 1's file replaced by a copy of shard 0's (same size: same rows, ids of one digit)
+    data = (tmp_path / layer_file("l", 0)).read_bytes()
+    assert len(data) == records[1].bytes["l"]
+    (tmp_path / layer_file("l", 1)).write_bytes(data)
+    # shard 2's file cut short
+    (tmp_path / layer_file("l", 2)).write_bytes((tmp_path / layer_file("l", 2)).read_bytes()[:-100])
+    assert set(prepare_output(store, _manifest())) == {0}
+    assert "layer=l/part-00001.parquet: holds indices 0-3, its record says 4-7" in caplog.text
+    assert f"layer=l/part-00002.parquet: {records[2].bytes['l'] - 100:,} bytes, its record says" in caplog.text
+
+
+def test_pinned_records_still_load_without_pins(tmp_path):
+    """A record of an older version (no index range) is checked against its shard's samples."""
+    store = OutputStore(str(tmp_path))
+    prepare_output(store, _manifest())
+    for i in range(2):
+        record = _commit(store, i).to_dict()
+        del record["index_range"]
+        store.write_json(shard_record_path(i), record)
+    (tmp_path / layer_file("l", 1)).write_bytes((tmp_path / layer_file("l", 0)).read_bytes())
+    assert set(prepare_output(store, _manifest())) == {0}
+

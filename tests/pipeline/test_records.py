@@ -17,7 +17,7 @@ def test_records_written_by_release_0_1_0_load_and_convert_back_unchanged():
         record = ShardRecord.from_dict(doc)
         converted = record.to_dict()
         assert {k: v for k, v in converted.items() if k in doc} == doc
-        assert {k: v for k, v in converted.items() if k not in doc} == {"stats": {}}  # added since: defaults
+        assert {k: v for k, v in converted.items() if k not in doc} == {"stats": {}, "index_range": {}}  # added since: defaults
     record = ShardRecord.from_dict(json.loads((FIXTURE / "variable/_actmap/shards/00001.json").read_text()))
     assert (record.shard, record.start, record.stop, record.rows) == (1, 4, 6, {"conv2": 1, "relu1": 1})
     assert record.bad[0].sample_id == "5.png" and record.bad[0].reason.startswith("UnidentifiedImageError")

@@ -18,7 +18,10 @@ def test_local_store_basics(tmp_path):
     assert store.entries() == ["_actmap"] and store.read_json("_actmap/x.json") == [1, 2]
     assert store.list_files("_actmap") == ["_actmap/x.json"]
     assert not [p for p in (tmp_path / "a" / "_actmap").iterdir() if p.name.startswith(".")]
-    store.clear()
+    assert store.sizes("_actmap") == {"_actmap/x.json": len((tmp_path / "a" / "_actmap" / "x.json").read_bytes())}
+    assert store.create_json("_actmap/lock.json", {"a": 1}) and not store.create_json("_actmap/lock.json", {"a": 2})
+    assert store.read_json("_actmap/lock.json") == {"a": 1}
+    store.delete_dir("_actmap")
     assert store.entries() == []
 
 

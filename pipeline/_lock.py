@@ -1,0 +1,193 @@
+"""One run at a time on an output folder: a lock in ``_actmap/lock.json`` with a lease.
+
+The lock names its owner (host, process id, the process's own start time, when the run
+started) and when it was last renewed. A run renews it every quarter of the lease while it
+works. Another run finds it held while its owner lives: on the same host, while that process
+runs (the start time tells a process id used again); elsewhere, while the lease is renewed. A
+run whose owner died (killed, crashed, its machine gone) is taken over by the next run, at once
+on the same host, after the lease elsewhere.
+
+>>> owner = Owner(host="a", pid=7, pid_started="91", started=100.0, renewed=100.0, token="x", lease=60.0)
+>>> owner.describe(now=130.0)
+'host a, process 7, started 1970-01-01 00:01:40 UTC, renewed 30 s ago'
+>>> owner.lapsed(now=130.0), owner.lapsed(now=161.0)
+(False, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._layout import LOCK_PATH, META_DIR
+from ._store import OutputStore
+from .errors import LockLostError, OutputLockedError
+
+log = logging.getLogger(__name__)
+
+#: Seconds a lock holds without renewal; a run renews it every quarter of that.
+LEASE_SECONDS = 120.0
+
+
+def _process_started(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (``None`` where unknown): with the
+    id, it names one process, not whichever reuses the id later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """Who holds a lock, and until when (``renewed + lease``, on the owner's clock)."""
+
+    host: str
+    pid: int
+    pid_started: str | None
+    started: float
+    renewed: float
+    token: str
+    lease: float = LEASE_SECONDS
+
+    @classmethod
+    def me(cls, lease: float = LEASE_SECONDS, now: float | None = None) -> Owner:
+        now = time.time() if now is None else now
+        return cls(socket.gethostname(), os.getpid(), _process_started(os.getpid()), now, now,
+                   uuid.uuid4().hex, lease)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Owner:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def lapsed(self, now: float) -> bool:
+        """Whether the lease ran out without renewal."""
+        return now - self.renewed > self.lease
+
+    def alive(self, now: float) -> bool:
+        """Whether the owner may still be at work: on this host, while its process runs; on
+        another, while it renews its lease."""
+        if self.host == socket.gethostname():
+            if not _process_alive(self.pid):
+                return False
+            started = _process_started(self.pid)
+            return started is None or self.pid_started is None or started == self.pid_started
+        return not self.lapsed(now)
+
+    def describe(self, now: float) -> str:
+        when = datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"host {self.host}, process {self.pid}, started {when}, renewed {now - self.renewed:.0f} s ago"
+
+
+class OutputLock:
+    """The lock of the output ``store``: :meth:`acquire` it (or fail naming who holds it),
+    check :attr:`lost` while working, :meth:`release` it at the end. A context manager."""
+
+    def __init__(self, store: OutputStore, lease: float = LEASE_SECONDS, now: Callable[[], float] = time.time):
+        self.store, self.lease, self.now = store, lease, now
+        self.owner = Owner.me(lease, now())
+        self.lost: Owner | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _holder(self) -> Owner | None:
+        """Who holds the lock now (``None``: nobody; a lock that cannot be read holds nothing)."""
+        try:
+            return Owner.from_dict(self.store.read_json(LOCK_PATH))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("the lock %s cannot be read (%s); it is replaced", self.store.path(LOCK_PATH), exc)
+            return None
+
+    def acquire(self) -> None:
+        """Take the lock; :class:`OutputLockedError` when another run holds it and lives."""
+        if not self.store.create_json(LOCK_PATH, self.owner.to_dict()):
+            holder = self._holder()
+            if holder is not None and holder.alive(self.now()):
+                raise OutputLockedError("run.output", f"{self.store.location!r} is in use by another run "
+                                        f"({holder.describe(self.now())}); wait for it to end, or choose another "
+                                        f"folder. A run that died leaves its lock, which the next run takes over: "
+                                        f"at once on the same host, after {holder.lease:.0f} s without renewal "
+                                        f"elsewhere (or delete {self.store.path(LOCK_PATH)})")
+            if holder is not None:
+                log.warning("taking over the lock of a run that ended without releasing it (%s)",
+                            holder.describe(self.now()))
+            self.store.write_json(LOCK_PATH, self.owner.to_dict())
+            time.sleep(0.05)  # two runs that took over at once: the last write wins, the other sees it
+            holder = self._holder()
+            if holder is None or holder.token != self.owner.token:
+                raise OutputLockedError("run.output", f"{self.store.location!r} was taken by another run just now "
+                                        f"({holder.describe(self.now()) if holder else 'unknown'})")
+        self._renewer = threading.Thread(target=self._renew, name="actmap-lock", daemon=True)
+        self._renewer.start()
+
+    def renew(self) -> bool:
+        """Renew the lease; whether the lock is still this run's (if not, :attr:`lost` says who
+        took it)."""
+        holder = self._holder()
+        if holder is None or holder.token != self.owner.token:
+            self.lost = holder or self.owner
+            return False
+        self.owner = dataclasses.replace(self.owner, renewed=self.now())
+        self.store.write_json(LOCK_PATH, self.owner.to_dict())
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease / 4):
+            try:
+                if not self.renew():
+                    log.error("another run took over the lock of %s: %s", self.store.location,
+                              self.lost.describe(self.now()))
+                    return
+            except OSError as exc:  # storage that hiccups: the next renewal tries again
+                log.warning("renewing the lock of %s failed: %s", self.store.location, exc)
+
+    def check(self) -> None:
+        """Raise :class:`LockLostError` if another run took the lock over."""
+        if self.lost is not None:
+            raise LockLostError(f"another run took over {self.store.location!r} while this one ran "
+                                f"({self.lost.describe(self.now())}); this run stops")
+
+    def release(self) -> None:
+        """Stop renewing and remove the lock if it is still this run's (safe to call twice)."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+            holder = self._holder()
+            if holder is not None and holder.token == self.owner.token:
+                self.store.delete_file(self.store.path(LOCK_PATH))
+                if not self.store.list_files(META_DIR):  # a run refused before it wrote anything
+                    self.store.delete_dir(META_DIR)
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

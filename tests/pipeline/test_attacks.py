@@ -1,0 +1,245 @@
+"""Attacks of a hostile but realistic user, each made for real through the command line: real
+files, real processes, real kills. Each test states what the output holds afterwards and that
+nothing was lost or duplicated. They run on the local executor (no Ray), but for those about
+Ray's actors, which share the session's local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import inspect_dump, read_layer, read_table
+from pipeline._layout import LOCK_PATH, MANIFEST_PATH, SHARDS_DIR, layer_file, shard_record_path
+from pipeline.cli import main
+from pipeline.errors import DamagedDumpError
+
+#: A small dump: 40 generated images, 5 shards of 8, two layers of the tiny model, no Ray.
+BASE = {"model.name": "support.models:tiny", "model.layers": "[relu1,conv2]", "source.count": 40,
+        "source.image_size": 16, "run.shard_size": 8, "run.batch_size": 4, "run.executor": "local"}
+
+
+def _args(out, *extra, **keys):
+    settings = {**BASE, **keys, "run.output": str(out)}
+    return ["run", "--quiet", *(a for k, v in settings.items() for a in ("--set", f"{k}={v}")), *extra]
+
+
+def _cli(capsys, *args):
+    """``actmap ARGS`` in this process: its exit status and its stderr (warnings go to the log,
+    which pytest captures: ``caplog``)."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
+
+
+def _exactly_once(out, layer, samples, bad=()):
+    """Every sample but the ``bad`` ones, once, in index order, and ``inspect`` agrees."""
+    indices = read_table(str(out), layer, columns=["index"]).column("index").to_pylist()
+    assert indices == [i for i in range(samples) if i not in bad]
+    info = inspect_dump(str(out))
+    assert info.complete and not info.damage, info.format()
+
+
+# -- 1. --overwrite deletes only what actmap wrote ----------------------------------------------------
+
+
+def test_a_folder_of_hidden_entries_is_refused_before_the_first_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / ".git").mkdir(parents=True)
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / ".env").write_text("TOKEN=secret\n")
+    for extra in ((), ("--overwrite",)):
+        code, err = _cli(capsys, *_args(out, *extra))
+        assert code == 2
+        assert f"run.output: '{out}' holds files that are not an actmap dump (.env, .git); choose an empty" in err
+        assert _files(out) == [".env", ".git/HEAD"], "nothing written, nothing deleted"
+
+
+def test_overwrite_keeps_what_was_put_next_to_a_dump(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out))[0] == 0
+    mine = {"notes.txt": "mine", "probe_results/probe.csv": "0.93", ".env": "x=1", "layer=relu1/README": "mine"}
+    for name, text in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    code, err = _cli(capsys, *_args(out, "--overwrite", **{"model.layers": "[conv1]"}))
+    assert code == 0, err
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert not (out / "layer=conv2").exists() and _files(out / "layer=relu1") == ["README"]
+    _exactly_once(out, "conv1", 40)
+    # a resume leaves them alone too
+    assert _cli(capsys, *_args(out, **{"model.layers": "[conv1]"}))[0] == 0
+    assert {name: (out / name).read_text() for name in mine} == mine
+
+
+# -- 2. damaged output is found, redone, and refused by the readers -----------------------------------
+
+
+def test_damaged_files_are_named_refused_by_readers_and_redone_by_a_rerun(tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    args = _args(out, **{"dump.compression": "none"})
+    assert _cli(capsys, *args)[0] == 0
+    before = read_layer(str(out), "conv2")
+    # one part file replaced by a copy of another of the same size, one cut short; their records stay
+    copy, cut = out / layer_file("conv2", 4), out / layer_file("relu1", 2)
+    assert copy.stat().st_size == (out / layer_file("conv2", 3)).stat().st_size
+    shutil.copy(out / layer_file("conv2", 3), copy)
+    cut.write_bytes(cut.read_bytes()[:-300])
+    with pytest.raises(DamagedDumpError) as info:
+        read_layer(str(out), "conv2")
+    assert "layer=conv2/part-00004.parquet: holds indices 24-31, its record says 32-39" in str(info.value)
+    assert "Rerun the command that made it: the rerun checks every file and redoes those shards" in str(info.value)
+    with pytest.raises(DamagedDumpError, match="layer=relu1/part-00002.parquet: .* bytes, its record says"):
+        read_table(str(out), "relu1")
+    code = main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert code == 3 and "shards: 3/5 done, DAMAGED" in text
+    assert "  layer=conv2/part-00004.parquet: holds indices 24-31, its record says 32-39\n" in text
+    assert "  layer=relu1/part-00002.parquet: " in text
+    code, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert "shard 4 is redone: layer=conv2/part-00004.parquet: holds indices 24-31" in caplog.text
+    assert "shard 2 is redone: layer=relu1/part-00002.parquet" in caplog.text
+    assert "5 shards (3 already done)" in err
+    np.testing.assert_array_equal(read_layer(str(out), "conv2"), before)
+    for layer in ("relu1", "conv2"):
+        _exactly_once(out, layer, 40)
+
+
+def test_inspect_proves_each_sample_is_there_once(tmp_path, capsys):
+    """A file rewritten with its own shard's indices, one row twice and one missing, keeps its
+    size, rows and first and last index: only the index column shows it."""
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out, **{"dump.compression": "none"}))[0] == 0
+    path = out / layer_file("conv2", 1)
+    table = pq.read_table(path)
+    doctored = table.set_column(1, "index", pa.array([8, 9, 9, 11, 12, 13, 14, 15], pa.int64()))
+    pq.write_table(doctored, path, compression="none", use_dictionary=False, write_statistics=["sample_id", "index"])
+    record = json.loads((out / shard_record_path(1)).read_text())
+    record["bytes"]["conv2"] = path.stat().st_size  # a forger who also mends the record's size
+    (out / shard_record_path(1)).write_text(json.dumps(record))
+    info = inspect_dump(str(out))
+    assert not info.complete
+    assert info.damage == ["layer=conv2/part-00001.parquet: holds 1 indices more than once (9)",
+                           "layer=conv2/part-00001.parquet: lacks 1 of its shard's samples (10)"]
+
+
+# -- 9. config values checked before anything is written ----------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("source.preprocess.normalize", "{mean: [0.5, 0.5, 0.5], std: [1, 1, .nan]}",
+     "source.preprocess.normalize.std: expected three finite numbers, got [1, 1, nan]"),
+    ("source.preprocess.normalize", "{mean: [a, 0.5, 0.5], std: [1, 1, 1]}",
+     "source.preprocess.normalize.mean: expected three finite numbers, got ['a', 0.5, 0.5]"),
+    ("source.preprocess.normalize", "{mean: [0, 0, .inf], std: [1, 1, 1]}",
+     "source.preprocess.normalize.mean: expected three finite numbers, got [0, 0, inf]"),
+    ("run.gpus_per_actor", ".nan", "run.gpus_per_actor: expected a finite number, got nan"),
+    ("run.cpus_per_actor", ".inf", "run.cpus_per_actor: expected a finite number, got inf"),
+    ("run.cpus_per_actor", "-1", "run.cpus_per_actor: must be at least 0, got -1"),
+    ("run.start_timeout", "0", "run.start_timeout: must be more than 0, got 0"),
+])
+def test_bad_numbers_exit_2_naming_the_key_before_anything_is_written(tmp_path, capsys, key, value, message):
+    out = tmp_path / "out"
+    code, err = _cli(capsys, *_args(out, **{key: value}))
+    assert code == 2 and f"actmap: error: {message}" in err
+    assert not out.exists()
+
+
+def test_an_output_that_is_a_file_exits_2(tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    out.write_text("a,b\n")
+    code, err = _cli(capsys, *_args(out))
+    assert code == 2
+    assert f"run.output: '{out}' is a file, not a folder; give a folder" in err
+    assert out.read_text() == "a,b\n"
+
+
+# -- 11. absurd sizes ------------------------------------------------------------------------------
+
+
+def test_an_absurd_source_size_is_refused_at_once_in_flat_memory(tmp_path):
+    """``source.count: 100000000000``: before, the shard list grew the driver to 24 GB."""
+    code = ("import resource, sys; from pipeline.cli import main; status = main(sys.argv[1:]); "
+            "print('peak MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024); sys.exit(status)")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code, *_args(tmp_path / "out", **{"source.count": 100_000_000_000})],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert ("run.shard_size: 100,000,000,000 samples in shards of 8 make 12,500,000,000 shards, more than the "
+            "1,000,000 a run takes") in done.stderr
+    assert "set run.shard_size to at least 100,000" in done.stderr
+    assert int(done.stdout.split()[-1]) < 1500, done.stdout  # torch and the model: a few hundred MB
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "out").exists()
+
+
+# -- 12. a corrupt record or manifest ----------------------------------------------------------------
+
+
+def test_a_corrupt_manifest_is_named_with_what_to_do(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out))[0] == 0
+    (out / MANIFEST_PATH).write_text((out / MANIFEST_PATH).read_text()[:100])
+    code, err = _cli(capsys, *_args(out))
+    assert code == 2
+    assert f"{out}/_actmap/manifest.json cannot be read (JSONDecodeError: " in err
+    assert "Rerun with --overwrite to replace the dump" in err and "rerun to resume" not in err
+    assert main(["inspect", str(out)]) == 3
+    assert "manifest.json cannot be read" in capsys.readouterr().err
+    code, err = _cli(capsys, *_args(out, "--overwrite"))
+    assert code == 0, err
+    _exactly_once(out, "conv2", 40)
+
+
+def test_a_corrupt_record_is_named_and_its_shard_redone(tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out))[0] == 0
+    (out / shard_record_path(4)).write_text('{"shard": 4, "start": 32, "st')
+    code = main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert code == 3 and "_actmap/shards/00004.json: the record cannot be read (JSONDecodeError" in text
+    with pytest.raises(DamagedDumpError, match="_actmap/shards/00004.json: the record cannot be read"):
+        read_layer(str(out), "conv2")
+    code, err = _cli(capsys, *_args(out))
+    assert code == 0 and "shard 4 is redone: _actmap/shards/00004.json: the record cannot be read" in caplog.text
+    assert "5 shards (4 already done)" in err
+    _exactly_once(out, "conv2", 40)
+
+
+# -- smaller ---------------------------------------------------------------------------------------
+
+
+def test_a_no_op_rerun_reports_no_rate(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out))[0] == 0
+    code, err = _cli(capsys, *_args(out))
+    assert code == 0 and "5 shards, all already done: nothing to do" in err
+    assert "MB/s" not in err and "samples/s" not in err
+
+
+def test_after_an_error_a_rerun_cannot_mend_it_says_so(tmp_path, capsys):
+    """A shard that keeps failing the same way: the advice is to change the config, not to rerun."""
+    source = {"kind": "dataset", "target": "support.datasets:Fails", "preprocess": {"normalize": "none"},
+              "kwargs": {"n": 24, "size": 8, "at": 13, "log": str(tmp_path / "reads"), "times": 99}}
+    code, err = _cli(capsys, *_args(tmp_path / "out", **{"source": json.dumps(source), "dump.shapes": "fixed",
+                                                           "run.max_attempts": 2}))
+    assert code == 1 and "gave outputs of shape" in err
+    assert "a rerun of the same config fails the same way" in err and "rerun the same command to resume" not in err
