@@ -243,3 +243,69 @@ def test_after_an_error_a_rerun_cannot_mend_it_says_so(tmp_path, capsys):
                                                            "run.max_attempts": 2}))
     assert code == 1 and "gave outputs of shape" in err
     assert "a rerun of the same config fails the same way" in err and "rerun the same command to resume" not in err
+
+
+# -- 4. two runs on one output at once -----------------------------------------------------------
+
+#: ``actmap`` in a process of its own.
+ACTMAP = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def _gated(out, gate):
+    """A run of 40 samples in 5 shards whose sample 20 (shard 2) waits for the file ``gate``."""
+    source = {"kind": "dataset", "target": "support.datasets:Gated", "preprocess": {"normalize": "none"},
+              "kwargs": {"n": 40, "size": 16, "at": 20, "gate": str(gate)}}
+    return [*ACTMAP, *_args(out, **{"source": json.dumps(source), "run.actors": 1})]
+
+
+def _records(out):
+    return len(list((Path(out) / SHARDS_DIR).glob("*.json")))
+
+
+def _wait_for(condition, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_a_live_dump_is_refused_naming_the_first(tmp_path):
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(_gated(out, gate), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: _records(out) >= 2, "the first run's shards")
+        owner = json.loads((out / LOCK_PATH).read_text())
+        assert owner["pid"] == first.pid
+        second = subprocess.run(_gated(out, gate), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by another run (host {owner['host']}, process {first.pid}, started " in second.stderr
+        gate.touch()
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    log = (tmp_path / "first.log").read_text()
+    assert "failed" not in log and "lost" not in log, "the second run took nothing from the first"
+    assert "5 shards (0 already done)" in log
+    assert not (out / LOCK_PATH).exists() and not list(out.rglob(".*.tmp"))
+    _exactly_once(out, "conv2", 40)
+
+
+def test_a_killed_runs_lock_is_taken_over_by_its_rerun(tmp_path):
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    first = subprocess.Popen(_gated(out, gate), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    _wait_for(lambda: _records(out) >= 2, "the first run's shards")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert json.loads((out / LOCK_PATH).read_text())["pid"] == first.pid, "a killed run leaves its lock"
+    done = _records(out)
+    gate.touch()
+    rerun = subprocess.run(_gated(out, gate), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"taking over the lock of a run that ended without releasing it (host " in rerun.stderr
+    assert f"process {first.pid}," in rerun.stderr
+    assert f"5 shards ({done} already done)" in rerun.stderr
+    assert not (out / LOCK_PATH).exists() and not list(out.rglob(".*.tmp"))
+    _exactly_once(out, "conv2", 40)

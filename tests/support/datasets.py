@@ -118,3 +118,21 @@ class WithWhite(Squares):
     def __getitem__(self, i: int):
         image, target = super().__getitem__(i)
         return (torch.ones_like(image) if i == self.white else image), target
+
+
+class Gated(Squares):
+    """Squares whose item ``at`` waits until the file ``gate`` exists: a run that holds still
+    where a test wants it, for as long as it wants."""
+
+    def __init__(self, n: int = 40, size: int = 16, at: int = 20, gate: str = ""):
+        super().__init__(n, size)
+        self.at, self.gate = at, gate
+
+    def __getitem__(self, i: int):
+        if i == self.at:
+            import time
+
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.gate) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return super().__getitem__(i)

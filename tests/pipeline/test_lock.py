@@ -1,0 +1,87 @@
+"""The output folder's lock: who holds it, when it lapses, who may take it over."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline._layout import LOCK_PATH, META_DIR
+from pipeline._lock import Owner, OutputLock
+from pipeline._store import OutputStore
+from pipeline.errors import LockLostError, OutputLockedError
+
+
+def _held_by(store, **fields):
+    owner = Owner.me(now=1000.0)
+    store.write_json(LOCK_PATH, {**owner.to_dict(), **fields})
+
+
+def test_a_lock_is_taken_renewed_and_released(tmp_path):
+    store = OutputStore(str(tmp_path))
+    clock = [1000.0]
+    with OutputLock(store, now=lambda: clock[0]) as lock:
+        held = store.read_json(LOCK_PATH)
+        assert held["token"] == lock.owner.token and held["started"] == held["renewed"] == 1000.0
+        clock[0] = 1030.0
+        assert lock.renew() and store.read_json(LOCK_PATH)["renewed"] == 1030.0
+        with pytest.raises(OutputLockedError, match=r"is in use by another run \(host .*, process \d+, started "
+                                                    r"1970-01-01 00:16:40 UTC, renewed 0 s ago\)"):
+            OutputLock(store, now=lambda: clock[0]).acquire()
+    assert not (tmp_path / META_DIR).exists(), "a run that wrote nothing else leaves no folder behind"
+
+
+def test_a_lock_on_another_host_holds_until_its_lease_lapses(tmp_path, caplog):
+    store = OutputStore(str(tmp_path))
+    _held_by(store, host="node-7", pid=1, renewed=1000.0, lease=120.0)
+    with pytest.raises(OutputLockedError, match=r"host node-7, process 1, .* renewed 100 s ago\); wait for it to "
+                                                 r"end, or choose another folder. A run that died leaves its lock"):
+        OutputLock(store, now=lambda: 1100.0).acquire()
+    lock = OutputLock(store, now=lambda: 1121.0)
+    with caplog.at_level(logging.WARNING):
+        lock.acquire()
+    try:
+        assert "taking over the lock of a run that ended without releasing it (host node-7, process 1" in caplog.text
+        assert store.read_json(LOCK_PATH)["token"] == lock.owner.token
+    finally:
+        lock.release()
+
+
+def test_a_dead_process_on_this_host_holds_nothing(tmp_path):
+    store = OutputStore(str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _held_by(store, pid=int(ended.stdout), renewed=10**10)  # a lease far from lapsing does not matter here
+    with OutputLock(store):
+        pass
+    # a live process whose id now names another process (its start time differs) holds nothing either
+    _held_by(store, pid=os.getpid(), pid_started="0", renewed=10**10)
+    with OutputLock(store):
+        pass
+
+
+def test_a_lock_that_cannot_be_read_is_replaced(tmp_path, caplog):
+    store = OutputStore(str(tmp_path))
+    (tmp_path / META_DIR).mkdir()
+    (tmp_path / LOCK_PATH).write_text('{"host": ')
+    with OutputLock(store) as lock:
+        assert store.read_json(LOCK_PATH)["token"] == lock.owner.token
+    assert "cannot be read" in caplog.text
+
+
+def test_a_lock_taken_over_under_a_run_stops_it(tmp_path):
+    store = OutputStore(str(tmp_path))
+    lock = OutputLock(store)
+    lock.acquire()
+    try:
+        lock.check()
+        thief = {**json.loads((tmp_path / LOCK_PATH).read_text()), "token": "other", "host": "node-9", "pid": 42}
+        (tmp_path / LOCK_PATH).write_text(json.dumps(thief))
+        assert not lock.renew()
+        with pytest.raises(LockLostError, match=r"another run took over .* \(host node-9, process 42, .*\); this "
+                                                r"run stops"):
+            lock.check()
+    finally:
+        lock.release()
+    assert json.loads((tmp_path / LOCK_PATH).read_text())["token"] == "other", "the new owner's lock stays"
