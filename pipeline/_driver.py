@@ -162,9 +162,9 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                 progress = Progress(new_samples, stream)
                 try:
                     executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), shards_left)
-                    workers = executor.workers
                     execute(executor, todo, config.run.max_attempts, progress, records, lock)
                 finally:
+                    workers = executor.workers
                     progress.close()
             # the temporary files of workers that died, now that none is in flight
             remove_temporaries(store, config.model.layers)

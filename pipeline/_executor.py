@@ -70,7 +70,7 @@ class Outcome:
 class Executor(Protocol):
     """Runs shards on workers it starts and stops."""
 
-    #: how many workers ``start`` started
+    #: how many workers came up (``start`` starts them; on a Ray cluster some may come up later)
     workers: int
 
     def check(self, config: Config, shards: int) -> None:

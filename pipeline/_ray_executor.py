@@ -63,10 +63,11 @@ def autoscaling() -> bool:
     """Whether an autoscaler may add nodes to the cluster Ray is connected to.
 
     Ray's monitor runs a read-only autoscaler on a cluster started without an autoscaling
-    config: it reports each node as a node type of its own. A cluster whose report says so
-    cannot grow; any other (a launcher's config, autoscaler v2, no report yet) may.
+    config: it reports each node as an anonymous node type of its own. A cluster whose report
+    says so cannot grow; any other (a launcher's config, autoscaler v2, no report yet) may.
     """
     try:
+        from ray.autoscaler._private.util import format_readonly_node_type
         from ray.autoscaler.v2.utils import is_autoscaler_v2
         from ray.experimental.internal_kv import _internal_kv_get
 
@@ -77,7 +78,8 @@ def autoscaling() -> bool:
     except Exception:  # an older or newer Ray that reports otherwise: assume it may grow
         log.debug("no autoscaler status", exc_info=True)
         return True
-    return not (isinstance(mapping, dict) and mapping and all(k == v for k, v in mapping.items()))
+    return not (isinstance(mapping, dict) and mapping
+                and all(v == format_readonly_node_type(k) for k, v in mapping.items()))
 
 
 def _is_actor_death(exc: BaseException) -> bool:
@@ -92,7 +94,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None):
         self.address = address
-        self.workers = 0
+        self.workers = 0  # actors that came up (at least once)
         self._session = contextlib.ExitStack()
         self._started_here = False
         self._plan: ActorPlan | None = None
@@ -146,7 +148,6 @@ class RayExecutor:
             max_restarts=run.max_attempts, max_task_retries=0)
         arguments = workers.arguments(decode_threads=max(1, int(plan.cpus)), shards_at_once=plan.shards_per_actor)
         self._actors = [remote.remote(**arguments) for _ in range(plan.count)]
-        self.workers = plan.count
         self._slots = Slots(plan.count, per_worker=plan.shards_per_actor)
         self._poller = InFlightPoller(self._actors)
         log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)
@@ -245,6 +246,7 @@ class RayExecutor:
             return
         if actor in self._starting:
             self._starting.discard(actor)
+            self.workers += 1
             log.info("actor %d is up on %s (%s)", actor, info["host"], info["device"])
         else:
             log.info("actor %d is back", actor)

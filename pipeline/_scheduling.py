@@ -44,11 +44,13 @@ class ActorPlan:
 
 def _cpus_per_gpu(cluster: Mapping[str, float], nodes: Sequence[Mapping[str, float]] | None) -> float:
     """The CPUs that go with one GPU: the fewest of any GPU node (the whole cluster's ratio when
-    the nodes are not known)."""
+    the nodes are not known, one when there is no GPU)."""
     gpu_nodes = [n for n in nodes or () if n.get("GPU", 0) > 0]
     if gpu_nodes:
         return min(n.get("CPU", 0) / n["GPU"] for n in gpu_nodes)
-    return float(cluster.get("CPU", 0)) / max(float(cluster.get("GPU", 0)), 1e-9)
+    if float(cluster.get("GPU", 0)) <= 0:  # no GPU node (yet): one CPU
+        return 1.0
+    return float(cluster.get("CPU", 0)) / float(cluster["GPU"])
 
 
 def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,

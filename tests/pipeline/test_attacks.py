@@ -309,3 +309,79 @@ def test_a_killed_runs_lock_is_taken_over_by_its_rerun(tmp_path):
     assert f"5 shards ({done} already done)" in rerun.stderr
     assert not (out / LOCK_PATH).exists() and not list(out.rglob(".*.tmp"))
     _exactly_once(out, "conv2", 40)
+
+
+# -- 10. actors the cluster cannot hold (the session's local Ray: 4 CPUs, no GPU) -----------------------
+
+
+def _ray(out, **keys):
+    return _args(out, **{"run.executor": "ray", **keys})
+
+
+@pytest.fixture
+def ray_fixed(ray_cluster):
+    """The session's Ray, once its monitor has reported it as a cluster without an autoscaler."""
+    from pipeline._ray_executor import autoscaling
+
+    _wait_for(lambda: not autoscaling(), "Ray's monitor to report a cluster without an autoscaler", 60)
+    return ray_cluster
+
+
+@pytest.fixture
+def cpus_taken(ray_cluster):
+    """Takes ``n`` of the cluster's CPUs with an idle actor, while the test runs."""
+    held = []
+
+    def take(n):
+        blocker = ray_cluster.remote(num_cpus=n)(_Idle).remote()
+        ray_cluster.get(blocker.ready.remote())
+        held.append(blocker)
+    yield take
+    for blocker in held:
+        ray_cluster.kill(blocker)
+
+
+class _Idle:
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"run.actors": 5}, "run.actors: 5 actors of 1 CPU and 0 GPU each, but the cluster has 4 CPUs and 0 GPUs on "
+                        "1 node(s), room for 4 of them; set run.actors to at most 4 (or auto), or give each actor less"),
+    ({"run.actors": 1, "run.gpus_per_actor": 1}, "run.gpus_per_actor: 1 actors of 1 CPU and 1 GPU each, but the "
+                                                 "cluster has 4 CPUs and 0 GPUs on 1 node(s): no node holds one actor"),
+    ({"run.cpus_per_actor": 6}, "run.cpus_per_actor: 1 actors of 6 CPU and 0 GPU each"),
+])
+def test_actors_the_cluster_can_never_hold_are_refused_before_anything_is_written(tmp_path, capsys, ray_fixed,
+                                                                                   keys, message):
+    out = tmp_path / "out"
+    code, err = _cli(capsys, *_ray(out, **keys))
+    assert code == 2 and f"actmap: error: {message}" in err
+    assert not out.exists() or _files(out) == []
+
+
+def test_the_work_starts_on_the_actors_that_are_up(tmp_path, ray_fixed, cpus_taken):
+    """Another job holds 3 of the 4 CPUs: of 2 actors one comes up, the dump is done on it, and
+    the progress line counts the other as pending."""
+    import io
+
+    from pipeline import run
+    from pipeline.config import load_config
+
+    cpus_taken(3)
+    progress = io.StringIO()
+    config = load_config(None, [a for a in _ray(tmp_path / "out", **{"run.actors": 2})[2:] if a != "--set"])
+    summary = run(config, stream=progress)
+    assert summary.actors == 1 and summary.rows == {"relu1": 40, "conv2": 40}
+    assert "(1 actor pending)" in progress.getvalue()
+    _exactly_once(tmp_path / "out", "conv2", 40)
+
+
+def test_a_run_whose_actors_none_comes_up_stops_saying_why(tmp_path, capsys, ray_fixed, cpus_taken):
+    cpus_taken(4)
+    code, err = _cli(capsys, *_ray(tmp_path / "out", **{"run.actors": 1, "run.start_timeout": 3}))
+    assert code == 1
+    assert ("WorkersUnavailableError: no actor came up within 3 s (run.start_timeout): each needs 1 CPU and 0 GPU, "
+            "and the cluster has 0 of 4 CPUs, 0 of 0 GPUs free now") in err
+    assert "Nothing was lost" in err
