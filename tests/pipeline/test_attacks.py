@@ -385,3 +385,144 @@ def test_a_run_whose_actors_none_comes_up_stops_saying_why(tmp_path, capsys, ray
     assert ("WorkersUnavailableError: no actor came up within 3 s (run.start_timeout): each needs 1 CPU and 0 GPU, "
             "and the cluster has 0 of 4 CPUs, 0 of 0 GPUs free now") in err
     assert "Nothing was lost" in err
+
+
+# -- 3. the source changes mid-run -------------------------------------------------------------------
+
+
+def _images(folder, names, size=16):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        pixels = np.random.default_rng(sum(map(ord, name))).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+
+
+def test_a_source_that_changes_mid_run_cannot_shift_the_samples(tmp_path, ray_cluster):
+    """A file added to a folder after some shards are done, then the only actor killed: the
+    restarted actor numbers the files by the listing the run started with, the output holds
+    each of those files once with its own activations, and a rerun on the changed folder is
+    refused."""
+    import threading
+
+    from pipeline import run
+    from pipeline.config import Config
+    from pipeline.errors import OutputConflictError
+
+    names = [f"img-{i:03d}.png" for i in range(48)]
+    _images(tmp_path / "images", names)
+    shutil.copytree(tmp_path / "images", tmp_path / "frozen")
+    data = {"model": {"name": "support.models:slow", "kwargs": {"delay": 0.1}, "layers": ["conv2"]},
+            "source": {"kind": "folder", "path": str(tmp_path / "images")},
+            "run": {"output": str(tmp_path / "out"), "executor": "ray", "actors": 1, "shard_size": 8, "batch_size": 4}}
+    killed = []
+
+    def attack():
+        _wait_for(lambda: _records(tmp_path / "out") >= 2, "two shards done")
+        _images(tmp_path / "images", ["img-000a.png"])  # sorts second: every later file would shift by one
+        record = json.loads(next((tmp_path / "out" / SHARDS_DIR).glob("*.json")).read_text())
+        os.kill(record["worker"]["pid"], signal.SIGKILL)
+        killed.append((record["worker"]["pid"], _records(tmp_path / "out")))
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    summary = run(Config.from_dict(data), stream=None)
+    attacker.join()
+    (pid, done_before), = killed
+    assert done_before < 6, "the actor was killed with most of the work left"
+    assert summary.rows == {"conv2": 48} and summary.bad == []
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / SHARDS_DIR).glob("*.json")]
+    assert {r["worker"]["pid"] for r in records} - {pid}, "the restarted actor did shards"
+    table = read_table(str(tmp_path / "out"), "conv2", columns=["sample_id", "index"])
+    assert table.column("sample_id").to_pylist() == names and table.column("index").to_pylist() == list(range(48))
+    _exactly_once(tmp_path / "out", "conv2", 48)
+    # each row is its own file's: the same as a dump of the folder as it was
+    frozen = {**data, "source": {"kind": "folder", "path": str(tmp_path / "frozen")},
+              "model": {**data["model"], "kwargs": {"delay": 0.0}},
+              "run": {**data["run"], "output": str(tmp_path / "again"), "executor": "local"}}
+    run(Config.from_dict(frozen), stream=None)
+    np.testing.assert_array_equal(read_layer(str(tmp_path / "out"), "conv2"), read_layer(str(tmp_path / "again"), "conv2"))
+    with pytest.raises(OutputConflictError, match="source: files: 48 -> 49"):
+        run(Config.from_dict(data), stream=None)
+
+
+# -- 5, 6, 7: images that used to stop or poison a run ------------------------------------------------
+
+
+def _header_only_png(width, height):
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with no pixels at all."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_odd_images_in_a_folder_are_converted_or_recorded_with_their_reason(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(images / "a-rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full((16, 16), 255, np.uint8)])).save(images / "a-rgba.png")
+    grey = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(grey).save(images / "b-8bit.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(images / "b-16bit.png")  # 16 bits a channel: I;16
+    frames = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).quantize(16) for _ in range(2)]
+    frames[0].save(images / "c-anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    Image.open(images / "c-anim.gif").convert("RGB").save(images / "c-frame0.png")
+    (images / "d-bomb.png").write_bytes(_header_only_png(14_000, 14_000))
+    (images / "e-garbage.png").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / "f-other-size.png")
+    assert Image.open(images / "b-16bit.png").mode == "I;16" and Image.open(images / "c-anim.gif").n_frames == 2
+    out = tmp_path / "out"
+    code, err = _cli(capsys, *_args(out, **{"source": json.dumps({"kind": "folder", "path": str(images)})}))
+    assert code == 0, err
+    assert "conv2: 7 rows of variable float16" in err and "bad samples: 2" in err
+    assert ("d-bomb.png (index 6): ImageError: the image is 14000x14000 = 196,000,000 pixels, over the limit of "
+            "89,478,485 (source.preprocess.max_pixels)") in err
+    assert "e-garbage.png (index 7): ImageError: cannot decode the image (4,096 bytes, starting b" in err
+    assert "UnidentifiedImageError: not an image format torchvision or PIL reads" in err
+    assert "object at 0x" not in err
+    table = read_table(str(out), "conv2")
+    rows = dict(zip(table.column("sample_id").to_pylist(), read_layer(str(out), "conv2")))
+    assert all(np.isfinite(r).all() for r in rows.values())
+    np.testing.assert_array_equal(rows["a-rgba.png"], rows["a-rgb.png"])
+    np.testing.assert_allclose(rows["b-16bit.png"].astype(np.float32), rows["b-8bit.png"].astype(np.float32), atol=2e-3)
+    np.testing.assert_array_equal(rows["c-anim.gif"], rows["c-frame0.png"])
+    assert rows["f-other-size.png"].shape == (16, 10, 12)
+    _exactly_once(out, "conv2", 9, bad={6, 7})
+
+
+# -- 8. Parquet ids ------------------------------------------------------------------------------
+
+
+def test_parquet_ids_null_are_bad_samples_and_repeats_are_reported_or_refused(tmp_path, capsys, caplog):
+    def png(seed):
+        buffer = __import__("io").BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    keys = ["a", "b", None, "a", "c", "d"]
+    pq.write_table(pa.table({"image": [png(i) for i in range(6)], "key": keys}), tmp_path / "t.parquet")
+    source = json.dumps({"kind": "parquet", "path": str(tmp_path / "t.parquet"), "id_column": "key"})
+    code, err = _cli(capsys, *_args(tmp_path / "strict", **{"source": source, "run.strict": "true"}))
+    assert code == 2
+    assert "source: 1 sample ids appear more than once (e.g. 'a')" in err and "run.strict is set" in err
+    assert not (tmp_path / "strict").exists()
+    code, err = _cli(capsys, *_args(tmp_path / "out", **{"source": source}))
+    assert code == 0, err
+    assert "1 sample ids appear more than once (e.g. 'a')" in caplog.text
+    assert "bad samples: 1" in err and "2 (index 2): the id (key) is null" in err
+    table = read_table(str(tmp_path / "out"), "conv2")
+    assert table.column("sample_id").to_pylist() == ["a", "b", "a", "c", "d"]
+    _exactly_once(tmp_path / "out", "conv2", 6, bad={2})
+
+
+def test_a_sample_the_model_cannot_take_is_a_bad_sample_not_a_failed_run(tmp_path, capsys):
+    source = {"kind": "dataset", "target": "support.datasets:WithWhite", "preprocess": {"normalize": "none"},
+              "kwargs": {"n": 16, "size": 16, "white": 5}}
+    out = tmp_path / "out"
+    code, err = _cli(capsys, *_args(out, **{"source": json.dumps(source), "model.name": "support.models:picky"}))
+    assert code == 0, err
+    assert ("5 (index 5): the model's forward fails on it: ValueError: cannot take an all-white image" in err
+            and "bad samples: 1" in err)
+    _exactly_once(out, "conv2", 16, bad={5})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -39,6 +41,22 @@ class Picky(TinyConvNet):
 
 def picky() -> Picky:
     return Picky()
+
+
+class Slow(TinyConvNet):
+    """A TinyConvNet whose forward takes ``delay`` seconds more: a run long enough to act on."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+def slow(delay: float = 0.1) -> Slow:
+    return Slow(delay)
 
 
 def grey() -> TinyConvNet:
