@@ -24,7 +24,7 @@ from ._records import ShardRecord
 from ._report import Summary
 from ._scheduling import ShardQueue
 from ._shards import MAX_SHARDS, Shard, ShardPlan
-from ._sources import MemoryIndex, write_index
+from ._sources import IndexFile, MemoryIndex, write_index
 from ._store import OutputStore
 from ._worker import ShardWorker
 from .config import Config, ExecutorKind, RunSpec
@@ -99,8 +99,19 @@ def _freeze_source(store: OutputStore, source) -> bool:
     index = getattr(source, "index", None)
     if not isinstance(index, MemoryIndex):
         return False
-    if not store.exists(SOURCE_INDEX_PATH):
-        write_index(store.fs, store.path(SOURCE_INDEX_PATH), index)
+    if store.exists(SOURCE_INDEX_PATH):
+        try:
+            kept = IndexFile(store.fs, store.path(SOURCE_INDEX_PATH))
+            rows = len(kept)
+            kept.close()
+        except Exception as exc:  # damaged: the workers could not open it
+            rows = f"unreadable ({type(exc).__name__}: {exc})"
+        if rows == len(index):
+            return True
+        # the manifest's check found the source unchanged: its index is the one the run began with
+        log.warning("%s holds %s rows, the source %d: written again from the source", store.path(SOURCE_INDEX_PATH),
+                    rows, len(index))
+    write_index(store.fs, store.path(SOURCE_INDEX_PATH), index)
     return True
 
 

@@ -191,3 +191,12 @@ class OutputLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def running_on(store: OutputStore, now: Callable[[], float] = time.time) -> str | None:
+    """Who holds the lock of the dump in ``store`` and may still be at work (``None``: nobody)."""
+    try:
+        holder = Owner.from_dict(store.read_json(LOCK_PATH))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return holder.describe(now()) if holder.alive(now()) else None

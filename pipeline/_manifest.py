@@ -59,8 +59,9 @@ def read_manifest(store: OutputStore) -> dict | None:
     try:
         manifest = store.read_json(MANIFEST_PATH)
         manifest_plan(manifest)
-        if not isinstance(manifest["layers"], list) or not isinstance(manifest["identity"], Mapping):
-            raise TypeError("'layers' or 'identity' is of the wrong kind")
+        for key, kind in (("layers", list), ("identity", Mapping), ("model", Mapping), ("source", Mapping)):
+            if not isinstance(manifest[key], kind):
+                raise TypeError(f"its {key!r} is a {type(manifest[key]).__name__}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DamagedDumpError(f"{store.path(MANIFEST_PATH)} cannot be read ({describe_error(exc)}): without it "
                                "the dump cannot be resumed or checked. Rerun with --overwrite to replace the "
@@ -215,7 +216,8 @@ def commit_output(store: OutputStore, manifest: Mapping[str, Any], state: Output
         store.delete_file(store.path(shard_record_path(shard)))
     for damage in state.damage:
         if damage.shard is None:
-            log.warning("%s (left as it is)", damage)
+            log.warning("%s: no shard of this dump writes it, so the readers refuse the dump while it is "
+                        "there; delete it", damage)
     remove_temporaries(store, manifest["layers"])
     log.info("resuming the dump in %s: %d of %d shards already done", store.location, len(state.done),
              manifest["plan"]["shards"])

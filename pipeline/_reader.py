@@ -23,6 +23,7 @@ import torch
 from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
 from ._integrity import Damage, check_dump, index_problems, parallel_map
 from ._layout import ACTIVATION, INDEX, file_shard, partition_layer, shape_column, shape_columns
+from ._lock import running_on
 from ._manifest import manifest_plan, read_manifest
 from ._records import BadSample, LayerSpec
 from ._report import bad_sample_lines, layer_lines, sorted_bad
@@ -266,7 +267,8 @@ class DumpInfo:
     ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
     ``dtype``, ``files``, ``bytes`` and ``columns``; ``bad`` one dict per bad sample of the
     shards done (its index, id and reason); ``damage`` one line per file that is not what the
-    dump's records say (each naming the file).
+    dump's records say (each naming the file); ``running`` who holds the dump's lock, while a
+    run is at work on it.
     """
 
     location: str
@@ -276,6 +278,7 @@ class DumpInfo:
     shards_planned: int | None
     bad: list[dict]
     damage: list[str] = dataclasses.field(default_factory=list)
+    running: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -291,6 +294,7 @@ class DumpInfo:
                          f"source: {m['source'].get('kind')} of {m['plan']['samples']:,} samples")
         planned = "?" if self.shards_planned is None else self.shards_planned
         state = ("complete" if self.complete else "DAMAGED" if self.damage
+                 else f"INCOMPLETE (a run is at work on it: {self.running})" if self.running
                  else "INCOMPLETE (rerun the same command to finish)")
         lines.append(f"shards: {self.shards_done}/{planned} done, {state}")
         for layer, i in self.layers.items():  # each layer's line, then its values when counted
@@ -356,4 +360,4 @@ def inspect_dump(location: str) -> DumpInfo:
     bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
     planned = manifest["plan"]["shards"] if manifest else None
     done = len(set(records) - {d.shard for d in damage})
-    return DumpInfo(location, manifest, layers, done, planned, bad, [str(d) for d in damage])
+    return DumpInfo(location, manifest, layers, done, planned, bad, [str(d) for d in damage], running_on(store))

@@ -234,6 +234,15 @@ class PreprocessSpec(_Section):
     channels: int = _field(3, check.one_of(3, 1))
     max_pixels: int | None = _field(89_478_485, check.integer(1, optional=True))
 
+    def _check(self) -> None:
+        # an image made larger than the pixel limit would be the bomb the limit keeps out
+        sizes = {"resize": (self.resize, self.resize) if self.resize else None, "crop": self.crop}
+        for name, size in sizes.items():
+            if size is not None and self.max_pixels is not None and size[0] * size[1] > self.max_pixels:
+                raise ConfigError(self._key(name), f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over "
+                                  f"source.preprocess.max_pixels ({self.max_pixels:,}); ask for less, or raise "
+                                  "that limit")
+
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The normalisation constants, or ``None`` to keep images in [0, 1].
 
@@ -317,6 +326,13 @@ class GeneratedSpec(SourceSpec, kind=SourceKind.GENERATED):
     count: int = _field(3000, check.integer(1))
     image_size: int = _field(64, check.integer(8))
     seed: int = _field(0, check.integer(0))
+
+    def _check(self) -> None:
+        super()._check()
+        limit = self.preprocess.max_pixels
+        if limit is not None and self.image_size ** 2 > limit:
+            raise ConfigError(self._key("image_size"), f"{self.image_size}x{self.image_size} = {self.image_size ** 2:,} "
+                              f"pixels, over source.preprocess.max_pixels ({limit:,}); ask for less, or raise that limit")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,6 +155,10 @@ def test_inspect_proves_each_sample_is_there_once(tmp_path, capsys):
     ("run.cpus_per_actor", ".inf", "run.cpus_per_actor: expected a finite number, got inf"),
     ("run.cpus_per_actor", "-1", "run.cpus_per_actor: must be at least 0, got -1"),
     ("run.start_timeout", "0", "run.start_timeout: must be more than 0, got 0"),
+    ("source.image_size", "100000", "source.image_size: 100000x100000 = 10,000,000,000 pixels, over "
+                                    "source.preprocess.max_pixels (89,478,485); ask for less, or raise that limit"),
+    ("source.preprocess.resize", "20000", "source.preprocess.resize: 20000x20000 = 400,000,000 pixels, over "
+                                          "source.preprocess.max_pixels"),
 ])
 def test_bad_numbers_exit_2_naming_the_key_before_anything_is_written(tmp_path, capsys, key, value, message):
     out = tmp_path / "out"
@@ -224,6 +228,39 @@ def test_a_corrupt_record_is_named_and_its_shard_redone(tmp_path, capsys, caplog
     _exactly_once(out, "conv2", 40)
 
 
+def test_a_damaged_source_index_is_written_again_on_resume(tmp_path, capsys, caplog):
+    """The workers number the samples by ``_actmap/source-index.parquet``: cut short, it would
+    stop every rerun; the source is unchanged (the manifest says so), so its listing replaces it."""
+    from pipeline._layout import SOURCE_INDEX_PATH
+
+    _images(tmp_path / "images", [f"{i:02d}.png" for i in range(20)])
+    out = tmp_path / "out"
+    args = _args(out, **{"source": json.dumps({"kind": "folder", "path": str(tmp_path / "images")})})
+    assert _cli(capsys, *args)[0] == 0
+    for shard in (1, 2):
+        (out / shard_record_path(shard)).unlink()
+    index = out / SOURCE_INDEX_PATH
+    index.write_bytes(index.read_bytes()[:50])
+    code, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert f"{index} holds unreadable (" in caplog.text and "written again from the source" in caplog.text
+    assert "3 shards (1 already done)" in err
+    _exactly_once(out, "conv2", 20)
+
+
+def test_a_stray_part_file_is_named_until_deleted(tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out))[0] == 0
+    shutil.copy(out / layer_file("conv2", 0), out / layer_file("conv2", 7))
+    with pytest.raises(DamagedDumpError, match="layer=conv2/part-00007.parquet: shard 7 is not in the plan of 5"):
+        read_layer(str(out), "conv2")
+    assert _cli(capsys, *_args(out))[0] == 0
+    assert ("layer=conv2/part-00007.parquet: shard 7 is not in the plan of 5 shards: no shard of this dump writes "
+            "it, so the readers refuse the dump while it is there; delete it") in caplog.text
+    (out / layer_file("conv2", 7)).unlink()
+    _exactly_once(out, "conv2", 40)
+
+
 # -- smaller ---------------------------------------------------------------------------------------
 
 
@@ -277,6 +314,8 @@ def test_a_second_run_on_a_live_dump_is_refused_naming_the_first(tmp_path):
         _wait_for(lambda: _records(out) >= 2, "the first run's shards")
         owner = json.loads((out / LOCK_PATH).read_text())
         assert owner["pid"] == first.pid
+        assert f"INCOMPLETE (a run is at work on it: host {owner['host']}, process {first.pid}, " in \
+            inspect_dump(str(out)).format()
         second = subprocess.run(_gated(out, gate), capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr
         assert f"is in use by another run (host {owner['host']}, process {first.pid}, started " in second.stderr
