@@ -122,13 +122,13 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         layers = probe.probe()
         samples = len(probe.source)
         manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)
+        manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
+        manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
         digest = probe.digest
-        source = probe.source
-    manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
-    manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
-    store = OutputStore(config.run.output)
-    records = prepare_output(store, manifest, overwrite)
-    frozen = _freeze_source(store, source)
+        store = OutputStore(config.run.output)
+        records = prepare_output(store, manifest, overwrite)
+        frozen = _freeze_source(store, probe.source)
+    del probe  # the source's index is on disk now: the driver keeps O(shards), not O(samples)
     resumed = len(records)
     todo = [s for s in plan_shards(samples, config.run.shard_size) if s.id not in records]
     new_samples = sum(len(s) for s in todo)
