@@ -423,6 +423,8 @@ class ShardWorker:
         self._loader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self.decoder.close()
+        if hasattr(self.source, "close"):
+            self.source.close()
         self.outputs.remove()
 
     def __enter__(self) -> ShardWorker:

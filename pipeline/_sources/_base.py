@@ -81,6 +81,12 @@ class StreamingSource:
     def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
         return [s for start, stop in runs(list(indices)) for s in self.stream(start, stop)]
 
+    def close(self) -> None:
+        """Let go of the index file, if the source reads one."""
+        close = getattr(getattr(self, "index", None), "close", None)
+        if close is not None:
+            close()
+
 
 class RandomAccessSource:
     """A source whose samples are each cheap to reach: :meth:`stream` reads them one by one,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -70,6 +71,7 @@ class IndexFile:
         self.meta = json.loads(self._file.schema_arrow.metadata[_META_KEY])
         self._rows = metadata.num_rows
         self._group_rows = metadata.row_group(0).num_rows if metadata.num_row_groups else GROUP_ROWS
+        self._lock = threading.Lock()  # the shards a worker runs at once read it from their threads
 
     def __len__(self) -> int:
         return self._rows
@@ -79,7 +81,8 @@ class IndexFile:
         if start >= stop:
             return self._file.schema_arrow.empty_table()
         first, last = start // self._group_rows, (stop - 1) // self._group_rows
-        table = self._file.read_row_groups(list(range(first, last + 1)))
+        with self._lock:
+            table = self._file.read_row_groups(list(range(first, last + 1)))
         return table.slice(start - first * self._group_rows, stop - start)
 
     def close(self) -> None:

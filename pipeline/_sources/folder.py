@@ -103,6 +103,12 @@ class FolderSource(StreamingSource):
         except OSError as exc:
             return exc
 
+    def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+            self._readers = None
+        super().close()
+
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         names = self.index.slice(start, stop).column("path").to_pylist()
         if self.location.local:

@@ -108,7 +108,6 @@ class ParquetSource(StreamingSource):
         self._firsts = groups.column("first").to_pylist()
         self._rows = groups.column("rows").to_pylist()
         self.count = int(index.meta["rows"])
-        self._open: tuple[str, pq.ParquetFile] | None = None
 
     def _repeated_ids(self, dataset: ds.Dataset) -> dict:
         """How many ids appear more than once, with a few of them (one read of the id column)."""
@@ -135,14 +134,10 @@ class ParquetSource(StreamingSource):
     def label_fields(self) -> list[pa.Field]:
         return list(self._fields)
 
-    def _file(self, relative: str) -> pq.ParquetFile:
-        if self._open is None or self._open[0] != relative:
-            if self._open is not None:
-                self._open[1].close()
-            handle = self.location.fs.open_input_file(f"{self._root}/{relative}")
-            # buffered: pages are read as they are decoded, not a whole column chunk at once
-            self._open = (relative, pq.ParquetFile(handle, buffer_size=READ_BUFFER))
-        return self._open[1]
+    def _open(self, relative: str) -> tuple[pq.ParquetFile, pa.NativeFile]:
+        handle = self.location.fs.open_input_file(f"{self._root}/{relative}")
+        # buffered: pages are read as they are decoded, not a whole column chunk at once
+        return pq.ParquetFile(handle, buffer_size=READ_BUFFER), handle
 
     def _images(self, table: pa.Table) -> list:
         images = table.column(self.image_column)
@@ -154,23 +149,31 @@ class ParquetSource(StreamingSource):
         stop = min(stop, self.count)
         wanted = [self.image_column] + ([self.id_column] if self.id_column else []) + self.columns
         g = max(0, bisect.bisect_right(self._firsts, start) - 1)
-        while g < len(self._firsts) and self._firsts[g] < stop:
-            first = self._firsts[g]
-            lo, hi = max(start - first, 0), min(stop - first, self._rows[g])
-            # a row group may be far larger than a shard: stream it in batches, from its start
-            # (Parquet has no row offsets inside a group) to the shard's last row, then stop
-            position = 0
-            batches = self._file(self._files[g]).iter_batches(BATCH_ROWS, row_groups=[self._groups[g]],
-                                                             columns=wanted, use_threads=False)
-            for batch in batches:
-                end = position + batch.num_rows
-                if end > lo:
-                    part = batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position))
-                    yield from self._samples(part, first + max(lo, position))
-                position = end
-                if position >= hi:
-                    break
-            g += 1
+        opened: tuple[str, pq.ParquetFile, pa.NativeFile] | None = None  # this stream's own file
+        try:
+            while g < len(self._firsts) and self._firsts[g] < stop:
+                if opened is None or opened[0] != self._files[g]:
+                    if opened is not None:
+                        opened[2].close()
+                    opened = (self._files[g], *self._open(self._files[g]))
+                first = self._firsts[g]
+                lo, hi = max(start - first, 0), min(stop - first, self._rows[g])
+                # a row group may be far larger than a shard: stream it in batches, from its start
+                # (Parquet has no row offsets inside a group) to the shard's last row, then stop
+                position = 0
+                for batch in opened[1].iter_batches(BATCH_ROWS, row_groups=[self._groups[g]], columns=wanted,
+                                                    use_threads=False):
+                    end = position + batch.num_rows
+                    if end > lo:
+                        part = batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position))
+                        yield from self._samples(part, first + max(lo, position))
+                    position = end
+                    if position >= hi:
+                        break
+                g += 1
+        finally:
+            if opened is not None:
+                opened[2].close()
 
     def _samples(self, table: pa.Table | pa.RecordBatch, first: int) -> Iterator[Sample | BadSample]:
         images = self._images(table)
@@ -186,8 +189,3 @@ class ParquetSource(StreamingSource):
                 yield BadSample(index, sample_id, "the image value is null")
                 continue
             yield Sample(index, sample_id, image, {name: values[row] for name, values in labels.items()})
-
-    def close(self) -> None:
-        if self._open is not None:
-            self._open[1].close()
-            self._open = None

@@ -250,3 +250,22 @@ def test_parquet_on_object_storage(tmp_path, s3):
     local = ParquetSource(str(folder), id_column="key")
     assert len(remote) == n and remote.identity()["index_sha256"] == local.identity()["index_sha256"]
     assert [(s.sample_id, s.image) for s in remote.stream(3, 17)] == [(s.sample_id, s.image) for s in local.stream(3, 17)]
+
+
+def test_parquet_streams_of_one_source_run_side_by_side(tmp_path):
+    """The shards a worker runs at once stream the same source from their own threads."""
+    import threading
+
+    folder, n = _many_files(tmp_path / "t", files=4, groups=3, rows=50, image_bytes=64)
+    source = ParquetSource(str(folder), id_column="key")
+    got: dict[int, list[str]] = {}
+
+    def read(start):
+        got[start] = [s.sample_id for s in source.stream(start, start + 250)]
+
+    threads = [threading.Thread(target=read, args=(start,)) for start in range(0, n, 250)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [i for start in sorted(got) for i in got[start]] == [f"id-{i}" for i in range(n)]
