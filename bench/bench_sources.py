@@ -6,19 +6,21 @@ in 20 tars; ``generated``), on the same small JPEG images (``--size`` px, ~2 KB)
 a. the floor: plain reads (pyarrow row-group batches, ``open().read()``, ``tarfile``) and the same
    decoder (:func:`pipeline._images.decode`) in a plain loop, on 1 thread and on N threads (the
    files split across them);
-b. the source alone, as an actor uses it: the source as the driver opens it, each shard's
-   ``stream`` in batches through the actor's :class:`~pipeline._decoder.Decoder` with 1 and N
-   threads (rows/s and MB/s of encoded input);
+b. the source alone, as an actor uses it: opened from the index file the driver writes, each
+   shard's ``stream`` in batches through the actor's :class:`~pipeline._decoder.Decoder` with 1 and
+   N threads (rows/s and MB/s of encoded input);
 c. actmap end to end (``python -m pipeline run``, a fresh process) with a model so cheap that the
    input sets the pace (average-pool to 8x8, a 1x1 convolution), on N/4 and on N samples, the
    fastest of ``--repeats`` runs each: the marginal rate ``(N - N/4) / (t(N) - t(N/4))`` cancels
    the start-up; the steady rate, N over the time from the first shard's start to the last one's
    end (shard records), leaves it out too and is not at the mercy of two noisy start-ups; the
-   driver's peak memory (from ``wait4``) and the actors' (from the shard records) for both sizes;
+   driver's own peak memory (``RUSAGE_SELF`` when it ends) and the actors' (from the shard
+   records) for both sizes;
 d. the same job with Ray Data (``read_parquet`` / ``read_images`` / ``read_webdataset`` ->
-   ``map_batches`` with the same model on an actor pool of one actor -> ``write_parquet``), its
-   marginal rate the same way; the read tasks get a CPU of their own beside the actor's, or the
-   pipeline waits for ever on a 2-CPU machine.
+   for encoded bytes a decoding ``map_batches`` in tasks -> ``map_batches`` with the same model on
+   an actor pool of one actor -> ``write_parquet``), its marginal rate the same way; the read and
+   decode tasks get a CPU of their own beside the actor's, or the pipeline waits for ever on a
+   2-CPU machine.
 
 And the driver's planning of a folder of ``--plan-files`` files (default 1,000,000 empty files):
 the listing, sort, index file and digest that ``FolderSource`` does, against one
@@ -220,10 +222,18 @@ def source_spec(kind: str, path: str, n: int, size: int) -> dict:
 def source_alone(kind: str, path: str, n: int, size: int, threads: int, shard: int, batch: int) -> tuple[int, float]:
     """The source as the driver opens it, read shard by shard and decoded as an actor does:
     (rows, seconds)."""
-    from pipeline.config import SourceSpec
-    from pipeline._sources import open_source
+    import pyarrow.fs as pafs
 
-    source = open_source(SourceSpec.from_dict(source_spec(kind, path, n, size)))
+    from pipeline._sources import IndexFile, MemoryIndex, open_source, write_index
+    from pipeline.config import SourceSpec
+
+    spec = SourceSpec.from_dict(source_spec(kind, path, n, size))
+    source = open_source(spec)
+    index = getattr(source, "index", None)
+    if isinstance(index, MemoryIndex):  # as an actor opens it: by the index file the driver wrote
+        folder = tempfile.mkdtemp()
+        write_index(pafs.LocalFileSystem(), f"{folder}/index.parquet", index)
+        source = open_source(spec, IndexFile(pafs.LocalFileSystem(), f"{folder}/index.parquet"))
     decoder = Decoder(threads)
     rows = 0
     t0 = time.perf_counter()
@@ -257,26 +267,35 @@ def actmap_run(kind: str, path: str, n: int, size: int, output: str, batch: int,
     shutil.rmtree(output, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    rss_path = output + ".driver-rss"
+    # the CLI, then the driver's own peak memory (wait4 would also count the Ray processes it reaped)
+    script = ("import resource, sys; from pipeline.cli import main; code = main(sys.argv[1:]); "
+              f"open({rss_path!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+              "sys.exit(code)")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", config_path, "--quiet"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", script, "run", config_path, "--quiet"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    err = proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
+    err = done.stderr
+    if done.returncode != 0:
         raise RuntimeError(f"actmap run failed:\n{err[-3000:]}")
     records = [json.loads(Path(p).read_text()) for p in glob.glob(f"{output}/_actmap/shards/*.json")]
     rows = sum(r["rows"]["conv"] for r in records)
     if rows != (n if kind != "generated" else n):
         raise RuntimeError(f"actmap wrote {rows} rows, expected {n}:\n{err[-2000:]}")
     busy = max(r["finished"] for r in records) - min(r["started"] for r in records)
-    return {"seconds": seconds, "busy_seconds": busy, "driver_rss_mb": usage.ru_maxrss / 1024,
+    return {"seconds": seconds, "busy_seconds": busy, "driver_rss_mb": int(Path(rss_path).read_text()) / 1024,
             "actor_rss_mb": max(r["worker"].get("max_rss_mb", 0) for r in records),
             "load_wait": sum(r["seconds"]["load_wait"] for r in records),
             "shard_seconds": sum(r["seconds"]["total"] for r in records)}
 
 
 # -- (d) Ray Data -----------------------------------------------------------------------------------
+
+
+def _ray_data_decode(batch: dict) -> dict:
+    """Ray Data's decoding stage: the encoded images of a batch as one ``(N, H, W, C)`` array."""
+    return {"image": np.stack([decode(bytes(b)).permute(1, 2, 0).numpy() for b in batch["image"]])}
 
 
 class RayDataModel:
@@ -288,11 +307,7 @@ class RayDataModel:
         self.model, self.size, self.to_input = cheap_model().eval(), size, to_model_input
 
     def __call__(self, batch: dict) -> dict:
-        images = batch["image"]
-        if images.dtype == object:  # encoded bytes (Parquet, WebDataset): decode here
-            images = np.stack([decode(bytes(b)).numpy() for b in images])
-        else:  # read_images: (N, H, W, C) arrays
-            images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        images = np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2))  # (N, H, W, C) decoded
         x = self.to_input(torch.from_numpy(images), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
         with torch.inference_mode():
             out = self.model(x).to(torch.float16)
@@ -322,6 +337,8 @@ def ray_data_run(kind: str, path: str, n: int, size: int, output: str, batch: in
         ds = ray.data.range(n).map_batches(
             lambda b: {"image": np.stack([generate(int(i), size, 0)[0].numpy() for i in b["id"]])
                        .transpose(0, 2, 3, 1)}, batch_size=batch)
+    if kind in ("parquet", "webdataset"):  # encoded bytes: decoded by tasks of their own, not the model's actor
+        ds = ds.map_batches(_ray_data_decode, batch_size=batch, batch_format="numpy", num_cpus=1)
     ds = ds.map_batches(RayDataModel, fn_constructor_kwargs={"size": size}, batch_size=batch,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     ds.write_parquet(output)

@@ -89,6 +89,17 @@ def _check_ids(source, strict: bool) -> None:
     log.warning("%s", message)
 
 
+def _warn_row_groups(source, shard_size: int) -> None:
+    """Parquet row groups much larger than a shard: each shard reads its group from the start
+    (Parquet cannot seek to a row inside one) to its last row."""
+    rows = getattr(source, "largest_row_group", 0)
+    if rows > 4 * shard_size:
+        log.warning("the source's row groups hold up to %d rows, run.shard_size is %d: each shard reads "
+                    "its row group from the start up to its own last row, on average %.0fx the rows it "
+                    "uses; a shard size of a row group (or a multiple) reads each group once", rows,
+                    shard_size, rows / shard_size / 2)
+
+
 def _freeze_source(store: OutputStore, source) -> bool:
     """Keep the source's index (what the driver listed) in the dump, for the workers to number
     the samples by; whether there is one. A resumed run keeps the index it started with."""
@@ -119,6 +130,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     _warn_small_shards(config.run)
     with ShardWorker(config.to_dict(), device="cpu", decode_threads=1) as probe:
         _check_ids(probe.source, config.run.strict)
+        _warn_row_groups(probe.source, config.run.shard_size)
         layers = probe.probe()
         samples = len(probe.source)
         manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)

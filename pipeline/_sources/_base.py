@@ -102,6 +102,20 @@ class RandomAccessSource:
             yield from self.read(range(first, min(first + self.chunk, stop)))
 
 
+def is_sample_fault(exc: BaseException) -> bool:
+    """Whether an error belongs to the sample and would come again: a file that is missing or
+    may not be read, bytes that are no image. Such a sample is recorded as bad. Other I/O errors
+    (a dropped connection, a full disk) and running out of memory may pass: they fail the shard,
+    which is retried, rather than marking good samples bad for good.
+
+    >>> is_sample_fault(FileNotFoundError("x.png")), is_sample_fault(ConnectionResetError()), is_sample_fault(ValueError())
+    (True, False, True)
+    """
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return True
+    return not isinstance(exc, (OSError, MemoryError))
+
+
 def describe_error(exc: BaseException) -> str:
     """A one-line reason for a bad sample."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

@@ -66,7 +66,8 @@ class IndexFile:
 
     def __init__(self, fs: pafs.FileSystem, path: str):
         self.fs, self.path = fs, path
-        self._file = pq.ParquetFile(fs.open_input_file(path))
+        self._handle = fs.open_input_file(path)
+        self._file = pq.ParquetFile(self._handle)
         metadata = self._file.metadata
         self.meta = json.loads(self._file.schema_arrow.metadata[_META_KEY])
         self._rows = metadata.num_rows
@@ -87,6 +88,7 @@ class IndexFile:
 
     def close(self) -> None:
         self._file.close()
+        self._handle.close()  # not closed by ParquetFile.close: it was handed in
 
 
 def write_index(fs: pafs.FileSystem, path: str, index: MemoryIndex) -> None:
