@@ -16,15 +16,17 @@ CUDA device the JPEG files of a batch are decoded there in one call instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torchvision.io as tvio
 
 from ._images import DEFAULT_MAX_PIXELS, ImageError, conform, decode, header_size
 from ._preprocess import resize_crop
-from ._sources._base import Deferred, RawImage
+from ._sources._base import Deferred, RawImage, is_sample_fault
+
+log = logging.getLogger(__name__)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -52,11 +54,14 @@ class Decoder:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actmap-decode") if self.threads > 1 else None
 
     def one(self, raw: RawImage) -> torch.Tensor | Exception:
-        """One image, decoded, checked, resized and cropped (or the exception)."""
+        """One image, decoded, checked, resized and cropped; or the exception when the fault is
+        the sample's (the caller records a bad sample). Other faults raise: the shard fails."""
         try:
             return resize_crop(decode(raw, self.max_pixels, self.channels), self.resize, self.crop)
-        except Exception as exc:  # recorded as a bad sample by the caller
-            return exc
+        except Exception as exc:
+            if is_sample_fault(exc):
+                return exc
+            raise
 
     def _map(self, fn, items: Sequence) -> list:
         if self._pool is None or len(items) < 2:
@@ -88,19 +93,22 @@ class Decoder:
                 else:
                     jpegs.append(i)
         if jpegs:
-            try:
-                data = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpegs]
-                # the GPU decoder writes on a stream of its own that does not wait for work
-                # already queued: no forward may queue work meanwhile, and the device is drained
-                with self.gpu_turn or contextlib.nullcontext():
-                    torch.cuda.synchronize(self.device)
+            import torchvision.io as tvio  # imported when first needed: it takes seconds
+
+            data = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpegs]
+            images = None
+            # the GPU decoder writes on a stream of its own that does not wait for work already
+            # queued: no forward may queue work meanwhile, and the device is drained
+            with self.gpu_turn or contextlib.nullcontext():
+                torch.cuda.synchronize(self.device)
+                try:
                     images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
-                    torch.cuda.synchronize(self.device)
-                for i, image in zip(jpegs, images):
-                    image = conform(image, channels_last=False, channels=self.channels)
-                    out[i] = resize_crop(image, self.resize, self.crop)
-            except RuntimeError:
-                pass  # one bad file fails the whole call: those left go through the CPU path
+                except RuntimeError as exc:  # one bad file fails the whole call
+                    log.info("a batch's JPEG files go through the CPU: the GPU decoder refused one (%s)", exc)
+                torch.cuda.synchronize(self.device)
+            for i, image in zip(jpegs, images or ()):
+                image = conform(image, channels_last=False, channels=self.channels)
+                out[i] = resize_crop(image, self.resize, self.crop)
         left = [i for i, o in enumerate(out) if o is None]
         for i, image in zip(left, self._map(self.one, [raws[i] for i in left])):
             out[i] = image
@@ -116,7 +124,9 @@ def _load(raw: RawImage) -> RawImage | Exception:
         try:
             return raw.load()
         except OSError as exc:
-            return exc
+            if is_sample_fault(exc):
+                return exc
+            raise
     return raw
 
 

@@ -93,6 +93,17 @@ def _check_ids(source, strict: bool) -> None:
     log.warning("%s", message)
 
 
+def _warn_row_groups(source, shard_size: int) -> None:
+    """Parquet row groups much larger than a shard: each shard reads its group from the start
+    (Parquet cannot seek to a row inside one) to its last row."""
+    rows = getattr(source, "largest_row_group", 0)
+    if rows > 4 * shard_size:
+        log.warning("the source's row groups hold up to %d rows, run.shard_size is %d: each shard reads "
+                    "its row group from the start up to its own last row, on average %.0fx the rows it "
+                    "uses; a shard size of a row group (or a multiple) reads each group once", rows,
+                    shard_size, rows / shard_size / 2)
+
+
 def _freeze_source(store: OutputStore, source) -> bool:
     """Keep the source's index (what the driver listed) in the dump, for the workers to number
     the samples by; whether there is one. A resumed run keeps the index it started with."""
@@ -148,14 +159,14 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     check_output_folder(store)
     with ShardWorker(config.to_dict(), device="cpu", decode_threads=1) as probe:
         _check_ids(probe.source, config.run.strict)
+        _warn_row_groups(probe.source, config.run.shard_size)
         layers = probe.probe()
         samples = len(probe.source)
         plan = _plan(samples, config.run.shard_size)
         manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)
+        manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
+        manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
         digest = probe.digest
-        source = probe.source
-    manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
-    manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
     with OutputLock(store) as lock:
         state = assess_output(store, manifest, overwrite)
         records = dict(state.done)
@@ -168,7 +179,8 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
             if executor is not None:
                 executor.check(config, shards_left)  # a cluster that can never run the workers: nothing written
             commit_output(store, manifest, state)
-            frozen = _freeze_source(store, source)
+            frozen = _freeze_source(store, probe.source)
+            del probe  # the source's index is on disk now: the driver keeps O(shards), not O(samples)
             if executor is not None:
                 progress = Progress(new_samples, stream)
                 try:

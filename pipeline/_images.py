@@ -36,17 +36,27 @@ import warnings
 
 import numpy as np
 import torch
-import torchvision.io as tvio
 
 from ._sources._base import Deferred, RawImage
 
 #: PIL's own default limit (``Image.MAX_IMAGE_PIXELS``): about 89.5 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+_GIF_MAGIC = (b"GIF87a", b"GIF89a")
+
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
 # only batched GPU JPEG decoder that ships with torchvision, so we keep them and the noise off.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
+# PIL's own decompression-bomb warning: the limit is source.preprocess.max_pixels, checked first
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+
+
+def _torchvision_io():
+    """``torchvision.io``, imported when first needed (it takes seconds)."""
+    import torchvision.io
+
+    return torchvision.io
 
 
 class ImageError(ValueError):
@@ -76,6 +86,25 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _gif_size(data: bytes) -> tuple[int, int]:
+    """The logical screen of a GIF, grown to hold its first frame (a frame may be larger)."""
+    width, height = struct.unpack("<HH", data[6:10])
+    flags = data[10]
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    while position < len(data):
+        block = data[position]
+        if block == 0x2C and position + 9 <= len(data):  # the first image descriptor
+            left, top, w, h = struct.unpack("<HHHH", data[position + 1:position + 9])
+            return max(width, left + w), max(height, top + h)
+        if block != 0x21 or position + 2 > len(data):
+            break
+        position += 2  # an extension: introducer and label, then sub-blocks up to an empty one
+        while position < len(data) and data[position]:
+            position += data[position] + 1
+        position += 1
+    return width, height
+
+
 def _webp_size(data: bytes) -> tuple[int, int] | None:
     chunk = data[12:16]
     if chunk == b"VP8X" and len(data) >= 30:
@@ -98,17 +127,15 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return struct.unpack(">II", data[16:24])
     if data[:3] == b"\xff\xd8\xff":
         return _jpeg_size(data)
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
-        return struct.unpack("<HH", data[6:10])
+    if data[:6] in _GIF_MAGIC and len(data) >= 13:
+        return _gif_size(data)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return _webp_size(data)
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's own bomb warning: the limit is ours to apply
-            with Image.open(io.BytesIO(data)) as img:
-                return img.size
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
     except Exception:  # not an image PIL knows: decoding will say so
         return None
 
@@ -123,15 +150,14 @@ def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
 
 
 def _pil_decode(data: bytes) -> torch.Tensor:
+    """The first frame only, through PIL (for an animation, the others are never decoded)."""
     from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Image.open(io.BytesIO(data)) as img:
-            img.seek(0)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return conform(np.asarray(img))
-            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+    with Image.open(io.BytesIO(data)) as img:
+        img.seek(0)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            return conform(np.asarray(img))
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def _decode_bytes(data: bytes, max_pixels: int | None) -> torch.Tensor:
@@ -139,6 +165,9 @@ def _decode_bytes(data: bytes, max_pixels: int | None) -> torch.Tensor:
     if size is not None:
         _check_pixels(*size, max_pixels)
     try:
+        if data[:6] in _GIF_MAGIC:
+            raise RuntimeError("torchvision decodes every frame of a GIF: PIL decodes the first alone")
+        tvio = _torchvision_io()
         image = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                   mode=tvio.ImageReadMode.RGB)
     except RuntimeError:
@@ -200,7 +229,7 @@ def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None,
     if channels == 3 and image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     elif channels == 1 and image.shape[0] == 3:
-        luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        luma = torch.tensor([0.299, 0.587, 0.114], device=image.device).view(3, 1, 1)
         grey = (image.float() * luma).sum(0, keepdim=True)
         image = grey.round_().to(torch.uint8) if image.dtype == torch.uint8 else grey.to(image.dtype)
     if image.dtype == torch.uint8:

@@ -45,6 +45,7 @@ class Progress:
         self.bytes = 0
         self.pending = 0
         self._last_print = -1e9
+        self._ended = False
         self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
 
     def update(self, rows: int, nbytes: int) -> None:
@@ -65,9 +66,10 @@ class Progress:
         if self._tty:
             self.stream.write("\r" + self.line())
             self.stream.flush()
-        elif self.now() - self._last_print >= self.every or self.samples >= self.total:
+        elif self.now() - self._last_print >= self.every or (self.samples >= self.total and not self._ended):
             self.stream.write(self.line() + "\n")
             self._last_print = self.now()
+            self._ended = self.samples >= self.total  # the closing line once, not per late redraw
 
     def line(self) -> str:
         elapsed = max(self.now() - self.start, 1e-9)

@@ -49,6 +49,19 @@ log = logging.getLogger(__name__)
 _AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_LOCKS_LOCK = threading.Lock()
+
+
+def _device_lock(device: torch.device) -> threading.Lock:
+    """The lock of a GPU in this process: one forward (or JPEG decode) at a time on it, whichever
+    worker runs it. On the CPU each worker has its own: their forwards may run side by side."""
+    if device.type == "cpu":
+        return threading.Lock()
+    with _DEVICE_LOCKS_LOCK:
+        return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
 class _Stopped(RuntimeError):
     """The worker was stopped while the shard ran (its files are dropped)."""
 
@@ -173,11 +186,13 @@ class ShardWorker:
         # and writes without the GIL
         self._writer = ThreadPoolExecutor(len(self.config.model.layers) * max(1, shards_at_once),
                                           thread_name_prefix="actmap-write")
-        # shards may run in two threads at once: the forwards take turns on the device
-        self._device = threading.Lock()
+        # shards may run in several threads at once: the forwards take turns on the device (one
+        # lock per device in this process, which the workers of a local executor share too)
+        self._device = _device_lock(self.device)
         self.decoder.gpu_turn = self._device
         self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         self._stopping = threading.Event()
+        self._forwards_done = 0  # batches whose forward worked: the model can run here
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
@@ -249,11 +264,14 @@ class ShardWorker:
     def _forward_isolating(self, batch: _Batch, stats: Mapping[str, ValueStats]) -> tuple[_Batch, _Outputs | None]:
         """The batch's forward; when it fails, each sample's alone, so that one sample the model
         cannot take is recorded as bad instead of failing the shard. If every sample fails
-        alone, the fault is not theirs: the batch's error is raised."""
+        alone, the fault is not theirs: the batch's error is raised (so too for a batch of one
+        sample before any forward of this worker has worked: the model may be at fault)."""
         try:
-            return batch, self._forward(batch, stats)
+            outputs = self._forward(batch, stats)
+            self._forwards_done += 1
+            return batch, outputs
         except Exception as exc:
-            if len(batch.samples) == 1:
+            if len(batch.samples) == 1 and not self._forwards_done:
                 raise
             failed = exc
         good = _Batch([], [], list(batch.bad))
@@ -266,7 +284,7 @@ class ShardWorker:
             else:
                 good.samples.append(sample)
                 good.images.append(image)
-        if not good.samples:
+        if not good.samples and (len(batch.samples) > 1 or not self._forwards_done):
             raise failed
         log.warning("a batch's forward failed (%s); %d of its samples fail alone and are recorded as bad",
                     describe_error(failed), len(good.bad) - len(batch.bad))
@@ -274,7 +292,7 @@ class ShardWorker:
             first = good.bad[len(batch.bad)]
             raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
                                  "(run.strict is set; unset it to record bad samples and go on)")
-        return good, self._forward(good, stats)
+        return good, (self._forward(good, stats) if good.samples else None)
 
     def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
         """Encode and write one layer's rows of a batch (the layers are written in parallel)."""
@@ -369,6 +387,8 @@ class ShardWorker:
             for writer in writers.values():
                 writer.abort()
             raise
+        finally:
+            stream.close()  # the source's open files and buffers go now, not when collected
         seconds["total"] = time.perf_counter() - started
         rows = {layer: writer.rows for layer, writer in writers.items()}
         record = ShardRecord(
@@ -424,6 +444,8 @@ class ShardWorker:
         self._loader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self.decoder.close()
+        if hasattr(self.source, "close"):
+            self.source.close()
         self.outputs.remove()
 
     def __enter__(self) -> ShardWorker:

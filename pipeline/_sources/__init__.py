@@ -7,7 +7,7 @@ from typing import Any
 
 from .._records import BadSample
 from ..config import SourceKind, SourceSpec
-from ._base import Deferred, RawImage, Sample, Source, describe_error
+from ._base import Deferred, RawImage, Sample, Source, describe_error, is_sample_fault
 from ._index import Index, IndexFile, MemoryIndex, write_index
 from .dataset import DatasetSource
 from .folder import FolderSource
@@ -17,7 +17,7 @@ from .webdataset import WebDatasetSource
 
 __all__ = ["BadSample", "DatasetSource", "Deferred", "FolderSource", "GeneratedSource", "Index", "IndexFile",
            "MemoryIndex", "ParquetSource", "RawImage", "Sample", "Source", "WebDatasetSource", "describe_error",
-           "open_source", "write_index"]
+           "is_sample_fault", "open_source", "write_index"]
 
 
 def open_source(spec: SourceSpec, index: Index | None = None) -> Source:

@@ -81,6 +81,12 @@ class StreamingSource:
     def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
         return [s for start, stop in runs(list(indices)) for s in self.stream(start, stop)]
 
+    def close(self) -> None:
+        """Let go of the index file, if the source reads one."""
+        close = getattr(getattr(self, "index", None), "close", None)
+        if close is not None:
+            close()
+
 
 class RandomAccessSource:
     """A source whose samples are each cheap to reach: :meth:`stream` reads them one by one,
@@ -94,6 +100,20 @@ class RandomAccessSource:
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         for first in range(start, stop, self.chunk):
             yield from self.read(range(first, min(first + self.chunk, stop)))
+
+
+def is_sample_fault(exc: BaseException) -> bool:
+    """Whether an error belongs to the sample and would come again: a file that is missing or
+    may not be read, bytes that are no image. Such a sample is recorded as bad. Other I/O errors
+    (a dropped connection, a full disk) and running out of memory may pass: they fail the shard,
+    which is retried, rather than marking good samples bad for good.
+
+    >>> is_sample_fault(FileNotFoundError("x.png")), is_sample_fault(ConnectionResetError()), is_sample_fault(ValueError())
+    (True, False, True)
+    """
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return True
+    return not isinstance(exc, (OSError, MemoryError))
 
 
 def describe_error(exc: BaseException) -> str:

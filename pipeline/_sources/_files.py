@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import posixpath
 import re
@@ -22,6 +23,8 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -86,6 +89,14 @@ def _walk_local(root: str) -> list[str]:
     return paths
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.Table:
     """The files under ``location`` whose suffix is in ``suffixes`` (any case), as a table of
     ``path`` (relative, ``/``-separated) and ``size``, sorted by path: the file's index.
@@ -94,7 +105,14 @@ def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.T
     null, since it would cost a ``stat`` per file, several times the listing itself.
     """
     if location.local:
-        paths = pa.array(_walk_local(location.root), pa.string())
+        names = _walk_local(location.root)
+        try:
+            paths = pa.array(names, pa.string())
+        except UnicodeEncodeError:  # names that are not UTF-8 (os keeps their bytes as surrogates)
+            kept = [n for n in names if _is_utf8(n)]
+            log.warning("%d file name(s) under %s are not UTF-8 and are left out, e.g. %r", len(names) - len(kept),
+                        location.location, next(n for n in names if not _is_utf8(n)))
+            paths = pa.array(kept, pa.string())
         sizes = pa.nulls(len(paths), pa.int64())
     else:
         infos = location.fs.get_file_info(pafs.FileSelector(location.root, recursive=True))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -65,11 +66,13 @@ class IndexFile:
 
     def __init__(self, fs: pafs.FileSystem, path: str):
         self.fs, self.path = fs, path
-        self._file = pq.ParquetFile(fs.open_input_file(path))
+        self._handle = fs.open_input_file(path)
+        self._file = pq.ParquetFile(self._handle)
         metadata = self._file.metadata
         self.meta = json.loads(self._file.schema_arrow.metadata[_META_KEY])
         self._rows = metadata.num_rows
         self._group_rows = metadata.row_group(0).num_rows if metadata.num_row_groups else GROUP_ROWS
+        self._lock = threading.Lock()  # the shards a worker runs at once read it from their threads
 
     def __len__(self) -> int:
         return self._rows
@@ -79,11 +82,13 @@ class IndexFile:
         if start >= stop:
             return self._file.schema_arrow.empty_table()
         first, last = start // self._group_rows, (stop - 1) // self._group_rows
-        table = self._file.read_row_groups(list(range(first, last + 1)))
+        with self._lock:
+            table = self._file.read_row_groups(list(range(first, last + 1)))
         return table.slice(start - first * self._group_rows, stop - start)
 
     def close(self) -> None:
         self._file.close()
+        self._handle.close()  # not closed by ParquetFile.close: it was handed in
 
 
 def write_index(fs: pafs.FileSystem, path: str, index: MemoryIndex) -> None:

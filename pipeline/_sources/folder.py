@@ -15,6 +15,7 @@ decoder, since each request waits on the network.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import ConfigError
-from ._base import BadSample, Deferred, Sample, StreamingSource, describe_error
+from ._base import BadSample, Deferred, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import Location, list_tree, ordered_map
 from ._index import Index, MemoryIndex, digest
 
@@ -63,6 +64,7 @@ class FolderSource(StreamingSource):
         self.classes: list[str] = list(index.meta["classes"])
         self._class_index = {name: i for i, name in enumerate(self.classes)}
         self._readers: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def _list(self) -> MemoryIndex:
         try:
@@ -98,10 +100,19 @@ class FolderSource(StreamingSource):
         return {"label": self._class_index[folder], "class_name": folder}
 
     def _fetch(self, name: str) -> bytes | Exception:
+        """The file's bytes; the error when it is the file's (missing, forbidden), else it raises."""
         try:
             return self.location.read(name)
         except OSError as exc:
-            return exc
+            if is_sample_fault(exc):
+                return exc
+            raise
+
+    def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+            self._readers = None
+        super().close()
 
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         names = self.index.slice(start, stop).column("path").to_pylist()
@@ -110,8 +121,9 @@ class FolderSource(StreamingSource):
                 yield Sample(index, name, Deferred(functools.partial(self.location.read, name)),
                              self._labels(name))
             return
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(REMOTE_READERS, thread_name_prefix="actmap-fetch")
+        with self._lock:  # the shards at work stream from their own threads: one pool for them all
+            if self._readers is None:
+                self._readers = ThreadPoolExecutor(REMOTE_READERS, thread_name_prefix="actmap-fetch")
         fetched = ordered_map(self._readers, self._fetch, names, window=2 * REMOTE_READERS)
         for index, (name, future) in enumerate(zip(names, fetched), start):
             data = future.result()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
@@ -33,23 +34,34 @@ log = logging.getLogger(__name__)
 #: Rows decoded at a time from a row group, and the read buffer: a shard holds about this much.
 BATCH_ROWS = 256
 READ_BUFFER = 1 << 20
+#: Footers read at once by the driver.
+FOOTER_READERS = 16
 
 _INDEX_SCHEMA = pa.schema([("file", pa.string()), ("group", pa.int32()), ("rows", pa.int64()),
                            ("first", pa.int64())])
 
 
 def _row_groups(dataset: ds.FileSystemDataset, root: str) -> pa.Table:
-    """One row per row group of ``dataset``'s files (sorted by path): file, group, rows, first."""
+    """One row per row group of ``dataset``'s files (sorted by path): file, group, rows, first.
+
+    The files' footers are read several at a time (each is a request on object storage).
+    """
+    def groups_of(fragment: ds.ParquetFileFragment) -> list[tuple[int, int]]:
+        return [(group.id, group.num_rows) for group in fragment.row_groups]
+
+    fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:
+        per_file = list(pool.map(groups_of, fragments))
     files, groups, rows, firsts = [], [], [], []
     first = 0
-    for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path):
+    for fragment, found in zip(fragments, per_file):
         relative = fragment.path[len(root):].lstrip("/") if fragment.path.startswith(root) else fragment.path
-        for group in fragment.row_groups:
+        for group, count in found:
             files.append(relative)
-            groups.append(group.id)
-            rows.append(group.num_rows)
+            groups.append(group)
+            rows.append(count)
             firsts.append(first)
-            first += group.num_rows
+            first += count
     return pa.table([files, groups, rows, firsts], schema=_INDEX_SCHEMA)
 
 
@@ -70,12 +82,17 @@ class ParquetSource(StreamingSource):
         self.location = Location(self.path)
         try:
             single = self.location.kind().name == "File"
-            dataset = ds.dataset(self.location.root, filesystem=self.location.fs, format="parquet")
-            schema = dataset.schema
+            # file paths in the index are relative to the folder (a single file: to its own folder)
+            self._root = self.location.root.rsplit("/", 1)[0] if single else self.location.root
+            if index is None:  # the driver: discover the files
+                dataset = ds.dataset(self.location.root, filesystem=self.location.fs, format="parquet")
+                schema = dataset.schema
+            else:  # a worker: the files are in the index; the schema from the first one's footer
+                first_file = index.slice(0, 1).column("file")[0].as_py()
+                with self.location.fs.open_input_file(f"{self._root}/{first_file}") as handle:
+                    schema = pq.read_schema(handle)
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError("source.path", f"cannot open Parquet data at {path!r}: {exc}") from None
-        # file paths in the index are relative to the folder (a single file: to its own folder)
-        self._root = self.location.root.rsplit("/", 1)[0] if single else self.location.root
         names = schema.names
         for key, name in (("source.image_column", image_column), ("source.id_column", id_column)):
             if name is not None and name not in names:
@@ -108,7 +125,6 @@ class ParquetSource(StreamingSource):
         self._firsts = groups.column("first").to_pylist()
         self._rows = groups.column("rows").to_pylist()
         self.count = int(index.meta["rows"])
-        self._open: tuple[str, pq.ParquetFile] | None = None
 
     def _repeated_ids(self, dataset: ds.Dataset) -> dict:
         """How many ids appear more than once, with a few of them (one read of the id column)."""
@@ -128,6 +144,11 @@ class ParquetSource(StreamingSource):
                 "id_column": self.id_column, "columns": self.columns}
 
     @property
+    def largest_row_group(self) -> int:
+        """The rows of the largest row group: a shard reads up to this many to use its own."""
+        return max(self._rows, default=0)
+
+    @property
     def repeated_ids(self) -> dict | None:
         """``{"count", "examples"}`` of the ids that appear more than once (with an id column)."""
         return self.index.meta.get("repeated_ids")
@@ -135,14 +156,12 @@ class ParquetSource(StreamingSource):
     def label_fields(self) -> list[pa.Field]:
         return list(self._fields)
 
-    def _file(self, relative: str) -> pq.ParquetFile:
-        if self._open is None or self._open[0] != relative:
-            if self._open is not None:
-                self._open[1].close()
-            handle = self.location.fs.open_input_file(f"{self._root}/{relative}")
-            # buffered: pages are read as they are decoded, not a whole column chunk at once
-            self._open = (relative, pq.ParquetFile(handle, buffer_size=READ_BUFFER))
-        return self._open[1]
+    def _open(self, relative: str) -> tuple[pq.ParquetFile, pa.NativeFile]:
+        handle = self.location.fs.open_input_file(f"{self._root}/{relative}")
+        # buffered: pages are read as they are decoded, not a whole column chunk at once
+        # no pre-buffering (pyarrow's default would load the whole row group at once, however
+        # large); buffered reads: pages are read as they are decoded
+        return pq.ParquetFile(handle, pre_buffer=False, buffer_size=READ_BUFFER), handle
 
     def _images(self, table: pa.Table) -> list:
         images = table.column(self.image_column)
@@ -154,23 +173,31 @@ class ParquetSource(StreamingSource):
         stop = min(stop, self.count)
         wanted = [self.image_column] + ([self.id_column] if self.id_column else []) + self.columns
         g = max(0, bisect.bisect_right(self._firsts, start) - 1)
-        while g < len(self._firsts) and self._firsts[g] < stop:
-            first = self._firsts[g]
-            lo, hi = max(start - first, 0), min(stop - first, self._rows[g])
-            # a row group may be far larger than a shard: stream it in batches, from its start
-            # (Parquet has no row offsets inside a group) to the shard's last row, then stop
-            position = 0
-            batches = self._file(self._files[g]).iter_batches(BATCH_ROWS, row_groups=[self._groups[g]],
-                                                             columns=wanted, use_threads=False)
-            for batch in batches:
-                end = position + batch.num_rows
-                if end > lo:
-                    part = batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position))
-                    yield from self._samples(part, first + max(lo, position))
-                position = end
-                if position >= hi:
-                    break
-            g += 1
+        opened: tuple[str, pq.ParquetFile, pa.NativeFile] | None = None  # this stream's own file
+        try:
+            while g < len(self._firsts) and self._firsts[g] < stop:
+                if opened is None or opened[0] != self._files[g]:
+                    if opened is not None:
+                        opened[2].close()
+                    opened = (self._files[g], *self._open(self._files[g]))
+                first = self._firsts[g]
+                lo, hi = max(start - first, 0), min(stop - first, self._rows[g])
+                # a row group may be far larger than a shard: stream it in batches, from its start
+                # (Parquet has no row offsets inside a group) to the shard's last row, then stop
+                position = 0
+                for batch in opened[1].iter_batches(BATCH_ROWS, row_groups=[self._groups[g]], columns=wanted,
+                                                    use_threads=False):
+                    end = position + batch.num_rows
+                    if end > lo:
+                        part = batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position))
+                        yield from self._samples(part, first + max(lo, position))
+                    position = end
+                    if position >= hi:
+                        break
+                g += 1
+        finally:
+            if opened is not None:
+                opened[2].close()
 
     def _samples(self, table: pa.Table | pa.RecordBatch, first: int) -> Iterator[Sample | BadSample]:
         images = self._images(table)
@@ -186,8 +213,3 @@ class ParquetSource(StreamingSource):
                 yield BadSample(index, sample_id, "the image value is null")
                 continue
             yield Sample(index, sample_id, image, {name: values[row] for name, values in labels.items()})
-
-    def close(self) -> None:
-        if self._open is not None:
-            self._open[1].close()
-            self._open = None

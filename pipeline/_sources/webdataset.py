@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 
 from .._layout import RESERVED_COLUMNS
 from ..errors import ConfigError
-from ._base import BadSample, Sample, StreamingSource, describe_error
+from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import Location
 from ._index import Index, MemoryIndex, digest
 
@@ -42,6 +42,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "
 READ_BYTES = 64 << 20
 #: Tars indexed at once by the driver.
 INDEX_THREADS = 16
+#: Unused bytes between two samples' members above which they are read apart.
+SKIP_BYTES = 1 << 20
+#: The side files that become columns.
+SIDE_FILES = frozenset({"cls", "txt", "json"})
 
 _MEMBER = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 _INDEX_SCHEMA = pa.schema([("tar", pa.int32()), ("key", pa.string()), ("members", pa.list_(_MEMBER))])
@@ -88,10 +92,12 @@ def split_tar(tar: str) -> tuple[str, str]:
 
     >>> split_tar("s3://bucket/train/x-0001.tar?scheme=http")
     ('s3://bucket/train?scheme=http', 'x-0001.tar')
-    >>> split_tar("x.tar")
-    ('.', 'x.tar')
+    >>> split_tar("x.tar"), split_tar("s3://bucket/train-0?.tar")
+    (('.', 'x.tar'), ('s3://bucket', 'train-0?.tar'))
     """
-    base, mark, query = tar.partition("?") if "://" in tar else (tar, "", "")
+    base, mark, query = tar.rpartition("?") if "://" in tar else ("", "", "")
+    if not mark or "=" not in query or "/" in query:  # no query: a `?` of a glob
+        base, mark, query = tar, "", ""
     folder, _, name = base.rpartition("/")
     return (folder or ".") + mark + query, name
 
@@ -129,6 +135,11 @@ def _members(location: Location, name: str) -> list[tuple[str, int, int]]:
             return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+
+def _used(ext: str) -> bool:
+    """Whether a member with this extension is read: the image or a side file of a column."""
+    return ext.lower() in IMAGE_EXTENSIONS or ext in SIDE_FILES
 
 
 def _samples_of(members: list[tuple[str, int, int]]) -> list[tuple[str, list[dict]]]:
@@ -254,42 +265,71 @@ class WebDatasetSource(StreamingSource):
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def _pieces(self, rows: pa.Table) -> Iterator[tuple[int, int, int, int, bytes | Exception]]:
-        """``(first row, end row, tar, base offset, bytes)``: runs of rows in one tar, read at once."""
-        tars = rows.column("tar").to_pylist()
-        spans = [(min(m["offset"] for m in ms), max(m["offset"] + m["size"] for m in ms)) if ms else (0, 0)
-                 for ms in rows.column("members").to_pylist()]
-        row = 0
-        while row < len(tars):
-            end, low, high = row + 1, spans[row][0], spans[row][1]
-            while end < len(tars) and tars[end] == tars[row] and spans[end][1] - low <= READ_BYTES:
-                high = max(high, spans[end][1])
-                end += 1
-            location, name = self._location(self.tars[tars[row]])
-            try:
-                data: bytes | Exception = location.read_range(name, low, high - low)
-            except OSError as exc:
-                data = exc
-            yield row, end, tars[row], low, data
-            row = end
+    def _reads(self, tars: list[int], used: list[list[dict]]) -> Iterator[tuple[list[tuple[int, dict]], bytes | Exception]]:
+        """The byte ranges to read for ``used`` (each row's members, in row order): one read per
+        run of members in one tar with small gaps between them (members no column uses, such as
+        a video beside the image, are skipped), at most :data:`READ_BYTES`. Yields each read's
+        ``[(row, member), ...]`` and its bytes (or the error, when it is the file's)."""
+        run: list[tuple[int, dict]] = []
+        for row, members in enumerate(used):
+            for member in sorted(members, key=lambda m: m["offset"]):
+                if run:
+                    low, high = run[0][1]["offset"], run[-1][1]["offset"] + run[-1][1]["size"]
+                    if (tars[run[0][0]] != tars[row] or member["offset"] - high > SKIP_BYTES
+                            or member["offset"] + member["size"] - low > READ_BYTES):
+                        yield run, self._read(tars[run[0][0]], run)
+                        run = []
+                run.append((row, member))
+        if run:
+            yield run, self._read(tars[run[0][0]], run)
+
+    def _read(self, tar: int, run: list[tuple[int, dict]]) -> bytes | Exception:
+        low = run[0][1]["offset"]
+        high = max(m["offset"] + m["size"] for _, m in run)
+        location, name = self._location(self.tars[tar])
+        try:
+            return location.read_range(name, low, high - low)
+        except OSError as exc:
+            if not is_sample_fault(exc):
+                raise  # may pass: the shard fails and is retried
+            return exc
 
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         rows = self.index.slice(start, stop)
         keys = rows.column("key").to_pylist()
         members = rows.column("members").to_pylist()
-        for first, end, _, base, data in self._pieces(rows):
-            for row in range(first, end):
-                index, key = start + row, keys[row]
-                if isinstance(data, Exception):
-                    yield BadSample(index, key, describe_error(data))
-                    continue
-                parts = {m["ext"]: data[m["offset"] - base:m["offset"] - base + m["size"]] for m in members[row]}
-                yield self._sample(index, key, parts)
+        used = [[m for m in ms if _used(m["ext"])] for ms in members]
+        parts: list[dict[str, bytes]] = [{} for _ in keys]
+        failed: dict[int, Exception] = {}
+        done = 0  # the rows before it have been yielded
 
-    def _sample(self, index: int, key: str, parts: dict[str, bytes]) -> Sample | BadSample:
+        def ready(row: int) -> bool:
+            return row in failed or len(parts[row]) == len(used[row])
+
+        for run, data in self._reads(rows.column("tar").to_pylist(), used):
+            low = run[0][1]["offset"]
+            for row, member in run:
+                if isinstance(data, Exception):
+                    failed[row] = data
+                else:
+                    parts[row][member["ext"]] = data[member["offset"] - low:member["offset"] - low + member["size"]]
+            while done < len(keys) and ready(done):  # the rows complete now, in order
+                yield self._row(start + done, keys[done], parts[done], members[done], failed.get(done))
+                parts[done] = {}
+                done += 1
+        for row in range(done, len(keys)):  # rows with no member to read
+            yield self._row(start + row, keys[row], parts[row], members[row], failed.get(row))
+
+    def _row(self, index: int, key: str, parts: dict[str, bytes], members: list[dict],
+             error: Exception | None) -> Sample | BadSample:
+        if error is not None:
+            return BadSample(index, key, describe_error(error))
+        return self._sample(index, key, parts, [m["ext"] for m in members])
+
+    def _sample(self, index: int, key: str, parts: dict[str, bytes], exts: list[str]) -> Sample | BadSample:
         image_ext = next((e for e in parts if e.lower() in IMAGE_EXTENSIONS), None)
         if image_ext is None:
-            return BadSample(index, key, f"no image member (members: {', '.join(sorted(parts)) or 'none'}; "
+            return BadSample(index, key, f"no image member (members: {', '.join(sorted(exts)) or 'none'}; "
                              f"looked for {', '.join(IMAGE_EXTENSIONS)})")
         labels: dict = {}
         try:

@@ -116,3 +116,29 @@ def test_jpeg_header_with_other_segments_first():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=b"Exif\x00\x00" + b"\x00" * 200, icc_profile=b"\x00" * 300)
     assert header_size(buf.getvalue()) == (33, 17)
+
+
+def _gif_with_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A GIF whose first frame is larger than its logical screen (the header claims ``screen``)."""
+    buf = io.BytesIO()
+    Image.new("P", frame).save(buf, format="GIF")
+    data = bytearray(buf.getvalue())
+    data[6:10] = struct.pack("<HH", *screen)
+    return bytes(data)
+
+
+def test_a_gif_frame_larger_than_its_screen_is_measured_by_the_frame():
+    gif = _gif_with_frame((1, 1), (400, 300))
+    assert header_size(gif) == (400, 300)
+    with pytest.raises(ImageError, match="400x300 = 120,000 pixels, over the limit of 1,000"):
+        decode(gif, max_pixels=1000)
+
+
+def test_only_the_first_frame_of_an_animation_is_decoded(monkeypatch):
+    import torchvision.io
+
+    frames = [Image.new("RGB", (20, 10), (i * 10, 0, 0)) for i in range(30)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    monkeypatch.setattr(torchvision.io, "decode_image", lambda *a, **k: pytest.fail("decoded every frame"))
+    assert decode(buf.getvalue()).shape == (3, 10, 20)

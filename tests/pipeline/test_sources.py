@@ -250,3 +250,43 @@ def test_parquet_on_object_storage(tmp_path, s3):
     local = ParquetSource(str(folder), id_column="key")
     assert len(remote) == n and remote.identity()["index_sha256"] == local.identity()["index_sha256"]
     assert [(s.sample_id, s.image) for s in remote.stream(3, 17)] == [(s.sample_id, s.image) for s in local.stream(3, 17)]
+
+
+def test_parquet_streams_of_one_source_run_side_by_side(tmp_path):
+    """The shards a worker runs at once stream the same source from their own threads."""
+    import threading
+
+    folder, n = _many_files(tmp_path / "t", files=4, groups=3, rows=50, image_bytes=64)
+    source = ParquetSource(str(folder), id_column="key")
+    got: dict[int, list[str]] = {}
+
+    def read(start):
+        got[start] = [s.sample_id for s in source.stream(start, start + 250)]
+
+    threads = [threading.Thread(target=read, args=(start,)) for start in range(0, n, 250)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [i for start in sorted(got) for i in got[start]] == [f"id-{i}" for i in range(n)]
+
+
+def test_a_shard_at_the_start_of_a_large_row_group_does_not_read_the_whole_group(tmp_path):
+    from support.storage import bytes_read
+
+    folder, n = _many_files(tmp_path / "one", files=1, groups=1, rows=20_000, image_bytes=4096)  # 80 MB, one group
+    source = ParquetSource(str(folder))
+    before = bytes_read()
+    assert len(list(source.stream(0, 300))) == 300
+    assert bytes_read() - before < 8_000_000  # a few pages, not the group's 80 MB
+    assert source.largest_row_group == 20_000
+
+
+def test_file_names_that_are_not_utf8_are_left_out_with_a_warning(tmp_path, caplog):
+    import os
+
+    (tmp_path / "ok.png").write_bytes(_png("red"))
+    os.close(os.open(os.path.join(os.fsencode(str(tmp_path)), b"bad-\xff.png"), os.O_CREAT | os.O_WRONLY))
+    source = FolderSource(str(tmp_path))
+    assert [s.sample_id for s in source.stream(0, len(source))] == ["ok.png"]
+    assert "1 file name(s) under" in caplog.text and "are not UTF-8" in caplog.text

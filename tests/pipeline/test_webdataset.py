@@ -91,3 +91,26 @@ def test_remote_glob(tmp_path, s3):
 
     upload(write_shards(tmp_path / "wds"), f"s3://data/wds?{s3}")
     assert len(WebDatasetSource(f"s3://data/wds/train-*.tar?{s3}")) == 12
+
+
+def test_members_no_column_uses_are_not_read(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from pipeline._sources._files import Location
+
+    big = b"\0" * (4 << 20)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for i in range(3):
+            for name, data in ((f"{i}.png", b"\x89PNG fake"), (f"{i}.mp4", big), (f"{i}.cls", b"1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    source = WebDatasetSource(str(tmp_path / "a.tar"))
+    sizes = []
+    original = Location.read_range
+    monkeypatch.setattr(Location, "read_range", lambda self, name, offset, size: (
+        sizes.append(size), original(self, name, offset, size))[1])
+    samples = list(source.stream(0, 3))
+    assert [s.labels["label"] for s in samples] == [1, 1, 1] and samples[2].image == b"\x89PNG fake"
+    assert sum(sizes) < 10_000  # the images and .cls files, not the 4 MB videos between them

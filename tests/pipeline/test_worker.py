@@ -388,3 +388,37 @@ def test_pixel_limit_and_channels_come_from_the_config(tmp_path):
     assert [a.shape for a in read_layer(config.run.output, "relu1")] == [(8, 16, 16)] * 2  # one channel in
     with pytest.raises(ConfigError, match="source.preprocess.channels: 2 is not valid; valid: 3 or 1"):
         _config(tmp_path, source={"preprocess": {"channels": 2}})
+
+
+def test_a_lone_sample_the_model_cannot_take_is_bad_once_the_model_has_worked(tmp_path):
+    """A batch of one sample (batch_size 1 here) fails alone: after a forward that worked, the
+    sample is at fault; before any, the model may be, and the shard fails."""
+    config = _config(tmp_path, model={"name": "support.models:picky", "layers": ["relu1"]},
+                     source={"kind": "dataset", "target": "support.datasets:WithWhite",
+                             "kwargs": {"n": 4, "white": 2}, "preprocess": {"normalize": "none"}},
+                     run={"batch_size": 1})
+    with ShardWorker(config.to_dict()) as worker:
+        record = worker.run_shard(Shard(0, 0, 4))
+    assert [b.sample_id for b in record.bad] == ["2"] and record.rows == {"relu1": 3}
+    first = _config(tmp_path / "first", model=config.to_dict()["model"],
+                    source={**config.to_dict()["source"], "kwargs": {"n": 4, "white": 0}}, run={"batch_size": 1})
+    with ShardWorker(first.to_dict()) as worker:
+        with pytest.raises(ValueError, match="cannot take an all-white image"):
+            worker.run_shard(Shard(0, 0, 4))
+
+
+def test_a_read_error_that_may_pass_fails_the_shard_instead_of_marking_samples_bad(tmp_path):
+    from pipeline._decoder import Decoder
+    from pipeline._sources import Deferred
+
+    def drops():
+        raise ConnectionResetError("the connection dropped")
+
+    def gone():
+        raise FileNotFoundError("no such file: x.png")
+
+    decoder = Decoder(threads=2)
+    assert isinstance(decoder([Deferred(gone)])[0], FileNotFoundError)  # the file's fault: a bad sample
+    with pytest.raises(ConnectionResetError):
+        decoder([Deferred(drops), Deferred(gone)])
+    decoder.close()

@@ -1,0 +1,125 @@
+"""Each source through a whole run (local executor, two workers), its rows compared with a
+plain forward of the same model on the same images, read and decoded without actmap."""
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import read_layer, read_table, run
+from pipeline._layout import SOURCE_INDEX_PATH
+from pipeline._models import build_model
+from pipeline.config import Config
+
+SIZE = 12
+
+
+def _image(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)
+    return Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    _image(i).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _direct(config: Config, images: list[bytes]) -> np.ndarray:
+    """relu1 of the tiny model on these PNGs, decoded by PIL and normalised by hand."""
+    model = build_model(config.model)
+    x = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                     for b in images]).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
+    with torch.no_grad():
+        return model.relu1(model.conv1((x - mean) / std)).numpy()
+
+
+def _run(tmp_path, source: dict) -> Config:
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]}, "source": source,
+                               "dump": {"dtype": "float32"},
+                               "run": {"output": str(tmp_path / "out"), "executor": "local", "actors": 2,
+                                       "batch_size": 4, "shard_size": 8}})
+    summary = run(config, stream=None)
+    assert summary.bad == []
+    return config
+
+
+def _check(config: Config, ids: list[str], images: list[bytes]) -> None:
+    table = read_table(config.run.output, "relu1")
+    assert table.column("index").to_pylist() == list(range(len(ids)))
+    assert table.column("sample_id").to_pylist() == ids
+    np.testing.assert_allclose(read_layer(config.run.output, "relu1"), _direct(config, images), rtol=1e-5, atol=1e-5)
+
+
+def test_a_folder(tmp_path):
+    names = [f"{'ab'[i % 2]}/{i:03d}.png" for i in range(21)]
+    for i, name in enumerate(names):
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / name).write_bytes(_png(i))
+    config = _run(tmp_path, {"kind": "folder", "path": str(tmp_path / "images")})
+    order = sorted(range(21), key=lambda i: names[i])
+    _check(config, [names[i] for i in order], [_png(i) for i in order])
+    assert read_table(config.run.output, "relu1").column("class_name").to_pylist() == [names[i][0] for i in order]
+    assert (tmp_path / "out" / SOURCE_INDEX_PATH).is_file()
+
+
+def test_webdataset_shards(tmp_path):
+    (tmp_path / "wds").mkdir()
+    keys = []
+    for t in range(3):
+        with tarfile.open(tmp_path / "wds" / f"part-{t}.tar", "w") as tar:
+            for j in range(7):
+                i = t * 7 + j
+                keys.append(f"s{i:03d}")
+                for ext, data in (("png", _png(i)), ("cls", str(i % 5).encode())):
+                    info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    config = _run(tmp_path, {"kind": "webdataset", "path": str(tmp_path / "wds" / "part-{0..2}.tar")})
+    _check(config, keys, [_png(i) for i in range(21)])
+    assert read_table(config.run.output, "relu1").column("label").to_pylist() == [i % 5 for i in range(21)]
+
+
+def test_parquet_on_object_storage(tmp_path, s3):
+    from support.storage import upload
+
+    (tmp_path / "table").mkdir()
+    for f in range(3):
+        rows = range(f * 7, f * 7 + 7)
+        pq.write_table(pa.table({"image": [_png(i) for i in rows], "key": [f"k{i}" for i in rows]}),
+                       tmp_path / "table" / f"{f}.parquet", row_group_size=3)
+    upload(tmp_path / "table", f"s3://data/table?{s3}")
+    config = _run(tmp_path, {"kind": "parquet", "path": f"s3://data/table?{s3}", "id_column": "key"})
+    _check(config, [f"k{i}" for i in range(21)], [_png(i) for i in range(21)])
+
+
+@pytest.mark.parametrize("kind", ["folder", "webdataset"])
+def test_a_source_on_object_storage_written_to_object_storage(tmp_path, s3, kind):
+    from support.storage import upload
+
+    (tmp_path / "src").mkdir()
+    if kind == "folder":
+        for i in range(10):
+            (tmp_path / "src" / f"{i:02d}.png").write_bytes(_png(i))
+        path = f"s3://data/src?{s3}"
+    else:
+        with tarfile.open(tmp_path / "src" / "a.tar", "w") as tar:
+            for i in range(10):
+                info = tarfile.TarInfo(f"{i:02d}.png")
+                info.size = len(_png(i))
+                tar.addfile(info, io.BytesIO(_png(i)))
+        path = f"s3://data/src/a.tar?{s3}"
+    upload(tmp_path / "src", f"s3://data/src?{s3}")
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]},
+                               "source": {"kind": kind, "path": path}, "dump": {"dtype": "float32"},
+                               "run": {"output": f"s3://dumps/{kind}?{s3}", "executor": "local",
+                                       "batch_size": 4, "shard_size": 4}})
+    assert run(config, stream=None).rows == {"relu1": 10}
+    ids = [f"{i:02d}.png" if kind == "folder" else f"{i:02d}" for i in range(10)]
+    _check(config, ids, [_png(i) for i in range(10)])
