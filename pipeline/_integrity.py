@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow.parquet as pq
 
-from ._layout import INDEX, SHARDS_DIR, file_shard, is_data_file, is_shard_record, layer_file, partition_dir, record_shard
+from ._layout import (INDEX, SHARDS_DIR, file_shard, is_data_file, is_shard_record, layer_file, partition_dir,
+                      record_shard, shard_record_path)
 from ._records import ShardRecord
 from ._shards import ShardPlan
 from ._sources._base import describe_error
@@ -212,6 +213,23 @@ def check_dump(store: OutputStore, plan: ShardPlan | None, layers: Collection[st
             damage.append(Damage(path, reason, shard))
     bad = {d.shard for d in damage}
     return DumpCheck({k: r for k, r in records.items() if k not in bad}, damage, files)
+
+
+def page_problem(store: OutputStore, path: str) -> str | None:
+    """Whether every page of the data file ``path`` passes its checksum: the whole file is read."""
+    try:
+        with store.fs.open_input_file(store.path(path)) as handle:
+            pq.ParquetFile(handle, page_checksum_verification=True).read()
+    except Exception as exc:  # pyarrow says OSError for a checksum, other errors for other damage
+        return f"a page does not read back as written ({describe_error(exc)})"
+    return None
+
+
+def mend_by_redo(damage: Damage) -> str:
+    """What to do about damage a rerun's cheap check does not see (its size and footer are
+    intact): drop the shard's record, so that the rerun redoes it."""
+    return (f"{damage}; delete its shard's record ({shard_record_path(damage.shard)}) and rerun the same command "
+            "to redo the shard" if damage.shard is not None else f"{damage}; delete it")
 
 
 def index_problems(store: OutputStore, path: str, start: int, stop: int, bad: Collection[int]) -> list[str]:

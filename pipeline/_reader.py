@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
-from ._integrity import Damage, check_dump, index_problems, parallel_map
+from ._integrity import Damage, check_dump, index_problems, mend_by_redo, page_problem, parallel_map
 from ._layout import ACTIVATION, INDEX, file_shard, partition_layer, shape_column, shape_columns
 from ._lock import running_on
 from ._manifest import manifest_plan, read_manifest
@@ -53,6 +53,14 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
 
 def _listed(damage: Sequence[object], limit: int = 5) -> str:
     return "; ".join(map(str, damage[:limit])) + (f"; and {len(damage) - limit} more" if len(damage) > limit else "")
+
+
+def _name_damaged_pages(store: OutputStore, files: Sequence[str], error: Exception) -> None:
+    """After a read failed with ``error``: :class:`DamagedDumpError` naming the files whose pages
+    do not read back (their size and footer passed the check), if any."""
+    damage = [Damage(f, reason, file_shard(f)) for f in files if (reason := page_problem(store, f))]
+    if damage:
+        raise DamagedDumpError(f"{store.location!r} is damaged: {'; '.join(map(mend_by_redo, damage))}") from error
 
 
 #: Parquet scans that verify each page's checksum (files written by actmap carry them).
@@ -90,7 +98,11 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     if indices is not None:
         chosen = pc.field("index").isin(pa.array(list(indices), pa.int64()))
         condition = chosen if condition is None else condition & chosen
-    table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
+    try:
+        table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
+    except OSError as exc:
+        _name_damaged_pages(store, [store.relative(f) for f in files], exc)
+        raise
     table = table.sort_by(INDEX) if INDEX in table.column_names else table
     return table.replace_schema_metadata(dataset.schema.metadata)
 
@@ -202,7 +214,12 @@ class ActivationDataset(torch.utils.data.Dataset):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        table = self._reader(key[0]).read_row_group(key[1])
+        try:
+            table = self._reader(key[0]).read_row_group(key[1])
+        except OSError as exc:
+            store = OutputStore(self.location)
+            _name_damaged_pages(store, [store.relative(self._files[key[0]])], exc)
+            raise
         specs = read_metadata(table.schema)["columns"]
         companions = shape_columns(specs)
         decoded = {}
@@ -307,16 +324,17 @@ class DumpInfo:
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=bad_limit, indent="  ",
                                   more="... and {rest} more")
         if self.damage:
-            lines.append(f"damage: {len(self.damage)} file(s) are not what the dump's records say; the readers "
-                         "refuse the dump until a rerun of the same command redoes their shards:")
+            lines.append(f"damage: {len(self.damage)} problem(s); the readers refuse the dump until they are "
+                         "mended: a rerun of the same command redoes their shards, unless the line says otherwise")
             lines += [f"  {line}" for line in self.damage]
         return "\n".join(lines)
 
 
-def inspect_dump(location: str) -> DumpInfo:
+def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
     """Describe a dump: layers (rows, shape, dtype, files, bytes, columns), completeness, bad
     samples, and damage: each file is checked against its shard's record, and its index column
-    read, so that each sample of the shards done is proven to be in each layer exactly once."""
+    read, so that each sample of the shards done is proven to be in each layer exactly once.
+    With ``verify``, every page of every file is read and checked against its checksum too."""
     store = OutputStore(location)
     if not store.entries():
         raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
@@ -325,6 +343,7 @@ def inspect_dump(location: str) -> DumpInfo:
     checked = check_dump(store, manifest_plan(manifest) if manifest else None, layer_ids)
     records = checked.records
     damage: list[Damage] = list(checked.damage)
+    unseen: list[Damage] = []  # damage a rerun does not find by itself
     layers = {}
     for layer in layer_ids:
         files = sorted(checked.files[layer])
@@ -354,10 +373,16 @@ def inspect_dump(location: str) -> DumpInfo:
                                                                 {b.index for b in item[1].bad}), recorded)
         damage += [Damage(f, problem, record.shard) for (f, record), problems in zip(recorded, found)
                    for problem in problems]
+        if verify:  # what the cheap checks cannot see: a page changed in place
+            damaged = {d.path for d in damage}
+            pages = parallel_map(store, lambda f: page_problem(store, f), [f for f in readable if f not in damaged])
+            unseen += [Damage(f, reason, file_shard(f)) for f, reason in
+                       zip([f for f in readable if f not in damaged], pages) if reason]
     for layer, values in merge_records(records.values()).items():
         if layer in layers:
             layers[layer]["values"] = values  # computed by the actors as they wrote
     bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
     planned = manifest["plan"]["shards"] if manifest else None
-    done = len(set(records) - {d.shard for d in damage})
-    return DumpInfo(location, manifest, layers, done, planned, bad, [str(d) for d in damage], running_on(store))
+    done = len(set(records) - {d.shard for d in damage + unseen})
+    lines = [str(d) for d in damage] + [mend_by_redo(d) for d in unseen]
+    return DumpInfo(location, manifest, layers, done, planned, bad, lines, running_on(store))

@@ -38,6 +38,10 @@ class OutputStore:
     def path(self, relative: str) -> str:
         return posixpath.join(self.root, relative)
 
+    def relative(self, path: str) -> str:
+        """The path of the full ``path`` relative to the root (the inverse of :meth:`path`)."""
+        return posixpath.relpath(path, self.root)
+
     def temporary(self, relative: str) -> str:
         """A hidden temporary name beside ``relative``, unique to this writer (a full path)."""
         return self.path(temporary_name(relative))
@@ -78,7 +82,7 @@ class OutputStore:
         if self.fs.get_file_info(base).type != pafs.FileType.Directory:
             return {}
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        return {posixpath.relpath(i.path, self.root): i.size for i in sorted(infos, key=lambda i: i.path)
+        return {self.relative(i.path): i.size for i in sorted(infos, key=lambda i: i.path)
                 if i.type == pafs.FileType.File}
 
     def list_files(self, relative: str) -> list[str]:

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="describe a dump: layers, shapes, rows, completeness, bad samples")
     inspect.add_argument("output", help="the dump's folder or URI")
     inspect.add_argument("--bad", type=int, default=20, metavar="N", help="list at most N bad samples")
+    inspect.add_argument("--verify", action="store_true", help="also read every page of every file and check "
+                         "its checksum (reads the whole dump)")
 
     show = sub.add_parser("show", help="draw activation maps over their images, or value histograms (--stats), "
                           "into a PNG file")
@@ -120,7 +122,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from ._reader import inspect_dump
 
     try:
-        info = inspect_dump(args.output)
+        info = inspect_dump(args.output, verify=args.verify)
     except FileNotFoundError as exc:
         raise ConfigError("output", str(exc)) from None
     except DamagedDumpError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -121,6 +122,36 @@ def test_damaged_files_are_named_refused_by_readers_and_redone_by_a_rerun(tmp_pa
     np.testing.assert_array_equal(read_layer(str(out), "conv2"), before)
     for layer in ("relu1", "conv2"):
         _exactly_once(out, layer, 40)
+
+
+def test_a_page_changed_in_place_is_named_by_the_readers_and_inspect_verify(tmp_path, capsys):
+    """One byte flipped inside a page: size and footer hold, so only the page checksums tell."""
+    out = tmp_path / "out"
+    args = _args(out, **{"dump.compression": "none"})
+    assert _cli(capsys, *args)[0] == 0
+    before = read_layer(str(out), "conv2")
+    path = out / layer_file("conv2", 1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    advice = ("layer=conv2/part-00001.parquet: a page does not read back as written (OSError: could not verify "
+              "page integrity, CRC checksum verification failed")
+    with pytest.raises(DamagedDumpError, match=re.escape(advice)) as info:
+        read_layer(str(out), "conv2")
+    assert "delete its shard's record (_actmap/shards/00001.json) and rerun the same command" in str(info.value)
+    from pipeline import ActivationDataset
+
+    rows = ActivationDataset(str(out), "conv2")
+    rows[0]  # another file: fine
+    with pytest.raises(DamagedDumpError, match=re.escape(advice)):
+        rows[8]
+    assert main(["inspect", str(out), "--verify"]) == 3
+    assert advice in capsys.readouterr().out
+    (out / shard_record_path(1)).unlink()
+    code, err = _cli(capsys, *args)
+    assert code == 0 and "5 shards (4 already done)" in err
+    np.testing.assert_array_equal(read_layer(str(out), "conv2"), before)
+    assert main(["inspect", str(out), "--verify"]) == 0
 
 
 def test_inspect_proves_each_sample_is_there_once(tmp_path, capsys):
