@@ -18,7 +18,7 @@ from typing import TextIO
 from ._executor import Executor, LocalExecutor, WorkerSpec
 from ._layout import SOURCE_INDEX_PATH
 from ._lock import OutputLock
-from ._manifest import assess_output, check_output_folder, commit_output, new_manifest, remove_temporaries
+from ._manifest import assess_output, commit_output, new_manifest, open_output, remove_temporaries
 from ._progress import Progress
 from ._records import ShardRecord
 from ._report import Summary
@@ -155,8 +155,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     """
     started = time.monotonic()
     _warn_small_shards(config.run)
-    store = OutputStore(config.run.output)
-    check_output_folder(store)
+    store = open_output(config.run.output)
     with ShardWorker(config.to_dict(), device="cpu", decode_threads=1) as probe:
         _check_ids(probe.source, config.run.strict)
         _warn_row_groups(probe.source, config.run.shard_size)

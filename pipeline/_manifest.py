@@ -109,14 +109,28 @@ def foreign_entries(store: OutputStore, layers: Collection[str] | None = None) -
     return foreign
 
 
+def open_output(location: str) -> OutputStore:
+    """The output store at ``location``, refused (:class:`OutputConflictError`, nothing touched)
+    when it cannot be a dump's folder: see :func:`check_output_folder`, and a location that
+    cannot be opened at all."""
+    try:
+        store = OutputStore(location)
+    except (OSError, ValueError) as exc:  # an unknown scheme, a filesystem that does not load
+        raise OutputConflictError("run.output", f"cannot open {location!r}: {describe_error(exc)}") from None
+    check_output_folder(store)
+    return store
+
+
 def check_output_folder(store: OutputStore) -> None:
-    """Refuse, touching nothing, an output that is a file, or a folder that holds no dump but
-    holds anything else (hidden entries too)."""
+    """Refuse, touching nothing, an output that is a file (or under one), that cannot be listed,
+    or a folder that holds no dump but holds anything else (hidden entries too)."""
     try:
         store.entries()
-    except NotADirectoryError:
-        raise OutputConflictError("run.output", f"{store.location!r} is a file, not a folder; give a folder: a new "
-                                  "one, an empty one, or one that holds a dump of this run") from None
+    except NotADirectoryError as exc:
+        raise OutputConflictError("run.output", f"{exc}; give a folder: a new one, an empty one, or one that "
+                                  "holds a dump of this run") from None
+    except OSError as exc:
+        raise OutputConflictError("run.output", f"cannot list {store.location!r}: {describe_error(exc)}") from None
     if not store.exists(MANIFEST_PATH) and (foreign := foreign_entries(store)):
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise OutputConflictError("run.output", f"{store.location!r} holds files that are not an actmap dump "

@@ -69,6 +69,12 @@ class OutputStore:
         """The names in the root folder (empty if it does not exist)."""
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
+            if self.local:  # a folder to be made under a file cannot be
+                above = posixpath.dirname(self.root)
+                while above != posixpath.dirname(above) and not os.path.exists(above):
+                    above = posixpath.dirname(above)
+                if os.path.isfile(above):
+                    raise NotADirectoryError(f"{self.location!r} lies under {above!r}, which is a file, not a folder")
             return []
         if info.type != pafs.FileType.Directory:
             raise NotADirectoryError(f"{self.location!r} is a file, not a folder")

@@ -199,13 +199,18 @@ def test_bad_numbers_exit_2_naming_the_key_before_anything_is_written(tmp_path, 
     assert not out.exists()
 
 
-def test_an_output_that_is_a_file_exits_2(tmp_path, capsys):
+def test_an_output_that_is_a_file_or_cannot_be_opened_exits_2(tmp_path, capsys):
     out = tmp_path / "results.csv"
     out.write_text("a,b\n")
     code, err = _cli(capsys, *_args(out))
     assert code == 2
     assert f"run.output: '{out}' is a file, not a folder; give a folder" in err
+    code, err = _cli(capsys, *_args(out / "dump" / "here"))
+    assert code == 2
+    assert f"run.output: '{out}/dump/here' lies under '{out}', which is a file, not a folder; give a folder" in err
     assert out.read_text() == "a,b\n"
+    code, err = _cli(capsys, *_args("nosuchfs://bucket/dump"))
+    assert code == 2 and "run.output: cannot open 'nosuchfs://bucket/dump': ArrowInvalid: " in err
 
 
 # -- 11. absurd sizes ------------------------------------------------------------------------------
