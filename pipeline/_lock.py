@@ -111,6 +111,7 @@ class OutputLock:
         self.store, self.lease, self.now = store, lease, now
         self.owner = Owner.me(lease, now())
         self.lost: Owner | None = None
+        self._made_root = False
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -126,6 +127,7 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Take the lock; :class:`OutputLockedError` when another run holds it and lives."""
+        self._made_root = not self.store.root_exists
         if not self.store.create_json(LOCK_PATH, self.owner.to_dict()):
             holder = self._holder()
             if holder is not None and holder.alive(self.now()):
@@ -184,6 +186,8 @@ class OutputLock:
                 self.store.delete_file(self.store.path(LOCK_PATH))
                 if not self.store.list_files(META_DIR):  # a run refused before it wrote anything
                     self.store.delete_dir(META_DIR)
+                    if self._made_root and self.store.root_exists and not self.store.entries():
+                        self.store.delete_root()
 
     def __enter__(self) -> OutputLock:
         self.acquire()

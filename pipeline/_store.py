@@ -98,6 +98,14 @@ class OutputStore:
     def is_dir(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.Directory
 
+    @property
+    def root_exists(self) -> bool:
+        return self.fs.get_file_info(self.root).type != pafs.FileType.NotFound
+
+    def delete_root(self) -> None:
+        """Delete the root folder, which must be empty."""
+        self.fs.delete_dir(self.root)
+
     def delete_dir(self, relative: str) -> None:
         """Delete the folder ``relative`` if it is there (with what it holds)."""
         if self.is_dir(relative):

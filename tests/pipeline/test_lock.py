@@ -31,6 +31,9 @@ def test_a_lock_is_taken_renewed_and_released(tmp_path):
                                                     r"1970-01-01 00:16:40 UTC, renewed 0 s ago\)"):
             OutputLock(store, now=lambda: clock[0]).acquire()
     assert not (tmp_path / META_DIR).exists(), "a run that wrote nothing else leaves no folder behind"
+    with OutputLock(OutputStore(str(tmp_path / "new" / "out"))):
+        assert (tmp_path / "new" / "out" / LOCK_PATH).exists()
+    assert not (tmp_path / "new" / "out").exists(), "nor the output folder it made"
 
 
 def test_a_lock_on_another_host_holds_until_its_lease_lapses(tmp_path, caplog):
