@@ -14,6 +14,8 @@
 #                     full maps and pooled to 1x1 (input-bound): images/s; a few rows against a CPU
 #                     decode + direct forward
 #   8. bench_sources  the input path on this host: floors and sources alone, 1 and all threads
+#   9. gpu_profile    each stage of the JPEG-folder dump alone (read, GPU decode, resize, forward,
+#                     copy out, write), then ShardWorker with 4 shards at once, in one process
 #
 # STEPS="1 7 8" runs only those steps.
 #
@@ -47,11 +49,13 @@ if [[ $DRY == 1 ]]; then
   BENCH_EXTRA=(--actors 1 --device cpu)
   ENC_ARGS=(--batch 4 --repeats 1)
   SOURCES_ARGS=(--rows 2000 --files 1000)
+  PROFILE_ARGS=(--device cpu --count 64 --batch 16 --size 64 --width 100 --height 80 --repeats 1 --threads 2)
 else
   export DEVICE=cuda MODEL=resnet50 SIZE=224 COUNT=2048 BATCH=256 BENCH_COUNT=4096 SHARD=1024
   BENCH_EXTRA=(--actors 1 --device cuda)
   ENC_ARGS=(--full --repeats 1)
   SOURCES_ARGS=(--rows 40000 --files 20000)
+  PROFILE_ARGS=(--device cuda --count 8192)
 fi
 export WORK
 
@@ -291,6 +295,10 @@ EOF
 # -- 8. the input path on this host's cores: floors and sources alone, 1 and all threads ------------
 step 8_bench_sources 120 "$PY" bench/bench_sources.py --kinds parquet,folder,webdataset --no-e2e --no-raydata \
   --plan-files 0 "${SOURCES_ARGS[@]}" --workdir "$WORK/sources" --json "$OUT/8_bench_sources.json"
+
+# -- 9. each stage of the JPEG-folder dump alone, then the worker without Ray ---------------------
+step 9_gpu_profile 150 "$PY" bench/gpu_profile.py "${PROFILE_ARGS[@]}" --images "$WORK/profile-jpegs" \
+  --workdir "$WORK/profile" --json "$OUT/9_gpu_profile.json"
 
 # -- 6. the encodings on this host ------------------------------------------------------------------
 step 6_bench_encoding 60 "$PY" bench/bench_encoding.py "${ENC_ARGS[@]}" --dir "$WORK"
