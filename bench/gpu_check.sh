@@ -10,7 +10,8 @@
 #                     hooks, actmap, Ray Data (generated source: the actors generate the images)
 #   5. bench_pipeline the same with the memory source (actors read the images from a .npy), no Ray Data
 #   6. bench_encoding the design table's batch of 256 on this host's cores
-#   7. jpeg_folder    a folder of 500x375 JPEG files (decoded on the GPU) through resnet50 layer3 + layer4,
+#   7. jpeg_folder    16,384 JPEG files of 500x375 (4,096 images, each in 4 files), decoded on the GPU,
+#                     through resnet50 layer3 + layer4,
 #                     full maps and pooled to 1x1 (input-bound): images/s; a few rows against a CPU
 #                     decode + direct forward
 #   8. bench_sources  the input path on this host: floors and sources alone, 1 and all threads
@@ -45,13 +46,13 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}   # the local Ray started here l
 export PYTHONUNBUFFERED=1
 
 if [[ $DRY == 1 ]]; then
-  export DEVICE=cpu MODEL=resnet50 SIZE=64 COUNT=64 BATCH=16 BENCH_COUNT=64 SHARD=32
+  export DEVICE=cpu MODEL=resnet50 SIZE=64 COUNT=64 BATCH=16 BENCH_COUNT=64 SHARD=32 JPEG_COUNT=128
   BENCH_EXTRA=(--actors 1 --device cpu)
   ENC_ARGS=(--batch 4 --repeats 1)
   SOURCES_ARGS=(--rows 2000 --files 1000)
   PROFILE_ARGS=(--device cpu --count 64 --batch 16 --size 64 --width 100 --height 80 --repeats 1 --threads 2)
 else
-  export DEVICE=cuda MODEL=resnet50 SIZE=224 COUNT=2048 BATCH=256 BENCH_COUNT=4096 SHARD=1024
+  export DEVICE=cuda MODEL=resnet50 SIZE=224 COUNT=2048 BATCH=256 BENCH_COUNT=4096 SHARD=1024 JPEG_COUNT=16384
   BENCH_EXTRA=(--actors 1 --device cuda)
   ENC_ARGS=(--full --repeats 1)
   SOURCES_ARGS=(--rows 40000 --files 20000)
@@ -232,21 +233,27 @@ from pipeline._reduce import reduce_output
 from pipeline._sources.generated import generate
 
 device, name = os.environ["DEVICE"], os.environ["MODEL"]
-count, batch, work = int(os.environ["BENCH_COUNT"]), int(os.environ["BATCH"]), os.environ["WORK"]
+batch, work = int(os.environ["BATCH"]), os.environ["WORK"]
 root = os.path.join(work, "jpegs")
 
-def make(i):  # a photo-sized (500x375) JPEG in one of 8 class folders
+count, distinct = int(os.environ["JPEG_COUNT"]), int(os.environ["BENCH_COUNT"])
+
+def make(i):  # a photo-sized (500x375) JPEG in one of 8 class folders; past `distinct`, copies
     path = f"{root}/{i % 8}/{i:06d}.jpg"
-    tvio.write_jpeg(generate(i, 500, 0)[0][:, :375, :].contiguous(), path, quality=90)
+    if i < distinct:
+        tvio.write_jpeg(generate(i, 500, 0)[0][:, :375, :].contiguous(), path, quality=90)
+    else:
+        shutil.copyfile(f"{root}/{i % distinct % 8}/{i % distinct:06d}.jpg", path)
 
 for k in range(8):
     os.makedirs(f"{root}/{k}", exist_ok=True)
 t0 = time.perf_counter()
 with ThreadPoolExecutor(os.cpu_count()) as pool:
-    list(pool.map(make, range(count)))
+    list(pool.map(make, range(distinct)))
+    list(pool.map(make, range(distinct, count)))
 files = sorted(glob.glob(f"{root}/*/*.jpg"))
-print(f"{count} JPEGs of 500x375, {sum(map(os.path.getsize, files)) / count / 1e3:.0f} KB each, "
-      f"made in {time.perf_counter() - t0:.1f}s")
+print(f"{count} JPEG files of 500x375 ({distinct} distinct images), {sum(map(os.path.getsize, files)) / count / 1e3:.0f} "
+      f"KB each, made in {time.perf_counter() - t0:.1f}s")
 failures = []
 for label, extra in (("full maps", []), ("pooled to 1x1", ["dump.reduce=pool"])):
     out = os.path.join(work, "jpeg-dump-" + label.split()[0])
@@ -254,7 +261,7 @@ for label, extra in (("full maps", []), ("pooled to 1x1", ["dump.reduce=pool"]))
     cfg = pipeline.load_config(None, [
         f"model.name={name}", "model.layers=[layer3, layer4]", "model.precision=bf16", "model.channels_last=true",
         "source.kind=folder", f"source.path={root}", "source.preprocess.resize=256", "source.preprocess.crop=224",
-        f"run.output={out}", f"run.batch_size={batch}", f"run.shard_size={2 * batch}", *extra])
+        f"run.output={out}", f"run.batch_size={batch}", f"run.shard_size={4 * batch}", *extra])
     t0 = time.perf_counter()
     summary = pipeline.run(cfg, stream=None)
     wall = time.perf_counter() - t0
@@ -297,7 +304,7 @@ step 8_bench_sources 120 "$PY" bench/bench_sources.py --kinds parquet,folder,web
   --plan-files 0 "${SOURCES_ARGS[@]}" --workdir "$WORK/sources" --json "$OUT/8_bench_sources.json"
 
 # -- 9. each stage of the JPEG-folder dump alone, then the worker without Ray ---------------------
-step 9_gpu_profile 150 "$PY" bench/gpu_profile.py "${PROFILE_ARGS[@]}" --images "$WORK/profile-jpegs" \
+step 9_gpu_profile 150 "$PY" bench/gpu_profile.py "${PROFILE_ARGS[@]}" --images "$WORK/jpegs" \
   --workdir "$WORK/profile" --json "$OUT/9_gpu_profile.json"
 
 # -- 6. the encodings on this host ------------------------------------------------------------------

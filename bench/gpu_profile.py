@@ -13,6 +13,7 @@ On the CPU (``--device cpu``) it runs the same code at tiny sizes, to check the 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -34,6 +35,7 @@ from pipeline._models import LayerOutputs, build_model  # noqa: E402
 from pipeline._preprocess import resize_crop, to_model_input  # noqa: E402
 from pipeline._reduce import reduce_output  # noqa: E402
 from pipeline._shards import Shard  # noqa: E402
+from pipeline._sources import Deferred  # noqa: E402
 from pipeline._sources.generated import generate  # noqa: E402
 from pipeline._stats import ValueStats  # noqa: E402
 from pipeline._store import OutputStore  # noqa: E402
@@ -59,6 +61,11 @@ def make_jpegs(root: str, count: int, width: int, height: int) -> list[str]:
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(make, range(count)))
     return sorted(glob.glob(f"{root}/*/*.jpg"))[:count]
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -117,14 +124,16 @@ def main(argv=None) -> int:
 
     # -- input: read, decode, resize ------------------------------------------------------------
     def read_all():
-        return list(pool.map(lambda p: open(p, "rb").read(), batch_files))
+        return list(pool.map(_read, batch_files))
 
-    report("read the files (threads)", timed(read_all, args.repeats, lambda: None))
+    report("read the files: open().read() (threads)", timed(read_all, args.repeats, lambda: None))
+    import torchvision.io as tvio
+
+    report("read the files: torchvision read_file (threads)", timed(
+        lambda: list(pool.map(tvio.read_file, batch_files)), args.repeats, lambda: None))
     raws = read_all()
     decoder = Decoder(args.threads, device, gpu_turn=threading.Lock(), resize=resize, crop=(args.size, args.size))
     if cuda:
-        import torchvision.io as tvio
-
         data = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raws]
         report("decode_jpeg on the GPU, one call", timed(
             lambda: tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=device), args.repeats, sync))
@@ -133,7 +142,9 @@ def main(argv=None) -> int:
             lambda: [resize_crop(x, resize, (args.size, args.size)) for x in decoded], args.repeats, sync))
         report("resize + crop on the GPU, one call for the batch", timed(
             lambda: resize_crop(torch.stack(decoded), resize, (args.size, args.size)), args.repeats, sync))
-    report("Decoder(bytes), as the worker calls it", timed(lambda: decoder(raws), args.repeats, sync))
+    report("Decoder(bytes), as a Parquet source feeds it", timed(lambda: decoder(raws), args.repeats, sync))
+    deferred = [Deferred(functools.partial(_read, p), p) for p in batch_files]
+    report("Decoder(files), as a local folder feeds it", timed(lambda: decoder(deferred), args.repeats, sync))
     cpu_decoder = Decoder(args.threads, "cpu", resize=resize, crop=(args.size, args.size))
     report("Decoder(bytes) on the CPU, all threads", timed(lambda: cpu_decoder(raws), 1, lambda: None))
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ._images import DEFAULT_MAX_PIXELS, ImageError, conform, decode, header_size
-from ._preprocess import resize_crop
+from ._preprocess import resize_crop, resize_crop_many
 from ._sources._base import Deferred, RawImage, is_sample_fault
 
 log = logging.getLogger(__name__)
@@ -80,35 +80,41 @@ class Decoder:
 
     def _with_gpu_jpeg(self, raws: list) -> list[torch.Tensor | Exception]:
         # the bytes first (read in parallel), then the JPEG files in one call on the GPU
-        raws = self._map(_load, raws)
+        import torchvision.io as tvio  # imported when first needed: it takes seconds
+
+        encoded = [isinstance(raw, (bytes, bytearray, memoryview, Deferred)) for raw in raws]
+        raws = self._map(_load_jpeg, raws)
         out: list[torch.Tensor | Exception | None] = [None] * len(raws)
         jpegs = []
         for i, raw in enumerate(raws):
             if isinstance(raw, Exception):
                 out[i] = raw
-            elif isinstance(raw, bytes) and raw[:3] == _JPEG_MAGIC:
-                size = header_size(raw)
+            elif encoded[i] and isinstance(raw, torch.Tensor):  # a JPEG file's bytes
+                data = memoryview(raw.numpy())
+                size = header_size(data)
                 if size is not None and self.max_pixels is not None and size[0] * size[1] > self.max_pixels:
-                    out[i] = self.one(raw)  # raises the limit's error, without decoding
+                    out[i] = self.one(bytes(data))  # raises the limit's error, without decoding
                 else:
                     jpegs.append(i)
         if jpegs:
-            import torchvision.io as tvio  # imported when first needed: it takes seconds
-
-            data = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpegs]
             images = None
             # the GPU decoder writes on a stream of its own that does not wait for work already
             # queued: no forward may queue work meanwhile, and the device is drained
             with self.gpu_turn or contextlib.nullcontext():
                 torch.cuda.synchronize(self.device)
                 try:
-                    images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
+                    images = tvio.decode_jpeg([raws[i] for i in jpegs], mode=tvio.ImageReadMode.RGB,
+                                              device=self.device)
                 except RuntimeError as exc:  # one bad file fails the whole call
                     log.info("a batch's JPEG files go through the CPU: the GPU decoder refused one (%s)", exc)
                 torch.cuda.synchronize(self.device)
-            for i, image in zip(jpegs, images or ()):
-                image = conform(image, channels_last=False, channels=self.channels)
-                out[i] = resize_crop(image, self.resize, self.crop)
+            if images:  # resized in one call per image size, not one per image
+                conformed = [conform(image, channels_last=False, channels=self.channels) for image in images]
+                for i, image in zip(jpegs, resize_crop_many(conformed, self.resize, self.crop)):
+                    out[i] = image
+            else:
+                for i in jpegs:
+                    raws[i] = bytes(raws[i].numpy())
         left = [i for i, o in enumerate(out) if o is None]
         for i, image in zip(left, self._map(self.one, [raws[i] for i in left])):
             out[i] = image
@@ -119,14 +125,28 @@ class Decoder:
             self._pool.shutdown(wait=True)
 
 
-def _load(raw: RawImage) -> RawImage | Exception:
+def _load_jpeg(raw: RawImage) -> RawImage | Exception:
+    """``raw``, read if it is deferred; a JPEG file's bytes as a 1-d ``uint8`` tensor (what the
+    GPU decoder takes: a local file is read by torchvision, with the GIL released); or the
+    exception when the fault is the sample's."""
     if isinstance(raw, Deferred):
+        if raw.path is not None:
+            import torchvision.io as tvio
+
+            try:
+                data = tvio.read_file(raw.path)
+            except RuntimeError:  # missing, forbidden, empty: the plain read below says which
+                pass
+            else:
+                return data if bytes(data[:3].numpy()) == _JPEG_MAGIC else bytes(data.numpy())
         try:
-            return raw.load()
+            raw = raw.load()
         except OSError as exc:
             if is_sample_fault(exc):
                 return exc
             raise
+    if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:3]) == _JPEG_MAGIC:
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return raw
 
 

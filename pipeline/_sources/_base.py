@@ -17,9 +17,12 @@ from .._records import BadSample
 @dataclasses.dataclass(frozen=True)
 class Deferred:
     """Encoded bytes not read yet: the thread that decodes the image reads them first, so the
-    reads of a batch run in parallel with no extra hand-off (``load()`` gives the bytes)."""
+    reads of a batch run in parallel with no extra hand-off (``load()`` gives the bytes).
+    ``path`` is the local file's path when there is one: a GPU decoder reads it straight into a
+    tensor."""
 
     load: Callable[[], bytes]
+    path: str | None = None
 
 
 #: An image as a source hands it over: encoded file bytes, read now or by the decoding thread

@@ -118,8 +118,8 @@ class FolderSource(StreamingSource):
         names = self.index.slice(start, stop).column("path").to_pylist()
         if self.location.local:
             for index, name in enumerate(names, start):
-                yield Sample(index, name, Deferred(functools.partial(self.location.read, name)),
-                             self._labels(name))
+                yield Sample(index, name, Deferred(functools.partial(self.location.read, name),
+                                                   self.location.path(name)), self._labels(name))
             return
         with self._lock:  # the shards at work stream from their own threads: one pool for them all
             if self._readers is None:

@@ -1,9 +1,12 @@
-"""The actor's decoding pool: order, bad images in place, parallel reads, threads used."""
+"""The actor's decoding pool: order, bad images in place, parallel reads, threads used; the
+GPU path's logic (run here with the CPU standing in for the GPU decoder)."""
 
 import io
 import threading
 
+import pytest
 import torch
+import torchvision.io as tvio
 from PIL import Image
 
 from pipeline._decoder import Decoder
@@ -53,3 +56,61 @@ def test_a_failed_read_is_a_bad_image():
 
     out = Decoder(threads=1)([Deferred(missing)])
     assert isinstance(out[0], FileNotFoundError)
+
+
+def _jpeg(value: int, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (value, 255 - value, value // 2)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cpu_for_gpu(monkeypatch):
+    """The GPU decoder's path with the CPU doing the decoding (no GPU here)."""
+    calls = []
+    real = tvio.decode_jpeg
+
+    def decode_jpeg(data, mode, device):
+        assert str(device) == "cuda" and all(t.dtype == torch.uint8 and t.ndim == 1 for t in data)
+        calls.append(len(data))
+        return real(data, mode=mode)
+
+    monkeypatch.setattr(tvio, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return calls
+
+
+def test_the_gpu_path_decodes_a_batch_of_jpeg_files_in_one_call_like_the_cpu(tmp_path, cpu_for_gpu):
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(_jpeg(i * 40, size=(40, 30) if i % 2 else (36, 48)))
+    (tmp_path / "png.jpg").write_bytes(_png(7))  # a PNG under a JPEG name
+    raws = [Deferred((tmp_path / f"{i}.jpg").read_bytes, str(tmp_path / f"{i}.jpg")) for i in range(6)]
+    raws += [Deferred(lambda: (tmp_path / "png.jpg").read_bytes(), str(tmp_path / "png.jpg")),
+             _jpeg(200),                                      # bytes, as a Parquet source gives them
+             torch.full((3, 20, 20), 9, dtype=torch.uint8),  # an image already decoded
+             Deferred(lambda: open(tmp_path / "gone.jpg", "rb").read(), str(tmp_path / "gone.jpg")),
+             b"\xff\xd8\xff" + b"\x00" * 10]                 # a JPEG's start, then nothing: a bad sample
+    gpu = Decoder(threads=2, device="cuda", resize=16, crop=(12, 12))
+    cpu = Decoder(threads=2, resize=16, crop=(12, 12))
+    # without the broken file, then with it: it fails the decoder's call, and the batch goes
+    # through the CPU
+    for batch, calls in ((raws[:-1], [7]), (raws, [7, 8])):
+        got, expected = gpu(batch), cpu(batch)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            if isinstance(e, Exception):
+                assert type(g) is type(e), i
+            else:
+                assert torch.equal(g, e), i
+        assert isinstance(got[9], FileNotFoundError)
+        assert cpu_for_gpu == calls  # one decoder call per batch
+    assert isinstance(got[10], ImageError)
+    gpu.close(), cpu.close()
+
+
+def test_the_gpu_path_refuses_an_oversized_jpeg_from_its_header(tmp_path, cpu_for_gpu):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(_jpeg(10, size=(64, 64)))
+    raws = [Deferred(path.read_bytes, str(path)), _jpeg(20, size=(8, 8))]
+    out = Decoder(threads=1, device="cuda", max_pixels=32 * 32)(raws)
+    assert isinstance(out[0], ImageError) and "64x64" in str(out[0])
+    assert out[1].shape == (3, 8, 8) and cpu_for_gpu == [1]

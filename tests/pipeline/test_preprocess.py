@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline._preprocess import resize_crop, to_model_input
+from pipeline._preprocess import resize_crop, resize_crop_many, to_model_input
 
 
 def test_resize_crop():
@@ -19,3 +19,15 @@ def test_to_model_input_scales_and_normalises():
         memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="normalisation has 3 channels but the images have 1"):
         to_model_input(torch.zeros(1, 1, 2, 2), ((0.5,) * 3, (0.5,) * 3))
+
+
+@pytest.mark.parametrize("resize, crop", [(20, (16, 16)), (24, None), (None, (10, 12))])
+def test_resize_crop_many_equals_image_by_image(resize, crop):
+    # a GPU-decoded batch is resized one size at a time; the values are those of one image at a time
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+              for shape in [(3, 40, 60), (3, 40, 60), (3, 33, 50), (3, 40, 60), (3, 33, 50), (3, 70, 31)]]
+    together = resize_crop_many(images, resize, crop)
+    assert len(together) == len(images)
+    for image, got in zip(images, together):
+        assert torch.equal(got, resize_crop(image, resize, crop))
