@@ -73,20 +73,49 @@ class Location:
 
 
 def _walk_local(root: str) -> list[str]:
-    """The relative paths of the regular files under ``root``, in no order (no ``stat`` per
-    file: the directory entries say which are files)."""
+    """The relative paths of the regular files under ``root``, sorted as strings, with no sort
+    of the whole list and no ``stat`` per file (the directory entries say which are files).
+
+    Each folder's entries are sorted, a folder's name with its ``/``, and a folder's files
+    come where its name sorts: the order of the walk is the order of the paths (``a-b.png``
+    before ``a/x.png``, as ``-`` sorts before ``/``).
+    """
     paths: list[str] = []
-    stack = [""]
+    stack: list[tuple[str, Iterator[str]]] = []
+
+    def enter(prefix: str) -> None:
+        keys, folders = _sorted_entries(os.path.join(root, prefix) if prefix else root)
+        if folders:  # taken key by key below: its folders' files come in between
+            stack.append((prefix, iter(keys)))
+        else:
+            paths.extend([prefix + key for key in keys])
+
+    enter("")
     while stack:
-        folder = stack.pop()
-        prefix = f"{folder}/" if folder else ""
-        with os.scandir(os.path.join(root, folder) if folder else root) as entries:
-            for entry in entries:
-                if entry.is_dir():
-                    stack.append(prefix + entry.name)
-                elif entry.is_file():
-                    paths.append(prefix + entry.name)
+        prefix, keys = stack[-1]
+        for key in keys:
+            if key[-1] == "/":
+                enter(prefix + key)
+                break
+            paths.append(prefix + key)
+        else:
+            stack.pop()
     return paths
+
+
+def _sorted_entries(folder: str) -> tuple[list[str], bool]:
+    """The names of the files in ``folder`` and of its folders (with a ``/`` after), sorted;
+    and whether there are folders."""
+    keys, folders = [], False
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file():
+                keys.append(entry.name)
+            elif entry.is_dir():
+                keys.append(entry.name + "/")
+                folders = True
+    keys.sort()
+    return keys, folders
 
 
 def _is_utf8(name: str) -> bool:
@@ -121,10 +150,12 @@ def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.T
         paths = pa.array([i.path[prefix:] for i in files], pa.string())
         sizes = pa.array([i.size for i in files], pa.int64())
     table = pa.table({"path": paths, "size": sizes})
+    if not location.local:  # the local walk gives the paths sorted already
+        table = table.take(pc.sort_indices(table, [("path", "ascending")]))
     if suffixes is not None:  # one vectorised pass: cheaper than a test per name in Python
         wanted = "|".join(re.escape(s.lower().lstrip(".")) for s in sorted(suffixes))
         table = table.filter(pc.match_substring_regex(table.column("path"), f"(?i)\\.({wanted})$"))
-    return table.take(pc.sort_indices(table, [("path", "ascending")]))
+    return table
 
 
 def ordered_map(executor: Executor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[Future]:

@@ -95,7 +95,8 @@ def write_index(fs: pafs.FileSystem, path: str, index: MemoryIndex) -> None:
     """Write ``index`` to ``path`` (complete or not at all: a temporary name, then a move)."""
     schema = index.table.schema.with_metadata({_META_KEY: json.dumps(index.meta, sort_keys=True).encode()})
     temporary = temporary_name(path)
-    with pq.ParquetWriter(temporary, schema, filesystem=fs, compression="zstd") as writer:
+    # paths are mostly unique: a dictionary costs time and space for nothing
+    with pq.ParquetWriter(temporary, schema, filesystem=fs, compression="zstd", use_dictionary=False) as writer:
         writer.write_table(index.table.replace_schema_metadata(schema.metadata), row_group_size=GROUP_ROWS)
     fs.move(temporary, path)
 

@@ -290,3 +290,21 @@ def test_file_names_that_are_not_utf8_are_left_out_with_a_warning(tmp_path, capl
     source = FolderSource(str(tmp_path))
     assert [s.sample_id for s in source.stream(0, len(source))] == ["ok.png"]
     assert "1 file name(s) under" in caplog.text and "are not UTF-8" in caplog.text
+
+
+def test_the_local_listing_is_in_the_order_of_sorted_paths(tmp_path):
+    # the walk sorts each folder, not the whole list: names that sort around "/" must still
+    # come in the order of their whole paths, as a listing on object storage gives them
+    import os
+
+    from pipeline._sources._files import Location, list_tree
+
+    names = ["a/x.png", "a-b.png", "a-b/y.png", "a.png", "a b/z.png", "a/b/c.png", "a/b-c.png", "a/b.png",
+             "a/b/c/d.png", "a0/e.png", "Z.png", "é/f.png", "e/g.png", "a/notes.txt", "b/.hidden.png", "a.b/h.png"]
+    for name in names:
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    listed = list_tree(Location(str(tmp_path)), {".png"}).column("path").to_pylist()
+    expected = sorted(n for n in names if n.endswith(".png"))
+    assert listed == expected
+    assert listed == sorted(listed, key=lambda p: p.encode())  # as Arrow sorts: by UTF-8 bytes
