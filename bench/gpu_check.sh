@@ -221,11 +221,12 @@ step 5_bench_pipeline_memory 80 "$PY" bench/bench_pipeline.py --model "$MODEL" -
 
 
 # -- 7. a folder of JPEG files: decoded on the GPU, dumped, compared with a CPU decode --------------
-step 7_jpeg_folder 150 "$PY" - <<'EOF'
+step 7_jpeg_folder 170 "$PY" - <<'EOF'
 import glob, json, os, shutil, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np, torch, torchvision.io as tvio
 import pipeline
+from pipeline._decoder import Decoder
 from pipeline._models import LayerOutputs, build_model
 from pipeline._images import decode
 from pipeline._preprocess import resize_crop, to_model_input
@@ -278,6 +279,8 @@ for label, extra in (("full maps", []), ("pooled to 1x1", ["dump.reduce=pool"]))
         failures.append(f"{label}: rows {summary.rows}, bad {summary.bad[:3]}")
     if label == "full maps":
         full = (out, cfg)
+    else:
+        pooled = (out, cfg)
 out, cfg = full
 # a few rows against a CPU decode and a direct forward (the GPU and CPU JPEG decoders differ a little)
 rows = [0, count // 2, count - 1]
@@ -296,6 +299,24 @@ for layer in ("layer3", "layer4"):
           f"(tolerance 0.1) {'OK' if err <= 0.1 else 'FAIL'}")
     if err > 0.1:
         failures.append(layer)
+# every row of the pooled dump against the same GPU decoding and model, one batch at a time with
+# nothing beside them: a decode that raced a forward, or memory reused too early, shows here
+out, cfg = pooled
+stored = pipeline.read_layer(out, "layer4").astype(np.float32).reshape(count, -1)
+ids = pipeline.read_table(out, "layer4", columns=["sample_id"]).column("sample_id").to_pylist()
+decoder = Decoder(1, device, resize=256, crop=(224, 224))
+worst = 0.0
+for start in range(0, count, batch):
+    images = decoder([open(os.path.join(root, i), "rb").read() for i in ids[start:start + batch]])
+    x = to_model_input(torch.stack(images), cfg.source.preprocess.mean_std(), True)
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+        ref = reduce_output(grab(x)["layer4"], cfg.dump, "layer4").float().cpu().numpy().reshape(len(images), -1)
+    err = np.abs(stored[start:start + batch] - ref).max(axis=1) / np.maximum(np.abs(ref).max(axis=1), 1e-12)
+    worst = max(worst, float(err.max()))
+print(f"pooled layer4, all {count} rows vs the same GPU decoding + forward, batch by batch: worst row "
+      f"max |diff| / max = {worst:.2e} (tolerance 0.05) {'OK' if worst <= 0.05 else 'FAIL'}")
+if worst > 0.05:
+    failures.append("pooled rows")
 sys.exit(f"FAILED: {failures}" if failures else 0)
 EOF
 

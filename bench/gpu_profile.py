@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
     report("read the files: torchvision read_file (threads)", timed(
         lambda: list(pool.map(tvio.read_file, batch_files)), args.repeats, lambda: None))
     raws = read_all()
-    decoder = Decoder(args.threads, device, gpu_turn=threading.Lock(), resize=resize, crop=(args.size, args.size))
+    decoder = Decoder(args.threads, device, resize=resize, crop=(args.size, args.size))
     if cuda:
         data = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raws]
         report("decode_jpeg on the GPU, one call", timed(

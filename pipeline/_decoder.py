@@ -15,7 +15,6 @@ CUDA device the JPEG files of a batch are decoded there in one call instead.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,18 +37,16 @@ class Decoder:
     Args:
         threads: decoding threads (at least 1).
         device: where the model runs; on CUDA, JPEG files are decoded there.
-        gpu_turn: held around a GPU decode (the worker's device lock).
         resize, crop, channels: as ``source.preprocess``.
         max_pixels: larger images are refused from their header, before decoding.
     """
 
-    def __init__(self, threads: int = 1, device: torch.device | str = "cpu",
-                 gpu_turn: contextlib.AbstractContextManager | None = None, resize: int | None = None,
+    def __init__(self, threads: int = 1, device: torch.device | str = "cpu", resize: int | None = None,
                  crop: tuple[int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  channels: int = 3):
         self.threads = max(1, int(threads))
         self.device = torch.device(device)
-        self.gpu_turn = gpu_turn
+        self._stream: torch.cuda.Stream | None = None  # the GPU decoding's own stream, made when first used
         self.resize, self.crop, self.max_pixels, self.channels = resize, crop, max_pixels, channels
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actmap-decode") if self.threads > 1 else None
 
@@ -97,28 +94,44 @@ class Decoder:
                 else:
                     jpegs.append(i)
         if jpegs:
-            images = None
-            # the GPU decoder writes on a stream of its own that does not wait for work already
-            # queued: no forward may queue work meanwhile, and the device is drained
-            with self.gpu_turn or contextlib.nullcontext():
-                torch.cuda.synchronize(self.device)
-                try:
-                    images = tvio.decode_jpeg([raws[i] for i in jpegs], mode=tvio.ImageReadMode.RGB,
-                                              device=self.device)
-                except RuntimeError as exc:  # one bad file fails the whole call
-                    log.info("a batch's JPEG files go through the CPU: the GPU decoder refused one (%s)", exc)
-                torch.cuda.synchronize(self.device)
-            if images:  # resized in one call per image size, not one per image
-                conformed = [conform(image, channels_last=False, channels=self.channels) for image in images]
-                for i, image in zip(jpegs, resize_crop_many(conformed, self.resize, self.crop)):
-                    out[i] = image
-            else:
-                for i in jpegs:
+            for i, image in zip(jpegs, self._decode_on_gpu([raws[i] for i in jpegs]) or ()):
+                out[i] = image
+            for i in jpegs:
+                if out[i] is None:
                     raws[i] = bytes(raws[i].numpy())
         left = [i for i, o in enumerate(out) if o is None]
         for i, image in zip(left, self._map(self.one, [raws[i] for i in left])):
             out[i] = image
         return out
+
+    def _decode_on_gpu(self, data: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """JPEG files decoded, resized and cropped on the GPU, in one decoder call, or ``None``
+        when the decoder refuses one of them (the caller decodes them on the CPU).
+
+        The work runs on a stream of its own, so it overlaps the forwards on the worker's
+        stream instead of waiting for them: torchvision's decoder allocates its outputs on the
+        current stream and writes them from another, so that stream must hold no work but its
+        own. Its results are complete when this returns, and their memory is not reused before
+        the work the caller's stream queues on them is done.
+        """
+        import torchvision.io as tvio
+
+        consumer = torch.cuda.current_stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            try:
+                images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
+            except RuntimeError as exc:  # one bad file fails the whole call
+                log.info("a batch's JPEG files go through the CPU: the GPU decoder refused one (%s)", exc)
+                return None
+            # resized in one call per image size, not one per image
+            images = resize_crop_many([conform(image, channels_last=False, channels=self.channels) for image in images],
+                                      self.resize, self.crop)
+        self._stream.synchronize()
+        for image in images:
+            image.record_stream(consumer)
+        return images
 
     def close(self) -> None:
         if self._pool is not None:

@@ -54,8 +54,7 @@ _DEVICE_LOCKS_LOCK = threading.Lock()
 
 
 def _device_lock(device: torch.device) -> threading.Lock:
-    """The lock of a GPU in this process: one forward (or JPEG decode) at a time on it, whichever
-    worker runs it. On the CPU each worker has its own: their forwards may run side by side."""
+    """The lock of a GPU in this process: one forward at a time on it, whichever worker runs it. On the CPU each worker has its own: their forwards may run side by side."""
     if device.type == "cpu":
         return threading.Lock()
     with _DEVICE_LOCKS_LOCK:
@@ -178,7 +177,7 @@ class ShardWorker:
         # decoding threads: the actor's CPUs (the driver's trial sample: one)
         cpus = self.config.run.cpus_per_actor
         threads = decode_threads if decode_threads is not None else max(1, int(1 if cpus == "auto" else cpus))
-        self.decoder = Decoder(threads, self.device, gpu_turn=None, resize=self.inputs.resize, crop=self.inputs.crop,
+        self.decoder = Decoder(threads, self.device, resize=self.inputs.resize, crop=self.inputs.crop,
                                max_pixels=prep.max_pixels, channels=prep.channels)
         # a loader per shard at work: each reads its own shard, the decoding pool is shared
         self._loader = ThreadPoolExecutor(max(1, shards_at_once), thread_name_prefix="actmap-load")
@@ -189,7 +188,6 @@ class ShardWorker:
         # shards may run in several threads at once: the forwards take turns on the device (one
         # lock per device in this process, which the workers of a local executor share too)
         self._device = _device_lock(self.device)
-        self.decoder.gpu_turn = self._device
         self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         self._stopping = threading.Event()
         self._forwards_done = 0  # batches whose forward worked: the model can run here

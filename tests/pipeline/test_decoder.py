@@ -1,6 +1,7 @@
 """The actor's decoding pool: order, bad images in place, parallel reads, threads used; the
 GPU path's logic (run here with the CPU standing in for the GPU decoder)."""
 
+import contextlib
 import io
 import threading
 
@@ -64,10 +65,14 @@ def _jpeg(value: int, size=(40, 30)) -> bytes:
     return buf.getvalue()
 
 
+class _Calls(list):
+    recorded: list
+
+
 @pytest.fixture
 def cpu_for_gpu(monkeypatch):
     """The GPU decoder's path with the CPU doing the decoding (no GPU here)."""
-    calls = []
+    calls = _Calls()
     real = tvio.decode_jpeg
 
     def decode_jpeg(data, mode, device):
@@ -75,8 +80,20 @@ def cpu_for_gpu(monkeypatch):
         calls.append(len(data))
         return real(data, mode=mode)
 
+    class Stream:  # what the decoder asks of its stream
+        def __init__(self, device=None):
+            self.device = device
+
+        def synchronize(self):
+            calls.append("synchronize")
+
+    recorded = []
     monkeypatch.setattr(tvio, "decode_jpeg", decode_jpeg)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the worker's stream")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream), raising=False)
+    calls.recorded = recorded
     return calls
 
 
@@ -94,7 +111,7 @@ def test_the_gpu_path_decodes_a_batch_of_jpeg_files_in_one_call_like_the_cpu(tmp
     cpu = Decoder(threads=2, resize=16, crop=(12, 12))
     # without the broken file, then with it: it fails the decoder's call, and the batch goes
     # through the CPU
-    for batch, calls in ((raws[:-1], [7]), (raws, [7, 8])):
+    for batch, calls in ((raws[:-1], [7, "synchronize"]), (raws, [7, "synchronize", 8])):
         got, expected = gpu(batch), cpu(batch)
         for i, (g, e) in enumerate(zip(got, expected)):
             if isinstance(e, Exception):
@@ -104,6 +121,8 @@ def test_the_gpu_path_decodes_a_batch_of_jpeg_files_in_one_call_like_the_cpu(tmp
         assert isinstance(got[9], FileNotFoundError)
         assert cpu_for_gpu == calls  # one decoder call per batch
     assert isinstance(got[10], ImageError)
+    # the GPU's results: their stream waited for, their memory kept for the worker's stream
+    assert cpu_for_gpu.recorded == ["the worker's stream"] * 7
     gpu.close(), cpu.close()
 
 
@@ -113,4 +132,4 @@ def test_the_gpu_path_refuses_an_oversized_jpeg_from_its_header(tmp_path, cpu_fo
     raws = [Deferred(path.read_bytes, str(path)), _jpeg(20, size=(8, 8))]
     out = Decoder(threads=1, device="cuda", max_pixels=32 * 32)(raws)
     assert isinstance(out[0], ImageError) and "64x64" in str(out[0])
-    assert out[1].shape == (3, 8, 8) and cpu_for_gpu == [1]
+    assert out[1].shape == (3, 8, 8) and cpu_for_gpu == [1, "synchronize"]
