@@ -162,9 +162,8 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         layers = probe.probe()
         samples = len(probe.source)
         plan = _plan(samples, config.run.shard_size)
-        manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)
-        manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
-        manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
+        # with what the model saw: `actmap show` redraws it
+        manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
         digest = probe.digest
     with OutputLock(store) as lock:
         state = assess_output(store, manifest, overwrite)
