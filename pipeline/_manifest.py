@@ -25,10 +25,12 @@ from ._records import LayerSpec, Manifest, ShardRecord
 from ._shards import ShardPlan
 from ._sources._base import describe_error
 from ._store import OutputStore
-from .config import Config, comparable_identity, identity_diff
+from .config import Config, RunSpec, comparable_identity, identity_diff
 from .errors import DamagedDumpError, OutputConflictError
 
 log = logging.getLogger(__name__)
+
+_OUTPUT = RunSpec.key("output")
 
 
 def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: int,
@@ -101,7 +103,7 @@ def open_output(location: str) -> OutputStore:
     try:
         store = OutputStore(location)
     except (OSError, ValueError) as exc:  # an unknown scheme, a filesystem that does not load
-        raise OutputConflictError("run.output", f"cannot open {location!r}: {describe_error(exc)}") from None
+        raise OutputConflictError(_OUTPUT, f"cannot open {location!r}: {describe_error(exc)}") from None
     check_output_folder(store)
     return store
 
@@ -112,13 +114,13 @@ def check_output_folder(store: OutputStore) -> None:
     try:
         store.entries()
     except NotADirectoryError as exc:
-        raise OutputConflictError("run.output", f"{exc}; give a folder: a new one, an empty one, or one that "
+        raise OutputConflictError(_OUTPUT, f"{exc}; give a folder: a new one, an empty one, or one that "
                                   "holds a dump of this run") from None
     except OSError as exc:
-        raise OutputConflictError("run.output", f"cannot list {store.location!r}: {describe_error(exc)}") from None
+        raise OutputConflictError(_OUTPUT, f"cannot list {store.location!r}: {describe_error(exc)}") from None
     if not store.exists(MANIFEST_PATH) and (foreign := foreign_entries(store)):
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise OutputConflictError("run.output", f"{store.location!r} holds files that are not an actmap dump "
+        raise OutputConflictError(_OUTPUT, f"{store.location!r} holds files that are not an actmap dump "
                                   f"({shown}); choose an empty or new folder")
 
 
@@ -177,14 +179,14 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
         existing = read_manifest(store)
     except DamagedDumpError as exc:
         if not overwrite:
-            raise OutputConflictError("run.output", str(exc)) from None
+            raise OutputConflictError(_OUTPUT, str(exc)) from None
         log.warning("%s; --overwrite replaces the dump", exc)
         return OutputState(False, remove=None)
     if existing is None:
         leftovers = [f for f in store.list_files(META_DIR) if f != LOCK_PATH and not is_temporary(f)]
         leftovers += [e for e in store.entries() if partition_layer(e) is not None]
         if leftovers and not overwrite:
-            raise OutputConflictError("run.output", f"{store.location!r} holds the files of an actmap dump without "
+            raise OutputConflictError(_OUTPUT, f"{store.location!r} holds the files of an actmap dump without "
                                       f"its manifest ({', '.join(leftovers[:5])}): it cannot be resumed; rerun with "
                                       "--overwrite to replace it, or choose another folder")
         return OutputState(False, remove=None if leftovers else False)
@@ -192,7 +194,7 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
         return OutputState(False, remove=existing.layers)
     diff = conflicts(existing, manifest)
     if diff:
-        raise OutputConflictError("run.output", f"{store.location!r} holds a dump of another run; rerun with "
+        raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of another run; rerun with "
                                   "--overwrite to replace it, or choose another folder. Differences:\n  "
                                   + "\n  ".join(diff))
     checked = check_dump(store, existing.plan, existing.layers)

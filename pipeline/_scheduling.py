@@ -65,7 +65,7 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     gpus = (1.0 if total_gpus >= 1 else 0.0) if run.gpus_per_actor == "auto" else float(run.gpus_per_actor)
     if gpus > total_gpus and run.actors == "auto":
-        raise ConfigError("run.gpus_per_actor", f"{gpus} GPUs per actor, but the cluster has "
+        raise ConfigError(RunSpec.key("gpus_per_actor"), f"{gpus} GPUs per actor, but the cluster has "
                           f"{total_gpus:g}; use 0 to run on the CPU")
     if run.cpus_per_actor != "auto":
         cpus = float(run.cpus_per_actor)
@@ -113,9 +113,11 @@ def unmet(plan: ActorPlan, nodes: Sequence[Mapping[str, float]]) -> ConfigError 
     has = (f"{plan.count} actors of {plan.cpus:g} CPU and {plan.gpus:g} GPU each, but the cluster has "
            f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)")
     if fits:
-        return ConfigError("run.actors", f"{has}, room for {fits} of them; set run.actors to at most {fits} "
-                           "(or auto), or give each actor less")
-    short = "run.gpus_per_actor" if plan.gpus and all(n.get("GPU", 0.0) < plan.gpus for n in nodes) else "run.cpus_per_actor"
+        key = RunSpec.key("actors")
+        return ConfigError(key, f"{has}, room for {fits} of them; set {key} to at most {fits} (or auto), or give "
+                           "each actor less")
+    short = RunSpec.key("gpus_per_actor" if plan.gpus and all(n.get("GPU", 0.0) < plan.gpus for n in nodes)
+                        else "cpus_per_actor")
     return ConfigError(short, f"{has}: no node holds one actor; lower {short}")
 
 

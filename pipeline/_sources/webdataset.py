@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .._layout import RESERVED_COLUMNS
+from ..config import WebDatasetSpec
 from ..errors import ConfigError
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import Location
@@ -52,6 +53,7 @@ _INDEX_SCHEMA = pa.schema([("tar", pa.int32()), ("key", pa.string()), ("members"
 _JSON_TYPES = {bool: "bool", int: "int64", float: "double", str: "string"}
 #: Column names a ``.json`` field cannot take.
 TAKEN = RESERVED_COLUMNS | {"label", "caption"}
+_PATH = WebDatasetSpec.key("path")
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
 
 
@@ -115,10 +117,10 @@ def _resolve(patterns: Sequence[str]) -> list[str]:
             try:
                 entries = location.fs.get_file_info(pafs.FileSelector(location.root))
             except (OSError, FileNotFoundError) as exc:
-                raise ConfigError("source.path", f"cannot list {folder!r} for {name!r}: {exc}") from None
+                raise ConfigError(_PATH, f"cannot list {folder!r} for {name!r}: {exc}") from None
             found = sorted(e.base_name for e in entries if fnmatch.fnmatchcase(e.base_name, base))
             if not found:
-                raise ConfigError("source.path", f"{name!r} matches no file")
+                raise ConfigError(_PATH, f"{name!r} matches no file")
             tars += [_join(folder, f) for f in found]
     return tars
 
@@ -184,14 +186,14 @@ class WebDatasetSource(StreamingSource):
         self._locations = {}
         tars = _resolve(self.patterns)
         if not tars:
-            raise ConfigError("source.path", f"{self.patterns!r} names no tar file")
+            raise ConfigError(_PATH, f"{self.patterns!r} names no tar file")
 
         def walk(tar: str) -> list[tuple[str, list[dict]]]:
             location, name = self._location(tar)
             try:
                 return _samples_of(_members(location, name))
             except (OSError, tarfile.TarError) as exc:
-                raise ConfigError("source.path", f"cannot read the tar {tar!r}: {exc}") from None
+                raise ConfigError(_PATH, f"cannot read the tar {tar!r}: {exc}") from None
 
         with ThreadPoolExecutor(min(INDEX_THREADS, len(tars))) as pool:
             per_tar = list(pool.map(walk, tars))
@@ -204,7 +206,7 @@ class WebDatasetSource(StreamingSource):
         table = pa.table([pa.array(numbers, pa.int32()), pa.array(keys, pa.string()),
                           pa.array(members, pa.list_(_MEMBER))], schema=_INDEX_SCHEMA)
         if not table.num_rows:
-            raise ConfigError("source.path", f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
+            raise ConfigError(_PATH, f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
         extensions = sorted(pc.unique(pc.list_flatten(table.column("members")).combine_chunks().field("ext")).to_pylist())
         counts = pc.value_counts(table.column("key"))
         repeated = counts.filter(pc.greater(counts.field("counts"), 1))
