@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ._decoder import Decoder
+from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
 from ._metrics import ActorMetrics
 from ._model_inputs import resolve_input
@@ -210,8 +211,9 @@ class ShardWorker:
     # -- stages ----------------------------------------------------------------------------
 
     def _load(self, read: Sequence[Sample | BadSample]) -> _Batch:
-        good = [s for s in read if isinstance(s, Sample)]
-        bad = [s for s in read if isinstance(s, BadSample)]
+        # a label value that does not fit its column makes its sample bad, not the batch
+        good, bad = split_unfit([s for s in read if isinstance(s, Sample)], self.label_fields)
+        bad = [s for s in read if isinstance(s, BadSample)] + bad
         samples, images = [], []
         for sample, decoded in zip(good, self.decoder([s.image for s in good])):
             if isinstance(decoded, Exception):  # a sample that does not decode is recorded, not fatal

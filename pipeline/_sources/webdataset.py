@@ -6,7 +6,8 @@ consecutive members with the same key (the name up to the first dot of its file 
 sample, as WebDataset groups them: ``000123.jpg`` is its image (``jpg``, ``jpeg``, ``png``,
 ``webp`` and the other image suffixes), ``000123.cls`` becomes ``label`` (an integer),
 ``000123.txt`` becomes ``caption``, and the fields of ``000123.json`` become columns of their
-own (their types from the first sample that has one). ``sample_id`` is the key.
+own (their types from the first sample that has one; a later value of another type makes its
+sample bad). ``sample_id`` is the key.
 
 The driver reads the tar headers once (on a local disk it seeks from header to header; on
 object storage it streams each tar once, several at a time) and indexes every sample's members
@@ -342,11 +343,7 @@ class WebDatasetSource(StreamingSource):
             doc = json.loads(parts["json"]) if "json" in parts else None
         except (ValueError, UnicodeDecodeError) as exc:
             return BadSample(index, key, f"a side file does not parse: {describe_error(exc)}")
-        for name, kind in self._json_fields:
+        for name, kind in self._json_fields:  # a value of another type than its column's: a bad sample
             value = doc.get(name) if isinstance(doc, dict) else None
-            if kind == "json" and value is not None:
-                value = json.dumps(value)
-            elif value is not None and _JSON_TYPES.get(type(value)) != kind and not (kind == "double" and type(value) is int):
-                value = None  # another type than the first sample's: left empty
-            labels[name] = value
+            labels[name] = json.dumps(value) if kind == "json" and value is not None else value
         return Sample(index, key, bytes(parts[image_ext]), labels)
