@@ -171,8 +171,8 @@ class Manifest:
         layer_info: how each layer is stored.
         input: what the model was fed (``None`` in the dumps of 0.1.0, which did not record it).
 
-    >>> m = Manifest("actmap.manifest/1", {}, {}, {"name": "tiny"}, {"kind": "generated"}, ShardPlan(10, 4),
-    ...              ("conv2",))
+    >>> from pipeline._layout import MANIFEST_FORMAT
+    >>> m = Manifest(MANIFEST_FORMAT, {}, {}, {"name": "tiny"}, {"kind": "generated"}, ShardPlan(10, 4), ("conv2",))
     >>> doc = m.to_dict()
     >>> doc["plan"], doc["layers"], "input" in doc
     ({'samples': 10, 'shard_size': 4, 'shards': 3}, ['conv2'], False)
