@@ -37,7 +37,7 @@ def make_executor(kind: ExecutorKind, address: str | None = None) -> Executor:
     """The executor ``run.executor`` names (``address``: the Ray cluster's, for ``ray``)."""
     if kind is ExecutorKind.LOCAL:
         if address:
-            log.warning("the Ray address %r is not used: run.executor is local", address)
+            log.warning("the Ray address %r is not used: %s is local", address, RunSpec.key("executor"))
         return LocalExecutor()
     from ._ray_executor import RayExecutor
 
@@ -89,7 +89,7 @@ def _check_ids(source, strict: bool) -> None:
     message = (f"{repeated['count']:,} sample ids appear more than once (e.g. {examples}); the rows "
                "keep their distinct index, but joins on sample_id will match several")
     if strict:
-        raise ConfigError("source", message + " (run.strict is set; unset it to go on)")
+        raise ConfigError(Config.key("source"), f"{message} ({RunSpec.key('strict')} is set; unset it to go on)")
     log.warning("%s", message)
 
 
@@ -98,10 +98,10 @@ def _warn_row_groups(source, shard_size: int) -> None:
     (Parquet cannot seek to a row inside one) to its last row."""
     rows = getattr(source, "largest_row_group", 0)
     if rows > 4 * shard_size:
-        log.warning("the source's row groups hold up to %d rows, run.shard_size is %d: each shard reads "
-                    "its row group from the start up to its own last row, on average %.0fx the rows it "
-                    "uses; a shard size of a row group (or a multiple) reads each group once", rows,
-                    shard_size, rows / shard_size / 2)
+        log.warning("the source's row groups hold up to %d rows, %s is %d: each shard reads its row "
+                    "group from the start up to its own last row, on average %.0fx the rows it uses; a "
+                    "shard size of a row group (or a multiple) reads each group once", rows,
+                    RunSpec.key("shard_size"), shard_size, rows / shard_size / 2)
 
 
 def _freeze_source(store: OutputStore, source) -> bool:
@@ -128,18 +128,20 @@ def _freeze_source(store: OutputStore, source) -> bool:
 
 def _warn_small_shards(run: RunSpec) -> None:
     if run.shard_size < 4 * run.batch_size:
-        log.warning("run.shard_size %d is under 4 batches of %d: every shard costs a file per layer, a "
-                    "record and a round trip to the driver, so small shards mean many small files and "
-                    "idle gaps; a few batches or more per shard is better", run.shard_size, run.batch_size)
+        log.warning("%s %d is under 4 batches of %d: every shard costs a file per layer, a record and a "
+                    "round trip to the driver, so small shards mean many small files and idle gaps; a few "
+                    "batches or more per shard is better", RunSpec.key("shard_size"), run.shard_size,
+                    run.batch_size)
 
 
 def _plan(samples: int, shard_size: int) -> ShardPlan:
     """The run's shard plan; a plan of more than :data:`MAX_SHARDS` shards is refused."""
     plan = ShardPlan(samples, shard_size)
     if len(plan) > MAX_SHARDS:
-        raise ConfigError("run.shard_size", f"{samples:,} samples in shards of {shard_size:,} make {len(plan):,} "
-                          f"shards, more than the {MAX_SHARDS:,} a run takes (each is a file per layer, a record "
-                          f"and a round trip to the driver); set run.shard_size to at least "
+        key = RunSpec.key("shard_size")
+        raise ConfigError(key, f"{samples:,} samples in shards of {shard_size:,} make {len(plan):,} shards, more "
+                          f"than the {MAX_SHARDS:,} a run takes (each is a file per layer, a record and a round "
+                          f"trip to the driver); set {key} to at least "
                           f"{-(-samples // MAX_SHARDS):,}, or dump a part of the source at a time")
     return plan
 
@@ -162,9 +164,8 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         layers = probe.probe()
         samples = len(probe.source)
         plan = _plan(samples, config.run.shard_size)
-        manifest = new_manifest(config, probe.identity, probe.source.identity(), samples)
-        manifest["layer_info"] = {layer: spec.to_dict() for layer, spec in layers.items()}
-        manifest["input"] = probe.inputs.to_dict()  # what the model saw: `actmap show` redraws it
+        # with what the model saw: `actmap show` redraws it
+        manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
         digest = probe.digest
     with OutputLock(store) as lock:
         state = assess_output(store, manifest, overwrite)

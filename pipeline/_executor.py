@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from ._records import LayerSpec, ShardRecord
+from ._scheduling import local_devices
 from ._shards import Shard
 from .config import Config
 
@@ -138,23 +139,35 @@ class Slots:
 
 
 class LocalExecutor:
-    """Workers in threads of this process: ``run.actors`` of them (one for ``auto``), each
-    running up to :data:`IN_FLIGHT` shards at once on this machine's GPU, or its CPU.
+    """Workers in threads of this process, each running up to :data:`IN_FLIGHT` shards at once:
+    ``run.actors`` of them, on this machine's GPUs as ``run.gpus_per_actor`` asks (worker ``i``
+    on GPU ``i``, or several on one GPU for a fraction: :func:`~pipeline._scheduling.local_devices`),
+    or on its CPU. ``auto`` workers: one per GPU, one on the CPU.
 
     No Ray is started or imported: a small job skips Ray's start-up, and tests run in
     milliseconds. A worker cannot die without the process, so every error is the shard's.
+
+    Args:
+        visible_gpus: the GPUs to place workers on (default: those torch sees).
     """
 
-    def __init__(self, device: str | None = None):
-        self.device = device
+    def __init__(self, visible_gpus: int | None = None):
+        self.visible_gpus = visible_gpus
         self.workers = 0
+        self._devices: list[str] | None = None
         self._workers: list = []
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots = Slots(0)
         self._pending: dict[concurrent.futures.Future, tuple[int, Shard]] = {}
 
     def check(self, config: Config, shards: int) -> None:
-        """Nothing to check: threads of this process always start."""
+        """Place the workers on devices; GPUs asked for that this machine does not have are a
+        :class:`~pipeline.errors.ConfigError` (threads of this process always start)."""
+        if self.visible_gpus is None:
+            import torch
+
+            self.visible_gpus = torch.cuda.device_count()
+        self._devices = local_devices(config.run, self.visible_gpus, shards)
 
     @property
     def pending(self) -> int:
@@ -164,16 +177,17 @@ class LocalExecutor:
         from ._worker import ShardWorker
 
         run = workers.config.run
-        count = max(1, min(1 if run.actors == "auto" else int(run.actors), shards))
+        if self._devices is None:
+            self.check(workers.config, shards)
+        count = len(self._devices)
         # this machine's cores shared by the workers, unless the config says how many each has
         cpus = run.cpus_per_actor if run.cpus_per_actor != "auto" else (os.cpu_count() or 1) / count
-        for _ in range(count):
-            self._workers.append(ShardWorker(**workers.arguments(decode_threads=max(1, int(cpus))),
-                                             device=self.device))
+        for device in self._devices:
+            self._workers.append(ShardWorker(**workers.arguments(decode_threads=max(1, int(cpus))), device=device))
         self.workers = count
         self._slots = Slots(count)
         self._threads = concurrent.futures.ThreadPoolExecutor(count * IN_FLIGHT, thread_name_prefix="actmap-shard")
-        log.info("started %d local worker(s) on %s", count, self._workers[0].device)
+        log.info("started %d local worker(s) on %s", count, ", ".join(self._devices))
 
     @property
     def free(self) -> int:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ._sources._base import Deferred, RawImage
+from .config import PreprocessSpec
 
 #: PIL's own default limit (``Image.MAX_IMAGE_PIXELS``): about 89.5 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -143,7 +144,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(f"the image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                         f"{max_pixels:,} (source.preprocess.max_pixels)")
+                         f"{max_pixels:,} ({PreprocessSpec.key('max_pixels')})")
 
 
 # -- decoding and conversions --------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 
 from ._layout import LOCK_PATH, META_DIR
 from ._store import OutputStore
+from .config import RunSpec
 from .errors import LockLostError, OutputLockedError
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class OutputLock:
         if not self.store.create_json(LOCK_PATH, self.owner.to_dict()):
             holder = self._holder()
             if holder is not None and holder.alive(self.now()):
-                raise OutputLockedError("run.output", f"{self.store.location!r} is in use by another run "
+                raise OutputLockedError(RunSpec.key("output"), f"{self.store.location!r} is in use by another run "
                                         f"({holder.describe(self.now())}); wait for it to end, or choose another "
                                         f"folder. A run that died leaves its lock, which the next run takes over: "
                                         f"at once on the same host, after {holder.lease:.0f} s without renewal "
@@ -143,8 +144,8 @@ class OutputLock:
             time.sleep(0.05)  # two runs that took over at once: the last write wins, the other sees it
             holder = self._holder()
             if holder is None or holder.token != self.owner.token:
-                raise OutputLockedError("run.output", f"{self.store.location!r} was taken by another run just now "
-                                        f"({holder.describe(self.now()) if holder else 'unknown'})")
+                raise OutputLockedError(RunSpec.key("output"), f"{self.store.location!r} was taken by another run "
+                                        f"just now ({holder.describe(self.now()) if holder else 'unknown'})")
         self._renewer = threading.Thread(target=self._renew, name="actmap-lock", daemon=True)
         self._renewer.start()
 

@@ -16,60 +16,47 @@ import dataclasses
 import datetime
 import logging
 from collections.abc import Collection, Mapping
-from typing import Any
 
 from ._integrity import Damage, check_dump
 from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, is_owned, is_temporary,
                       partition_layer, shard_record_path, temporary_target)
-from ._records import ShardRecord
+from ._model_inputs import ModelInput
+from ._records import LayerSpec, Manifest, ShardRecord
 from ._shards import ShardPlan
 from ._sources._base import describe_error
 from ._store import OutputStore
-from .config import Config, comparable_identity, identity_diff
+from .config import Config, RunSpec, comparable_identity, identity_diff
 from .errors import DamagedDumpError, OutputConflictError
 
 log = logging.getLogger(__name__)
 
-
-def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: int) -> dict:
-    """The manifest document of a run (a pure function of its inputs, but for the timestamp)."""
-    return {
-        "format": MANIFEST_FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "identity": config.identity(),
-        "config": config.to_dict(),
-        "model": dict(model),
-        "source": dict(source),
-        "plan": {"samples": num_samples, "shard_size": config.run.shard_size,
-                 "shards": len(ShardPlan(num_samples, config.run.shard_size))},
-        "layers": list(config.model.layers),
-    }
+_OUTPUT = RunSpec.key("output")
 
 
-def manifest_plan(manifest: Mapping[str, Any]) -> ShardPlan:
-    """The shard plan a manifest records."""
-    return ShardPlan(manifest["plan"]["samples"], manifest["plan"]["shard_size"])
+def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: int,
+                 layer_info: Mapping[str, LayerSpec] | None = None, inputs: ModelInput | None = None) -> Manifest:
+    """The manifest of a run (a pure function of its inputs, but for the timestamp)."""
+    return Manifest(format=MANIFEST_FORMAT,
+                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    identity=config.identity(), config=config.to_dict(), model=model, source=source,
+                    plan=ShardPlan(num_samples, config.run.shard_size), layers=config.model.layers,
+                    layer_info=layer_info or {}, input=inputs)
 
 
-def read_manifest(store: OutputStore) -> dict | None:
+def read_manifest(store: OutputStore) -> Manifest | None:
     """The dump's manifest (``None`` when there is none); :class:`DamagedDumpError`, naming the
     file and what to do, when it cannot be read."""
     if not store.exists(MANIFEST_PATH):
         return None
     try:
-        manifest = store.read_json(MANIFEST_PATH)
-        manifest_plan(manifest)
-        for key, kind in (("layers", list), ("identity", Mapping), ("model", Mapping), ("source", Mapping)):
-            if not isinstance(manifest[key], kind):
-                raise TypeError(f"its {key!r} is a {type(manifest[key]).__name__}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return Manifest.from_dict(store.read_json(MANIFEST_PATH))
+    except (OSError, ValueError) as exc:  # a RecordError is a ValueError
         raise DamagedDumpError(f"{store.path(MANIFEST_PATH)} cannot be read ({describe_error(exc)}): without it "
                                "the dump cannot be resumed or checked. Rerun with --overwrite to replace the "
                                "dump (only the files actmap wrote are deleted), or choose another folder") from None
-    return manifest
 
 
-def conflicts(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def conflicts(existing: Manifest, new: Manifest) -> list[str]:
     """Why a run described by ``new`` may not resume the dump ``existing`` (empty: it may).
 
     >>> from pipeline.config import Config
@@ -78,12 +65,12 @@ def conflicts(existing: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     >>> conflicts(a, b)
     ['config: dump.dtype: "float16" -> "float32"']
     """
-    if existing.get("format") != MANIFEST_FORMAT:
-        return [f"manifest format {existing.get('format')!r}, this version writes {MANIFEST_FORMAT!r}"]
-    old_identity, new_identity = comparable_identity(existing["identity"]), comparable_identity(new["identity"])
+    if existing.format != MANIFEST_FORMAT:
+        return [f"manifest format {existing.format!r}, this version writes {MANIFEST_FORMAT!r}"]
+    old_identity, new_identity = comparable_identity(existing.identity), comparable_identity(new.identity)
     lines = [f"config: {line}" for line in identity_diff(old_identity, new_identity)]
-    lines += [f"model: {line}" for line in identity_diff(existing["model"], new["model"])]
-    lines += [f"source: {line}" for line in identity_diff(existing["source"], new["source"])]
+    lines += [f"model: {line}" for line in identity_diff(existing.model, new.model)]
+    lines += [f"source: {line}" for line in identity_diff(existing.source, new.source)]
     return lines
 
 
@@ -116,7 +103,7 @@ def open_output(location: str) -> OutputStore:
     try:
         store = OutputStore(location)
     except (OSError, ValueError) as exc:  # an unknown scheme, a filesystem that does not load
-        raise OutputConflictError("run.output", f"cannot open {location!r}: {describe_error(exc)}") from None
+        raise OutputConflictError(_OUTPUT, f"cannot open {location!r}: {describe_error(exc)}") from None
     check_output_folder(store)
     return store
 
@@ -127,13 +114,13 @@ def check_output_folder(store: OutputStore) -> None:
     try:
         store.entries()
     except NotADirectoryError as exc:
-        raise OutputConflictError("run.output", f"{exc}; give a folder: a new one, an empty one, or one that "
+        raise OutputConflictError(_OUTPUT, f"{exc}; give a folder: a new one, an empty one, or one that "
                                   "holds a dump of this run") from None
     except OSError as exc:
-        raise OutputConflictError("run.output", f"cannot list {store.location!r}: {describe_error(exc)}") from None
+        raise OutputConflictError(_OUTPUT, f"cannot list {store.location!r}: {describe_error(exc)}") from None
     if not store.exists(MANIFEST_PATH) and (foreign := foreign_entries(store)):
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise OutputConflictError("run.output", f"{store.location!r} holds files that are not an actmap dump "
+        raise OutputConflictError(_OUTPUT, f"{store.location!r} holds files that are not an actmap dump "
                                   f"({shown}); choose an empty or new folder")
 
 
@@ -178,7 +165,7 @@ class OutputState:
     remove: Collection[str] | None | bool = False
 
 
-def assess_output(store: OutputStore, manifest: Mapping[str, Any], overwrite: bool = False) -> OutputState:
+def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = False) -> OutputState:
     """What the run of ``manifest`` will do with the output folder, reading only.
 
     An empty or missing folder is new. A folder with a matching manifest is resumed: the shards
@@ -192,29 +179,29 @@ def assess_output(store: OutputStore, manifest: Mapping[str, Any], overwrite: bo
         existing = read_manifest(store)
     except DamagedDumpError as exc:
         if not overwrite:
-            raise OutputConflictError("run.output", str(exc)) from None
+            raise OutputConflictError(_OUTPUT, str(exc)) from None
         log.warning("%s; --overwrite replaces the dump", exc)
         return OutputState(False, remove=None)
     if existing is None:
         leftovers = [f for f in store.list_files(META_DIR) if f != LOCK_PATH and not is_temporary(f)]
         leftovers += [e for e in store.entries() if partition_layer(e) is not None]
         if leftovers and not overwrite:
-            raise OutputConflictError("run.output", f"{store.location!r} holds the files of an actmap dump without "
+            raise OutputConflictError(_OUTPUT, f"{store.location!r} holds the files of an actmap dump without "
                                       f"its manifest ({', '.join(leftovers[:5])}): it cannot be resumed; rerun with "
                                       "--overwrite to replace it, or choose another folder")
         return OutputState(False, remove=None if leftovers else False)
     if overwrite:
-        return OutputState(False, remove=existing["layers"])
+        return OutputState(False, remove=existing.layers)
     diff = conflicts(existing, manifest)
     if diff:
-        raise OutputConflictError("run.output", f"{store.location!r} holds a dump of another run; rerun with "
+        raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of another run; rerun with "
                                   "--overwrite to replace it, or choose another folder. Differences:\n  "
                                   + "\n  ".join(diff))
-    checked = check_dump(store, manifest_plan(existing), existing["layers"])
+    checked = check_dump(store, existing.plan, existing.layers)
     return OutputState(True, checked.records, checked.damage)
 
 
-def commit_output(store: OutputStore, manifest: Mapping[str, Any], state: OutputState) -> None:
+def commit_output(store: OutputStore, manifest: Manifest, state: OutputState) -> None:
     """Make the folder ready as :func:`assess_output` found it must be: remove the old dump,
     write the manifest, drop the records of damaged shards, clear the temporary files of writes
     cut short."""
@@ -222,7 +209,7 @@ def commit_output(store: OutputStore, manifest: Mapping[str, Any], state: Output
         log.info("replacing the dump in %s", store.location)
         remove_dump(store, state.remove)
     if not state.resume:
-        store.write_json(MANIFEST_PATH, manifest)
+        store.write_json(MANIFEST_PATH, manifest.to_dict())
         return
     for shard in sorted({d.shard for d in state.damage if d.shard is not None}):
         reasons = "; ".join(str(d) for d in state.damage if d.shard == shard)
@@ -232,12 +219,12 @@ def commit_output(store: OutputStore, manifest: Mapping[str, Any], state: Output
         if damage.shard is None:
             log.warning("%s: no shard of this dump writes it, so the readers refuse the dump while it is "
                         "there; delete it", damage)
-    remove_temporaries(store, manifest["layers"])
+    remove_temporaries(store, manifest.layers)
     log.info("resuming the dump in %s: %d of %d shards already done", store.location, len(state.done),
-             manifest["plan"]["shards"])
+             len(manifest.plan))
 
 
-def prepare_output(store: OutputStore, manifest: Mapping[str, Any], overwrite: bool = False) -> dict[int, ShardRecord]:
+def prepare_output(store: OutputStore, manifest: Manifest, overwrite: bool = False) -> dict[int, ShardRecord]:
     """:func:`assess_output`, then :func:`commit_output`; returns the records of the shards done."""
     state = assess_output(store, manifest, overwrite)
     commit_output(store, manifest, state)
@@ -247,6 +234,6 @@ def prepare_output(store: OutputStore, manifest: Mapping[str, Any], overwrite: b
 def completed_shards(store: OutputStore) -> dict[int, ShardRecord]:
     """The records of the shards whose files are all in place as recorded, by shard id."""
     manifest = read_manifest(store)
-    layers = manifest["layers"] if manifest else sorted({layer for layer in map(partition_layer, store.entries())
-                                                         if layer is not None})
-    return check_dump(store, manifest_plan(manifest) if manifest else None, layers).records
+    layers = manifest.layers if manifest else sorted({layer for layer in map(partition_layer, store.entries())
+                                                       if layer is not None})
+    return check_dump(store, manifest.plan if manifest else None, layers).records

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .config import DumpSpec
+
 #: At most this many leading tokens (class, distillation, register tokens) are looked for.
 MAX_PREFIX_TOKENS = 16
 
@@ -101,8 +103,8 @@ def activation_maps(activation: np.ndarray, channels: Sequence[int] | None, aspe
         return _pick(activation, channels, "channel")
     if activation.ndim == 2 and reduce == "channel_mean":
         if channels is not None:
-            raise NoMapError("the dump keeps the mean over the channels only (dump.reduce: channel_mean); "
-                             "leave out --channels")
+            raise NoMapError(f"the dump keeps the mean over the channels only ({DumpSpec.key('reduce')}: "
+                             "channel_mean); leave out --channels")
         return [Map(activation, "mean over the channels")]
     if activation.ndim == 2:
         prefix, rows, cols = token_grid(activation.shape[0], aspect, prefix)

@@ -45,7 +45,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
-_KEY = "source.preprocess.normalize"
+_KEY = PreprocessSpec.key("normalize")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,8 @@ from .config import Mode, ModelSpec
 from .errors import ConfigError, close_matches
 from ._extras import require
 
+_NAME, _WEIGHTS = ModelSpec.key("name"), ModelSpec.key("weights")
+
 
 #: Prefixes of ``model.name`` that build a timm model: ``timm:resnet50``, ``timm/vit_small_patch16_224``.
 TIMM_PREFIXES = ("timm:", "timm/")
@@ -39,9 +41,9 @@ def timm_name(name: str) -> str | None:
 
 
 def _timm_builder(name: str) -> Callable[..., torch.nn.Module]:
-    timm = require("timm", "timm", "model.name")
+    timm = require("timm", "timm", _NAME)
     if not timm.is_model(name):
-        raise ConfigError("model.name", f"{name!r} is not a timm model; {close_matches(name, timm.list_models())} "
+        raise ConfigError(_NAME, f"{name!r} is not a timm model; {close_matches(name, timm.list_models())} "
                           "(timm.list_models() lists them)")
     return functools.partial(timm.create_model, name)
 
@@ -50,15 +52,15 @@ def _builder(name: str) -> Callable[..., torch.nn.Module]:
     if timm_name(name) is not None:
         return _timm_builder(timm_name(name))
     if ":" in name:
-        builder = import_target(name, "model.name")
+        builder = import_target(name, _NAME)
         if not callable(builder):
-            raise ConfigError("model.name", f"{name!r} is not callable")
+            raise ConfigError(_NAME, f"{name!r} is not callable")
         return builder
     import torchvision  # imported when a torchvision model is named: it takes seconds
 
     known = torchvision.models.list_models()
     if name not in known:
-        raise ConfigError("model.name", f"{name!r} is not a torchvision model; {close_matches(name, known)} "
+        raise ConfigError(_NAME, f"{name!r} is not a torchvision model; {close_matches(name, known)} "
                           "(or a timm model as 'timm:NAME', or your own as 'package.module:callable')")
     return torchvision.models.get_model_builder(name)
 
@@ -84,20 +86,20 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         try:
             model = builder(**kwargs)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError("model.kwargs", f"{spec.name}(**{kwargs!r}) failed: {exc}") from None
+            raise ConfigError(ModelSpec.key("kwargs"), f"{spec.name}(**{kwargs!r}) failed: {exc}") from None
     if not isinstance(model, torch.nn.Module):
-        raise ConfigError("model.name", f"{spec.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(_NAME, f"{spec.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if spec.weights:
         path = Path(spec.weights).expanduser()
         if not path.is_file():
-            raise ConfigError("model.weights", f"{str(path)!r} is not a file")
+            raise ConfigError(_WEIGHTS, f"{str(path)!r} is not a file")
         try:
             state = _load_state(path)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             model.load_state_dict(state)
         except Exception as exc:
-            raise ConfigError("model.weights", f"cannot load {str(path)!r} into {spec.name}: "
+            raise ConfigError(_WEIGHTS, f"cannot load {str(path)!r} into {spec.name}: "
                               f"{str(exc).splitlines()[0]}") from None
     return model.eval().requires_grad_(False)
 
@@ -105,7 +107,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
 def _load_state(path: Path) -> dict:
     """A state dict from a ``torch.save`` file (weights only) or a ``.safetensors`` file."""
     if path.suffix == ".safetensors":
-        return require("safetensors.torch", "timm", "model.weights").load_file(str(path), device="cpu")
+        return require("safetensors.torch", "timm", _WEIGHTS).load_file(str(path), device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -146,7 +148,7 @@ class LayerOutputs(torch.nn.Module):
                 self.wrapper = ActivationMapGrabber(model, list(spec.layers), stop_early=spec.stop_early,
                                                     detach=True, clone=True)
         except UnknownLayerError as exc:
-            raise ConfigError("model.layers", str(exc)) from None
+            raise ConfigError(ModelSpec.key("layers"), str(exc)) from None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(self.wrapper, ModelStump):

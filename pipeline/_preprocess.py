@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .config import PreprocessSpec
+
 
 def resize_crop(image: torch.Tensor, resize: int | None, crop: tuple[int, int] | None) -> torch.Tensor:
     """Resize the shorter side to ``resize`` (antialiased), then centre-crop to ``crop``."""
@@ -70,7 +72,7 @@ def to_model_input(batch: torch.Tensor, mean_std: tuple[Sequence[float], Sequenc
         mean, std = _constants((tuple(mean_std[0]), tuple(mean_std[1])), x.device)
         if x.shape[1] != mean.shape[1]:
             raise ValueError(f"normalisation has {mean.shape[1]} channels but the images have "
-                             f"{x.shape[1]}; set source.preprocess.normalize to match or to 'none'")
+                             f"{x.shape[1]}; set {PreprocessSpec.key('normalize')} to match or to 'none'")
         x = x.sub_(mean).div_(std)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

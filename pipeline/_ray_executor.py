@@ -26,7 +26,7 @@ from ._executor import Outcome, Slots, WorkerSpec
 from ._metrics import InFlightPoller
 from ._scheduling import ActorPlan, plan_actors, unmet
 from ._shards import Shard
-from .config import Config
+from .config import Config, RunSpec
 from .errors import WorkersUnavailableError
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ class RayExecutor:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         plan = plan_actors(run, ray.cluster_resources(), shards, nodes)
         if run.gpus_per_actor == "auto" and not plan.gpus and (self.address or os.environ.get("RAY_ADDRESS")):
-            log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling "
-                        "cluster set run.gpus_per_actor and run.actors to have GPU nodes started")
+            log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling cluster set "
+                        "%s and %s to have GPU nodes started", RunSpec.key("gpus_per_actor"), RunSpec.key("actors"))
         error = unmet(plan, nodes)
         if error is not None:
             if self._started_here or not autoscaling():
@@ -177,8 +177,8 @@ class RayExecutor:
 
         free, total = ray.available_resources(), ray.cluster_resources()
         has = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s" for k in ("CPU", "GPU"))
-        return (f"no actor came up within {timeout:g} s (run.start_timeout): each needs {plan.cpus:g} CPU and "
-                f"{plan.gpus:g} GPU, and the cluster has {has} free now"
+        return (f"no actor came up within {timeout:g} s ({RunSpec.key('start_timeout')}): each needs "
+                f"{plan.cpus:g} CPU and {plan.gpus:g} GPU, and the cluster has {has} free now"
                 + (", and its autoscaler added no node that fits" if not self._started_here and autoscaling() else ""))
 
     @property

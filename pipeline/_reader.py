@@ -24,8 +24,8 @@ from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_
 from ._integrity import Damage, check_dump, index_problems, mend_by_redo, page_problem, parallel_map
 from ._layout import ACTIVATION, INDEX, file_shard, partition_layer, shape_column, shape_columns
 from ._lock import running_on
-from ._manifest import manifest_plan, read_manifest
-from ._records import BadSample, LayerSpec
+from ._manifest import read_manifest
+from ._records import BadSample, LayerSpec, Manifest
 from ._report import bad_sample_lines, layer_lines, sorted_bad
 from ._store import OutputStore
 from .errors import DamagedDumpError, UnknownDumpLayerError, close_matches
@@ -38,7 +38,7 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
     """The data files of ``layer``, once each is checked against its shard's record (and the
     manifest's plan): a dump whose files contradict them is refused, naming each file."""
     manifest = read_manifest(store)
-    checked = check_dump(store, manifest_plan(manifest) if manifest else None, [layer])
+    checked = check_dump(store, manifest.plan if manifest else None, [layer])
     files = sorted(checked.files[layer])
     if not files:
         layers = dump_layers(store)
@@ -281,7 +281,7 @@ def to_ray_dataset(location: str, layer: str):
 class DumpInfo:
     """What a dump holds: see :func:`inspect_dump`.
 
-    ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
+    ``manifest`` is the dump's (``None``: it has none); ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
     ``dtype``, ``files``, ``bytes`` and ``columns``; ``bad`` one dict per bad sample of the
     shards done (its index, id and reason); ``damage`` one line per file that is not what the
     dump's records say (each naming the file); ``running`` who holds the dump's lock, while a
@@ -289,7 +289,7 @@ class DumpInfo:
     """
 
     location: str
-    manifest: dict | None
+    manifest: Manifest | None
     layers: dict[str, dict]
     shards_done: int
     shards_planned: int | None
@@ -307,8 +307,8 @@ class DumpInfo:
         lines = [f"dump: {self.location}"]
         if self.manifest:
             m = self.manifest
-            lines.append(f"model: {m['model']['name']} (weights {m['model']['weights_sha256'][:12]}), "
-                         f"source: {m['source'].get('kind')} of {m['plan']['samples']:,} samples")
+            lines.append(f"model: {m.model['name']} (weights {m.model['weights_sha256'][:12]}), "
+                         f"source: {m.source.get('kind')} of {m.plan.samples:,} samples")
         planned = "?" if self.shards_planned is None else self.shards_planned
         state = ("complete" if self.complete else "DAMAGED" if self.damage
                  else f"INCOMPLETE (a run is at work on it: {self.running})" if self.running
@@ -340,7 +340,7 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
         raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
     manifest = read_manifest(store)
     layer_ids = dump_layers(store)
-    checked = check_dump(store, manifest_plan(manifest) if manifest else None, layer_ids)
+    checked = check_dump(store, manifest.plan if manifest else None, layer_ids)
     records = checked.records
     damage: list[Damage] = list(checked.damage)
     unseen: list[Damage] = []  # damage a rerun does not find by itself
@@ -382,7 +382,7 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
         if layer in layers:
             layers[layer]["values"] = values  # computed by the actors as they wrote
     bad = [b.to_dict() for b in sorted_bad(r.bad for r in records.values())]
-    planned = manifest["plan"]["shards"] if manifest else None
+    planned = len(manifest.plan) if manifest else None
     done = len(set(records) - {d.shard for d in damage + unseen})
     lines = [str(d) for d in damage] + [mend_by_redo(d) for d in unseen]
     return DumpInfo(location, manifest, layers, done, planned, bad, lines, running_on(store))

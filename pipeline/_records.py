@@ -1,5 +1,5 @@
-"""The records that cross processes and land on disk: a layer's stored type, a bad sample, and
-what one finished shard wrote.
+"""The records that cross processes and land on disk: a layer's stored type, a bad sample, what
+one finished shard wrote, and the manifest of a dump.
 
 Each converts to a JSON-able dict and back in one place. ``from_dict`` ignores keys it does not
 know and fills fields that are missing with their defaults, so a field added later (with a
@@ -22,6 +22,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ._model_inputs import ModelInput
+from ._shards import ShardPlan
 from .errors import RecordError
 
 
@@ -142,4 +144,81 @@ class ShardRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ShardRecord:
+        return _build(cls, data)
+
+
+def _mapping(owner: str, name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise RecordError(f"a {owner}'s {name} is a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a dump is: written to ``_actmap/manifest.json`` when its first run starts, read by
+    every later run (to resume or refuse), by ``actmap inspect`` and ``actmap show``.
+
+    Attributes:
+        format: the manifest format of the version that wrote it (``_layout.MANIFEST_FORMAT``).
+        identity: ``Config.identity()`` of the run: a run must match it to resume.
+        config: ``Config.to_dict()`` of the run, as plain data (a newer version's config may
+            hold keys this one does not know).
+        model: the model's identity (its spec, class and weights digest).
+        source: the source's identity.
+        plan: the shard plan (stored as its samples, shard size and number of shards).
+        layers: the layers dumped, as ``named_modules()`` spells them.
+        created: when (ISO 8601, UTC).
+        layer_info: how each layer is stored.
+        input: what the model was fed (``None`` in the dumps of 0.1.0, which did not record it).
+
+    >>> from pipeline._layout import MANIFEST_FORMAT
+    >>> m = Manifest(MANIFEST_FORMAT, {}, {}, {"name": "tiny"}, {"kind": "generated"}, ShardPlan(10, 4), ("conv2",))
+    >>> doc = m.to_dict()
+    >>> doc["plan"], doc["layers"], "input" in doc
+    ({'samples': 10, 'shard_size': 4, 'shards': 3}, ['conv2'], False)
+    >>> Manifest.from_dict({**doc, "written_by": "a later version"}) == m
+    True
+    """
+
+    format: str
+    identity: Mapping[str, Any]
+    config: Mapping[str, Any]
+    model: Mapping[str, Any]
+    source: Mapping[str, Any]
+    plan: ShardPlan
+    layers: tuple[str, ...]
+    created: str = ""
+    layer_info: Mapping[str, LayerSpec] = dataclasses.field(default_factory=dict)
+    input: ModelInput | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.format, str):
+            raise RecordError(f"a Manifest's format is a string, got {type(self.format).__name__}")
+        for name in ("identity", "config", "model", "source"):
+            object.__setattr__(self, name, _mapping("Manifest", name, getattr(self, name)))
+        if not isinstance(self.plan, ShardPlan):
+            plan = _mapping("Manifest", "plan", self.plan)
+            object.__setattr__(self, "plan", ShardPlan(int(plan["samples"]), int(plan["shard_size"])))
+        if isinstance(self.layers, str) or not all(isinstance(layer, str) for layer in self.layers):
+            raise RecordError(f"a Manifest's layers are a list of layer names, got {self.layers!r}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        info = _mapping("Manifest", "layer_info", self.layer_info)
+        object.__setattr__(self, "layer_info", {k: v if isinstance(v, LayerSpec) else LayerSpec.from_dict(v)
+                                                for k, v in info.items()})
+        if self.input is not None and not isinstance(self.input, ModelInput):
+            object.__setattr__(self, "input", ModelInput.from_dict(_mapping("Manifest", "input", self.input)))
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        doc["plan"] = {"samples": self.plan.samples, "shard_size": self.plan.shard_size, "shards": len(self.plan)}
+        doc["layers"] = list(self.layers)
+        doc["layer_info"] = {k: v.to_dict() for k, v in self.layer_info.items()}
+        if self.input is None:  # as 0.1.0 wrote it: no key
+            del doc["input"]
+        else:
+            doc["input"] = self.input.to_dict()
+        return doc
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         return _build(cls, data)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from .config import DumpSpec, Reduction
 
+_REDUCE = DumpSpec.key("reduce")
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -29,17 +31,17 @@ def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "") -> torc
     if spec.reduce is Reduction.POOL:
         if output.ndim != 4:
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
-                             "dump.reduce 'pool' needs (batch, channels, height, width)")
+                             f"{_REDUCE} 'pool' needs (batch, channels, height, width)")
         output = F.adaptive_avg_pool2d(output, spec.pool_size)
     elif spec.reduce is Reduction.CHANNEL_MEAN:
         if output.ndim < 3:
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
-                             "dump.reduce 'channel_mean' needs (batch, channels, ...)")
+                             f"{_REDUCE} 'channel_mean' needs (batch, channels, ...)")
         output = output.mean(dim=1)
     elif spec.reduce in (Reduction.CLS, Reduction.MEAN):
         if output.ndim != 3:
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
-                             f"dump.reduce {spec.reduce.value!r} needs tokens (batch, tokens, dim); "
+                             f"{_REDUCE} {spec.reduce.value!r} needs tokens (batch, tokens, dim); "
                              "for (batch, channels, height, width) maps use 'pool'")
         output = output[:, 0] if spec.reduce is Reduction.CLS else output.mean(dim=1)
     return output.to(TORCH_DTYPES[spec.dtype.value]).contiguous()

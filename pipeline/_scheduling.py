@@ -1,4 +1,5 @@
-"""Pure scheduling logic: how many actors of what size, and which shard goes where next.
+"""Pure scheduling logic: how many actors of what size (or local workers on which device), and
+which shard goes where next.
 
 >>> plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 4.0}, shards=100)
 ActorPlan(count=4, cpus=4.0, gpus=1.0)
@@ -65,7 +66,7 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     gpus = (1.0 if total_gpus >= 1 else 0.0) if run.gpus_per_actor == "auto" else float(run.gpus_per_actor)
     if gpus > total_gpus and run.actors == "auto":
-        raise ConfigError("run.gpus_per_actor", f"{gpus} GPUs per actor, but the cluster has "
+        raise ConfigError(RunSpec.key("gpus_per_actor"), f"{gpus} GPUs per actor, but the cluster has "
                           f"{total_gpus:g}; use 0 to run on the CPU")
     if run.cpus_per_actor != "auto":
         cpus = float(run.cpus_per_actor)
@@ -80,6 +81,49 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     else:
         count = int(total_cpus // cpus) if cpus else 1
     return ActorPlan(max(1, min(count, shards)), cpus, gpus)
+
+
+def local_devices(run: RunSpec, visible_gpus: int, shards: int) -> list[str]:
+    """The device of each worker of the local executor, on a machine where torch sees
+    ``visible_gpus`` GPUs: the GPUs are handed out as Ray hands them to actors.
+
+    ``gpus_per_actor`` ``auto`` is one GPU per worker when there is one, else the CPU; ``auto``
+    workers are one per GPU share (one on the CPU). A fraction packs workers onto a GPU (0.5:
+    two each); several GPUs give a worker the first of its own. More GPUs than the machine has,
+    or GPUs on a machine without, are a :class:`ConfigError` naming the key, as on a Ray cluster.
+
+    >>> local_devices(RunSpec(), visible_gpus=0, shards=10), local_devices(RunSpec(), visible_gpus=2, shards=10)
+    (['cpu'], ['cuda:0', 'cuda:1'])
+    >>> local_devices(RunSpec(actors=3, gpus_per_actor=0.5), visible_gpus=2, shards=10)
+    ['cuda:0', 'cuda:0', 'cuda:1']
+    >>> local_devices(RunSpec(gpus_per_actor=2), visible_gpus=4, shards=10)
+    ['cuda:0', 'cuda:2']
+    >>> local_devices(RunSpec(actors=3, gpus_per_actor=1), visible_gpus=2, shards=10)
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: run.actors: 3 workers of 1 GPU each, but this machine has 2 GPUs, room for 2 of them; set run.actors to at most 2 (or auto), or give each worker less
+    """
+    gpus = (1.0 if visible_gpus else 0.0) if run.gpus_per_actor == "auto" else float(run.gpus_per_actor)
+    actors = None if run.actors == "auto" else int(run.actors)
+    if gpus <= 0:
+        return ["cpu"] * max(1, min(actors or 1, shards))
+    key = RunSpec.key("gpus_per_actor")
+    if gpus > 1 and not gpus.is_integer():
+        raise ConfigError(key, f"{gpus:g} GPUs per worker: above 1, a worker takes whole GPUs; use "
+                          f"{math.floor(gpus)} or {math.ceil(gpus)}, or a fraction below 1 to share a GPU")
+    if gpus > visible_gpus:
+        has = f"{visible_gpus}" if visible_gpus else "none that torch can use (torch.cuda.device_count() is 0)"
+        raise ConfigError(key, f"{gpus:g} GPUs per worker, but this machine has {has}; use 0 to run on the CPU"
+                          + (f", or at most {visible_gpus}" if visible_gpus else ""))
+    per_gpu = math.floor(1 / gpus + 1e-9) if gpus < 1 else 0  # workers that share one GPU
+    fits = visible_gpus * per_gpu if per_gpu else int(visible_gpus // gpus)
+    count = max(1, min(actors or fits, shards))
+    if count > fits:
+        actors_key = RunSpec.key("actors")
+        raise ConfigError(actors_key, f"{count} workers of {gpus:g} GPU each, but this machine has {visible_gpus} "
+                          f"GPUs, room for {fits} of them; set {actors_key} to at most {fits} (or auto), or give "
+                          "each worker less")
+    return [f"cuda:{i // per_gpu if per_gpu else i * int(gpus)}" for i in range(count)]
 
 
 def room(plan: ActorPlan, nodes: Sequence[Mapping[str, float]]) -> int:
@@ -113,9 +157,11 @@ def unmet(plan: ActorPlan, nodes: Sequence[Mapping[str, float]]) -> ConfigError 
     has = (f"{plan.count} actors of {plan.cpus:g} CPU and {plan.gpus:g} GPU each, but the cluster has "
            f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)")
     if fits:
-        return ConfigError("run.actors", f"{has}, room for {fits} of them; set run.actors to at most {fits} "
-                           "(or auto), or give each actor less")
-    short = "run.gpus_per_actor" if plan.gpus and all(n.get("GPU", 0.0) < plan.gpus for n in nodes) else "run.cpus_per_actor"
+        key = RunSpec.key("actors")
+        return ConfigError(key, f"{has}, room for {fits} of them; set {key} to at most {fits} (or auto), or give "
+                           "each actor less")
+    short = RunSpec.key("gpus_per_actor" if plan.gpus and all(n.get("GPU", 0.0) < plan.gpus for n in nodes)
+                        else "cpus_per_actor")
     return ConfigError(short, f"{has}: no node holds one actor; lower {short}")
 
 

@@ -25,8 +25,10 @@ from ._maps import NoMapError, activation_maps, spread
 from ._model_inputs import ModelInput
 from ._images import decode
 from ._layout import ACTIVATION, INDEX, MANIFEST_PATH, SAMPLE_ID, SOURCE_INDEX_PATH
+from ._manifest import read_manifest
 from ._preprocess import resize_crop
 from ._reader import decode_column, dump_layers, read_table
+from ._records import Manifest
 from ._sources import IndexFile, open_source
 from ._sources.generated import SHAPES
 from ._store import OutputStore
@@ -55,15 +57,16 @@ def _figure(rows: int, cols: int, width: float = 2.6, height: float = 2.4):
     return figure, figure.subplots(rows, cols, squeeze=False)
 
 
-def _manifest(store: OutputStore) -> dict:
-    if not store.exists(MANIFEST_PATH):
+def _manifest(store: OutputStore) -> Manifest:
+    manifest = read_manifest(store)
+    if manifest is None:
         raise FileNotFoundError(f"{store.location!r} holds no actmap dump (no {MANIFEST_PATH})")
-    return store.read_json(MANIFEST_PATH)
+    return manifest
 
 
-def _model_input(manifest: dict, config: Config) -> ModelInput:
-    if "input" in manifest:
-        return ModelInput.from_dict(manifest["input"])
+def _model_input(manifest: Manifest, config: Config) -> ModelInput:
+    if manifest.input is not None:
+        return manifest.input
     prep = config.source.preprocess  # a dump from before the input was recorded
     return ModelInput(None, prep.resize, prep.crop)
 
@@ -92,7 +95,7 @@ def _rows(location: str, layer: str, count: int) -> tuple[list[_Row], dict, str]
     """The sampled rows of ``layer``, their images re-read from the source; and the column spec."""
     store = OutputStore(location)
     manifest = _manifest(store)
-    config = Config.from_dict(manifest["config"])
+    config = Config.from_dict(manifest.config)
     present = read_table(location, layer, columns=[INDEX]).column(INDEX).to_pylist()
     table = read_table(location, layer, indices=spread(present, count))
     meta = read_metadata(table.schema)
@@ -114,7 +117,7 @@ def _rows(location: str, layer: str, count: int) -> tuple[list[_Row], dict, str]
             raw = torch.as_tensor(np.asarray(masks[i], dtype=np.float32))[None]
             mask = resize_crop(raw, inputs.resize, inputs.crop)[0].numpy() > 0.5
         rows.append(_Row(_as_image(image), mask, _caption(label, config.source.kind), activations[i]))
-    return rows, meta, str(manifest["config"]["dump"]["reduce"])
+    return rows, meta, config.dump.reduce.value
 
 
 def _upsample(values: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ._decoder import Decoder
+from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
 from ._metrics import ActorMetrics
 from ._model_inputs import resolve_input
@@ -41,7 +42,7 @@ from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
 from ._stats import ValueStats
 from ._store import OutputStore
 from ._writer import LayerFileWriter, build_table
-from .config import Config, Precision, Shapes
+from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, RunSpec, Shapes
 from .errors import BadSampleError, ConfigError, LayerOutputError, ShapeChangedError, WeightsMismatchError
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ class ShardWorker:
         if expected_digest is not None and self.digest != expected_digest:
             raise WeightsMismatchError(f"the model built on this worker has weights {self.digest[:12]}, the "
                                        f"driver's has {expected_digest[:12]}: {self.config.model.name!r} does "
-                                       "not build the same weights from model.seed; give a model.weights file")
+                                       f"not build the same weights from {ModelSpec.key('seed')}; give a "
+                                       f"{ModelSpec.key('weights')} file")
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # what the model is fed (normalize: model reads the model's own config)
@@ -207,8 +209,9 @@ class ShardWorker:
     # -- stages ----------------------------------------------------------------------------
 
     def _load(self, read: Sequence[Sample | BadSample]) -> _Batch:
-        good = [s for s in read if isinstance(s, Sample)]
-        bad = [s for s in read if isinstance(s, BadSample)]
+        # a label value that does not fit its column makes its sample bad, not the batch
+        good, bad = split_unfit([s for s in read if isinstance(s, Sample)], self.label_fields)
+        bad = [s for s in read if isinstance(s, BadSample)] + bad
         samples, images = [], []
         for sample, decoded in zip(good, self.decoder([s.image for s in good])):
             if isinstance(decoded, Exception):  # a sample that does not decode is recorded, not fatal
@@ -219,7 +222,7 @@ class ShardWorker:
         if bad and self.config.run.strict:
             first = bad[0]
             raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
-                                 "(run.strict is set; unset it to record bad samples and go on)")
+                                 f"({RunSpec.key('strict')} is set; unset it to record bad samples and go on)")
         return _Batch(samples, images, bad)
 
     def _forward(self, batch: _Batch, stats: Mapping[str, ValueStats] | None = None) -> _Outputs:
@@ -289,7 +292,7 @@ class ShardWorker:
         if self.config.run.strict:
             first = good.bad[len(batch.bad)]
             raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
-                                 "(run.strict is set; unset it to record bad samples and go on)")
+                                 f"({RunSpec.key('strict')} is set; unset it to record bad samples and go on)")
         return good, (self._forward(good, stats) if good.samples else None)
 
     def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
@@ -308,7 +311,8 @@ class ShardWorker:
             if shapes != {expected}:
                 raise ShapeChangedError(f"layer {layer!r} gave outputs of shape {sorted(shapes - {expected})[0]} "
                                         f"where {expected} was expected: the inputs differ in size; set "
-                                        "source.preprocess.crop for one input size, or dump.shapes: variable")
+                                        f"{PreprocessSpec.key('crop')} for one input size, or "
+                                        f"{DumpSpec.key('shapes')}: variable")
             if not isinstance(activations, np.ndarray):
                 activations = np.stack(activations)
         table = build_table(activations, sample_ids=columns.ids, indices=columns.indices,
@@ -416,7 +420,7 @@ class ShardWorker:
         batch = self._load(self.source.read(range(min(tries, len(self.source)))))
         if not batch.samples:
             reasons = "; ".join(f"{b.sample_id}: {b.reason}" for b in batch.bad[:3])
-            raise ConfigError("source", f"none of the first {tries} samples can be read ({reasons})")
+            raise ConfigError(Config.key("source"), f"none of the first {tries} samples can be read ({reasons})")
         first = _Batch(batch.samples[:1], batch.images[:1], [])
         try:
             outputs = self._forward(first)
@@ -429,7 +433,7 @@ class ShardWorker:
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise ConfigError("model", f"a trial forward of sample {first.samples[0].sample_id!r} "
+            raise ConfigError(Config.key("model"), f"a trial forward of sample {first.samples[0].sample_id!r} "
                               f"failed: {exc}") from None
         return layers
 

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .config import RunSpec
 from .errors import ConfigError, DamagedDumpError
 
 log = logging.getLogger("actmap")
@@ -29,9 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="dump layer outputs (with no config: the embedded default job)")
     run.add_argument("config", nargs="?", help="YAML config; every key has a default")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set run.batch_size=64 (repeatable)")
+                     help=f"override a config key, e.g. --set {RunSpec.key('batch_size')}=64 (repeatable)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, the Ray job's "
-                     "cluster, or a local Ray started for this run; not used by run.executor local)")
+                     f"cluster, or a local Ray started for this run; not used by {RunSpec.key('executor')} local)")
     run.add_argument("--overwrite", action="store_true", help="replace the dump in the output folder")
     run.add_argument("--quiet", action="store_true", help="no progress line")
 

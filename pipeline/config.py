@@ -13,8 +13,8 @@ Traceback (most recent call last):
 pipeline.errors.ConfigError: run.batch_sise: unknown key; did you mean 'batch_size'?
 
 Each field declares its check once (:mod:`pipeline._checks`); a key is always its section's
-prefix and the field's name. The ``source`` section has one class per kind, holding only the
-keys that kind uses.
+prefix and the field's name; the other modules name a key by ``Section.key(field)``. The
+``source`` section has one class per kind, holding only the keys that kind uses.
 
 Checks that need the model or the data (do the layers exist? does the source open?) run when
 :func:`pipeline.run` starts: the driver builds the model, opens the source and sends one trial
@@ -151,6 +151,23 @@ class _Section:
         return f"{cls._prefix}.{name}" if cls._prefix else name
 
     @classmethod
+    def key(cls, name: str) -> str:
+        """The dotted config key of this section's field ``name``, as messages name it: derived
+        from the section, so a field renamed here leaves no stale key in a message elsewhere (a
+        name that is no field raises).
+
+        >>> print(RunSpec.key("batch_size"), PreprocessSpec.key("crop"), FolderSpec.key("path"), Config.key("source"))
+        run.batch_size source.preprocess.crop source.path source
+        >>> RunSpec.key("batch_sise")
+        Traceback (most recent call last):
+        ...
+        AttributeError: RunSpec has no field 'batch_sise'; did you mean 'batch_size'?
+        """
+        if name not in cls._names():
+            raise AttributeError(f"{cls.__name__} has no field {name!r}; {close_matches(name, cls._names())}")
+        return cls._key(name)
+
+    @classmethod
     def _names(cls) -> list[str]:
         """The keys this section accepts."""
         return [f.name for f in dataclasses.fields(cls)]
@@ -235,13 +252,17 @@ class PreprocessSpec(_Section):
     max_pixels: int | None = _field(89_478_485, check.integer(1, optional=True))
 
     def _check(self) -> None:
-        # an image made larger than the pixel limit would be the bomb the limit keeps out
         sizes = {"resize": (self.resize, self.resize) if self.resize else None, "crop": self.crop}
         for name, size in sizes.items():
-            if size is not None and self.max_pixels is not None and size[0] * size[1] > self.max_pixels:
-                raise ConfigError(self._key(name), f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over "
-                                  f"source.preprocess.max_pixels ({self.max_pixels:,}); ask for less, or raise "
-                                  "that limit")
+            if size is not None:
+                self.check_pixels(self._key(name), *size)
+
+    def check_pixels(self, key: str, width: int, height: int) -> None:
+        """Refuse the size ``width`` x ``height`` that ``key`` asks for when it is over ``max_pixels``:
+        an image made larger than the limit would be the bomb the limit keeps out."""
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise ConfigError(key, f"{width}x{height} = {width * height:,} pixels, over {self.key('max_pixels')} "
+                              f"({self.max_pixels:,}); ask for less, or raise that limit")
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The normalisation constants, or ``None`` to keep images in [0, 1].
@@ -292,7 +313,7 @@ class SourceSpec(_Section):
                             f"{', '.join(c.__name__ for c in SourceSpec._kinds.values())}")
         for f in dataclasses.fields(self):
             if "example" in f.metadata and getattr(self, f.name) is None:
-                raise ConfigError(self._key(f.name), f"required for source.kind {self.kind.value!r} "
+                raise ConfigError(self._key(f.name), f"required for {self._key('kind')} {self.kind.value!r} "
                                   f"(e.g. {f.metadata['example']!r})")
 
     @classmethod
@@ -309,7 +330,7 @@ class SourceSpec(_Section):
         own = set(section._names())
         for key in [k for k in data if k not in own]:
             if any(key in other._names() for other in SourceSpec._kinds.values()):
-                log.warning("%s is not used by source.kind %r; it is ignored", cls._key(key), kind.value)
+                log.warning("%s is not used by %s %r; it is ignored", cls._key(key), cls._key("kind"), kind.value)
                 del data[key]
         return section._parse(data)
 
@@ -329,10 +350,7 @@ class GeneratedSpec(SourceSpec, kind=SourceKind.GENERATED):
 
     def _check(self) -> None:
         super()._check()
-        limit = self.preprocess.max_pixels
-        if limit is not None and self.image_size ** 2 > limit:
-            raise ConfigError(self._key("image_size"), f"{self.image_size}x{self.image_size} = {self.image_size ** 2:,} "
-                              f"pixels, over source.preprocess.max_pixels ({limit:,}); ask for less, or raise that limit")
+        self.preprocess.check_pixels(self._key("image_size"), self.image_size, self.image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,7 +490,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", f"{text!r} is not of the form key.path=value "
-                          "(e.g. run.batch_size=64)")
+                          f"(e.g. {RunSpec.key('batch_size')}=64)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:

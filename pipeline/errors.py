@@ -82,10 +82,12 @@ class ReservedColumnError(ConfigError):
     """A pass-through column of the source takes the name of an output column."""
 
     def __init__(self, column: str, taken: Iterable[str]):
+        from .config import Config, ParquetSpec  # the config imports this module
+
         self.column = column
-        super().__init__("source", f"the pass-through column {column!r} clashes with an output column "
-                         f"({', '.join(sorted(taken))}); rename it in the data, or leave it out (a "
-                         "parquet source passes through only the columns listed in source.columns)")
+        super().__init__(Config.key("source"), f"the pass-through column {column!r} clashes with an output "
+                         f"column ({', '.join(sorted(taken))}); rename it in the data, or leave it out (a "
+                         f"parquet source passes through only the columns listed in {ParquetSpec.key('columns')})")
 
 
 #: What to do after an error that a rerun of the same config meets again.
@@ -96,8 +98,13 @@ _RERUN_FAILS = ("The shards finished so far are kept, but a rerun of the same co
 class BadSampleError(PipelineError, RuntimeError):
     """A sample could not be read in strict mode."""
 
-    after = ("The shards finished so far are kept. A rerun reads that sample again: mend or remove it, or "
-             "unset run.strict to record it as bad and go on, then rerun the same command to resume.")
+    @property
+    def after(self) -> str:  # type: ignore[override]
+        from .config import RunSpec  # the config imports this module
+
+        return ("The shards finished so far are kept. A rerun reads that sample again: mend or remove it, or "
+                f"unset {RunSpec.key('strict')} to record it as bad and go on, then rerun the same command to "
+                "resume.")
 
 
 class ShardFailedError(PipelineError, RuntimeError):

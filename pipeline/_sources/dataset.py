@@ -17,9 +17,11 @@ import pyarrow as pa
 import torch
 
 from .._targets import import_target
+from ..config import DatasetSpec
 from ..errors import ConfigError
 from ._base import BadSample, RandomAccessSource, Sample, describe_error
 
+_TARGET = DatasetSpec.key("target")
 #: How many of the first items type the label columns.
 _TYPED_FROM = 8
 
@@ -45,15 +47,15 @@ class DatasetSource(RandomAccessSource):
     """The items of the dataset that ``target(**kwargs)`` returns."""
 
     def __init__(self, target: str, kwargs: Mapping[str, Any] | None = None):
-        factory = import_target(target, "source.target")
+        factory = import_target(target, _TARGET)
         if not callable(factory):
-            raise ConfigError("source.target", f"{target!r} is not callable")
+            raise ConfigError(_TARGET, f"{target!r} is not callable")
         self.target, self.kwargs = target, dict(kwargs or {})
         try:
             self.dataset = factory(**self.kwargs)
             self.count = len(self.dataset)
         except Exception as exc:
-            raise ConfigError("source.target", f"{target!r}(**{self.kwargs!r}) failed: "
+            raise ConfigError(_TARGET, f"{target!r}(**{self.kwargs!r}) failed: "
                               f"{describe_error(exc)}") from None
         self._fields: list[pa.Field] | None = None
 
@@ -100,7 +102,7 @@ class DatasetSource(RandomAccessSource):
             return pa.field(name, pa.array(values).type)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
             kinds = sorted({type(v).__name__ for v in values})
-            raise ConfigError("source.target", f"the label {name!r} of {self.target!r} holds values of "
+            raise ConfigError(_TARGET, f"the label {name!r} of {self.target!r} holds values of "
                               f"types {', '.join(kinds)} in the first items, which make no one column: "
                               f"{describe_error(exc)}") from None
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..config import FolderSpec
 from ..errors import ConfigError
 from ._base import BadSample, Deferred, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import Location, list_tree, ordered_map
@@ -70,12 +71,12 @@ class FolderSource(StreamingSource):
         try:
             kind = self.location.kind()
         except OSError as exc:
-            raise ConfigError("source.path", f"cannot reach {self.location.location!r}: {exc}") from None
+            raise ConfigError(FolderSpec.key("path"), f"cannot reach {self.location.location!r}: {exc}") from None
         if kind.name != "Directory":
-            raise ConfigError("source.path", f"{self.location.location!r} is not a folder")
+            raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} is not a folder")
         listing = list_tree(self.location, IMAGE_SUFFIXES)
         if not listing.num_rows:
-            raise ConfigError("source.path", f"{self.location.location!r} holds no image files "
+            raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} holds no image files "
                               f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
         classes = _classes(listing.column("path"))
         return MemoryIndex(listing, {"classes": classes, "sha256": digest(listing, {"classes": classes})})

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from ..config import ParquetSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
 from ._files import Location
@@ -92,21 +93,21 @@ class ParquetSource(StreamingSource):
                 with self.location.fs.open_input_file(f"{self._root}/{first_file}") as handle:
                     schema = pq.read_schema(handle)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise ConfigError("source.path", f"cannot open Parquet data at {path!r}: {exc}") from None
+            raise ConfigError(ParquetSpec.key("path"), f"cannot open Parquet data at {path!r}: {exc}") from None
         names = schema.names
-        for key, name in (("source.image_column", image_column), ("source.id_column", id_column)):
+        for key, name in ((ParquetSpec.key("image_column"), image_column), (ParquetSpec.key("id_column"), id_column)):
             if name is not None and name not in names:
                 raise ConfigError(key, f"no column {name!r} in {path!r}; {close_matches(name, names)}")
         image_type = schema.field(image_column).type
         if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
                 or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)):
-            raise ConfigError("source.image_column", f"column {image_column!r} has type {image_type}; "
+            raise ConfigError(ParquetSpec.key("image_column"), f"column {image_column!r} has type {image_type}; "
                               "expected binary (encoded image files) or a struct with a 'bytes' field")
         if columns is None:
             columns = [n for n in names if n not in (image_column, id_column)]
         for name in columns:
             if name not in names:
-                raise ConfigError("source.columns", f"no column {name!r} in {path!r}; "
+                raise ConfigError(ParquetSpec.key("columns"), f"no column {name!r} in {path!r}; "
                                   f"{close_matches(name, names)}")
         self.image_column, self.id_column = image_column, id_column
         self.columns = list(columns)

@@ -6,7 +6,8 @@ consecutive members with the same key (the name up to the first dot of its file 
 sample, as WebDataset groups them: ``000123.jpg`` is its image (``jpg``, ``jpeg``, ``png``,
 ``webp`` and the other image suffixes), ``000123.cls`` becomes ``label`` (an integer),
 ``000123.txt`` becomes ``caption``, and the fields of ``000123.json`` become columns of their
-own (their types from the first sample that has one). ``sample_id`` is the key.
+own (their types from the first sample that has one; a later value of another type makes its
+sample bad). ``sample_id`` is the key.
 
 The driver reads the tar headers once (on a local disk it seeks from header to header; on
 object storage it streams each tar once, several at a time) and indexes every sample's members
@@ -30,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .._layout import RESERVED_COLUMNS
+from ..config import WebDatasetSpec
 from ..errors import ConfigError
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import Location
@@ -52,6 +54,7 @@ _INDEX_SCHEMA = pa.schema([("tar", pa.int32()), ("key", pa.string()), ("members"
 _JSON_TYPES = {bool: "bool", int: "int64", float: "double", str: "string"}
 #: Column names a ``.json`` field cannot take.
 TAKEN = RESERVED_COLUMNS | {"label", "caption"}
+_PATH = WebDatasetSpec.key("path")
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
 
 
@@ -115,10 +118,10 @@ def _resolve(patterns: Sequence[str]) -> list[str]:
             try:
                 entries = location.fs.get_file_info(pafs.FileSelector(location.root))
             except (OSError, FileNotFoundError) as exc:
-                raise ConfigError("source.path", f"cannot list {folder!r} for {name!r}: {exc}") from None
+                raise ConfigError(_PATH, f"cannot list {folder!r} for {name!r}: {exc}") from None
             found = sorted(e.base_name for e in entries if fnmatch.fnmatchcase(e.base_name, base))
             if not found:
-                raise ConfigError("source.path", f"{name!r} matches no file")
+                raise ConfigError(_PATH, f"{name!r} matches no file")
             tars += [_join(folder, f) for f in found]
     return tars
 
@@ -184,14 +187,14 @@ class WebDatasetSource(StreamingSource):
         self._locations = {}
         tars = _resolve(self.patterns)
         if not tars:
-            raise ConfigError("source.path", f"{self.patterns!r} names no tar file")
+            raise ConfigError(_PATH, f"{self.patterns!r} names no tar file")
 
         def walk(tar: str) -> list[tuple[str, list[dict]]]:
             location, name = self._location(tar)
             try:
                 return _samples_of(_members(location, name))
             except (OSError, tarfile.TarError) as exc:
-                raise ConfigError("source.path", f"cannot read the tar {tar!r}: {exc}") from None
+                raise ConfigError(_PATH, f"cannot read the tar {tar!r}: {exc}") from None
 
         with ThreadPoolExecutor(min(INDEX_THREADS, len(tars))) as pool:
             per_tar = list(pool.map(walk, tars))
@@ -204,7 +207,7 @@ class WebDatasetSource(StreamingSource):
         table = pa.table([pa.array(numbers, pa.int32()), pa.array(keys, pa.string()),
                           pa.array(members, pa.list_(_MEMBER))], schema=_INDEX_SCHEMA)
         if not table.num_rows:
-            raise ConfigError("source.path", f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
+            raise ConfigError(_PATH, f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
         extensions = sorted(pc.unique(pc.list_flatten(table.column("members")).combine_chunks().field("ext")).to_pylist())
         counts = pc.value_counts(table.column("key"))
         repeated = counts.filter(pc.greater(counts.field("counts"), 1))
@@ -340,11 +343,7 @@ class WebDatasetSource(StreamingSource):
             doc = json.loads(parts["json"]) if "json" in parts else None
         except (ValueError, UnicodeDecodeError) as exc:
             return BadSample(index, key, f"a side file does not parse: {describe_error(exc)}")
-        for name, kind in self._json_fields:
+        for name, kind in self._json_fields:  # a value of another type than its column's: a bad sample
             value = doc.get(name) if isinstance(doc, dict) else None
-            if kind == "json" and value is not None:
-                value = json.dumps(value)
-            elif value is not None and _JSON_TYPES.get(type(value)) != kind and not (kind == "double" and type(value) is int):
-                value = None  # another type than the first sample's: left empty
-            labels[name] = value
+            labels[name] = json.dumps(value) if kind == "json" and value is not None else value
         return Sample(index, key, bytes(parts[image_ext]), labels)

@@ -437,6 +437,21 @@ def test_actors_the_cluster_can_never_hold_are_refused_before_anything_is_writte
     assert not out.exists(), "nothing written: not even the folder"
 
 
+@pytest.mark.parametrize("keys, message", [
+    ({"run.gpus_per_actor": 1}, "run.gpus_per_actor: 1 GPUs per worker, but this machine has none that torch can "
+                                "use (torch.cuda.device_count() is 0); use 0 to run on the CPU"),
+    ({"run.gpus_per_actor": 0.5, "run.actors": 2}, "run.gpus_per_actor: 0.5 GPUs per worker, but this machine has "
+                                                   "none"),
+])
+def test_gpus_the_machine_lacks_are_refused_by_the_local_executor_before_anything_is_written(tmp_path, capsys,
+                                                                                              keys, message):
+    """As the Ray executor refuses actors that no node holds (above): exit 2, the key named."""
+    out = tmp_path / "out"
+    code, err = _cli(capsys, *_args(out, **keys))
+    assert code == 2 and f"actmap: error: {message}" in err
+    assert not out.exists(), "nothing written: not even the folder"
+
+
 def test_the_work_starts_on_the_actors_that_are_up(tmp_path, ray_fixed, cpus_taken):
     """Another job holds 3 of the 4 CPUs: of 2 actors one comes up, the dump is done on it, and
     the progress line counts the other as pending."""

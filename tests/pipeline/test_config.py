@@ -164,3 +164,59 @@ def test_a_manifest_of_release_0_1_0_compares_by_the_keys_of_its_source_kind():
         assert identity_diff(comparable_identity(manifest["identity"]), comparable_identity(again)) == []
     manifest = json.loads((FIXTURE / "variable" / "_actmap" / "manifest.json").read_text())
     assert set(comparable_identity(manifest["identity"])["source"]) == {"kind", "path", "preprocess"}
+
+
+# -- config keys in messages: derived from the sections, never spelled by hand ---------------------
+
+SECTIONS = [pipeline.config.ModelSpec, pipeline.config.DumpSpec, pipeline.config.RunSpec,
+            pipeline.config.PreprocessSpec, *SourceSpec._kinds.values()]
+PIPELINE = Path(pipeline.config.__file__).parent
+
+
+def test_a_sections_field_key_is_derived_and_a_name_that_is_no_field_raises():
+    assert pipeline.config.RunSpec.key("strict") == "run.strict"
+    assert pipeline.config.ParquetSpec.key("image_column") == "source.image_column"
+    assert pipeline.config.PreprocessSpec.key("max_pixels") == "source.preprocess.max_pixels"
+    assert FolderSpec.key("kind") == "source.kind" and Config.key("model") == "model"
+    with pytest.raises(AttributeError, match=r"FolderSpec has no field 'image_column'; valid: 'kind', "):
+        FolderSpec.key("image_column")  # a key of another source kind
+
+
+def _strings_and_key_calls(path: Path):
+    """The string constants of a module (docstrings and ``_prefix`` values aside), and its
+    ``Section.key("field")`` calls as (section name, field, line)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            skip.add(id(first.value))  # a docstring
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_prefix" for t in node.targets):
+            skip.add(id(node.value))
+    strings = [(n.value, n.lineno) for n in ast.walk(tree)
+               if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
+    calls = [(n.func.value.id, n.args[0].value, n.lineno) for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "key"
+             and isinstance(n.func.value, ast.Name) and n.args and isinstance(n.args[0], ast.Constant)]
+    return strings, calls
+
+
+def test_no_module_spells_a_config_key_by_hand_and_every_derived_key_names_a_field():
+    keys = {section._key(name) for section in SECTIONS for name in section._names()}
+    spelled = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(keys, key=len, reverse=True))) + r")(?!\w)")
+    found, stale = [], []
+    for path in sorted(PIPELINE.rglob("*.py")):
+        strings, calls = _strings_and_key_calls(path)
+        found += [f"{path.name}:{line}: {m.group(0)}" for text, line in strings for m in spelled.finditer(text)]
+        for section, name, line in calls:
+            if isinstance(getattr(pipeline.config, section, None), type):
+                try:
+                    getattr(pipeline.config, section).key(name)
+                except AttributeError as exc:
+                    stale.append(f"{path.name}:{line}: {exc}")
+    assert not found, "use Section.key(field) rather than spelling the key"
+    assert not stale
+    assert len(keys) > 30  # the check looks for every key of every section

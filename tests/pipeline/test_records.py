@@ -1,11 +1,16 @@
-"""The typed records: one conversion to and from JSON, tolerant of fields added or removed."""
+"""The typed records (a shard's, a layer's, a bad sample's, the manifest): one conversion to and from
+JSON, tolerant of fields added or removed."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline._records import BadSample, LayerSpec, ShardRecord
+from pipeline._manifest import new_manifest
+from pipeline._model_inputs import ModelInput
+from pipeline._records import BadSample, LayerSpec, Manifest, ShardRecord
+from pipeline._shards import ShardPlan
+from pipeline.config import Config
 from pipeline.errors import RecordError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"
@@ -43,3 +48,46 @@ def test_layer_specs():
     assert spec.shape == (256, 14, 14) and spec.to_dict() == {"shape": [256, 14, 14], "dtype": "float16"}
     assert LayerSpec.from_dict(spec.to_dict()) == spec
     assert LayerSpec.from_dict({"shape": None, "dtype": "float32"}).describe() == "variable float32"
+
+
+# -- the manifest --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dump", ["generated", "variable"])
+def test_a_manifest_of_release_0_1_0_loads_and_writes_back_byte_for_byte(dump):
+    text = (FIXTURE / dump / "_actmap" / "manifest.json").read_text()
+    manifest = Manifest.from_dict(json.loads(text))
+    assert manifest.input is None, "0.1.0 did not record the model's input: the field takes its default"
+    assert manifest.layers == ("relu1", "conv2") and manifest.model["name"] == "support.models:tiny"
+    assert manifest.layer_info["conv2"].dtype == ("float16" if dump == "generated" else "bfloat16")
+    assert (manifest.plan.samples, manifest.plan.shard_size, len(manifest.plan)) == (
+        (30, 8, 4) if dump == "generated" else (6, 4, 2))
+    assert json.dumps(manifest.to_dict(), indent=1, sort_keys=True) == text  # as OutputStore.write_json writes
+
+
+def test_a_new_manifest_keeps_the_key_names_of_0_1_0_and_adds_the_input():
+    config = Config.from_dict({"model": {"layers": ["conv2"]}, "run": {"shard_size": 4}})
+    inputs = ModelInput(((0.5,) * 3, (0.25,) * 3), None, (8, 8))
+    manifest = new_manifest(config, {"name": "m", "weights_sha256": "ab"}, {"kind": "generated"}, 10,
+                            {"conv2": LayerSpec((16, 4, 4), "float16")}, inputs)
+    doc = manifest.to_dict()
+    old = json.loads((FIXTURE / "generated" / "_actmap" / "manifest.json").read_text())
+    assert sorted(doc) == sorted([*old, "input"])
+    assert doc["plan"] == {"samples": 10, "shard_size": 4, "shards": 3} and doc["layers"] == ["conv2"]
+    assert doc["layer_info"] == {"conv2": {"shape": [16, 4, 4], "dtype": "float16"}}
+    again = Manifest.from_dict(json.loads(json.dumps(doc)))
+    assert again == manifest and again.input == inputs and again.plan == ShardPlan(10, 4)
+
+
+def test_a_manifest_with_a_field_missing_or_of_the_wrong_kind_is_refused():
+    doc = json.loads((FIXTURE / "generated" / "_actmap" / "manifest.json").read_text())
+    with pytest.raises(RecordError, match=r"a Manifest needs plan; got keys \['config', 'created', "):
+        Manifest.from_dict({k: v for k, v in doc.items() if k != "plan"})
+    with pytest.raises(RecordError, match="a Manifest's model is a mapping, got str"):
+        Manifest.from_dict({**doc, "model": "resnet18"})
+    with pytest.raises(RecordError, match="a Manifest's layers are a list of layer names, got 'relu1'"):
+        Manifest.from_dict({**doc, "layers": "relu1"})
+    with pytest.raises(RecordError, match=r"a Manifest with a value of the wrong kind \(KeyError: 'shard_size'\)"):
+        Manifest.from_dict({**doc, "plan": {"samples": 30}})
+    older = Manifest.from_dict({k: v for k, v in doc.items() if k not in ("created", "layer_info")})
+    assert (older.created, older.layer_info, older.input) == ("", {}, None), "fields that may miss take defaults"

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline._scheduling import ActorPlan, ShardQueue, plan_actors
+from pipeline._scheduling import ActorPlan, ShardQueue, local_devices, plan_actors
 from pipeline._shards import plan_shards
 from pipeline.config import RunSpec
 from pipeline.errors import ConfigError, ShardFailedError
@@ -44,3 +44,39 @@ def test_failed_shard_is_retried_first_then_gives_up():
     assert q.take() == first
     with pytest.raises(ShardFailedError, match="shard 0 \\(samples 0-2\\) failed 3 times; last error: boom"):
         q.failed(first, "boom")
+
+
+@pytest.mark.parametrize("run, gpus, shards, devices", [
+    ({}, 0, 10, ["cpu"]),  # auto: the CPU, one worker
+    ({"actors": 3}, 0, 10, ["cpu"] * 3),
+    ({"actors": 3}, 0, 2, ["cpu"] * 2),  # never more workers than shards
+    ({}, 2, 10, ["cuda:0", "cuda:1"]),  # auto: one per GPU, worker i on GPU i
+    ({}, 4, 3, ["cuda:0", "cuda:1", "cuda:2"]),
+    ({"actors": 1}, 4, 10, ["cuda:0"]),
+    ({"gpus_per_actor": 0}, 2, 10, ["cpu"]),  # 0 runs on the CPU where there are GPUs
+    ({"actors": 4, "gpus_per_actor": 0.5}, 2, 10, ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]),
+    ({"actors": 4, "gpus_per_actor": 0.3}, 2, 10, ["cuda:0", "cuda:0", "cuda:0", "cuda:1"]),  # 3 fit on one
+    ({"gpus_per_actor": 0.5}, 1, 10, ["cuda:0", "cuda:0"]),
+    ({"gpus_per_actor": 2}, 5, 10, ["cuda:0", "cuda:2"]),  # the first GPU of its own two
+])
+def test_local_workers_are_placed_on_gpus_as_ray_places_actors(run, gpus, shards, devices):
+    assert local_devices(RunSpec(**run), visible_gpus=gpus, shards=shards) == devices
+
+
+@pytest.mark.parametrize("run, gpus, message", [
+    ({"gpus_per_actor": 1}, 0, "run.gpus_per_actor: 1 GPUs per worker, but this machine has none that torch can "
+                               "use (torch.cuda.device_count() is 0); use 0 to run on the CPU"),
+    ({"actors": 2, "gpus_per_actor": 0.5}, 0, "run.gpus_per_actor: 0.5 GPUs per worker, but this machine has none"),
+    ({"gpus_per_actor": 2}, 1, "run.gpus_per_actor: 2 GPUs per worker, but this machine has 1; use 0 to run on the "
+                               "CPU, or at most 1"),
+    ({"gpus_per_actor": 1.5}, 4, "run.gpus_per_actor: 1.5 GPUs per worker: above 1, a worker takes whole GPUs; "
+                                 "use 1 or 2"),
+    ({"actors": 3, "gpus_per_actor": 1}, 2, "run.actors: 3 workers of 1 GPU each, but this machine has 2 GPUs, room "
+                                            "for 2 of them; set run.actors to at most 2 (or auto)"),
+    ({"actors": 5, "gpus_per_actor": 0.5}, 2, "run.actors: 5 workers of 0.5 GPU each, but this machine has 2 GPUs, "
+                                              "room for 4 of them"),
+])
+def test_local_workers_asking_for_gpus_the_machine_lacks_are_refused(run, gpus, message):
+    with pytest.raises(ConfigError) as info:
+        local_devices(RunSpec(**run), visible_gpus=gpus, shards=10)
+    assert str(info.value).startswith(message)

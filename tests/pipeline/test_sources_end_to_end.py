@@ -123,3 +123,19 @@ def test_a_source_on_object_storage_written_to_object_storage(tmp_path, s3, kind
     assert run(config, stream=None).rows == {"relu1": 10}
     ids = [f"{i:02d}.png" if kind == "folder" else f"{i:02d}" for i in range(10)]
     _check(config, ids, [_png(i) for i in range(10)])
+
+
+def test_a_dataset_whose_first_item_is_bad_and_a_later_label_has_another_type(tmp_path):
+    """A lenient run goes on past both: item 0 raises, item 9's score is text in a column of
+    floats; each is a bad sample with its reason, every other item is written."""
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]},
+                               "source": {"kind": "dataset", "target": "support.datasets:Scored",
+                                          "kwargs": {"n": 12, "bad": 0, "text_at": 9}},
+                               "run": {"output": str(tmp_path / "out"), "executor": "local", "batch_size": 4,
+                                       "shard_size": 8}})
+    summary = run(config, stream=None)
+    assert [(b["index"], b["reason"]) for b in summary.bad] == [
+        (0, "ValueError: item 0 is corrupt"), (9, "label 'score' holds 'high' (type str); its column holds double")]
+    table = read_table(config.run.output, "relu1")
+    assert table.column("index").to_pylist() == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11]
+    assert table.column("score").to_pylist() == [1.5, 2, 3.5, 4, 5.5, 6, 7.5, 8, 10, 11.5]

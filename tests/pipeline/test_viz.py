@@ -24,8 +24,7 @@ def _dump(out, model, layers, count=12, **sections):
         data.setdefault(key, {}).update(value)
     config = Config.from_dict(data)
     worker = ShardWorker(config.to_dict())
-    manifest = new_manifest(config, worker.identity, worker.source.identity(), count)
-    manifest["input"] = worker.inputs.to_dict()  # as the driver records it
+    manifest = new_manifest(config, worker.identity, worker.source.identity(), count, inputs=worker.inputs)
     prepare_output(OutputStore(str(out)), manifest)
     for shard in plan_shards(count, 8):
         worker.run_shard(shard)

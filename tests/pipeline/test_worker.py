@@ -2,6 +2,8 @@
 
 import io
 import json
+import re
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -422,3 +424,66 @@ def test_a_read_error_that_may_pass_fails_the_shard_instead_of_marking_samples_b
     with pytest.raises(ConnectionResetError):
         decoder([Deferred(drops), Deferred(gone)])
     decoder.close()
+
+
+# -- a label value of another type than its column's ----------------------------------------------
+
+_SCORED = {"kind": "dataset", "target": "support.datasets:Scored", "preprocess": {"normalize": "none"}}
+_HIGH = "label 'score' holds 'high' (type str); its column holds double"
+
+
+def test_a_label_of_another_type_makes_its_sample_bad_and_the_rest_of_the_shard_is_written(tmp_path):
+    """The column is typed from the first items (an int, then a float: double); item 9's string
+    is a bad sample, named with both types, and the others are written."""
+    config = _config(tmp_path, source={**_SCORED, "kwargs": {"n": 12, "text_at": 9}})
+    record = _run_shard(config, Shard(0, 0, 12))
+    assert record.bad == (BadSample(9, "9", _HIGH),)
+    table = read_table(config.run.output, "conv2")
+    assert table.column("index").to_pylist() == [i for i in range(12) if i != 9]
+    assert table.schema.field("score").type == pa.float64()
+    assert table.column("score").to_pylist()[-3:] == [8.0, 10.0, 11.5]
+
+
+def test_a_label_of_another_type_stops_a_strict_run_with_that_reason(tmp_path):
+    config = _config(tmp_path, source={**_SCORED, "kwargs": {"n": 12, "text_at": 9}}, run={"strict": True})
+    with pytest.raises(BadSampleError, match=rf"sample '9' \(index 9\): {re.escape(_HIGH)} \(run.strict is set"):
+        _run_shard(config, Shard(0, 0, 12))
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_a_bad_first_item_leaves_the_labels_typed_from_the_next_ones(tmp_path):
+    config = _config(tmp_path, source={**_SCORED, "kwargs": {"n": 6, "bad": 0}})
+    with ShardWorker(config.to_dict()) as worker:
+        assert worker.label_fields == [pa.field("score", pa.float64())]
+        assert set(worker.probe()) == {"relu1", "conv2"}, "the trial sample is the first readable one"
+        record = worker.run_shard(Shard(0, 0, 6))
+    assert [b.index for b in record.bad] == [0] and record.rows["conv2"] == 5
+
+
+def test_a_parquet_file_whose_column_has_another_type_makes_its_rows_bad(tmp_path):
+    """The column's type comes from the first file; a later file that stores it as text gives
+    bad samples, and the first file's rows are written."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    (tmp_path / "table").mkdir()
+    pq.write_table(pa.table({"img": [buf.getvalue()] * 3, "kind": [1, 2, 3]}), tmp_path / "table" / "a.parquet")
+    pq.write_table(pa.table({"img": [buf.getvalue()] * 2, "kind": ["4", None]}), tmp_path / "table" / "b.parquet")
+    config = _config(tmp_path, source={"kind": "parquet", "path": str(tmp_path / "table"), "image_column": "img"})
+    record = _run_shard(config, Shard(0, 0, 5))
+    assert record.bad == (BadSample(3, "3", "label 'kind' holds '4' (type str); its column holds int64"),)
+    assert read_table(config.run.output, "conv2").column("kind").to_pylist() == [1, 2, 3, None]
+
+
+def test_a_webdataset_json_field_of_another_type_makes_its_sample_bad(tmp_path):
+    from support.webdataset import _add, _image
+
+    (tmp_path / "wds").mkdir()
+    scores = [0.5, 1, "high", None, 2.5]  # typed from the first: double; an int fits, a null too
+    with tarfile.open(tmp_path / "wds" / "a.tar", "w") as tar:
+        for i, score in enumerate(scores):
+            _add(tar, f"k{i}.png", _image("PNG", i))
+            _add(tar, f"k{i}.json", json.dumps({"score": score}).encode())
+    config = _config(tmp_path, source={"kind": "webdataset", "path": str(tmp_path / "wds" / "a.tar")})
+    record = _run_shard(config, Shard(0, 0, 5))
+    assert record.bad == (BadSample(2, "k2", _HIGH),)
+    assert read_table(config.run.output, "conv2").column("score").to_pylist() == [0.5, 1.0, None, 2.5]

@@ -36,10 +36,10 @@ class DictItems(Squares):
 
 class Scored(Squares):
     """Dict items whose ``score`` is an int for even indices and a float for odd ones (or a
-    string at index ``text_at``)."""
+    string at index ``text_at``); item ``bad`` raises."""
 
-    def __init__(self, n: int = 8, size: int = 8, text_at: int | None = None):
-        super().__init__(n, size)
+    def __init__(self, n: int = 8, size: int = 8, text_at: int | None = None, bad: int | None = None):
+        super().__init__(n, size, bad)
         self.text_at = text_at
 
     def __getitem__(self, i: int):

@@ -1,0 +1,84 @@
+"""Pass-through label values against the types of their columns.
+
+A source types its scalar label columns once (a Parquet table from its schema, a WebDataset
+from its first ``.json``, a user dataset from its first readable items). A later value of
+another type would fail its whole batch when the column is built, and so its shard; here it
+makes only its own sample bad, with a reason that names the field, the value's type and the
+column's. A value fits when it is of the column's kind and converts to the column's type
+without loss: no bool in a number column, no float in an integer column, no number in a text
+column; ``None`` fits every column (a null).
+
+>>> label_problem("label", "cat", pa.int64())
+"label 'label' holds 'cat' (type str); its column holds int64"
+>>> label_problem("score", 3, pa.float64()) is None, label_problem("score", None, pa.int64()) is None
+(True, True)
+>>> label_problem("label", 2.5, pa.int64())
+"label 'label' holds 2.5 (type float); its column holds int64"
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from ._records import BadSample
+from ._sources._base import Sample
+
+#: The Python values each kind of column takes (other types: whatever converts).
+_KINDS: tuple[tuple[Any, tuple[type, ...]], ...] = (
+    (pa.types.is_boolean, (bool,)),
+    (pa.types.is_integer, (numbers.Integral,)),
+    (pa.types.is_floating, (numbers.Real,)),
+    (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), (str,)),
+    (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t),
+     (bytes,)),
+)
+
+
+def _of_kind(value: Any, column: pa.DataType) -> bool:
+    if value is None:
+        return True
+    for is_kind, kinds in _KINDS:
+        if is_kind(column):  # a bool is an Integral to Python, not to a number column
+            return isinstance(value, kinds) and (isinstance(value, bool) == pa.types.is_boolean(column))
+    return True  # lists, structs, dates, decimals...: the conversion decides
+
+
+def _converts(values: Sequence[Any], column: pa.DataType) -> bool:
+    try:
+        pa.array(values, type=column)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def label_problem(name: str, value: Any, column: pa.DataType) -> str | None:
+    """Why ``value`` cannot go into the label column ``name`` of type ``column`` (``None``: it fits)."""
+    if _of_kind(value, column) and _converts([value], column):
+        return None
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"label {name!r} holds {shown} (type {type(value).__name__}); its column holds {column}"
+
+
+def split_unfit(samples: Sequence[Sample], fields: Sequence[pa.Field]) -> tuple[list[Sample], list[BadSample]]:
+    """``samples`` whose labels all fit the columns ``fields``, and the others as bad samples
+    (the reason names the first label that does not fit). One conversion per column checks a
+    batch whose values all fit."""
+    problems: dict[int, str] = {}
+    for field in fields:
+        values = [s.labels.get(field.name) for s in samples]
+        kinds = [_of_kind(v, field.type) for v in values]
+        if all(kinds) and _converts(values, field.type):
+            continue
+        for position, value in enumerate(values):
+            if position not in problems:
+                problem = label_problem(field.name, value, field.type)
+                if problem is not None:
+                    problems[position] = problem
+    good = [s for i, s in enumerate(samples) if i not in problems]
+    bad = [BadSample(samples[i].index, samples[i].sample_id, reason) for i, reason in sorted(problems.items())]
+    return good, bad

@@ -1,0 +1,55 @@
+"""Label values against their columns' types: one that does not fit makes its sample bad."""
+
+import datetime
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline._labels import label_problem, split_unfit
+from pipeline._records import BadSample
+from pipeline._sources import Sample
+
+
+@pytest.mark.parametrize("value, column", [
+    (3, pa.int64()), (3, pa.int32()), (np.int16(3), pa.int64()), (3, pa.float64()), (2.5, pa.float32()),
+    (True, pa.bool_()), ("cat", pa.string()), ("cat", pa.large_string()), (b"\x00", pa.binary()),
+    (None, pa.int64()), (None, pa.string()), ([1, 2], pa.list_(pa.int64())),
+    (datetime.date(2026, 1, 2), pa.date32()),
+])
+def test_values_of_the_columns_kind_fit(value, column):
+    assert label_problem("x", value, column) is None
+
+
+@pytest.mark.parametrize("value, column, reason", [
+    ("cat", pa.int64(), "label 'x' holds 'cat' (type str); its column holds int64"),
+    (2.5, pa.int64(), "label 'x' holds 2.5 (type float); its column holds int64"),  # pyarrow would truncate it
+    (True, pa.int64(), "label 'x' holds True (type bool); its column holds int64"),
+    (1, pa.bool_(), "label 'x' holds 1 (type int); its column holds bool"),
+    (True, pa.float64(), "label 'x' holds True (type bool); its column holds double"),
+    (3, pa.string(), "label 'x' holds 3 (type int); its column holds string"),
+    ("a" * 60, pa.int64(), f"label 'x' holds '{'a' * 36}... (type str); its column holds int64"),
+    (2 ** 70, pa.int64(), f"label 'x' holds {2 ** 70} (type int); its column holds int64"),
+    (-1, pa.uint8(), "label 'x' holds -1 (type int); its column holds uint8"),
+    (np.zeros(2), pa.int64(), "label 'x' holds array([0., 0.]) (type ndarray); its column holds int64"),
+    (["a"], pa.list_(pa.int64()), "label 'x' holds ['a'] (type list); its column holds list<item: int64>"),
+])
+def test_values_of_another_type_are_named_with_both_types(value, column, reason):
+    assert label_problem("x", value, column) == reason
+
+
+def _samples(labels):
+    return [Sample(i, f"s{i}", b"", dict(row)) for i, row in enumerate(labels)]
+
+
+def test_a_batch_keeps_the_samples_that_fit_in_order_and_names_each_other_sample():
+    fields = [pa.field("label", pa.int64()), pa.field("score", pa.float64())]
+    samples = _samples([{"label": 1, "score": 0.5}, {"label": "cat", "score": "high"}, {"label": None, "score": 2},
+                        {"label": 4, "score": [1.0]}, {"label": 5}])
+    good, bad = split_unfit(samples, fields)
+    assert [s.index for s in good] == [0, 2, 4]
+    assert bad == [BadSample(1, "s1", "label 'label' holds 'cat' (type str); its column holds int64"),
+                   BadSample(3, "s3", "label 'score' holds [1.0] (type list); its column holds double")]
+    fitting = samples[:1] + samples[2:3]
+    assert split_unfit(fitting, fields) == (fitting, [])
+    assert split_unfit(samples, []) == (samples, []), "no typed column: nothing to check"
