@@ -1,9 +1,10 @@
 """An actor's image decoding: a pool of threads (and its GPU for JPEG files), batch by batch.
 
-Decoding, resizing and cropping run on ``threads`` threads (the actor's CPUs): torchvision's
-and PIL's decoders and torch's resize release the GIL, so they run in parallel, and a file
-that a source hands over unread (a local file) is read by the thread that decodes it. On a
-CUDA device the JPEG files of a batch are decoded there in one call instead.
+Decoding, resizing and cropping run on up to ``threads`` threads (the actor's CPUs):
+torchvision's and PIL's decoders and torch's resize release the GIL, so they run in parallel,
+and a file that a source hands over unread (a local file) is read by the thread that decodes it.
+How many of the threads decode is found by trial (:mod:`pipeline._tuner`): small images decode
+fastest on one. On a CUDA device the JPEG files of a batch are decoded there in one call instead.
 
 >>> import torch
 >>> decoder = Decoder(threads=2, resize=8, crop=(8, 8))
@@ -16,6 +17,8 @@ CUDA device the JPEG files of a batch are decoded there in one call instead.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +27,7 @@ import torch
 from ._images import DEFAULT_MAX_PIXELS, ImageError, conform, decode, header_size
 from ._preprocess import resize_crop, resize_crop_many
 from ._sources._base import Deferred, RawImage, is_sample_fault
+from ._tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class Decoder:
         self._stream: torch.cuda.Stream | None = None  # the GPU decoding's own stream, made when first used
         self.resize, self.crop, self.max_pixels, self.channels = resize, crop, max_pixels, channels
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actmap-decode") if self.threads > 1 else None
+        self.tuner = ThreadTuner(self.threads)  # how many of them decode on the CPU: the fastest count
 
     def one(self, raw: RawImage) -> torch.Tensor | Exception:
         """One image, decoded, checked, resized and cropped; or the exception when the fault is
@@ -60,20 +65,39 @@ class Decoder:
                 return exc
             raise
 
-    def _map(self, fn, items: Sequence) -> list:
-        if self._pool is None or len(items) < 2:
+    def _map(self, fn, items: Sequence, threads: int | None = None) -> list:
+        """``fn`` over ``items`` on ``threads`` threads (default: all), in order."""
+        threads = min(threads or self.threads, len(items))
+        if self._pool is None or threads < 2:
             return [fn(item) for item in items]
-        # a few contiguous chunks per thread, not a task per image: each hand-off costs about
-        # as much as decoding a small image
-        size = -(-len(items) // (2 * self.threads))
-        chunks = [items[i:i + size] for i in range(0, len(items), size)]
-        futures = [self._pool.submit(lambda chunk: [fn(item) for item in chunk], c) for c in chunks]
-        return [result for future in futures for result in future.result()]
+        # each thread takes a few images at a time, not one: each hand-off costs about as much
+        # as decoding a small image; and the threads that finish first take more
+        out: list = [None] * len(items)
+        step = max(1, len(items) // (4 * threads))
+        starts = iter(range(0, len(items), step))
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                for i in range(start, min(start + step, len(items))):
+                    out[i] = fn(items[i])
+
+        for future in [self._pool.submit(work) for _ in range(threads)]:
+            future.result()
+        return out
 
     def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:
-        if self.device.type != "cuda":
-            return self._map(self.one, raws)
-        return self._with_gpu_jpeg(list(raws))
+        if self.device.type == "cuda":
+            return self._with_gpu_jpeg(list(raws))
+        threads = self.tuner.pick()
+        started = time.perf_counter()
+        out = self._map(self.one, raws, threads)
+        self.tuner.record(threads, len(raws), time.perf_counter() - started)
+        return out
 
     def _with_gpu_jpeg(self, raws: list) -> list[torch.Tensor | Exception]:
         # the bytes first (read in parallel), then the JPEG files in one call on the GPU

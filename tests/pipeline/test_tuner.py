@@ -1,0 +1,77 @@
+"""The decoder's thread count, found by trial: pure logic, then the decoder using it."""
+
+import threading
+import time
+
+import torch
+
+from pipeline._decoder import Decoder
+from pipeline._tuner import ThreadTuner
+
+
+def _run(tuner, rate_of, batches):
+    picked = []
+    for _ in range(batches):
+        threads = tuner.pick()
+        picked.append(threads)
+        tuner.record(threads, images=100, seconds=100 / rate_of(threads))
+    return picked
+
+
+def test_the_counts_tried_are_powers_of_two_up_to_the_threads():
+    assert ThreadTuner(1).candidates == (1,)
+    assert ThreadTuner(6).candidates == (1, 2, 4, 6)
+    assert ThreadTuner(16).candidates == (1, 2, 4, 8, 16)
+
+
+def test_it_keeps_the_fastest_count_and_tries_again_each_period():
+    tuner = ThreadTuner(8, period=10)
+    picked = _run(tuner, {1: 5000, 2: 4000, 4: 3000, 8: 2500}.get, 1 + 4 + 10 + 4)
+    assert picked[:5] == [8, 1, 2, 4, 8]  # the warm-up batch at all threads, then each count once
+    assert picked[5:15] == [1] * 10  # small images: one thread is fastest
+    assert picked[15:] == [1, 2, 4, 8]  # and the trials again
+    # the images change (larger ones): the next trials find it
+    picked = _run(tuner, {1: 100, 2: 190, 4: 350, 8: 600}.get, 10 + 4 + 10)
+    assert picked == [1] * 10 + [1, 2, 4, 8] + [8] * 10
+
+
+def test_a_lone_thread_has_nothing_to_try():
+    tuner = ThreadTuner(1, period=2)
+    assert set(_run(tuner, lambda t: 1000, 9)) == {1}
+
+
+def test_reports_of_other_counts_or_empty_batches_do_not_end_a_trial():
+    tuner = ThreadTuner(4)
+    tuner.record(4, 10, 1.0)  # the warm-up
+    assert tuner.pick() == 1
+    tuner.record(4, 10, 1.0)  # another shard's batch, begun before the trials
+    tuner.record(1, 0, 0.0)  # an empty batch
+    assert tuner.pick() == 1
+
+
+def test_the_decoder_uses_the_tuned_count_and_finds_that_waiting_work_wants_threads():
+    # images whose decoding waits without the GIL (as a long C decode does): more threads win
+    seen = []
+
+    class Slow(Decoder):
+        def one(self, raw):
+            seen.append(threading.current_thread().name)
+            time.sleep(0.002)
+            return raw
+
+    decoder = Slow(threads=4, resize=None, crop=None)
+    decoder.tuner.period = 5
+    images = [torch.zeros(3, 4, 4, dtype=torch.uint8)] * 16
+    for _ in range(1 + 3):  # the warm-up, then a trial of 1, 2 and 4 threads
+        seen.clear()
+        assert len(decoder(images)) == 16
+    assert decoder.tuner.pick() == 4
+    seen.clear()
+    decoder(images)
+    assert len(set(seen)) == 4 and all(n.startswith("actmap-decode") for n in seen)
+    decoder.tuner = ThreadTuner(4)
+    decoder.tuner.record(4, 1, 1.0)
+    seen.clear()
+    decoder(images)  # the trial of one thread: the caller's own
+    assert set(seen) == {threading.current_thread().name}
+    decoder.close()
