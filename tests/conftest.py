@@ -19,16 +19,24 @@ sys.path[:0] = [str(ROOT), str(TESTS)]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(TESTS), os.environ.get("PYTHONPATH")) if p)
 # a loopback-only cluster started by the tests needs no token
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Data lists a Parquet dataset's footers with 32 actors per read (a process each, killed
+# after the read); the tests' dumps have a few small files, which one actor reads at once
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray with 4 logical CPUs, shared by the whole session."""
+    """A local Ray with 4 logical CPUs, shared by the whole session (by each test process, when
+    pytest-xdist runs several).
+
+    Its workers inherit ``PYTHONPATH`` from this process (set above), as the raylet does: no
+    ``runtime_env`` is needed, and one made the workers slower to come (Ray Data's reads took
+    about twice as long).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
