@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Ray Data lists a Parquet dataset's footers with 32 actors per read (a process each, killed
 # after the read); the tests' dumps have a few small files, which one actor reads at once
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# Ray's monitor reports whether a new cluster autoscales (some tests wait for that) once it has
+# load metrics, usually on its second round: 1 s after the first, not 5
+os.environ.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
 
 
 @pytest.fixture(scope="session")
