@@ -1,4 +1,4 @@
-"""Shared fixtures: one small local Ray for every test that needs a cluster."""
+"""Shared fixtures: one small local Ray per test process for every test that needs a cluster."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ os.environ.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray with 4 logical CPUs, shared by the whole session (by each test process, when
-    pytest-xdist runs several).
+    """A local Ray with 4 logical CPUs, shared by the tests of one test process (each of
+    pytest-xdist's processes starts its own, on the first test that asks).
 
     Its workers inherit ``PYTHONPATH`` from this process (set above), as the raylet does: no
     ``runtime_env`` is needed, and one made the workers slower to come (Ray Data's reads took
