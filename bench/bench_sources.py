@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -355,7 +356,7 @@ def ray_data_run(kind: str, path: str, n: int, size: int, output: str, batch: in
 # -- planning a large folder ------------------------------------------------------------------------
 
 
-def plan_folder(work: Path, files: int) -> dict:
+def plan_folder(work: Path, files: int, repeats: int = 5) -> dict:
     import pyarrow.fs as pafs
 
     from pipeline._sources import FolderSource, write_index
@@ -394,13 +395,20 @@ def plan_folder(work: Path, files: int) -> dict:
         shutil.rmtree(out)
         return len(source)
 
-    result = {}
-    for name, fn in (("scandir", scandir_walk), ("pyarrow", pyarrow_listing), ("plan", plan)):
-        fn()  # warm the dentry cache once, like the first listing of a real run would not be
-        t0 = time.perf_counter()
-        count = fn()
-        result[name] = time.perf_counter() - t0
-        result[f"{name}_count"] = count
+    # each once to warm the dentry cache (as the first listing of a real run would not be), then
+    # rounds of the three one after the other: the medians, and the median of each round's
+    # ratio, stand against a machine whose load moves
+    fns = {"scandir": scandir_walk, "pyarrow": pyarrow_listing, "plan": plan}
+    result: dict = {f"{name}_count": fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    result.update({name: statistics.median(t) for name, t in times.items()})
+    for base in ("scandir", "pyarrow"):
+        result[f"plan_vs_{base}"] = statistics.median(p / b for p, b in zip(times["plan"], times[base]))
     return result
 
 
@@ -426,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--shard-size", type=int, default=2048)
     parser.add_argument("--plan-files", type=int, default=1_000_000, help="0 skips the planning benchmark")
+    parser.add_argument("--plan-repeats", type=int, default=5, help="rounds of the planning benchmark (default 5)")
     parser.add_argument("--no-e2e", action="store_true", help="skip actmap end to end")
     parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs per size, the fastest kept (default 2)")
     parser.add_argument("--no-raydata", action="store_true", help="skip Ray Data")
@@ -509,11 +518,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["kinds"][kind] = res
         sys.stdout.flush()
     if args.plan_files:
-        plan = plan_folder(work, args.plan_files)
+        plan = plan_folder(work, args.plan_files, args.plan_repeats)
         results["plan"] = plan
-        print(f"\nplanning a folder of {plan['plan_count']:,} files: {plan['plan']:.2f} s; one os.scandir walk "
-              f"{plan['scandir']:.2f} s ({plan['plan'] / plan['scandir']:.2f}x), one pyarrow.fs listing "
-              f"{plan['pyarrow']:.2f} s ({plan['plan'] / plan['pyarrow']:.2f}x)")
+        print(f"\nplanning a folder of {plan['plan_count']:,} files (medians of {args.plan_repeats} rounds): "
+              f"{plan['plan']:.2f} s; one os.scandir walk {plan['scandir']:.2f} s ({plan['plan_vs_scandir']:.2f}x, "
+              f"the median of the rounds' ratios), one pyarrow.fs listing {plan['pyarrow']:.2f} s "
+              f"({plan['plan_vs_pyarrow']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return results

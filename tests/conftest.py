@@ -1,4 +1,4 @@
-"""Shared fixtures: one small local Ray for every test that needs a cluster."""
+"""Shared fixtures: one small local Ray per test process for every test that needs a cluster."""
 
 from __future__ import annotations
 
@@ -19,16 +19,27 @@ sys.path[:0] = [str(ROOT), str(TESTS)]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(TESTS), os.environ.get("PYTHONPATH")) if p)
 # a loopback-only cluster started by the tests needs no token
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Data lists a Parquet dataset's footers with 32 actors per read (a process each, killed
+# after the read); the tests' dumps have a few small files, which one actor reads at once
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# Ray's monitor reports whether a new cluster autoscales (some tests wait for that) once it has
+# load metrics, usually on its second round: 1 s after the first, not 5
+os.environ.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray with 4 logical CPUs, shared by the whole session."""
+    """A local Ray with 4 logical CPUs, shared by the tests of one test process (each of
+    pytest-xdist's processes starts its own, on the first test that asks).
+
+    Its workers inherit ``PYTHONPATH`` from this process (set above), as the raylet does: no
+    ``runtime_env`` is needed, and one made the workers slower to come (Ray Data's reads took
+    about twice as long).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -8,8 +8,9 @@ The head runs with token authentication: Ray turns ``--node-ip-address=127.0.0.1
 host's address and its GCS and raylet listen on every interface, so a head without a token would
 take code from anyone on the network while the test runs. The token lives only in the
 environment of the processes started here. Nothing here calls ``ray.init``, and the teardown
-stops exactly the processes of this head (all carry a marker in their environment); `ray stop
---force` would also kill the session's in-process Ray and any other Ray on the machine.
+stops exactly the processes of this head (all are in the session `ray start` leads, and carry a
+marker in their environment); `ray stop --force` would also kill the session's in-process Ray and
+any other Ray on the machine.
 """
 
 from __future__ import annotations
@@ -84,12 +85,15 @@ def ray_head() -> Iterator[Head]:
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
              f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
              "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}/ray", "--disable-usage-stats"]
+    # in a session of its own, which every process of the head stays in
+    starter = subprocess.Popen(start, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
+        stdout, stderr = starter.communicate(timeout=120)
+        assert starter.returncode == 0, f"ray start failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
         yield Head(f"http://127.0.0.1:{dashboard}", env, token)
     finally:
-        left = stop_marked(marker)
+        left = stop_marked(marker, session=starter.pid)
         shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"processes of the test head could not be stopped: {left}"
 

@@ -1,6 +1,10 @@
 """timm and transformers models dumped end to end and compared value by value with a direct
 forward of the same model: a timm ResNet, a timm ViT (tokens), a transformers ViT from a tiny
-config (layers that return tuples and ModelOutputs, picked with selectors), and token reductions."""
+config (layers that return tuples and ModelOutputs, picked with selectors), and token reductions.
+
+The dumps run on the local executor with two workers, each building its own model from the
+config as an actor would (and refusing to start unless its weights match the driver's); what
+Ray adds, actors in processes of their own, is tested with the tiny models in test_driver.py."""
 
 import math
 
@@ -23,7 +27,8 @@ def _config(out, model, layers, normalize="model", reduce="none", count=12):
     return Config.from_dict({"model": {**model, "layers": layers},
                              "source": {"count": count, "image_size": 32, "preprocess": {"normalize": normalize}},
                              "dump": {"dtype": "float32", "reduce": reduce},
-                             "run": {"output": str(out), "batch_size": 4, "shard_size": 4, "actors": 2}})
+                             "run": {"output": str(out), "batch_size": 4, "shard_size": 4, "actors": 2,
+                                     "executor": "local"}})
 
 
 def _images(config, resize=None, crop=None):
@@ -70,7 +75,6 @@ def _identity(out):
     return out
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_timm_resnet_dump_equals_a_direct_forward(tmp_path):
     import timm
 
@@ -84,7 +88,6 @@ def test_timm_resnet_dump_equals_a_direct_forward(tmp_path):
     _assert_dump_equals(config, expected)
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_timm_vit_token_dump_equals_a_direct_forward(tmp_path):
     import timm
 
@@ -99,7 +102,6 @@ def test_timm_vit_token_dump_equals_a_direct_forward(tmp_path):
     _assert_dump_equals(config, expected)
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_transformers_vit_dump_equals_a_direct_forward(tmp_path):
     from transformers import ViTImageProcessor
 

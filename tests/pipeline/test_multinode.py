@@ -77,16 +77,19 @@ def test_shards_run_on_both_nodes_exactly_once(tmp_path: Path):
         MARKER: os.path.basename(temp),
     })
     agent_port = free_ports(1)[0]
+    # in a session of its own, which every process of its cluster stays in
+    driver = subprocess.Popen([sys.executable, str(script), json.dumps(config), str(agent_port)], env=env,
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, str(script), json.dumps(config), str(agent_port)],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        stdout, stderr = driver.communicate(timeout=240)
     finally:
-        left = stop_marked(marker)
+        left = stop_marked(marker, session=driver.pid)
         shutil.rmtree(temp, ignore_errors=True)
-    logs = f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
-    assert done.returncode == 0, logs
+    logs = f"{stdout[-4000:]}\n{stderr[-6000:]}"
+    assert driver.returncode == 0, logs
     assert not left, f"processes of the test cluster could not be stopped: {left}"
-    (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    (line,) = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
     result = json.loads(line[len("RESULT "):])
     assert len(result["nodes"]) == 2 and result["actors"] == 2, result
     assert result["rows"] == {layer: COUNT for layer in LAYERS}, result
