@@ -96,3 +96,11 @@ def test_bench_stats_rows(tmp_path, capsys):
     assert all(b["write_ms"] > 0 and b["stats_ms"] > 0 for b in result["batches"])
     assert "ValueStats.add against the writer" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # its files are removed
+
+
+def test_bench_decode_threads_rows(capsys):
+    bench = _bench("bench_decode_threads")
+    rows = bench.main(["--threads", "2", "--small", "16", "--batches", "3"])
+    assert [(r["images"], r["threads"]) for r in rows] == [("16x16", 1), ("16x16", 2), ("500x375", 1), ("500x375", 2)]
+    assert all(r["fixed"] > 0 and r["tuned"] > 0 for r in rows)
+    assert "found by trial" in capsys.readouterr().out
