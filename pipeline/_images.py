@@ -44,6 +44,8 @@ from .config import PreprocessSpec
 DEFAULT_MAX_PIXELS = 89_478_485
 
 _GIF_MAGIC = (b"GIF87a", b"GIF89a")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB, as its operators take it
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
 # only batched GPU JPEG decoder that ships with torchvision, so we keep them and the noise off.
@@ -161,6 +163,23 @@ def _pil_decode(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
+def _decode_jpeg(data: bytes, max_pixels: int | None) -> torch.Tensor | None:
+    """A JPEG file's RGB pixels, from torchvision's decoder called directly (its Python wrapper
+    costs as much again on a small image): a ``(3, H, W)`` view of the decoder's ``(H, W, 3)``
+    output, not copied into channel planes (a batch is, at once: :func:`stack_images`).
+    ``None`` when the header gives no size or the decoder refuses the file: the general path
+    then decodes it (PIL) or says why it cannot."""
+    size = _jpeg_size(data)
+    if size is None:
+        return None
+    _check_pixels(*size, max_pixels)
+    _torchvision_io()  # registers the decoder's operator
+    try:
+        return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB_MODE, False)
+    except RuntimeError:
+        return None
+
+
 def _decode_bytes(data: bytes, max_pixels: int | None) -> torch.Tensor:
     size = header_size(data)
     if size is not None:
@@ -252,7 +271,12 @@ def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, 
     if isinstance(raw, Deferred):
         raw = raw.load()
     if isinstance(raw, (bytes, bytearray, memoryview)):
-        return conform(_decode_bytes(bytes(raw), max_pixels), channels_last=False, channels=channels)
+        data = bytes(raw)
+        if channels == 3 and data[:3] == _JPEG_MAGIC:  # the common case, on the shortest path
+            image = _decode_jpeg(data, max_pixels)
+            if image is not None:
+                return image
+        return conform(_decode_bytes(data, max_pixels), channels_last=False, channels=channels)
     if hasattr(raw, "convert") and hasattr(raw, "size"):  # a PIL image
         _check_pixels(*raw.size, max_pixels)
         return conform(np.array(raw.convert("RGB")), channels=channels)

@@ -3,9 +3,9 @@
 :class:`ShardWorker` is plain Python: an executor runs it as a Ray actor, or in threads of the
 driver's process (``run.executor: local``); tests also call it directly. For each shard it overlaps three stages: a loader thread reads and decodes the next
 batch while the model runs on this one, and writer threads (one per layer) encode and write the
-previous batch. The driver lets an actor run two shards at once, in two threads: one forward at
-a time holds the device, so the next shard's first load and the last shard's final writes
-overlap a forward too. Only the shard's record (files, rows, bytes, timings, bad samples) goes
+previous batch. The driver lets an actor run two shards at once, in two threads (one, if the
+actor has one CPU and no GPU): one forward at a time holds the device, so the next shard's
+first load and the last shard's final writes overlap a forward too. Only the shard's record (files, rows, bytes, timings, bad samples) goes
 back.
 """
 
@@ -34,7 +34,7 @@ from ._layout import SOURCE_INDEX_PATH, shard_record_path
 from ._metrics import ActorMetrics
 from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, model_identity
-from ._preprocess import to_model_input
+from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
 from ._reduce import reduce_output
 from ._shards import Shard
@@ -236,7 +236,7 @@ class ShardWorker:
         autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
                     if precision in _AUTOCAST else contextlib.nullcontext())
         for positions in groups.values():
-            pixels = torch.stack([batch.images[p] for p in positions])
+            pixels = stack_images([batch.images[p] for p in positions])
             if self.device.type == "cuda" and pixels.device.type == "cpu":
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             x = to_model_input(pixels, self.mean_std, self.config.model.channels_last)
@@ -300,13 +300,14 @@ class ShardWorker:
         if outputs.ready is not None:
             outputs.ready.synchronize()
         count = len(columns.ids)
+        activations: Any
         if len(outputs.groups) == 1:  # one input size: the rows are in order already, no copy
-            array = _as_numpy(outputs.groups[0][1][layer])
-            activations: Any = array if self.fixed else list(array)
+            activations = _as_numpy(outputs.groups[0][1][layer])
         else:
             activations = outputs.rows(layer, count)
         if self.fixed:
-            shapes = {a.shape for a in activations}
+            shapes = ({activations.shape[1:]} if isinstance(activations, np.ndarray)
+                      else {a.shape for a in activations})
             expected = self._shapes.setdefault(layer, activations[0].shape)
             if shapes != {expected}:
                 raise ShapeChangedError(f"layer {layer!r} gave outputs of shape {sorted(shapes - {expected})[0]} "

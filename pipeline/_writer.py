@@ -31,7 +31,7 @@ def _tensor_columns(name: str, arrays: Sequence[np.ndarray] | np.ndarray, fixed:
         batch = arrays if isinstance(arrays, np.ndarray) else np.stack(arrays)
         column, spec = encode_fixed(batch, dtype)
         return [(name, column)], spec
-    column, shapes, spec = encode_variable(list(arrays), dtype)
+    column, shapes, spec = encode_variable(arrays if isinstance(arrays, np.ndarray) else list(arrays), dtype)
     return [(name, column), (shape_column(name), shapes)], spec
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline._images import ImageError, conform, decode, header_size
+from pipeline._images import ImageError, _decode_bytes, conform, decode, header_size
 from pipeline._sources import Deferred
 
 
@@ -35,6 +35,31 @@ def test_other_modes_become_rgb(mode):
 
 def test_cmyk_jpeg_becomes_rgb():
     assert decode(_encoded("JPEG", mode="CMYK")).shape == (3, 6, 10)
+
+
+@pytest.mark.parametrize("mode, size", [("RGB", (64, 48)), ("L", (31, 17)), ("CMYK", (10, 6)), ("RGB", (1, 1))])
+def test_jpeg_files_take_the_short_path_to_the_same_pixels(mode, size):
+    # the decoder's operator called directly, its (H, W, 3) output left as it lies: the values
+    # are those of the general path (torchvision's wrapper, then the conversions)
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode=mode).save(buf, format="JPEG")
+    data = buf.getvalue()
+    image = decode(data)
+    general = conform(_decode_bytes(data, None), channels_last=False)
+    assert image.shape == general.shape == (3, size[1], size[0]) and image.dtype == torch.uint8
+    assert torch.equal(image, general)
+    assert torch.equal(decode(bytearray(data)), general) and torch.equal(decode(memoryview(data)), general)
+    assert torch.equal(decode(data, channels=1), conform(general, channels=1))
+
+
+def test_a_jpeg_file_the_decoder_refuses_goes_the_general_way():
+    # refused by torchvision's decoder, then by PIL: the general path's error, naming the bytes
+    data = _encoded("JPEG", size=(40, 30))
+    for broken in (data[: len(data) // 2], data[:40]):  # cut in the pixels; in the header
+        with pytest.raises(ImageError, match=rf"cannot decode the image \({len(broken)} bytes, starting"):
+            decode(broken)
 
 
 def test_animated_gif_gives_its_first_frame():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline._preprocess import resize_crop, resize_crop_many, to_model_input
+from pipeline._preprocess import resize_crop, resize_crop_many, stack_images, to_model_input
 
 
 def test_resize_crop():
@@ -31,3 +31,18 @@ def test_resize_crop_many_equals_image_by_image(resize, crop):
     assert len(together) == len(images)
     for image, got in zip(images, together):
         assert torch.equal(got, resize_crop(image, resize, crop))
+
+
+def test_stack_images_equals_torch_stack_whatever_the_layout():
+    g = torch.Generator().manual_seed(0)
+    hwc = [torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8, generator=g) for _ in range(4)]
+    views = [image.permute(2, 0, 1) for image in hwc]  # as a JPEG decoder gives them
+    planes = [view.contiguous() for view in views]
+    expected = torch.stack(planes)
+    for images in (views, planes, views[:2] + planes[2:], views[:1]):
+        batch = stack_images(images)
+        assert batch.is_contiguous() and torch.equal(batch, expected[: len(images)])
+    floats = [p.float() / 255 for p in planes]
+    assert torch.equal(stack_images(floats), torch.stack(floats))
+    grey = [torch.randint(0, 256, (1, 5, 7), dtype=torch.uint8, generator=g) for _ in range(2)]
+    assert torch.equal(stack_images(grey), torch.stack(grey))
