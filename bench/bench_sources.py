@@ -478,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     tries[q].append(actmap_run(kind, paths[q], n if q == "all" else n // 4, args.size,
                                                str(work / f"out-{kind}-{q}"), args.batch, args.shard_size))
             runs = {q: min(found, key=lambda r: r["seconds"]) for q, found in tries.items()}
+            print(f"{kind}: actmap runs, seconds (start to exit / first shard start to last shard end): " + "; ".join(
+                f"{q} " + ", ".join(f"{r['seconds']:.2f}/{r['busy_seconds']:.2f}" for r in found)
+                for q, found in tries.items()), flush=True)
             marginal = (n - n // 4) / max(runs["all"]["seconds"] - runs["quarter"]["seconds"], 1e-9)
             steady = n / runs["all"]["busy_seconds"]
             res["actmap"] = {"marginal": marginal, "steady": steady, **{q: r for q, r in runs.items()}}
@@ -503,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         seconds[q].append(ray_data_run(kind, paths[q], count, args.size, str(work / f"rd-{q}"),
                                                        args.batch, decode_tasks))
                 quarter, whole = min(seconds["quarter"]), min(seconds["all"])
+                print(f"{kind}: Ray Data runs{', ' + label if label else ''}, seconds: " + "; ".join(
+                    f"{q} " + ", ".join(f"{t:.2f}" for t in found) for q, found in seconds.items()), flush=True)
                 marginal = (n - n // 4) / max(whole - quarter, 1e-9)
                 res[key] = {"marginal": marginal, "quarter": quarter, "all": whole}
                 rows.append((f"Ray Data end to end, marginal{', ' + label if label else ''}", n - n // 4,

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from ._decoder import Decoder
@@ -105,8 +106,12 @@ class _Columns:
     labels: dict[str, list[Any]]
 
     @classmethod
-    def of(cls, samples: Sequence[Sample]) -> _Columns:
-        names = list(samples[0].labels) if samples else []
+    def of(cls, samples: Sequence[Sample], fields: Sequence[pa.Field] = ()) -> _Columns:
+        """The columns of ``samples``: every scalar label column in ``fields`` (a sample without
+        the label has a null), then the array labels the samples have."""
+        names = dict.fromkeys(f.name for f in fields)
+        for sample in samples:
+            names.update(dict.fromkeys(sample.labels))
         return cls([s.sample_id for s in samples], [s.index for s in samples],
                    {n: [s.labels.get(n) for s in samples] for n in names})
 
@@ -368,7 +373,7 @@ class ShardWorker:
                 t3 = time.perf_counter()
                 pending = []
                 if outputs is not None:
-                    columns = _Columns.of(batch.samples)
+                    columns = _Columns.of(batch.samples, self.label_fields)
                     pending = [self._writer.submit(self._write_layer, writers[layer], layer, columns, outputs)
                                for layer in layers]
                 seconds["load_wait"] += t1 - t0
@@ -430,7 +435,7 @@ class ShardWorker:
                 array = outputs.rows(layer, 1)[0]
                 shape = array.shape if self.fixed else None
                 layers[layer] = LayerSpec(shape, self.config.dump.dtype.value)
-                self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples), outputs)
+                self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples, self.label_fields), outputs)
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
         except (RuntimeError, ValueError, TypeError) as exc:

@@ -4,11 +4,15 @@ The callable (a class or a factory) is called with ``source.kwargs``. An item ma
 (tensor, PIL image or ``(H, W, C)`` uint8 array), a pair ``(image, target)``, or a dict with an
 ``image`` key whose other keys are labels. An integer target becomes ``label``; a tensor or
 array target becomes an array column named ``target``. Ids are the indices.
+
+The label columns are those of the first readable items (up to 8): a key that first appears
+in a later item is left out, with a warning that names it; an item without a key has a null.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +24,8 @@ from .._targets import import_target
 from ..config import DatasetSpec
 from ..errors import ConfigError
 from ._base import BadSample, RandomAccessSource, Sample, describe_error
+
+log = logging.getLogger(__name__)
 
 _TARGET = DatasetSpec.key("target")
 #: How many of the first items type the label columns.
@@ -58,6 +64,8 @@ class DatasetSource(RandomAccessSource):
             raise ConfigError(_TARGET, f"{target!r}(**{self.kwargs!r}) failed: "
                               f"{describe_error(exc)}") from None
         self._fields: list[pa.Field] | None = None
+        self._names: set[str] = set()  # the labels the first items have: scalars and arrays
+        self._left_out: set[str] = set()  # later labels, not stored (warned about once each)
 
     def __len__(self) -> int:
         return self.count
@@ -91,11 +99,23 @@ class DatasetSource(RandomAccessSource):
                     _, labels = self._split(self.dataset[index])
                 except Exception:  # recorded as a bad sample when its shard reads it
                     continue
+                self._names.update(labels)
                 for name, value in labels.items():
                     if not isinstance(value, np.ndarray):
                         values.setdefault(name, []).append(value)
             self._fields = [self._field(name, seen) for name, seen in values.items()]
         return self._fields
+
+    def _known(self, labels: dict) -> dict:
+        """``labels`` without the keys the first items lack (their columns do not exist)."""
+        if self._fields is None:
+            self.label_fields()
+        late = labels.keys() - self._names
+        for name in late - self._left_out:
+            self._left_out.add(name)
+            log.warning("the label %r of %r first appears after the first %d items, which make the label "
+                        "columns: it is not stored", name, self.target, _TYPED_FROM)
+        return {k: v for k, v in labels.items() if k not in late} if late else labels
 
     def _field(self, name: str, values: list[Any]) -> pa.Field:
         try:
@@ -111,7 +131,7 @@ class DatasetSource(RandomAccessSource):
         for index in indices:
             try:
                 image, labels = self._split(self.dataset[index])
-                samples.append(Sample(index, str(index), _to_image(image), labels))
+                samples.append(Sample(index, str(index), _to_image(image), self._known(labels)))
             except Exception as exc:  # a bad item must not end the run
                 samples.append(BadSample(index, str(index), describe_error(exc)))
         return samples

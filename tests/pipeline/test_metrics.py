@@ -20,8 +20,10 @@ class _Terminal(io.StringIO):
         return True
 
 
-def _scrape(ray, output: str, want: str, timeout: float = 60.0) -> list[tuple[str, dict, float]]:
-    """The ``ray_actmap_*`` samples of this dump from the node's Prometheus endpoint (on loopback)."""
+def _scrape(ray, output: str, want: str, count: float = 1, timeout: float = 60.0) -> list[tuple[str, dict, float]]:
+    """The ``ray_actmap_*`` samples of this dump from the node's Prometheus endpoint (on loopback),
+    once the samples of ``want`` add up to ``count`` (the metrics are exported every few seconds:
+    a scrape may come between one shard's export and the next)."""
     port = ray._private.worker.global_worker.node.metrics_export_port
     deadline = time.monotonic() + timeout
     while True:
@@ -32,7 +34,7 @@ def _scrape(ray, output: str, want: str, timeout: float = 60.0) -> list[tuple[st
                 tags = dict(re.findall(r'(\w+)="([^"]*)"', line))
                 if tags.get("output") == output:
                     samples.append((line.split("{")[0], tags, float(line.rsplit(" ", 1)[1])))
-        if any(name == want for name, _, _ in samples) or time.monotonic() > deadline:
+        if sum(v for name, _, v in samples if name == want) >= count or time.monotonic() > deadline:
             return samples
         time.sleep(1.0)
 
@@ -53,7 +55,7 @@ def test_progress_moves_per_batch_and_ray_metrics_count_the_dump(tmp_path, ray_c
     assert shown - {0, 12, 24}, f"the progress line moved only per shard: {sorted(shown)}"
     assert max(shown) == 24
 
-    samples = _scrape(ray_cluster, out, "ray_actmap_shards_total")
+    samples = _scrape(ray_cluster, out, "ray_actmap_shards_total", count=2)
 
     def total(name, **tags):
         return sum(v for n, t, v in samples if n == name and all(t.get(k) == w for k, w in tags.items()))

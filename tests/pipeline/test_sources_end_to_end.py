@@ -139,3 +139,21 @@ def test_a_dataset_whose_first_item_is_bad_and_a_later_label_has_another_type(tm
     table = read_table(config.run.output, "relu1")
     assert table.column("index").to_pylist() == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11]
     assert table.column("score").to_pylist() == [1.5, 2, 3.5, 4, 5.5, 6, 7.5, 8, 10, 11.5]
+
+
+def test_a_dataset_label_that_first_appears_after_the_typed_items_is_left_out(tmp_path, caplog):
+    """The label columns are those of the first items; a key that appears only later is not
+    stored (with a warning naming it), and no shard fails on it; a missing one is a null, even
+    in the first sample of a batch."""
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]},
+                               "source": {"kind": "dataset", "target": "support.datasets:LateKey",
+                                          "kwargs": {"n": 12, "late_from": 9, "missing": 8}},
+                               "run": {"output": str(tmp_path / "out"), "executor": "local", "batch_size": 4,
+                                       "shard_size": 8}})
+    with caplog.at_level("WARNING", logger="pipeline"):
+        summary = run(config, stream=None)
+    assert summary.rows == {"relu1": 12} and not summary.bad
+    table = read_table(config.run.output, "relu1")
+    assert "late" not in table.column_names
+    assert table.column("score").to_pylist() == [float(i) if i != 8 else None for i in range(12)]
+    assert any("'late'" in r.getMessage() and "first 8 items" in r.getMessage() for r in caplog.records)

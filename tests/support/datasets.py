@@ -48,6 +48,20 @@ class Scored(Squares):
         return {"image": image, "score": score}
 
 
+class LateKey(Squares):
+    """Dict items with a ``score``, except item ``missing``; from item ``late_from`` on also a
+    ``late`` label, which the first items (those that type the columns) do not have."""
+
+    def __init__(self, n: int = 12, size: int = 8, late_from: int = 9, missing: int | None = None):
+        super().__init__(n, size)
+        self.late_from, self.missing = late_from, missing
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        item = {"image": image} if i == self.missing else {"image": image, "score": float(i)}
+        return {**item, "late": i} if i >= self.late_from else item
+
+
 class Keyed(Squares):
     """Items as dicts with a label under each of ``keys`` (the index, as its string for ``sample_id``)."""
 
