@@ -10,10 +10,13 @@ b. the source alone, as an actor uses it: opened from the index file the driver 
    shard's ``stream`` in batches through the actor's :class:`~pipeline._decoder.Decoder` with 1 and
    N threads (rows/s and MB/s of encoded input);
 c. actmap end to end (``python -m pipeline run``, a fresh process) with a model so cheap that the
-   input sets the pace (average-pool to 8x8, a 1x1 convolution), on N/4 and on N samples, the
-   fastest of ``--repeats`` runs each: the marginal rate ``(N - N/4) / (t(N) - t(N/4))`` cancels
-   the start-up; the steady rate, N over the time from the first shard's start to the last one's
-   end (shard records), leaves it out too and is not at the mercy of two noisy start-ups; the
+   input sets the pace (average-pool to 8x8, a 1x1 convolution), on N/4 and on N samples,
+   ``--repeats`` runs each, the sizes taking turns, the median kept (a fresh process's start-up
+   swings by seconds: with the fastest of 3, two runs of the same code gave 13,800 and 37,700
+   rows/s): the marginal rate ``(N - N/4) / (t(N) - t(N/4))`` cancels the start-up; so does the
+   same over the shards' span (first shard's start to last one's end, from the shard records),
+   which leaves out the start-up and the tear-down altogether; the steady rate is N over that
+   span of the N-sample run (each actor's warm-up included); the
    driver's own peak memory (``RUSAGE_SELF`` when it ends) and the actors' (from the shard
    records) for both sizes;
 d. the same job with Ray Data (``read_parquet`` / ``read_images`` / ``read_webdataset`` ->
@@ -436,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--plan-files", type=int, default=1_000_000, help="0 skips the planning benchmark")
     parser.add_argument("--plan-repeats", type=int, default=5, help="rounds of the planning benchmark (default 5)")
     parser.add_argument("--no-e2e", action="store_true", help="skip actmap end to end")
-    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per size (the sizes taking turns), the fastest kept (default 3)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="end-to-end runs per size (the sizes taking turns), the median kept (default 5)")
     parser.add_argument("--no-raydata", action="store_true", help="skip Ray Data")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "actmap-bench-sources"),
                         help="datasets are made here once and reused")
@@ -452,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"input path, {os.cpu_count()} cores, images of {args.size} px, N = {args.threads} threads, "
           f"batch {args.batch}, shard {args.shard_size}", flush=True)
     warmed = False
+    decode(_jpeg(0, args.size))  # the decoder's first call imports torchvision (seconds): not timed
     for kind in kinds:
         n = sizes[kind]
         paths = make_data(work, sizes["folder"] if kind == "webdataset" else n, args.size, [kind])[kind]
@@ -470,22 +475,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if not warmed:  # the first run of a process pays for cold caches: not the source's cost
                 actmap_run("generated", "", 256, args.size, str(work / "out-warm-up"), args.batch, args.shard_size)
                 warmed = True
-            # the fastest of a few runs per size, the sizes taking turns: a run's fixed cost (Ray,
+            # the median of a few runs per size, the sizes taking turns: a run's fixed cost (Ray,
             # imports, the trial sample) varies by seconds on a shared machine
             tries: dict[str, list[dict]] = {"quarter": [], "all": []}
             for _ in range(args.repeats):
                 for q in tries:
                     tries[q].append(actmap_run(kind, paths[q], n if q == "all" else n // 4, args.size,
                                                str(work / f"out-{kind}-{q}"), args.batch, args.shard_size))
-            runs = {q: min(found, key=lambda r: r["seconds"]) for q, found in tries.items()}
+            # times: the medians; peak memory: the most any run took
+            runs = {q: {k: (max if k.endswith("rss_mb") else statistics.median)([r[k] for r in found]) for k in found[0]}
+                    for q, found in tries.items()}
             print(f"{kind}: actmap runs, seconds (start to exit / first shard start to last shard end): " + "; ".join(
                 f"{q} " + ", ".join(f"{r['seconds']:.2f}/{r['busy_seconds']:.2f}" for r in found)
                 for q, found in tries.items()), flush=True)
             marginal = (n - n // 4) / max(runs["all"]["seconds"] - runs["quarter"]["seconds"], 1e-9)
+            span = runs["all"]["busy_seconds"] - runs["quarter"]["busy_seconds"]
             steady = n / runs["all"]["busy_seconds"]
-            res["actmap"] = {"marginal": marginal, "steady": steady, **{q: r for q, r in runs.items()}}
+            res["actmap"] = {"marginal": marginal, "marginal_span": (n - n // 4) / max(span, 1e-9), "steady": steady,
+                             **{q: r for q, r in runs.items()}, "runs": tries}
             rows.append(("actmap end to end, marginal", n - n // 4, runs["all"]["seconds"] - runs["quarter"]["seconds"],
                          marginal, float("nan"), marginal / top))
+            rows.append(("actmap, marginal over the shards' span", n - n // 4, span, res["actmap"]["marginal_span"],
+                         float("nan"), res["actmap"]["marginal_span"] / top))
             rows.append(("actmap, first shard start to last shard end", n, runs["all"]["busy_seconds"], steady,
                          float("nan"), steady / top))
         if not args.no_raydata:
@@ -505,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     for q, count in (("quarter", n // 4), ("all", n)):
                         seconds[q].append(ray_data_run(kind, paths[q], count, args.size, str(work / f"rd-{q}"),
                                                        args.batch, decode_tasks))
-                quarter, whole = min(seconds["quarter"]), min(seconds["all"])
+                quarter, whole = statistics.median(seconds["quarter"]), statistics.median(seconds["all"])
                 print(f"{kind}: Ray Data runs{', ' + label if label else ''}, seconds: " + "; ".join(
                     f"{q} " + ", ".join(f"{t:.2f}" for t in found) for q, found in seconds.items()), flush=True)
                 marginal = (n - n // 4) / max(whole - quarter, 1e-9)
