@@ -173,11 +173,22 @@ def _decode_jpeg(data: bytes, max_pixels: int | None) -> torch.Tensor | None:
     if size is None:
         return None
     _check_pixels(*size, max_pixels)
-    _torchvision_io()  # registers the decoder's operator
     try:
-        return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB_MODE, False)
+        return (_JPEG_OPERATOR or _jpeg_operator())(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB_MODE, False)
     except RuntimeError:
         return None
+
+
+_JPEG_OPERATOR = None
+
+
+def _jpeg_operator():
+    """torchvision's JPEG decoding operator (its overload: the packet's dispatch costs more),
+    registered by importing ``torchvision.io``; kept once found."""
+    global _JPEG_OPERATOR
+    _torchvision_io()
+    _JPEG_OPERATOR = torch.ops.image.decode_jpeg.default
+    return _JPEG_OPERATOR
 
 
 def _decode_bytes(data: bytes, max_pixels: int | None) -> torch.Tensor:

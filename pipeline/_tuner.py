@@ -5,7 +5,11 @@ C). For small images the Python around each one holds the GIL, and more threads 
 it: on a 16-core host, 16 threads decoded 2 KB JPEG files at half the rate of one. The images of
 a dataset say which case holds, so the decoder tries each count in turn (1, 2, 4, ... up to its
 threads, one batch each), keeps the fastest, and tries again every ``period`` batches, since
-the images may change along a dataset. Pure logic: the caller times its batches.
+the images may change along a dataset. A trial is one batch, and one batch's time is noisy on a
+shared machine: a count with more threads is kept when it comes within ``margin`` of the
+fastest, since too few threads cost far more than a few too many (on 2 cores, one noisy trial
+that kept 1 thread for 64 batches cost a fifth of a Parquet source's rate). Pure logic: the
+caller times its batches.
 
 >>> tuner = ThreadTuner(threads=4, period=3)
 >>> tuner.candidates
@@ -20,6 +24,11 @@ the images may change along a dataset. Pure logic: the caller times its batches.
 [4, 1, 2, 4, 2, 2, 2]
 >>> tuner.pick()
 1
+>>> close = ThreadTuner(threads=2, period=3)  # 2 threads within the margin of 1: 2 are kept
+>>> for threads, rate in [(2, 0.0), (1, 1000.0), (2, 900.0)]:
+...     close.record(threads, images=256, seconds=256 / rate if rate else 1.0)
+>>> close.pick()
+2
 """
 
 from __future__ import annotations
@@ -34,12 +43,15 @@ class ThreadTuner:
     Args:
         threads: the most threads there are.
         period: batches at the fastest count before the counts are tried again.
+        margin: a count with more threads is kept if its rate is at least ``1 - margin`` of
+            the fastest count's.
     """
 
-    def __init__(self, threads: int, period: int = 64):
+    def __init__(self, threads: int, period: int = 64, margin: float = 0.15):
         threads = max(1, int(threads))
         self.candidates = tuple(sorted({min(threads, 1 << k) for k in range(threads.bit_length())} | {threads}))
         self.period = max(1, int(period))
+        self.margin = float(margin)
         self._lock = threading.Lock()  # the shards an actor runs at once decode from their own threads
         self._warm = False  # the first batch pays for imports and first calls: it is not timed
         self._trials: list[int] = []
@@ -69,7 +81,8 @@ class ThreadTuner:
                     self._trials.pop(0)
                     self._rates[threads] = images / seconds
                     if not self._trials:
-                        self._best = max(self._rates, key=self._rates.__getitem__)
+                        fastest = max(self._rates.values())
+                        self._best = max(t for t, rate in self._rates.items() if rate >= (1 - self.margin) * fastest)
                         self._left = self.period
                 return
             self._left -= 1

@@ -75,3 +75,12 @@ def test_the_decoder_uses_the_tuned_count_and_finds_that_waiting_work_wants_thre
     decoder(images)  # the trial of one thread: the caller's own
     assert set(seen) == {threading.current_thread().name}
     decoder.close()
+
+
+def test_more_threads_within_the_margin_of_the_fastest_are_kept():
+    # one trial batch each is noisy: a count with more threads that comes close is kept
+    assert _run(ThreadTuner(2, period=5), {1: 1000, 2: 900}.get, 3 + 5)[3:] == [2] * 5
+    assert _run(ThreadTuner(4, period=5), {1: 1000, 2: 1100, 4: 960}.get, 4 + 5)[4:] == [4] * 5
+    # far slower (as 16 threads were on small images, GIL-bound): the fewer are kept
+    assert _run(ThreadTuner(16, period=5), {1: 1000, 2: 700, 4: 600, 8: 550, 16: 500}.get, 6 + 5)[6:] == [1] * 5
+    assert _run(ThreadTuner(2, period=5, margin=0.0), {1: 1000, 2: 990}.get, 3 + 5)[3:] == [1] * 5
