@@ -86,14 +86,17 @@ def _constants(mean_std: tuple[tuple[float, ...], tuple[float, ...]], device: to
 
 def to_model_input(batch: torch.Tensor, mean_std: tuple[Sequence[float], Sequence[float]] | None,
                    channels_last: bool = False) -> torch.Tensor:
-    """A float32 batch in [0, 1] (uint8 pixels are scaled), normalised when ``mean_std`` is set."""
-    x = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+    """A new float32 batch in [0, 1] (uint8 pixels are scaled), normalised when ``mean_std`` is set."""
     if mean_std is not None:
-        mean, std = _constants((tuple(mean_std[0]), tuple(mean_std[1])), x.device)
-        if x.shape[1] != mean.shape[1]:
+        mean, std = _constants((tuple(mean_std[0]), tuple(mean_std[1])), batch.device)
+        if batch.shape[1] != mean.shape[1]:
             raise ValueError(f"normalisation has {mean.shape[1]} channels but the images have "
-                             f"{x.shape[1]}; set {PreprocessSpec.key('normalize')} to match or to 'none'")
-        x = x.sub_(mean).div_(std)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+                             f"{batch.shape[1]}; set {PreprocessSpec.key('normalize')} to match or to 'none'")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(batch.shape, dtype=torch.float32, device=batch.device, memory_format=layout)
+    x.copy_(batch)  # converted and laid out in one pass; the caller's batch is left as it was
+    if batch.dtype == torch.uint8:
+        x.div_(255)
+    if mean_std is not None:
+        x.sub_(mean).div_(std)
     return x

@@ -21,6 +21,20 @@ def test_to_model_input_scales_and_normalises():
         to_model_input(torch.zeros(1, 1, 2, 2), ((0.5,) * 3, (0.5,) * 3))
 
 
+def test_to_model_input_leaves_its_batch_alone_and_lays_out_the_same_values():
+    g = torch.Generator().manual_seed(0)
+    floats = torch.rand(2, 3, 5, 7, generator=g)
+    kept = floats.clone()
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    x = to_model_input(floats, imagenet)
+    assert torch.equal(floats, kept) and x.data_ptr() != floats.data_ptr()
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=g)
+    expected = (pixels.float() / 255 - torch.tensor(imagenet[0]).view(1, 3, 1, 1)) / torch.tensor(imagenet[1]).view(1, 3, 1, 1)
+    plain, last = to_model_input(pixels, imagenet), to_model_input(pixels, imagenet, channels_last=True)
+    assert torch.equal(plain, expected) and torch.equal(last, expected)
+    assert plain.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("resize, crop", [(20, (16, 16)), (24, None), (None, (10, 12))])
 def test_resize_crop_many_equals_image_by_image(resize, crop):
     # a GPU-decoded batch is resized one size at a time; the values are those of one image at a time
