@@ -154,6 +154,10 @@ class ParquetSource(StreamingSource):
         """``{"count", "examples"}`` of the ids that appear more than once (with an id column)."""
         return self.index.meta.get("repeated_ids")
 
+    @property
+    def remote(self) -> bool:
+        return not self.location.local
+
     def label_fields(self) -> list[pa.Field]:
         return list(self._fields)
 
