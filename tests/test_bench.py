@@ -4,7 +4,9 @@ table with the expected rows and positive rates (the figures themselves are not 
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,3 +106,17 @@ def test_bench_decode_threads_rows(capsys):
     assert [(r["images"], r["threads"]) for r in rows] == [("16x16", 1), ("16x16", 2), ("500x375", 1), ("500x375", 2)]
     assert all(r["fixed"] > 0 and r["tuned"] > 0 for r in rows)
     assert "found by trial" in capsys.readouterr().out
+
+
+def test_bench_remote_rows(tmp_path):
+    # in a process of its own: it starts a Ray whose actors inherit the store's credentials
+    out = tmp_path / "remote.json"
+    done = subprocess.run([sys.executable, str(BENCH / "bench_remote.py"), "--rows", "600", "--repeats", "1",
+                           "--latency-ms", "5", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(runs) == ["S3, 5 ms a request, 1", "S3, 5 ms a request, 2", "local disk, 1", "local disk, 2"]
+    for name, found in runs.items():
+        assert found["rows_per_s"] > 0 and [r["rows"] for r in found["runs"]] == [600], name
+    assert "x one at a time" in done.stdout
