@@ -1,9 +1,8 @@
 """Shards at once on an actor of one CPU: local Parquet files against object storage that answers late.
 
-An actor of one CPU and no GPU runs one shard at a time when it reads local files (a second
-shard would only share its CPU) and two when it reads over the network
-(:attr:`pipeline._scheduling.ActorPlan.shards_per_actor`). This measures both choices on both
-kinds of input: the same Parquet table (``--rows`` rows of 64 px JPEG images, 20 files) read
+An actor of one CPU runs two shards at once (:attr:`pipeline._scheduling.ActorPlan.shards_per_actor`):
+on object storage one shard works while the other's reads wait on the store. This measures one
+and two shards at once on both kinds of input: the same Parquet table (``--rows`` rows of 64 px JPEG images, 20 files) read
 from the local disk, and from an S3 endpoint on loopback (a moto server in a process of its own)
 behind a proxy that holds every request ``--latency-ms`` before passing it on. Each run is
 ``pipeline.run`` with the cheap model of ``bench_sources.py`` and the actors of one CPU this

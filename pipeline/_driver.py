@@ -167,7 +167,6 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         # with what the model saw: `actmap show` redraws it
         manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
         digest = probe.digest
-        remote_input = probe.source.remote
     with OutputLock(store) as lock:
         state = assess_output(store, manifest, overwrite)
         records = dict(state.done)
@@ -178,8 +177,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         workers = 0
         try:
             if executor is not None:
-                # a cluster that can never run the workers: nothing written
-                executor.check(config, shards_left, remote_input=remote_input)
+                executor.check(config, shards_left)  # a cluster that can never run the workers: nothing written
             commit_output(store, manifest, state)
             frozen = _freeze_source(store, probe.source)
             del probe  # the source's index is on disk now: the driver keeps O(shards), not O(samples)

@@ -74,10 +74,9 @@ class Executor(Protocol):
     #: how many workers came up (``start`` starts them; on a Ray cluster some may come up later)
     workers: int
 
-    def check(self, config: Config, shards: int, remote_input: bool = False) -> None:
+    def check(self, config: Config, shards: int) -> None:
         """Check, starting nothing, that the workers ``config`` asks for can run for ``shards``
-        shards (a Ray cluster that can never hold them: :class:`~pipeline.errors.ConfigError`);
-        ``remote_input``: the source is read over the network."""
+        shards (a Ray cluster that can never hold them: :class:`~pipeline.errors.ConfigError`)."""
 
     def start(self, workers: WorkerSpec, shards: int) -> None:
         """Start the workers (never more than there are ``shards``); raises if none can start."""
@@ -161,7 +160,7 @@ class LocalExecutor:
         self._slots = Slots(0)
         self._pending: dict[concurrent.futures.Future, tuple[int, Shard]] = {}
 
-    def check(self, config: Config, shards: int, remote_input: bool = False) -> None:
+    def check(self, config: Config, shards: int) -> None:
         """Place the workers on devices; GPUs asked for that this machine does not have are a
         :class:`~pipeline.errors.ConfigError` (threads of this process always start)."""
         if self.visible_gpus is None:

@@ -111,7 +111,7 @@ class RayExecutor:
         if not self._session._exit_callbacks:
             self._started_here = self._session.enter_context(ray_session(self.address))
 
-    def check(self, config: Config, shards: int, remote_input: bool = False) -> None:
+    def check(self, config: Config, shards: int) -> None:
         """Connect to Ray and plan the actors; a pool the cluster can never hold (and no
         autoscaler can grow it) is a :class:`~pipeline.errors.ConfigError` naming what it has."""
         import ray
@@ -119,7 +119,7 @@ class RayExecutor:
         self._connect()
         run = config.run
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        plan = plan_actors(run, ray.cluster_resources(), shards, nodes, remote_input)
+        plan = plan_actors(run, ray.cluster_resources(), shards, nodes)
         if run.gpus_per_actor == "auto" and not plan.gpus and (self.address or os.environ.get("RAY_ADDRESS")):
             log.warning("the cluster has no GPU now, so the actors run on CPUs; on an autoscaling cluster set "
                         "%s and %s to have GPU nodes started", RunSpec.key("gpus_per_actor"), RunSpec.key("actors"))

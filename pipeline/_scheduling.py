@@ -2,13 +2,13 @@
 which shard goes where next.
 
 >>> plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 4.0}, shards=100)
-ActorPlan(count=4, cpus=4.0, gpus=1.0, remote_input=False)
+ActorPlan(count=4, cpus=4.0, gpus=1.0)
 >>> plan_actors(RunSpec(), {"CPU": 2.0}, shards=100)
-ActorPlan(count=2, cpus=1.0, gpus=0.0, remote_input=False)
+ActorPlan(count=2, cpus=1.0, gpus=0.0)
 >>> plan_actors(RunSpec(cpus_per_actor=2), {"CPU": 8.0}, shards=100)
-ActorPlan(count=4, cpus=2.0, gpus=0.0, remote_input=False)
+ActorPlan(count=4, cpus=2.0, gpus=0.0)
 >>> plan_actors(RunSpec(actors=3, gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}, shards=2)
-ActorPlan(count=2, cpus=2.0, gpus=0.5, remote_input=False)
+ActorPlan(count=2, cpus=2.0, gpus=0.5)
 """
 
 from __future__ import annotations
@@ -25,33 +25,27 @@ from .errors import ConfigError, ShardFailedError
 
 @dataclasses.dataclass(frozen=True)
 class ActorPlan:
-    """``count`` actors, each with ``cpus`` CPUs and ``gpus`` GPUs; ``remote_input``: the
-    source is read over the network (object storage)."""
+    """``count`` actors, each with ``cpus`` CPUs and ``gpus`` GPUs."""
 
     count: int
     cpus: float
     gpus: float
-    remote_input: bool = False
 
     @property
     def shards_per_actor(self) -> int:
         """Shards an actor works on at once (in threads; one forward at a time holds its device):
         two overlap one shard's loading with another's forward and writing; an actor with many
         CPUs takes four, so that more files are encoded and written side by side. An actor of
-        one CPU and no GPU that reads local files takes one: its work is all on that CPU, and a
-        second shard only shares it. Over the network it takes two: one shard's reads wait on
-        the storage while the other's work goes on (``bench/bench_remote.py``, two such actors
-        on two cores: two shards at once gave 0.94x the rows/s of one on local Parquet files,
-        1.46x on S3 answering 30 ms late).
+        one CPU takes two as well: on local files a second shard costs nothing measurable, and
+        on object storage it works while the other's reads wait on the store
+        (``bench/bench_remote.py``, two actors of one CPU on two cores: two shards at once gave
+        0.94x to 1.07x the rows/s of one on local Parquet files, 1.13x to 1.46x on S3 answering
+        30 ms late).
 
         >>> [ActorPlan(1, cpus, gpus).shards_per_actor for cpus, gpus in [(1.0, 0.0), (2.0, 0.0), (1.0, 1.0), (16.0, 1.0)]]
-        [1, 2, 2, 4]
-        >>> ActorPlan(1, 1.0, 0.0, remote_input=True).shards_per_actor
-        2
+        [2, 2, 2, 4]
         """
-        if self.cpus >= 8:
-            return 4
-        return 1 if self.gpus == 0 and self.cpus < 2 and not self.remote_input else 2
+        return 4 if self.cpus >= 8 else 2
 
 
 def _cpus_per_gpu(cluster: Mapping[str, float], nodes: Sequence[Mapping[str, float]] | None) -> float:
@@ -66,14 +60,13 @@ def _cpus_per_gpu(cluster: Mapping[str, float], nodes: Sequence[Mapping[str, flo
 
 
 def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
-                nodes: Sequence[Mapping[str, float]] | None = None, remote_input: bool = False) -> ActorPlan:
+                nodes: Sequence[Mapping[str, float]] | None = None) -> ActorPlan:
     """The actor pool for ``run`` on a cluster with ``cluster`` resources (``ray.cluster_resources()``).
 
     ``auto`` actors means one actor per GPU when the cluster has GPUs, else as many actors of
     ``cpus_per_actor`` CPUs as the CPUs allow; never more actors than shards. ``auto`` CPUs give
     a GPU actor its share of its node's CPUs (they decode the images and encode the outputs, at
-    the GPU's pace), and a CPU actor one. ``nodes`` are the alive nodes' resources;
-    ``remote_input`` whether the source is read over the network.
+    the GPU's pace), and a CPU actor one. ``nodes`` are the alive nodes' resources.
     """
     total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     gpus = (1.0 if total_gpus >= 1 else 0.0) if run.gpus_per_actor == "auto" else float(run.gpus_per_actor)
@@ -92,7 +85,7 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
         count = int(total_gpus // gpus)
     else:
         count = int(total_cpus // cpus) if cpus else 1
-    return ActorPlan(max(1, min(count, shards)), cpus, gpus, remote_input)
+    return ActorPlan(max(1, min(count, shards)), cpus, gpus)
 
 
 def local_devices(run: RunSpec, visible_gpus: int, shards: int) -> list[str]:

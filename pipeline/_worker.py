@@ -4,8 +4,7 @@
 driver's process (``run.executor: local``); tests also call it directly. For each shard it
 overlaps three stages: a loader thread reads and decodes the next batch while the model runs on
 this one, and writer threads (one per layer) encode and write the previous batch. The driver
-lets an actor run two shards at once, in two threads (one, if the actor has one CPU and no
-GPU and reads local files): one forward at a time holds the device, so the next shard's first load and the last
+lets an actor run two shards at once, in two threads (four with eight CPUs or more): one forward at a time holds the device, so the next shard's first load and the last
 shard's final writes overlap a forward too. Only the shard's record (files, rows, bytes,
 timings, bad samples) goes back.
 """

@@ -46,11 +46,8 @@ class Source(Protocol):
     """A numbered collection of samples, opened by each actor for its own shards.
 
     A shard is a range of indices, read once, in order, by :meth:`stream`; :meth:`read` gets
-    a few samples anywhere (the trial sample, pictures of a dump). ``remote`` says whether
-    they are read over the network (object storage), where reads wait on the storage.
+    a few samples anywhere (the trial sample, pictures of a dump).
     """
-
-    remote: bool
 
     def __len__(self) -> int: ...
 
@@ -81,9 +78,6 @@ def runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
 class StreamingSource:
     """A source read in ranges: :meth:`read` of scattered indices streams each run of them."""
 
-    #: whether the samples are read over the network (object storage), not from local files
-    remote = False
-
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         raise NotImplementedError
 
@@ -102,7 +96,6 @@ class RandomAccessSource:
     as they are asked for (a slow item holds back only its own batch)."""
 
     chunk = 1
-    remote = False  # what a user's dataset reads is its own business
 
     def read(self, indices: Sequence[int]) -> list[Sample | BadSample]:
         raise NotImplementedError

@@ -12,10 +12,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import posixpath
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TypeVar
@@ -180,3 +183,53 @@ def ordered_map(executor: Executor, fn: Callable[[T], R], items: Iterable[T], wi
     finally:  # the caller stopped early: what has not started need not run
         for future in pending:
             future.cancel()
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """The items of ``items``, taken by a thread of their own up to ``depth`` ahead of the
+    caller: the waits of a remote read overlap the caller's work on the items before, and
+    memory stays bounded. An exception comes when its item would have; a caller that stops
+    early stops the thread, and ``items`` is closed in it.
+
+    >>> list(read_ahead(iter(range(5)), depth=2))
+    [0, 1, 2, 3, 4]
+    """
+    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stopping = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stopping.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stopping.is_set():
+                    return
+            ready.put((done, None))
+        except BaseException as exc:  # handed to the caller, raised where the item would have come
+            ready.put((done, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="actmap-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stopping.set()
+        while thread.is_alive():  # unblock a put, then wait for the thread to close ``items``
+            with contextlib.suppress(queue.Empty):
+                ready.get_nowait()
+            thread.join(timeout=0.05)

@@ -89,10 +89,6 @@ class FolderSource(StreamingSource):
         return {"kind": "folder", "path": where, "files": len(self),
                 "listing_sha256": self.index.meta["sha256"], "classes": self.classes}
 
-    @property
-    def remote(self) -> bool:
-        return not self.location.local
-
     def label_fields(self) -> list[pa.Field]:
         if not self.classes:
             return []

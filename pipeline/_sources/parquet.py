@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from ..config import ParquetSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
-from ._files import Location
+from ._files import Location, read_ahead
 from ._index import Index, MemoryIndex, digest
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 #: Rows decoded at a time from a row group, and the read buffer: a shard holds about this much.
 BATCH_ROWS = 256
 READ_BUFFER = 1 << 20
+#: On object storage, where each read waits on the store: batches read ahead of the decoding,
+#: and the largest row group (compressed bytes) whose columns are fetched at once.
+READ_AHEAD = 4
+PRE_BUFFER_LIMIT = 64 << 20
 #: Footers read at once by the driver.
 FOOTER_READERS = 16
 
@@ -126,6 +130,7 @@ class ParquetSource(StreamingSource):
         self._firsts = groups.column("first").to_pylist()
         self._rows = groups.column("rows").to_pylist()
         self.count = int(index.meta["rows"])
+        self._footers: dict[str, tuple[pq.FileMetaData, bool]] = {}  # file: its footer, whether to pre-buffer
 
     def _repeated_ids(self, dataset: ds.Dataset) -> dict:
         """How many ids appear more than once, with a few of them (one read of the id column)."""
@@ -154,19 +159,23 @@ class ParquetSource(StreamingSource):
         """``{"count", "examples"}`` of the ids that appear more than once (with an id column)."""
         return self.index.meta.get("repeated_ids")
 
-    @property
-    def remote(self) -> bool:
-        return not self.location.local
-
     def label_fields(self) -> list[pa.Field]:
         return list(self._fields)
 
     def _open(self, relative: str) -> tuple[pq.ParquetFile, pa.NativeFile]:
         handle = self.location.fs.open_input_file(f"{self._root}/{relative}")
-        # buffered: pages are read as they are decoded, not a whole column chunk at once
-        # no pre-buffering (pyarrow's default would load the whole row group at once, however
-        # large); buffered reads: pages are read as they are decoded
-        return pq.ParquetFile(handle, pre_buffer=False, buffer_size=READ_BUFFER), handle
+        # a footer is read once per file and kept: on object storage each read is a round trip
+        if relative not in self._footers:
+            footer = pq.read_metadata(handle)
+            # buffered reads, pages as they are decoded: pyarrow's pre-buffering would load a
+            # whole row group at once, however large. On object storage the row groups of a file
+            # whose groups are small enough to hold are pre-buffered: a group's columns come in
+            # one request, not one or more each
+            largest = max((sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+                           for group in map(footer.row_group, range(footer.num_row_groups))), default=0)
+            self._footers[relative] = footer, not self.location.local and largest <= PRE_BUFFER_LIMIT
+        footer, pre_buffer = self._footers[relative]
+        return pq.ParquetFile(handle, metadata=footer, pre_buffer=pre_buffer, buffer_size=READ_BUFFER), handle
 
     def _images(self, table: pa.Table) -> list:
         images = table.column(self.image_column)
@@ -175,6 +184,18 @@ class ParquetSource(StreamingSource):
         return images.to_pylist()
 
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
+        parts = self._parts(start, stop)
+        if not self.location.local:  # the next reads go on while the caller decodes these rows
+            parts = read_ahead(parts, READ_AHEAD)
+        try:
+            for part, first in parts:
+                yield from self._samples(part, first)
+        finally:
+            parts.close()
+
+    def _parts(self, start: int, stop: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+        """Rows ``start`` to ``stop - 1`` as record batches of up to :data:`BATCH_ROWS` rows,
+        each with the index of its first row."""
         stop = min(stop, self.count)
         wanted = [self.image_column] + ([self.id_column] if self.id_column else []) + self.columns
         g = max(0, bisect.bisect_right(self._firsts, start) - 1)
@@ -194,8 +215,7 @@ class ParquetSource(StreamingSource):
                                                     use_threads=False):
                     end = position + batch.num_rows
                     if end > lo:
-                        part = batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position))
-                        yield from self._samples(part, first + max(lo, position))
+                        yield batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position)), first + max(lo, position)
                     position = end
                     if position >= hi:
                         break

@@ -256,10 +256,6 @@ class WebDatasetSource(StreamingSource):
     def repeated_ids(self) -> dict | None:
         return self.index.meta.get("repeated_ids")
 
-    @property
-    def remote(self) -> bool:
-        return any(not self._location(tar)[0].local for tar in self.tars)
-
     def label_fields(self) -> list[pa.Field]:
         fields = []
         if "cls" in self._has:

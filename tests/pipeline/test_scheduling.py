@@ -22,15 +22,6 @@ def test_plan_actors():
         plan_actors(RunSpec(gpus_per_actor=2), {"CPU": 4.0, "GPU": 1.0}, 10)
 
 
-def test_an_actor_of_one_cpu_takes_two_shards_when_its_reads_wait_on_the_network():
-    local, remote = (plan_actors(RunSpec(), {"CPU": 2.0}, 10, remote_input=r) for r in (False, True))
-    assert remote == ActorPlan(2, 1.0, 0.0, remote_input=True)
-    assert (local.shards_per_actor, remote.shards_per_actor) == (1, 2)
-    # the other sizes take what they took: the network changes nothing for them
-    for cpus, gpus, shards in [(2.0, 0.0, 2), (1.0, 1.0, 2), (16.0, 1.0, 4)]:
-        assert ActorPlan(1, cpus, gpus, remote_input=True).shards_per_actor == shards
-
-
 def test_queue_hands_out_each_shard_once():
     q = ShardQueue(plan_shards(10, 3))
     taken = []

@@ -250,6 +250,64 @@ def test_parquet_on_object_storage(tmp_path, s3):
     local = ParquetSource(str(folder), id_column="key")
     assert len(remote) == n and remote.identity()["index_sha256"] == local.identity()["index_sha256"]
     assert [(s.sample_id, s.image) for s in remote.stream(3, 17)] == [(s.sample_id, s.image) for s in local.stream(3, 17)]
+    # each file's footer read once and kept; small row groups pre-buffered (a request per group)
+    assert [s.index for s in remote.stream(0, n)] == list(range(n))
+    assert sorted(remote._footers) == ["part-000.parquet", "part-001.parquet"]
+    assert all(pre_buffer for _, pre_buffer in remote._footers.values())
+    assert len(list(local.stream(0, n))) == n
+    assert not any(pre_buffer for _, pre_buffer in local._footers.values())
+
+
+def test_parquet_on_object_storage_streams_large_row_groups_page_by_page(tmp_path, s3, monkeypatch):
+    from pipeline._sources import parquet
+    from support.storage import upload
+
+    folder, n = _many_files(tmp_path / "t", files=2, groups=2, rows=5, image_bytes=16)
+    upload(folder, f"s3://data/table?{s3}")
+    monkeypatch.setattr(parquet, "PRE_BUFFER_LIMIT", 100)  # every group is "too large to hold"
+    remote = ParquetSource(f"s3://data/table?{s3}", id_column="key")
+    assert [s.sample_id for s in remote.stream(0, n)] == [f"id-{i}" for i in range(n)]
+    assert not any(pre_buffer for _, pre_buffer in remote._footers.values())
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_stops_when_the_caller_does():
+    import threading
+    import time
+
+    from pipeline._sources._files import read_ahead
+
+    assert list(read_ahead(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing():
+        yield 1
+        yield 2
+        raise OSError("the store went away")
+
+    got = []
+    with pytest.raises(OSError, match="the store went away"):
+        for item in read_ahead(failing(), depth=4):
+            got.append(item)
+    assert got == [1, 2]  # the error comes after the items before it
+
+    produced, closed = [], threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                produced.append(i)
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    ahead = read_ahead(endless(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    time.sleep(0.2)
+    assert len(produced) <= 3 + 2 + 1  # no more than depth ahead (one more in the thread's hand)
+    ahead.close()
+    assert closed.is_set()  # the source generator was closed, in the reading thread
+    assert not [t for t in threading.enumerate() if t.name == "actmap-read-ahead"]
 
 
 def test_parquet_streams_of_one_source_run_side_by_side(tmp_path):

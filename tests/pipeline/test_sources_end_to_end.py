@@ -14,8 +14,7 @@ from PIL import Image
 from pipeline import read_layer, read_table, run
 from pipeline._layout import SOURCE_INDEX_PATH
 from pipeline._models import build_model
-from pipeline._sources import open_source
-from pipeline.config import Config, SourceSpec
+from pipeline.config import Config
 
 SIZE = 12
 
@@ -100,32 +99,6 @@ def test_parquet_on_object_storage(tmp_path, s3):
     _check(config, [f"k{i}" for i in range(21)], [_png(i) for i in range(21)])
 
 
-def test_the_driver_tells_the_executor_whether_the_source_is_read_over_the_network(tmp_path, s3, monkeypatch):
-    """An actor of one CPU runs two shards at once when its reads wait on the network
-    (:meth:`ActorPlan.shards_per_actor`): the driver passes what the source says."""
-    from pipeline import _driver
-    from pipeline._executor import LocalExecutor
-    from support.storage import upload
-
-    told = []
-
-    class Telling(LocalExecutor):
-        def check(self, config, shards, remote_input=False):
-            told.append(remote_input)
-            super().check(config, shards, remote_input)
-
-    monkeypatch.setattr(_driver, "make_executor", lambda kind, address=None: Telling())
-    (tmp_path / "table").mkdir()
-    pq.write_table(pa.table({"image": [_png(i) for i in range(6)]}), tmp_path / "table" / "0.parquet")
-    upload(tmp_path / "table", f"s3://data/table?{s3}")
-    for path in (str(tmp_path / "table"), f"s3://data/table?{s3}"):
-        run(Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]},
-                              "source": {"kind": "parquet", "path": path},
-                              "run": {"output": str(tmp_path / f"out{len(told)}"), "executor": "local",
-                                      "batch_size": 4, "shard_size": 4}}), stream=None)
-    assert told == [False, True]
-
-
 @pytest.mark.parametrize("kind", ["folder", "webdataset"])
 def test_a_source_on_object_storage_written_to_object_storage(tmp_path, s3, kind):
     from support.storage import upload
@@ -148,8 +121,6 @@ def test_a_source_on_object_storage_written_to_object_storage(tmp_path, s3, kind
                                "run": {"output": f"s3://dumps/{kind}?{s3}", "executor": "local",
                                        "batch_size": 4, "shard_size": 4}})
     assert run(config, stream=None).rows == {"relu1": 10}
-    assert open_source(config.source).remote and not open_source(SourceSpec.from_dict(
-        {"kind": kind, "path": str(tmp_path / "src" / ("a.tar" if kind == "webdataset" else ""))})).remote
     ids = [f"{i:02d}.png" if kind == "folder" else f"{i:02d}" for i in range(10)]
     _check(config, ids, [_png(i) for i in range(10)])
 
