@@ -12,8 +12,8 @@
 #   6. bench_encoding the design table's batch of 256 on this host's cores
 #   7. jpeg_folder    16,384 JPEG files of 500x375 (4,096 images, each in 4 files), decoded on the GPU,
 #                     through resnet50 layer3 + layer4,
-#                     full maps, pooled to 1x1 (input-bound), and pooled by two actors sharing the
-#                     GPU: images/s; a few rows against a CPU decode + direct forward, every pooled
+#                     full maps, pooled to 1x1 (input-bound), and pooled by one actor holding the
+#                     whole GPU: images/s; a few rows against a CPU decode + direct forward, every pooled
 #                     row against the same GPU decoding batch by batch
 #   8. bench_sources  the input path on this host: floors and sources alone, 1 and all threads
 #   9. gpu_profile    each stage of the JPEG-folder dump alone (read, GPU decode, resize, forward,
@@ -257,10 +257,11 @@ files = sorted(glob.glob(f"{root}/*/*.jpg"))
 print(f"{count} JPEG files of 500x375 ({distinct} distinct images), {sum(map(os.path.getsize, files)) / count / 1e3:.0f} "
       f"KB each, made in {time.perf_counter() - t0:.1f}s")
 failures = []
-# the third: two actors share the GPU, each with half the host's cores (two processes, two GILs)
-shared = ["run.actors=2"] + (["run.gpus_per_actor=0.5"] if device == "cuda" else [])
+# with 16 host cores or more, two actors share the GPU by default, each with half of them (two
+# processes, two interpreter locks); the third dump is the same with one actor holding it all
+whole = ["run.gpus_per_actor=1"] if device == "cuda" else ["run.actors=1"]
 variants = (("full maps", []), ("pooled to 1x1", ["dump.reduce=pool"]),
-            ("pooled to 1x1, 2 actors on the GPU", ["dump.reduce=pool", *shared]))
+            ("pooled to 1x1, one actor of the whole GPU", ["dump.reduce=pool", *whole]))
 dumps = {}
 for label, extra in variants:
     out = os.path.join(work, f"jpeg-dump-{len(dumps)}")
@@ -275,7 +276,7 @@ for label, extra in variants:
     print(summary.format())
     records = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/_actmap/shards/*.json"))]
     busy = max(r["finished"] for r in records) - min(r["started"] for r in records)
-    print(f"{label}: seconds summed over shards:", {k: round(sum(r["seconds"][k] for r in records), 2)
+    print(f"{label}: {summary.actors} actor(s); seconds summed over shards:", {k: round(sum(r["seconds"][k] for r in records), 2)
           for k in ("load_wait", "device_wait", "forward", "write_wait", "total")},
           "workers:", {(r["worker"]["device"], r["worker"].get("decode_threads")) for r in records})
     print(f"JPEG folder, {name} layer3+layer4 bf16, {label}: {count / wall:.0f} images/s end to end "

@@ -15,7 +15,16 @@ def test_plan_actors():
     # a GPU actor gets its share of the CPUs of its node: the node with the fewest per GPU
     nodes = [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 1.0}, {"CPU": 48.0, "GPU": 4.0}]
     assert plan_actors(RunSpec(), {"CPU": 72.0, "GPU": 5.0}, 100, nodes) == ActorPlan(5, 12.0, 1.0)
-    assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 100, [{"CPU": 16.0, "GPU": 1.0}]) == ActorPlan(1, 16.0, 1.0)
+    # from 16 CPUs per GPU, two actors share each GPU with half its CPUs each (two Python processes)
+    node = [{"CPU": 16.0, "GPU": 1.0}]
+    assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(2, 8.0, 0.5)
+    assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 1, node) == ActorPlan(1, 8.0, 0.5)
+    assert plan_actors(RunSpec(gpus_per_actor=1), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)
+    assert plan_actors(RunSpec(actors=1), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)
+    nodes = [{"CPU": 64.0, "GPU": 4.0}, {"CPU": 96.0, "GPU": 4.0}]  # the fewest CPUs per GPU decide
+    assert plan_actors(RunSpec(), {"CPU": 160.0, "GPU": 8.0}, 100, nodes) == ActorPlan(16, 8.0, 0.5)
+    nodes = [{"CPU": 12.0, "GPU": 1.0}, {"CPU": 96.0, "GPU": 4.0}]
+    assert plan_actors(RunSpec(), {"CPU": 108.0, "GPU": 5.0}, 100, nodes) == ActorPlan(5, 12.0, 1.0)
     # GPUs asked of a cluster with none (yet): an actor gets one CPU, not CPUs divided by zero
     assert plan_actors(RunSpec(actors=1, gpus_per_actor=1), {"CPU": 4.0}, 10, [{"CPU": 4.0}]) == ActorPlan(1, 1.0, 1.0)
     with pytest.raises(ConfigError, match="run.gpus_per_actor: 2.0 GPUs per actor, but the cluster has 1"):
