@@ -110,7 +110,7 @@ class Decoder:
         for i, raw in enumerate(raws):
             if isinstance(raw, Exception):
                 out[i] = raw
-            elif encoded[i] and isinstance(raw, torch.Tensor):  # a JPEG file's bytes
+            elif encoded[i] and isinstance(raw, torch.Tensor) and raw.ndim == 1:  # a JPEG file's bytes
                 data = memoryview(raw.numpy())
                 size = header_size(data)
                 if size is not None and self.max_pixels is not None and size[0] * size[1] > self.max_pixels:

@@ -62,7 +62,7 @@ def _cpus_per_gpu(cluster: Mapping[str, float], nodes: Sequence[Mapping[str, flo
 
 
 SHARE_GPU_CPUS = 16
-"""CPUs per GPU from which two actors share each GPU (``run.gpus_per_actor: auto``)."""
+"""CPUs per GPU from which two actors share each GPU (when the run's ``gpus_per_actor`` is ``auto``)."""
 
 
 def actors_per_gpu(cpus_per_gpu: float) -> int:

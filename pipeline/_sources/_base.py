@@ -16,8 +16,9 @@ from .._records import BadSample
 
 @dataclasses.dataclass(frozen=True)
 class Deferred:
-    """Encoded bytes not read yet: the thread that decodes the image reads them first, so the
-    reads of a batch run in parallel with no extra hand-off (``load()`` gives the bytes).
+    """An image not read (or not made) yet: the thread that decodes it loads it first, so the
+    reads of a batch run in parallel with no extra hand-off. ``load()`` gives the encoded bytes,
+    or the pixels of an image made on demand (the generated source); each call gives the same.
     ``path`` is the local file's path when there is one: a GPU decoder reads it straight into a
     tensor."""
 
@@ -25,9 +26,9 @@ class Deferred:
     path: str | None = None
 
 
-#: An image as a source hands it over: encoded file bytes, read now or by the decoding thread
-#: (decoded by the actor, on its GPU where it has one), a ``uint8`` or float ``(C, H, W)``
-#: tensor, or an ``(H, W, C)`` uint8 array.
+#: An image as a source hands it over: encoded file bytes, a ``uint8`` or float ``(C, H, W)``
+#: tensor, or an ``(H, W, C)`` uint8 array, given now or loaded by the decoding thread
+#: (:class:`Deferred`); files are decoded by the actor, on its GPU where it has one.
 RawImage = Union[bytes, Deferred, torch.Tensor, np.ndarray]
 
 

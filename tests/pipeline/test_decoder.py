@@ -12,7 +12,9 @@ from PIL import Image
 
 from pipeline._decoder import Decoder
 from pipeline._images import ImageError
-from pipeline._sources import Deferred
+from pipeline._preprocess import resize_crop
+from pipeline._sources import Deferred, GeneratedSource
+from pipeline._sources.generated import generate
 
 
 def _png(value: int, size=(12, 8)) -> bytes:
@@ -133,3 +135,14 @@ def test_the_gpu_path_refuses_an_oversized_jpeg_from_its_header(tmp_path, cpu_fo
     out = Decoder(threads=1, device="cuda", max_pixels=32 * 32)(raws)
     assert isinstance(out[0], ImageError) and "64x64" in str(out[0])
     assert out[1].shape == (3, 8, 8) and cpu_for_gpu == [1, "synchronize"]
+
+
+def test_the_gpu_path_paints_generated_images_on_the_threads_and_decodes_only_jpeg_files(cpu_for_gpu):
+    generated = GeneratedSource(4, 24, seed=3).read(range(4))
+    raws = [s.image for s in generated] + [_jpeg(60)]
+    gpu = Decoder(threads=2, device="cuda", resize=16, crop=(12, 12))
+    out = gpu(raws)
+    for sample, image in zip(generated, out):
+        assert torch.equal(image, resize_crop(generate(sample.index, 24, 3)[0], 16, (12, 12)))
+    assert out[4].shape == (3, 12, 12) and cpu_for_gpu == [1, "synchronize"]  # the JPEG file alone
+    gpu.close()

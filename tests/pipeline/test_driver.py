@@ -25,6 +25,7 @@ from pipeline._models import build_model
 from pipeline._sources import open_source
 from pipeline.config import Config
 from pipeline.errors import BadSampleError, OutputConflictError, ShardFailedError
+from support.samples import pixels
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"
 
@@ -46,7 +47,7 @@ def _dataset(target, **kwargs):
 def _direct(config):
     model = build_model(config.model)
     samples = open_source(config.source).read(range(len(open_source(config.source))))
-    x = torch.stack([s.image for s in samples])
+    x = torch.stack([pixels(s) for s in samples])
     x = x.float() / 255 if x.dtype == torch.uint8 else x
     if config.source.preprocess.mean_std() is not None:
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())

@@ -19,6 +19,7 @@ from pipeline._models import build_model
 from pipeline._shards import plan_shards
 from pipeline._sources import open_source
 from pipeline._worker import ShardWorker
+from support.samples import pixels
 
 VIT = {"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
 
@@ -36,7 +37,7 @@ def _images(config, resize=None, crop=None):
     source = open_source(config.source)
     images = []
     for sample in source.read(range(len(source))):
-        image = sample.image
+        image = pixels(sample)
         if resize:
             image = TF.resize(image, [resize], antialias=True)
         if crop:

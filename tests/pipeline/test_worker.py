@@ -23,6 +23,7 @@ from pipeline._worker import ShardWorker
 from pipeline.config import Config
 from pipeline.errors import (BadSampleError, ConfigError, LayerOutputError, ReservedColumnError,
                              ShapeChangedError, WeightsMismatchError)
+from support.samples import pixels
 
 TINY = {"name": "support.models:tiny", "layers": ["relu1", "conv2"]}
 
@@ -49,7 +50,7 @@ def _direct(config, indices):
         lambda m, a, out, name=name: seen.__setitem__(name, out)) for name in config.model.layers]
     samples = open_source(config.source).read(indices)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
-    x = (torch.stack([s.image for s in samples]).float() / 255 - mean) / std
+    x = (torch.stack([pixels(s) for s in samples]).float() / 255 - mean) / std
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -252,7 +253,7 @@ def test_outputs_changed_in_place_later_are_stored_as_the_layer_gave_them(tmp_pa
     model = build_model(config.model)
     samples = open_source(config.source).read(range(2))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
-    x = (torch.stack([s.image for s in samples]).float() / 255 - mean) / std
+    x = (torch.stack([pixels(s) for s in samples]).float() / 255 - mean) / std
     with torch.no_grad():
         expected = model.bn1(model.conv1(x))
     got = read_layer(config.run.output, "bn1")
@@ -364,7 +365,7 @@ def test_a_sample_the_model_cannot_take_is_isolated_from_its_batch(tmp_path):
                               "ValueError: cannot take an all-white image"}]
     assert read_table(config.run.output, "relu1").column("index").to_pylist() == [0, 1, 3, 4, 5, 6, 7]
     model = build_model(config.model)
-    x = torch.stack([s.image for s in open_source(config.source).read([0, 1, 3])])
+    x = torch.stack([pixels(s) for s in open_source(config.source).read([0, 1, 3])])
     with torch.no_grad():
         expected = model.relu1(model.conv1(x)).numpy()
     np.testing.assert_allclose(read_layer(config.run.output, "relu1")[:3], expected, rtol=1e-3, atol=1e-3)
