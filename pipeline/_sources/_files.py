@@ -60,8 +60,7 @@ class Location:
     def read(self, relative: str) -> bytes:
         """The whole file ``relative`` (plain ``open`` on local disks: fewer copies)."""
         if self.local:
-            with open(self.path(relative), "rb") as f:
-                return f.read()
+            return read_local(self.path(relative))
         with self.fs.open_input_stream(self.path(relative)) as f:
             return f.read()
 
@@ -73,6 +72,12 @@ class Location:
                 return f.read(size)
         with self.fs.open_input_file(self.path(relative)) as f:
             return f.read_at(size, offset)
+
+
+def read_local(path: str) -> bytes:
+    """The whole local file ``path``."""
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _walk_local(root: str) -> list[str]:

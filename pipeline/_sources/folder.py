@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from ..config import FolderSpec
 from ..errors import ConfigError
 from ._base import BadSample, Deferred, Sample, StreamingSource, describe_error, is_sample_fault
-from ._files import Location, list_tree, ordered_map
+from ._files import Location, list_tree, ordered_map, read_local
 from ._index import Index, MemoryIndex, digest
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -118,9 +118,10 @@ class FolderSource(StreamingSource):
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         names = self.index.slice(start, stop).column("path").to_pylist()
         if self.location.local:
+            root = self.location.root.rstrip("/")
             for index, name in enumerate(names, start):
-                yield Sample(index, name, Deferred(functools.partial(self.location.read, name),
-                                                   self.location.path(name)), self._labels(name))
+                path = f"{root}/{name}"
+                yield Sample(index, name, Deferred(functools.partial(read_local, path), path), self._labels(name))
             return
         with self._lock:  # the shards at work stream from their own threads: one pool for them all
             if self._readers is None:
