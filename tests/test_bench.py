@@ -66,11 +66,12 @@ def test_bench_sources_rows(tmp_path, capsys):
     bench = _bench("bench_sources")
     result = bench.main(["--rows", "120", "--files", "60", "--generated", "40", "--size", "16", "--threads", "2",
                          "--batch", "16", "--shard-size", "32", "--no-e2e", "--no-raydata", "--plan-files", "300",
-                         "--workdir", str(tmp_path)])
+                         "--alone-repeats", "2", "--workdir", str(tmp_path)])
     assert list(result["kinds"]) == ["parquet", "folder", "webdataset", "generated"]
     for kind, res in result["kinds"].items():
         for key in ("floor_1", "floor_2", "source_1", "source_2"):
             assert res[key] > 0 and math.isfinite(res[key]), (kind, key)
+        assert all(len(res["seconds_2"][side]) == 2 for side in ("floor", "source"))  # taking turns, twice
     plan = result["plan"]
     assert plan["plan_count"] == plan["scandir_count"] == plan["pyarrow_count"] == 300
     printed = capsys.readouterr().out
