@@ -439,6 +439,12 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
 
 
+def _marginal(rows: int, seconds: float) -> float:
+    """Rows per second of the difference between two runs; NaN where the larger run was not
+    the slower one (its start-up varied by more than the work it adds: no rate to tell)."""
+    return rows / seconds if seconds > 0 else float("nan")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
@@ -511,10 +517,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"{kind}: actmap runs, seconds (start to exit / first shard start to last shard end): " + "; ".join(
                 f"{q} " + ", ".join(f"{r['seconds']:.2f}/{r['busy_seconds']:.2f}" for r in found)
                 for q, found in tries.items()), flush=True)
-            marginal = (n - n // 4) / max(runs["all"]["seconds"] - runs["quarter"]["seconds"], 1e-9)
+            marginal = _marginal(n - n // 4, runs["all"]["seconds"] - runs["quarter"]["seconds"])
+            if marginal != marginal:
+                print(f"{kind}: actmap's median run over N was not slower than over N/4 (the start-up varied by "
+                      "more than the work added): no marginal rate start to end; see the span's", flush=True)
             span = runs["all"]["busy_seconds"] - runs["quarter"]["busy_seconds"]
             steady = n / runs["all"]["busy_seconds"]
-            res["actmap"] = {"marginal": marginal, "marginal_span": (n - n // 4) / max(span, 1e-9), "steady": steady,
+            res["actmap"] = {"marginal": marginal, "marginal_span": _marginal(n - n // 4, span), "steady": steady,
                              **{q: r for q, r in runs.items()}, "runs": tries}
             rows.append(("actmap end to end, marginal", n - n // 4, runs["all"]["seconds"] - runs["quarter"]["seconds"],
                          marginal, float("nan"), marginal / top))
@@ -546,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           f"{q} " + ", ".join(f"{r['seconds']:.2f}/{r['span']:.2f}" for r in runs)
                           for q, runs in found.items()), flush=True)
                 whole, span = (median["all"][k] - median["quarter"][k] for k in ("seconds", "span"))
-                res[key] = {"marginal": (n - n // 4) / max(whole, 1e-9), "marginal_span": (n - n // 4) / max(span, 1e-9),
+                res[key] = {"marginal": _marginal(n - n // 4, whole), "marginal_span": _marginal(n - n // 4, span),
                             "quarter": median["quarter"]["seconds"], "all": median["all"]["seconds"], "runs": found}
                 suffix = f", {label}" if label else ""
                 rows.append((f"Ray Data end to end, marginal{suffix}", n - n // 4, whole, res[key]["marginal"],
