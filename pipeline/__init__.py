@@ -16,9 +16,9 @@ from ._driver import run
 from ._reader import ActivationDataset, DumpInfo, decode_column, inspect_dump, read_layer, read_table, to_ray_dataset
 from ._report import Summary
 from .config import Config, load_config
-from .errors import (BadSampleError, ConfigError, DamagedDumpError, LayerOutputError, OutputConflictError, PipelineError,
-                     RecordError, ReservedColumnError, ShapeChangedError, ShardFailedError, UnknownDumpLayerError,
-                     WeightsMismatchError)
+from .errors import (BadSampleError, ConfigError, DamagedDumpError, DeviceMemoryError, LayerOutputError,
+                     OutputConflictError, PipelineError, RecordError, ReservedColumnError, ShapeChangedError,
+                     ShardFailedError, UnknownDumpLayerError, WeightsMismatchError)
 
 __all__ = [
     "ActivationDataset",
@@ -26,6 +26,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DamagedDumpError",
+    "DeviceMemoryError",
     "DumpInfo",
     "LayerOutputError",
     "OutputConflictError",

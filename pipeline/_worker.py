@@ -44,7 +44,8 @@ from ._stats import ValueStats
 from ._store import OutputStore
 from ._writer import LayerFileWriter, build_table
 from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, RunSpec, Shapes
-from .errors import BadSampleError, ConfigError, LayerOutputError, ShapeChangedError, WeightsMismatchError
+from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutputError, ShapeChangedError,
+                     WeightsMismatchError)
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,8 @@ class ShardWorker:
             outputs = self._forward(batch, stats)
             self._forwards_done += 1
             return batch, outputs
+        except torch.OutOfMemoryError as exc:  # the batch is too large here: no sample is at fault
+            raise self._out_of_memory(len(batch.samples), exc) from exc
         except Exception as exc:
             if len(batch.samples) == 1 and not self._forwards_done:
                 raise
@@ -299,6 +302,19 @@ class ShardWorker:
             raise BadSampleError(f"sample {first.sample_id!r} (index {first.index}): {first.reason} "
                                  f"({RunSpec.key('strict')} is set; unset it to record bad samples and go on)")
         return good, (self._forward(good, stats) if good.samples else None)
+
+    def _out_of_memory(self, images: int, exc: BaseException) -> DeviceMemoryError:
+        run = self.config.run
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            where = f"{self.device} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
+        else:
+            where = str(self.device)
+        sharing = (f" {RunSpec.key('gpus_per_actor')} is {run.gpus_per_actor}: where actors share a GPU (a fraction, or "
+                   "auto with 16 CPUs or more per GPU), each holds its own model and batch there; 1 gives each its own")
+        return DeviceMemoryError(f"the forward of a batch of {images} images ran out of memory on {where}: "
+                                 f"{describe_error(exc)}; lower {RunSpec.key('batch_size')} (now {run.batch_size})."
+                                 + (sharing if self.device.type == "cuda" else ""))
 
     def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
         """Encode and write one layer's rows of a batch (the layers are written in parallel)."""

@@ -118,6 +118,17 @@ class ShardFailedError(PipelineError, RuntimeError):
         self.after = getattr(cause, "after", None)
 
 
+class DeviceMemoryError(PipelineError, RuntimeError):
+    """A batch's forward ran out of the device's memory: the batch's fault, not a sample's."""
+
+    @property
+    def after(self) -> str:  # type: ignore[override]
+        from .config import RunSpec  # the config imports this module
+
+        return (f"The shards finished so far are kept. Lower {RunSpec.key('batch_size')}, or give each actor a GPU "
+                f"of its own ({RunSpec.key('gpus_per_actor')}: 1), then rerun the same command to resume.")
+
+
 class LayerOutputError(PipelineError, RuntimeError):
     """A layer's output is not one tensor (a tuple, a dict, ...): it cannot be stored."""
 

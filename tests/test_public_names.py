@@ -11,7 +11,7 @@ import pipeline
 PUBLIC = {
     extender: ["ActivationMapGrabber", "ExtendedModelStump", "HooksHandle", "LayerInfo", "ModelExtender",
                "ModelStump", "OutputSelectionError", "UnknownLayerError", "format_layers", "list_layers"],
-    pipeline: ["ActivationDataset", "BadSampleError", "Config", "ConfigError", "DamagedDumpError", "DumpInfo", "LayerOutputError",
+    pipeline: ["ActivationDataset", "BadSampleError", "Config", "ConfigError", "DamagedDumpError", "DeviceMemoryError", "DumpInfo", "LayerOutputError",
                "OutputConflictError", "PipelineError", "RecordError", "ReservedColumnError", "ShapeChangedError",
                "ShardFailedError", "Summary", "UnknownDumpLayerError", "WeightsMismatchError", "decode_column",
                "inspect_dump", "load_config", "read_layer", "read_table", "run", "to_ray_dataset"],

@@ -16,6 +16,7 @@ BUILT_IN = {
     errors.ReservedColumnError: ValueError,
     errors.BadSampleError: RuntimeError,
     errors.ShardFailedError: RuntimeError,
+    errors.DeviceMemoryError: RuntimeError,
     errors.LayerOutputError: RuntimeError,
     errors.ShapeChangedError: RuntimeError,
     errors.WeightsMismatchError: RuntimeError,
@@ -33,7 +34,7 @@ def _examples():
     for cls in (errors.BadSampleError, errors.ShardFailedError, errors.LayerOutputError,
                 errors.ShapeChangedError, errors.WeightsMismatchError, errors.RecordError,
                 errors.UnknownDumpLayerError, errors.DamagedDumpError, errors.LockLostError,
-                errors.WorkersUnavailableError):
+                errors.WorkersUnavailableError, errors.DeviceMemoryError):
         yield cls(f"a {cls.__name__}")
 
 
@@ -66,3 +67,5 @@ def test_what_to_do_after_an_error():
     assert "fails the same way" in errors.ShardFailedError("x", errors.ShapeChangedError("y")).after
     assert "fails the same way" in pickle.loads(pickle.dumps(errors.ShardFailedError("x", errors.LayerOutputError("y")))).after
     assert "unset run.strict" in errors.BadSampleError("x").after
+    memory = errors.ShardFailedError("x", errors.DeviceMemoryError("y")).after
+    assert "Lower run.batch_size" in memory and "run.gpus_per_actor: 1" in memory

@@ -21,7 +21,7 @@ from pipeline._shards import Shard
 from pipeline._sources import open_source
 from pipeline._worker import ShardWorker
 from pipeline.config import Config
-from pipeline.errors import (BadSampleError, ConfigError, LayerOutputError, ReservedColumnError,
+from pipeline.errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutputError, ReservedColumnError,
                              ShapeChangedError, WeightsMismatchError)
 from support.samples import pixels
 
@@ -373,6 +373,23 @@ def test_a_sample_the_model_cannot_take_is_isolated_from_its_batch(tmp_path):
                      run={"batch_size": 4, "strict": True})
     with pytest.raises(BadSampleError, match="sample '2' \\(index 2\\): the model's forward fails on it"):
         ShardWorker(strict.to_dict()).run_shard(Shard(0, 0, 8))
+    worker.close()
+
+
+def test_a_batch_that_runs_out_of_device_memory_fails_the_shard_and_says_what_to_lower(tmp_path):
+    from support.models import Greedy
+
+    config = _config(tmp_path, model={"name": "support.models:greedy", "layers": ["relu1"]}, run={"batch_size": 4})
+    worker = ShardWorker(config.to_dict())
+    Greedy.calls = 0
+    with pytest.raises(DeviceMemoryError, match="the forward of a batch of 4 images ran out of memory on cpu: "
+                       "OutOfMemoryError: CUDA out of memory.*; lower run.batch_size \\(now 4\\)") as caught:
+        worker.run_shard(Shard(0, 0, 8))
+    assert Greedy.calls == 1  # the batch's fault: no sample is tried alone, none recorded as bad
+    assert "run.gpus_per_actor: 1" in caught.value.after
+    assert not list((tmp_path / "out").rglob("*.parquet"))  # the shard's files are dropped
+    small = _config(tmp_path / "small", model=config.to_dict()["model"], run={"batch_size": 2})
+    assert ShardWorker(small.to_dict()).run_shard(Shard(0, 0, 8)).rows == {"relu1": 8}
     worker.close()
 
 

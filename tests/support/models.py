@@ -43,6 +43,23 @@ def picky() -> Picky:
     return Picky()
 
 
+class Greedy(TinyConvNet):
+    """A TinyConvNet whose forward runs out of device memory on a batch of more than two
+    images; ``calls`` counts its forwards."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x)
+
+
+def greedy() -> Greedy:
+    return Greedy()
+
+
 class Slow(TinyConvNet):
     """A TinyConvNet whose forward takes ``delay`` seconds more: a run long enough to act on."""
 
