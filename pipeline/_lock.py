@@ -5,7 +5,9 @@ started) and when it was last renewed. A run renews it every quarter of the leas
 works. Another run finds it held while its owner lives: on the same host, while that process
 runs (the start time tells a process id used again); elsewhere, while the lease is renewed. A
 run whose owner died (killed, crashed, its machine gone) is taken over by the next run, at once
-on the same host, after the lease elsewhere.
+on the same host, after the lease elsewhere. On object storage, which gives pyarrow no
+conditional write, a run reads its new lock back a second after writing it: of two runs that
+wrote it at once, the one whose write lost learns it then and stops.
 
 >>> owner = Owner(host="a", pid=7, pid_started="91", started=100.0, renewed=100.0, token="x", lease=60.0)
 >>> owner.describe(now=130.0)
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 
 #: Seconds a lock holds without renewal; a run renews it every quarter of that.
 LEASE_SECONDS = 120.0
+
+#: Seconds a run waits after writing the lock before it reads it back, on a local disk and on
+#: object storage. Where two runs wrote it at once the last write wins, and the other reads the
+#: winner's name; object stores offer pyarrow no conditional write, so every new lock there is
+#: read back, a while later than another run's check and write take.
+SETTLE_SECONDS = {True: 0.05, False: 1.0}
 
 
 def _process_started(pid: int) -> str | None:
@@ -129,7 +137,8 @@ class OutputLock:
     def acquire(self) -> None:
         """Take the lock; :class:`OutputLockedError` when another run holds it and lives."""
         self._made_root = not self.store.root_exists
-        if not self.store.create_json(LOCK_PATH, self.owner.to_dict()):
+        created = self.store.create_json(LOCK_PATH, self.owner.to_dict())
+        if not created:
             holder = self._holder()
             if holder is not None and holder.alive(self.now()):
                 raise OutputLockedError(RunSpec.key("output"), f"{self.store.location!r} is in use by another run "
@@ -141,7 +150,8 @@ class OutputLock:
                 log.warning("taking over the lock of a run that ended without releasing it (%s)",
                             holder.describe(self.now()))
             self.store.write_json(LOCK_PATH, self.owner.to_dict())
-            time.sleep(0.05)  # two runs that took over at once: the last write wins, the other sees it
+        if not created or not self.store.local:  # written without a guard: read it back
+            time.sleep(SETTLE_SECONDS[self.store.local])
             holder = self._holder()
             if holder is None or holder.token != self.owner.token:
                 raise OutputLockedError(RunSpec.key("output"), f"{self.store.location!r} was taken by another run "

@@ -134,7 +134,7 @@ class OutputStore:
         On a local disk the document is written under a temporary name and hard-linked to
         ``relative``, which fails if it exists: of two writers one wins, and no reader sees
         half a document. Object stores offer pyarrow no conditional write: there it is a check,
-        then a write.
+        then a write (the lock reads it back after a while: :mod:`pipeline._lock`).
         """
         if not self.local:
             if self.exists(relative):

@@ -5,11 +5,13 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from pipeline._layout import LOCK_PATH, META_DIR
-from pipeline._lock import Owner, OutputLock
+from pipeline._lock import SETTLE_SECONDS, Owner, OutputLock
 from pipeline._store import OutputStore
 from pipeline.errors import LockLostError, OutputLockedError
 
@@ -88,3 +90,32 @@ def test_a_lock_taken_over_under_a_run_stops_it(tmp_path):
     finally:
         lock.release()
     assert json.loads((tmp_path / LOCK_PATH).read_text())["token"] == "other", "the new owner's lock stays"
+
+
+def test_two_runs_that_lock_object_storage_at_once_end_with_one_holder(s3, monkeypatch):
+    """Object storage has no conditional write: a run that checked before another one wrote
+    writes too. Each reads the lock back a while after writing it, so the first one learns it
+    lost, instead of both running."""
+    uri = f"s3://bucket/out?{s3}"
+    first, second = OutputLock(OutputStore(uri)), OutputLock(OutputStore(uri))
+    monkeypatch.setitem(SETTLE_SECONDS, False, 0.6)
+    monkeypatch.setattr(second.store, "exists", lambda relative: False)  # it looked before the first wrote
+    outcome = {}
+
+    def take(name, lock):
+        try:
+            lock.acquire()
+            outcome[name] = "held"
+        except OutputLockedError as exc:
+            outcome[name] = str(exc)
+
+    thread = threading.Thread(target=take, args=("first", first))
+    thread.start()
+    time.sleep(0.3)  # the first has written its lock and waits to read it back
+    take("second", second)
+    thread.join()
+    assert outcome["second"] == "held"
+    assert "was taken by another run just now" in outcome["first"]
+    assert second.store.read_json(LOCK_PATH)["token"] == second.owner.token
+    second.release()
+    assert not second.store.exists(LOCK_PATH)
