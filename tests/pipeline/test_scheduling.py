@@ -21,6 +21,7 @@ def test_plan_actors():
     assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 1, node) == ActorPlan(1, 8.0, 0.5)
     assert plan_actors(RunSpec(gpus_per_actor=1), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)
     assert plan_actors(RunSpec(actors=1), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)
+    assert plan_actors(RunSpec(cpus_per_actor=16), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)
     nodes = [{"CPU": 64.0, "GPU": 4.0}, {"CPU": 96.0, "GPU": 4.0}]  # the fewest CPUs per GPU decide
     assert plan_actors(RunSpec(), {"CPU": 160.0, "GPU": 8.0}, 100, nodes) == ActorPlan(16, 8.0, 0.5)
     nodes = [{"CPU": 12.0, "GPU": 1.0}, {"CPU": 96.0, "GPU": 4.0}]
