@@ -87,16 +87,17 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     """The actor pool for ``run`` on a cluster with ``cluster`` resources (``ray.cluster_resources()``).
 
     ``auto`` GPUs are a GPU's share (:func:`actors_per_gpu`) when the cluster has GPUs (a whole
-    one when ``actors`` or ``cpus_per_actor`` is a number), else none. ``auto`` actors fill the GPUs with such shares, or, without GPUs, are as many actors
-    of ``cpus_per_actor`` CPUs as the CPUs allow; never more actors than shards. ``auto`` CPUs
-    give a GPU actor its share of its node's CPUs (they decode the images and encode the
-    outputs, at the GPU's pace), and a CPU actor one. ``nodes`` are the alive nodes' resources.
+    one when ``actors`` or ``cpus_per_actor`` is a number), else none. ``auto`` actors fill the
+    GPUs with such shares, or, without GPUs, are as many actors of ``cpus_per_actor`` CPUs as
+    the CPUs allow; never more actors than shards. ``auto`` CPUs give a GPU actor its share of
+    its node's CPUs (they decode the images and encode the outputs, at the GPU's pace), and a
+    CPU actor one. ``nodes`` are the alive nodes' resources.
     """
     total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     if run.gpus_per_actor != "auto":
         gpus = float(run.gpus_per_actor)
-    elif total_gpus >= 1:  # actors or their CPUs given: each actor a GPU of its own, as before
-        shared = run.actors == "auto" and run.cpus_per_actor == "auto"
+    elif total_gpus >= 1:
+        shared = run.actors == "auto" and run.cpus_per_actor == "auto"  # else a GPU of its own each
         gpus = 1.0 / actors_per_gpu(_cpus_per_gpu(cluster, nodes)) if shared else 1.0
     else:
         gpus = 0.0

@@ -38,6 +38,7 @@ from ._models import LayerOutputs, build_model, model_identity
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
 from ._reduce import reduce_output
+from ._scheduling import SHARE_GPU_CPUS
 from ._shards import Shard
 from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
 from ._stats import ValueStats
@@ -311,7 +312,8 @@ class ShardWorker:
         else:
             where = str(self.device)
         sharing = (f" {RunSpec.key('gpus_per_actor')} is {run.gpus_per_actor}: where actors share a GPU (a fraction, or "
-                   "auto with 16 CPUs or more per GPU), each holds its own model and batch there; 1 gives each its own")
+                   f"auto with {SHARE_GPU_CPUS} CPUs or more per GPU), each holds its own model and batch there; 1 "
+                   "gives each its own")
         return DeviceMemoryError(f"the forward of a batch of {images} images ran out of memory on {where}: "
                                  f"{describe_error(exc)}; lower {RunSpec.key('batch_size')} (now {run.batch_size})."
                                  + (sharing if self.device.type == "cuda" else ""))

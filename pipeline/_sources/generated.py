@@ -62,7 +62,7 @@ def _bilinear(size: int, coarse: int = 4) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Sketch:
-    """What image ``index`` will show, drawn first and cheaply: its label and mask are known
+    """What a generated image will show, drawn first and cheaply: its label and mask are known
     before its pixels are painted (the costly part, left to the actor's decoding threads)."""
 
     corners: np.ndarray  # (3, 4, 4) background colours
