@@ -87,7 +87,8 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     """The actor pool for ``run`` on a cluster with ``cluster`` resources (``ray.cluster_resources()``).
 
     ``auto`` GPUs are a GPU's share (:func:`actors_per_gpu`) when the cluster has GPUs (a whole
-    one when ``actors`` or ``cpus_per_actor`` is a number), else none. ``auto`` actors fill the
+    one when ``actors`` or ``cpus_per_actor`` is a number, or when there are too few shards to
+    give every share one), else none. ``auto`` actors fill the
     GPUs with such shares, or, without GPUs, are as many actors of ``cpus_per_actor`` CPUs as
     the CPUs allow; never more actors than shards. ``auto`` CPUs give a GPU actor its share of
     its node's CPUs (they decode the images and encode the outputs, at the GPU's pace), and a
@@ -97,8 +98,10 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     if run.gpus_per_actor != "auto":
         gpus = float(run.gpus_per_actor)
     elif total_gpus >= 1:
-        shared = run.actors == "auto" and run.cpus_per_actor == "auto"  # else a GPU of its own each
-        gpus = 1.0 / actors_per_gpu(_cpus_per_gpu(cluster, nodes)) if shared else 1.0
+        per_gpu = actors_per_gpu(_cpus_per_gpu(cluster, nodes))
+        # shares only where the shards fill them all: Ray packs fractions onto the fullest GPU
+        shared = run.actors == "auto" and run.cpus_per_actor == "auto" and shards >= per_gpu * total_gpus
+        gpus = 1.0 / per_gpu if shared else 1.0
     else:
         gpus = 0.0
     if gpus > total_gpus and run.actors == "auto":

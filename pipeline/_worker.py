@@ -304,19 +304,33 @@ class ShardWorker:
                                  f"({RunSpec.key('strict')} is set; unset it to record bad samples and go on)")
         return good, (self._forward(good, stats) if good.samples else None)
 
+    def _gpu_share(self) -> float:
+        """The part of its GPU this worker holds: a Ray actor's as Ray assigned it, a local
+        worker's as the config asks (``auto``: a whole one)."""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            with contextlib.suppress(Exception):  # not in an actor: no assignment
+                share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+                if share:
+                    return float(share)
+        gpus = self.config.run.gpus_per_actor
+        return 1.0 if gpus == "auto" else float(gpus)
+
     def _out_of_memory(self, images: int, exc: BaseException) -> DeviceMemoryError:
         run = self.config.run
+        where, shared = str(self.device), False
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            where = f"{self.device} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
-        else:
-            where = str(self.device)
-        sharing = (f" {RunSpec.key('gpus_per_actor')} is {run.gpus_per_actor}: where actors share a GPU (a fraction, or "
-                   f"auto with {SHARE_GPU_CPUS} CPUs or more per GPU), each holds its own model and batch there; 1 "
-                   "gives each its own")
+            where += f" ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free now)"
+            share = self._gpu_share()
+            shared = share < 1
+            if shared:
+                where += (f"; this worker holds {share:g} of the GPU, and the workers that share it each hold their "
+                          f"own model and batches there ({RunSpec.key('gpus_per_actor')} {run.gpus_per_actor}; auto "
+                          f"shares a GPU from {SHARE_GPU_CPUS} CPUs per GPU)")
         return DeviceMemoryError(f"the forward of a batch of {images} images ran out of memory on {where}: "
-                                 f"{describe_error(exc)}; lower {RunSpec.key('batch_size')} (now {run.batch_size})."
-                                 + (sharing if self.device.type == "cuda" else ""))
+                                 f"{describe_error(exc)}; lower {RunSpec.key('batch_size')} (now {run.batch_size})"
+                                 + (f" or set {RunSpec.key('gpus_per_actor')}: 1" if shared else ""), shared)
 
     def _write_layer(self, writer: LayerFileWriter, layer: str, columns: _Columns, outputs: _Outputs) -> None:
         """Encode and write one layer's rows of a batch (the layers are written in parallel)."""

@@ -119,14 +119,20 @@ class ShardFailedError(PipelineError, RuntimeError):
 
 
 class DeviceMemoryError(PipelineError, RuntimeError):
-    """A batch's forward ran out of the device's memory: the batch's fault, not a sample's."""
+    """A batch's forward ran out of the device's memory: the batch's fault, not a sample's.
+    ``shared``: the worker had only part of its GPU (other workers held models there too)."""
+
+    def __init__(self, message: str, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared
 
     @property
     def after(self) -> str:  # type: ignore[override]
         from .config import RunSpec  # the config imports this module
 
-        return (f"The shards finished so far are kept. Lower {RunSpec.key('batch_size')}, or give each actor a GPU "
-                f"of its own ({RunSpec.key('gpus_per_actor')}: 1), then rerun the same command to resume.")
+        own = f", or give each actor a GPU of its own ({RunSpec.key('gpus_per_actor')}: 1)" if self.shared else ""
+        return (f"The shards finished so far are kept. Lower {RunSpec.key('batch_size')}{own}, then rerun the same "
+                "command to resume.")
 
 
 class LayerOutputError(PipelineError, RuntimeError):

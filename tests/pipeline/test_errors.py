@@ -67,5 +67,6 @@ def test_what_to_do_after_an_error():
     assert "fails the same way" in errors.ShardFailedError("x", errors.ShapeChangedError("y")).after
     assert "fails the same way" in pickle.loads(pickle.dumps(errors.ShardFailedError("x", errors.LayerOutputError("y")))).after
     assert "unset run.strict" in errors.BadSampleError("x").after
-    memory = errors.ShardFailedError("x", errors.DeviceMemoryError("y")).after
-    assert "Lower run.batch_size" in memory and "run.gpus_per_actor: 1" in memory
+    alone = errors.ShardFailedError("x", errors.DeviceMemoryError("y")).after
+    shared = pickle.loads(pickle.dumps(errors.ShardFailedError("x", errors.DeviceMemoryError("y", shared=True)))).after
+    assert "Lower run.batch_size, then rerun" in alone and "run.gpus_per_actor: 1" in shared

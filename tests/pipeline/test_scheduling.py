@@ -18,7 +18,12 @@ def test_plan_actors():
     # from 16 CPUs per GPU, two actors share each GPU with half its CPUs each (two Python processes)
     node = [{"CPU": 16.0, "GPU": 1.0}]
     assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(2, 8.0, 0.5)
-    assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 1, node) == ActorPlan(1, 8.0, 0.5)
+    # too few shards to fill every share: a GPU each, with all its CPUs (Ray would pack two
+    # halves onto one GPU and leave another idle)
+    assert plan_actors(RunSpec(), {"CPU": 16.0, "GPU": 1.0}, 1, node) == ActorPlan(1, 16.0, 1.0)
+    four = [{"CPU": 64.0, "GPU": 4.0}]
+    assert plan_actors(RunSpec(), {"CPU": 64.0, "GPU": 4.0}, 6, four) == ActorPlan(4, 16.0, 1.0)
+    assert plan_actors(RunSpec(), {"CPU": 64.0, "GPU": 4.0}, 8, four) == ActorPlan(8, 8.0, 0.5)
     assert plan_actors(RunSpec(gpus_per_actor=1), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)
     assert plan_actors(RunSpec(actors=1), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)
     assert plan_actors(RunSpec(cpus_per_actor=16), {"CPU": 16.0, "GPU": 1.0}, 100, node) == ActorPlan(1, 16.0, 1.0)

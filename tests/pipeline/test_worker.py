@@ -386,11 +386,31 @@ def test_a_batch_that_runs_out_of_device_memory_fails_the_shard_and_says_what_to
                        "OutOfMemoryError: CUDA out of memory.*; lower run.batch_size \\(now 4\\)") as caught:
         worker.run_shard(Shard(0, 0, 8))
     assert Greedy.calls == 1  # the batch's fault: no sample is tried alone, none recorded as bad
-    assert "run.gpus_per_actor: 1" in caught.value.after
+    assert "Lower run.batch_size, then rerun" in caught.value.after  # its own device: nothing shared
     assert not list((tmp_path / "out").rglob("*.parquet"))  # the shard's files are dropped
     small = _config(tmp_path / "small", model=config.to_dict()["model"], run={"batch_size": 2})
     assert ShardWorker(small.to_dict()).run_shard(Shard(0, 0, 8)).rows == {"relu1": 8}
     worker.close()
+
+
+def test_the_device_memory_error_names_a_shared_gpu(tmp_path, monkeypatch):
+    """On a GPU the error says how much memory is free, and, where the worker holds part of
+    the GPU, that the workers beside it hold models there too (the GPU path, on the CPU)."""
+    config = _config(tmp_path, run={"batch_size": 64, "gpus_per_actor": 0.5})
+    worker = ShardWorker(config.to_dict())
+    worker.device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1.5 * 2**30, 80 * 2**30))
+    error = worker._out_of_memory(64, torch.OutOfMemoryError("CUDA out of memory"))
+    assert str(error).startswith("the forward of a batch of 64 images ran out of memory on cuda:0 (1.5 of 80.0 GiB "
+                                 "free now); this worker holds 0.5 of the GPU, and the workers that share it")
+    assert str(error).endswith("lower run.batch_size (now 64) or set run.gpus_per_actor: 1")
+    assert error.shared and "run.gpus_per_actor: 1" in error.after
+    whole = ShardWorker(_config(tmp_path / "whole", run={"gpus_per_actor": 1}).to_dict())
+    whole.device = torch.device("cuda", 0)
+    error = whole._out_of_memory(4, torch.OutOfMemoryError("CUDA out of memory"))
+    assert not error.shared and "gpus_per_actor" not in str(error) and "gpus_per_actor" not in error.after
+    worker.device = whole.device = torch.device("cpu")
+    worker.close(), whole.close()
 
 
 def test_pixel_limit_and_channels_come_from_the_config(tmp_path):
