@@ -395,10 +395,10 @@ class RunSpec(_Section):
 
     ``actors``, ``gpus_per_actor`` and ``cpus_per_actor`` may be ``auto``: one actor per GPU of
     the cluster with its share of the node's CPUs (two actors per GPU, each with half, where a
-    GPU comes with 16 CPUs or more and neither ``actors`` nor ``cpus_per_actor`` is set), or, on
-    a cluster without GPUs, one actor per CPU. A shard is tried at most ``max_attempts`` times
-    in all, on whatever worker. A Ray run whose actors none comes up within ``start_timeout``
-    seconds (a busy cluster, one that does not scale up) stops.
+    GPU comes with 16 CPUs or more, neither ``actors`` nor ``cpus_per_actor`` is set, and the
+    shards fill the shares), or, on a cluster without GPUs, one actor per CPU. A shard is tried
+    at most ``max_attempts`` times in all, on whatever worker. A Ray run whose actors none comes
+    up within ``start_timeout`` seconds (a busy cluster, one that does not scale up) stops.
     """
 
     _prefix = "run"
