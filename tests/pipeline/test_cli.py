@@ -1,8 +1,15 @@
 """The command line, through its exit codes and what it prints."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
@@ -49,3 +56,20 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(cmd in out for cmd in ("run", "layers", "inspect"))
+
+
+@pytest.mark.parametrize("status, args", [(0, ["layers", "support.models:tiny", "--input-size", "3", "16", "16"]),
+                                          (2, ["layers", "support.models:nothing_here"])])
+def test_the_command_exits_with_mains_status_its_objects_frozen(status, args):
+    """``actmap`` and ``python -m pipeline`` run :func:`main` and exit with its status, the objects
+    left frozen so that the interpreter's last collection skips them."""
+    probe = ("import atexit, gc, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+             "from pipeline.cli import command; sys.argv[1:] = " + repr(args) + "; command()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == status, done.stderr
+    assert done.stdout.rstrip().endswith("frozen True")
+    if status == 0:
+        assert "relu1" in done.stdout
+    module = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert module.returncode == status and module.stdout == done.stdout.rsplit("frozen", 1)[0]
