@@ -70,21 +70,19 @@ class Decoder:
         threads = min(threads or self.threads, len(items))
         if self._pool is None or threads < 2:
             return [fn(item) for item in items]
-        # each thread takes a few images at a time, not one: each hand-off costs about as much
-        # as decoding a small image; and the threads that finish first take more
+        # the threads take the images one at a time from a shared position: none waits idle
+        # at the end of a batch while another still decodes a chunk of several
         out: list = [None] * len(items)
-        step = max(1, len(items) // (4 * threads))
-        starts = iter(range(0, len(items), step))
+        position = iter(range(len(items)))
         lock = threading.Lock()
 
         def work() -> None:
             while True:
                 with lock:
-                    start = next(starts, None)
-                if start is None:
+                    i = next(position, None)
+                if i is None:
                     return
-                for i in range(start, min(start + step, len(items))):
-                    out[i] = fn(items[i])
+                out[i] = fn(items[i])
 
         for future in [self._pool.submit(work) for _ in range(threads)]:
             future.result()
