@@ -13,10 +13,11 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
 from ._executor import Executor, LocalExecutor, WorkerSpec
-from ._layout import SOURCE_INDEX_PATH
+from ._layout import MANIFEST_PATH, SOURCE_INDEX_PATH
 from ._lock import OutputLock
 from ._manifest import assess_output, commit_output, new_manifest, open_output, remove_temporaries
 from ._progress import Progress
@@ -134,6 +135,23 @@ def _warn_small_shards(run: RunSpec) -> None:
                     run.batch_size)
 
 
+def _trial(probe: ShardWorker, run: RunSpec, executor: Executor | None) -> dict:
+    """The probe's checks and trial sample (the layers' shapes), on a thread of its own while
+    ``executor`` connects to its cluster: the two take seconds each, and mostly wait on
+    different things (the trial on imports and the model, a local Ray on its processes)."""
+    def checks() -> dict:
+        _check_ids(probe.source, run.strict)
+        _warn_row_groups(probe.source, run.shard_size)
+        return probe.probe()
+
+    if executor is None:
+        return checks()
+    with ThreadPoolExecutor(1, thread_name_prefix="actmap-trial") as pool:
+        trial = pool.submit(checks)
+        executor.connect()
+        return trial.result()
+
+
 def _plan(samples: int, shard_size: int) -> ShardPlan:
     """The run's shard plan; a plan of more than :data:`MAX_SHARDS` shards is refused."""
     plan = ShardPlan(samples, shard_size)
@@ -158,30 +176,32 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     started = time.monotonic()
     _warn_small_shards(config.run)
     store = open_output(config.run.output)
-    with ShardWorker(config.to_dict(), device="cpu", decode_threads=1) as probe:
-        _check_ids(probe.source, config.run.strict)
-        _warn_row_groups(probe.source, config.run.shard_size)
-        layers = probe.probe()
-        samples = len(probe.source)
-        plan = _plan(samples, config.run.shard_size)
-        # with what the model saw: `actmap show` redraws it
-        manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
-        digest = probe.digest
-    with OutputLock(store) as lock:
-        state = assess_output(store, manifest, overwrite)
-        records = dict(state.done)
-        todo = (s for s in plan if s.id not in records)
-        shards_left = len(plan) - len(records)
-        new_samples = samples - sum(len(plan[i]) for i in records)
-        executor = make_executor(config.run.executor, address) if shards_left else None
-        workers = 0
-        try:
-            if executor is not None:
+    # a new dump will need its workers: the executor reaches its cluster (a local Ray takes
+    # seconds to start) while the trial sample runs; a rerun may have nothing left to do
+    executor = make_executor(config.run.executor, address) if not store.exists(MANIFEST_PATH) else None
+    workers = 0
+    try:
+        with ShardWorker(config.to_dict(), device="cpu", decode_threads=1) as probe:
+            layers = _trial(probe, config.run, executor)
+            samples = len(probe.source)
+            plan = _plan(samples, config.run.shard_size)
+            # with what the model saw: `actmap show` redraws it
+            manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
+            digest = probe.digest
+        with OutputLock(store) as lock:
+            state = assess_output(store, manifest, overwrite)
+            records = dict(state.done)
+            todo = (s for s in plan if s.id not in records)
+            shards_left = len(plan) - len(records)
+            new_samples = samples - sum(len(plan[i]) for i in records)
+            if executor is None and shards_left:
+                executor = make_executor(config.run.executor, address)
+            if executor is not None and shards_left:
                 executor.check(config, shards_left)  # a cluster that can never run the workers: nothing written
             commit_output(store, manifest, state)
             frozen = _freeze_source(store, probe.source)
             del probe  # the source's index is on disk now: the driver keeps O(shards), not O(samples)
-            if executor is not None:
+            if executor is not None and shards_left:
                 progress = Progress(new_samples, stream)
                 try:
                     executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), shards_left)
@@ -191,9 +211,9 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                     progress.close()
             # the temporary files of workers that died, now that none is in flight
             remove_temporaries(store, config.model.layers)
-        finally:
-            if executor is not None:
-                executor.close()
+    finally:
+        if executor is not None:
+            executor.close()
     written = sum(records[i].total_bytes for i in records if i not in state.done)
     return Summary.from_records(records, output=store.location, layers=layers, samples=samples,
                                 resumed=len(state.done), actors=workers, seconds=time.monotonic() - started,

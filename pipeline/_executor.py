@@ -74,6 +74,11 @@ class Executor(Protocol):
     #: how many workers came up (``start`` starts them; on a Ray cluster some may come up later)
     workers: int
 
+    def connect(self) -> None:
+        """Reach the cluster the workers will run on (a local Ray starts here, in seconds);
+        ``check`` and ``start`` connect if this was not called. The driver calls it while its
+        trial sample runs."""
+
     def check(self, config: Config, shards: int) -> None:
         """Check, starting nothing, that the workers ``config`` asks for can run for ``shards``
         shards (a Ray cluster that can never hold them: :class:`~pipeline.errors.ConfigError`)."""
@@ -159,6 +164,9 @@ class LocalExecutor:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots = Slots(0)
         self._pending: dict[concurrent.futures.Future, tuple[int, Shard]] = {}
+
+    def connect(self) -> None:
+        pass  # the workers are threads of this process
 
     def check(self, config: Config, shards: int) -> None:
         """Place the workers on devices; GPUs asked for that this machine does not have are a

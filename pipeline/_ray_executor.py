@@ -107,7 +107,7 @@ class RayExecutor:
         self._none_since: float | None = None  # since when no actor is up (all pending, or dead)
         self._poller: InFlightPoller | None = None
 
-    def _connect(self) -> None:
+    def connect(self) -> None:
         if not self._session._exit_callbacks:
             self._started_here = self._session.enter_context(ray_session(self.address))
 
@@ -116,7 +116,7 @@ class RayExecutor:
         autoscaler can grow it) is a :class:`~pipeline.errors.ConfigError` naming what it has."""
         import ray
 
-        self._connect()
+        self.connect()
         run = config.run
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         plan = plan_actors(run, ray.cluster_resources(), shards, nodes)

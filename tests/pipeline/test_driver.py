@@ -278,3 +278,46 @@ def test_repeated_ids_are_reported_or_refused_in_strict_mode(tmp_path, caplog):
         _check_ids(source, strict=True)
     _check_ids(source, strict=False)
     assert "2 sample ids appear more than once" in caplog.text
+
+
+class _Recording:
+    """A local executor that notes whether it connected at all."""
+
+    def __init__(self, connecting):
+        from pipeline._executor import LocalExecutor
+
+        self.inner, self.connecting = LocalExecutor(), connecting
+
+    def connect(self):
+        self.connecting.set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_new_dump_connects_while_its_trial_sample_runs_and_a_finished_one_never(tmp_path, monkeypatch):
+    import threading
+
+    from pipeline import _driver
+    from pipeline._worker import ShardWorker
+
+    connecting, seen = threading.Event(), []
+    probe = ShardWorker.probe
+
+    def noted_probe(self):  # run one after the other, the first trial would wait here in vain
+        seen.append(connecting.wait(timeout=5) if not seen else None)
+        return probe(self)
+
+    made = []
+
+    def make(kind, address=None):
+        made.append(_Recording(connecting))
+        return made[-1]
+
+    monkeypatch.setattr(ShardWorker, "probe", noted_probe)
+    monkeypatch.setattr(_driver, "make_executor", make)
+    config = _config(tmp_path / "out")
+    assert run(config, stream=None).rows == {"relu1": 40, "conv2": 40}
+    assert seen == [True], "the executor connected while the trial sample ran"
+    assert run(config, stream=None).new_samples == 0
+    assert len(made) == 1, "a rerun with nothing left to do made no executor"
