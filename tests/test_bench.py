@@ -78,6 +78,17 @@ def test_bench_sources_rows(tmp_path, capsys):
     assert "source alone, 2 thread(s)" in printed and "planning a folder of 300 files" in printed
 
 
+def test_bench_actor_cpu_rows(ray_cluster, tmp_path, capsys):
+    bench = _bench("bench_actor_cpu")
+    medians = bench.main(["--rows", "256", "--shard-size", "64", "--batch", "32", "--repeats", "1",
+                          "--workdir", str(tmp_path)])
+    assert list(medians) == ["plain", "ray"]
+    for m in medians.values():
+        assert m["span"] > 0 and m["cpu"] > 0, m
+    printed = capsys.readouterr().out
+    assert printed.count("µs/row") == 2 and "medians of 1" in printed
+
+
 def test_bench_reader_rows(tmp_path, capsys):
     bench = _bench("bench_reader")
     rows = bench.main(["--rows", "96", "--shape", "4", "2", "2", "--row-group", "8", "--shard", "32",
