@@ -1,10 +1,11 @@
 """The driver: check, plan the shards, run them on an executor, summarise.
 
-The driver never touches image data: it checks the config (one trial sample on its CPU),
-writes the manifest, hands shards to the executor's workers as they free up (faster workers
-take more), retries the shards that fail or lose their worker (``run.max_attempts`` tries per
-shard in all, counted here and nowhere else), and collects the small records the workers
-return. ``run.executor`` picks Ray actors (the default) or workers in this process.
+The driver never touches image data: it checks the config (one trial sample on its CPU; for
+a new dump the executor reaches its cluster meanwhile, since a local Ray takes seconds to
+start), writes the manifest, hands shards to the executor's workers as they free up (faster
+workers take more), retries the shards that fail or lose their worker (``run.max_attempts``
+tries per shard in all, counted here and nowhere else), and collects the small records the
+workers return. ``run.executor`` picks Ray actors (the default) or workers in this process.
 """
 
 from __future__ import annotations
