@@ -98,7 +98,9 @@ def test_two_runs_that_lock_object_storage_at_once_end_with_one_holder(s3, monke
     lost, instead of both running."""
     uri = f"s3://bucket/out?{s3}"
     first, second = OutputLock(OutputStore(uri)), OutputLock(OutputStore(uri))
-    monkeypatch.setitem(SETTLE_SECONDS, False, 0.6)
+    # the second writes as soon as the first's lock shows, well within the first's wait to read
+    # it back, however slow the machine (a fixed sleep here failed on a loaded one)
+    monkeypatch.setitem(SETTLE_SECONDS, False, 2.0)
     monkeypatch.setattr(second.store, "exists", lambda relative: False)  # it looked before the first wrote
     outcome = {}
 
@@ -111,7 +113,10 @@ def test_two_runs_that_lock_object_storage_at_once_end_with_one_holder(s3, monke
 
     thread = threading.Thread(target=take, args=("first", first))
     thread.start()
-    time.sleep(0.3)  # the first has written its lock and waits to read it back
+    deadline = time.monotonic() + 30
+    while not first.store.exists(LOCK_PATH):  # the first has written its lock and waits to read it back
+        assert time.monotonic() < deadline, "the first run wrote no lock"
+        time.sleep(0.01)
     take("second", second)
     thread.join()
     assert outcome["second"] == "held"
