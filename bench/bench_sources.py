@@ -8,7 +8,9 @@ a. the floor: plain reads (pyarrow row-group batches, ``open().read()``, ``tarfi
    files split across them);
 b. the source alone, as an actor uses it: opened from the index file the driver writes, each
    shard's ``stream`` in batches through the actor's :class:`~pipeline._decoder.Decoder` with 1 and
-   N threads (rows/s and MB/s of encoded input);
+   N threads (rows/s and MB/s of encoded input), one shard at a time; with N threads also two
+   shards at once into the one decoder, as an actor runs them (each shard's samples are made
+   in its own thread while the other's decode);
 c. actmap end to end (``python -m pipeline run``, a fresh process) with a model so cheap that the
    input sets the pace (average-pool to 8x8, a 1x1 convolution), on N/4 and on N samples,
    ``--repeats`` runs each, the sizes taking turns, the median kept (a fresh process's start-up
@@ -226,9 +228,11 @@ def source_spec(kind: str, path: str, n: int, size: int) -> dict:
     return {"kind": "folder", "path": path}
 
 
-def source_alone(kind: str, path: str, n: int, size: int, threads: int, shard: int, batch: int) -> tuple[int, float]:
+def source_alone(kind: str, path: str, n: int, size: int, threads: int, shard: int, batch: int,
+                 at_once: int = 1) -> tuple[int, float]:
     """The source as the driver opens it, read shard by shard and decoded as an actor does:
-    (rows, seconds)."""
+    (rows, seconds). With ``at_once`` > 1, that many shards stream at once into the one
+    decoder, as an actor runs them (one thread each; the decoding threads are shared)."""
     import pyarrow.fs as pafs
 
     from pipeline._sources import IndexFile, MemoryIndex, open_source, write_index
@@ -242,19 +246,23 @@ def source_alone(kind: str, path: str, n: int, size: int, threads: int, shard: i
         write_index(pafs.LocalFileSystem(), f"{folder}/index.parquet", index)
         source = open_source(spec, IndexFile(pafs.LocalFileSystem(), f"{folder}/index.parquet"))
     decoder = Decoder(threads)
-    rows = 0
-    t0 = time.perf_counter()
-    for start in range(0, len(source), shard):
+
+    def one_shard(start: int) -> int:
+        rows = 0
         stream = source.stream(start, min(start + shard, len(source)))
         while True:
             samples = [s for _, s in zip(range(batch), stream)]
             if not samples:
-                break
+                return rows
             raws = [s.image for s in samples if hasattr(s, "image")]
             for image in decoder(raws):
                 if isinstance(image, Exception):
                     raise image
             rows += len(raws)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(at_once) as shards:
+        rows = sum(shards.map(one_shard, range(0, len(source), shard)))
     seconds = time.perf_counter() - t0
     decoder.close()
     return rows, seconds
@@ -487,10 +495,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         floor(kind, paths["all"], n, args.size, args.threads)
         for threads in sorted({1, args.threads}):
             # the floor and the source take turns; the median of each (this host drifts by tens of %)
-            floors, alone = [], []
+            floors, alone, paired = [], [], []
             for _ in range(args.alone_repeats):
                 floors.append(floor(kind, paths["all"], n, args.size, threads))
                 alone.append(source_alone(kind, paths["all"], n, args.size, threads, args.shard_size, args.batch))
+                if threads > 1:
+                    paired.append(source_alone(kind, paths["all"], n, args.size, threads, args.shard_size, args.batch,
+                                               at_once=2))
             count, nbytes, s = floors[0][0], floors[0][1], statistics.median(f[2] for f in floors)
             res[f"floor_{threads}"] = count / s
             rows.append((f"floor, {threads} thread(s)", count, s, count / s, nbytes / s / 1e6, 1.0))
@@ -499,6 +510,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             res[f"seconds_{threads}"] = {"floor": [f[2] for f in floors], "source": [a[1] for a in alone]}
             rows.append((f"source alone, {threads} thread(s)", count, s, count / s, nbytes / s / 1e6,
                          (count / s) / res[f"floor_{threads}"]))
+            if paired:
+                s = statistics.median(a[1] for a in paired)
+                res[f"source_{threads}_two_shards"] = count / s
+                res[f"seconds_{threads}"]["two_shards"] = [a[1] for a in paired]
+                rows.append((f"source alone, {threads} threads, 2 shards at once", count, s, count / s,
+                             nbytes / s / 1e6, (count / s) / res[f"floor_{threads}"]))
         top = res[f"floor_{args.threads}"]
         if not args.no_e2e:
             if not warmed:  # the first run of a process pays for cold caches: not the source's cost

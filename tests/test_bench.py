@@ -71,11 +71,12 @@ def test_bench_sources_rows(tmp_path, capsys):
     for kind, res in result["kinds"].items():
         for key in ("floor_1", "floor_2", "source_1", "source_2"):
             assert res[key] > 0 and math.isfinite(res[key]), (kind, key)
-        assert all(len(res["seconds_2"][side]) == 2 for side in ("floor", "source"))  # taking turns, twice
+        assert res["source_2_two_shards"] > 0 and "source_1_two_shards" not in res, kind
+        assert all(len(res["seconds_2"][side]) == 2 for side in ("floor", "source", "two_shards"))  # taking turns
     plan = result["plan"]
     assert plan["plan_count"] == plan["scandir_count"] == plan["pyarrow_count"] == 300
     printed = capsys.readouterr().out
-    assert "source alone, 2 thread(s)" in printed and "planning a folder of 300 files" in printed
+    assert "source alone, 2 thread(s)" in printed and "2 threads, 2 shards at once" in printed and "planning a folder of 300 files" in printed
 
 
 def test_bench_actor_cpu_rows(ray_cluster, tmp_path, capsys):
