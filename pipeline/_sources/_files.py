@@ -75,9 +75,36 @@ class Location:
 
 
 def read_local(path: str) -> bytes:
-    """The whole local file ``path``."""
-    with open(path, "rb") as f:
-        return f.read()
+    """The whole local file ``path``.
+
+    Read with the operating system's calls, not ``open``: its file objects cost more than the
+    read of a small file (4-5 us against 9-10 for a 2 KB file), and that Python holds the GIL
+    that the decoding threads share. Read to the end, however short a read comes back.
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     _ = f.write(bytes(range(256)) * 1000); f.flush()
+    ...     read_local(f.name) == bytes(range(256)) * 1000
+    True
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        parts, size = [], _READ_SIZE
+        while True:
+            part = os.read(fd, size)
+            if not part:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.append(part)
+            if len(parts) == 1 and len(part) == size:  # a large file: the rest in one read
+                size = max(size, os.fstat(fd).st_size - size)
+    except OSError as exc:  # a folder in the file's place: say which, as ``open`` would
+        exc.filename = exc.filename or path
+        raise
+    finally:
+        os.close(fd)
+
+
+_READ_SIZE = 1 << 16  # a small image in one read, a large one in pieces of this size
 
 
 def _walk_local(root: str) -> list[str]:
