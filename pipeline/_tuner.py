@@ -8,21 +8,24 @@ threads, one batch each), keeps the fastest, and tries again every ``period`` ba
 the images may change along a dataset. A trial is one batch, and one batch's time is noisy on a
 shared machine: a count with more threads is kept when it comes within ``margin`` of the
 fastest, since too few threads cost far more than a few too many (on 2 cores, one noisy trial
-that kept 1 thread for 64 batches cost a fifth of a Parquet source's rate). Pure logic: the
-caller times its batches.
+that kept 1 thread for 64 batches cost a fifth of a Parquet source's rate). For the same reason
+a pick of fewer threads than before is held only ``period // 8`` batches before the counts are
+tried again, and for a whole period once the next trials confirm it. Pure logic: the caller
+times its batches.
 
->>> tuner = ThreadTuner(threads=4, period=3)
+>>> def run(tuner, rates, batches):  # rates: images/s of each count
+...     picked = []
+...     for _ in range(batches):
+...         threads = tuner.pick()
+...         picked.append(threads)
+...         tuner.record(threads, images=256, seconds=256 / rates[threads])
+...     return picked
+>>> tuner = ThreadTuner(threads=4, period=16)
 >>> tuner.candidates
 (1, 2, 4)
->>> rates = {1: 900.0, 2: 1500.0, 4: 1200.0}  # images/s of each count
->>> picked = []
->>> for _ in range(7):
-...     threads = tuner.pick()
-...     picked.append(threads)
-...     tuner.record(threads, images=256, seconds=256 / rates[threads])
->>> picked  # the warm-up batch, a trial of each count, the fastest for 3 batches, trials again
-[4, 1, 2, 4, 2, 2, 2]
->>> tuner.pick()
+>>> run(tuner, {1: 900.0, 2: 1500.0, 4: 1200.0}, 1 + 3 + 2 + 3 + 16)  # doctest: +NORMALIZE_WHITESPACE
+[4,  1, 2, 4,  2, 2,  1, 2, 4,  2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+>>> tuner.pick()  # the warm-up, the trials, 2 threads held 2 batches, confirmed, held 16: trials again
 1
 >>> close = ThreadTuner(threads=2, period=3)  # 2 threads within the margin of 1: 2 are kept
 >>> for threads, rate in [(2, 0.0), (1, 1000.0), (2, 900.0)]:
@@ -82,8 +85,10 @@ class ThreadTuner:
                     self._rates[threads] = images / seconds
                     if not self._trials:
                         fastest = max(self._rates.values())
-                        self._best = max(t for t, rate in self._rates.items() if rate >= (1 - self.margin) * fastest)
-                        self._left = self.period
+                        best = max(t for t, rate in self._rates.items() if rate >= (1 - self.margin) * fastest)
+                        confirmed = best >= self._best  # fewer threads than before: held a while, tried again
+                        self._best = best
+                        self._left = self.period if confirmed else max(1, self.period // 8)
                 return
             self._left -= 1
             if self._left <= 0:
