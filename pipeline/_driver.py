@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TextIO
 
 from ._executor import Executor, LocalExecutor, WorkerSpec
@@ -137,20 +138,38 @@ def _warn_small_shards(run: RunSpec) -> None:
 
 
 def _trial(probe: ShardWorker, run: RunSpec, executor: Executor | None) -> dict:
-    """The probe's checks and trial sample (the layers' shapes), on a thread of its own while
-    ``executor`` connects to its cluster: the two take seconds each, and mostly wait on
-    different things (the trial on imports and the model, a local Ray on its processes)."""
+    """The probe's checks and trial sample (the layers' shapes); when ``executor`` is slow to
+    connect (a local Ray starts its processes), they run on a thread of their own while it
+    connects in this one (Ray sets its signal handlers from the main thread alone).
+
+    The checks' own errors come first: a config error the trial finds is raised even when the
+    connection fails too. An interrupt (Ctrl-C, SIGTERM) stops the wait at once; the thread is
+    a daemon, so a trial still reading its samples holds nothing up.
+    """
     def checks() -> dict:
         _check_ids(probe.source, run.strict)
         _warn_row_groups(probe.source, run.shard_size)
         return probe.probe()
 
-    if executor is None:
+    if executor is None or not executor.slow_to_connect:
         return checks()
-    with ThreadPoolExecutor(1, thread_name_prefix="actmap-trial") as pool:
-        trial = pool.submit(checks)
+    trial: Future = Future()
+
+    def in_thread() -> None:
+        trial.set_running_or_notify_cancel()
+        try:
+            trial.set_result(checks())
+        except BaseException as exc:  # handed to the driver's thread, raised there
+            trial.set_exception(exc)
+
+    threading.Thread(target=in_thread, name="actmap-trial", daemon=True).start()
+    try:
         executor.connect()
-        return trial.result()
+    except Exception as connect_error:
+        if isinstance(trial.exception(), (ConfigError, BadSampleError)):  # the config's fault: said first
+            raise trial.exception() from connect_error
+        raise
+    return trial.result()
 
 
 def _plan(samples: int, shard_size: int) -> ShardPlan:

@@ -73,6 +73,9 @@ class Executor(Protocol):
 
     #: how many workers came up (``start`` starts them; on a Ray cluster some may come up later)
     workers: int
+    #: whether ``connect`` waits long enough (seconds: a local Ray starts its processes) to be
+    #: worth overlapping with the driver's trial sample
+    slow_to_connect: bool
 
     def connect(self) -> None:
         """Reach the cluster the workers will run on (a local Ray starts here, in seconds);
@@ -164,6 +167,8 @@ class LocalExecutor:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._slots = Slots(0)
         self._pending: dict[concurrent.futures.Future, tuple[int, Shard]] = {}
+
+    slow_to_connect = False
 
     def connect(self) -> None:
         pass  # the workers are threads of this process

@@ -92,6 +92,8 @@ class RayExecutor:
     """Ray actors planned from the cluster's resources (``run.actors``, ``run.gpus_per_actor``,
     ``run.cpus_per_actor``), spread over its nodes."""
 
+    slow_to_connect = True
+
     def __init__(self, address: str | None = None):
         self.address = address
         self.workers = 0  # actors that came up (at least once)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,11 +21,11 @@ import pytest
 import torch
 
 from pipeline import read_layer, read_table, run
-from pipeline._layout import SHARDS_DIR, layer_file, shard_record_path
+from pipeline._layout import MANIFEST_PATH, SHARDS_DIR, layer_file, shard_record_path
 from pipeline._models import build_model
 from pipeline._sources import open_source
 from pipeline.config import Config
-from pipeline.errors import BadSampleError, OutputConflictError, ShardFailedError
+from pipeline.errors import BadSampleError, ConfigError, OutputConflictError, ShardFailedError
 from support.samples import pixels
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"
@@ -288,16 +289,21 @@ class _Recording:
 
         self.inner, self.connecting = LocalExecutor(), connecting
 
+    slow_to_connect = True  # as a Ray executor: the trial runs on a thread while it connects
+    closed = False
+
     def connect(self):
         self.connecting.set()
+
+    def close(self):
+        self.closed = True
+        self.inner.close()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
 def test_a_new_dump_connects_while_its_trial_sample_runs_and_a_finished_one_never(tmp_path, monkeypatch):
-    import threading
-
     from pipeline import _driver
     from pipeline._worker import ShardWorker
 
@@ -321,3 +327,85 @@ def test_a_new_dump_connects_while_its_trial_sample_runs_and_a_finished_one_neve
     assert seen == [True], "the executor connected while the trial sample ran"
     assert run(config, stream=None).new_samples == 0
     assert len(made) == 1, "a rerun with nothing left to do made no executor"
+
+
+class _Unreachable(_Recording):
+    def connect(self):
+        raise ConnectionError("no cluster at ray://nowhere:10001")
+
+
+def _with_executor(monkeypatch, executor):
+    from pipeline import _driver
+
+    monkeypatch.setattr(_driver, "make_executor", lambda kind, address=None: executor)
+
+
+def _failing_trial(monkeypatch, error, threads):
+    from pipeline._worker import ShardWorker
+
+    def probe(self):
+        threads.append(threading.current_thread().name)
+        raise error
+
+    monkeypatch.setattr(ShardWorker, "probe", probe)
+
+
+def test_a_config_error_of_the_trial_comes_before_a_connection_that_fails_too(tmp_path, monkeypatch):
+    threads = []
+    executor = _Unreachable(threading.Event())
+    _with_executor(monkeypatch, executor)
+    _failing_trial(monkeypatch, ConfigError("model.layers", "no layer 'conv9'"), threads)
+    with pytest.raises(ConfigError, match="conv9") as caught:
+        run(_config(tmp_path / "out"), stream=None)
+    assert isinstance(caught.value.__cause__, ConnectionError)
+    assert threads == ["actmap-trial"] and executor.closed
+    assert not (tmp_path / "out" / MANIFEST_PATH).exists(), "nothing written"
+
+
+def test_a_connection_error_stands_when_the_trial_passes_and_a_trial_error_when_it_connects(tmp_path, monkeypatch):
+    _with_executor(monkeypatch, _Unreachable(threading.Event()))
+    with pytest.raises(ConnectionError, match="nowhere"):
+        run(_config(tmp_path / "out"), stream=None)
+    threads = []
+    executor = _Recording(threading.Event())
+    _with_executor(monkeypatch, executor)
+    _failing_trial(monkeypatch, RuntimeError("the model failed"), threads)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        run(_config(tmp_path / "out2"), stream=None)
+    assert threads == ["actmap-trial"] and executor.closed, "the executor it connected is closed"
+
+
+def test_with_a_local_executor_the_trial_runs_in_the_drivers_own_thread(tmp_path, monkeypatch):
+    from pipeline._worker import ShardWorker
+
+    threads, probe = [], ShardWorker.probe
+
+    def noted(self):
+        threads.append(threading.current_thread())
+        return probe(self)
+
+    monkeypatch.setattr(ShardWorker, "probe", noted)
+    assert run(_config(tmp_path / "out"), stream=None).rows == {"relu1": 40, "conv2": 40}
+    assert threads == [threading.main_thread()]  # nothing to overlap: Ctrl-C stops it as any code
+
+
+class _Interrupted(_Recording):
+    def connect(self):
+        raise KeyboardInterrupt  # Ctrl-C while Ray starts
+
+
+def test_an_interrupt_while_connecting_does_not_wait_for_the_trial(tmp_path, monkeypatch):
+    from pipeline._worker import ShardWorker
+
+    stuck = threading.Event()  # a trial whose read hangs (a store that does not answer)
+    monkeypatch.setattr(ShardWorker, "probe", lambda self: stuck.wait(timeout=60) and {})
+    executor = _Interrupted(threading.Event())
+    _with_executor(monkeypatch, executor)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(_config(tmp_path / "out"), stream=None)
+        assert time.monotonic() - started < 30, "the interrupt waited for the trial"
+        assert executor.closed
+    finally:
+        stuck.set()
