@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -71,21 +71,30 @@ class Decoder:
         if self._pool is None or threads < 2:
             return [fn(item) for item in items]
         # the threads take the images one at a time from a shared position: none waits idle
-        # at the end of a batch while another still decodes a chunk of several
+        # at the end of a batch while another still decodes a chunk of several. After an error
+        # they take no more, and the error is raised once all have stopped: no work outlives
+        # the call.
         out: list = [None] * len(items)
         position = iter(range(len(items)))
         lock = threading.Lock()
+        errors: list[BaseException] = []
 
         def work() -> None:
             while True:
                 with lock:
-                    i = next(position, None)
+                    i = None if errors else next(position, None)
                 if i is None:
                     return
-                out[i] = fn(items[i])
+                try:
+                    out[i] = fn(items[i])
+                except BaseException as exc:
+                    with lock:
+                        errors.append(exc)
+                    return
 
-        for future in [self._pool.submit(work) for _ in range(threads)]:
-            future.result()
+        wait([self._pool.submit(work) for _ in range(threads)])
+        if errors:
+            raise errors[0]
         return out
 
     def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:

@@ -4,6 +4,7 @@ GPU path's logic (run here with the CPU standing in for the GPU decoder)."""
 import contextlib
 import io
 import threading
+import time
 
 import pytest
 import torch
@@ -51,6 +52,30 @@ def test_files_are_read_by_the_decoding_threads_in_parallel():
     decoder.close()
     assert all(isinstance(o, torch.Tensor) for o in out)
     assert len(seen) == 3 and all(name.startswith("actmap-decode") for name in seen)
+
+
+def test_an_error_that_is_not_the_samples_stops_the_threads_and_is_raised_once_they_have():
+    reads, gate = [], threading.Event()
+
+    def read(i):
+        def load():
+            reads.append(i)
+            if i == 0:
+                raise ConnectionResetError("the connection dropped")  # not the sample's fault: raised
+            gate.wait(timeout=10)
+            return _png(i)
+        return Deferred(load)
+
+    decoder = Decoder(threads=2)
+    decoder.tuner.pick = lambda: 2
+    threading.Timer(0.2, gate.set).start()  # the other thread's read is still going when 0 fails
+    with pytest.raises(ConnectionResetError):
+        decoder([read(i) for i in range(64)])
+    done = list(reads)
+    assert len(done) <= 3, f"the threads kept taking images after the error: {done}"
+    time.sleep(0.3)
+    assert reads == done, "work went on after the call returned"
+    decoder.close()
 
 
 def test_a_failed_read_is_a_bad_image():
