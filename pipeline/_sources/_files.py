@@ -89,14 +89,13 @@ def read_local(path: str) -> bytes:
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        parts, size = [], _READ_SIZE
-        while True:
-            part = os.read(fd, size)
-            if not part:
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-            parts.append(part)
-            if len(parts) == 1 and len(part) == size:  # a large file: the rest in one read
-                size = max(size, os.fstat(fd).st_size - size)
+        parts = [os.read(fd, _READ_SIZE)]
+        if len(parts[0]) == _READ_SIZE:  # a large file: again from its start, in one read of its size
+            os.lseek(fd, 0, os.SEEK_SET)
+            parts = [os.read(fd, os.fstat(fd).st_size + 1)]
+        while parts[-1]:  # to the end, however short a read comes back
+            parts.append(os.read(fd, _READ_SIZE))
+        return parts[0] if len(parts) <= 2 else b"".join(parts)
     except OSError as exc:  # a folder in the file's place: say which, as ``open`` would
         exc.filename = exc.filename or path
         raise
@@ -104,7 +103,7 @@ def read_local(path: str) -> bytes:
         os.close(fd)
 
 
-_READ_SIZE = 1 << 16  # a small image in one read, a large one in pieces of this size
+_READ_SIZE = 1 << 16  # a small image in one read
 
 
 def _walk_local(root: str) -> list[str]:

@@ -1,4 +1,5 @@
 import io
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -367,3 +368,24 @@ def test_the_local_listing_is_in_the_order_of_sorted_paths(tmp_path):
     expected = sorted(n for n in names if n.endswith(".png"))
     assert listed == expected
     assert listed == sorted(listed, key=lambda p: p.encode())  # as Arrow sorts: by UTF-8 bytes
+
+
+@pytest.mark.parametrize("size", [0, 1, 2_000, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 3_000_000])
+def test_a_local_file_is_read_whole_whatever_its_size(tmp_path, size):
+    from pipeline._sources._files import read_local
+
+    path = tmp_path / "image.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert read_local(str(path)) == data
+
+
+def test_a_local_read_that_fails_names_the_file_and_is_the_samples_fault(tmp_path):
+    from pipeline._sources._base import is_sample_fault
+    from pipeline._sources._files import read_local
+
+    (tmp_path / "a.jpg").mkdir()  # a folder where the listing saw a file
+    for name, error in (("a.jpg", IsADirectoryError), ("gone.jpg", FileNotFoundError)):
+        with pytest.raises(error, match=name) as caught:
+            read_local(str(tmp_path / name))
+        assert is_sample_fault(caught.value)
