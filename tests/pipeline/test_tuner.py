@@ -100,3 +100,29 @@ def test_one_noisy_trial_that_favours_fewer_threads_costs_a_few_batches_not_a_pe
     assert picked[69:77] == [1] * 8  # 1 thread held for period // 8 batches only
     assert picked[77:79] == [1, 2]  # tried again: 2 threads are back, for the period
     assert picked[79:] == [2] * 10
+
+
+def test_batches_of_shards_decoded_at_once_take_turns_so_each_is_timed_alone():
+    # a batch timed while another shared the threads made the trials pick too few of them
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    class Counting(Decoder):
+        def _map(self, fn, items, threads=None):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.02)
+            with lock:
+                running[0] -= 1
+            return list(items)
+
+    decoder = Counting(threads=2)
+    images = [torch.zeros(3, 4, 4, dtype=torch.uint8)] * 4
+    shards = [threading.Thread(target=lambda: [decoder(images) for _ in range(5)]) for _ in range(3)]
+    for shard in shards:
+        shard.start()
+    for shard in shards:
+        shard.join()
+    decoder.close()
+    assert most[0] == 1
