@@ -16,6 +16,7 @@ fastest on one. On a CUDA device the JPEG files of a batch are decoded there in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,10 +55,10 @@ class Decoder:
         self.resize, self.crop, self.max_pixels, self.channels = resize, crop, max_pixels, channels
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actmap-decode") if self.threads > 1 else None
         self.tuner = ThreadTuner(self.threads)  # how many of them decode on the CPU: the fastest count
-        # one batch at a time on the CPU (the shards an actor runs at once take turns): a batch
-        # timed while another shared the threads misled the tuner (two shards at once, folder
-        # source alone on 2 threads: 0.92x its floor against 1.03x taking turns)
-        self._turn = threading.Lock()
+        # with threads to share, one batch at a time on the CPU (the shards an actor runs at once
+        # take turns): a batch timed while another shared the threads misled the tuner (two
+        # shards at once, folder source alone on 2 threads: 0.92x its floor against 1.03x)
+        self._turn = threading.Lock() if self.threads > 1 else contextlib.nullcontext()
 
     def one(self, raw: RawImage) -> torch.Tensor | Exception:
         """One image, decoded, checked, resized and cropped; or the exception when the fault is
