@@ -79,6 +79,13 @@ def test_bench_sources_rows(tmp_path, capsys):
     assert "source alone, 2 thread(s)" in printed and "2 threads, 2 shards at once" in printed and "planning a folder of 300 files" in printed
 
 
+def test_the_start_up_swing_is_the_spread_of_what_lies_outside_the_shards_span():
+    swing = _bench("bench_sources").start_up_swing
+    runs = [{"seconds": 13.6, "busy_seconds": 2.1}, {"seconds": 15.3, "busy_seconds": 2.2},
+            {"seconds": 13.7, "busy_seconds": 2.5}]
+    assert swing(runs) == pytest.approx(13.1 - 11.2)
+
+
 def test_bench_actor_cpu_rows(ray_cluster, tmp_path, capsys):
     bench = _bench("bench_actor_cpu")
     medians = bench.main(["--rows", "256", "--shard-size", "64", "--batch", "32", "--repeats", "1",
