@@ -1,5 +1,6 @@
 """The command line, through its exit codes and what it prints."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import read_layer
 from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,3 +75,29 @@ def test_the_command_exits_with_mains_status_its_objects_frozen(status, args):
         assert "relu1" in done.stdout
     module = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env, cwd=ROOT)
     assert module.returncode == status and module.stdout == done.stdout.rsplit("frozen", 1)[0]
+
+
+def test_modules_of_the_working_folder_and_pythonpath_reach_the_actors_of_a_ray_started_here(tmp_path):
+    """A local Ray's workers import what the driver can: the working folder's modules (Ray puts
+    it on their path) and PYTHONPATH's (they inherit the driver's environment)."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "settings.py").write_text("CHANNELS = 4\n")  # in the working folder
+    (tmp_path / "lib" / "my_model.py").write_text(  # on PYTHONPATH
+        "import torch\n"
+        "from settings import CHANNELS\n\n"
+        "def build():\n"
+        "    model = torch.nn.Sequential()\n"
+        "    model.add_module('conv', torch.nn.Conv2d(3, CHANNELS, 3))\n"
+        "    return model\n")
+    config = {"model": {"name": "my_model:build", "layers": ["conv"]},
+              "source": {"kind": "generated", "count": 8, "image_size": 16},
+              "run": {"output": str(tmp_path / "out"), "batch_size": 4, "shard_size": 4, "actors": 1,
+                      "executor": "ray"}}
+    (tmp_path / "dump.yaml").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path / "lib")])
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "dump.yaml"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "on 1 actor(s)" in done.stderr + done.stdout
+    assert read_layer(str(tmp_path / "out"), "conv").shape == (8, 4, 14, 14)
