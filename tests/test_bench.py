@@ -128,6 +128,15 @@ def test_bench_decode_threads_rows(capsys):
     assert "found by trial" in capsys.readouterr().out
 
 
+def test_bench_jpeg_rows(capsys):
+    bench = _bench("bench_jpeg")
+    rows = bench.main(["--sizes", "16x8", "--pixels", "2000", "--repeats", "1"])
+    assert [(r["size"], r["subsampling"]) for r in rows] == [
+        ("16x8", "4:4:4"), ("16x8", "4:2:2"), ("16x8", "4:2:0"), ("16x8", "4:2:0 progressive")]
+    assert all(r["same_pixels"] and r["simplejpeg_us"] > 0 and r["torchvision_us"] > 0 for r in rows)
+    assert "same pixels: True" in capsys.readouterr().out
+
+
 def test_bench_remote_rows(tmp_path):
     # in a process of its own: it starts a Ray whose actors inherit the store's credentials
     out = tmp_path / "remote.json"

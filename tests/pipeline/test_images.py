@@ -2,6 +2,7 @@
 
 import io
 import struct
+import types
 import zlib
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import _images
 from pipeline._images import ImageError, _decode_bytes, conform, decode, header_size
 from pipeline._sources import Deferred
 
@@ -37,8 +39,17 @@ def test_cmyk_jpeg_becomes_rgb():
     assert decode(_encoded("JPEG", mode="CMYK")).shape == (3, 6, 10)
 
 
+@pytest.fixture(params=["simplejpeg", "torchvision"])
+def jpeg_decoder(request, monkeypatch):
+    """Each test of the JPEG short path runs with simplejpeg and with torchvision's operator
+    alone (a machine without simplejpeg's wheel)."""
+    if request.param == "torchvision":
+        monkeypatch.setattr(_images, "_SIMPLEJPEG", None)
+    return request.param
+
+
 @pytest.mark.parametrize("mode, size", [("RGB", (64, 48)), ("L", (31, 17)), ("CMYK", (10, 6)), ("RGB", (1, 1))])
-def test_jpeg_files_take_the_short_path_to_the_same_pixels(mode, size):
+def test_jpeg_files_take_the_short_path_to_the_same_pixels(mode, size, jpeg_decoder):
     # the decoder's operator called directly, its (H, W, 3) output left as it lies: the values
     # are those of the general path (torchvision's wrapper, then the conversions)
     rng = np.random.default_rng(1)
@@ -54,7 +65,35 @@ def test_jpeg_files_take_the_short_path_to_the_same_pixels(mode, size):
     assert torch.equal(decode(data, channels=1), conform(general, channels=1))
 
 
-def test_a_jpeg_file_the_decoder_refuses_goes_the_general_way():
+def _photo(width: int, height: int) -> np.ndarray:
+    """Smooth colour gradients with noise: what a JPEG encoder meets in a photo."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(x / 17 + c) * np.cos(y / 23 - c) for c in range(3)], -1) * 100 + 128
+    noise = np.random.default_rng(width).normal(0, 12, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (333, 217)])
+@pytest.mark.parametrize("options", [{"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2},
+                                     {"subsampling": 2, "progressive": True}, {"mode": "L"}, {"mode": "CMYK"}])
+def test_simplejpeg_gives_torchvisions_pixels_and_leaves_cmyk_to_it(size, options, monkeypatch):
+    assert _images._SIMPLEJPEG is not None  # a dependency of the package
+    options = dict(options)
+    image = Image.fromarray(_photo(*size)).convert(options.pop("mode", "RGB"))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90, **options)
+    data = buf.getvalue()
+    calls = []
+    real = _images._SIMPLEJPEG
+    monkeypatch.setattr(_images, "_SIMPLEJPEG",
+                        types.SimpleNamespace(decode_jpeg=lambda d, c: calls.append(c) or real.decode_jpeg(d, c)))
+    fast = decode(data)
+    monkeypatch.setattr(_images, "_SIMPLEJPEG", None)
+    assert torch.equal(fast, decode(data)) and fast.shape == (3, size[1], size[0])
+    assert calls == ([] if image.mode == "CMYK" else ["RGB"])  # simplejpeg's CMYK conversion is not torchvision's
+
+
+def test_a_jpeg_file_the_decoder_refuses_goes_the_general_way(jpeg_decoder):
     # refused by torchvision's decoder, then by PIL: the general path's error, naming the bytes
     data = _encoded("JPEG", size=(40, 30))
     for broken in (data[: len(data) // 2], data[:40]):  # cut in the pixels; in the header
