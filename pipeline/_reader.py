@@ -75,11 +75,21 @@ def dump_layers(store: OutputStore | str) -> list[str]:
 
 
 def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | torch.Tensor:
+    """``values`` as numpy (bfloat16 widened to float32) or as a torch tensor (bfloat16 kept).
+    A tensor is the caller's to write to: values that lie in Arrow's read-only buffers are
+    copied first (torch would warn, and an in-place op would write into Arrow's memory).
+
+    >>> frozen = np.arange(3, dtype=np.float32); frozen.flags.writeable = False
+    >>> tensor = _to_array(frozen, "float32", as_torch=True).mul_(2)
+    >>> tensor.tolist(), frozen.tolist()
+    ([0.0, 2.0, 4.0], [0.0, 1.0, 2.0])
+    """
+    if not as_torch:
+        return bfloat16_to_float32(values) if dtype == "bfloat16" else values
+    values = np.require(values, requirements=("C", "W"))
     if dtype == "bfloat16":
-        if as_torch:
-            return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
-        return bfloat16_to_float32(values)
-    return torch.from_numpy(np.ascontiguousarray(values)) if as_torch else values
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
 
 
 def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,

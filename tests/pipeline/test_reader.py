@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -111,6 +112,20 @@ def test_activation_dataset_keeps_few_files_open(dump):
     data.close()
     assert all(h.closed for h in handles) and not data._readers
     assert torch.equal(data[3][0], ActivationDataset(dump, "relu1")[3][0]), "usable after close"
+
+
+def test_torch_values_are_copied_out_of_read_only_buffers_only():
+    from pipeline._reader import _to_array
+
+    frozen = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    frozen.flags.writeable = False
+    for dtype in ("float16", "bfloat16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns of a tensor over read-only memory
+            tensor = _to_array(frozen.view(np.float16) if dtype == "float16" else frozen, dtype, as_torch=True)
+        assert not np.shares_memory(tensor.view(torch.int16).numpy(), frozen)
+    mine = np.arange(6, dtype=np.float16)
+    assert np.shares_memory(_to_array(mine, "float16", as_torch=True).numpy(), mine)  # no copy needed
 
 
 def test_activation_dataset_items_are_copies(dump):
