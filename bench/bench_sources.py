@@ -283,10 +283,10 @@ def actmap_run(kind: str, path: str, n: int, size: int, output: str, batch: int,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     rss_path = output + ".driver-rss"
-    # the CLI, then the driver's own peak memory (wait4 would also count the Ray processes it reaped)
-    script = ("import resource, sys; from pipeline.cli import main; code = main(sys.argv[1:]); "
-              f"open({rss_path!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
-              "sys.exit(code)")
+    # the CLI, then the driver's own peak memory (wait4 would also count the Ray processes it
+    # reaped, and ru_maxrss starts at this process's peak, which holds the bench's images)
+    script = ("import sys; from pipeline.cli import main; from pipeline._metrics import peak_rss_mb; "
+              f"code = main(sys.argv[1:]); open({rss_path!r}, 'w').write(str(peak_rss_mb())); sys.exit(code)")
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script, "run", config_path, "--quiet"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -299,7 +299,7 @@ def actmap_run(kind: str, path: str, n: int, size: int, output: str, batch: int,
     if rows != (n if kind != "generated" else n):
         raise RuntimeError(f"actmap wrote {rows} rows, expected {n}:\n{err[-2000:]}")
     busy = max(r["finished"] for r in records) - min(r["started"] for r in records)
-    return {"seconds": seconds, "busy_seconds": busy, "driver_rss_mb": int(Path(rss_path).read_text()) / 1024,
+    return {"seconds": seconds, "busy_seconds": busy, "driver_rss_mb": float(Path(rss_path).read_text()),
             "actor_rss_mb": max(r["worker"].get("max_rss_mb", 0) for r in records),
             "load_wait": sum(r["seconds"]["load_wait"] for r in records),
             "shard_seconds": sum(r["seconds"]["total"] for r in records)}

@@ -29,6 +29,7 @@ batch, not only with every shard.
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,27 @@ def _ray_worker() -> Any:
     if ray.get_runtime_context().get_actor_id() is None:
         return None  # the driver (the trial sample): it exports nothing
     return ray
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB.
+
+    Read from ``VmHWM`` where Linux gives it, not from ``getrusage``'s ``ru_maxrss``: a process
+    started by fork (or vfork) and exec keeps in ``ru_maxrss`` the peak its parent had when it
+    forked, so a small driver started by a large process would report the parent's peak.
+
+    >>> 0 < peak_rss_mb() < 1e6
+    True
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS gives bytes, Linux KiB
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 class ActorMetrics:

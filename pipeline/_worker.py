@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import resource
 import socket
 import sys
 import threading
@@ -32,7 +31,7 @@ import torch
 from ._decoder import Decoder
 from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
-from ._metrics import ActorMetrics
+from ._metrics import ActorMetrics, peak_rss_mb
 from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, model_identity
 from ._preprocess import stack_images, to_model_input
@@ -211,7 +210,7 @@ class ShardWorker:
         return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device),
                 "threads": torch.get_num_threads(), "decode_threads": self.decoder.threads,
                 # the process's peak resident memory so far (Linux reports KiB)
-                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                "max_rss_mb": peak_rss_mb()}
 
     # -- stages ----------------------------------------------------------------------------
 

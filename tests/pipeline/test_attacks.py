@@ -218,11 +218,10 @@ def test_an_output_that_is_a_file_or_cannot_be_opened_exits_2(tmp_path, capsys):
 
 def test_an_absurd_source_size_is_refused_at_once_in_flat_memory(tmp_path):
     """``source.count: 100000000000``: before, the shard list grew the driver to 24 GB."""
-    # the peak of that process alone (VmHWM): its ru_maxrss starts at the peak of the process that
-    # started it, this test process, which the guide's Mask R-CNN doctest may have grown by GBs
-    code = ("import re, sys; from pipeline.cli import main; status = main(sys.argv[1:]); "
-            "peak = re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1); "
-            "print('peak MB', int(peak) // 1024); sys.exit(status)")
+    # the peak of that process alone: its ru_maxrss starts at the peak of the process that started
+    # it, this test process, which the guide's Mask R-CNN doctest may have grown by GBs
+    code = ("import sys; from pipeline.cli import main; from pipeline._metrics import peak_rss_mb; "
+            "status = main(sys.argv[1:]); print('peak MB', int(peak_rss_mb())); sys.exit(status)")
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code, *_args(tmp_path / "out", **{"source.count": 100_000_000_000})],
                           capture_output=True, text=True, timeout=300)

@@ -3,7 +3,10 @@
 import io
 import json
 import re
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -525,3 +528,15 @@ def test_a_webdataset_json_field_of_another_type_makes_its_sample_bad(tmp_path):
     record = _run_shard(config, Shard(0, 0, 5))
     assert record.bad == (BadSample(2, "k2", _HIGH),)
     assert read_table(config.run.output, "conv2").column("score").to_pylist() == [0.5, 1.0, None, 2.5]
+
+
+def test_the_peak_memory_is_the_processs_own_not_its_parents():
+    # a process started by a large one: ru_maxrss would report the parent's peak
+    ballast = bytearray(1500 << 20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touched: resident
+    code = ("import resource; from pipeline._metrics import peak_rss_mb; "
+            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split())
+    assert inherited > 1500 and own < inherited - 1000, (own, inherited)  # own: torch, pyarrow
+    del ballast
