@@ -28,6 +28,7 @@ from ..config import ParquetSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
 from ._files import Location, read_ahead
+from ._ids import repeated_ids
 from ._index import Index, MemoryIndex, digest
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ READ_AHEAD = 4
 PRE_BUFFER_LIMIT = 64 << 20
 #: Footers read at once by the driver.
 FOOTER_READERS = 16
+#: Ids read at a time by the driver's search for repeated ids.
+ID_BATCH_ROWS = 65_536
 
 _INDEX_SCHEMA = pa.schema([("file", pa.string()), ("group", pa.int32()), ("rows", pa.int64()),
                            ("first", pa.int64())])
@@ -119,8 +122,9 @@ class ParquetSource(StreamingSource):
         self._schema_text = schema.remove_metadata().to_string()
         if index is None:
             table = _row_groups(dataset, self._root)
-            meta = {"rows": int(pc.sum(table.column("rows")).as_py() or 0), "files": len(set(table.column("file").to_pylist())),
-                    "repeated_ids": self._repeated_ids(dataset) if id_column else None}
+            rows = int(pc.sum(table.column("rows")).as_py() or 0)
+            meta = {"rows": rows, "files": len(set(table.column("file").to_pylist())),
+                    "repeated_ids": self._repeated_ids(dataset, rows) if id_column else None}
             meta["sha256"] = digest(table, {**meta, "schema": self._schema_text})
             index = MemoryIndex(table, meta)
         self.index = index
@@ -132,13 +136,14 @@ class ParquetSource(StreamingSource):
         self.count = int(index.meta["rows"])
         self._footers: dict[str, tuple[pq.FileMetaData, bool]] = {}  # file: its footer, whether to pre-buffer
 
-    def _repeated_ids(self, dataset: ds.Dataset) -> dict:
-        """How many ids appear more than once, with a few of them (one read of the id column)."""
-        ids = dataset.to_table(columns=[self.id_column]).column(self.id_column)
-        counts = pc.value_counts(ids)
-        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-        return {"count": len(repeated),
-                "examples": [str(v) for v in repeated.field("values")[:5].to_pylist()]}
+    def _repeated_ids(self, dataset: ds.Dataset, rows: int) -> dict:
+        """How many ids appear more than once, with a few of them: the id column streamed in
+        batches, in memory of 8 bytes per row (:mod:`._ids`), not the column itself."""
+        def column() -> Iterator[pa.Array]:
+            for batch in dataset.to_batches(columns=[self.id_column], batch_size=ID_BATCH_ROWS):
+                yield batch.column(0)
+
+        return repeated_ids(column, rows)
 
     def __len__(self) -> int:
         return self.count

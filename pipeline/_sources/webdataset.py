@@ -35,6 +35,7 @@ from ..config import WebDatasetSpec
 from ..errors import ConfigError
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import Location
+from ._ids import repeated_ids
 from ._index import Index, MemoryIndex, digest
 
 log = logging.getLogger(__name__)
@@ -209,10 +210,8 @@ class WebDatasetSource(StreamingSource):
         if not table.num_rows:
             raise ConfigError(_PATH, f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
         extensions = sorted(pc.unique(pc.list_flatten(table.column("members")).combine_chunks().field("ext")).to_pylist())
-        counts = pc.value_counts(table.column("key"))
-        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
         meta = {"tars": tars, "extensions": extensions, "samples": table.num_rows,
-                "repeated_ids": {"count": len(repeated), "examples": repeated.field("values")[:5].to_pylist()}}
+                "repeated_ids": repeated_ids(lambda: iter(table.column("key").chunks), table.num_rows)}
         self.index, self.tars = MemoryIndex(table, meta), tars
         meta = self.index.meta
         meta["json_fields"] = self._infer_json_fields() if "json" in extensions else []

@@ -1,0 +1,57 @@
+"""Sample ids that appear more than once, found in bounded memory.
+
+The driver looks for repeated ids before any work (a warning, or a refusal with
+``run.strict``). Counting the ids in a hash table of the ids themselves (``pc.value_counts``)
+holds every distinct id at once: gigabytes for a Parquet id column of 100 million strings.
+Here the id column streams by twice at most: the first pass keeps an 8-byte hash per id and
+sorts them, so equal ids lie side by side; only when two hashes are equal does a second pass
+count the ids behind those hashes exactly (two different ids may share a hash, and are not
+reported). Null ids are left out: their rows are bad samples already.
+
+>>> import pyarrow as pa
+>>> column = lambda: iter([pa.array(["a", "b", None]), pa.array(["a", None, "c", "b", "a"])])
+>>> repeated_ids(column, rows=8)
+{'count': 2, 'examples': ['a', 'b']}
+>>> repeated_ids(lambda: iter([pa.array([3, 1, 2])]), rows=3)
+{'count': 0, 'examples': []}
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+
+def _hashes(values: list) -> np.ndarray:
+    return np.fromiter(map(hash, values), dtype=np.int64, count=len(values))
+
+
+def repeated_ids(batches: Callable[[], Iterator[pa.Array]], rows: int, examples: int = 5) -> dict:
+    """``{"count", "examples"}``: how many distinct ids appear more than once, and the first
+    ``examples`` of them in the order they first appear.
+
+    Args:
+        batches: gives the id column anew, as arrays in row order, each time it is called.
+        rows: the column's length (the hashes are kept in one array of that size).
+    """
+    hashes = np.empty(rows, dtype=np.int64)
+    filled = 0
+    for array in batches():
+        found = _hashes(array.drop_null().to_pylist())
+        hashes[filled:filled + len(found)] = found
+        filled += len(found)
+    hashes = hashes[:filled]
+    hashes.sort()
+    suspects = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    if not len(suspects):
+        return {"count": 0, "examples": []}
+    counts: collections.Counter = collections.Counter()
+    for array in batches():
+        values = array.drop_null().to_pylist()
+        for i in np.flatnonzero(np.isin(_hashes(values), suspects)):
+            counts[values[i]] += 1
+    repeated = [value for value, count in counts.items() if count > 1]
+    return {"count": len(repeated), "examples": [str(v) for v in repeated[:examples]]}
