@@ -178,9 +178,9 @@ def _decode_jpeg(data: bytes, max_pixels: int | None) -> torch.Tensor | None:
     torchvision's operator called directly (its Python wrapper costs as much again on a small
     image). Both run the same accurate decoding, so the pixels are the same to the bit;
     simplejpeg's is 1.2-1.3x as fast on 64 px images, 1.05-1.1x on baseline photos, the same on
-    progressive ones (``bench/bench_jpeg.py``). A CMYK file, and one simplejpeg refuses (a
-    truncated file, an unusual subsampling), go to torchvision, which converts and judges them
-    as it always has. ``None`` when the header gives no size or torchvision refuses the file
+    progressive ones (``bench/bench_jpeg.py``). A CMYK file, and one simplejpeg refuses or
+    fails on (a truncated file, an unusual subsampling, pixels it cannot allocate), go to
+    torchvision, which converts and judges them as it always has. ``None`` when the header gives no size or torchvision refuses the file
     too: the general path then decodes it (PIL) or says why it cannot."""
     frame = _jpeg_frame(data)
     if frame is None:
@@ -190,7 +190,7 @@ def _decode_jpeg(data: bytes, max_pixels: int | None) -> torch.Tensor | None:
     if components != 4 and _SIMPLEJPEG is not None:
         try:
             return torch.from_numpy(_SIMPLEJPEG.decode_jpeg(data, "RGB").transpose(2, 0, 1))  # numpy's view: 0.8 us less
-        except ValueError:
+        except Exception:  # a refusal, or pixels it cannot allocate: torchvision judges the file as before
             pass
     try:
         return (_JPEG_OPERATOR or _jpeg_operator())(torch.frombuffer(bytearray(data), dtype=torch.uint8), _RGB_MODE, False)

@@ -6,7 +6,8 @@ holds every distinct id at once: gigabytes for a Parquet id column of 100 millio
 Here the id column streams by twice at most: the first pass keeps an 8-byte hash per id and
 sorts them, so equal ids lie side by side; only when two hashes are equal does a second pass
 count the ids behind those hashes exactly (two different ids may share a hash, and are not
-reported). Null ids are left out: their rows are bad samples already.
+reported). Null ids are left out: their rows are bad samples already. Float ids compare as
+the sample ids they become (their ``str``).
 
 >>> import pyarrow as pa
 >>> column = lambda: iter([pa.array(["a", "b", None]), pa.array(["a", None, "c", "b", "a"])])
@@ -29,6 +30,13 @@ def _hashes(values: list) -> np.ndarray:
     return np.fromiter(map(hash, values), dtype=np.int64, count=len(values))
 
 
+def _ids(array: pa.Array) -> list:
+    """The non-null values of ``array``, as sample ids compare: floats by the id they become
+    (``str``: NaN is one id, ``-0.0`` and ``0.0`` two), other values as they are."""
+    values = array.drop_null().to_pylist()
+    return list(map(str, values)) if pa.types.is_floating(array.type) else values
+
+
 def repeated_ids(batches: Callable[[], Iterator[pa.Array]], rows: int, examples: int = 5) -> dict:
     """``{"count", "examples"}``: how many distinct ids appear more than once, and the first
     ``examples`` of them in the order they first appear.
@@ -40,7 +48,9 @@ def repeated_ids(batches: Callable[[], Iterator[pa.Array]], rows: int, examples:
     hashes = np.empty(rows, dtype=np.int64)
     filled = 0
     for array in batches():
-        found = _hashes(array.drop_null().to_pylist())
+        found = _hashes(_ids(array))
+        if filled + len(found) > len(hashes):  # more ids than ``rows`` said: grown, not refused
+            hashes = np.resize(hashes, max(2 * len(hashes), filled + len(found)))
         hashes[filled:filled + len(found)] = found
         filled += len(found)
     hashes = hashes[:filled]
@@ -50,7 +60,7 @@ def repeated_ids(batches: Callable[[], Iterator[pa.Array]], rows: int, examples:
         return {"count": 0, "examples": []}
     counts: collections.Counter = collections.Counter()
     for array in batches():
-        values = array.drop_null().to_pylist()
+        values = _ids(array)
         for i in np.flatnonzero(np.isin(_hashes(values), suspects)):
             counts[values[i]] += 1
     repeated = [value for value, count in counts.items() if count > 1]

@@ -21,6 +21,16 @@ def test_repeats_across_batches_in_order_of_first_appearance():
     assert repeated_ids(_column([f"id{i}" for i in range(100)]), rows=100, examples=2) == {"count": 0, "examples": []}
 
 
+def test_float_ids_compare_as_the_sample_ids_they_become():
+    nan = float("nan")
+    assert repeated_ids(_column([1.0, nan, 2.0], [nan, 1.0]), rows=5) == {"count": 2, "examples": ["1.0", "nan"]}
+    assert repeated_ids(_column([0.0, -0.0]), rows=2) == {"count": 0, "examples": []}
+
+
+def test_more_ids_than_announced_are_counted_too():
+    assert repeated_ids(_column(["a", "b"], ["c", "a"]), rows=1) == {"count": 1, "examples": ["a"]}
+
+
 def test_ids_that_only_share_a_hash_are_not_reported(monkeypatch):
     # every id gets the same hash: the second pass counts the ids themselves
     monkeypatch.setattr(_ids, "_hashes", lambda values: _ids.np.zeros(len(values), dtype=_ids.np.int64))

@@ -93,6 +93,18 @@ def test_simplejpeg_gives_torchvisions_pixels_and_leaves_cmyk_to_it(size, option
     assert calls == ([] if image.mode == "CMYK" else ["RGB"])  # simplejpeg's CMYK conversion is not torchvision's
 
 
+@pytest.mark.parametrize("error", [ValueError("Premature end of JPEG file"), MemoryError(),
+                                   RuntimeError("could not create JPEG decoder")])
+def test_whatever_simplejpeg_raises_torchvision_judges_the_file(error, monkeypatch):
+    def failing(data, colorspace):
+        raise error
+
+    data = _encoded("JPEG", size=(40, 30))
+    expected = decode(data)
+    monkeypatch.setattr(_images, "_SIMPLEJPEG", types.SimpleNamespace(decode_jpeg=failing))
+    assert torch.equal(decode(data), expected)
+
+
 def test_a_jpeg_file_the_decoder_refuses_goes_the_general_way(jpeg_decoder):
     # refused by torchvision's decoder, then by PIL: the general path's error, naming the bytes
     data = _encoded("JPEG", size=(40, 30))
