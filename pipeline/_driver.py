@@ -91,6 +91,8 @@ def _check_ids(source, strict: bool) -> None:
     examples = ", ".join(repr(v) for v in repeated["examples"])
     message = (f"{repeated['count']:,} sample ids appear more than once (e.g. {examples}); the rows "
                "keep their distinct index, but joins on sample_id will match several")
+    if repeated.get("hint"):
+        message += f"; {repeated['hint']}"
     if strict:
         raise ConfigError(Config.key("source"), f"{message} ({RunSpec.key('strict')} is set; unset it to go on)")
     log.warning("%s", message)

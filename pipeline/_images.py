@@ -307,6 +307,8 @@ def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, 
         raw = raw.load()
     if isinstance(raw, (bytes, bytearray, memoryview)):
         data = bytes(raw)
+        if not data:
+            raise ImageError("an empty file (0 bytes)")
         if channels == 3 and data[:3] == _JPEG_MAGIC:  # the common case, on the shortest path
             image = _decode_jpeg(data, max_pixels)
             if image is not None:

@@ -152,7 +152,8 @@ def _sorted_entries(folder: str) -> tuple[list[str], bool]:
     return keys, folders
 
 
-def _is_utf8(name: str) -> bool:
+def is_utf8(name: str) -> bool:
+    """Whether ``name`` has a UTF-8 form (a name the OS gave as bytes that are not keeps them as surrogates)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -172,9 +173,9 @@ def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.T
         try:
             paths = pa.array(names, pa.string())
         except UnicodeEncodeError:  # names that are not UTF-8 (os keeps their bytes as surrogates)
-            kept = [n for n in names if _is_utf8(n)]
+            kept = [n for n in names if is_utf8(n)]
             log.warning("%d file name(s) under %s are not UTF-8 and are left out, e.g. %r", len(names) - len(kept),
-                        location.location, next(n for n in names if not _is_utf8(n)))
+                        location.location, next(n for n in names if not is_utf8(n)))
             paths = pa.array(kept, pa.string())
         sizes = pa.nulls(len(paths), pa.int64())
     else:

@@ -4,14 +4,18 @@
 (``/data/train-*.tar``) or a brace range (``s3://bucket/train-{0000..0099}.tar``). In each tar,
 consecutive members with the same key (the name up to the first dot of its file name) are one
 sample, as WebDataset groups them: ``000123.jpg`` is its image (``jpg``, ``jpeg``, ``png``,
-``webp`` and the other image suffixes), ``000123.cls`` becomes ``label`` (an integer),
-``000123.txt`` becomes ``caption``, and the fields of ``000123.json`` become columns of their
-own (their types from the first sample that has one; a later value of another type makes its
-sample bad). ``sample_id`` is the key.
+``webp`` and the other image suffixes, in any case), ``000123.cls`` becomes ``label`` (an
+integer), ``000123.txt`` becomes ``caption``, and the fields of ``000123.json`` become columns
+of their own: every field any ``.json`` member has (a ``label`` or ``caption`` field too, where
+no ``.cls`` or ``.txt`` file gives that column), typed by its first value that is not null (an
+integer field that also holds fractions is a float; lists and objects are kept as JSON text; a
+value of another type makes its sample bad). ``sample_id`` is the key. As in WebDataset, a
+member without an extension, or whose file name starts with a dot, belongs to no sample; a hard
+link stands for the file it links to.
 
 The driver reads the tar headers once (on a local disk it seeks from header to header; on
-object storage it streams each tar once, several at a time) and indexes every sample's members
-by offset. A shard then reads, from each tar it touches, the one byte range that holds its
+object storage it streams each tar once, several at a time), and the ``.json`` members for
+their fields, and indexes every sample's members by offset. A shard then reads, from each tar it touches, the one byte range that holds its
 samples (in pieces of at most :data:`READ_BYTES`): sequential reads, no extraction to disk, and
 the same sample ids and indices on every actor and every rerun.
 """
@@ -23,8 +27,9 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +39,7 @@ from .._layout import RESERVED_COLUMNS
 from ..config import WebDatasetSpec
 from ..errors import ConfigError
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
-from ._files import Location
+from ._files import Location, is_utf8
 from ._ids import repeated_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -53,31 +58,51 @@ SIDE_FILES = frozenset({"cls", "txt", "json"})
 _MEMBER = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 _INDEX_SCHEMA = pa.schema([("tar", pa.int32()), ("key", pa.string()), ("members", pa.list_(_MEMBER))])
 _JSON_TYPES = {bool: "bool", int: "int64", float: "double", str: "string"}
-#: Column names a ``.json`` field cannot take.
-TAKEN = RESERVED_COLUMNS | {"label", "caption"}
+#: The side files whose columns a ``.json`` field of the same name cannot take.
+_SIDE_COLUMNS = {"cls": "label", "txt": "caption"}
 _PATH = WebDatasetSpec.key("path")
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+#: The first bytes of the compressed files a ``.tar`` name may hide.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """The names a brace pattern stands for: numeric ranges (kept zero-padded) and lists.
+    """The names a brace pattern stands for, as a shell expands it: lists (nested too) and numeric
+    ranges (either way; zero-padded when an end is); a brace with neither stays as it is.
 
     >>> expand_braces("train-{00..02}.tar")
     ['train-00.tar', 'train-01.tar', 'train-02.tar']
     >>> expand_braces("{a,b}/x-{8..10}.tar")
     ['a/x-8.tar', 'a/x-9.tar', 'a/x-10.tar', 'b/x-8.tar', 'b/x-9.tar', 'b/x-10.tar']
+    >>> expand_braces("x{a,{b,c}}{2..1}{}.tar")
+    ['xa2{}.tar', 'xa1{}.tar', 'xb2{}.tar', 'xb1{}.tar', 'xc2{}.tar', 'xc1{}.tar']
     """
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    if match.group(3) is not None:
-        choices = match.group(3).split(",")
-    else:
-        low, high = match.group(1), match.group(2)
-        width = len(low) if low.startswith("0") else 0
-        choices = [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
-    head, tail = pattern[:match.start()], pattern[match.end():]
-    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+    for start, char in enumerate(pattern):
+        if char != "{":
+            continue
+        depth, commas = 0, []
+        for end in range(start, len(pattern)):
+            depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+            if depth == 1 and pattern[end] == ",":
+                commas.append(end)
+            if depth == 0:
+                break
+        else:
+            return [pattern]  # not closed: nothing after it is a brace either
+        inner, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
+        if commas:
+            bounds = [start, *commas, end]
+            choices = [pattern[a + 1:b] for a, b in zip(bounds, bounds[1:])]
+        elif (numbers := _RANGE.fullmatch(inner)) is not None:
+            low, high = numbers.group(1), numbers.group(2)
+            padded = any(len(n.lstrip("-")) > 1 and n.lstrip("-").startswith("0") for n in (low, high))
+            width = max(len(low), len(high)) if padded else 0
+            step = 1 if int(high) >= int(low) else -1
+            choices = [str(n).zfill(width) for n in range(int(low), int(high) + step, step)]
+        else:
+            continue  # a literal brace
+        return [name for choice in choices for name in expand_braces(head + choice + tail)]
+    return [pattern]
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -107,11 +132,15 @@ def split_tar(tar: str) -> tuple[str, str]:
 
 
 def _resolve(patterns: Sequence[str]) -> list[str]:
-    """The tar files the patterns name, in the order given (each glob sorted)."""
+    """The tar files the patterns name, in the order given (each glob sorted); a tar named twice
+    is read once."""
     tars: list[str] = []
     for pattern in patterns:
         for name in expand_braces(pattern):
             folder, base = split_tar(name)
+            if any(c in folder.partition("?")[0] for c in "*["):
+                raise ConfigError(_PATH, f"{name!r}: a glob matches file names, not folders; name the "
+                                  "folders with a brace pattern ('{a,b}/*.tar') or a list")
             if not any(c in base for c in "*?["):
                 tars.append(name)
                 continue
@@ -124,7 +153,10 @@ def _resolve(patterns: Sequence[str]) -> list[str]:
             if not found:
                 raise ConfigError(_PATH, f"{name!r} matches no file")
             tars += [_join(folder, f) for f in found]
-    return tars
+    unique = list(dict.fromkeys(tars))
+    if len(unique) < len(tars):
+        log.warning("%d tar(s) are named more than once by %s and are read once", len(tars) - len(unique), _PATH)
+    return unique
 
 
 def _join(folder: str, name: str) -> str:
@@ -132,29 +164,111 @@ def _join(folder: str, name: str) -> str:
     return f"{base}/{name}{mark}{query}" if base != "." else name
 
 
-def _members(location: Location, name: str) -> list[tuple[str, int, int]]:
-    """``(member name, data offset, size)`` of the regular files in one tar, from its headers."""
+class _Fields:
+    """The columns of ``.json`` members, field by field in order of first appearance: each
+    typed by its first value that is not null (int and float together: float)."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, str | None] = {}
+
+    def add(self, data: bytes) -> None:
+        try:
+            doc = json.loads(data)
+        except ValueError:  # its sample is bad: said when it is read
+            return
+        if not isinstance(doc, dict):
+            return
+        for field, value in doc.items():
+            self._note(field, None if value is None else _JSON_TYPES.get(type(value), "json"))
+
+    def merge(self, other: _Fields) -> None:
+        for field, kind in other.kinds.items():
+            self._note(field, kind)
+
+    def _note(self, field: str, kind: str | None) -> None:
+        known = self.kinds.get(field)
+        if known is None:
+            self.kinds[field] = kind
+        elif {known, kind} == {"int64", "double"}:
+            self.kinds[field] = "double"
+
+    def columns(self, taken: Mapping[str, str]) -> list[tuple[str, str]]:
+        """``(field, type)`` of the columns; ``taken``: the names other columns have, and why."""
+        out = []
+        for field, kind in self.kinds.items():
+            if field in taken:
+                log.warning("the .json field %r is not passed through: %s", field, taken[field])
+            else:
+                out.append((field, kind or "string"))
+        return out
+
+
+def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]], _Fields]:
+    """``(member name, data offset, size)`` of the files in one tar, from its headers (a hard
+    link as the file it links to; names that are not UTF-8 left out), and the fields of its
+    ``.json`` members."""
+    fields, files, strays = _Fields(), {}, []
+    out: list[tuple[str, int, int]] = []
+
+    def walk(tar: tarfile.TarFile, read) -> None:
+        for member in tar:
+            if member.isfile():
+                place = (member.offset_data, member.size)
+                files[member.name] = place
+            elif member.islnk() and member.linkname in files:
+                place = files[member.linkname]
+            else:
+                continue
+            if not is_utf8(member.name):
+                strays.append(member.name)
+                continue
+            out.append((member.name, *place))
+            if member.name.rpartition("/")[2].partition(".")[2].lower() == "json":
+                fields.add(read(member, *place))
+
     if location.local:
         with open(location.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-    with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+            walk(tar, lambda member, offset, size: (f.seek(offset), f.read(size))[1])  # tarfile seeks back itself
+    else:
+        with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            walk(tar, lambda member, offset, size: tar.extractfile(member).read())
+    if strays:
+        log.warning("%d member name(s) in %s are not UTF-8 and are left out, e.g. %r", len(strays), name, strays[0])
+    return out, fields
 
 
 def _used(ext: str) -> bool:
     """Whether a member with this extension is read: the image or a side file of a column."""
-    return ext.lower() in IMAGE_EXTENSIONS or ext in SIDE_FILES
+    return ext.lower() in IMAGE_EXTENSIONS or ext.lower() in SIDE_FILES
 
 
 def _samples_of(members: list[tuple[str, int, int]]) -> list[tuple[str, list[dict]]]:
-    """Group consecutive members by key: ``(key, [{"ext", "offset", "size"}, ...])``."""
+    """Group consecutive members by key: ``(key, [{"ext", "offset", "size"}, ...])``. A member
+    without an extension, or whose file name starts with a dot, is no sample's (as in WebDataset)."""
     samples: list[tuple[str, list[dict]]] = []
     for name, offset, size in members:
         key, ext = split_key(name)
+        if not ext or key.endswith("/") or not key:
+            continue
         if not samples or samples[-1][0] != key:
             samples.append((key, []))
         samples[-1][1].append({"ext": ext, "offset": offset, "size": size})
     return samples
+
+
+def _unreadable(location: Location, name: str, exc: Exception) -> str:
+    """Why a tar cannot be read, with what to do where the cause is known."""
+    if location.local and Path(location.path(name)).is_dir():
+        return f"{exc}: it is a folder; name its tar files ('{name}/*.tar')"
+    try:
+        head = location.read_range(name, 0, 6)
+    except OSError:
+        return str(exc)
+    kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is None:
+        return str(exc)
+    return (f"it is {kind}-compressed; shards are read by byte range, which a compressed tar does not "
+            "allow: decompress it (the images in it are compressed already)")
 
 
 class WebDatasetSource(StreamingSource):
@@ -173,7 +287,7 @@ class WebDatasetSource(StreamingSource):
         meta = index.meta
         self.tars: list[str] = meta["tars"]
         self._json_fields: list[tuple[str, str]] = [tuple(f) for f in meta["json_fields"]]
-        self._has = set(meta["extensions"])
+        self._has = {e.lower() for e in meta["extensions"]}
         self._locations: dict[str, Location] = {}
 
     # -- the driver's index ------------------------------------------------------------------------
@@ -190,17 +304,19 @@ class WebDatasetSource(StreamingSource):
         if not tars:
             raise ConfigError(_PATH, f"{self.patterns!r} names no tar file")
 
-        def walk(tar: str) -> list[tuple[str, list[dict]]]:
+        def walk(tar: str) -> tuple[list[tuple[str, list[dict]]], _Fields]:
             location, name = self._location(tar)
             try:
-                return _samples_of(_members(location, name))
+                members, fields = _members(location, name)
             except (OSError, tarfile.TarError) as exc:
-                raise ConfigError(_PATH, f"cannot read the tar {tar!r}: {exc}") from None
+                raise ConfigError(_PATH, f"cannot read the tar {tar!r}: {_unreadable(location, name, exc)}") from None
+            return _samples_of(members), fields
 
         with ThreadPoolExecutor(min(INDEX_THREADS, len(tars))) as pool:
             per_tar = list(pool.map(walk, tars))
-        numbers, keys, members = [], [], []
-        for number, samples in enumerate(per_tar):
+        numbers, keys, members, fields = [], [], [], _Fields()
+        for number, (samples, found) in enumerate(per_tar):
+            fields.merge(found)
             for key, parts in samples:
                 numbers.append(number)
                 keys.append(key)
@@ -210,37 +326,16 @@ class WebDatasetSource(StreamingSource):
         if not table.num_rows:
             raise ConfigError(_PATH, f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
         extensions = sorted(pc.unique(pc.list_flatten(table.column("members")).combine_chunks().field("ext")).to_pylist())
+        side = {e.lower() for e in extensions}
+        taken = {name: "every dump has that column" for name in RESERVED_COLUMNS}
+        taken.update({column: f"the .{ext} files give that column" for ext, column in _SIDE_COLUMNS.items()
+                      if ext in side})
         meta = {"tars": tars, "extensions": extensions, "samples": table.num_rows,
-                "repeated_ids": repeated_ids(lambda: iter(table.column("key").chunks), table.num_rows)}
-        self.index, self.tars = MemoryIndex(table, meta), tars
-        meta = self.index.meta
-        meta["json_fields"] = self._infer_json_fields() if "json" in extensions else []
+                "repeated_ids": repeated_ids(lambda: iter(table.column("key").chunks), table.num_rows),
+                "json_fields": fields.columns(taken) if "json" in side else []}
         meta["sha256"] = digest(table, meta)
+        self.index, self.tars = MemoryIndex(table, meta), tars
         return self.index
-
-    def _infer_json_fields(self) -> list[tuple[str, str]]:
-        """The columns of the ``.json`` members: the fields of the first one that parses (scalars
-        keep their type; lists and objects are stored as JSON text)."""
-        table = self.index.slice(0, len(self.index))
-        for tar, parts in zip(table.column("tar").to_pylist(), table.column("members").to_pylist()):
-            member = next((m for m in parts if m["ext"] == "json"), None)
-            if member is None:
-                continue
-            location, name = self._location(self.tars[tar])
-            try:
-                doc = json.loads(location.read_range(name, member["offset"], member["size"]))
-            except (OSError, ValueError):
-                continue
-            if not isinstance(doc, dict):
-                return []
-            fields = []
-            for field, value in doc.items():
-                if field in TAKEN:
-                    log.warning("the .json field %r is not passed through: an output column has that name", field)
-                    continue
-                fields.append((field, _JSON_TYPES.get(type(value), "json")))
-            return fields
-        return []
 
     # -- what it is --------------------------------------------------------------------------------
 
@@ -253,7 +348,9 @@ class WebDatasetSource(StreamingSource):
 
     @property
     def repeated_ids(self) -> dict | None:
-        return self.index.meta.get("repeated_ids")
+        found = self.index.meta.get("repeated_ids")
+        return found and dict(found, hint="a key repeats when two tars hold it, or when a sample's files are not "
+                              "next to each other in its tar (`tar --sort=name` writes them in order)")
 
     def label_fields(self) -> list[pa.Field]:
         fields = []
@@ -305,8 +402,8 @@ class WebDatasetSource(StreamingSource):
         failed: dict[int, Exception] = {}
         done = 0  # the rows before it have been yielded
 
-        def ready(row: int) -> bool:
-            return row in failed or len(parts[row]) == len(used[row])
+        def ready(row: int) -> bool:  # (two members with one extension fill one part)
+            return row in failed or len(parts[row]) == len({m["ext"].lower() for m in used[row]})
 
         for run, data in self._reads(rows.column("tar").to_pylist(), used):
             low = run[0][1]["offset"]
@@ -314,7 +411,7 @@ class WebDatasetSource(StreamingSource):
                 if isinstance(data, Exception):
                     failed[row] = data
                 else:
-                    parts[row][member["ext"]] = data[member["offset"] - low:member["offset"] - low + member["size"]]
+                    parts[row][member["ext"].lower()] = data[member["offset"] - low:member["offset"] - low + member["size"]]
             while done < len(keys) and ready(done):  # the rows complete now, in order
                 yield self._row(start + done, keys[done], parts[done], members[done], failed.get(done))
                 parts[done] = {}
@@ -329,7 +426,12 @@ class WebDatasetSource(StreamingSource):
         return self._sample(index, key, parts, [m["ext"] for m in members])
 
     def _sample(self, index: int, key: str, parts: dict[str, bytes], exts: list[str]) -> Sample | BadSample:
-        image_ext = next((e for e in parts if e.lower() in IMAGE_EXTENSIONS), None)
+        seen = [e.lower() for e in exts]
+        twice = sorted({e for e in seen if seen.count(e) > 1 and _used(e)})
+        if twice:
+            return BadSample(index, key, f"its tar holds {', '.join(f'{key}.{e}' for e in twice)} more than once "
+                             "(which one is meant is unknown)")
+        image_ext = next((e for e in parts if e in IMAGE_EXTENSIONS), None)
         if image_ext is None:
             return BadSample(index, key, f"no image member (members: {', '.join(sorted(exts)) or 'none'}; "
                              f"looked for {', '.join(IMAGE_EXTENSIONS)})")

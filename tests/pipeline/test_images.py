@@ -160,6 +160,7 @@ def test_grey_models_get_one_channel():
     (torch.zeros(3, 0, 4), "empty image"),
     (torch.full((3, 2, 2), float("nan")), "NaN or infinite"),
     (b"garbage bytes", "cannot decode the image (13 bytes"),
+    (b"", "an empty file (0 bytes)"),
     ("a string", "cannot use a str as an image"),
 ])
 def test_what_cannot_be_used_is_refused_with_the_reason(raw, message):

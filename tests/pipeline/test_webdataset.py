@@ -114,3 +114,93 @@ def test_members_no_column_uses_are_not_read(tmp_path, monkeypatch):
     samples = list(source.stream(0, 3))
     assert [s.labels["label"] for s in samples] == [1, 1, 1] and samples[2].image == b"\x89PNG fake"
     assert sum(sizes) < 10_000  # the images and .cls files, not the 4 MB videos between them
+
+
+def _tar(path, members, **options):
+    """A tar of ``(name, bytes)`` files and ``(name, "->", target)`` hard links, in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", **options) as tar:
+        for name, *rest in members:
+            info = tarfile.TarInfo(name)
+            if rest[0] == "->":
+                info.type, info.linkname = tarfile.LNKTYPE, rest[1]
+                tar.addfile(info)
+            else:
+                info.size = len(rest[0])
+                tar.addfile(info, io.BytesIO(rest[0]))
+    return path
+
+
+def test_json_fields_are_those_of_every_member_and_label_caption_pass_where_no_side_file_gives_them(tmp_path, caplog):
+    import json
+
+    png = b"\x89PNG fake"
+    docs = [{"label": 3, "caption": "x"}, {}, {"bbox": [1, 2], "n": 1, "gone": None}, {"n": 2.5, "label": 4}]
+    tar = _tar(tmp_path / "a.tar", [m for i, doc in enumerate(docs)
+                                    for m in ((f"k{i}.png", png), (f"k{i}.json", json.dumps(doc).encode()))])
+    source = WebDatasetSource(str(tar))
+    assert {f.name: f.type for f in source.label_fields()} == {
+        "label": pa.int64(), "caption": pa.string(), "bbox": pa.string(), "n": pa.float64(), "gone": pa.string()}
+    rows = [s.labels for s in source.stream(0, 4)]
+    assert rows[2] == {"label": None, "caption": None, "bbox": "[1, 2]", "n": 1, "gone": None}
+    assert rows[3]["n"] == 2.5 and rows[3]["label"] == 4 and rows[0]["caption"] == "x"
+    # where .cls files give the label, the .json field of that name is not passed through, and says why
+    with_cls = _tar(tmp_path / "b.tar", [("k0.png", png), ("k0.cls", b"7"), ("k0.json", b'{"label": 1, "sample_id": 2}')])
+    source = WebDatasetSource(str(with_cls))
+    assert [f.name for f in source.label_fields()] == ["label"]
+    assert next(source.stream(0, 1)).labels == {"label": 7}
+    assert "the .cls files give that column" in caplog.text and "every dump has that column" in caplog.text
+
+
+def test_hard_links_strays_and_extensions_in_any_case(tmp_path, caplog):
+    jpeg = b"\xff\xd8\xff fake"
+    tar = _tar(tmp_path / "a.tar", [
+        ("a.jpg", jpeg), ("a.CLS", b"2"), ("a.TXT", b"hi"),
+        ("b.jpg", "->", "a.jpg"), ("b.cls", b"1"),
+        ("c.jpg", "->", "a.jpg"),  # a sample of a link alone
+        ("._c.jpg", b"mac"), ("dir/.hidden.png", b"x"), ("README", b"no extension"),
+        ("caf\xe9.jpg", jpeg),  # a Latin-1 name: not UTF-8
+        ("d.png", b"one"), ("d.png", b"two"), ("d.cls", b"0"),
+    ], format=__import__("tarfile").GNU_FORMAT, encoding="latin-1")
+    source = WebDatasetSource(str(tar))
+    samples = list(source.stream(0, len(source)))
+    assert [s.sample_id for s in samples] == ["a", "b", "c", "d"]
+    assert [s.image for s in samples[:3]] == [jpeg] * 3
+    assert [s.labels for s in samples[:3]] == [{"label": 2, "caption": "hi"}, {"label": 1, "caption": None},
+                                               {"label": None, "caption": None}]
+    assert isinstance(samples[3], BadSample) and "d.png more than once" in samples[3].reason
+    assert "not UTF-8 and are left out" in caplog.text
+
+
+def test_brace_patterns_nest_and_a_tar_named_twice_is_read_once(tmp_path, caplog):
+    from pipeline._sources.webdataset import expand_braces
+
+    assert expand_braces("x{a,{b,c}}.tar") == ["xa.tar", "xb.tar", "xc.tar"]
+    assert expand_braces("x-{3..1}.tar") == ["x-3.tar", "x-2.tar", "x-1.tar"]
+    assert expand_braces("x-{8..010}.tar") == ["x-008.tar", "x-009.tar", "x-010.tar"]
+    assert expand_braces("{x}-{1..}-{a,b.tar") == ["{x}-{1..}-{a,b.tar"]
+    folder = write_shards(tmp_path / "wds")
+    source = WebDatasetSource([str(folder / "train-*.tar"), str(folder / "train-0001.tar")])
+    assert len(source.tars) == 3 and len(source) == 12
+    assert "named more than once" in caplog.text
+
+
+def test_unreadable_tars_say_why(tmp_path):
+    import gzip
+
+    folder = write_shards(tmp_path / "wds")
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress((folder / "train-0000.tar").read_bytes()))
+    with pytest.raises(ConfigError, match="gzip-compressed; shards are read by byte range"):
+        WebDatasetSource(str(tmp_path / "a.tar.gz"))
+    with pytest.raises(ConfigError, match="it is a folder; name its tar files"):
+        WebDatasetSource(str(folder))
+    with pytest.raises(ConfigError, match="a glob matches file names, not folders"):
+        WebDatasetSource(str(tmp_path / "w*" / "train-0000.tar"))
+
+
+def test_repeated_keys_come_with_the_likely_cause(tmp_path):
+    png = b"\x89PNG fake"
+    tar = _tar(tmp_path / "a.tar", [("k0.png", png), ("k1.png", png), ("k0.cls", b"1")])
+    assert "tar --sort=name" in WebDatasetSource(str(tar)).repeated_ids["hint"]
