@@ -211,7 +211,8 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
             manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
             digest = probe.digest
         with OutputLock(store) as lock:
-            state = assess_output(store, manifest, overwrite)
+            index = getattr(probe.source, "index", None)
+            state = assess_output(store, manifest, overwrite, index if isinstance(index, MemoryIndex) else None)
             records = dict(state.done)
             todo = (s for s in plan if s.id not in records)
             shards_left = len(plan) - len(records)

@@ -18,12 +18,13 @@ import logging
 from collections.abc import Collection, Mapping
 
 from ._integrity import Damage, check_dump
-from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, is_owned, is_temporary,
-                      partition_layer, shard_record_path, temporary_target)
+from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, SOURCE_INDEX_PATH, is_owned,
+                      is_temporary, partition_layer, shard_record_path, temporary_target)
 from ._model_inputs import ModelInput
 from ._records import LayerSpec, Manifest, ShardRecord
 from ._shards import ShardPlan
 from ._sources._base import describe_error
+from ._sources._index import Index, IndexFile, first_difference
 from ._store import OutputStore
 from .config import Config, RunSpec, comparable_identity, identity_diff
 from .errors import DamagedDumpError, OutputConflictError
@@ -165,14 +166,33 @@ class OutputState:
     remove: Collection[str] | None | bool = False
 
 
-def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = False) -> OutputState:
+def _source_difference(store: OutputStore, index: Index | None) -> list[str]:
+    """Where the source's index ``index`` first differs from the one the dump kept, as a line
+    of differences (none when either is missing)."""
+    if index is None or not store.exists(SOURCE_INDEX_PATH):
+        return []
+    try:
+        kept = IndexFile(store.fs, store.path(SOURCE_INDEX_PATH))
+    except Exception:  # damaged: the identity's lines say enough
+        log.debug("the dump's source index cannot be read", exc_info=True)
+        return []
+    try:
+        where = first_difference(kept, index)
+    finally:
+        kept.close()
+    return [f"source: the first difference, {where}"] if where else []
+
+
+def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = False,
+                  source_index: Index | None = None) -> OutputState:
     """What the run of ``manifest`` will do with the output folder, reading only.
 
     An empty or missing folder is new. A folder with a matching manifest is resumed: the shards
     whose records and files pass the check are done, the others redone (or all are, with
     ``overwrite``). A folder with another run's manifest, an unreadable manifest, or the files
     of a dump without a manifest is refused with :class:`OutputConflictError` unless
-    ``overwrite``; one with files that are not a dump, always.
+    ``overwrite``; one with files that are not a dump, always. A source that changed is named
+    where its index (``source_index``, the one kept in the dump) first differs.
     """
     check_output_folder(store)
     try:
@@ -193,6 +213,12 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
     if overwrite:
         return OutputState(False, remove=existing.layers)
     diff = conflicts(existing, manifest)
+    if diff and all(line.startswith("source: ") for line in diff):
+        where = _source_difference(store, source_index)
+        raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of this config over its source as it "
+                                  "was when the dump began, and the source has changed since; rerun with "
+                                  "--overwrite to dump the source as it is now, or choose another folder. "
+                                  "Differences:\n  " + "\n  ".join(diff + where))
     if diff:
         raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of another run; rerun with "
                                   "--overwrite to replace it, or choose another folder. Differences:\n  "

@@ -86,6 +86,35 @@ def test_webdataset_shards(tmp_path):
     assert read_table(config.run.output, "relu1").column("label").to_pylist() == [i % 5 for i in range(21)]
 
 
+def test_a_changed_source_is_refused_naming_where_it_first_differs(tmp_path):
+    from pipeline.errors import OutputConflictError
+
+    (tmp_path / "wds").mkdir()
+    for t in range(2):
+        with tarfile.open(tmp_path / "wds" / f"part-{t}.tar", "w") as tar:
+            for i in range(t * 5, t * 5 + 5):
+                data = _png(i)
+                info = tarfile.TarInfo(f"s{i:03d}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    source = {"kind": "webdataset", "path": str(tmp_path / "wds" / "part-*.tar")}
+    config = _run(tmp_path, source)
+    with tarfile.open(tmp_path / "wds" / "part-1.tar") as tar:  # sample 7 rewritten with another image
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    flat = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE)).save(flat, format="PNG")
+    with tarfile.open(tmp_path / "wds" / "part-1.tar", "w") as tar:
+        for member, data in members:
+            data = flat.getvalue() if member.name == "s007.png" else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(OutputConflictError) as refused:
+        run(config, stream=None)
+    message = str(refused.value)
+    assert "the source has changed since" in message and "another run" not in message
+    assert "the first difference, sample 7: {'tar': '" in message and "part-1.tar', 'key': 's007'" in message
+
+
 def test_parquet_on_object_storage(tmp_path, s3):
     from support.storage import upload
 
