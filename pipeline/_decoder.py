@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
+from ._imports import lazy_import
 from ._images import DEFAULT_MAX_PIXELS, ImageError, conform, decode, header_size
 from ._preprocess import resize_crop, resize_crop_many
 from ._sources._base import Deferred, RawImage, is_sample_fault
@@ -114,7 +115,7 @@ class Decoder:
 
     def _with_gpu_jpeg(self, raws: list) -> list[torch.Tensor | Exception]:
         # the bytes first (read in parallel), then the JPEG files in one call on the GPU
-        import torchvision.io as tvio  # imported when first needed: it takes seconds
+        tvio = lazy_import("torchvision.io")  # when first needed: it takes seconds
 
         encoded = [isinstance(raw, (bytes, bytearray, memoryview, Deferred)) for raw in raws]
         raws = self._map(_load_jpeg, raws)
@@ -151,8 +152,7 @@ class Decoder:
         own. Its results are complete when this returns, and their memory is not reused before
         the work the caller's stream queues on them is done.
         """
-        import torchvision.io as tvio
-
+        tvio = lazy_import("torchvision.io")
         consumer = torch.cuda.current_stream(self.device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
@@ -181,8 +181,7 @@ def _load_jpeg(raw: RawImage) -> RawImage | Exception:
     exception when the fault is the sample's."""
     if isinstance(raw, Deferred):
         if raw.path is not None:
-            import torchvision.io as tvio
-
+            tvio = lazy_import("torchvision.io")
             try:
                 data = tvio.read_file(raw.path)
             except RuntimeError:  # missing, forbidden, empty: the plain read below says which

@@ -38,6 +38,7 @@ import warnings
 import numpy as np
 import torch
 
+from ._imports import lazy_import
 from ._sources._base import Deferred, RawImage
 from .config import PreprocessSpec
 
@@ -58,9 +59,7 @@ warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds li
 
 def _torchvision_io():
     """``torchvision.io``, imported when first needed (it takes seconds)."""
-    import torchvision.io
-
-    return torchvision.io
+    return lazy_import("torchvision.io")
 
 
 class ImageError(ValueError):

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ._imports import lazy_import
 from .config import PreprocessSpec
 
 
@@ -35,8 +36,7 @@ def resize_crop(image: torch.Tensor, resize: int | None, crop: tuple[int, int] |
     """Resize the shorter side to ``resize`` (antialiased), then centre-crop to ``crop``."""
     if resize is None and crop is None:
         return image
-    import torchvision.transforms.v2.functional as TF  # imported when first needed: it takes seconds
-
+    TF = lazy_import("torchvision.transforms.v2.functional")  # when first needed: it takes seconds
     if resize is not None:
         image = TF.resize(image, [resize], antialias=True)
     if crop is not None:

@@ -114,10 +114,12 @@ def is_sample_fault(exc: BaseException) -> bool:
 
     >>> is_sample_fault(FileNotFoundError("x.png")), is_sample_fault(ConnectionResetError()), is_sample_fault(ValueError())
     (True, False, True)
+    >>> is_sample_fault(ImportError("cannot import name 'InterpolationMode'"))
+    False
     """
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return True
-    return not isinstance(exc, (OSError, MemoryError))
+    return not isinstance(exc, (OSError, MemoryError, ImportError))  # a module that failed to load: not the image's
 
 
 def describe_error(exc: BaseException) -> str:

@@ -171,3 +171,34 @@ def test_the_gpu_path_paints_generated_images_on_the_threads_and_decodes_only_jp
         assert torch.equal(image, resize_crop(generate(sample.index, 24, 3)[0], 16, (12, 12)))
     assert out[4].shape == (3, 12, 12) and cpu_for_gpu == [1, "synchronize"]  # the JPEG file alone
     gpu.close()
+
+
+def test_decoding_threads_may_import_torchvision_at_once():
+    """A fresh process's decoding threads, as an actor's on its first batch: one imports
+    torchvision's decoders for a PNG file while another imports its resize. Each import is
+    whole when used (before, one thread failed with a circular import in every try)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import io, threading
+        import torch
+        from PIL import Image
+        from pipeline._images import decode
+        from pipeline._preprocess import resize_crop
+        buf = io.BytesIO(); Image.new("RGB", (52, 48)).save(buf, "PNG")
+        errors, start = [], threading.Barrier(4)
+        def work(k):
+            start.wait()
+            try:
+                resize_crop(decode(buf.getvalue()) if k % 2 else torch.zeros(3, 48, 52, dtype=torch.uint8), 32, (32, 32))
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        print(errors)
+    """
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]"
