@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -72,6 +74,28 @@ class Location:
                 return f.read(size)
         with self.fs.open_input_file(self.path(relative)) as f:
             return f.read_at(size, offset)
+
+
+def open_location(location: str, key: str) -> Location:
+    """``Location(location)``, or a :class:`ConfigError` of ``key`` that says why it cannot be
+    one (a URI that does not parse, a scheme pyarrow does not know).
+
+    >>> open_location("foo://bar/x", "source.path")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: source.path: cannot use 'foo://bar/x': Unrecognized filesystem type in URI: foo://bar/x
+    """
+    try:
+        return Location(location)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(key, f"cannot use {location!r}: {exc}") from None
+
+
+def missing(location: Location, what: str) -> str | None:
+    """Why ``location`` cannot be ``what`` (``"a folder"``, ...) when nothing is there; else None."""
+    if location.kind().name == "NotFound":
+        return f"{location.location!r} does not exist (looked for {what} at {location.root!r})"
+    return None
 
 
 def read_local(path: str) -> bytes:

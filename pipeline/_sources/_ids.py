@@ -6,8 +6,8 @@ holds every distinct id at once: gigabytes for a Parquet id column of 100 millio
 Here the id column streams by twice at most: the first pass keeps an 8-byte hash per id and
 sorts them, so equal ids lie side by side; only when two hashes are equal does a second pass
 count the ids behind those hashes exactly (two different ids may share a hash, and are not
-reported). Null ids are left out: their rows are bad samples already. Float ids compare as
-the sample ids they become (their ``str``).
+reported). Null ids are left out: their rows are bad samples already. Numbers compare as the
+sample ids they become (their ``str``).
 
 >>> import pyarrow as pa
 >>> column = lambda: iter([pa.array(["a", "b", None]), pa.array(["a", None, "c", "b", "a"])])
@@ -31,9 +31,13 @@ def _hashes(values: list) -> np.ndarray:
 
 
 def _ids(array: pa.Array) -> list:
-    """The non-null values of ``array``, as sample ids compare: floats by the id they become
-    (``str``: NaN is one id, ``-0.0`` and ``0.0`` two), other values as they are."""
-    values = array.drop_null().to_pylist()
+    """The non-null values of ``array``, as sample ids compare: integers and floats by the id
+    they become (``str``: a file's integer 39 is another file's text "39"; NaN is one id,
+    ``-0.0`` and ``0.0`` two), other values as they are."""
+    array = array.drop_null()
+    if pa.types.is_integer(array.type):
+        return array.cast(pa.string()).to_pylist()
+    values = array.to_pylist()
     return list(map(str, values)) if pa.types.is_floating(array.type) else values
 
 

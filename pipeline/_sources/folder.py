@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from ..config import FolderSpec
 from ..errors import ConfigError
 from ._base import BadSample, Deferred, Sample, StreamingSource, describe_error, is_sample_fault
-from ._files import Location, list_tree, ordered_map, read_local
+from ._files import list_tree, missing, open_location, ordered_map, read_local
 from ._index import Index, MemoryIndex, digest
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -58,7 +58,7 @@ class FolderSource(StreamingSource):
     """
 
     def __init__(self, path: str, index: Index | None = None):
-        self.location = Location(str(path))
+        self.location = open_location(str(path), FolderSpec.key("path"))
         if index is None:
             index = self._list()
         self.index = index
@@ -72,8 +72,10 @@ class FolderSource(StreamingSource):
             kind = self.location.kind()
         except OSError as exc:
             raise ConfigError(FolderSpec.key("path"), f"cannot reach {self.location.location!r}: {exc}") from None
+        if kind.name == "NotFound":
+            raise ConfigError(FolderSpec.key("path"), missing(self.location, "a folder"))
         if kind.name != "Directory":
-            raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} is not a folder")
+            raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} is a file, not a folder of images")
         listing = list_tree(self.location, IMAGE_SUFFIXES)
         if not listing.num_rows:
             raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} holds no image files "

@@ -2,7 +2,11 @@
 encoded-image column.
 
 The other columns (all, or those named in ``columns``) pass through to every output row with
-their Arrow types: ids, labels, masks, anything. ``id_column`` gives the sample ids; without it
+their Arrow types: ids, labels, masks, anything. The files need not have the same columns: a
+column that some files lack is null in their rows (a warning names them), but every file must
+have the image and id columns, and a column's types must agree across files (integers of any
+width, floats of any width, text, or bytes); the driver checks every file's schema before any
+work. ``id_column`` gives the sample ids; without it
 the id is the row's index. An image column may hold the encoded bytes, or a struct with a
 ``bytes`` field (as Hugging Face datasets write them).
 
@@ -14,6 +18,7 @@ only, not on where it lies or on how large the dataset is.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from ..config import ParquetSpec
+from ..config import Config, ParquetSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
-from ._files import Location, read_ahead
+from ._files import missing, open_location, read_ahead
 from ._ids import repeated_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -49,28 +54,90 @@ _INDEX_SCHEMA = pa.schema([("file", pa.string()), ("group", pa.int32()), ("rows"
                            ("first", pa.int64())])
 
 
-def _row_groups(dataset: ds.FileSystemDataset, root: str) -> pa.Table:
-    """One row per row group of ``dataset``'s files (sorted by path): file, group, rows, first.
+def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dict[str, pa.Schema]]:
+    """One row per row group of ``dataset``'s files (sorted by path): file, group, rows, first;
+    and each file's schema.
 
     The files' footers are read several at a time (each is a request on object storage).
     """
-    def groups_of(fragment: ds.ParquetFileFragment) -> list[tuple[int, int]]:
-        return [(group.id, group.num_rows) for group in fragment.row_groups]
+    def groups_of(fragment: ds.ParquetFileFragment) -> tuple[list[tuple[int, int]], pa.Schema]:
+        return [(group.id, group.num_rows) for group in fragment.row_groups], fragment.physical_schema
 
     fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
         per_file = list(pool.map(groups_of, fragments))
     files, groups, rows, firsts = [], [], [], []
+    schemas: dict[str, pa.Schema] = {}
     first = 0
-    for fragment, found in zip(fragments, per_file):
+    for fragment, (found, schema) in zip(fragments, per_file):
         relative = fragment.path[len(root):].lstrip("/") if fragment.path.startswith(root) else fragment.path
+        schemas[relative] = schema
         for group, count in found:
             files.append(relative)
             groups.append(group)
             rows.append(count)
             firsts.append(first)
             first += count
-    return pa.table([files, groups, rows, firsts], schema=_INDEX_SCHEMA)
+    return pa.table([files, groups, rows, firsts], schema=_INDEX_SCHEMA), schemas
+
+
+def _kind(kind: pa.DataType) -> object:
+    """What a column's type must agree on across files: its family for numbers, text and bytes
+    (widths and dictionaries aside), else the type itself."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    for family, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
+                         ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+                         ("bytes", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t))):
+        if test(kind):
+            return family
+    return kind
+
+
+def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], columns: Sequence[str] | None,
+                  path: str) -> list[pa.Field]:
+    """The pass-through fields of files with these ``schemas``: ``columns`` (default: every
+    column any file has, in order of first appearance, but the ``required`` ones: the image
+    column, then the id column if any), typed as the first file that has each. Raises
+    :class:`ConfigError` for a file without a required column, a column no file has, or types
+    that disagree (but the id column's: sample ids become text)."""
+    names = list(dict.fromkeys(name for schema in schemas.values() for name in schema.names))
+    for key, name in zip(("image_column", "id_column"), required):
+        lacking = [f for f, schema in schemas.items() if name not in schema.names]
+        if len(lacking) == len(schemas):
+            raise ConfigError(ParquetSpec.key(key), f"no column {name!r} in {path!r}; {close_matches(name, names)}")
+        if lacking:
+            raise ConfigError(ParquetSpec.key(key), f"{len(lacking):,} of the {len(schemas):,} files in {path!r} have "
+                              f"no column {name!r}, e.g. {lacking[0]!r} (its columns: {schemas[lacking[0]].names})")
+    if columns is None:
+        columns = [n for n in names if n not in required]
+    fields, absent = [], {}
+    for name in [*required, *columns]:
+        if name not in names:
+            raise ConfigError(ParquetSpec.key("columns"), f"no column {name!r} in {path!r}; {close_matches(name, names)}")
+        having = [(f, schema.field(name)) for f, schema in schemas.items() if name in schema.names]
+        first_file, field = having[0]
+        other = next(((f, o) for f, o in having if _kind(o.type) != _kind(field.type)), None)
+        if other is not None and name not in required[1:]:
+            raise ConfigError(Config.key("source"), f"the column {name!r} is {field.type} in {first_file!r} but "
+                              f"{other[1].type} in {other[0]!r}: a column has one type in the output; make the "
+                              f"files agree, or leave the column out ({ParquetSpec.key('columns')})")
+        if len(having) < len(schemas):
+            absent[name] = [f for f, schema in schemas.items() if name not in schema.names]
+        if name in columns:
+            fields.append(field)
+    for name, lacking in absent.items():
+        log.warning("the column %r is missing from %d of the %d files (e.g. %r): it is null in their rows",
+                    name, len(lacking), len(schemas), lacking[0])
+    return fields
+
+
+def _encode_fields(fields: Sequence[pa.Field]) -> str:
+    return base64.b64encode(pa.schema(fields).serialize().to_pybytes()).decode()
+
+
+def _decode_fields(text: str) -> list[pa.Field]:
+    return list(pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text))))
 
 
 class ParquetSource(StreamingSource):
@@ -87,8 +154,10 @@ class ParquetSource(StreamingSource):
     def __init__(self, path: str, image_column: str = "image", id_column: str | None = None,
                  columns: Sequence[str] | None = None, index: Index | None = None):
         self.path = str(path)
-        self.location = Location(self.path)
+        self.location = open_location(self.path, ParquetSpec.key("path"))
         try:
+            if (why := missing(self.location, "a Parquet file or folder")) is not None:
+                raise ConfigError(ParquetSpec.key("path"), why)
             single = self.location.kind().name == "File"
             # file paths in the index are relative to the folder (a single file: to its own folder)
             self._root = self.location.root.rsplit("/", 1)[0] if single else self.location.root
@@ -101,31 +170,34 @@ class ParquetSource(StreamingSource):
                     schema = pq.read_schema(handle)
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(ParquetSpec.key("path"), f"cannot open Parquet data at {path!r}: {exc}") from None
-        names = schema.names
-        for key, name in ((ParquetSpec.key("image_column"), image_column), (ParquetSpec.key("id_column"), id_column)):
-            if name is not None and name not in names:
-                raise ConfigError(key, f"no column {name!r} in {path!r}; {close_matches(name, names)}")
-        image_type = schema.field(image_column).type
+        required = [image_column] + ([id_column] if id_column else [])
+        if index is None:
+            table, schemas = _row_groups(dataset, self._root)
+            if not schemas:
+                raise ConfigError(ParquetSpec.key("path"), f"no Parquet file in {path!r}")
+            fields = _file_columns(schemas, required, columns, path)
+            first_file = next(iter(schemas))
+        elif "fields" in index.meta:
+            fields = _decode_fields(index.meta["fields"])
+        else:  # the index of an earlier version: the first file's columns
+            fields = _file_columns({first_file: schema}, required, columns, path)
+        image_type = (schemas[first_file] if index is None else schema).field(image_column).type
         if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
                 or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)):
             raise ConfigError(ParquetSpec.key("image_column"), f"column {image_column!r} has type {image_type}; "
                               "expected binary (encoded image files) or a struct with a 'bytes' field")
-        if columns is None:
-            columns = [n for n in names if n not in (image_column, id_column)]
-        for name in columns:
-            if name not in names:
-                raise ConfigError(ParquetSpec.key("columns"), f"no column {name!r} in {path!r}; "
-                                  f"{close_matches(name, names)}")
         self.image_column, self.id_column = image_column, id_column
-        self.columns = list(columns)
-        self._fields = [schema.field(n) for n in self.columns]
+        self.columns = [f.name for f in fields]
+        self._fields = fields
         self._schema_text = schema.remove_metadata().to_string()
         if index is None:
-            table = _row_groups(dataset, self._root)
             rows = int(pc.sum(table.column("rows")).as_py() or 0)
+            if not rows:
+                raise ConfigError(ParquetSpec.key("path"), f"the {len(schemas):,} Parquet file(s) in {path!r} hold no rows")
             meta = {"rows": rows, "files": len(set(table.column("file").to_pylist())),
-                    "repeated_ids": self._repeated_ids(dataset, rows) if id_column else None}
+                    "repeated_ids": self._repeated_ids(list(schemas), rows) if id_column else None}
             meta["sha256"] = digest(table, {**meta, "schema": self._schema_text})
+            meta["fields"] = _encode_fields(fields)
             index = MemoryIndex(table, meta)
         self.index = index
         groups = index.slice(0, len(index))
@@ -136,12 +208,15 @@ class ParquetSource(StreamingSource):
         self.count = int(index.meta["rows"])
         self._footers: dict[str, tuple[pq.FileMetaData, bool]] = {}  # file: its footer, whether to pre-buffer
 
-    def _repeated_ids(self, dataset: ds.Dataset, rows: int) -> dict:
+    def _repeated_ids(self, files: Sequence[str], rows: int) -> dict:
         """How many ids appear more than once, with a few of them: the id column streamed in
-        batches, in memory of 8 bytes per row (:mod:`._ids`), not the column itself."""
+        batches, file by file (each with its own type), in memory of 8 bytes per row
+        (:mod:`._ids`), not the column itself."""
         def column() -> Iterator[pa.Array]:
-            for batch in dataset.to_batches(columns=[self.id_column], batch_size=ID_BATCH_ROWS):
-                yield batch.column(0)
+            for relative in files:
+                with self.location.fs.open_input_file(f"{self._root}/{relative}") as handle:
+                    for batch in pq.ParquetFile(handle).iter_batches(ID_BATCH_ROWS, columns=[self.id_column]):
+                        yield batch.column(0)
 
         return repeated_ids(column, rows)
 
@@ -232,7 +307,8 @@ class ParquetSource(StreamingSource):
     def _samples(self, table: pa.Table | pa.RecordBatch, first: int) -> Iterator[Sample | BadSample]:
         images = self._images(table)
         ids = table.column(self.id_column).to_pylist() if self.id_column else None
-        labels = {name: table.column(name).to_pylist() for name in self.columns}
+        labels = {name: table.column(name).to_pylist() if name in table.schema.names else [None] * table.num_rows
+                  for name in self.columns}  # a column this file lacks: null
         for row, image in enumerate(images):
             index = first + row
             if ids is not None and ids[row] is None:

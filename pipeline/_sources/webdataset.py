@@ -39,7 +39,7 @@ from .._layout import RESERVED_COLUMNS
 from ..config import WebDatasetSpec
 from ..errors import ConfigError
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
-from ._files import Location, is_utf8
+from ._files import Location, is_utf8, open_location
 from ._ids import repeated_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -144,7 +144,7 @@ def _resolve(patterns: Sequence[str]) -> list[str]:
             if not any(c in base for c in "*?["):
                 tars.append(name)
                 continue
-            location = Location(folder)
+            location = open_location(folder, _PATH)
             try:
                 entries = location.fs.get_file_info(pafs.FileSelector(location.root))
             except (OSError, FileNotFoundError) as exc:
@@ -295,7 +295,7 @@ class WebDatasetSource(StreamingSource):
     def _location(self, tar: str) -> tuple[Location, str]:
         folder, name = split_tar(tar)
         if folder not in self._locations:
-            self._locations[folder] = Location(folder)
+            self._locations[folder] = open_location(folder, _PATH)
         return self._locations[folder], name
 
     def _index(self) -> MemoryIndex:

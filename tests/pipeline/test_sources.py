@@ -50,10 +50,15 @@ def test_folder_classes_ids_and_bad_files(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(ConfigError, match="is not a folder"):
+    with pytest.raises(ConfigError, match="'.*nope' does not exist"):
         FolderSource(tmp_path / "nope")
     with pytest.raises(ConfigError, match="holds no image files"):
         FolderSource(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a file, not a folder of images"):
+        FolderSource(tmp_path / "a.png")
+    with pytest.raises(ConfigError, match="source.path: cannot use 'foo://bar/x': Unrecognized filesystem"):
+        FolderSource("foo://bar/x")
 
 
 def _parquet(tmp_path, struct=False):
@@ -87,8 +92,56 @@ def test_parquet_errors(tmp_path):
         ParquetSource(path, image_column="key")
     with pytest.raises(ConfigError, match="source.columns: no column 'lable'"):
         ParquetSource(path, image_column="img", columns=["lable"])
-    with pytest.raises(ConfigError, match="cannot open Parquet data"):
+    with pytest.raises(ConfigError, match="missing.parquet' does not exist"):
         ParquetSource(str(tmp_path / "missing.parquet"))
+    with pytest.raises(ConfigError, match="source.path: cannot use 's3://data/a b': Cannot parse URI"):
+        ParquetSource("s3://data/a b")
+
+
+def test_parquet_files_with_other_columns_are_read_together_and_their_conflicts_named(tmp_path, caplog):
+    from pipeline._sources import IndexFile, write_index
+    from pipeline._store import OutputStore
+
+    png = _png((9, 0, 0))
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"image": pa.array([], pa.binary()), "key": pa.array([], pa.int64())}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": [png] * 2, "key": [38, 39], "label": [1, 2], "extra": ["x", "y"]}),
+                   tmp_path / "t" / "1.parquet")
+    pq.write_table(pa.table({"image": [png] * 2, "key": ["39", "s40"], "label": pa.array([3, 4], pa.int8())}),
+                   tmp_path / "t" / "2.parquet")
+    source = ParquetSource(str(tmp_path / "t"), id_column="key")
+    # the columns of every file (the first is empty and has none), each typed by the first file that has it
+    assert [(f.name, f.type) for f in source.label_fields()] == [("label", pa.int64()), ("extra", pa.string())]
+    samples = list(source.stream(0, 4))
+    assert [s.sample_id for s in samples] == ["38", "39", "39", "s40"]
+    assert [s.labels for s in samples] == [{"label": 1, "extra": "x"}, {"label": 2, "extra": "y"},
+                                           {"label": 3, "extra": None}, {"label": 4, "extra": None}]
+    assert "'extra' is missing from 2 of the 3 files" in caplog.text
+    assert source.repeated_ids == {"count": 1, "examples": ["39"]}  # an integer id and a text one: one sample id
+    # an actor opens it by the driver's index, with the same columns
+    store = OutputStore(str(tmp_path / "out"))
+    store.make_dirs("_actmap")
+    write_index(store.fs, store.path("_actmap/index.parquet"), source.index)
+    actor = ParquetSource(str(tmp_path / "t"), id_column="key", index=IndexFile(store.fs, store.path("_actmap/index.parquet")))
+    assert actor.label_fields() == source.label_fields() and actor.identity() == source.identity()
+    assert [s.labels for s in actor.stream(0, 4)] == [s.labels for s in samples]
+    # what cannot be read together is refused before any work, naming the file
+    pq.write_table(pa.table({"image": [png], "key": [1], "label": ["one"]}), tmp_path / "t" / "3.parquet")
+    with pytest.raises(ConfigError, match=r"the column 'label' is int64 in '1.parquet' but string in '3.parquet'"):
+        ParquetSource(str(tmp_path / "t"), id_column="key")
+    pq.write_table(pa.table({"image": [png], "label": [1]}), tmp_path / "t" / "3.parquet")
+    with pytest.raises(ConfigError, match=r"source.id_column: 1 of the 4 files .* have no column 'key', e.g. '3.parquet'"):
+        ParquetSource(str(tmp_path / "t"), id_column="key")
+    assert len(ParquetSource(str(tmp_path / "t"), columns=["label"])) == 5
+
+
+def test_parquet_without_rows_or_files_is_refused(tmp_path):
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ConfigError, match="no Parquet file in"):
+        ParquetSource(str(tmp_path / "none"))
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty.parquet")
+    with pytest.raises(ConfigError, match=r"the 1 Parquet file\(s\) in .* hold no rows"):
+        ParquetSource(str(tmp_path / "empty.parquet"))
 
 
 def test_dataset_source_items_and_bad_items():
@@ -389,3 +442,9 @@ def test_a_local_read_that_fails_names_the_file_and_is_the_samples_fault(tmp_pat
         with pytest.raises(error, match=name) as caught:
             read_local(str(tmp_path / name))
         assert is_sample_fault(caught.value)
+
+
+def test_a_missing_bucket_or_prefix_is_named(s3):
+    for make in (FolderSource, ParquetSource):
+        with pytest.raises(ConfigError, match=r"'s3://nobucket/x\?.*' does not exist"):
+            make(f"s3://nobucket/x?{s3}")

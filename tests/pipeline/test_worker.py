@@ -92,7 +92,7 @@ def test_a_source_that_does_not_open_leaves_no_hooks(tmp_path, monkeypatch):
 
     built = []
     monkeypatch.setattr(pipeline._worker, "build_model", lambda spec: built.append(build_model(spec)) or built[-1])
-    with pytest.raises(ConfigError, match="source.path: .* is not a folder"):
+    with pytest.raises(ConfigError, match="source.path: .* does not exist"):
         ShardWorker(_config(tmp_path, source={"kind": "folder", "path": str(tmp_path / "nope")}).to_dict())
     assert len(built) == 1
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in built[0].modules())
@@ -501,18 +501,19 @@ def test_a_bad_first_item_leaves_the_labels_typed_from_the_next_ones(tmp_path):
     assert [b.index for b in record.bad] == [0] and record.rows["conv2"] == 5
 
 
-def test_a_parquet_file_whose_column_has_another_type_makes_its_rows_bad(tmp_path):
-    """The column's type comes from the first file; a later file that stores it as text gives
-    bad samples, and the first file's rows are written."""
+def test_parquet_files_that_disagree_on_a_columns_type_are_refused_before_any_work(tmp_path):
+    """One file stores a column as integers, another as text: the output column can have one
+    type, so the worker refuses the source, naming both files (before, every row of the second
+    file was a bad sample: its images were never dumped)."""
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
     (tmp_path / "table").mkdir()
     pq.write_table(pa.table({"img": [buf.getvalue()] * 3, "kind": [1, 2, 3]}), tmp_path / "table" / "a.parquet")
     pq.write_table(pa.table({"img": [buf.getvalue()] * 2, "kind": ["4", None]}), tmp_path / "table" / "b.parquet")
     config = _config(tmp_path, source={"kind": "parquet", "path": str(tmp_path / "table"), "image_column": "img"})
-    record = _run_shard(config, Shard(0, 0, 5))
-    assert record.bad == (BadSample(3, "3", "label 'kind' holds '4' (type str); its column holds int64"),)
-    assert read_table(config.run.output, "conv2").column("kind").to_pylist() == [1, 2, 3, None]
+    with pytest.raises(ConfigError, match="the column 'kind' is int64 in 'a.parquet' but string in 'b.parquet'"):
+        ShardWorker(config.to_dict())
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_webdataset_json_field_of_another_type_makes_its_sample_bad(tmp_path):
