@@ -136,13 +136,18 @@ def _walk_local(root: str) -> list[str]:
 
     Each folder's entries are sorted, a folder's name with its ``/``, and a folder's files
     come where its name sorts: the order of the walk is the order of the paths (``a-b.png``
-    before ``a/x.png``, as ``-`` sorts before ``/``).
+    before ``a/x.png``, as ``-`` sorts before ``/``). A link to a folder is followed unless it
+    leads into the tree (whose files are listed by their own paths; a link to a folder above
+    would loop for ever) or to a folder already listed: each file is listed once.
     """
     paths: list[str] = []
     stack: list[tuple[str, Iterator[str]]] = []
+    inside = os.path.realpath(root)
+    seen = {_identity(os.stat(root))}
+    skipped: list[str] = []
 
     def enter(prefix: str) -> None:
-        keys, folders = _sorted_entries(os.path.join(root, prefix) if prefix else root)
+        keys, folders = _sorted_entries(os.path.join(root, prefix) if prefix else root, prefix, inside, seen, skipped)
         if folders:  # taken key by key below: its folders' files come in between
             stack.append((prefix, iter(keys)))
         else:
@@ -158,18 +163,37 @@ def _walk_local(root: str) -> list[str]:
             paths.append(prefix + key)
         else:
             stack.pop()
+    if skipped:
+        log.warning("%d link(s) to folders under %s are not followed: they lead into the folder itself (its files "
+                    "are listed by their own paths) or to a folder already listed, e.g. %r", len(skipped), root,
+                    skipped[0])
     return paths
 
 
-def _sorted_entries(folder: str) -> tuple[list[str], bool]:
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: list[str]) -> tuple[list[str], bool]:
     """The names of the files in ``folder`` and of its folders (with a ``/`` after), sorted;
-    and whether there are folders."""
+    and whether there are folders. A folder already ``seen``, or a link into ``inside``, is
+    left out (its path added to ``skipped``)."""
     keys, folders = [], False
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.is_file():
                 keys.append(entry.name)
             elif entry.is_dir():
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    if real == inside or real.startswith(inside.rstrip("/") + "/"):
+                        skipped.append(prefix + entry.name)
+                        continue
+                found = _identity(entry.stat())
+                if found in seen:
+                    skipped.append(prefix + entry.name)
+                    continue
+                seen.add(found)
                 keys.append(entry.name + "/")
                 folders = True
     keys.sort()

@@ -15,6 +15,7 @@ decoder, since each request waits on the network.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ from ..errors import ConfigError
 from ._base import BadSample, Deferred, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import list_tree, missing, open_location, ordered_map, read_local
 from ._index import Index, MemoryIndex, digest
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                             ".ppm", ".pgm", ".pbm", ".tga", ".ico"})
@@ -43,7 +46,16 @@ def _classes(paths: pa.ChunkedArray) -> list[str]:
     >>> _classes(pa.chunked_array([["cat/1.png", "2.png"]]))
     []
     """
-    if not len(paths) or not pc.all(pc.match_substring(paths, "/")).as_py():
+    if not len(paths):
+        return []
+    nested = pc.match_substring(paths, "/")
+    if not pc.all(nested).as_py():
+        top = pc.sum(pc.invert(nested)).as_py()
+        if top * 100 < len(paths):  # a few strays among class folders: the labels they cost, said
+            stray = pc.filter(paths, pc.invert(nested))[0].as_py()
+            log.warning("%d of the %d files lie beside the folders, not in one (e.g. %r): so the folders are not "
+                        "taken as classes and the samples have no label; move or remove them for class labels",
+                        top, len(paths), stray)
         return []
     first = pc.list_element(pc.split_pattern(paths, "/", max_splits=1), 0)
     return sorted(pc.unique(first).to_pylist())

@@ -448,3 +448,24 @@ def test_a_missing_bucket_or_prefix_is_named(s3):
     for make in (FolderSource, ParquetSource):
         with pytest.raises(ConfigError, match=r"'s3://nobucket/x\?.*' does not exist"):
             make(f"s3://nobucket/x?{s3}")
+
+
+def test_links_to_folders_list_each_file_once_and_never_loop(tmp_path, caplog):
+    png = _png((1, 2, 3))
+    for name in ("images/cat/a.png", "images/dog/b.png", "elsewhere/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png)
+    (tmp_path / "images" / "cat" / "loop").symlink_to("..")  # would list images/ again and again
+    (tmp_path / "images" / "a-dog").symlink_to("dog")  # sorts first: dog's files are listed by their own path
+    (tmp_path / "images" / "more").symlink_to(tmp_path / "elsewhere")  # outside the tree: followed
+    source = FolderSource(str(tmp_path / "images"))
+    assert source.index.table.column("path").to_pylist() == ["cat/a.png", "dog/b.png", "more/c.png"]
+    assert "2 link(s) to folders under" in caplog.text
+
+
+def test_a_few_files_beside_class_folders_cost_the_labels_and_say_so(tmp_path, caplog):
+    for name in [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(60)] + ["stray.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(_png((1, 2, 3)))
+    assert FolderSource(str(tmp_path)).classes == []
+    assert "1 of the 121 files lie beside the folders, not in one (e.g. 'stray.png')" in caplog.text
