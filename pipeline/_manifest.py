@@ -22,6 +22,7 @@ from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARD
                       is_temporary, partition_layer, shard_record_path, temporary_target)
 from ._model_inputs import ModelInput
 from ._records import LayerSpec, Manifest, ShardRecord
+from ._secrets import redact
 from ._shards import ShardPlan
 from ._sources._base import describe_error
 from ._sources._index import Index, IndexFile, first_difference
@@ -36,10 +37,12 @@ _OUTPUT = RunSpec.key("output")
 
 def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: int,
                  layer_info: Mapping[str, LayerSpec] | None = None, inputs: ModelInput | None = None) -> Manifest:
-    """The manifest of a run (a pure function of its inputs, but for the timestamp)."""
+    """The manifest of a run (a pure function of its inputs, but for the timestamp), without the
+    credentials its URIs may carry (:func:`pipeline._secrets.redact`)."""
     return Manifest(format=MANIFEST_FORMAT,
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    identity=config.identity(), config=config.to_dict(), model=model, source=source,
+                    identity=redact(config.identity()), config=redact(config.to_dict()), model=model,
+                    source=redact(source),
                     plan=ShardPlan(num_samples, config.run.shard_size), layers=config.model.layers,
                     layer_info=layer_info or {}, input=inputs)
 

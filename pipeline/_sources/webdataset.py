@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 from .._layout import RESERVED_COLUMNS
 from ..config import WebDatasetSpec
 from ..errors import ConfigError
+from .._secrets import redact, with_credentials
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
 from ._files import Location, is_utf8, open_location
 from ._ids import repeated_ids
@@ -131,18 +132,18 @@ def split_tar(tar: str) -> tuple[str, str]:
     return (folder or ".") + mark + query, name
 
 
-def _resolve(patterns: Sequence[str]) -> list[str]:
-    """The tar files the patterns name, in the order given (each glob sorted); a tar named twice
-    is read once."""
-    tars: list[str] = []
-    for pattern in patterns:
+def _resolve(patterns: Sequence[str]) -> dict[str, int]:
+    """The tar files the patterns name, in the order given (each glob sorted), each with the
+    number of the pattern that named it; a tar named twice is read once."""
+    tars: list[tuple[str, int]] = []
+    for number, pattern in enumerate(patterns):
         for name in expand_braces(pattern):
             folder, base = split_tar(name)
             if any(c in folder.partition("?")[0] for c in "*["):
                 raise ConfigError(_PATH, f"{name!r}: a glob matches file names, not folders; name the "
                                   "folders with a brace pattern ('{a,b}/*.tar') or a list")
             if not any(c in base for c in "*?["):
-                tars.append(name)
+                tars.append((name, number))
                 continue
             location = open_location(folder, _PATH)
             try:
@@ -152,8 +153,10 @@ def _resolve(patterns: Sequence[str]) -> list[str]:
             found = sorted(e.base_name for e in entries if fnmatch.fnmatchcase(e.base_name, base))
             if not found:
                 raise ConfigError(_PATH, f"{name!r} matches no file")
-            tars += [_join(folder, f) for f in found]
-    unique = list(dict.fromkeys(tars))
+            tars += [(_join(folder, f), number) for f in found]
+    unique: dict[str, int] = {}
+    for tar, number in tars:
+        unique.setdefault(tar, number)
     if len(unique) < len(tars):
         log.warning("%d tar(s) are named more than once by %s and are read once", len(tars) - len(unique), _PATH)
     return unique
@@ -285,7 +288,11 @@ class WebDatasetSource(StreamingSource):
             index = self._index()
         self.index = index
         meta = index.meta
-        self.tars: list[str] = meta["tars"]
+        # the index keeps the tars without the credentials their URIs may carry: those of the
+        # pattern each came from are put back
+        origins = meta.get("origins") or [None] * len(meta["tars"])
+        self.tars: list[str] = [tar if origin is None else with_credentials(tar, self.patterns[origin])
+                                for tar, origin in zip(meta["tars"], origins)]
         self._json_fields: list[tuple[str, str]] = [tuple(f) for f in meta["json_fields"]]
         self._has = {e.lower() for e in meta["extensions"]}
         self._locations: dict[str, Location] = {}
@@ -300,7 +307,8 @@ class WebDatasetSource(StreamingSource):
 
     def _index(self) -> MemoryIndex:
         self._locations = {}
-        tars = _resolve(self.patterns)
+        named = _resolve(self.patterns)
+        tars = list(named)
         if not tars:
             raise ConfigError(_PATH, f"{self.patterns!r} names no tar file")
 
@@ -309,7 +317,7 @@ class WebDatasetSource(StreamingSource):
             try:
                 members, fields = _members(location, name)
             except (OSError, tarfile.TarError) as exc:
-                raise ConfigError(_PATH, f"cannot read the tar {tar!r}: {_unreadable(location, name, exc)}") from None
+                raise ConfigError(_PATH, f"cannot read the tar {redact(tar)!r}: {_unreadable(location, name, exc)}") from None
             return _samples_of(members), fields
 
         with ThreadPoolExecutor(min(INDEX_THREADS, len(tars))) as pool:
@@ -330,11 +338,14 @@ class WebDatasetSource(StreamingSource):
         taken = {name: "every dump has that column" for name in RESERVED_COLUMNS}
         taken.update({column: f"the .{ext} files give that column" for ext, column in _SIDE_COLUMNS.items()
                       if ext in side})
-        meta = {"tars": tars, "extensions": extensions, "samples": table.num_rows,
+        stored = [redact(tar) for tar in tars]
+        meta = {"tars": stored, "extensions": extensions, "samples": table.num_rows,
                 "repeated_ids": repeated_ids(lambda: iter(table.column("key").chunks), table.num_rows),
                 "json_fields": fields.columns(taken) if "json" in side else []}
         meta["sha256"] = digest(table, meta)
-        self.index, self.tars = MemoryIndex(table, meta), tars
+        if stored != tars:
+            meta["origins"] = list(named.values())
+        self.index = MemoryIndex(table, meta)
         return self.index
 
     # -- what it is --------------------------------------------------------------------------------

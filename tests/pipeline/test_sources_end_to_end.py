@@ -154,6 +154,31 @@ def test_a_source_on_object_storage_written_to_object_storage(tmp_path, s3, kind
     _check(config, ids, [_png(i) for i in range(10)])
 
 
+def test_credentials_in_source_uris_are_used_but_not_stored(tmp_path, s3):
+    """Keys in the URIs (``s3://KEY:SECRET@bucket/...``) open the source, and appear neither in
+    the manifest nor in the WebDataset index the workers read the tars' names from."""
+    from support.storage import upload
+
+    (tmp_path / "src").mkdir()
+    with tarfile.open(tmp_path / "src" / "a.tar", "w") as tar:
+        for i in range(6):
+            info = tarfile.TarInfo(f"{i:02d}.png")
+            info.size = len(_png(i))
+            tar.addfile(info, io.BytesIO(_png(i)))
+    upload(tmp_path / "src", f"s3://data/src?{s3}")
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]},
+                               "source": {"kind": "webdataset", "path": f"s3://test:topsecret@data/src/*.tar?{s3}"},
+                               "dump": {"dtype": "float32"},
+                               "run": {"output": str(tmp_path / "out"), "executor": "local", "actors": 2,
+                                       "batch_size": 2, "shard_size": 2}})
+    assert run(config, stream=None).rows == {"relu1": 6}
+    _check(config, [f"{i:02d}" for i in range(6)], [_png(i) for i in range(6)])
+    stored = [p for p in (tmp_path / "out" / "_actmap").rglob("*") if p.is_file()]
+    assert stored and not [p for p in stored if b"topsecret" in p.read_bytes()]
+    assert "s3://data/src/*.tar?" in (tmp_path / "out" / "_actmap" / "manifest.json").read_text()
+    assert run(config, stream=None).resumed == 3  # the rerun's manifest matches the stored one
+
+
 def test_a_dataset_whose_first_item_is_bad_and_a_later_label_has_another_type(tmp_path):
     """A lenient run goes on past both: item 0 raises, item 9's score is text in a column of
     floats; each is a bad sample with its reason, every other item is written."""
