@@ -2,7 +2,9 @@
 encoded-image column.
 
 The other columns (all, or those named in ``columns``) pass through to every output row with
-their Arrow types: ids, labels, masks, anything. The files need not have the same columns: a
+their Arrow types: ids, labels, masks, anything; so do the keys of hive-style folders
+(``label=3/part-0.parquet``: a column ``label``, an integer where every value is one, else text;
+a file's own column of that name comes first). The files need not have the same columns: a
 column that some files lack is null in their rows (a warning names them), but every file must
 have the image and id columns, and a column's types must agree across files (integers of any
 width, floats of any width, text, or bytes); the driver checks every file's schema before any
@@ -21,6 +23,8 @@ from __future__ import annotations
 import base64
 import bisect
 import logging
+import re
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 
@@ -132,6 +136,35 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
     return fields
 
 
+def _partitions(relative: str) -> dict[str, str | None]:
+    """The hive-style partition values in a file's folders.
+
+    >>> _partitions("year=2024/label=a%2Fb/part-0.parquet"), _partitions("label=__HIVE_DEFAULT_PARTITION__/x.parquet")
+    ({'year': '2024', 'label': 'a/b'}, {'label': None})
+    """
+    found = {}
+    for folder in relative.split("/")[:-1]:
+        key, equals, value = folder.partition("=")
+        if equals and key:
+            value = urllib.parse.unquote(value)
+            found[key] = None if value == "__HIVE_DEFAULT_PARTITION__" else value
+    return found
+
+
+def _partition_schemas(schemas: dict[str, pa.Schema]) -> dict[str, pa.Schema]:
+    """``schemas`` with each file's partition keys added (those its own columns lack): integers
+    where every file's value is one, else text."""
+    values: dict[str, list] = {}
+    for relative in schemas:
+        for key, value in _partitions(relative).items():
+            values.setdefault(key, []).append(value)
+    kinds = {key: pa.int64() if all(v is None or re.fullmatch(r"-?\d{1,18}", v) for v in found) else pa.string()
+             for key, found in values.items()}
+    return {relative: pa.schema([*schema, *(pa.field(k, kinds[k]) for k in _partitions(relative)
+                                            if k not in schema.names)])
+            for relative, schema in schemas.items()}
+
+
 def _encode_fields(fields: Sequence[pa.Field]) -> str:
     return base64.b64encode(pa.schema(fields).serialize().to_pybytes()).decode()
 
@@ -175,7 +208,7 @@ class ParquetSource(StreamingSource):
             table, schemas = _row_groups(dataset, self._root)
             if not schemas:
                 raise ConfigError(ParquetSpec.key("path"), f"no Parquet file in {path!r}")
-            fields = _file_columns(schemas, required, columns, path)
+            fields = _file_columns(_partition_schemas(schemas), required, columns, path)
             first_file = next(iter(schemas))
         elif "fields" in index.meta:
             fields = _decode_fields(index.meta["fields"])
@@ -257,6 +290,16 @@ class ParquetSource(StreamingSource):
         footer, pre_buffer = self._footers[relative]
         return pq.ParquetFile(handle, metadata=footer, pre_buffer=pre_buffer, buffer_size=READ_BUFFER), handle
 
+    def _values(self, table: pa.Table | pa.RecordBatch, field: pa.Field, relative: str) -> list:
+        """A pass-through column's values in ``table``, from the file ``relative``: its own, else
+        its folder's partition value, else nulls."""
+        if field.name in table.schema.names:
+            return table.column(field.name).to_pylist()
+        value = _partitions(relative).get(field.name)
+        if value is not None and pa.types.is_integer(field.type):
+            value = int(value)
+        return [value] * table.num_rows
+
     def _images(self, table: pa.Table) -> list:
         images = table.column(self.image_column)
         if pa.types.is_struct(images.type):
@@ -268,14 +311,14 @@ class ParquetSource(StreamingSource):
         if not self.location.local:  # the next reads go on while the caller decodes these rows
             parts = read_ahead(parts, READ_AHEAD)
         try:
-            for part, first in parts:
-                yield from self._samples(part, first)
+            for part, first, relative in parts:
+                yield from self._samples(part, first, relative)
         finally:
             parts.close()
 
-    def _parts(self, start: int, stop: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    def _parts(self, start: int, stop: int) -> Iterator[tuple[pa.RecordBatch, int, str]]:
         """Rows ``start`` to ``stop - 1`` as record batches of up to :data:`BATCH_ROWS` rows,
-        each with the index of its first row."""
+        each with the index of its first row and its file."""
         stop = min(stop, self.count)
         wanted = [self.image_column] + ([self.id_column] if self.id_column else []) + self.columns
         g = max(0, bisect.bisect_right(self._firsts, start) - 1)
@@ -295,7 +338,8 @@ class ParquetSource(StreamingSource):
                                                     use_threads=False):
                     end = position + batch.num_rows
                     if end > lo:
-                        yield batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position)), first + max(lo, position)
+                        yield (batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position)),
+                               first + max(lo, position), self._files[g])
                     position = end
                     if position >= hi:
                         break
@@ -304,11 +348,10 @@ class ParquetSource(StreamingSource):
             if opened is not None:
                 opened[2].close()
 
-    def _samples(self, table: pa.Table | pa.RecordBatch, first: int) -> Iterator[Sample | BadSample]:
+    def _samples(self, table: pa.Table | pa.RecordBatch, first: int, relative: str) -> Iterator[Sample | BadSample]:
         images = self._images(table)
         ids = table.column(self.id_column).to_pylist() if self.id_column else None
-        labels = {name: table.column(name).to_pylist() if name in table.schema.names else [None] * table.num_rows
-                  for name in self.columns}  # a column this file lacks: null
+        labels = {field.name: self._values(table, field, relative) for field in self._fields}
         for row, image in enumerate(images):
             index = first + row
             if ids is not None and ids[row] is None:

@@ -469,3 +469,18 @@ def test_a_few_files_beside_class_folders_cost_the_labels_and_say_so(tmp_path, c
         (tmp_path / name).write_bytes(_png((1, 2, 3)))
     assert FolderSource(str(tmp_path)).classes == []
     assert "1 of the 121 files lie beside the folders, not in one (e.g. 'stray.png')" in caplog.text
+
+
+def test_parquet_hive_folders_give_columns(tmp_path):
+    png = _png((5, 6, 7))
+    for folder, keys in (("label=0/kind=a%2Fb", ["k0", "k1"]), ("label=1", ["k2"]), ("label=__HIVE_DEFAULT_PARTITION__", ["k3"])):
+        (tmp_path / "t" / folder).mkdir(parents=True)
+        pq.write_table(pa.table({"image": [png] * len(keys), "key": keys}), tmp_path / "t" / folder / "part-0.parquet")
+    source = ParquetSource(str(tmp_path / "t"), id_column="key")
+    assert [(f.name, f.type) for f in source.label_fields()] == [("label", pa.int64()), ("kind", pa.string())]
+    assert [(s.sample_id, s.labels) for s in source.stream(0, 4)] == [
+        ("k0", {"label": 0, "kind": "a/b"}), ("k1", {"label": 0, "kind": "a/b"}),
+        ("k2", {"label": 1, "kind": None}), ("k3", {"label": None, "kind": None})]
+    # a file's own column of that name comes first
+    pq.write_table(pa.table({"image": [png], "key": ["k4"], "label": [7]}), tmp_path / "t" / "label=1" / "part-1.parquet")
+    assert [s.labels["label"] for s in ParquetSource(str(tmp_path / "t"), id_column="key").stream(0, 5)] == [0, 0, 1, 7, None]
