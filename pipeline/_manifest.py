@@ -71,10 +71,11 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
     """
     if existing.format != MANIFEST_FORMAT:
         return [f"manifest format {existing.format!r}, this version writes {MANIFEST_FORMAT!r}"]
-    old_identity, new_identity = comparable_identity(existing.identity), comparable_identity(new.identity)
+    # (a dump made before credentials were left out of manifests holds them: compared without)
+    old_identity, new_identity = comparable_identity(redact(existing.identity)), comparable_identity(new.identity)
     lines = [f"config: {line}" for line in identity_diff(old_identity, new_identity)]
     lines += [f"model: {line}" for line in identity_diff(existing.model, new.model)]
-    lines += [f"source: {line}" for line in identity_diff(existing.source, new.source)]
+    lines += [f"source: {line}" for line in identity_diff(redact(existing.source), new.source)]
     return lines
 
 

@@ -178,26 +178,27 @@ def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: l
     """The names of the files in ``folder`` and of its folders (with a ``/`` after), sorted;
     and whether there are folders. A folder already ``seen``, or a link into ``inside``, is
     left out (its path added to ``skipped``)."""
-    keys, folders = [], False
+    keys, found = [], []
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.is_file():
                 keys.append(entry.name)
             elif entry.is_dir():
-                if entry.is_symlink():
-                    real = os.path.realpath(entry.path)
-                    if real == inside or real.startswith(inside.rstrip("/") + "/"):
-                        skipped.append(prefix + entry.name)
-                        continue
-                found = _identity(entry.stat())
-                if found in seen:
-                    skipped.append(prefix + entry.name)
-                    continue
-                seen.add(found)
-                keys.append(entry.name + "/")
-                folders = True
+                found.append(entry)
+    for entry in sorted(found, key=lambda e: e.name):  # of two links to one folder, the first in order
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path)
+            if real == inside or real.startswith(inside.rstrip("/") + "/"):
+                skipped.append(prefix + entry.name)
+                continue
+        identity = _identity(entry.stat())
+        if identity in seen:
+            skipped.append(prefix + entry.name)
+            continue
+        seen.add(identity)
+        keys.append(entry.name + "/")
     keys.sort()
-    return keys, folders
+    return keys, any(k[-1] == "/" for k in keys)
 
 
 def is_utf8(name: str) -> bool:

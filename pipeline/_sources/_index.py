@@ -121,33 +121,39 @@ def digest(table: pa.Table, meta: Mapping[str, Any] | None = None) -> str:
 def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | None:
     """Where two indexes of a source first differ, in words (``None``: nowhere): the row's
     number and its two versions (a tar's number given as its name), or the rows one lacks.
+    The facts a newer version keeps that ``old`` lacks are no difference.
 
     >>> a = MemoryIndex(pa.table({"path": ["a.png", "b.png"], "size": [1, 2]}))
     >>> first_difference(a, MemoryIndex(pa.table({"path": ["a.png", "b.png"], "size": [1, 3]})))
     "sample 1: {'path': 'b.png', 'size': 2} -> {'path': 'b.png', 'size': 3}"
     >>> first_difference(a, MemoryIndex(a.table.slice(0, 1)))
     'sample 1 on: 1 row(s) before, none now'
+    >>> first_difference(a, MemoryIndex(a.table, {"fields": "what a newer version keeps"})) is None
+    True
     """
-    def described(index: Index, row: dict) -> str:
+    def named(index: Index, table: pa.Table) -> pa.Table:  # tar numbers as names, where there are tars
         tars = index.meta.get("tars")
-        if tars and isinstance(row.get("tar"), int) and row["tar"] < len(tars):
-            row = dict(row, tar=tars[row["tar"]])
+        if not tars or "tar" not in table.schema.names:
+            return table
+        names = pa.array(tars, pa.string()).take(table.column("tar"))
+        return table.set_column(table.schema.get_field_index("tar"), "tar", names)
+
+    def described(row: dict) -> str:
         text = repr(row)
         return text if len(text) <= 300 else text[:297] + "..."
 
-    same_tars = old.meta.get("tars") == new.meta.get("tars")
     common = min(len(old), len(new))
     for start in range(0, common, rows):
-        before, after = old.slice(start, start + rows), new.slice(start, start + rows)
+        before, after = named(old, old.slice(start, start + rows)), named(new, new.slice(start, start + rows))
         if before.schema != after.schema:
             return f"the index's columns: {before.schema.names} -> {after.schema.names}"
-        if same_tars and before.equals(after):
+        if before.equals(after):
             continue
         for offset, (a, b) in enumerate(zip(before.to_pylist(), after.to_pylist())):
-            if described(old, a) != described(new, b):
-                return f"sample {start + offset}: {described(old, a)} -> {described(new, b)}"
+            if a != b:
+                return f"sample {start + offset}: {described(a)} -> {described(b)}"
     if len(old) != len(new):
         more = "before, none now" if len(old) > len(new) else "now, none before"
         return f"sample {common} on: {abs(len(old) - len(new)):,} row(s) {more}"
-    changed = sorted(k for k in old.meta.keys() | new.meta.keys() if k != "sha256" and old.meta.get(k) != new.meta.get(k))
+    changed = sorted(k for k in old.meta if k != "sha256" and old.meta.get(k) != new.meta.get(k))
     return f"the facts the index keeps: {', '.join(changed)}" if changed else None

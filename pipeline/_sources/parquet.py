@@ -85,26 +85,44 @@ def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dic
     return pa.table([files, groups, rows, firsts], schema=_INDEX_SCHEMA), schemas
 
 
-def _kind(kind: pa.DataType) -> object:
-    """What a column's type must agree on across files: its family for numbers, text and bytes
-    (widths and dictionaries aside), else the type itself."""
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    for family, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
-                         ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
-                         ("bytes", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t))):
-        if test(kind):
-            return family
-    return kind
+def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
+    """The type a column takes in the output, from its types in the files that have it: the one
+    they share, else the widest that holds them all (pyarrow's permissive promotion: integer and
+    float widths, null with anything, timestamp units, nullability inside lists; a dictionary
+    as its values). :class:`ConfigError` where there is none, naming two files that disagree."""
+    types = list(dict.fromkeys(field.type for _, field in having))
+    if len(types) == 1:
+        return having[0][1]
+
+    def unified(kinds: Sequence[pa.DataType]) -> pa.DataType:
+        plain = [k.value_type if pa.types.is_dictionary(k) else k for k in kinds]
+        return pa.unify_schemas([pa.schema([pa.field(name, k)]) for k in plain],
+                                promote_options="permissive").field(name).type
+
+    try:
+        return pa.field(name, unified(types))
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    first_file, field = having[0]
+    def clashes(other: pa.Field) -> bool:
+        try:
+            unified([field.type, other.type])
+        except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return True
+        return False
+    other_file, other = next(((f, o) for f, o in having if clashes(o)), having[-1])
+    raise ConfigError(Config.key("source"), f"the column {name!r} is {field.type} in {first_file!r} but {other.type} "
+                      f"in {other_file!r}: a column has one type in the output; make the files agree, or leave "
+                      f"the column out ({ParquetSpec.key('columns')})")
 
 
 def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], columns: Sequence[str] | None,
                   path: str) -> list[pa.Field]:
     """The pass-through fields of files with these ``schemas``: ``columns`` (default: every
     column any file has, in order of first appearance, but the ``required`` ones: the image
-    column, then the id column if any), typed as the first file that has each. Raises
-    :class:`ConfigError` for a file without a required column, a column no file has, or types
-    that disagree (but the id column's: sample ids become text)."""
+    column, then the id column if any), each typed by :func:`_widest`. Raises
+    :class:`ConfigError` for a file without a required column, or whose image column holds no
+    encoded images, for a column no file has, or for types no output column holds."""
     names = list(dict.fromkeys(name for schema in schemas.values() for name in schema.names))
     for key, name in zip(("image_column", "id_column"), required):
         lacking = [f for f, schema in schemas.items() if name not in schema.names]
@@ -113,23 +131,23 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
         if lacking:
             raise ConfigError(ParquetSpec.key(key), f"{len(lacking):,} of the {len(schemas):,} files in {path!r} have "
                               f"no column {name!r}, e.g. {lacking[0]!r} (its columns: {schemas[lacking[0]].names})")
+    for relative, schema in schemas.items():  # each file's own: a batch's images are read as its file has them
+        image_type = schema.field(required[0]).type
+        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+                or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)):
+            where = f" in {relative!r}" if len(schemas) > 1 else ""
+            raise ConfigError(ParquetSpec.key("image_column"), f"column {required[0]!r} has type {image_type}{where}; "
+                              "expected binary (encoded image files) or a struct with a 'bytes' field")
     if columns is None:
         columns = [n for n in names if n not in required]
     fields, absent = [], {}
-    for name in [*required, *columns]:
+    for name in columns:
         if name not in names:
             raise ConfigError(ParquetSpec.key("columns"), f"no column {name!r} in {path!r}; {close_matches(name, names)}")
         having = [(f, schema.field(name)) for f, schema in schemas.items() if name in schema.names]
-        first_file, field = having[0]
-        other = next(((f, o) for f, o in having if _kind(o.type) != _kind(field.type)), None)
-        if other is not None and name not in required[1:]:
-            raise ConfigError(Config.key("source"), f"the column {name!r} is {field.type} in {first_file!r} but "
-                              f"{other[1].type} in {other[0]!r}: a column has one type in the output; make the "
-                              f"files agree, or leave the column out ({ParquetSpec.key('columns')})")
         if len(having) < len(schemas):
             absent[name] = [f for f, schema in schemas.items() if name not in schema.names]
-        if name in columns:
-            fields.append(field)
+        fields.append(_widest(name, having))
     for name, lacking in absent.items():
         log.warning("the column %r is missing from %d of the %d files (e.g. %r): it is null in their rows",
                     name, len(lacking), len(schemas), lacking[0])
@@ -139,7 +157,7 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
 def _partitions(relative: str) -> dict[str, str | None]:
     """The hive-style partition values in a file's folders.
 
-    >>> _partitions("year=2024/label=a%2Fb/part-0.parquet"), _partitions("label=__HIVE_DEFAULT_PARTITION__/x.parquet")
+    >>> _partitions('year=2024/label=a%2Fb/part-0'), _partitions('label=__HIVE_DEFAULT_PARTITION__/x')
     ({'year': '2024', 'label': 'a/b'}, {'label': None})
     """
     found = {}
@@ -208,25 +226,22 @@ class ParquetSource(StreamingSource):
             table, schemas = _row_groups(dataset, self._root)
             if not schemas:
                 raise ConfigError(ParquetSpec.key("path"), f"no Parquet file in {path!r}")
-            fields = _file_columns(_partition_schemas(schemas), required, columns, path)
-            first_file = next(iter(schemas))
+            rows = int(pc.sum(table.column("rows")).as_py() or 0)
+            if not rows:
+                raise ConfigError(ParquetSpec.key("path"), f"the {len(schemas):,} Parquet file(s) in {path!r} hold no rows")
+            # the files without rows have no say in the columns (pandas types an empty column null)
+            used = set(table.filter(pc.greater(table.column("rows"), 0)).column("file").to_pylist())
+            fields = _file_columns(_partition_schemas({f: s for f, s in schemas.items() if f in used}), required,
+                                   columns, path)
         elif "fields" in index.meta:
             fields = _decode_fields(index.meta["fields"])
         else:  # the index of an earlier version: the first file's columns
             fields = _file_columns({first_file: schema}, required, columns, path)
-        image_type = (schemas[first_file] if index is None else schema).field(image_column).type
-        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
-                or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)):
-            raise ConfigError(ParquetSpec.key("image_column"), f"column {image_column!r} has type {image_type}; "
-                              "expected binary (encoded image files) or a struct with a 'bytes' field")
         self.image_column, self.id_column = image_column, id_column
         self.columns = [f.name for f in fields]
         self._fields = fields
         self._schema_text = schema.remove_metadata().to_string()
         if index is None:
-            rows = int(pc.sum(table.column("rows")).as_py() or 0)
-            if not rows:
-                raise ConfigError(ParquetSpec.key("path"), f"the {len(schemas):,} Parquet file(s) in {path!r} hold no rows")
             meta = {"rows": rows, "files": len(set(table.column("file").to_pylist())),
                     "repeated_ids": self._repeated_ids(list(schemas), rows) if id_column else None}
             meta["sha256"] = digest(table, {**meta, "schema": self._schema_text})

@@ -68,8 +68,9 @@ _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\x
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """The names a brace pattern stands for, as a shell expands it: lists (nested too) and numeric
-    ranges (either way; zero-padded when an end is); a brace with neither stays as it is.
+    """The names a brace pattern stands for, as bash expands its lists (nested too) and numeric
+    ranges (either way; zero-padded when an end is); a brace that is neither stays as it is
+    (letter ranges, steps and escapes are not expanded).
 
     >>> expand_braces("train-{00..02}.tar")
     ['train-00.tar', 'train-01.tar', 'train-02.tar']
@@ -77,6 +78,8 @@ def expand_braces(pattern: str) -> list[str]:
     ['a/x-8.tar', 'a/x-9.tar', 'a/x-10.tar', 'b/x-8.tar', 'b/x-9.tar', 'b/x-10.tar']
     >>> expand_braces("x{a,{b,c}}{2..1}{}.tar")
     ['xa2{}.tar', 'xa1{}.tar', 'xb2{}.tar', 'xb1{}.tar', 'xc2{}.tar', 'xc1{}.tar']
+    >>> expand_braces("a{b{1,2}")
+    ['a{b1', 'a{b2']
     """
     for start, char in enumerate(pattern):
         if char != "{":
@@ -89,7 +92,7 @@ def expand_braces(pattern: str) -> list[str]:
             if depth == 0:
                 break
         else:
-            return [pattern]  # not closed: nothing after it is a brace either
+            continue  # not closed: a literal brace
         inner, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
         if commas:
             bounds = [start, *commas, end]
@@ -139,8 +142,9 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
     for number, pattern in enumerate(patterns):
         for name in expand_braces(pattern):
             folder, base = split_tar(name)
-            if any(c in folder.partition("?")[0] for c in "*["):
-                raise ConfigError(_PATH, f"{name!r}: a glob matches file names, not folders; name the "
+            globbed = folder.partition("?")[0] if "://" in folder else folder  # a URI's query is no glob
+            if any(c in globbed for c in "*?[") and open_location(folder, _PATH).kind().name != "Directory":
+                raise ConfigError(_PATH, f"{redact(name)!r}: a glob matches file names, not folders; name the "
                                   "folders with a brace pattern ('{a,b}/*.tar') or a list")
             if not any(c in base for c in "*?["):
                 tars.append((name, number))
@@ -149,10 +153,10 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
             try:
                 entries = location.fs.get_file_info(pafs.FileSelector(location.root))
             except (OSError, FileNotFoundError) as exc:
-                raise ConfigError(_PATH, f"cannot list {folder!r} for {name!r}: {exc}") from None
+                raise ConfigError(_PATH, f"cannot list {redact(folder)!r} for {redact(name)!r}: {exc}") from None
             found = sorted(e.base_name for e in entries if fnmatch.fnmatchcase(e.base_name, base))
             if not found:
-                raise ConfigError(_PATH, f"{name!r} matches no file")
+                raise ConfigError(_PATH, f"{redact(name)!r} matches no file")
             tars += [(_join(folder, f), number) for f in found]
     unique: dict[str, int] = {}
     for tar, number in tars:
@@ -226,8 +230,8 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
                 strays.append(member.name)
                 continue
             out.append((member.name, *place))
-            if member.name.rpartition("/")[2].partition(".")[2].lower() == "json":
-                fields.add(read(member, *place))
+            if member.isfile() and member.name.rpartition("/")[2].partition(".")[2].lower() == "json":
+                fields.add(read(member, *place))  # (a link's target was read as itself)
 
     if location.local:
         with open(location.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -354,8 +358,13 @@ class WebDatasetSource(StreamingSource):
         return len(self.index)
 
     def identity(self) -> dict:
-        return {"kind": "webdataset", "path": self.patterns, "tars": len(self.tars),
-                "samples": len(self), "index_sha256": self.index.meta["sha256"]}
+        identity = {"kind": "webdataset", "path": self.patterns, "tars": len(self.tars),
+                    "samples": len(self), "index_sha256": self.index.meta["sha256"]}
+        if any(e != e.lower() and e.lower() in SIDE_FILES for e in self.index.meta["extensions"]):
+            # side files named in capitals gave no column before they were read in any case: a
+            # dump begun then must not be resumed with columns its first shards lack
+            identity["columns"] = [f.name for f in self.label_fields()]
+        return identity
 
     @property
     def repeated_ids(self) -> dict | None:

@@ -116,7 +116,7 @@ def test_parquet_files_with_other_columns_are_read_together_and_their_conflicts_
     assert [s.sample_id for s in samples] == ["38", "39", "39", "s40"]
     assert [s.labels for s in samples] == [{"label": 1, "extra": "x"}, {"label": 2, "extra": "y"},
                                            {"label": 3, "extra": None}, {"label": 4, "extra": None}]
-    assert "'extra' is missing from 2 of the 3 files" in caplog.text
+    assert "'extra' is missing from 1 of the 2 files" in caplog.text  # the empty file has no say
     assert source.repeated_ids == {"count": 1, "examples": ["39"]}  # an integer id and a text one: one sample id
     # an actor opens it by the driver's index, with the same columns
     store = OutputStore(str(tmp_path / "out"))
@@ -130,9 +130,24 @@ def test_parquet_files_with_other_columns_are_read_together_and_their_conflicts_
     with pytest.raises(ConfigError, match=r"the column 'label' is int64 in '1.parquet' but string in '3.parquet'"):
         ParquetSource(str(tmp_path / "t"), id_column="key")
     pq.write_table(pa.table({"image": [png], "label": [1]}), tmp_path / "t" / "3.parquet")
-    with pytest.raises(ConfigError, match=r"source.id_column: 1 of the 4 files .* have no column 'key', e.g. '3.parquet'"):
+    with pytest.raises(ConfigError, match=r"source.id_column: 1 of the 3 files .* have no column 'key', e.g. '3.parquet'"):
         ParquetSource(str(tmp_path / "t"), id_column="key")
     assert len(ParquetSource(str(tmp_path / "t"), columns=["label"])) == 5
+
+
+def test_parquet_columns_take_the_widest_type_of_their_files(tmp_path):
+    png = _png((9, 9, 9))
+    struct = pa.array([{"bytes": png, "path": "x.png"}])
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"image": [png], "n": pa.array([1], pa.int32()), "f": pa.array([0.5], pa.float32()),
+                             "cap": ["a"], "when": pa.array([1], pa.timestamp("ms"))}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": struct, "n": [2 ** 40], "f": [0.1], "cap": pa.nulls(1),
+                             "when": pa.array([2], pa.timestamp("us"))}), tmp_path / "t" / "1.parquet")
+    source = ParquetSource(str(tmp_path / "t"))
+    assert [(f.name, f.type) for f in source.label_fields()] == [
+        ("n", pa.int64()), ("f", pa.float64()), ("cap", pa.string()), ("when", pa.timestamp("us"))]
+    samples = list(source.stream(0, 2))
+    assert samples[1].labels["n"] == 2 ** 40 and samples[1].labels["f"] == 0.1 and samples[1].image == png
 
 
 def test_parquet_without_rows_or_files_is_refused(tmp_path):
@@ -458,9 +473,10 @@ def test_links_to_folders_list_each_file_once_and_never_loop(tmp_path, caplog):
     (tmp_path / "images" / "cat" / "loop").symlink_to("..")  # would list images/ again and again
     (tmp_path / "images" / "a-dog").symlink_to("dog")  # sorts first: dog's files are listed by their own path
     (tmp_path / "images" / "more").symlink_to(tmp_path / "elsewhere")  # outside the tree: followed
+    (tmp_path / "images" / "more2").symlink_to(tmp_path / "elsewhere")  # the same folder again: once, first in order
     source = FolderSource(str(tmp_path / "images"))
     assert source.index.table.column("path").to_pylist() == ["cat/a.png", "dog/b.png", "more/c.png"]
-    assert "2 link(s) to folders under" in caplog.text
+    assert "3 link(s) to folders under" in caplog.text
 
 
 def test_a_few_files_beside_class_folders_cost_the_labels_and_say_so(tmp_path, caplog):

@@ -204,3 +204,20 @@ def test_repeated_keys_come_with_the_likely_cause(tmp_path):
     png = b"\x89PNG fake"
     tar = _tar(tmp_path / "a.tar", [("k0.png", png), ("k1.png", png), ("k0.cls", b"1")])
     assert "tar --sort=name" in WebDatasetSource(str(tar)).repeated_ids["hint"]
+
+
+def test_a_folder_whose_name_has_glob_characters_is_read_as_named(tmp_path):
+    folder = write_shards(tmp_path / "run[1]")
+    assert len(WebDatasetSource(str(folder / "train-0000.tar"))) == 4
+    assert len(WebDatasetSource(str(folder / "train-*.tar"))) == 12
+
+
+def test_linked_json_members_on_object_storage(tmp_path, s3):
+    from support.storage import upload
+
+    (tmp_path / "src").mkdir()
+    _tar(tmp_path / "src" / "a.tar", [("000.png", b"\x89PNG fake"), ("000.json", b'{"w": 4}'),
+                                      ("001.png", "->", "000.png"), ("001.json", "->", "000.json")])
+    upload(tmp_path / "src", f"s3://data/src?{s3}")
+    remote = WebDatasetSource(f"s3://data/src/a.tar?{s3}")
+    assert [(s.sample_id, s.labels) for s in remote.stream(0, 2)] == [("000", {"w": 4}), ("001", {"w": 4})]
