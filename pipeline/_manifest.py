@@ -182,6 +182,9 @@ def _source_difference(store: OutputStore, index: Index | None) -> list[str]:
         return []
     try:
         where = first_difference(kept, index)
+    except Exception:  # a kept index that does not read as one: the identity's lines say enough
+        log.debug("the dump's source index cannot be compared", exc_info=True)
+        where = None
     finally:
         kept.close()
     return [f"source: the first difference, {where}"] if where else []

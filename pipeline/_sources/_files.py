@@ -185,7 +185,7 @@ def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: l
                 keys.append(entry.name)
             elif entry.is_dir():
                 found.append(entry)
-    for entry in sorted(found, key=lambda e: e.name):  # of two links to one folder, the first in order
+    for entry in sorted(found, key=lambda e: e.name + "/"):  # of two links to one folder, the first in path order
         if entry.is_symlink():
             real = os.path.realpath(entry.path)
             if real == inside or real.startswith(inside.rstrip("/") + "/"):

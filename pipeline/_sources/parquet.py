@@ -85,35 +85,48 @@ def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dic
     return pa.table([files, groups, rows, firsts], schema=_INDEX_SCHEMA), schemas
 
 
+def _family(kind: pa.DataType) -> object:
+    """What a column's values must share across files for one output type to hold them all as
+    they are: integers, floats, text, bytes, timestamps of one zone, lists and structs of such;
+    else the type itself. (Integers and floats do not mix: an int64 over 2**53 is no double.)"""
+    if pa.types.is_dictionary(kind):
+        return _family(kind.value_type)
+    for family, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
+                         ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+                         ("bytes", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t))):
+        if test(kind):
+            return family
+    if pa.types.is_timestamp(kind):
+        return ("timestamp", kind.tz)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return ("list", _family(kind.value_type))
+    if pa.types.is_struct(kind):
+        return ("struct", tuple((kind.field(i).name, _family(kind.field(i).type)) for i in range(kind.num_fields)))
+    return kind
+
+
 def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
     """The type a column takes in the output, from its types in the files that have it: the one
-    they share, else the widest that holds them all (pyarrow's permissive promotion: integer and
-    float widths, null with anything, timestamp units, nullability inside lists; a dictionary
-    as its values). :class:`ConfigError` where there is none, naming two files that disagree."""
+    they share, else the widest of one :func:`_family` (pyarrow's permissive promotion: integer
+    and float widths, timestamp units, nullability inside lists; a dictionary as its values; a
+    file where the column is all null has no say). :class:`ConfigError` where the families
+    differ, naming two files that disagree."""
     types = list(dict.fromkeys(field.type for _, field in having))
     if len(types) == 1:
         return having[0][1]
-
-    def unified(kinds: Sequence[pa.DataType]) -> pa.DataType:
-        plain = [k.value_type if pa.types.is_dictionary(k) else k for k in kinds]
-        return pa.unify_schemas([pa.schema([pa.field(name, k)]) for k in plain],
-                                promote_options="permissive").field(name).type
-
-    try:
-        return pa.field(name, unified(types))
-    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    first_file, field = having[0]
-    def clashes(other: pa.Field) -> bool:
+    typed = [(f, field) for f, field in having if not pa.types.is_null(field.type)] or having[:1]
+    first_file, field = typed[0]
+    other = next(((f, o) for f, o in typed if _family(o.type) != _family(field.type)), None)
+    if other is None:
         try:
-            unified([field.type, other.type])
+            plain = [k.value_type if pa.types.is_dictionary(k) else k for k in dict.fromkeys(o.type for _, o in typed)]
+            return pa.field(name, pa.unify_schemas([pa.schema([pa.field(name, k)]) for k in plain],
+                                                   promote_options="permissive").field(name).type)
         except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return True
-        return False
-    other_file, other = next(((f, o) for f, o in having if clashes(o)), having[-1])
-    raise ConfigError(Config.key("source"), f"the column {name!r} is {field.type} in {first_file!r} but {other.type} "
-                      f"in {other_file!r}: a column has one type in the output; make the files agree, or leave "
-                      f"the column out ({ParquetSpec.key('columns')})")
+            other = typed[-1]
+    raise ConfigError(Config.key("source"), f"the column {name!r} is {field.type} in {first_file!r} but "
+                      f"{other[1].type} in {other[0]!r}: a column has one type in the output; make the files "
+                      f"agree, or leave the column out ({ParquetSpec.key('columns')})")
 
 
 def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], columns: Sequence[str] | None,

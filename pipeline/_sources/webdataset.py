@@ -143,7 +143,7 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
         for name in expand_braces(pattern):
             folder, base = split_tar(name)
             globbed = folder.partition("?")[0] if "://" in folder else folder  # a URI's query is no glob
-            if any(c in globbed for c in "*?[") and open_location(folder, _PATH).kind().name != "Directory":
+            if any(c in globbed for c in "*?[") and _kind(folder) != "Directory":
                 raise ConfigError(_PATH, f"{redact(name)!r}: a glob matches file names, not folders; name the "
                                   "folders with a brace pattern ('{a,b}/*.tar') or a list")
             if not any(c in base for c in "*?["):
@@ -164,6 +164,14 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
     if len(unique) < len(tars):
         log.warning("%d tar(s) are named more than once by %s and are read once", len(tars) - len(unique), _PATH)
     return unique
+
+
+def _kind(folder: str) -> str:
+    """What ``folder`` is (``Directory``, ``NotFound``, ...); a config error where it cannot be told."""
+    try:
+        return open_location(folder, _PATH).kind().name
+    except OSError as exc:
+        raise ConfigError(_PATH, f"cannot look at {redact(folder)!r}: {exc}") from None
 
 
 def _join(folder: str, name: str) -> str:
@@ -214,7 +222,7 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
     """``(member name, data offset, size)`` of the files in one tar, from its headers (a hard
     link as the file it links to; names that are not UTF-8 left out), and the fields of its
     ``.json`` members."""
-    fields, files, strays = _Fields(), {}, []
+    fields, files, strays, linked = _Fields(), {}, [], []
     out: list[tuple[str, int, int]] = []
 
     def walk(tar: tarfile.TarFile, read) -> None:
@@ -230,8 +238,11 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
                 strays.append(member.name)
                 continue
             out.append((member.name, *place))
-            if member.isfile() and member.name.rpartition("/")[2].partition(".")[2].lower() == "json":
-                fields.add(read(member, *place))  # (a link's target was read as itself)
+            if _extension(member.name) == "json":
+                if member.isfile():
+                    fields.add(read(member, *place))
+                elif _extension(member.linkname) != "json":  # (a .json target was read as itself)
+                    linked.append(place)  # read after the walk: a stream cannot go back
 
     if location.local:
         with open(location.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -239,9 +250,15 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
     else:
         with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             walk(tar, lambda member, offset, size: tar.extractfile(member).read())
+    for place in linked:
+        fields.add(location.read_range(name, *place))
     if strays:
         log.warning("%d member name(s) in %s are not UTF-8 and are left out, e.g. %r", len(strays), name, strays[0])
     return out, fields
+
+
+def _extension(name: str) -> str:
+    return name.rpartition("/")[2].partition(".")[2].lower()
 
 
 def _used(ext: str) -> bool:

@@ -148,6 +148,12 @@ def test_parquet_columns_take_the_widest_type_of_their_files(tmp_path):
         ("n", pa.int64()), ("f", pa.float64()), ("cap", pa.string()), ("when", pa.timestamp("us"))]
     samples = list(source.stream(0, 2))
     assert samples[1].labels["n"] == 2 ** 40 and samples[1].labels["f"] == 0.1 and samples[1].image == png
+    # integers and floats do not mix (an int64 over 2**53 is no double), nor do text and bytes
+    for first, second in ((pa.array([2 ** 60]), pa.array([0.5])), (pa.array(["x"]), pa.array([b"x"]))):
+        pq.write_table(pa.table({"image": [png], "m": first}), tmp_path / "t" / "0.parquet")
+        pq.write_table(pa.table({"image": [png], "m": second}), tmp_path / "t" / "1.parquet")
+        with pytest.raises(ConfigError, match=f"the column 'm' is {first.type} in '0.parquet' but {second.type} in '1.parquet'"):
+            ParquetSource(str(tmp_path / "t"))
 
 
 def test_parquet_without_rows_or_files_is_refused(tmp_path):

@@ -218,6 +218,11 @@ def test_linked_json_members_on_object_storage(tmp_path, s3):
     (tmp_path / "src").mkdir()
     _tar(tmp_path / "src" / "a.tar", [("000.png", b"\x89PNG fake"), ("000.json", b'{"w": 4}'),
                                       ("001.png", "->", "000.png"), ("001.json", "->", "000.json")])
+    _tar(tmp_path / "src" / "b.tar", [("meta.bin", b'{"h": 5}'), ("002.png", b"\x89PNG fake"),
+                                      ("002.json", "->", "meta.bin")])  # a link to a file not named .json
     upload(tmp_path / "src", f"s3://data/src?{s3}")
-    remote = WebDatasetSource(f"s3://data/src/a.tar?{s3}")
-    assert [(s.sample_id, s.labels) for s in remote.stream(0, 2)] == [("000", {"w": 4}), ("001", {"w": 4})]
+    remote = WebDatasetSource(f"s3://data/src/*.tar?{s3}")
+    samples = list(remote.stream(0, 4))
+    assert isinstance(samples[2], BadSample) and samples[2].sample_id == "meta"  # no image: its own bad sample
+    assert [(s.sample_id, s.labels) for s in samples[:2] + samples[3:]] == [
+        ("000", {"w": 4, "h": None}), ("001", {"w": 4, "h": None}), ("002", {"w": None, "h": 5})]
