@@ -185,6 +185,7 @@ def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: l
                 keys.append(entry.name)
             elif entry.is_dir():
                 found.append(entry)
+    files = len(keys)
     for entry in sorted(found, key=lambda e: e.name + "/"):  # of two links to one folder, the first in path order
         if entry.is_symlink():
             real = os.path.realpath(entry.path)
@@ -198,7 +199,7 @@ def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: l
         seen.add(identity)
         keys.append(entry.name + "/")
     keys.sort()
-    return keys, any(k[-1] == "/" for k in keys)
+    return keys, len(keys) > files
 
 
 def is_utf8(name: str) -> bool:
