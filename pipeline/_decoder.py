@@ -23,10 +23,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy as np
 import torch
 
 from ._imports import lazy_import
-from ._images import DEFAULT_MAX_PIXELS, ImageError, conform, decode, header_size
+from ._images import DEFAULT_MAX_PIXELS, ImageError, Into, conform, decode, header_size
 from ._preprocess import resize_crop, resize_crop_many
 from ._sources._base import Deferred, RawImage, is_sample_fault
 from ._tuner import ThreadTuner
@@ -61,11 +62,12 @@ class Decoder:
         # shards at once, folder source alone on 2 threads: 0.92x its floor against 1.03x)
         self._turn = threading.Lock() if self.threads > 1 else contextlib.nullcontext()
 
-    def one(self, raw: RawImage) -> torch.Tensor | Exception:
-        """One image, decoded, checked, resized and cropped; or the exception when the fault is
-        the sample's (the caller records a bad sample). Other faults raise: the shard fails."""
+    def one(self, raw: RawImage, into: Into | None = None) -> torch.Tensor | Exception:
+        """One image, decoded (into ``into``'s array, if it gives one), checked, resized and
+        cropped; or the exception when the fault is the sample's (the caller records a bad
+        sample). Other faults raise: the shard fails."""
         try:
-            return resize_crop(decode(raw, self.max_pixels, self.channels), self.resize, self.crop)
+            return resize_crop(decode(raw, self.max_pixels, self.channels, into), self.resize, self.crop)
         except Exception as exc:
             if is_sample_fault(exc):
                 return exc
@@ -109,7 +111,11 @@ class Decoder:
         with self._turn:
             threads = self.tuner.pick()
             started = time.perf_counter()
-            out = self._map(self.one, raws, threads)
+            if self.resize is None and self.crop is None and self.channels == 3 and len(raws) > 1:
+                block = _Block(len(raws))  # the batch's JPEG files of one size, decoded side by side
+                out = self._map(lambda i: self.one(raws[i], block.into(i)), range(len(raws)), threads)
+            else:
+                out = self._map(self.one, raws, threads)
             self.tuner.record(threads, len(raws), time.perf_counter() - started)
         return out
 
@@ -173,6 +179,49 @@ class Decoder:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+class _Block:
+    """The memory a batch's JPEG files decode into: one ``(N, H, W, 3)`` uint8 block whose size
+    is that of the first file decoded, so that the batch is a view of it
+    (:func:`pipeline._preprocess.stack_images`), not a copy of its images, and no image has an
+    array of its own. A file of another size is decoded into an array of its own.
+
+    On the bench's 64 px JPEG files, decoding 256 and making them a normalised batch took 33
+    instead of 43 us per image (one core). Pages of the block that no image fills are never
+    touched; a block over :attr:`LIMIT` bytes is not made.
+
+    >>> block = _Block(2)
+    >>> array, image = block.into(1)(4, 6)
+    >>> array.shape, tuple(image.shape), block.into(0)(5, 6)
+    ((4, 6, 3), (3, 4, 6), None)
+    """
+
+    LIMIT = 256 * 2**20
+
+    def __init__(self, images: int):
+        self.images = images
+        self._lock = threading.Lock()
+        self._size: tuple[int, int] | None = None
+        self._arrays: np.ndarray | None = None
+        self._views: tuple[torch.Tensor, ...] = ()
+
+    def into(self, i: int) -> Into:
+        """Where image ``i`` of the batch is decoded, if its size is the block's."""
+        return lambda height, width: self._slot(i, height, width)
+
+    def _slot(self, i: int, height: int, width: int) -> tuple[np.ndarray, torch.Tensor] | None:
+        if self._size is None:
+            with self._lock:  # the decoding threads: the first file's size is the block's
+                if self._size is None:
+                    if self.images * height * width * 3 <= self.LIMIT:
+                        arrays = np.empty((self.images, height, width, 3), np.uint8)
+                        self._views = torch.from_numpy(arrays).permute(0, 3, 1, 2).unbind(0)
+                        self._arrays = arrays
+                    self._size = (height, width)  # last: a thread that sees it sees the block
+        if self._arrays is None or self._size != (height, width):
+            return None
+        return self._arrays[i], self._views[i]
 
 
 def _load_jpeg(raw: RawImage) -> RawImage | Exception:

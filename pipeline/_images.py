@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -169,9 +170,16 @@ def _pil_decode(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
-def _decode_jpeg(data: bytes, max_pixels: int | None) -> torch.Tensor | None:
+#: Where a JPEG file's pixels may be decoded: called with the file's ``(height, width)``, it
+#: gives a writable ``(H, W, 3)`` uint8 array and the ``(3, H, W)`` tensor view of the same
+#: memory, or ``None`` (then the decoder makes its own array).
+Into = Callable[[int, int], "tuple[np.ndarray, torch.Tensor] | None"]
+
+
+def _decode_jpeg(data: bytes, max_pixels: int | None, into: Into | None = None) -> torch.Tensor | None:
     """A JPEG file's RGB pixels: a ``(3, H, W)`` view of the decoder's ``(H, W, 3)`` output, not
-    copied into channel planes (a batch is, at once: :func:`stack_images`).
+    copied into channel planes (a batch is, at once: :func:`stack_images`); decoded into
+    ``into``'s array where it gives one (simplejpeg only).
 
     libjpeg-turbo decodes it, through simplejpeg where it is installed, else through
     torchvision's operator called directly (its Python wrapper costs as much again on a small
@@ -187,7 +195,11 @@ def _decode_jpeg(data: bytes, max_pixels: int | None) -> torch.Tensor | None:
     width, height, components = frame
     _check_pixels(width, height, max_pixels)
     if components != 4 and _SIMPLEJPEG is not None:
+        slot = None if into is None else into(height, width)
         try:
+            if slot is not None:
+                _SIMPLEJPEG.decode_jpeg(data, "RGB", buffer=slot[0])
+                return slot[1]
             return torch.from_numpy(_SIMPLEJPEG.decode_jpeg(data, "RGB").transpose(2, 0, 1))  # numpy's view: 0.8 us less
         except Exception:  # a refusal, or pixels it cannot allocate: torchvision judges the file as before
             pass
@@ -299,9 +311,11 @@ def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None,
     return image.contiguous()
 
 
-def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, channels: int = 3) -> torch.Tensor:
+def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, channels: int = 3,
+           into: Into | None = None) -> torch.Tensor:
     """The checked ``(channels, H, W)`` image of one raw image (on the CPU); raises
-    :class:`ImageError` (or the read's ``OSError``) for one that cannot be used."""
+    :class:`ImageError` (or the read's ``OSError``) for one that cannot be used. A JPEG file is
+    decoded into the array ``into`` gives for its size, if it gives one (see :data:`Into`)."""
     if isinstance(raw, Deferred):
         raw = raw.load()
     if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -309,7 +323,7 @@ def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, 
         if not data:
             raise ImageError("an empty file (0 bytes)")
         if channels == 3 and data[:3] == _JPEG_MAGIC:  # the common case, on the shortest path
-            image = _decode_jpeg(data, max_pixels)
+            image = _decode_jpeg(data, max_pixels, into)
             if image is not None:
                 return image
         return conform(_decode_bytes(data, max_pixels), channels_last=False, channels=channels)

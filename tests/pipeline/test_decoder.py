@@ -202,3 +202,61 @@ def test_decoding_threads_may_import_torchvision_at_once():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "[]"
+
+
+def _random_jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_batch_of_equal_jpeg_files_is_decoded_into_one_block_that_becomes_the_batch(threads):
+    from pipeline._images import decode
+    from pipeline._preprocess import stack_images
+
+    raws = [_random_jpeg(i, (20, 12)) for i in range(9)]
+    decoder = Decoder(threads=threads)
+    out = decoder(raws)
+    decoder.close()
+    expected = [decode(raw) for raw in raws]  # each on its own
+    assert all(torch.equal(image, e) for image, e in zip(out, expected))
+    batch = stack_images(out)
+    assert torch.equal(batch, torch.stack([e.contiguous() for e in expected]))
+    # no copy: the batch is the memory the files were decoded into
+    assert batch.untyped_storage().data_ptr() == out[0].untyped_storage().data_ptr()
+    assert all(image.data_ptr() == batch[i].data_ptr() for i, image in enumerate(out))
+
+
+def test_files_of_other_sizes_bad_files_and_other_formats_beside_a_block_decode_as_alone():
+    from pipeline._images import decode
+    from pipeline._preprocess import stack_images
+
+    raws = [_random_jpeg(0, (20, 12)), _random_jpeg(1, (12, 20)), b"garbage", _png(7, (20, 12)),
+            _random_jpeg(2, (20, 12)), torch.zeros(3, 12, 20, dtype=torch.uint8)]
+    decoder = Decoder(threads=2)
+    out = decoder(raws)
+    decoder.close()
+    assert isinstance(out[2], ImageError)
+    for i in (0, 1, 3, 4, 5):
+        assert torch.equal(out[i], decode(raws[i]))
+    # images of the block at even steps (here the bad ones left out between them): still a view
+    good = [out[0], out[4]]
+    assert torch.equal(stack_images(good), torch.stack([g.contiguous() for g in good]))
+    assert stack_images(good).data_ptr() == out[0].data_ptr()
+    # at uneven steps, in reverse order, or one image twice: a copy, equal all the same
+    for images in ([out[0], out[4], out[5]], [out[4], out[0]], [out[0], out[0]]):
+        batch = stack_images(images)
+        assert torch.equal(batch, torch.stack([i.contiguous() for i in images]))
+        assert batch.untyped_storage().data_ptr() != out[0].untyped_storage().data_ptr()
+
+
+def test_a_resize_or_a_crop_decodes_without_a_block():
+    raws = [_random_jpeg(i, (20, 12)) for i in range(3)]
+    decoder = Decoder(threads=1, resize=8, crop=(8, 8))
+    out = decoder(raws)
+    decoder.close()
+    assert all(tuple(image.shape) == (3, 8, 8) for image in out)
+    assert len({image.untyped_storage().data_ptr() for image in out}) == 3

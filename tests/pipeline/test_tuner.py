@@ -55,7 +55,7 @@ def test_the_decoder_uses_the_tuned_count_and_finds_that_waiting_work_wants_thre
     seen = []
 
     class Slow(Decoder):
-        def one(self, raw):
+        def one(self, raw, into=None):
             seen.append(threading.current_thread().name)
             time.sleep(0.002)
             return raw
