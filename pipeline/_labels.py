@@ -27,14 +27,21 @@ import pyarrow as pa
 from ._records import BadSample
 from ._sources._base import Sample
 
+def _is_text(column: pa.DataType) -> bool:
+    return pa.types.is_string(column) or pa.types.is_large_string(column)
+
+
+def _is_bytes(column: pa.DataType) -> bool:
+    return pa.types.is_binary(column) or pa.types.is_large_binary(column) or pa.types.is_fixed_size_binary(column)
+
+
 #: The Python values each kind of column takes (other types: whatever converts).
 _KINDS: tuple[tuple[Any, tuple[type, ...]], ...] = (
     (pa.types.is_boolean, (bool,)),
     (pa.types.is_integer, (numbers.Integral,)),
     (pa.types.is_floating, (numbers.Real,)),
-    (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), (str,)),
-    (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t),
-     (bytes,)),
+    (_is_text, (str,)),
+    (_is_bytes, (bytes,)),
 )
 
 
@@ -45,6 +52,26 @@ def _of_kind(value: Any, column: pa.DataType) -> bool:
         if is_kind(column):  # a bool is an Integral to Python, not to a number column
             return isinstance(value, kinds) and (isinstance(value, bool) == pa.types.is_boolean(column))
     return True  # lists, structs, dates, decimals...: the conversion decides
+
+
+#: The builtin types whose values fit each kind of column without a closer look: a batch's values
+#: are checked by type first (a few ns each), and one by one only when some are of other types.
+_PLAIN: tuple[tuple[Any, frozenset[type]], ...] = (
+    (pa.types.is_boolean, frozenset({bool})),
+    (pa.types.is_integer, frozenset({int})),
+    (pa.types.is_floating, frozenset({int, float})),
+    (_is_text, frozenset({str})),
+    (_is_bytes, frozenset({bytes})),
+)
+
+
+def _all_of_kind(values: Sequence[Any], column: pa.DataType) -> bool:
+    for is_kind, plain in _PLAIN:
+        if is_kind(column):
+            if all(value is None or type(value) in plain for value in values):
+                return True
+            break
+    return all(_of_kind(value, column) for value in values)
 
 
 def _converts(values: Sequence[Any], column: pa.DataType) -> bool:
@@ -71,8 +98,7 @@ def split_unfit(samples: Sequence[Sample], fields: Sequence[pa.Field]) -> tuple[
     problems: dict[int, str] = {}
     for field in fields:
         values = [s.labels.get(field.name) for s in samples]
-        kinds = [_of_kind(v, field.type) for v in values]
-        if all(kinds) and _converts(values, field.type):
+        if _all_of_kind(values, field.type) and _converts(values, field.type):
             continue
         for position, value in enumerate(values):
             if position not in problems:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -31,7 +32,7 @@ import torch
 from ._decoder import Decoder
 from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
-from ._metrics import ActorMetrics, peak_rss_mb
+from ._metrics import ActorMetrics, peak_rss_mb, ray_actor
 from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, model_identity
 from ._preprocess import stack_images, to_model_input
@@ -124,6 +125,17 @@ class _DiscardingWriter:
         pass
 
 
+def settle_heap() -> None:
+    """In a process that lives for one worker (a Ray actor): one full collection, then every
+    object made so far (the modules of torch, Ray and pyarrow, the model, the source) is kept out
+    of the collector's sight for good, since they live as long as the process. The collections
+    during the dump then walk the objects it makes, not the whole heap. In the bench's Parquet
+    dump (2 actors on 2 cores), each actor made a full collection every 10 s or so, of
+    0.16-0.19 s (2% of its time; 3-4% of a 5 s dump); the one here takes 0.13 s, once."""
+    gc.collect()
+    gc.freeze()
+
+
 def _host(t: torch.Tensor) -> torch.Tensor:
     """Start the copy of a device tensor to host memory (pinned, so the copy is asynchronous)."""
     return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
@@ -199,6 +211,8 @@ class ShardWorker:
         self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         self._stopping = threading.Event()
         self._forwards_done = 0  # batches whose forward worked: the model can run here
+        if ray_actor() is not None:
+            settle_heap()
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:

@@ -11,17 +11,20 @@ from pipeline._records import BadSample
 from pipeline._sources import Sample
 
 
-@pytest.mark.parametrize("value, column", [
+FITTING = [
     (3, pa.int64()), (3, pa.int32()), (np.int16(3), pa.int64()), (3, pa.float64()), (2.5, pa.float32()),
     (True, pa.bool_()), ("cat", pa.string()), ("cat", pa.large_string()), (b"\x00", pa.binary()),
     (None, pa.int64()), (None, pa.string()), ([1, 2], pa.list_(pa.int64())),
     (datetime.date(2026, 1, 2), pa.date32()),
-])
+]
+
+
+@pytest.mark.parametrize("value, column", FITTING)
 def test_values_of_the_columns_kind_fit(value, column):
     assert label_problem("x", value, column) is None
 
 
-@pytest.mark.parametrize("value, column, reason", [
+NOT_FITTING = [
     ("cat", pa.int64(), "label 'x' holds 'cat' (type str); its column holds int64"),
     (2.5, pa.int64(), "label 'x' holds 2.5 (type float); its column holds int64"),  # pyarrow would truncate it
     (True, pa.int64(), "label 'x' holds True (type bool); its column holds int64"),
@@ -33,7 +36,10 @@ def test_values_of_the_columns_kind_fit(value, column):
     (-1, pa.uint8(), "label 'x' holds -1 (type int); its column holds uint8"),
     (np.zeros(2), pa.int64(), "label 'x' holds array([0., 0.]) (type ndarray); its column holds int64"),
     (["a"], pa.list_(pa.int64()), "label 'x' holds ['a'] (type list); its column holds list<item: int64>"),
-])
+]
+
+
+@pytest.mark.parametrize("value, column, reason", NOT_FITTING)
 def test_values_of_another_type_are_named_with_both_types(value, column, reason):
     assert label_problem("x", value, column) == reason
 
@@ -53,3 +59,15 @@ def test_a_batch_keeps_the_samples_that_fit_in_order_and_names_each_other_sample
     fitting = samples[:1] + samples[2:3]
     assert split_unfit(fitting, fields) == (fitting, [])
     assert split_unfit(samples, []) == (samples, []), "no typed column: nothing to check"
+
+
+@pytest.mark.parametrize("value, column, reason", [(v, c, None) for v, c in FITTING] + NOT_FITTING)
+def test_a_batch_judges_each_value_as_alone_among_values_of_plain_types(value, column, reason):
+    # the batch's check by type first (ints in an int column...) must agree with the value's own
+    plain = {pa.types.is_boolean: True, pa.types.is_integer: 7, pa.types.is_floating: 1.5,
+             pa.types.is_string: "a", pa.types.is_large_string: "a", pa.types.is_binary: b"a"}
+    neighbour = next((v for is_kind, v in plain.items() if is_kind(column)), None)
+    samples = _samples([{"x": neighbour}, {"x": value}, {"x": neighbour}])
+    good, bad = split_unfit(samples, [pa.field("x", column)])
+    assert [s.index for s in good] == ([0, 2] if reason else [0, 1, 2])
+    assert bad == ([BadSample(1, "s1", reason)] if reason else [])
