@@ -17,6 +17,7 @@ fastest on one. On a CUDA device the JPEG files of a batch are decoded there in 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -112,8 +113,8 @@ class Decoder:
             threads = self.tuner.pick()
             started = time.perf_counter()
             if self.resize is None and self.crop is None and self.channels == 3 and len(raws) > 1:
-                block = _Block(len(raws))  # the batch's JPEG files of one size, decoded side by side
-                out = self._map(lambda i: self.one(raws[i], block.into(i)), range(len(raws)), threads)
+                slot = _Block(len(raws)).slot  # the batch's JPEG files of one size, decoded side by side
+                out = self._map(lambda i: self.one(raws[i], functools.partial(slot, i)), range(len(raws)), threads)
             else:
                 out = self._map(self.one, raws, threads)
             self.tuner.record(threads, len(raws), time.perf_counter() - started)
@@ -192,8 +193,8 @@ class _Block:
     touched; a block over :attr:`LIMIT` bytes is not made.
 
     >>> block = _Block(2)
-    >>> array, image = block.into(1)(4, 6)
-    >>> array.shape, tuple(image.shape), block.into(0)(5, 6)
+    >>> array, image = block.slot(1, 4, 6)
+    >>> array.shape, tuple(image.shape), block.slot(0, 5, 6)
     ((4, 6, 3), (3, 4, 6), None)
     """
 
@@ -206,11 +207,9 @@ class _Block:
         self._arrays: np.ndarray | None = None
         self._views: tuple[torch.Tensor, ...] = ()
 
-    def into(self, i: int) -> Into:
-        """Where image ``i`` of the batch is decoded, if its size is the block's."""
-        return lambda height, width: self._slot(i, height, width)
-
-    def _slot(self, i: int, height: int, width: int) -> tuple[np.ndarray, torch.Tensor] | None:
+    def slot(self, i: int, height: int, width: int) -> tuple[np.ndarray, torch.Tensor] | None:
+        """Where image ``i`` of the batch is decoded, if its size is the block's (``partial(slot,
+        i)`` is its :data:`~pipeline._images.Into`)."""
         if self._size is None:
             with self._lock:  # the decoding threads: the first file's size is the block's
                 if self._size is None:
