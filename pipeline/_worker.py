@@ -131,9 +131,15 @@ def settle_heap() -> None:
     of the collector's sight for good, since they live as long as the process. The collections
     during the dump then walk the objects it makes, not the whole heap. In the bench's Parquet
     dump (2 actors on 2 cores), each actor made a full collection every 10 s or so, of
-    0.16-0.19 s (2% of its time; 3-4% of a 5 s dump); the one here takes 0.13 s, once."""
+    0.16-0.19 s (2% of its time; 3-4% of a 5 s dump); the one here takes 0.13 s, once.
+
+    The youngest generation is collected after 10,000 new objects, not 700: the batches in
+    flight hold a few thousand (samples, their labels, tensors), which reference counting frees,
+    so at 700 the collector ran every 300 rows or so to find next to nothing (170 times per
+    actor in that 5 s span, 30-40 ms); at 10,000 it did not run there at all."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:

@@ -547,14 +547,16 @@ def test_a_ray_actor_keeps_what_it_made_at_start_out_of_the_collectors_sight(tmp
     # the modules and the model live as long as the actor: full collections skip them
     ray = ray_cluster
     actor = ray.remote(ShardWorker).remote(_config(tmp_path).to_dict(), device="cpu")
-    frozen, garbage = ray.get(actor.__ray_call__.remote(lambda worker: (__import__("gc").get_freeze_count(),
-                                                                         len(__import__("gc").garbage))))
-    assert frozen > 10_000 and garbage == 0
+    frozen, garbage, threshold = ray.get(actor.__ray_call__.remote(
+        lambda worker: (__import__("gc").get_freeze_count(), len(__import__("gc").garbage),
+                        __import__("gc").get_threshold()[0])))
+    assert frozen > 10_000 and garbage == 0 and threshold == 10_000
     record = ray.get(actor.run_shard.remote(Shard(0, 0, 10)))
     assert record.rows == {"relu1": 10, "conv2": 10}
     ray.kill(actor)
     # in this process (the local executor's, a user's own): nothing is frozen
     import gc
 
+    threshold = gc.get_threshold()
     with ShardWorker(_config(tmp_path).to_dict(), device="cpu"):
-        assert gc.get_freeze_count() == 0
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
