@@ -27,6 +27,7 @@ import pyarrow as pa
 from ._records import BadSample
 from ._sources._base import Sample
 
+
 def _is_text(column: pa.DataType) -> bool:
     return pa.types.is_string(column) or pa.types.is_large_string(column)
 

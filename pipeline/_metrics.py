@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SHARD_SECONDS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800]
 
 
-def ray_actor() -> Any:
+def _ray_worker() -> Any:
     """The ``ray`` module when this process is a Ray worker (an actor), else None."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
@@ -83,7 +83,7 @@ class ActorMetrics:
         self._lock = threading.Lock()
         self._in_flight: dict[int, int] = {}  # shard -> rows and bad samples so far
         self._metrics: dict[str, Any] | None = None
-        ray = ray_actor()
+        ray = _ray_worker()
         if ray is not None:
             from ray.util import metrics
 

@@ -151,7 +151,8 @@ class RayExecutor:
             # flight an attempt, so more restarts than attempts would only rebuild models for nothing
             max_restarts=run.max_attempts, max_task_retries=0)
         arguments = workers.arguments(decode_threads=max(1, int(plan.cpus)), shards_at_once=plan.shards_per_actor)
-        self._actors = [remote.remote(**arguments) for _ in range(plan.count)]
+        # each actor has its process to itself: its heap is settled once it is built
+        self._actors = [remote.remote(**arguments, own_process=True) for _ in range(plan.count)]
         self._slots = Slots(plan.count, per_worker=plan.shards_per_actor)
         self._poller = InFlightPoller(self._actors)
         log.info("starting %d actor(s) with %g CPU and %g GPU each", plan.count, plan.cpus, plan.gpus)

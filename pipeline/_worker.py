@@ -32,7 +32,7 @@ import torch
 from ._decoder import Decoder
 from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
-from ._metrics import ActorMetrics, peak_rss_mb, ray_actor
+from ._metrics import ActorMetrics, peak_rss_mb
 from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, model_identity
 from ._preprocess import stack_images, to_model_input
@@ -126,10 +126,11 @@ class _DiscardingWriter:
 
 
 def settle_heap() -> None:
-    """In a process that lives for one worker (a Ray actor): one full collection, then every
-    object made so far (the modules of torch, Ray and pyarrow, the model, the source) is kept out
-    of the collector's sight for good, since they live as long as the process. The collections
-    during the dump then walk the objects it makes, not the whole heap. In the bench's Parquet
+    """In a process that lives for one worker (an actor of the Ray executor): one full
+    collection, then every object made so far (the modules of torch, Ray and pyarrow, the model,
+    the source) is kept out of the collector's sight for good, since they live as long as the
+    process. The collections during the dump then walk the objects it makes, not the whole
+    heap. In the bench's Parquet
     dump (2 actors on 2 cores), each actor made a full collection every 10 s or so, of
     0.16-0.19 s (2% of its time; 3-4% of a 5 s dump); the one here takes 0.13 s, once.
 
@@ -167,11 +168,16 @@ class ShardWorker:
         frozen_source: number the samples by the source index the driver wrote into the output
             (``_actmap/source-index.parquet``), instead of looking at the source anew.
         shards_at_once: how many shards the driver runs here at once (each writes its own files).
+        own_process: whether the worker has its process to itself (an actor the Ray executor
+            started): its heap is then settled once built (:func:`settle_heap`). A worker built
+            in a process of someone else's (the local executor, a user's own actor) leaves that
+            process's collector as it is.
     """
 
     def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
                  device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None,
-                 decode_threads: int | None = None, frozen_source: bool = False, shards_at_once: int = 2):
+                 decode_threads: int | None = None, frozen_source: bool = False, shards_at_once: int = 2,
+                 own_process: bool = False):
         self.config = Config.from_dict(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_model(self.config.model)
@@ -217,18 +223,20 @@ class ShardWorker:
         self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         self._stopping = threading.Event()
         self._forwards_done = 0  # batches whose forward worked: the model can run here
-        if ray_actor() is not None:
+        if own_process:
             settle_heap()
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
-        """Where this worker runs: host, Ray node (when in Ray), process, device, threads, and
-        the process's peak memory so far."""
+        """Where this worker runs: host, Ray node (when in Ray), process, device, threads, the
+        objects its process keeps out of the collector's sight (:func:`settle_heap`), and the
+        process's peak memory so far."""
         node = None
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             node = sys.modules["ray"].get_runtime_context().get_node_id()
         return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device),
                 "threads": torch.get_num_threads(), "decode_threads": self.decoder.threads,
+                "frozen_objects": gc.get_freeze_count(),
                 # the process's peak resident memory so far (Linux reports KiB)
                 "max_rss_mb": peak_rss_mb()}
 
@@ -303,6 +311,15 @@ class ShardWorker:
             if len(batch.samples) == 1 and not self._forwards_done:
                 raise
             failed = exc
+        try:
+            return self._isolate(batch, stats, failed)
+        finally:
+            # the error's traceback holds the frames of the failed forward, with its tensors,
+            # and this frame holds the error: that cycle would wait for the collector
+            failed = None
+
+    def _isolate(self, batch: _Batch, stats: Mapping[str, ValueStats],
+                 failed: Exception) -> tuple[_Batch, _Outputs | None]:
         good = _Batch([], [], list(batch.bad))
         for sample, image in zip(batch.samples, batch.images):
             try:

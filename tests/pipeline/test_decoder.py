@@ -242,12 +242,9 @@ def test_files_of_other_sizes_bad_files_and_other_formats_beside_a_block_decode_
     assert isinstance(out[2], ImageError)
     for i in (0, 1, 3, 4, 5):
         assert torch.equal(out[i], decode(raws[i]))
-    # images of the block at even steps (here the bad ones left out between them): still a view
-    good = [out[0], out[4]]
-    assert torch.equal(stack_images(good), torch.stack([g.contiguous() for g in good]))
-    assert stack_images(good).data_ptr() == out[0].data_ptr()
-    # at uneven steps, in reverse order, or one image twice: a copy, equal all the same
-    for images in ([out[0], out[4], out[5]], [out[4], out[0]], [out[0], out[0]]):
+    # images of the block with a gap (the others left out), in reverse order, or one image
+    # twice: a copy, equal all the same
+    for images in ([out[0], out[4]], [out[4], out[0]], [out[0], out[0]]):
         batch = stack_images(images)
         assert torch.equal(batch, torch.stack([i.contiguous() for i in images]))
         assert batch.untyped_storage().data_ptr() != out[0].untyped_storage().data_ptr()

@@ -543,20 +543,51 @@ def test_the_peak_memory_is_the_processs_own_not_its_parents():
     del ballast
 
 
-def test_a_ray_actor_keeps_what_it_made_at_start_out_of_the_collectors_sight(tmp_path, ray_cluster):
-    # the modules and the model live as long as the actor: full collections skip them
-    ray = ray_cluster
-    actor = ray.remote(ShardWorker).remote(_config(tmp_path).to_dict(), device="cpu")
-    frozen, garbage, threshold = ray.get(actor.__ray_call__.remote(
-        lambda worker: (__import__("gc").get_freeze_count(), len(__import__("gc").garbage),
-                        __import__("gc").get_threshold()[0])))
-    assert frozen > 10_000 and garbage == 0 and threshold == 10_000
-    record = ray.get(actor.run_shard.remote(Shard(0, 0, 10)))
-    assert record.rows == {"relu1": 10, "conv2": 10}
-    ray.kill(actor)
-    # in this process (the local executor's, a user's own): nothing is frozen
+def _collector(worker):
     import gc
 
-    threshold = gc.get_threshold()
-    with ShardWorker(_config(tmp_path).to_dict(), device="cpu"):
-        assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+    return gc.get_freeze_count(), len(gc.garbage), gc.get_threshold()
+
+
+def test_a_worker_with_a_process_of_its_own_keeps_what_it_made_at_start_out_of_the_collectors_sight(
+        tmp_path, ray_cluster):
+    # an actor of the Ray executor: its modules and model live as long as it, full collections skip them
+    ray = ray_cluster
+    actor = ray.remote(ShardWorker).remote(_config(tmp_path).to_dict(), device="cpu", own_process=True)
+    frozen, garbage, threshold = ray.get(actor.__ray_call__.remote(_collector))
+    assert frozen > 10_000 and garbage == 0 and threshold[0] == 10_000
+    record = ray.get(actor.run_shard.remote(Shard(0, 0, 10)))
+    assert record.rows == {"relu1": 10, "conv2": 10} and record.worker["frozen_objects"] > 10_000
+    ray.kill(actor)
+    # a worker in a process of someone else's (a user's own actor, the local executor's process):
+    # that process's collector is left as it was
+    actor = ray.remote(ShardWorker).remote(_config(tmp_path / "b").to_dict(), device="cpu")
+    assert ray.get(actor.__ray_call__.remote(_collector)) == (0, 0, (700, 10, 10))
+    ray.kill(actor)
+    import gc
+
+    before = gc.get_freeze_count(), gc.get_threshold()
+    with ShardWorker(_config(tmp_path / "c").to_dict(), device="cpu"):
+        assert (gc.get_freeze_count(), gc.get_threshold()) == before
+
+
+def test_the_inputs_of_a_failed_forward_are_freed_without_the_collector(tmp_path):
+    # the batch's error, kept to be raised if every sample fails alone, must not hold the failed
+    # forward's frames (and their tensors, on a GPU its memory) until a collection comes
+    import gc
+
+    from support.models import Picky
+
+    config = _config(tmp_path, model={"name": "support.models:picky", "layers": ["relu1"]},
+                     source={"kind": "dataset", "target": "support.datasets:WithWhite",
+                             "kwargs": {"n": 8, "white": 2}, "preprocess": {"normalize": "none"}},
+                     run={"batch_size": 4})
+    Picky.refused.clear()
+    gc.disable()
+    try:
+        with ShardWorker(config.to_dict()) as worker:
+            assert len(worker.run_shard(Shard(0, 0, 8)).bad) == 1
+        assert len(Picky.refused) == 2  # the batch, then the sample alone
+        assert [ref() for ref in Picky.refused] == [None, None]
+    finally:
+        gc.enable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from torch import nn
@@ -31,10 +32,14 @@ def tiny(num_classes: int = 4) -> TinyConvNet:
 
 class Picky(TinyConvNet):
     """A TinyConvNet whose forward refuses a batch that holds an all-white image (with
-    ``normalize: none``): a model that cannot take one sample of a batch."""
+    ``normalize: none``): a model that cannot take one sample of a batch. ``refused`` holds weak
+    references to the inputs it refused."""
+
+    refused: list = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool((x.flatten(1).amin(1) >= 1.0).any()):
+            Picky.refused.append(weakref.ref(x))
             raise ValueError("cannot take an all-white image")
         return super().forward(x)
 
