@@ -125,22 +125,27 @@ class _DiscardingWriter:
         pass
 
 
-def settle_heap() -> None:
+def settle_heap() -> int:
     """In a process that lives for one worker (an actor of the Ray executor): one full
     collection, then every object made so far (the modules of torch, Ray and pyarrow, the model,
     the source) is kept out of the collector's sight for good, since they live as long as the
     process. The collections during the dump then walk the objects it makes, not the whole
-    heap. In the bench's Parquet
-    dump (2 actors on 2 cores), each actor made a full collection every 10 s or so, of
-    0.16-0.19 s (2% of its time; 3-4% of a 5 s dump); the one here takes 0.13 s, once.
+    heap. In the bench's Parquet dump (2 actors on 2 cores), each actor made a full collection
+    every 10 s or so, of 0.16-0.19 s (2% of its time; 3-4% of a 5 s dump); the one here takes
+    0.13 s, once.
 
     The youngest generation is collected after 10,000 new objects, not 700: the batches in
     flight hold a few thousand (samples, their labels, tensors), which reference counting frees,
     so at 700 the collector ran every 300 rows or so to find next to nothing (170 times per
-    actor in that 5 s span, 30-40 ms); at 10,000 it did not run there at all."""
+    actor in that 5 s span, 30-40 ms); at 10,000 it did not run there at all.
+
+    Returns how many objects are now out of sight, counted here once: ``gc.get_freeze_count``
+    walks them all (11 ms for an actor's 225,000; asked once per shard, it took a tenth of an
+    actor's CPU in the bench's Parquet dump)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
+    return gc.get_freeze_count()
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -223,20 +228,19 @@ class ShardWorker:
         self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         self._stopping = threading.Event()
         self._forwards_done = 0  # batches whose forward worked: the model can run here
-        if own_process:
-            settle_heap()
+        self._frozen_objects = settle_heap() if own_process else 0
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
         """Where this worker runs: host, Ray node (when in Ray), process, device, threads, the
-        objects its process keeps out of the collector's sight (:func:`settle_heap`), and the
+        objects it put out of its process's collector's sight (:func:`settle_heap`), and the
         process's peak memory so far."""
         node = None
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             node = sys.modules["ray"].get_runtime_context().get_node_id()
         return {"host": socket.gethostname(), "node": node, "pid": os.getpid(), "device": str(self.device),
                 "threads": torch.get_num_threads(), "decode_threads": self.decoder.threads,
-                "frozen_objects": gc.get_freeze_count(),
+                "frozen_objects": self._frozen_objects,
                 # the process's peak resident memory so far (Linux reports KiB)
                 "max_rss_mb": peak_rss_mb()}
 
