@@ -22,7 +22,7 @@ from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARD
                       is_temporary, partition_layer, shard_record_path, temporary_target)
 from ._model_inputs import ModelInput
 from ._records import LayerSpec, Manifest, ShardRecord
-from ._secrets import redact
+from ._secrets import cannot_use, redact
 from ._shards import ShardPlan
 from ._sources._base import describe_error
 from ._sources._index import Index, IndexFile, first_difference
@@ -108,7 +108,7 @@ def open_output(location: str) -> OutputStore:
     try:
         store = OutputStore(location)
     except (OSError, ValueError) as exc:  # an unknown scheme, a filesystem that does not load
-        raise OutputConflictError(_OUTPUT, f"cannot open {location!r}: {describe_error(exc)}") from None
+        raise OutputConflictError(_OUTPUT, cannot_use(location, exc)) from None
     check_output_folder(store)
     return store
 

@@ -13,6 +13,8 @@ the environment then, as they do for any URI without them.
 ['/data/{00..09}.tar', 'gs://bucket/a#b']
 >>> with_credentials("s3://bucket/train/x-01.tar?scheme=http", "s3://AKIA:sEcReT@bucket/train/x-*.tar?secret_key=x")
 's3://AKIA:sEcReT@bucket/train/x-01.tar?scheme=http&secret_key=x'
+>>> cannot_use("s3://AKIA:se#cret@bucket/train", ValueError("Cannot parse URI: 's3://AKIA:se#cret@bucket/train'"))
+"cannot use 's3://***@bucket/train': Cannot parse URI: 's3://***@bucket/train' (a user name, password or key in a URI must be percent-encoded: '#' as %23, '/' as %2F, '?' as %3F, '@' as %40)"
 """
 
 from __future__ import annotations
@@ -46,8 +48,33 @@ def _redact_uri(uri: str) -> str:
     kept = [p for p in params if not _SECRET.search(p.partition("=")[0])]
     if "@" not in parts.netloc and len(kept) == len(params):
         return uri  # nothing to leave out: the text as it was, not as urllib would write it
+    # a fragment after a secret parameter is the rest of its value (an unencoded '#'): left out too
+    fragment = parts.fragment if len(kept) == len(params) else ""
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "&".join(kept),
-                                    parts.fragment))
+                                    fragment))
+
+
+def shown(uri: str) -> str:
+    """``uri`` as an error message may quote it: :func:`redact`, and also the credentials a URI
+    that does not parse as meant may carry (a password with an unencoded ``#`` or ``/`` ends the
+    authority early): all between ``://`` and the last ``@`` is left out where it starts like
+    ``user:password``."""
+    uri = _redact_uri(uri)
+    scheme, sep, rest = uri.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at and ":" in userinfo.partition("/")[0]:
+        return f"{scheme}://***@{host}"
+    return uri
+
+
+def cannot_use(location: str, exc: BaseException) -> str:
+    """Why ``location`` cannot be opened, from pyarrow's ``exc``, with its credentials left out
+    (:func:`shown`); a URI that does not parse gets the rule that would mend it."""
+    text = str(exc).replace(location, shown(location))
+    if "parse URI" in text and "@" in location:
+        text += (" (a user name, password or key in a URI must be percent-encoded: '#' as %23, '/' as %2F, "
+                 "'?' as %3F, '@' as %40)")
+    return f"cannot use {shown(location)!r}: {text}"
 
 
 def with_credentials(uri: str, like: str) -> str:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from .._secrets import cannot_use
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def open_location(location: str, key: str) -> Location:
     try:
         return Location(location)
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise ConfigError(key, f"cannot use {location!r}: {exc}") from None
+        raise ConfigError(key, cannot_use(location, exc)) from None
 
 
 def missing(location: Location, what: str) -> str | None:
