@@ -5,7 +5,7 @@
 consecutive members with the same key (the name up to the first dot of its file name) are one
 sample, as WebDataset groups them: ``000123.jpg`` is its image (``jpg``, ``jpeg``, ``png``,
 ``webp`` and the other image suffixes, in any case), ``000123.cls`` becomes ``label`` (an
-integer), ``000123.txt`` becomes ``caption``, and the fields of ``000123.json`` become columns
+integer), ``000123.txt`` becomes ``caption`` (UTF-8 text), and the fields of ``000123.json`` become columns
 of their own: every field any ``.json`` member has (a ``label`` or ``caption`` field too, where
 no ``.cls`` or ``.txt`` file gives that column), typed by its first value that is not null (an
 integer field that also holds fractions is a float; lists and objects are kept as JSON text; a
@@ -473,14 +473,18 @@ class WebDatasetSource(StreamingSource):
             return BadSample(index, key, f"no image member (members: {', '.join(sorted(exts)) or 'none'}; "
                              f"looked for {', '.join(IMAGE_EXTENSIONS)})")
         labels: dict = {}
-        try:
+        side = "cls"
+        try:  # a caption that is not UTF-8 makes its sample bad, as in WebDataset: no character is guessed
             if "cls" in self._has:
                 labels["label"] = int(parts["cls"].decode().strip()) if "cls" in parts else None
+            side = "txt"
             if "txt" in self._has:
-                labels["caption"] = parts["txt"].decode("utf-8", "replace") if "txt" in parts else None
+                labels["caption"] = parts["txt"].decode("utf-8") if "txt" in parts else None
+            side = "json"
             doc = json.loads(parts["json"]) if "json" in parts else None
-        except (ValueError, UnicodeDecodeError) as exc:
-            return BadSample(index, key, f"a side file does not parse: {describe_error(exc)}")
+        except (ValueError, UnicodeDecodeError) as exc:  # (a UnicodeDecodeError is a ValueError)
+            what = {"cls": "an integer", "txt": "UTF-8 text", "json": "JSON"}[side]
+            return BadSample(index, key, f"its {side} member is not {what}: {describe_error(exc)}")
         for name, kind in self._json_fields:  # a value of another type than its column's: a bad sample
             value = doc.get(name) if isinstance(doc, dict) else None
             labels[name] = json.dumps(value) if kind == "json" and value is not None else value

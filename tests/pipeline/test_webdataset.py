@@ -226,3 +226,19 @@ def test_linked_json_members_on_object_storage(tmp_path, s3):
     assert isinstance(samples[2], BadSample) and samples[2].sample_id == "meta"  # no image: its own bad sample
     assert [(s.sample_id, s.labels) for s in samples[:2] + samples[3:]] == [
         ("000", {"w": 4, "h": None}), ("001", {"w": 4, "h": None}), ("002", {"w": None, "h": 5})]
+
+
+def test_a_side_file_that_does_not_parse_makes_its_sample_bad_and_says_which(tmp_path):
+    jpeg = b"\xff\xd8\xff fake"
+    tar = _tar(tmp_path / "a.tar", [
+        ("a.jpg", jpeg), ("a.txt", "café".encode()), ("a.cls", b"1"),
+        ("b.jpg", jpeg), ("b.txt", "café".encode("latin-1")),  # not UTF-8: no character is guessed
+        ("c.jpg", jpeg), ("c.cls", b"one"),
+        ("d.jpg", jpeg), ("d.json", b"{not json"),
+    ])
+    samples = list(WebDatasetSource(str(tar)).stream(0, 4))
+    assert samples[0].labels == {"label": 1, "caption": "café"}
+    assert [(s.sample_id, s.reason.split(":")[0]) for s in samples[1:]] == [
+        ("b", "its txt member is not UTF-8 text"), ("c", "its cls member is not an integer"),
+        ("d", "its json member is not JSON")]
+    assert "can't decode byte 0xe9" in samples[1].reason
