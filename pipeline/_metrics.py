@@ -29,9 +29,11 @@ batch, not only with every shard.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -134,14 +136,18 @@ class ActorMetrics:
 class InFlightPoller:
     """The driver's side: asks the actors for their shards in flight without ever waiting.
 
-    Each :meth:`poll` collects the answers that have arrived and sends a new question to every
-    live actor that has none outstanding; it returns the samples done of shards in flight.
+    Each :meth:`poll` collects the answers that have arrived and, at most once per ``every``
+    seconds, sends a new question to every live actor that has none outstanding; it returns the
+    samples done of shards in flight. (The driver polls each time a shard ends, a dozen times a
+    second on small shards: each question is a call the actor serves, on the cores that dump.)
     """
 
-    def __init__(self, actors: Sequence[Any]):
+    def __init__(self, actors: Sequence[Any], every: float = 0.5):
         self.actors = actors
+        self.every = every
         self._asked: dict[Any, int] = {}  # object ref -> actor index
         self._answers: dict[int, dict[int, int]] = {}  # actor index -> shard -> samples
+        self._last_asked = -math.inf
 
     def poll(self, alive: set[int], finished: Mapping[int, Any]) -> int:
         """Samples done of the shards that are neither finished nor on a dead actor."""
@@ -155,10 +161,13 @@ class InFlightPoller:
                     self._answers[actor] = ray.get(ref)
                 except Exception:  # a dead actor: its shards go elsewhere
                     self._answers.pop(actor, None)
-        waiting = set(self._asked.values())
-        for actor in alive - waiting:
-            # a question is not worth a retry: the next poll asks again
-            self._asked[self.actors[actor].progress.options(max_task_retries=0).remote()] = actor
+        now = time.monotonic()
+        if now - self._last_asked >= self.every:
+            self._last_asked = now
+            waiting = set(self._asked.values())
+            for actor in alive - waiting:
+                # a question is not worth a retry: the next poll asks again
+                self._asked[self.actors[actor].progress.options(max_task_retries=0).remote()] = actor
         return sum(samples for actor, shards in self._answers.items() if actor in alive
                    for shard, samples in shards.items() if shard not in finished)
 

@@ -80,7 +80,7 @@ def test_poller_sums_the_shards_in_flight_of_live_actors(ray_cluster):
             return self.shards
 
     actors = [Fake.remote({1: 5, 2: 7}), Fake.remote({3: 11})]
-    poller = InFlightPoller(actors)
+    poller = InFlightPoller(actors, every=0.2)
     assert poller.poll({0, 1}, finished={}) == 0  # nothing answered yet: never waits
     deadline = time.monotonic() + 30
     while (found := poller.poll({0, 1}, finished={2: {}})) != 16 and time.monotonic() < deadline:
@@ -90,6 +90,30 @@ def test_poller_sums_the_shards_in_flight_of_live_actors(ray_cluster):
     poller.close()
     for actor in actors:
         ray_cluster.kill(actor)
+
+
+def test_poller_asks_each_actor_at_most_once_per_period_however_often_it_polls(ray_cluster):
+    @ray_cluster.remote
+    class Counting:
+        def __init__(self):
+            self.asked = 0
+
+        def progress(self):
+            self.asked += 1
+            return {}
+
+        def count(self):
+            return self.asked
+
+    actor = Counting.remote()
+    poller = InFlightPoller([actor], every=1.0)
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # as a driver whose shards end every 20 ms
+        poller.poll({0}, finished={})
+        time.sleep(0.02)
+    poller.close()
+    assert 2 <= ray_cluster.get(actor.count.remote()) <= 3  # at 0, 1 and 2 s; not 125 times
+    ray_cluster.kill(actor)
 
 
 def test_actor_metrics_forget_a_failed_shard():
