@@ -482,7 +482,7 @@ class WebDatasetSource(StreamingSource):
                 labels["caption"] = parts["txt"].decode("utf-8") if "txt" in parts else None
             side = "json"
             doc = json.loads(parts["json"]) if "json" in parts else None
-        except (ValueError, UnicodeDecodeError) as exc:  # (a UnicodeDecodeError is a ValueError)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError too
             what = {"cls": "an integer", "txt": "UTF-8 text", "json": "JSON"}[side]
             return BadSample(index, key, f"its {side} member is not {what}: {describe_error(exc)}")
         for name, kind in self._json_fields:  # a value of another type than its column's: a bad sample
