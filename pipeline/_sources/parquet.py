@@ -130,12 +130,13 @@ def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
 
 
 def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], columns: Sequence[str] | None,
-                  path: str) -> list[pa.Field]:
+                  path: str, empty: Sequence[tuple[str, pa.Schema]] = ()) -> list[pa.Field]:
     """The pass-through fields of files with these ``schemas``: ``columns`` (default: every
     column any file has, in order of first appearance, but the ``required`` ones: the image
     column, then the id column if any), each typed by :func:`_widest`. Raises
     :class:`ConfigError` for a file without a required column, or whose image column holds no
-    encoded images, for a column no file has, or for types no output column holds."""
+    encoded images, for a column no file has (or only the files without rows, ``empty``), or
+    for types no output column holds."""
     names = list(dict.fromkeys(name for schema in schemas.values() for name in schema.names))
     for key, name in zip(("image_column", "id_column"), required):
         lacking = [f for f, schema in schemas.items() if name not in schema.names]
@@ -156,6 +157,10 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
     fields, absent = [], {}
     for name in columns:
         if name not in names:
+            holder = next((f for f, schema in empty if name in schema.names), None)
+            if holder is not None:
+                raise ConfigError(ParquetSpec.key("columns"), f"the column {name!r} is only in files without rows "
+                                  f"(e.g. {holder!r}): it would be null in every row; leave it out")
             raise ConfigError(ParquetSpec.key("columns"), f"no column {name!r} in {path!r}; {close_matches(name, names)}")
         having = [(f, schema.field(name)) for f, schema in schemas.items() if name in schema.names]
         if len(having) < len(schemas):
@@ -245,7 +250,7 @@ class ParquetSource(StreamingSource):
             # the files without rows have no say in the columns (pandas types an empty column null)
             used = set(table.filter(pc.greater(table.column("rows"), 0)).column("file").to_pylist())
             fields = _file_columns(_partition_schemas({f: s for f, s in schemas.items() if f in used}), required,
-                                   columns, path)
+                                   columns, path, [(f, s) for f, s in schemas.items() if f not in used])
         elif "fields" in index.meta:
             fields = _decode_fields(index.meta["fields"])
         else:  # the index of an earlier version: the first file's columns

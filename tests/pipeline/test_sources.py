@@ -165,6 +165,20 @@ def test_parquet_without_rows_or_files_is_refused(tmp_path):
         ParquetSource(str(tmp_path / "empty.parquet"))
 
 
+
+def test_a_column_only_files_without_rows_have_is_named_as_such(tmp_path):
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"image": [b"\x89PNG"], "label": [1]}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": pa.array([], pa.binary()), "score": pa.array([], pa.float64())}),
+                   tmp_path / "t" / "1.parquet")
+    assert [f.name for f in ParquetSource(str(tmp_path / "t")).label_fields()] == ["label"]  # no say in the columns
+    with pytest.raises(ConfigError, match="source.columns: the column 'score' is only in files without rows "
+                                          r"\(e.g. '1.parquet'\): it would be null in every row"):
+        ParquetSource(str(tmp_path / "t"), columns=["score"])
+    with pytest.raises(ConfigError, match="source.columns: no column 'scores'"):
+        ParquetSource(str(tmp_path / "t"), columns=["scores"])
+
+
 def test_dataset_source_items_and_bad_items():
     source = DatasetSource("support.datasets:Squares", {"n": 6, "size": 8, "bad": 3})
     assert len(source) == 6
