@@ -120,13 +120,48 @@ def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
     if other is None:
         try:
             plain = [k.value_type if pa.types.is_dictionary(k) else k for k in dict.fromkeys(o.type for _, o in typed)]
-            return pa.field(name, pa.unify_schemas([pa.schema([pa.field(name, k)]) for k in plain],
-                                                   promote_options="permissive").field(name).type)
+            widest = pa.unify_schemas([pa.schema([pa.field(name, k)]) for k in plain],
+                                      promote_options="permissive").field(name).type
         except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
             other = typed[-1]
+        else:
+            lossy = next(((f, o.type, why) for f, o in typed if (why := _not_held(o.type, widest))), None)
+            contrast = lossy and next(((f, o.type) for f, o in typed if o.type != lossy[1]), None)
+            if lossy and contrast:  # named now, not first when a sample turns out bad
+                log.warning("the column %r is %s in %r but %s in %r: the output holds it as %s, so %s makes "
+                            "its sample bad", name, lossy[1], lossy[0], contrast[1], contrast[0], widest, lossy[2])
+            return pa.field(name, widest)
     raise ConfigError(Config.key("source"), f"the column {name!r} is {field.type} in {first_file!r} but "
                       f"{other[1].type} in {other[0]!r}: a column has one type in the output; make the files "
                       f"agree, or leave the column out ({ParquetSpec.key('columns')})")
+
+
+def _not_held(kind: pa.DataType, into: pa.DataType) -> str | None:
+    """Which values of type ``kind`` the wider type ``into`` cannot hold, in words (``None``: it
+    holds them all). pyarrow's promotion makes int64 of int64 and uint64, and nanoseconds of
+    timestamps in coarser units.
+
+    >>> _not_held(pa.uint64(), pa.int64())
+    'a value over 9,223,372,036,854,775,807'
+    >>> _not_held(pa.timestamp("s"), pa.timestamp("ns"))
+    'a time before 1677-09-21 or after 2262-04-11'
+    >>> _not_held(pa.int32(), pa.int64()) is None, _not_held(pa.timestamp("s"), pa.timestamp("us")) is None
+    (True, True)
+    """
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_integer(kind) and pa.types.is_integer(into):
+        def bounds(t: pa.DataType) -> tuple[int, int]:
+            bits = t.bit_width
+            return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if pa.types.is_signed_integer(t) else (0, 2 ** bits - 1)
+        (low, high), (least, most) = bounds(kind), bounds(into)
+        if high > most:
+            return f"a value over {most:,}"
+        if low < least:
+            return f"a value under {least:,}"
+    if pa.types.is_timestamp(kind) and pa.types.is_timestamp(into) and kind.unit != "ns" and into.unit == "ns":
+        return "a time before 1677-09-21 or after 2262-04-11"  # what 64 bits of nanoseconds span
+    return None
 
 
 def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], columns: Sequence[str] | None,

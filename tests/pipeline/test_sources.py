@@ -1,3 +1,4 @@
+import datetime
 import io
 import os
 
@@ -9,6 +10,7 @@ from PIL import Image
 
 from pipeline._sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
                               Sample, open_source)
+from pipeline._labels import split_unfit
 from pipeline.config import Config, GeneratedSpec, ParquetSpec, SourceKind, SourceSpec
 from pipeline.errors import ConfigError
 from support.samples import pixels
@@ -154,6 +156,33 @@ def test_parquet_columns_take_the_widest_type_of_their_files(tmp_path):
         pq.write_table(pa.table({"image": [png], "m": second}), tmp_path / "t" / "1.parquet")
         with pytest.raises(ConfigError, match=f"the column 'm' is {first.type} in '0.parquet' but {second.type} in '1.parquet'"):
             ParquetSource(str(tmp_path / "t"))
+
+
+def test_a_wider_type_that_does_not_hold_every_value_is_named_up_front(tmp_path, caplog):
+    # pyarrow makes int64 of int64 and uint64, nanoseconds of seconds: the clash is named when the
+    # source is opened, and a value the output cannot hold makes its own sample bad, with why
+    png = _png((9, 9, 9))
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"image": [png, png], "n": pa.array([2 ** 64 - 1, 7], pa.uint64()),
+                             "when": pa.array([datetime.datetime(2300, 1, 1)] * 2, pa.timestamp("ms"))}),
+                   tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": [png], "n": pa.array([1], pa.int64()),
+                             "when": pa.array([0], pa.timestamp("ns"))}), tmp_path / "t" / "1.parquet")
+    source = ParquetSource(str(tmp_path / "t"))
+    assert [(f.name, f.type) for f in source.label_fields()] == [("n", pa.int64()), ("when", pa.timestamp("ns"))]
+    assert ("the column 'n' is uint64 in '0.parquet' but int64 in '1.parquet': the output holds it as int64, so a "
+            "value over 9,223,372,036,854,775,807 makes its sample bad") in caplog.text
+    assert ("the column 'when' is timestamp[ms] in '0.parquet' but timestamp[ns] in '1.parquet': the output holds it "
+            "as timestamp[ns], so a time before 1677-09-21 or after 2262-04-11 makes its sample bad") in caplog.text
+    good, bad = split_unfit(list(source.stream(0, 3)), source.label_fields())
+    assert [s.index for s in good] == [2] and [b.index for b in bad] == [0, 1]
+    assert bad[0].reason.startswith("label 'n' holds 18446744073709551615 (type int); its column holds int64")
+    assert bad[1].reason.startswith("label 'when' holds datetime.datetime(2300") and bad[1].reason.endswith("timestamp[ns]")
+    caplog.clear()  # types that hold each other's values: nothing to say
+    pq.write_table(pa.table({"image": [png], "n": pa.array([1], pa.uint32())}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": [png], "n": pa.array([1], pa.int64())}), tmp_path / "t" / "1.parquet")
+    assert ParquetSource(str(tmp_path / "t")).label_fields()[0].type == pa.int64()
+    assert "makes its sample bad" not in caplog.text
 
 
 def test_parquet_without_rows_or_files_is_refused(tmp_path):
