@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 #: The most bytes read at once from one tar.
 READ_BYTES = 64 << 20
-#: Tars indexed at once by the driver.
+#: Tars on object storage indexed at once by the driver.
 INDEX_THREADS = 16
 #: Unused bytes between two samples' members above which they are read apart.
 SKIP_BYTES = 1 << 20
@@ -218,6 +219,15 @@ class _Fields:
         return out
 
 
+def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of ``tar`` one by one, none kept: a ``TarFile`` keeps each member it has
+    read (about 1 KB each), so the driver indexing 16 tars of 8,000 members at once held
+    100 MB of them."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
 def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]], _Fields]:
     """``(member name, data offset, size)`` of the files in one tar, from its headers (a hard
     link as the file it links to; names that are not UTF-8 left out), and the fields of its
@@ -226,7 +236,7 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
     out: list[tuple[str, int, int]] = []
 
     def walk(tar: tarfile.TarFile, read) -> None:
-        for member in tar:
+        for member in _headers(tar):
             if member.isfile():
                 place = (member.offset_data, member.size)
                 files[member.name] = place
@@ -266,18 +276,37 @@ def _used(ext: str) -> bool:
     return ext.lower() in IMAGE_EXTENSIONS or ext.lower() in SIDE_FILES
 
 
-def _samples_of(members: list[tuple[str, int, int]]) -> list[tuple[str, list[dict]]]:
-    """Group consecutive members by key: ``(key, [{"ext", "offset", "size"}, ...])``. A member
-    without an extension, or whose file name starts with a dot, is no sample's (as in WebDataset)."""
-    samples: list[tuple[str, list[dict]]] = []
+def _samples_of(number: int, members: list[tuple[str, int, int]]) -> pa.Table:
+    """The index rows of tar ``number``: its members grouped by key, consecutive ones together
+    (``tar``, ``key``, ``members``: ``[{"ext", "offset", "size"}, ...]``). A member without an
+    extension, or whose file name starts with a dot, is no sample's (as in WebDataset). The
+    columns are built flat, with no Python object per member: the driver's memory while it
+    indexes is the Arrow rows', not several times theirs in objects.
+
+    >>> rows = _samples_of(3, [("a.jpg", 512, 10), ("a.cls", 1536, 1), (".hidden", 2560, 1), ("b.png", 3584, 9)])
+    >>> rows.column("key").to_pylist(), rows.column("tar").to_pylist(), rows.column("members").to_pylist()[1]
+    (['a', 'b'], [3, 3], [{'ext': 'png', 'offset': 3584, 'size': 9}])
+    """
+    keys: list[str] = []
+    starts: list[int] = []  # where each sample's members begin in the flat columns
+    exts: list[str] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
     for name, offset, size in members:
         key, ext = split_key(name)
         if not ext or key.endswith("/") or not key:
             continue
-        if not samples or samples[-1][0] != key:
-            samples.append((key, []))
-        samples[-1][1].append({"ext": ext, "offset": offset, "size": size})
-    return samples
+        if not keys or keys[-1] != key:
+            keys.append(key)
+            starts.append(len(exts))
+        exts.append(ext)
+        offsets.append(offset)
+        sizes.append(size)
+    flat = pa.StructArray.from_arrays([pa.array(exts, pa.string()), pa.array(offsets, pa.int64()),
+                                       pa.array(sizes, pa.int64())], fields=list(_MEMBER))
+    grouped = pa.ListArray.from_arrays(pa.array(starts + [len(exts)], pa.int32()), flat)
+    return pa.table([pa.array(np.full(len(keys), number, np.int32)), pa.array(keys, pa.string()), grouped],
+                    schema=_INDEX_SCHEMA)
 
 
 def _unreadable(location: Location, name: str, exc: Exception) -> str:
@@ -333,25 +362,25 @@ class WebDatasetSource(StreamingSource):
         if not tars:
             raise ConfigError(_PATH, f"{self.patterns!r} names no tar file")
 
-        def walk(tar: str) -> tuple[list[tuple[str, list[dict]]], _Fields]:
-            location, name = self._location(tar)
+        def walk(number: int) -> tuple[pa.Table, _Fields]:
+            location, name = self._location(tars[number])
             try:
                 members, fields = _members(location, name)
             except (OSError, tarfile.TarError) as exc:
-                raise ConfigError(_PATH, f"cannot read the tar {redact(tar)!r}: {_unreadable(location, name, exc)}") from None
-            return _samples_of(members), fields
+                raise ConfigError(_PATH, f"cannot read the tar {redact(tars[number])!r}: "
+                                  f"{_unreadable(location, name, exc)}") from None
+            return _samples_of(number, members), fields
 
-        with ThreadPoolExecutor(min(INDEX_THREADS, len(tars))) as pool:
-            per_tar = list(pool.map(walk, tars))
-        numbers, keys, members, fields = [], [], [], _Fields()
-        for number, (samples, found) in enumerate(per_tar):
+        # tars on object storage are indexed side by side, since each read waits on the network;
+        # local ones by one thread: the headers are parsed in Python, and threads only contend for
+        # the interpreter (80,000 samples in 20 local tars: 3.4 s on one thread, 12.4 s on 16)
+        remote = any(not self._location(tar)[0].local for tar in tars)
+        with ThreadPoolExecutor(min(INDEX_THREADS, len(tars)) if remote else 1) as pool:
+            per_tar = list(pool.map(walk, range(len(tars))))
+        fields = _Fields()
+        for _, found in per_tar:
             fields.merge(found)
-            for key, parts in samples:
-                numbers.append(number)
-                keys.append(key)
-                members.append(parts)
-        table = pa.table([pa.array(numbers, pa.int32()), pa.array(keys, pa.string()),
-                          pa.array(members, pa.list_(_MEMBER))], schema=_INDEX_SCHEMA)
+        table = pa.concat_tables([rows for rows, _ in per_tar]).combine_chunks()
         if not table.num_rows:
             raise ConfigError(_PATH, f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
         extensions = sorted(pc.unique(pc.list_flatten(table.column("members")).combine_chunks().field("ext")).to_pylist())
