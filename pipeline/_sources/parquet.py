@@ -147,9 +147,20 @@ def _not_held(kind: pa.DataType, into: pa.DataType) -> str | None:
     'a time before 1677-09-21 or after 2262-04-11'
     >>> _not_held(pa.int32(), pa.int64()) is None, _not_held(pa.timestamp("s"), pa.timestamp("us")) is None
     (True, True)
+    >>> _not_held(pa.struct([("n", pa.list_(pa.uint64()))]), pa.struct([("n", pa.list_(pa.int64()))]))
+    "in its field 'n', a value over 9,223,372,036,854,775,807"
     """
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(test(kind) for test in lists) and any(test(into) for test in lists):
+        return _not_held(kind.value_type, into.value_type)
+    if pa.types.is_struct(kind) and pa.types.is_struct(into):
+        for field in kind:
+            place = into.get_field_index(field.name)
+            if place >= 0 and (why := _not_held(field.type, into.field(place).type)):
+                return f"in its field {field.name!r}, {why}"
+        return None
     if pa.types.is_integer(kind) and pa.types.is_integer(into):
         def bounds(t: pa.DataType) -> tuple[int, int]:
             bits = t.bit_width

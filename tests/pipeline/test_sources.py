@@ -164,14 +164,17 @@ def test_a_wider_type_that_does_not_hold_every_value_is_named_up_front(tmp_path,
     png = _png((9, 9, 9))
     (tmp_path / "t").mkdir()
     pq.write_table(pa.table({"image": [png, png], "n": pa.array([2 ** 64 - 1, 7], pa.uint64()),
+                             "ns": pa.array([[2 ** 64 - 1], [7]], pa.list_(pa.uint64())),
                              "when": pa.array([datetime.datetime(2300, 1, 1)] * 2, pa.timestamp("ms"))}),
                    tmp_path / "t" / "0.parquet")
-    pq.write_table(pa.table({"image": [png], "n": pa.array([1], pa.int64()),
+    pq.write_table(pa.table({"image": [png], "n": pa.array([1], pa.int64()), "ns": pa.array([[1]], pa.list_(pa.int64())),
                              "when": pa.array([0], pa.timestamp("ns"))}), tmp_path / "t" / "1.parquet")
     source = ParquetSource(str(tmp_path / "t"))
-    assert [(f.name, f.type) for f in source.label_fields()] == [("n", pa.int64()), ("when", pa.timestamp("ns"))]
+    assert [(f.name, f.type) for f in source.label_fields()] == [
+        ("n", pa.int64()), ("ns", pa.list_(pa.int64())), ("when", pa.timestamp("ns"))]
     assert ("the column 'n' is uint64 in '0.parquet' but int64 in '1.parquet': the output holds it as int64, so a "
             "value over 9,223,372,036,854,775,807 makes its sample bad") in caplog.text
+    assert "the column 'ns' is list<element: uint64> in '0.parquet' but list<element: int64> in '1.parquet'" in caplog.text
     assert ("the column 'when' is timestamp[ms] in '0.parquet' but timestamp[ns] in '1.parquet': the output holds it "
             "as timestamp[ns], so a time before 1677-09-21 or after 2262-04-11 makes its sample bad") in caplog.text
     good, bad = split_unfit(list(source.stream(0, 3)), source.label_fields())
