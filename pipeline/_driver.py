@@ -99,14 +99,16 @@ def _check_ids(source, strict: bool) -> None:
 
 
 def _warn_row_groups(source, shard_size: int) -> None:
-    """Parquet row groups much larger than a shard: each shard reads its group from the start
-    (Parquet cannot seek to a row inside one) to its last row."""
+    """Parquet row groups much larger than a shard: a shard that starts inside one reads it
+    from where the worker's last shard in it stopped, or else from its start (Parquet cannot
+    seek to a row inside a group), so the shards a group's rows are dealt out to read its start
+    again, once per worker at least."""
     rows = getattr(source, "largest_row_group", 0)
     if rows > 4 * shard_size:
-        log.warning("the source's row groups hold up to %d rows, %s is %d: each shard reads its row "
-                    "group from the start up to its own last row, on average %.0fx the rows it uses; a "
-                    "shard size of a row group (or a multiple) reads each group once", rows,
-                    RunSpec.key("shard_size"), shard_size, rows / shard_size / 2)
+        log.warning("the source's row groups hold up to %d rows, %s is %d: a shard that starts inside a "
+                    "row group reads it from where this worker's last shard in it stopped, else from its "
+                    "start; a shard size of a row group (or a multiple) reads each group once", rows,
+                    RunSpec.key("shard_size"), shard_size)
 
 
 def _freeze_source(store: OutputStore, source) -> bool:

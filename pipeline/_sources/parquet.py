@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import base64
 import bisect
+import dataclasses
+import itertools
 import logging
 import re
+import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
@@ -51,11 +54,64 @@ READ_AHEAD = 4
 PRE_BUFFER_LIMIT = 64 << 20
 #: Footers read at once by the driver.
 FOOTER_READERS = 16
+#: Reads a worker keeps open where a shard stopped inside a row group, for a later shard of it:
+#: about the shards it runs at once (each holds its buffer, on object storage its pre-buffered group).
+PARKED_READERS = 4
 #: Ids read at a time by the driver's search for repeated ids.
 ID_BATCH_ROWS = 65_536
 
 _INDEX_SCHEMA = pa.schema([("file", pa.string()), ("group", pa.int32()), ("rows", pa.int64()),
                            ("first", pa.int64())])
+
+
+@dataclasses.dataclass
+class _Reader:
+    """A read stopped inside row group ``group``: ``batches`` give its rows from ``row`` (the
+    group's own row number) on, from the file ``handle`` (closed with the reader)."""
+
+    group: int
+    row: int
+    batches: Iterator[pa.RecordBatch]
+    handle: pa.NativeFile
+
+
+class _Parked:
+    """The reads that shards left inside a row group, for a later shard of the same group.
+
+    Parquet cannot start a read inside a row group: a shard that starts in one reads it from
+    its start, so over a group much larger than a shard each shard read more than the last
+    (a worker given a group's shards in turn read the group's rows over and over). A shard that
+    stops inside a group leaves its read here, and a shard that starts further on in the group
+    takes the one nearest before its start and reads on from there. At most ``limit`` are kept,
+    the oldest closed first.
+    """
+
+    def __init__(self, limit: int = PARKED_READERS):
+        self.limit = limit
+        self._readers: list[_Reader] = []
+        self._lock = threading.Lock()  # the shards a worker runs at once share its source
+
+    def take(self, group: int, row: int) -> _Reader | None:
+        """The read of ``group`` furthest along that has not passed ``row``, now the caller's."""
+        with self._lock:
+            fits = [r for r in self._readers if r.group == group and r.row <= row]
+            best = max(fits, key=lambda r: r.row, default=None)
+            if best is not None:
+                self._readers.remove(best)
+            return best
+
+    def put(self, reader: _Reader) -> None:
+        with self._lock:
+            self._readers.append(reader)
+            evicted, self._readers = self._readers[:-self.limit], self._readers[-self.limit:]
+        for old in evicted:
+            old.handle.close()
+
+    def close(self) -> None:
+        with self._lock:
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.handle.close()
 
 
 def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dict[str, pa.Schema]]:
@@ -319,6 +375,7 @@ class ParquetSource(StreamingSource):
         self._rows = groups.column("rows").to_pylist()
         self.count = int(index.meta["rows"])
         self._footers: dict[str, tuple[pq.FileMetaData, bool]] = {}  # file: its footer, whether to pre-buffer
+        self._parked = _Parked()
 
     def _repeated_ids(self, files: Sequence[str], rows: int) -> dict:
         """How many ids appear more than once, with a few of them: the id column streamed in
@@ -404,28 +461,54 @@ class ParquetSource(StreamingSource):
         opened: tuple[str, pq.ParquetFile, pa.NativeFile] | None = None  # this stream's own file
         try:
             while g < len(self._firsts) and self._firsts[g] < stop:
-                if opened is None or opened[0] != self._files[g]:
-                    if opened is not None:
-                        opened[2].close()
-                    opened = (self._files[g], *self._open(self._files[g]))
                 first = self._firsts[g]
                 lo, hi = max(start - first, 0), min(stop - first, self._rows[g])
-                # a row group may be far larger than a shard: stream it in batches, from its start
-                # (Parquet has no row offsets inside a group) to the shard's last row, then stop
-                position = 0
-                for batch in opened[1].iter_batches(BATCH_ROWS, row_groups=[self._groups[g]], columns=wanted,
-                                                    use_threads=False):
-                    end = position + batch.num_rows
-                    if end > lo:
-                        yield (batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position)),
-                               first + max(lo, position), self._files[g])
-                    position = end
-                    if position >= hi:
-                        break
+                # a row group may be far larger than a shard: read on from where an earlier shard
+                # stopped in it, else from its start (Parquet has no row offsets inside a group)
+                reader = self._parked.take(g, lo) if lo else None
+                if reader is not None:
+                    position, batches, own = reader.row, reader.batches, reader.handle
+                else:
+                    if opened is None or opened[0] != self._files[g]:
+                        if opened is not None:
+                            opened[2].close()
+                        opened = (self._files[g], *self._open(self._files[g]))
+                    position, own = 0, None
+                    batches = opened[1].iter_batches(BATCH_ROWS, row_groups=[self._groups[g]], columns=wanted,
+                                                     use_threads=False)
+                rows = self._rows[g]
+                try:
+                    for batch in batches:
+                        end = position + batch.num_rows
+                        part = None
+                        if end > lo:
+                            part = (batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position)),
+                                    first + max(lo, position), self._files[g])
+                        if end >= hi:  # the last batch this shard needs from the group
+                            if hi < rows:  # the read waits for the next shard, before the last part goes
+                                rest = itertools.chain([batch.slice(hi - position)], batches) if end > hi else batches
+                                if own is None:  # the stream's own file goes with it (the stream ends here)
+                                    own, opened = opened[2], None
+                                self._parked.put(_Reader(g, hi, rest, own))
+                                own = None
+                            if part is not None:
+                                yield part
+                            break
+                        position = end
+                        if part is not None:
+                            yield part
+                finally:
+                    if own is not None:
+                        own.close()
                 g += 1
         finally:
             if opened is not None:
                 opened[2].close()
+
+    def close(self) -> None:
+        """Close the reads kept open inside row groups, and the index file."""
+        self._parked.close()
+        super().close()
 
     def _samples(self, table: pa.Table | pa.RecordBatch, first: int, relative: str) -> Iterator[Sample | BadSample]:
         images = self._images(table)

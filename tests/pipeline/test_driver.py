@@ -409,3 +409,16 @@ def test_an_interrupt_while_connecting_does_not_wait_for_the_trial(tmp_path, mon
         assert executor.closed
     finally:
         stuck.set()
+
+
+def test_row_groups_much_larger_than_a_shard_are_warned_of(caplog):
+    import types
+
+    from pipeline._driver import _warn_row_groups
+
+    _warn_row_groups(types.SimpleNamespace(largest_row_group=10_000), 256)
+    assert "row groups hold up to 10000 rows, run.shard_size is 256: a shard that starts inside" in caplog.text
+    caplog.clear()
+    _warn_row_groups(types.SimpleNamespace(largest_row_group=1_000), 256)  # within 4 shards: nothing to say
+    _warn_row_groups(object(), 256)  # a source without row groups
+    assert not caplog.text

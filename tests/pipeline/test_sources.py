@@ -462,6 +462,35 @@ def test_a_shard_at_the_start_of_a_large_row_group_does_not_read_the_whole_group
     assert source.largest_row_group == 20_000
 
 
+def test_shards_in_turn_inside_one_large_row_group_read_it_once(tmp_path):
+    # Parquet cannot start a read inside a row group: each shard read its group from the start,
+    # so the shards of one group cost more and more (here 8.5 times the group in all)
+    import itertools
+
+    from support.storage import bytes_read
+
+    folder, n = _many_files(tmp_path / "one", files=1, groups=1, rows=4_096, image_bytes=2048)  # 8 MB, one group
+    size = next(folder.iterdir()).stat().st_size
+    source = ParquetSource(str(folder), id_column="key")
+
+    def shard(start: int, stop: int) -> list[int]:  # as a worker takes it: the rows, then the stream closed
+        stream = source.stream(start, stop)
+        try:
+            return [s.labels["label"] for s in itertools.islice(stream, stop - start)]
+        finally:
+            stream.close()
+
+    before = bytes_read()
+    labels = [label for start in range(0, n, 256) for label in shard(start, start + 256)]
+    assert labels == list(range(n))
+    assert bytes_read() - before < 1.5 * size, (bytes_read() - before, size)
+    # shards out of order read the right rows (a read is taken only where it has not passed the start)
+    assert shard(1_000, 1_300) == list(range(1_000, 1_300)) and shard(300, 600) == list(range(300, 600))
+    assert shard(1_300, 1_310) == list(range(1_300, 1_310))
+    source.close()  # the reads kept open in the group are closed with the source
+    assert not source._parked._readers
+
+
 def test_file_names_that_are_not_utf8_are_left_out_with_a_warning(tmp_path, caplog):
     import os
 
