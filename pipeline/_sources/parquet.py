@@ -81,9 +81,10 @@ class _Parked:
     Parquet cannot start a read inside a row group: a shard that starts in one reads it from
     its start, so over a group much larger than a shard each shard read more than the last
     (a worker given a group's shards in turn read the group's rows over and over). A shard that
-    stops inside a group leaves its read here, and a shard that starts further on in the group
-    takes the one nearest before its start and reads on from there. At most ``limit`` are kept,
-    the oldest closed first.
+    stops inside a group, past more of it than the shard's own rows, leaves its read here, and a
+    shard that starts further on in the group takes the one nearest before its start and reads
+    on from there. At most ``limit`` are kept, the oldest closed first (each holds its file's
+    buffer and its current pages: groups no larger than a shard or two are read again instead).
     """
 
     def __init__(self, limit: int = PARKED_READERS):
@@ -485,7 +486,9 @@ class ParquetSource(StreamingSource):
                             part = (batch.slice(max(lo - position, 0), min(hi, end) - max(lo, position)),
                                     first + max(lo, position), self._files[g])
                         if end >= hi:  # the last batch this shard needs from the group
-                            if hi < rows:  # the read waits for the next shard, before the last part goes
+                            # the read waits for a later shard (before the last part goes) where
+                            # reading the group again up to here would cost more than this shard
+                            if hi < rows and hi > stop - start:
                                 rest = itertools.chain([batch.slice(hi - position)], batches) if end > hi else batches
                                 if own is None:  # the stream's own file goes with it (the stream ends here)
                                     own, opened = opened[2], None
