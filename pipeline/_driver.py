@@ -3,7 +3,8 @@
 The driver never touches image data: it checks the config (one trial sample on its CPU; for
 a new dump the executor reaches its cluster meanwhile, since a local Ray takes seconds to
 start), writes the manifest, hands shards to the executor's workers as they free up (faster
-workers take more), retries the shards that fail or lose their worker (``run.max_attempts``
+workers take more; each of a worker's places for a shard at once takes a run of consecutive
+shards: :class:`~pipeline._scheduling.ShardQueue`), retries the shards that fail or lose their worker (``run.max_attempts``
 tries per shard in all, counted here and nowhere else), and collects the small records the
 workers return. ``run.executor`` picks Ray actors (the default) or workers in this process.
 """
@@ -14,7 +15,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TextIO
 
@@ -47,16 +48,17 @@ def make_executor(kind: ExecutorKind, address: str | None = None) -> Executor:
     return RayExecutor(address)
 
 
-def execute(executor: Executor, todo: Iterable[Shard], max_attempts: int, progress: Progress,
+def execute(executor: Executor, plan: Sequence[Shard], max_attempts: int, progress: Progress,
             records: dict[int, ShardRecord], lock: OutputLock | None = None) -> None:
-    """Run ``todo`` on the started ``executor`` until every shard is done, adding each record to
-    ``records``; raises when a shard fails ``max_attempts`` times, when every worker is gone, at
-    the first bad sample in strict mode, or when another run took over the output's ``lock``."""
-    queue = ShardQueue(todo, max_attempts)
+    """Run the shards of ``plan`` not in ``records`` on the started ``executor`` until every one
+    is done, adding each record to ``records``; raises when a shard fails ``max_attempts`` times,
+    when every worker is gone, at the first bad sample in strict mode, or when another run took
+    over the output's ``lock``."""
+    queue = ShardQueue(plan, executor.lanes, done=records, max_attempts=max_attempts)
     while not queue.idle:
         if lock is not None:
             lock.check()
-        while executor.free and (shard := queue.take()) is not None:
+        while executor.free and (shard := queue.take(executor.lane)) is not None:
             executor.submit(shard)
         if not executor.busy:
             raise ShardFailedError("every worker has died; the shards done so far are kept, rerun "
@@ -101,8 +103,8 @@ def _check_ids(source, strict: bool) -> None:
 def _warn_row_groups(source, shard_size: int) -> None:
     """Parquet row groups much larger than a shard: a shard that starts inside one reads it
     from where the worker's last shard in it stopped, or else from its start (Parquet cannot
-    seek to a row inside a group), so the shards a group's rows are dealt out to read its start
-    again, once per worker at least."""
+    seek to a row inside a group), so a group is read from its start again by each run of
+    shards that begins inside it."""
     rows = getattr(source, "largest_row_group", 0)
     if rows > 4 * shard_size:
         log.warning("the source's row groups hold up to %d rows, %s is %d: a shard that starts inside a "
@@ -216,7 +218,6 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
             index = getattr(probe.source, "index", None)
             state = assess_output(store, manifest, overwrite, index if isinstance(index, MemoryIndex) else None)
             records = dict(state.done)
-            todo = (s for s in plan if s.id not in records)
             shards_left = len(plan) - len(records)
             new_samples = samples - sum(len(plan[i]) for i in records)
             if executor is None and shards_left:
@@ -230,7 +231,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                 progress = Progress(new_samples, stream)
                 try:
                     executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), shards_left)
-                    execute(executor, todo, config.run.max_attempts, progress, records, lock)
+                    execute(executor, plan, config.run.max_attempts, progress, records, lock)
                 finally:
                     workers = executor.workers
                     progress.close()

@@ -6,13 +6,17 @@ that ended as an :class:`Outcome`. Two executors: :class:`LocalExecutor` here (t
 ``ShardWorker`` s in threads of this process, no Ray: for small jobs and tests) and
 ``pipeline._ray_executor.RayExecutor`` (Ray actors, on a laptop or a cluster).
 
+Each worker has a lane per shard it runs at once; the driver's queue gives every lane a run of
+consecutive shards of its own (:class:`~pipeline._scheduling.ShardQueue`). Lane ``l`` is worker
+``l // per_worker``'s, and the next shard goes to a free lane of the least loaded worker:
+
 >>> slots = Slots(workers=2, per_worker=2)
 >>> [slots.take() for _ in range(slots.free)]
-[0, 1, 0, 1]
->>> slots.release(1); slots.lose(0)
+[0, 2, 1, 3]
+>>> slots.release(3); slots.lose(0)
 True
->>> slots.free, slots.take()
-(1, 1)
+>>> slots.free, slots.next, slots.worker(slots.take())
+(1, 3, 1)
 """
 
 from __future__ import annotations
@@ -94,15 +98,23 @@ class Executor(Protocol):
         """Workers asked for that have not come up yet (a cluster still scaling up)."""
 
     @property
+    def lanes(self) -> int:
+        """Places for a shard at once, over all the workers it started (or is starting)."""
+
+    @property
     def free(self) -> int:
         """How many more shards it takes now."""
+
+    @property
+    def lane(self) -> int:
+        """The lane the next :meth:`submit` fills (only while ``free``)."""
 
     @property
     def busy(self) -> bool:
         """Whether a shard is in flight, or a worker on its way back (so ``wait`` will report)."""
 
     def submit(self, shard: Shard) -> None:
-        """Start ``shard`` on the least loaded worker (only while ``free``)."""
+        """Start ``shard`` in :attr:`lane`, on the least loaded worker (only while ``free``)."""
 
     def wait(self, timeout: float) -> list[Outcome]:
         """The shards that ended since the last call, waiting up to ``timeout`` s for one."""
@@ -115,26 +127,39 @@ class Executor(Protocol):
 
 
 class Slots:
-    """Which worker takes the next shard: the least loaded of those alive, each holding at most
-    ``per_worker`` shards at once."""
+    """Which lane takes the next shard: a free lane of the least loaded of the workers alive,
+    each with ``per_worker`` lanes (shards at once)."""
 
     def __init__(self, workers: int, per_worker: int = IN_FLIGHT):
         self.per_worker = per_worker
-        self.load = [0] * workers
+        self.lanes = workers * per_worker
         self.alive = set(range(workers))
+        self._busy: set[int] = set()
+
+    def worker(self, lane: int) -> int:
+        return lane // self.per_worker
+
+    def _free_lanes(self, worker: int) -> list[int]:
+        first = worker * self.per_worker
+        return [lane for lane in range(first, first + self.per_worker) if lane not in self._busy]
 
     @property
     def free(self) -> int:
-        return sum(self.per_worker - self.load[i] for i in self.alive)
+        return sum(len(self._free_lanes(worker)) for worker in self.alive)
+
+    @property
+    def next(self) -> int:
+        """The lane :meth:`take` fills next (``free`` must be positive)."""
+        worker = max(sorted(self.alive), key=lambda w: len(self._free_lanes(w)))
+        return self._free_lanes(worker)[0]
 
     def take(self) -> int:
-        """The worker for the next shard (``free`` must be positive)."""
-        worker = min((i for i in sorted(self.alive) if self.load[i] < self.per_worker), key=lambda i: self.load[i])
-        self.load[worker] += 1
-        return worker
+        lane = self.next
+        self._busy.add(lane)
+        return lane
 
-    def release(self, worker: int) -> None:
-        self.load[worker] -= 1
+    def release(self, lane: int) -> None:
+        self._busy.discard(lane)
 
     def lose(self, worker: int) -> bool:
         """Take no more shards to ``worker``; whether it was alive until now."""
@@ -203,23 +228,32 @@ class LocalExecutor:
         log.info("started %d local worker(s) on %s", count, ", ".join(self._devices))
 
     @property
+    def lanes(self) -> int:
+        return self._slots.lanes
+
+    @property
     def free(self) -> int:
         return self._slots.free
+
+    @property
+    def lane(self) -> int:
+        return self._slots.next
 
     @property
     def busy(self) -> bool:
         return bool(self._pending)
 
     def submit(self, shard: Shard) -> None:
-        worker = self._slots.take()
-        self._pending[self._threads.submit(self._workers[worker].run_shard, shard)] = (worker, shard)
+        lane = self._slots.take()
+        worker = self._workers[self._slots.worker(lane)]
+        self._pending[self._threads.submit(worker.run_shard, shard)] = (lane, shard)
 
     def wait(self, timeout: float) -> list[Outcome]:
         done, _ = concurrent.futures.wait(self._pending, timeout, concurrent.futures.FIRST_COMPLETED)
         outcomes = []
         for future in done:
-            worker, shard = self._pending.pop(future)
-            self._slots.release(worker)
+            lane, shard = self._pending.pop(future)
+            self._slots.release(lane)
             error = future.exception()
             outcomes.append(Outcome(shard, None if error else future.result(), error))
         return outcomes

@@ -104,7 +104,7 @@ class RayExecutor:
         self._plan: ActorPlan | None = None
         self._actors: list = []
         self._slots = Slots(0)
-        self._pending: dict = {}  # object ref -> (actor, shard)
+        self._pending: dict = {}  # object ref -> (lane, shard)
         self._pings: dict = {}  # object ref -> actor not up yet, or dead and expected back
         self._starting: set[int] = set()  # actors that never came up yet
         self._timeout = 0.0
@@ -191,16 +191,25 @@ class RayExecutor:
         return len(self._starting)
 
     @property
+    def lanes(self) -> int:
+        return self._slots.lanes
+
+    @property
     def free(self) -> int:
         return self._slots.free
+
+    @property
+    def lane(self) -> int:
+        return self._slots.next
 
     @property
     def busy(self) -> bool:
         return bool(self._pending or self._pings)
 
     def submit(self, shard: Shard) -> None:
-        actor = self._slots.take()
-        self._pending[self._actors[actor].run_shard.remote(dataclasses.asdict(shard))] = (actor, shard)
+        lane = self._slots.take()
+        actor = self._actors[self._slots.worker(lane)]
+        self._pending[actor.run_shard.remote(dataclasses.asdict(shard))] = (lane, shard)
 
     def wait(self, timeout: float) -> list[Outcome]:
         import ray
@@ -217,8 +226,9 @@ class RayExecutor:
             if ref in self._pings:
                 self._answered(ref)
                 continue
-            actor, shard = self._pending.pop(ref)
-            self._slots.release(actor)
+            lane, shard = self._pending.pop(ref)
+            self._slots.release(lane)
+            actor = self._slots.worker(lane)
             try:
                 outcomes.append(Outcome(shard, ray.get(ref)))
             except Exception as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from ._shards import Shard
 from .config import RunSpec
@@ -205,8 +205,22 @@ def unmet(plan: ActorPlan, nodes: Sequence[Mapping[str, float]]) -> ConfigError 
 
 
 class ShardQueue:
-    """The shards still to do, handed out in order; a failed shard goes back to the front.
+    """The shards still to do, dealt out in lanes (a worker's places for a shard at once).
 
+    The plan is cut into as many runs of consecutive shards as there are lanes, and each lane
+    takes its own run's shards in order; a lane whose run is done takes the second half of the
+    longest run left. A worker reading a shard that ends inside a Parquet row group keeps the
+    read for the next shard, which is then the next one in its lane: dealt out in plain order,
+    a worker's next shard lay about as many shards further on as there are lanes, and each
+    read that many shards' rows to reach its start. A failed shard goes back to the front, for
+    any lane; shards in ``done`` (a resumed run's) are passed over.
+
+    >>> from pipeline._shards import plan_shards
+    >>> q = ShardQueue(plan_shards(8, 1), lanes=2)
+    >>> [q.take(0).id, q.take(0).id, q.take(1).id, q.take(1).id, q.take(1).id, q.take(1).id]
+    [0, 1, 4, 5, 6, 7]
+    >>> [q.take(1).id, q.take(0).id, q.take(1)]  # lane 1 takes the second half of what lane 0 has left
+    [3, 2, None]
     >>> q = ShardQueue([Shard(0, 0, 2), Shard(1, 2, 4)], max_attempts=2)
     >>> a = q.take(); q.failed(a, "actor died"); q.take() == a
     True
@@ -216,23 +230,47 @@ class ShardQueue:
     pipeline.errors.ShardFailedError: shard 0 (samples 0-2) failed 2 times; last error: actor died again
     """
 
-    def __init__(self, shards: Iterable[Shard], max_attempts: int = 3):
-        self._fresh = iter(shards)  # taken as they are needed: a plan of any size costs nothing here
-        self._next = next(self._fresh, None)
+    def __init__(self, plan: Sequence[Shard], lanes: int = 1, done: Collection[int] = frozenset(),
+                 max_attempts: int = 3):
+        self._plan = plan
+        self._done = done
+        # lane i takes shards self._next[i] up to self._stop[i] (ids in the plan): O(lanes)
+        # numbers, whatever the plan's size
+        bounds = _cut(len(plan), max(1, lanes), done)
+        self._next, self._stop = bounds[:-1], bounds[1:]
         self._retry: collections.deque[Shard] = collections.deque()
         self._running: set[int] = set()
         self.max_attempts = max_attempts
         self.attempts: collections.Counter[int] = collections.Counter()
         self.done: list[int] = []
 
-    def take(self) -> Shard | None:
-        """The next shard to start, or ``None`` when nothing waits."""
+    def _skip_done(self, lane: int) -> bool:
+        """Pass over the done shards at the head of ``lane``'s run; whether a shard is left in it."""
+        while self._next[lane] < self._stop[lane] and self._next[lane] in self._done:
+            self._next[lane] += 1
+        return self._next[lane] < self._stop[lane]
+
+    def _steal(self, lane: int) -> bool:
+        """Give ``lane`` the second half of the longest run left; whether there was one."""
+        longest = max(range(len(self._next)), key=lambda i: self._stop[i] - self._next[i])
+        left = self._stop[longest] - self._next[longest]
+        if left <= 0:
+            return False
+        middle = self._next[longest] + left // 2
+        self._next[lane], self._stop[lane] = middle, self._stop[longest]
+        self._stop[longest] = middle
+        return True
+
+    def take(self, lane: int = 0) -> Shard | None:
+        """The next shard for ``lane`` to start, or ``None`` when nothing waits."""
         if self._retry:
             shard = self._retry.popleft()
-        elif self._next is not None:
-            shard, self._next = self._next, next(self._fresh, None)
         else:
-            return None
+            while not self._skip_done(lane):
+                if not self._steal(lane):
+                    return None
+            shard = self._plan[self._next[lane]]
+            self._next[lane] += 1
         self._running.add(shard.id)
         self.attempts[shard.id] += 1
         return shard
@@ -253,4 +291,23 @@ class ShardQueue:
     @property
     def idle(self) -> bool:
         """Whether every shard is done."""
-        return not self._retry and self._next is None and not self._running
+        return (not self._retry and not self._running
+                and not any(self._skip_done(lane) for lane in range(len(self._next))))
+
+
+def _cut(count: int, lanes: int, done: Collection[int]) -> list[int]:
+    """Where ``lanes`` runs of about as many shards still to do each start, in a plan of
+    ``count`` shards (``done``: those to pass over), and where the last one stops.
+
+    >>> _cut(10, 3, ()), _cut(10, 3, {0, 1, 2, 3}), _cut(2, 4, ())
+    ([0, 3, 6, 10], [0, 6, 8, 10], [0, 0, 1, 1, 2])
+    """
+    if not done:
+        return [count * k // lanes for k in range(lanes + 1)]
+    todo = count - sum(1 for i in done if 0 <= i < count)
+    bounds, seen = [0], 0
+    for i in range(count):
+        while len(bounds) < lanes and seen >= todo * len(bounds) // lanes:
+            bounds.append(i)
+        seen += i not in done
+    return bounds + [count] * (lanes + 1 - len(bounds))

@@ -25,6 +25,8 @@ class Lossy:
         self.pending = 0
         self.tries: dict[int, int] = {}
 
+    lanes, lane = 1, 0
+
     @property
     def free(self) -> int:
         return int(self.alive and not self.shards)

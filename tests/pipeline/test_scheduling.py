@@ -49,6 +49,25 @@ def test_queue_hands_out_each_shard_once():
     assert q.idle and q.done == [0, 1, 2, 3]
 
 
+def test_each_lane_takes_consecutive_shards_and_the_lanes_done_first_take_the_rest():
+    # lanes 0-2 take a shard each in turn; lane 3 (a worker that never came up) takes none.
+    # A resumed run passes over the shards already done
+    done = {0, 1, 50, 51, 52}
+    q = ShardQueue(plan_shards(100, 1), lanes=4, done=done)
+    taken: dict[int, list[int]] = {lane: [] for lane in range(3)}
+    while not q.idle:
+        for lane in taken:
+            if (shard := q.take(lane)) is not None:
+                taken[lane].append(shard.id)
+                q.finished(shard)
+    ids = sorted(i for lane in taken.values() for i in lane)
+    assert ids == sorted(set(range(100)) - done)
+    assert taken[0][:10] == list(range(2, 12)) and taken[1][:10] == list(range(25, 35))
+    # a lane's shards follow each other but where it took over the second half of another's run
+    jumps = sum(b != a + 1 for lane in taken.values() for a, b in zip(lane, lane[1:]))
+    assert jumps <= 8, taken
+
+
 def test_failed_shard_is_retried_first_then_gives_up():
     shards = plan_shards(4, 2)
     q = ShardQueue(shards, max_attempts=3)

@@ -211,3 +211,33 @@ def test_a_dataset_label_that_first_appears_after_the_typed_items_is_left_out(tm
     assert "late" not in table.column_names
     assert table.column("score").to_pylist() == [float(i) if i != 8 else None for i in range(12)]
     assert any("'late'" in r.getMessage() and "first 8 items" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dump_reads_row_groups_larger_than_its_shards_about_once(tmp_path, monkeypatch):
+    # Parquet cannot start a read inside a row group: a worker keeps its read for its next shard,
+    # which the driver takes from the same lane's run of consecutive shards: about 1.5 times the
+    # table's rows are read in all. Dealt out in plain order, a worker's next shard lay a few
+    # shards on, whose rows it read again: 4 to 5 times
+    groups, rows = 16, 1024
+    table = pa.table({"image": pa.array([_png(0)] * (groups * rows), pa.binary()),
+                      "key": [f"k{i}" for i in range(groups * rows)]})
+    (tmp_path / "table").mkdir()
+    pq.write_table(table, tmp_path / "table" / "one.parquet", row_group_size=rows)
+    read: list[int] = []
+    batches = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):
+        for batch in batches(self, *args, **kwargs):
+            if "image" in batch.schema.names:  # not the driver's look for repeated ids
+                read.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]},
+                               "source": {"kind": "parquet", "path": str(tmp_path / "table"), "id_column": "key"},
+                               "run": {"output": str(tmp_path / "out"), "executor": "local", "actors": 4,
+                                       "batch_size": 64, "shard_size": 64}})
+    summary = run(config, stream=None)
+    assert summary.bad == [] and summary.samples == len(table)
+    assert sum(read) < 2 * len(table), sum(read) / len(table)
+    assert read_table(config.run.output, "relu1").column("sample_id").to_pylist() == table.column("key").to_pylist()
