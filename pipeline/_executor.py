@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import logging
@@ -134,32 +135,27 @@ class Slots:
         self.per_worker = per_worker
         self.lanes = workers * per_worker
         self.alive = set(range(workers))
-        self._busy: set[int] = set()
+        self._free = [list(range(w * per_worker, (w + 1) * per_worker)) for w in range(workers)]
 
     def worker(self, lane: int) -> int:
         return lane // self.per_worker
 
-    def _free_lanes(self, worker: int) -> list[int]:
-        first = worker * self.per_worker
-        return [lane for lane in range(first, first + self.per_worker) if lane not in self._busy]
-
     @property
     def free(self) -> int:
-        return sum(len(self._free_lanes(worker)) for worker in self.alive)
+        return sum(len(self._free[worker]) for worker in self.alive)
 
     @property
     def next(self) -> int:
         """The lane :meth:`take` fills next (``free`` must be positive)."""
-        worker = max(sorted(self.alive), key=lambda w: len(self._free_lanes(w)))
-        return self._free_lanes(worker)[0]
+        return self._free[max(sorted(self.alive), key=lambda worker: len(self._free[worker]))][0]
 
     def take(self) -> int:
         lane = self.next
-        self._busy.add(lane)
+        self._free[self.worker(lane)].remove(lane)
         return lane
 
     def release(self, lane: int) -> None:
-        self._busy.discard(lane)
+        bisect.insort(self._free[self.worker(lane)], lane)
 
     def lose(self, worker: int) -> bool:
         """Take no more shards to ``worker``; whether it was alive until now."""
