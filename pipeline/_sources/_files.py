@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import posixpath
@@ -75,6 +76,47 @@ class Location:
                 return f.read(size)
         with self.fs.open_input_file(self.path(relative)) as f:
             return f.read_at(size, offset)
+
+
+    @functools.cached_property
+    def on_network(self) -> bool:
+        """Whether each read waits on the network: object storage, or a local path on a network
+        file system (NFS, Lustre, ...: :func:`network_mount`)."""
+        return not self.local or network_mount(self.root) is not None
+
+
+#: File system types (``/proc/self/mounts``) whose reads go over the network.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+                                 "glusterfs", "9p", "afs", "wekafs", "orangefs", "pvfs2"})
+#: FUSE file systems that are not remote (the others, as s3fs, gcsfuse or sshfs, are).
+LOCAL_FUSE = frozenset({"fuse.fuse-overlayfs", "fuse.lxcfs", "fuse.gvfsd-fuse", "fuse.portal", "fuseblk"})
+
+
+def network_mount(path: str, mounts: str = "/proc/self/mounts") -> str | None:
+    """The type of the network file system that holds the local ``path`` (``None``: a local
+    disk, or no mount table to say), from the mount table ``mounts``.
+
+    >>> import tempfile
+    >>> table = tempfile.NamedTemporaryFile("w", suffix=".mounts", delete=False)
+    >>> _ = table.write("/dev/sda1 / ext4 rw 0 0\\nhost:/export /mnt/data nfs4 rw 0 0\\n"
+    ...                 "bucket /mnt/data/s3\\\\040x fuse.s3fs rw 0 0\\n"); table.close()
+    >>> [network_mount(p, table.name) for p in ("/home/me", "/mnt/data/a.tar", "/mnt/data2", "/mnt/data/s3 x/b")]
+    [None, 'nfs4', None, 'fuse.s3fs']
+    """
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
+            table = [fields[1:3] for fields in map(str.split, f) if len(fields) > 2]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best, kind = "", None
+    for point, fs_type in table:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)  # "\040" is a space
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fs_type
+    remote = kind in NETWORK_FILESYSTEMS or ((kind or "").startswith("fuse") and kind not in LOCAL_FUSE)
+    return kind if remote else None
 
 
 def open_location(location: str, key: str) -> Location:

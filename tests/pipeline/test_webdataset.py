@@ -260,3 +260,29 @@ def test_the_driver_holds_one_tar_of_headers_at_a_time_while_it_indexes(tmp_path
     one = peak(write_shards(tmp_path / "one", shards=1, per_shard=300))
     eight = peak(write_shards(tmp_path / "eight", shards=8, per_shard=300))
     assert eight < 2 * one, (one, eight)
+
+
+def test_tars_on_a_network_file_system_are_indexed_several_at_a_time(tmp_path, monkeypatch):
+    # each header read waits on the network there, as on object storage; on a local disk one
+    # thread is fastest (the threads only contend for the interpreter)
+    import concurrent.futures
+
+    from pipeline._sources import _files, webdataset
+
+    threads: list[int] = []
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers: int):
+            threads.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(webdataset, "ThreadPoolExecutor", Pool)
+    folder = write_shards(tmp_path / "wds", shards=4)
+    local = WebDatasetSource(str(folder / "train-*.tar"))
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nhost:/export {folder} nfs4 rw 0 0\n")
+    real = _files.network_mount
+    monkeypatch.setattr(_files, "network_mount", lambda path: real(path, str(mounts)))
+    on_nfs = WebDatasetSource(str(folder / "train-*.tar"))
+    assert threads == [1, 4]
+    assert on_nfs.identity() == local.identity()
