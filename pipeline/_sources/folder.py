@@ -8,8 +8,8 @@ first-level folder names are the classes: ``label`` is the class index and ``cla
 folder.
 
 On a local disk a sample's bytes are read by the thread that decodes it (so reads run as
-parallel as decoding); on object storage a pool of readers fetches the files ahead of the
-decoder, since each request waits on the network.
+parallel as decoding); on object storage or a network file system (NFS, Lustre, ...) a pool of
+readers fetches the files ahead of the decoder, since each request waits on the network.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                             ".ppm", ".pgm", ".pbm", ".tga", ".ico"})
 
-#: Files fetched at once from object storage, per shard being read.
+#: Files fetched at once from object storage or a network file system, by all the shards being read.
 REMOTE_READERS = 32
 
 
@@ -131,7 +131,7 @@ class FolderSource(StreamingSource):
 
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         names = self.index.slice(start, stop).column("path").to_pylist()
-        if self.location.local:
+        if not self.location.on_network:
             root = self.location.root.rstrip("/")
             for index, name in enumerate(names, start):
                 path = f"{root}/{name}"

@@ -581,3 +581,25 @@ def test_parquet_hive_folders_give_columns(tmp_path):
     # a file's own column of that name comes first
     pq.write_table(pa.table({"image": [png], "key": ["k4"], "label": [7]}), tmp_path / "t" / "label=1" / "part-1.parquet")
     assert [s.labels["label"] for s in ParquetSource(str(tmp_path / "t"), id_column="key").stream(0, 5)] == [0, 0, 1, 7, None]
+
+
+def test_a_folder_on_a_network_file_system_is_fetched_ahead_of_the_decoder(tmp_path, monkeypatch):
+    # on a local disk the decoding threads read the files; on NFS each read waits on the
+    # network, so a pool of readers fetches them ahead, as on object storage
+    from pipeline._sources import _files
+
+    for name, colour in [("a/1.png", "red"), ("a/2.png", "green"), ("b/3.png", "blue")]:
+        os.makedirs(tmp_path / "data" / os.path.dirname(name), exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(_png(colour))
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nhost:/export {tmp_path / 'data'} nfs rw 0 0\n")
+    real = _files.network_mount
+    monkeypatch.setattr(_files, "network_mount", lambda path: real(path, str(mounts)))
+    source = FolderSource(str(tmp_path / "data"))
+    (tmp_path / "data" / "a" / "2.png").unlink()
+    got = list(source.stream(0, 3))
+    assert source._readers is not None
+    assert got[0].image == _png("red") and got[0].labels == {"label": 0, "class_name": "a"}
+    assert isinstance(got[1], BadSample) and got[1].sample_id == "a/2.png" and "No such file" in got[1].reason
+    assert got[2].image == _png("blue") and got[2].labels == {"label": 1, "class_name": "b"}
+    source.close()
