@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 #: Rows decoded at a time from a row group, and the read buffer: a shard holds about this much.
 BATCH_ROWS = 256
 READ_BUFFER = 1 << 20
-#: On object storage, where each read waits on the store: batches read ahead of the decoding,
-#: and the largest row group (compressed bytes) whose columns are fetched at once.
+#: On object storage or a network file system, where each read waits on the network: batches
+#: read ahead of the decoding, and the largest row group (compressed bytes) whose columns are
+#: fetched at once.
 READ_AHEAD = 4
 PRE_BUFFER_LIMIT = 64 << 20
 #: Footers read at once by the driver.
@@ -418,12 +419,12 @@ class ParquetSource(StreamingSource):
         if relative not in self._footers:
             footer = pq.read_metadata(handle)
             # buffered reads, pages as they are decoded: pyarrow's pre-buffering would load a
-            # whole row group at once, however large. On object storage the row groups of a file
+            # whole row group at once, however large. Over the network the row groups of a file
             # whose groups are small enough to hold are pre-buffered: a group's columns come in
             # one request, not one or more each
             largest = max((sum(group.column(c).total_compressed_size for c in range(group.num_columns))
                            for group in map(footer.row_group, range(footer.num_row_groups))), default=0)
-            self._footers[relative] = footer, not self.location.local and largest <= PRE_BUFFER_LIMIT
+            self._footers[relative] = footer, self.location.on_network and largest <= PRE_BUFFER_LIMIT
         footer, pre_buffer = self._footers[relative]
         return pq.ParquetFile(handle, metadata=footer, pre_buffer=pre_buffer, buffer_size=READ_BUFFER), handle
 
@@ -445,7 +446,7 @@ class ParquetSource(StreamingSource):
 
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         parts = self._parts(start, stop)
-        if not self.location.local:  # the next reads go on while the caller decodes these rows
+        if self.location.on_network:  # the next reads go on while the caller decodes these rows
             parts = read_ahead(parts, READ_AHEAD)
         try:
             for part, first, relative in parts:

@@ -586,15 +586,12 @@ def test_parquet_hive_folders_give_columns(tmp_path):
 def test_a_folder_on_a_network_file_system_is_fetched_ahead_of_the_decoder(tmp_path, monkeypatch):
     # on a local disk the decoding threads read the files; on NFS each read waits on the
     # network, so a pool of readers fetches them ahead, as on object storage
-    from pipeline._sources import _files
+    from support.storage import on_network_mount
 
     for name, colour in [("a/1.png", "red"), ("a/2.png", "green"), ("b/3.png", "blue")]:
         os.makedirs(tmp_path / "data" / os.path.dirname(name), exist_ok=True)
         (tmp_path / "data" / name).write_bytes(_png(colour))
-    mounts = tmp_path / "mounts"
-    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nhost:/export {tmp_path / 'data'} nfs rw 0 0\n")
-    real = _files.network_mount
-    monkeypatch.setattr(_files, "network_mount", lambda path: real(path, str(mounts)))
+    on_network_mount(monkeypatch, tmp_path / "data")
     source = FolderSource(str(tmp_path / "data"))
     (tmp_path / "data" / "a" / "2.png").unlink()
     got = list(source.stream(0, 3))
@@ -603,3 +600,17 @@ def test_a_folder_on_a_network_file_system_is_fetched_ahead_of_the_decoder(tmp_p
     assert isinstance(got[1], BadSample) and got[1].sample_id == "a/2.png" and "No such file" in got[1].reason
     assert got[2].image == _png("blue") and got[2].labels == {"label": 1, "class_name": "b"}
     source.close()
+
+
+def test_parquet_on_a_network_file_system_is_read_ahead_of_the_decoder(tmp_path, monkeypatch):
+    from support.storage import on_network_mount
+
+    folder, n = _many_files(tmp_path / "t", files=2, groups=3, rows=50)
+    local = ParquetSource(str(folder), id_column="key")
+    expected = [s.labels["label"] for s in local.stream(20, 280)]
+    on_network_mount(monkeypatch, folder, "lustre")
+    remote = ParquetSource(str(folder), id_column="key")
+    assert [s.labels["label"] for s in remote.stream(20, 280)] == expected == list(range(20, 280))
+    # each row group's columns come in one request, the next batches on their way meanwhile
+    assert all(pre_buffer for _, pre_buffer in remote._footers.values())
+    assert not any(pre_buffer for _, pre_buffer in local._footers.values())

@@ -267,7 +267,8 @@ def test_tars_on_a_network_file_system_are_indexed_several_at_a_time(tmp_path, m
     # thread is fastest (the threads only contend for the interpreter)
     import concurrent.futures
 
-    from pipeline._sources import _files, webdataset
+    from pipeline._sources import webdataset
+    from support.storage import on_network_mount
 
     threads: list[int] = []
 
@@ -279,10 +280,7 @@ def test_tars_on_a_network_file_system_are_indexed_several_at_a_time(tmp_path, m
     monkeypatch.setattr(webdataset, "ThreadPoolExecutor", Pool)
     folder = write_shards(tmp_path / "wds", shards=4)
     local = WebDatasetSource(str(folder / "train-*.tar"))
-    mounts = tmp_path / "mounts"
-    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nhost:/export {folder} nfs4 rw 0 0\n")
-    real = _files.network_mount
-    monkeypatch.setattr(_files, "network_mount", lambda path: real(path, str(mounts)))
+    on_network_mount(monkeypatch, folder, "nfs4")
     on_nfs = WebDatasetSource(str(folder / "train-*.tar"))
     assert threads == [1, 4]
     assert on_nfs.identity() == local.identity()

@@ -20,3 +20,14 @@ def bytes_read() -> int:
         if line.startswith("rchar:"):
             return int(line.split()[1])
     raise RuntimeError("/proc/self/io has no rchar line")
+
+
+def on_network_mount(monkeypatch, folder: str | Path, kind: str = "nfs") -> None:
+    """Have the sources take the local ``folder`` for a mount of a network file system ``kind``
+    (as ``/proc/self/mounts`` would say)."""
+    from pipeline._sources import _files
+
+    table = Path(folder).parent / f".{Path(folder).name}.mounts"
+    table.write_text(f"/dev/sda1 / ext4 rw 0 0\nhost:/export {Path(folder).resolve()} {kind} rw 0 0\n")
+    real = _files.network_mount
+    monkeypatch.setattr(_files, "network_mount", lambda path: real(path, str(table)))
