@@ -133,7 +133,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
     PNG, JPEG, GIF and WebP are read here (a few bytes); other formats through PIL's lazy open.
     """
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if data[:3] == b"\xff\xd8\xff":
         return _jpeg_size(data)

@@ -11,7 +11,9 @@ no ``.cls`` or ``.txt`` file gives that column), typed by its first value that i
 integer field that also holds fractions is a float; lists and objects are kept as JSON text; a
 value of another type makes its sample bad). ``sample_id`` is the key. As in WebDataset, a
 member without an extension, or whose file name starts with a dot, belongs to no sample; a hard
-link stands for the file it links to.
+link stands for the file it links to; a symbolic link, which holds no data in a tar, is left out
+with a warning. A header that does not parse is an error naming the tar and the byte (tarfile
+would end the tar there, dropping every sample after it).
 
 The driver reads the tar headers once (on a local disk it seeks from header to header; on
 object storage it streams each tar once, several at a time, and on a network file system it
@@ -26,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 import re
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -139,7 +142,8 @@ def split_tar(tar: str) -> tuple[str, str]:
 
 def _resolve(patterns: Sequence[str]) -> dict[str, int]:
     """The tar files the patterns name, in the order given (each glob sorted), each with the
-    number of the pattern that named it; a tar named twice is read once."""
+    number of the pattern that named it; a tar named twice (a local one by any path to it) is
+    read once."""
     tars: list[tuple[str, int]] = []
     for number, pattern in enumerate(patterns):
         for name in expand_braces(pattern):
@@ -161,8 +165,12 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
                 raise ConfigError(_PATH, f"{redact(name)!r} matches no file")
             tars += [(_join(folder, f), number) for f in found]
     unique: dict[str, int] = {}
+    seen: set[str] = set()
     for tar, number in tars:
-        unique.setdefault(tar, number)
+        same = os.path.realpath(tar.removeprefix("file://")) if "://" not in tar or tar.startswith("file://") else tar
+        if same not in seen:  # (a local tar by any spelling of its path)
+            seen.add(same)
+            unique[tar] = number
     if len(unique) < len(tars):
         log.warning("%d tar(s) are named more than once by %s and are read once", len(tars) - len(unique), _PATH)
     return unique
@@ -233,7 +241,7 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
     """``(member name, data offset, size)`` of the files in one tar, from its headers (a hard
     link as the file it links to; names that are not UTF-8 left out), and the fields of its
     ``.json`` members."""
-    fields, files, strays, linked = _Fields(), {}, [], []
+    fields, files, strays, linked, symbolic = _Fields(), {}, [], [], []
     out: list[tuple[str, int, int]] = []
 
     def walk(tar: tarfile.TarFile, read) -> None:
@@ -244,6 +252,8 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
             elif member.islnk() and member.linkname in files:
                 place = files[member.linkname]
             else:
+                if member.issym() and _used(_extension(member.name)):
+                    symbolic.append(f"{member.name} -> {member.linkname}")
                 continue
             if not is_utf8(member.name):
                 strays.append(member.name)
@@ -258,13 +268,25 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
     if location.local:
         with open(location.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             walk(tar, lambda member, offset, size: (f.seek(offset), f.read(size))[1])  # tarfile seeks back itself
+            end = tar.offset
     else:
         with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             walk(tar, lambda member, offset, size: tar.extractfile(member).read())
+            end = tar.offset
+    # tarfile ends a tar quietly at a header it cannot read: the end of an archive is a block of
+    # zeros there (or nothing), anything else is damage that would drop every sample after it
+    block = location.read_range(name, end, tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and block.count(0) < tarfile.BLOCKSIZE:
+        raise tarfile.HeaderError(f"the header at byte {end:,} is damaged (its checksum or fields do not parse), "
+                                  f"so the {len(out):,} files before it are all that could be read")
     for place in linked:
         fields.add(location.read_range(name, *place))
     if strays:
         log.warning("%d member name(s) in %s are not UTF-8 and are left out, e.g. %r", len(strays), name, strays[0])
+    if symbolic:
+        log.warning("%d member(s) in %s are symbolic links, which hold no data in a tar, and are left out, e.g. "
+                    "%r; archive the files they point to with tar --dereference (-h)", len(symbolic), name,
+                    symbolic[0])
     return out, fields
 
 
@@ -432,27 +454,27 @@ class WebDatasetSource(StreamingSource):
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def _reads(self, tars: list[int], used: list[list[dict]]) -> Iterator[tuple[list[tuple[int, dict]], bytes | Exception]]:
+    def _reads(self, tars: list[int], used: list[list[dict]]) -> Iterator[tuple[list[tuple[int, dict]], int, bytes | Exception]]:
         """The byte ranges to read for ``used`` (each row's members, in row order): one read per
         run of members in one tar with small gaps between them (members no column uses, such as
         a video beside the image, are skipped), at most :data:`READ_BYTES`. Yields each read's
-        ``[(row, member), ...]`` and its bytes (or the error, when it is the file's)."""
+        ``[(row, member), ...]``, the offset it starts at, and its bytes (or the error, when it
+        is the file's). A hard link's member may lie anywhere before: it is read apart."""
         run: list[tuple[int, dict]] = []
+        low = high = 0
         for row, members in enumerate(used):
             for member in sorted(members, key=lambda m: m["offset"]):
-                if run:
-                    low, high = run[0][1]["offset"], run[-1][1]["offset"] + run[-1][1]["size"]
-                    if (tars[run[0][0]] != tars[row] or member["offset"] - high > SKIP_BYTES
-                            or member["offset"] + member["size"] - low > READ_BYTES):
-                        yield run, self._read(tars[run[0][0]], run)
-                        run = []
+                start, end = member["offset"], member["offset"] + member["size"]
+                if run and (tars[run[0][0]] != tars[row] or start - high > SKIP_BYTES or low - end > SKIP_BYTES
+                            or max(high, end) - min(low, start) > READ_BYTES):
+                    yield run, low, self._read(tars[run[0][0]], low, high)
+                    run = []
+                low, high = (min(low, start), max(high, end)) if run else (start, end)
                 run.append((row, member))
         if run:
-            yield run, self._read(tars[run[0][0]], run)
+            yield run, low, self._read(tars[run[0][0]], low, high)
 
-    def _read(self, tar: int, run: list[tuple[int, dict]]) -> bytes | Exception:
-        low = run[0][1]["offset"]
-        high = max(m["offset"] + m["size"] for _, m in run)
+    def _read(self, tar: int, low: int, high: int) -> bytes | Exception:
         location, name = self._location(self.tars[tar])
         try:
             return location.read_range(name, low, high - low)
@@ -473,8 +495,7 @@ class WebDatasetSource(StreamingSource):
         def ready(row: int) -> bool:  # (two members with one extension fill one part)
             return row in failed or len(parts[row]) == len({m["ext"].lower() for m in used[row]})
 
-        for run, data in self._reads(rows.column("tar").to_pylist(), used):
-            low = run[0][1]["offset"]
+        for run, low, data in self._reads(rows.column("tar").to_pylist(), used):
             for row, member in run:
                 if isinstance(data, Exception):
                     failed[row] = data

@@ -30,6 +30,15 @@ def test_formats_decode_to_rgb_and_their_header_gives_the_size(fmt):
     assert header_size(data) == (10, 6)
 
 
+def test_a_png_signature_before_something_else_is_not_taken_for_a_huge_image():
+    # an error page behind the signature was read as a size of 1919906336x892351264, and refused
+    # as over source.preprocess.max_pixels: the wrong fix to point at
+    data = b"\x89PNG\r\n\x1a\n<html><body>404 Not Found</body></html>"
+    assert header_size(data) is None
+    with pytest.raises(ImageError, match="not an image format torchvision or PIL reads"):
+        decode(data)
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P"])
 def test_other_modes_become_rgb(mode):
     assert decode(_encoded("PNG", mode=mode)).shape == (3, 6, 10)

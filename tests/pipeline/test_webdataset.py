@@ -68,6 +68,10 @@ def test_remote_tars(tmp_path, s3):
     from support.storage import upload
 
     folder = write_shards(tmp_path / "wds")
+    # a tar may end without its blocks of zeros, right after its last member
+    last = folder / "train-0002.tar"
+    end = max(m.offset_data + -(-m.size // 512) * 512 for m in __import__("tarfile").open(last))
+    last.write_bytes(last.read_bytes()[:end])
     upload(folder, f"s3://data/wds?{s3}")
     remote = WebDatasetSource(f"s3://data/wds/train-{{0000..0002}}.tar?{s3}")
     local = WebDatasetSource(str(folder / "train-{0000..0002}.tar"))
@@ -117,15 +121,16 @@ def test_members_no_column_uses_are_not_read(tmp_path, monkeypatch):
 
 
 def _tar(path, members, **options):
-    """A tar of ``(name, bytes)`` files and ``(name, "->", target)`` hard links, in order."""
+    """A tar of ``(name, bytes)`` files, ``(name, "->", target)`` hard links and ``(name, "~>",
+    target)`` symbolic links, in order."""
     import io
     import tarfile
 
     with tarfile.open(path, "w", **options) as tar:
         for name, *rest in members:
             info = tarfile.TarInfo(name)
-            if rest[0] == "->":
-                info.type, info.linkname = tarfile.LNKTYPE, rest[1]
+            if rest[0] in ("->", "~>"):
+                info.type, info.linkname = tarfile.LNKTYPE if rest[0] == "->" else tarfile.SYMTYPE, rest[1]
                 tar.addfile(info)
             else:
                 info.size = len(rest[0])
@@ -174,7 +179,44 @@ def test_hard_links_strays_and_extensions_in_any_case(tmp_path, caplog):
     assert "not UTF-8 and are left out" in caplog.text
 
 
-def test_brace_patterns_nest_and_a_tar_named_twice_is_read_once(tmp_path, caplog):
+def test_a_hard_link_to_a_member_before_the_shard_reads_that_member(tmp_path):
+    # the link's member lies before the rest of the shard's read: it was sliced from the wrong
+    # bytes, an empty image or, for a side file, a wrong label without a word
+    png = b"\x89PNG fake"
+    tar = _tar(tmp_path / "a.tar", [m for i in range(6) for m in (
+        (f"s{i}.png", png + bytes([i])),
+        (f"s{i}.cls", "->", "s0.cls") if i == 5 else (f"s{i}.cls", str(7 if i == 0 else i).encode()),
+        (f"s{i}.txt", b"3" * 12_000 if i == 4 else b"caption"))])
+    source = WebDatasetSource(str(tar))
+    for size in (1, 2, 3, 6):
+        samples = [s for start in range(0, 6, size) for s in source.stream(start, min(start + size, 6))]
+        assert [s.labels["label"] for s in samples] == [7, 1, 2, 3, 4, 7], size
+        assert [s.image for s in samples] == [png + bytes([i]) for i in range(6)], size
+
+
+def test_a_damaged_header_is_an_error_not_the_end_of_the_tar(tmp_path):
+    # tarfile ends a tar quietly at a header it cannot read: every sample after it was dropped
+    folder = write_shards(tmp_path / "wds", shards=1, per_shard=10)
+    tar = folder / "train-0000.tar"
+    data = bytearray(tar.read_bytes())
+    offsets = [m.offset for m in __import__("tarfile").open(tar)]
+    data[offsets[5] + 148] ^= 0x01  # a checksum digit
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"cannot read the tar .*train-0000.tar': the header at byte "
+                                          f"{offsets[5]:,} is damaged .*, so the 5 files before it"):
+        WebDatasetSource(str(tar))
+
+
+def test_symbolic_links_in_a_tar_are_named_with_what_to_do(tmp_path, caplog):
+    png = b"\x89PNG fake"
+    tar = _tar(tmp_path / "a.tar", [("a.png", png), ("b.png", "~>", "/data/b.png"), ("b.cls", b"1")])
+    samples = list(WebDatasetSource(str(tar)).stream(0, 2))
+    assert samples[0].image == png and isinstance(samples[1], BadSample)
+    assert ("1 member(s) in a.tar are symbolic links, which hold no data in a tar, and are left out, e.g. "
+            "'b.png -> /data/b.png'; archive the files they point to with tar --dereference (-h)") in caplog.text
+
+
+def test_brace_patterns_nest_and_a_tar_named_twice_is_read_once(tmp_path, caplog, monkeypatch):
     from pipeline._sources.webdataset import expand_braces
 
     assert expand_braces("x{a,{b,c}}.tar") == ["xa.tar", "xb.tar", "xc.tar"]
@@ -185,6 +227,11 @@ def test_brace_patterns_nest_and_a_tar_named_twice_is_read_once(tmp_path, caplog
     source = WebDatasetSource([str(folder / "train-*.tar"), str(folder / "train-0001.tar")])
     assert len(source.tars) == 3 and len(source) == 12
     assert "named more than once" in caplog.text
+    # by any path to it
+    monkeypatch.chdir(folder)
+    source = WebDatasetSource(["train-*.tar", str(folder / "train-0001.tar"), "./train-0002.tar",
+                               f"file://{folder}/train-0000.tar"])
+    assert source.tars == ["train-0000.tar", "train-0001.tar", "train-0002.tar"] and len(source) == 12
 
 
 def test_unreadable_tars_say_why(tmp_path):
