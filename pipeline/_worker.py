@@ -495,10 +495,12 @@ class ShardWorker:
         none of the first ``tries`` samples can be read, or when the forward or the encoding
         fails (a layer that gives no tensor, a reduction that does not fit, ...).
         """
-        batch = self._load(self.source.read(range(min(tries, len(self.source)))))
+        tries = min(tries, len(self.source))
+        batch = self._load(self.source.read(range(tries)))
         if not batch.samples:
             reasons = "; ".join(f"{b.sample_id}: {b.reason}" for b in batch.bad[:3])
-            raise ConfigError(Config.key("source"), f"none of the first {tries} samples can be read ({reasons})")
+            first = f"the {tries} samples" if tries == len(self.source) else f"the first {tries} samples"
+            raise ConfigError(Config.key("source"), f"none of {first} can be read ({reasons})")
         first = _Batch(batch.samples[:1], batch.images[:1], [])
         try:
             outputs = self._forward(first)

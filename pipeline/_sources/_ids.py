@@ -30,15 +30,31 @@ def _hashes(values: list) -> np.ndarray:
     return np.fromiter(map(hash, values), dtype=np.int64, count=len(values))
 
 
+def sample_id(value: object) -> str:
+    """The sample id an id column's value gives: its text; bytes (text written as binary, as
+    Hive and older Spark do) decoded as UTF-8, or their hex digits where they are not UTF-8.
+
+    >>> sample_id(39), sample_id("k0"), sample_id(b"k0"), sample_id(b"\\xff\\x00")
+    ('39', 'k0', 'k0', 'ff00')
+    """
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
+    return str(value)
+
+
 def _ids(array: pa.Array) -> list:
-    """The non-null values of ``array``, as sample ids compare: integers and floats by the id
-    they become (``str``: a file's integer 39 is another file's text "39"; NaN is one id,
-    ``-0.0`` and ``0.0`` two), other values as they are."""
+    """The non-null values of ``array``, as sample ids compare: integers, floats and bytes by
+    the id they become (:func:`sample_id`: a file's integer 39 is another file's text "39", its
+    binary b"k0" another's text "k0"; NaN is one id, ``-0.0`` and ``0.0`` two), text as it is."""
     array = array.drop_null()
     if pa.types.is_integer(array.type):
         return array.cast(pa.string()).to_pylist()
     values = array.to_pylist()
-    return list(map(str, values)) if pa.types.is_floating(array.type) else values
+    return values if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) else \
+        list(map(sample_id, values))
 
 
 def repeated_ids(batches: Callable[[], Iterator[pa.Array]], rows: int, examples: int = 5) -> dict:

@@ -130,6 +130,11 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
     'sample 1 on: 1 row(s) before, none now'
     >>> first_difference(a, MemoryIndex(a.table, {"fields": "what a newer version keeps"})) is None
     True
+    >>> groups = MemoryIndex(pa.table({"file": ["a", "b"], "rows": [10, 4], "first": [0, 10]}))
+    >>> print(first_difference(groups, MemoryIndex(pa.table({"file": ["a", "b"], "rows": [10, 3], "first": [0, 10]}))))
+    samples from 10 on (a row group): {'file': 'b', 'rows': 4, 'first': 10} -> {'file': 'b', 'rows': 3, 'first': 10}
+    >>> print(first_difference(groups, MemoryIndex(pa.table({"file": ["a", "b", "c"], "rows": [10, 4, 2], "first": [0, 10, 14]}))))
+    samples from 14 on: 1 row group(s) now, none before
     """
     def named(index: Index, table: pa.Table) -> pa.Table:  # tar numbers as names, where there are tars
         tars = index.meta.get("tars")
@@ -142,6 +147,10 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
         text = repr(row)
         return text if len(text) <= 300 else text[:297] + "..."
 
+    def sample(number: int, *found: dict) -> str:  # a Parquet index has a row per row group
+        firsts = [row["first"] for row in found if "first" in row]
+        return f"samples from {min(firsts)} on (a row group)" if firsts else f"sample {number}"
+
     common = min(len(old), len(new))
     for start in range(0, common, rows):
         before, after = named(old, old.slice(start, start + rows)), named(new, new.slice(start, start + rows))
@@ -151,9 +160,12 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
             continue
         for offset, (a, b) in enumerate(zip(before.to_pylist(), after.to_pylist())):
             if a != b:
-                return f"sample {start + offset}: {described(a)} -> {described(b)}"
+                return f"{sample(start + offset, a, b)}: {described(a)} -> {described(b)}"
     if len(old) != len(new):
-        more = "before, none now" if len(old) > len(new) else "now, none before"
-        return f"sample {common} on: {abs(len(old) - len(new)):,} row(s) {more}"
+        longer = old if len(old) > len(new) else new
+        more = "before, none now" if longer is old else "now, none before"
+        first = sample(common, *longer.slice(common, common + 1).to_pylist()).removesuffix(" on (a row group)")
+        unit = "row group(s)" if "first" in longer.slice(0, 0).schema.names else "row(s)"
+        return f"{first} on: {abs(len(old) - len(new)):,} {unit} {more}"
     changed = sorted(k for k in old.meta if k != "sha256" and old.meta.get(k) != new.meta.get(k))
     return f"the facts the index keeps: {', '.join(changed)}" if changed else None

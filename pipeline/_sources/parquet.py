@@ -9,13 +9,18 @@ column that some files lack is null in their rows (a warning names them), but ev
 have the image and id columns, and a column's types must agree across files (integers of any
 width, floats of any width, text, or bytes); the driver checks every file's schema before any
 work. ``id_column`` gives the sample ids; without it
-the id is the row's index. An image column may hold the encoded bytes, or a struct with a
-``bytes`` field (as Hugging Face datasets write them).
+the id is the row's index (an id stored as bytes is its UTF-8 text, else its hex digits). An
+image column may hold the encoded bytes, or a struct with a ``bytes`` field (as Hugging Face
+datasets write them); a row with no bytes is a bad sample that says why. In a folder, where some
+files end in ``.parquet``, only those are data (a warning names the others: a ``README.md``, a
+partial download); files and folders named ``_*`` or ``.*`` never are.
 
 The driver reads the files' footers once and indexes their row groups: which file, which row
 group, how many rows, and the index of the first. A shard then reads each row group that holds
 its rows once, in order, with only the columns it needs, so its cost depends on its own size
-only, not on where it lies or on how large the dataset is.
+only, not on where it lies or on how large the dataset is. A row group that cannot be read on a
+local disk (a damaged page) makes its rows bad samples that name it; over the network the error
+fails the shard, which is retried, since it may pass.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import bisect
 import dataclasses
 import itertools
 import logging
+import posixpath
 import re
 import threading
 import urllib.parse
@@ -34,13 +40,14 @@ from collections.abc import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..config import Config, ParquetSpec
+from ..config import Config, ParquetSpec, SourceSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
 from ._files import missing, open_location, read_ahead
-from ._ids import repeated_ids
+from ._ids import repeated_ids, sample_id as as_sample_id
 from ._index import Index, MemoryIndex, digest
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,14 @@ ID_BATCH_ROWS = 65_536
 
 _INDEX_SCHEMA = pa.schema([("file", pa.string()), ("group", pa.int32()), ("rows", pa.int64()),
                            ("first", pa.int64())])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unread:
+    """``rows`` rows that cannot be read, and why (their samples are bad)."""
+
+    rows: int
+    reason: str
 
 
 @dataclasses.dataclass
@@ -116,6 +131,26 @@ class _Parked:
             reader.handle.close()
 
 
+#: File name extensions that mark a Parquet file (where some files have one, the others are not data).
+PARQUET_EXTENSIONS = frozenset({"parquet", "parq", "pq"})
+
+
+def _data_files(fs, root: str, path: str) -> list[str]:
+    """The data files under the folder ``root``: every file but those whose name (or a folder's)
+    starts with ``.`` or ``_`` (Spark's ``_SUCCESS``, ``.crc`` files); where some end in
+    ``.parquet``, only those, and a warning names the others (a ``README.md`` beside the data, a
+    partial download). Hive writes its files without a suffix: then every file is taken."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                   and not any(part.startswith((".", "_")) for part in i.path[len(root):].split("/") if part))
+    marked = [f for f in files if posixpath.splitext(f)[1].lower().lstrip(".") in PARQUET_EXTENSIONS]
+    if marked and len(marked) < len(files):
+        others = [f[len(root):].lstrip("/") for f in files if f not in set(marked)]
+        log.warning("%d file(s) in %r do not end in .parquet and are left out, e.g. %r", len(others), path, others[0])
+        return marked
+    return files
+
+
 def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dict[str, pa.Schema]]:
     """One row per row group of ``dataset``'s files (sorted by path): file, group, rows, first;
     and each file's schema.
@@ -123,7 +158,12 @@ def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dic
     The files' footers are read several at a time (each is a request on object storage).
     """
     def groups_of(fragment: ds.ParquetFileFragment) -> tuple[list[tuple[int, int]], pa.Schema]:
-        return [(group.id, group.num_rows) for group in fragment.row_groups], fragment.physical_schema
+        try:
+            return [(group.id, group.num_rows) for group in fragment.row_groups], fragment.physical_schema
+        except (OSError, pa.ArrowInvalid) as exc:
+            relative = fragment.path[len(root):].lstrip("/") if fragment.path.startswith(root) else fragment.path
+            raise ConfigError(ParquetSpec.key("path"), f"{relative!r} is not a Parquet file that can be read "
+                              f"({exc}); remove it, or point {ParquetSpec.key('path')} at the data files") from None
 
     fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
@@ -249,10 +289,15 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
         if lacking:
             raise ConfigError(ParquetSpec.key(key), f"{len(lacking):,} of the {len(schemas):,} files in {path!r} have "
                               f"no column {name!r}, e.g. {lacking[0]!r} (its columns: {schemas[lacking[0]].names})")
+    def holds_images(kind: pa.DataType) -> bool:  # (a column null in every row of a file: its samples are bad)
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_null(kind)
+                or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0))
+
     for relative, schema in schemas.items():  # each file's own: a batch's images are read as its file has them
         image_type = schema.field(required[0]).type
-        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
-                or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)):
+        if not holds_images(image_type):
             where = f" in {relative!r}" if len(schemas) > 1 else ""
             raise ConfigError(ParquetSpec.key("image_column"), f"column {required[0]!r} has type {image_type}{where}; "
                               "expected binary (encoded image files) or a struct with a 'bytes' field")
@@ -313,6 +358,20 @@ def _decode_fields(text: str) -> list[pa.Field]:
     return list(pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text))))
 
 
+def _no_bytes(path: str | None) -> str:
+    """Why a row whose image is null is bad: with a ``path`` beside it (as Hugging Face datasets
+    write images they did not embed), what to do.
+
+    >>> _no_bytes(None)
+    'the image value is null'
+    """
+    if not path:
+        return "the image value is null"
+    return (f"the image holds no bytes, only the path {path!r}: the images are read from the table, not from "
+            f"the files its paths name; store the image bytes in the table, or dump the files with "
+            f"{SourceSpec.key('kind')}: folder")
+
+
 class ParquetSource(StreamingSource):
     """The rows of the Parquet data at ``path``.
 
@@ -335,7 +394,8 @@ class ParquetSource(StreamingSource):
             # file paths in the index are relative to the folder (a single file: to its own folder)
             self._root = self.location.root.rsplit("/", 1)[0] if single else self.location.root
             if index is None:  # the driver: discover the files
-                dataset = ds.dataset(self.location.root, filesystem=self.location.fs, format="parquet")
+                files = [self.location.root] if single else _data_files(self.location.fs, self.location.root, path)
+                dataset = ds.dataset(files, filesystem=self.location.fs, format="parquet")
                 schema = dataset.schema
             else:  # a worker: the files are in the index; the schema from the first one's footer
                 first_file = index.slice(0, 1).column("file")[0].as_py()
@@ -438,11 +498,13 @@ class ParquetSource(StreamingSource):
             value = int(value)
         return [value] * table.num_rows
 
-    def _images(self, table: pa.Table) -> list:
+    def _images(self, table: pa.Table) -> tuple[list, list | None]:
+        """The encoded images, and where the column is a struct with a ``path`` field, the paths."""
         images = table.column(self.image_column)
-        if pa.types.is_struct(images.type):
-            images = pc.struct_field(images, "bytes")
-        return images.to_pylist()
+        if not pa.types.is_struct(images.type):
+            return images.to_pylist(), None
+        paths = pc.struct_field(images, "path").to_pylist() if images.type.get_field_index("path") >= 0 else None
+        return pc.struct_field(images, "bytes").to_pylist(), paths
 
     def stream(self, start: int, stop: int) -> Iterator[Sample | BadSample]:
         parts = self._parts(start, stop)
@@ -450,13 +512,18 @@ class ParquetSource(StreamingSource):
             parts = read_ahead(parts, READ_AHEAD)
         try:
             for part, first, relative in parts:
-                yield from self._samples(part, first, relative)
+                if isinstance(part, _Unread):
+                    yield from (BadSample(i, str(i), part.reason) for i in range(first, first + part.rows))
+                else:
+                    yield from self._samples(part, first, relative)
         finally:
             parts.close()
 
-    def _parts(self, start: int, stop: int) -> Iterator[tuple[pa.RecordBatch, int, str]]:
+    def _parts(self, start: int, stop: int) -> Iterator[tuple[pa.RecordBatch | _Unread, int, str]]:
         """Rows ``start`` to ``stop - 1`` as record batches of up to :data:`BATCH_ROWS` rows,
-        each with the index of its first row and its file."""
+        each with the index of its first row and its file; rows of a damaged row group on a
+        local disk as :class:`_Unread` (over the network the error may pass: it fails the
+        shard, which is retried)."""
         stop = min(stop, self.count)
         wanted = [self.image_column] + ([self.id_column] if self.id_column else []) + self.columns
         g = max(0, bisect.bisect_right(self._firsts, start) - 1)
@@ -501,6 +568,12 @@ class ParquetSource(StreamingSource):
                         position = end
                         if part is not None:
                             yield part
+                except OSError as exc:  # a damaged page: the file's fault on a local disk
+                    where = f"row group {self._groups[g]} of {self._files[g]!r}"
+                    if self.location.on_network:
+                        raise OSError(f"cannot read {where}: {exc}") from exc
+                    since = max(lo, position)
+                    yield _Unread(hi - since, f"{where} cannot be read: {exc}"), first + since, self._files[g]
                 finally:
                     if own is not None:
                         own.close()
@@ -515,7 +588,7 @@ class ParquetSource(StreamingSource):
         super().close()
 
     def _samples(self, table: pa.Table | pa.RecordBatch, first: int, relative: str) -> Iterator[Sample | BadSample]:
-        images = self._images(table)
+        images, paths = self._images(table)
         ids = table.column(self.id_column).to_pylist() if self.id_column else None
         labels = {field.name: self._values(table, field, relative) for field in self._fields}
         for row, image in enumerate(images):
@@ -523,8 +596,8 @@ class ParquetSource(StreamingSource):
             if ids is not None and ids[row] is None:
                 yield BadSample(index, str(index), f"the id ({self.id_column}) is null")
                 continue
-            sample_id = str(ids[row]) if ids is not None else str(index)
+            sample_id = as_sample_id(ids[row]) if ids is not None else str(index)
             if image is None:
-                yield BadSample(index, sample_id, "the image value is null")
+                yield BadSample(index, sample_id, _no_bytes(paths[row] if paths else None))
                 continue
             yield Sample(index, sample_id, image, {name: values[row] for name, values in labels.items()})

@@ -614,3 +614,62 @@ def test_parquet_on_a_network_file_system_is_read_ahead_of_the_decoder(tmp_path,
     # each row group's columns come in one request, the next batches on their way meanwhile
     assert all(pre_buffer for _, pre_buffer in remote._footers.values())
     assert not any(pre_buffer for _, pre_buffer in local._footers.values())
+
+
+def test_files_beside_the_parquet_data_are_left_out_or_named(tmp_path, caplog):
+    # a README.md beside the data (every Hugging Face dataset repository has one), a partial
+    # download: left out where the data files end in .parquet. A damaged .parquet file is named
+    folder, n = _many_files(tmp_path / "t", files=2, groups=1, rows=5)
+    (folder / "README.md").write_text("# a dataset")
+    (folder / "part-002.parquet.tmp").write_bytes(b"PAR1...")
+    source = ParquetSource(str(folder), id_column="key")
+    assert len(source) == n == 10
+    assert "2 file(s) in" in caplog.text and "do not end in .parquet and are left out, e.g. 'README.md'" in caplog.text
+    (folder / "zz.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"source.path: 'zz.parquet' is not a Parquet file that can be read "
+                                          r"\(.*0 bytes\); remove it, or point source.path at the data files"):
+        ParquetSource(str(folder), id_column="key")
+
+
+def test_ids_stored_as_binary_are_their_text(tmp_path):
+    # Hive and older Spark write text as binary: the ids were "b'k0'"; bytes that are not UTF-8
+    # are their hex digits
+    image = _png("red")
+    pq.write_table(pa.table({"image": [image] * 3, "key": pa.array([b"k0", b"k1", b"\xff\x01"], pa.binary())}),
+                   tmp_path / "0.parquet")
+    pq.write_table(pa.table({"image": [image], "key": ["k0"]}), tmp_path / "1.parquet")
+    source = ParquetSource(str(tmp_path), id_column="key")
+    assert [s.sample_id for s in source.stream(0, 4)] == ["k0", "k1", "ff01", "k0"]
+    assert source.repeated_ids["examples"] == ["k0"]  # the text and the bytes are one id
+
+
+def test_a_damaged_row_group_makes_its_rows_bad_and_names_it(tmp_path):
+    folder, n = _many_files(tmp_path / "t", files=2, groups=3, rows=40)
+    path = folder / "part-001.parquet"
+    groups = pq.ParquetFile(path).metadata
+    data = bytearray(path.read_bytes())
+    start = groups.row_group(1).column(0).data_page_offset  # the second group's first image page
+    data[start:start + 32] = b"\xff" * 32  # its header
+    path.write_bytes(bytes(data))
+    samples = list(ParquetSource(str(folder), id_column="key").stream(100, 200))
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    assert [s.index for s in samples] == list(range(100, 200))
+    assert bad and all(160 <= s.index < 200 for s in bad), [s.index for s in bad]
+    assert bad[0].reason.startswith("row group 1 of 'part-001.parquet' cannot be read: ")
+    assert [s.labels["label"] for s in samples if not isinstance(s, BadSample)][:60] == list(range(100, 160))
+
+
+def test_image_columns_by_path_dictionary_or_all_null(tmp_path):
+    image = _png("red")
+    pq.write_table(pa.table({"image": pa.array([image, image]).dictionary_encode(), "key": ["a", "b"]}),
+                   tmp_path / "0.parquet")
+    pq.write_table(pa.table({"image": pa.nulls(1), "key": ["c"]}), tmp_path / "1.parquet")
+    # images not embedded, as Hugging Face datasets write them: a path and no bytes
+    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": "d.png"}],
+                                               pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                             "key": ["d"]}), tmp_path / "2.parquet")
+    samples = list(ParquetSource(str(tmp_path), id_column="key").stream(0, 4))
+    assert [s.image for s in samples[:2]] == [image, image]
+    assert samples[2].reason == "the image value is null"
+    assert samples[3].reason.startswith("the image holds no bytes, only the path 'd.png': the images are read "
+                                        "from the table, not from the files its paths name")

@@ -87,6 +87,16 @@ def test_hooks_are_removed_on_close(tmp_path):
     worker.close()  # twice is harmless
 
 
+def test_a_trial_with_no_readable_sample_counts_the_samples_there_are(tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "data" / name).write_bytes(b"not an image")
+    config = _config(tmp_path, source={"kind": "folder", "path": str(tmp_path / "data")})
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(ConfigError) as error:
+        worker.probe()
+    assert str(error.value).startswith("source: none of the 2 samples can be read (a.png: ")
+
+
 def test_a_source_that_does_not_open_leaves_no_hooks(tmp_path, monkeypatch):
     import pipeline._worker
 
