@@ -12,8 +12,9 @@ work. ``id_column`` gives the sample ids; without it
 the id is the row's index (an id stored as bytes is its UTF-8 text, else its hex digits). An
 image column may hold the encoded bytes, or a struct with a ``bytes`` field (as Hugging Face
 datasets write them); a row with no bytes is a bad sample that says why. In a folder, where some
-files end in ``.parquet``, only those are data (a warning names the others: a ``README.md``, a
-partial download); files and folders named ``_*`` or ``.*`` never are.
+files end in ``.parquet``, files with another extension are not data (a warning names them: a
+``README.md``, a partial download; Hive's files, without one, are); files and folders named
+``_*`` or ``.*`` never are.
 
 The driver reads the files' footers once and indexes their row groups: which file, which row
 group, how many rows, and the index of the first. A shard then reads each row group that holds
@@ -138,17 +139,19 @@ PARQUET_EXTENSIONS = frozenset({"parquet", "parq", "pq"})
 def _data_files(fs, root: str, path: str) -> list[str]:
     """The data files under the folder ``root``: every file but those whose name (or a folder's)
     starts with ``.`` or ``_`` (Spark's ``_SUCCESS``, ``.crc`` files); where some end in
-    ``.parquet``, only those, and a warning names the others (a ``README.md`` beside the data, a
-    partial download). Hive writes its files without a suffix: then every file is taken."""
+    ``.parquet``, files with another extension are left out, and a warning names them (a
+    ``README.md`` beside the data, a partial download). Files without an extension, as Hive
+    writes them (``000000_0``), are always taken."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File
                    and not any(part.startswith((".", "_")) for part in i.path[len(root):].split("/") if part))
-    marked = [f for f in files if posixpath.splitext(f)[1].lower().lstrip(".") in PARQUET_EXTENSIONS]
-    if marked and len(marked) < len(files):
-        others = [f[len(root):].lstrip("/") for f in files if f not in set(marked)]
+    extensions = [posixpath.splitext(posixpath.basename(f))[1].lower().lstrip(".") for f in files]
+    if not any(e in PARQUET_EXTENSIONS for e in extensions):
+        return files
+    others = [f[len(root):].lstrip("/") for f, e in zip(files, extensions) if e and e not in PARQUET_EXTENSIONS]
+    if others:
         log.warning("%d file(s) in %r do not end in .parquet and are left out, e.g. %r", len(others), path, others[0])
-        return marked
-    return files
+    return [f for f, e in zip(files, extensions) if not e or e in PARQUET_EXTENSIONS]
 
 
 def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dict[str, pa.Schema]]:
@@ -568,7 +571,7 @@ class ParquetSource(StreamingSource):
                         position = end
                         if part is not None:
                             yield part
-                except OSError as exc:  # a damaged page: the file's fault on a local disk
+                except (OSError, pa.ArrowInvalid) as exc:  # a damaged page: the file's fault on a local disk
                     where = f"row group {self._groups[g]} of {self._files[g]!r}"
                     if self.location.on_network:
                         raise OSError(f"cannot read {where}: {exc}") from exc

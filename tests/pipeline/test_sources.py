@@ -622,8 +622,9 @@ def test_files_beside_the_parquet_data_are_left_out_or_named(tmp_path, caplog):
     folder, n = _many_files(tmp_path / "t", files=2, groups=1, rows=5)
     (folder / "README.md").write_text("# a dataset")
     (folder / "part-002.parquet.tmp").write_bytes(b"PAR1...")
+    pq.write_table(pq.read_table(folder / "part-000.parquet"), folder / "000009_0")  # Hive's: no extension, kept
     source = ParquetSource(str(folder), id_column="key")
-    assert len(source) == n == 10
+    assert len(source) == n + 5 == 15
     assert "2 file(s) in" in caplog.text and "do not end in .parquet and are left out, e.g. 'README.md'" in caplog.text
     (folder / "zz.parquet").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"source.path: 'zz.parquet' is not a Parquet file that can be read "
