@@ -220,6 +220,12 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
     if overwrite:
         return OutputState(False, remove=existing.layers)
     diff = conflicts(existing, manifest)
+    if diff and "sample_ids" in manifest.source and "sample_ids" not in existing.source:
+        raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump begun by an earlier version of actmap, "
+                                  f"which wrote the ids of {manifest.source.get('id_column')!r} (stored as binary) "
+                                  "as Python literals, b'k0' where this version writes k0: resumed, the dump would "
+                                  "hold both. Finish it with the version that began it, or rerun with --overwrite "
+                                  "to dump it anew, or choose another folder")
     if diff and all(line.startswith("source: ") for line in diff):
         where = _source_difference(store, source_index)
         raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of this config over its source as it "

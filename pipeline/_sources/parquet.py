@@ -68,6 +68,8 @@ FOOTER_READERS = 16
 PARKED_READERS = 4
 #: Ids read at a time by the driver's search for repeated ids.
 ID_BATCH_ROWS = 65_536
+#: How ids stored as binary become sample ids (:func:`._ids.sample_id`), in a dump's identity.
+BINARY_IDS = "binary as UTF-8 text, else hex digits"
 
 _INDEX_SCHEMA = pa.schema([("file", pa.string()), ("group", pa.int32()), ("rows", pa.int64()),
                            ("first", pa.int64())])
@@ -184,6 +186,13 @@ def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dic
             firsts.append(first)
             first += count
     return pa.table([files, groups, rows, firsts], schema=_INDEX_SCHEMA), schemas
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        return _is_binary(kind.value_type)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) \
+        or pa.types.is_binary_view(kind)
 
 
 def _family(kind: pa.DataType) -> object:
@@ -431,6 +440,8 @@ class ParquetSource(StreamingSource):
                     "repeated_ids": self._repeated_ids(list(schemas), rows) if id_column else None}
             meta["sha256"] = digest(table, {**meta, "schema": self._schema_text})
             meta["fields"] = _encode_fields(fields)
+            if id_column and any(_is_binary(s.field(id_column).type) for s in schemas.values() if id_column in s.names):
+                meta["binary_ids"] = True
             index = MemoryIndex(table, meta)
         self.index = index
         groups = index.slice(0, len(index))
@@ -459,9 +470,12 @@ class ParquetSource(StreamingSource):
 
     def identity(self) -> dict:
         meta = self.index.meta
+        # ids stored as binary are their text since 2026-11-28 (before, Python's b'...' literal):
+        # said here so that a dump begun before is not resumed with ids of both forms
+        ids = {"sample_ids": BINARY_IDS} if meta.get("binary_ids") else {}
         return {"kind": "parquet", "path": self.path, "rows": self.count, "files": meta["files"],
                 "index_sha256": meta["sha256"], "image_column": self.image_column,
-                "id_column": self.id_column, "columns": self.columns}
+                "id_column": self.id_column, "columns": self.columns, **ids}
 
     @property
     def largest_row_group(self) -> int:

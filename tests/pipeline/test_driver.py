@@ -282,6 +282,34 @@ def test_repeated_ids_are_reported_or_refused_in_strict_mode(tmp_path, caplog):
     assert "2 sample ids appear more than once" in caplog.text
 
 
+def test_a_dump_begun_when_binary_ids_were_literals_is_not_resumed_with_their_text(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buf, format="PNG")
+    keys = pa.array([f"k{i}".encode() for i in range(12)], pa.binary())
+    pq.write_table(pa.table({"image": [buf.getvalue()] * 12, "key": keys}), tmp_path / "t.parquet")
+    out = tmp_path / "out"
+    config = _config(out, source={"kind": "parquet", "path": str(tmp_path / "t.parquet"), "id_column": "key"},
+                     run={"shard_size": 4})
+    assert run(config, stream=None).new_samples == 12
+    assert read_table(str(out), "relu1").column("sample_id").to_pylist() == [f"k{i}" for i in range(12)]
+    assert run(config, stream=None).resumed == 3, "a dump of this version resumes"
+    # a dump begun by a version that wrote b'k0': its manifest's source says nothing of the ids
+    manifest = json.loads((out / MANIFEST_PATH).read_text())
+    del manifest["source"]["sample_ids"]
+    (out / MANIFEST_PATH).write_text(json.dumps(manifest))
+    (out / shard_record_path(2)).unlink()
+    with pytest.raises(OutputConflictError, match=r"begun by an earlier version of actmap, which wrote the ids of "
+                                                  r"'key' \(stored as binary\) as Python literals"):
+        run(config, stream=None)
+    assert len(list((out / SHARDS_DIR).glob("*.json"))) == 2, "nothing of the dump is lost"
+
+
 class _Recording:
     """A local executor that notes whether it connected at all."""
 
