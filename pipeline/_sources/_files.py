@@ -134,9 +134,10 @@ def open_location(location: str, key: str) -> Location:
         raise ConfigError(key, cannot_use(location, exc)) from None
 
 
-def missing(location: Location, what: str) -> str | None:
-    """Why ``location`` cannot be ``what`` (``"a folder"``, ...) when nothing is there; else None."""
-    if location.kind().name == "NotFound":
+def missing(location: Location, what: str, kind: pafs.FileType | None = None) -> str | None:
+    """Why ``location`` cannot be ``what`` (``"a folder"``, ...) when nothing is there; else None.
+    ``kind``: what is there, where the caller knows it already."""
+    if (location.kind() if kind is None else kind) == pafs.FileType.NotFound:
         return f"{location.location!r} does not exist (looked for {what} at {location.root!r})"
     return None
 

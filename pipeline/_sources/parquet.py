@@ -138,30 +138,35 @@ class _Parked:
 PARQUET_EXTENSIONS = frozenset({"parquet", "parq", "pq"})
 
 
-def _data_files(fs, root: str, path: str) -> list[str]:
+def _data_files(fs, root: str, path: str) -> list[pafs.FileInfo]:
     """The data files under the folder ``root``: every file but those whose name (or a folder's)
     starts with ``.`` or ``_`` (Spark's ``_SUCCESS``, ``.crc`` files); where some end in
     ``.parquet``, files with another extension are left out, and a warning names them (a
     ``README.md`` beside the data, a partial download). Files without an extension, as Hive
     writes them (``000000_0``), are always taken."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                   and not any(part.startswith((".", "_")) for part in i.path[len(root):].split("/") if part))
-    extensions = [posixpath.splitext(posixpath.basename(f))[1].lower().lstrip(".") for f in files]
+    files = sorted((i for i in infos if i.type == pafs.FileType.File
+                    and not any(part.startswith((".", "_")) for part in i.path[len(root):].split("/") if part)),
+                   key=lambda i: i.path)
+    extensions = [posixpath.splitext(i.base_name)[1].lower().lstrip(".") for i in files]
     if not any(e in PARQUET_EXTENSIONS for e in extensions):
         return files
-    others = [f[len(root):].lstrip("/") for f, e in zip(files, extensions) if e and e not in PARQUET_EXTENSIONS]
+    others = [i.path[len(root):].lstrip("/") for i, e in zip(files, extensions) if e and e not in PARQUET_EXTENSIONS]
     if others:
         log.warning("%d file(s) in %r do not end in .parquet and are left out, e.g. %r", len(others), path, others[0])
-    return [f for f, e in zip(files, extensions) if not e or e in PARQUET_EXTENSIONS]
+    return [i for i, e in zip(files, extensions) if not e or e in PARQUET_EXTENSIONS]
 
 
-def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dict[str, pa.Schema]]:
-    """One row per row group of ``dataset``'s files (sorted by path): file, group, rows, first;
-    and each file's schema.
+def _fragments(fs: pafs.FileSystem, files: Sequence[pafs.FileInfo]) -> list[ds.ParquetFileFragment]:
+    """The files, sorted by path, as pyarrow reads them: with the sizes their listing gave, so
+    that no read first asks a file's size (a request each on object storage)."""
+    parquet = ds.ParquetFileFormat()
+    return [parquet.make_fragment(i.path, fs, file_size=i.size) for i in sorted(files, key=lambda i: i.path)]
 
-    The files' footers are read several at a time (each is a request on object storage).
-    """
+
+def _row_groups(fragments: Sequence[ds.ParquetFileFragment], root: str) -> tuple[pa.Table, dict[str, pa.Schema]]:
+    """One row per row group of the files: file, group, rows, first; and each file's schema.
+    The footers are read several at a time (each is a request on object storage)."""
     def groups_of(fragment: ds.ParquetFileFragment) -> tuple[list[tuple[int, int]], pa.Schema]:
         try:
             return [(group.id, group.num_rows) for group in fragment.row_groups], fragment.physical_schema
@@ -170,7 +175,6 @@ def _row_groups(dataset: ds.FileSystemDataset, root: str) -> tuple[pa.Table, dic
             raise ConfigError(ParquetSpec.key("path"), f"{relative!r} is not a Parquet file that can be read "
                               f"({exc}); remove it, or point {ParquetSpec.key('path')} at the data files") from None
 
-    fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
         per_file = list(pool.map(groups_of, fragments))
     files, groups, rows, firsts = [], [], [], []
@@ -400,15 +404,17 @@ class ParquetSource(StreamingSource):
         self.path = str(path)
         self.location = open_location(self.path, ParquetSpec.key("path"))
         try:
-            if (why := missing(self.location, "a Parquet file or folder")) is not None:
+            info = self.location.fs.get_file_info(self.location.root)
+            if (why := missing(self.location, "a Parquet file or folder", info.type)) is not None:
                 raise ConfigError(ParquetSpec.key("path"), why)
-            single = self.location.kind().name == "File"
+            single = info.type == pafs.FileType.File
             # file paths in the index are relative to the folder (a single file: to its own folder)
             self._root = self.location.root.rsplit("/", 1)[0] if single else self.location.root
-            if index is None:  # the driver: discover the files
-                files = [self.location.root] if single else _data_files(self.location.fs, self.location.root, path)
-                dataset = ds.dataset(files, filesystem=self.location.fs, format="parquet")
-                schema = dataset.schema
+            if index is None:  # the driver: discover the files, read their footers
+                fragments = _fragments(self.location.fs, [info] if single else
+                                       _data_files(self.location.fs, self.location.root, path))
+                table, schemas = _row_groups(fragments, self._root)
+                schema = next(iter(schemas.values()), None)
             else:  # a worker: the files are in the index; the schema from the first one's footer
                 first_file = index.slice(0, 1).column("file")[0].as_py()
                 with self.location.fs.open_input_file(f"{self._root}/{first_file}") as handle:
@@ -417,7 +423,6 @@ class ParquetSource(StreamingSource):
             raise ConfigError(ParquetSpec.key("path"), f"cannot open Parquet data at {path!r}: {exc}") from None
         required = [image_column] + ([id_column] if id_column else [])
         if index is None:
-            table, schemas = _row_groups(dataset, self._root)
             if not schemas:
                 raise ConfigError(ParquetSpec.key("path"), f"no Parquet file in {path!r}")
             rows = int(pc.sum(table.column("rows")).as_py() or 0)
@@ -437,7 +442,7 @@ class ParquetSource(StreamingSource):
         self._schema_text = schema.remove_metadata().to_string()
         if index is None:
             meta = {"rows": rows, "files": len(set(table.column("file").to_pylist())),
-                    "repeated_ids": self._repeated_ids(list(schemas), rows) if id_column else None}
+                    "repeated_ids": self._repeated_ids(fragments, rows) if id_column else None}
             meta["sha256"] = digest(table, {**meta, "schema": self._schema_text})
             meta["fields"] = _encode_fields(fields)
             if id_column and any(_is_binary(s.field(id_column).type) for s in schemas.values() if id_column in s.names):
@@ -453,15 +458,14 @@ class ParquetSource(StreamingSource):
         self._footers: dict[str, tuple[pq.FileMetaData, bool]] = {}  # file: its footer, whether to pre-buffer
         self._parked = _Parked()
 
-    def _repeated_ids(self, files: Sequence[str], rows: int) -> dict:
+    def _repeated_ids(self, fragments: Sequence[ds.ParquetFileFragment], rows: int) -> dict:
         """How many ids appear more than once, with a few of them: the id column streamed in
         batches, file by file (each with its own type), in memory of 8 bytes per row
         (:mod:`._ids`), not the column itself."""
         def column() -> Iterator[pa.Array]:
-            for relative in files:
-                with self.location.fs.open_input_file(f"{self._root}/{relative}") as handle:
-                    for batch in pq.ParquetFile(handle).iter_batches(ID_BATCH_ROWS, columns=[self.id_column]):
-                        yield batch.column(0)
+            for fragment in fragments:  # (whose sizes and footers are known: no request for them)
+                for batch in fragment.to_batches(columns=[self.id_column], batch_size=ID_BATCH_ROWS, use_threads=False):
+                    yield batch.column(0)
 
         return repeated_ids(column, rows)
 

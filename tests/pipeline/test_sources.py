@@ -1,6 +1,7 @@
 import datetime
 import io
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -378,6 +379,24 @@ def test_parquet_on_object_storage(tmp_path, s3):
     assert all(pre_buffer for _, pre_buffer in remote._footers.values())
     assert len(list(local.stream(0, n))) == n
     assert not any(pre_buffer for _, pre_buffer in local._footers.values())
+
+
+def test_the_driver_asks_no_parquet_file_its_size(tmp_path, s3, caplog):
+    # the listing gives the sizes: each footer is one ranged GET, with no HEAD before it, and
+    # the search for repeated ids reads each file's ids with no request for its size or footer
+    import logging
+
+    from support.storage import upload
+
+    folder, n = _many_files(tmp_path / "t", files=8, groups=1, rows=3, image_bytes=16)
+    upload(folder, f"s3://data/table?{s3}")
+    caplog.set_level(logging.INFO, "werkzeug")
+    caplog.clear()
+    assert len(ParquetSource(f"s3://data/table?{s3}", id_column="key")) == n
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", r.getMessage()) for r in caplog.records]
+    requests = [line.split('"')[1].split()[0] for line in lines if line.count('"') >= 2]
+    # the root's kind, its listing (two requests), then per file its footer and its ids
+    assert requests.count("HEAD") <= 1 and len(requests) <= 3 + 2 * 8, lines
 
 
 def test_parquet_on_object_storage_streams_large_row_groups_page_by_page(tmp_path, s3, monkeypatch):
