@@ -88,8 +88,15 @@ class Location:
 #: File system types (``/proc/self/mounts``) whose reads go over the network.
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
                                  "glusterfs", "9p", "afs", "wekafs", "orangefs", "pvfs2"})
-#: FUSE file systems that are not remote (the others, as s3fs, gcsfuse or sshfs, are).
-LOCAL_FUSE = frozenset({"fuse.fuse-overlayfs", "fuse.lxcfs", "fuse.gvfsd-fuse", "fuse.portal", "fuseblk"})
+#: FUSE file systems that are not remote: the others (s3fs, gcsfuse, sshfs, rclone, ...) are
+#: taken to be, since reading a remote one as a local disk (a tar's headers one request at a
+#: time) costs far more than the reverse (its headers indexed on 16 threads).
+LOCAL_FUSE = frozenset({"fuseblk", *(f"fuse.{name}" for name in (
+    "fuse-overlayfs", "lxcfs", "gvfsd-fuse", "portal", "xdg-document-portal", "doc",  # containers, desktops
+    "squashfuse", "squashfuse_ll", "erofsfuse", "fuse-zip", "archivemount", "ratarmount", "snapfuse",  # images
+    "mergerfs", "unionfs", "unionfs-fuse", "bindfs", "rofiles-fuse",  # views of local folders
+    "gocryptfs", "encfs", "cryfs", "securefs",  # encrypted local folders
+    "ntfs-3g", "apfs-fuse", "jmtpfs", "vmhgfs-fuse"))})  # local disks and devices
 
 
 def network_mount(path: str, mounts: str = "/proc/self/mounts") -> str | None:

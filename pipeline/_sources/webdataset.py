@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import tarfile
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -126,18 +127,20 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 def split_tar(tar: str) -> tuple[str, str]:
-    """A tar's (folder, file name); a URI's query (``?endpoint_override=...``) stays with the folder.
+    """A tar's (folder, file name); a URI's query (``?endpoint_override=...``) stays with the
+    folder, and its file name is percent-decoded, as pyarrow decodes the rest of it.
 
     >>> split_tar("s3://bucket/train/x-0001.tar?scheme=http")
     ('s3://bucket/train?scheme=http', 'x-0001.tar')
-    >>> split_tar("x.tar"), split_tar("s3://bucket/train-0?.tar")
-    (('.', 'x.tar'), ('s3://bucket', 'train-0?.tar'))
+    >>> split_tar("x.tar"), split_tar("s3://bucket/train-0?.tar"), split_tar("file:///data/a%20b.tar")
+    (('.', 'x.tar'), ('s3://bucket', 'train-0?.tar'), ('file:///data', 'a b.tar'))
     """
-    base, mark, query = tar.rpartition("?") if "://" in tar else ("", "", "")
+    uri = "://" in tar
+    base, mark, query = tar.rpartition("?") if uri else ("", "", "")
     if not mark or "=" not in query or "/" in query:  # no query: a `?` of a glob
         base, mark, query = tar, "", ""
     folder, _, name = base.rpartition("/")
-    return (folder or ".") + mark + query, name
+    return (folder or ".") + mark + query, urllib.parse.unquote(name) if uri else name
 
 
 def _resolve(patterns: Sequence[str]) -> dict[str, int]:
@@ -167,13 +170,21 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
     unique: dict[str, int] = {}
     seen: set[str] = set()
     for tar, number in tars:
-        same = os.path.realpath(tar.removeprefix("file://")) if "://" not in tar or tar.startswith("file://") else tar
+        same = _same_tar(tar)
         if same not in seen:  # (a local tar by any spelling of its path)
             seen.add(same)
             unique[tar] = number
     if len(unique) < len(tars):
         log.warning("%d tar(s) are named more than once by %s and are read once", len(tars) - len(unique), _PATH)
     return unique
+
+
+def _same_tar(tar: str) -> str:
+    """What tells ``tar`` from others: a local one's resolved path (a ``file://`` URI's as pyarrow
+    opens it, percent-decoded), else the URI."""
+    if tar.startswith("file://"):
+        tar = pafs.FileSystem.from_uri(tar)[1]
+    return tar if "://" in tar else os.path.realpath(tar)
 
 
 def _kind(folder: str) -> str:
@@ -185,8 +196,12 @@ def _kind(folder: str) -> str:
 
 
 def _join(folder: str, name: str) -> str:
-    base, mark, query = folder.partition("?") if "://" in folder else (folder, "", "")
-    return f"{base}/{name}{mark}{query}" if base != "." else name
+    """The tar ``name`` in ``folder`` (in a URI, percent-encoded where it has to be: ``split_tar``
+    decodes it)."""
+    if "://" not in folder:
+        return f"{folder}/{name}" if folder != "." else name
+    base, mark, query = folder.partition("?")
+    return f"{base}/{urllib.parse.quote(name)}{mark}{query}"
 
 
 class _Fields:

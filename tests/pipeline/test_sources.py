@@ -627,10 +627,16 @@ def test_parquet_on_a_network_file_system_is_read_ahead_of_the_decoder(tmp_path,
     folder, n = _many_files(tmp_path / "t", files=2, groups=3, rows=50)
     local = ParquetSource(str(folder), id_column="key")
     expected = [s.labels["label"] for s in local.stream(20, 280)]
+    from pipeline._sources import parquet as parquet_module
+
+    ahead, read_ahead = [], parquet_module.read_ahead  # the depth of each read ahead
+    monkeypatch.setattr(parquet_module, "read_ahead", lambda items, depth: ahead.append(depth) or read_ahead(items, depth))
+    assert [s.labels["label"] for s in local.stream(20, 280)] == expected and ahead == []
     on_network_mount(monkeypatch, folder, "lustre")
     remote = ParquetSource(str(folder), id_column="key")
     assert [s.labels["label"] for s in remote.stream(20, 280)] == expected == list(range(20, 280))
     # each row group's columns come in one request, the next batches on their way meanwhile
+    assert ahead == [parquet_module.READ_AHEAD]
     assert all(pre_buffer for _, pre_buffer in remote._footers.values())
     assert not any(pre_buffer for _, pre_buffer in local._footers.values())
 

@@ -232,6 +232,12 @@ def test_brace_patterns_nest_and_a_tar_named_twice_is_read_once(tmp_path, caplog
     source = WebDatasetSource(["train-*.tar", str(folder / "train-0001.tar"), "./train-0002.tar",
                                f"file://{folder}/train-0000.tar"])
     assert source.tars == ["train-0000.tar", "train-0001.tar", "train-0002.tar"] and len(source) == 12
+    # a file URI is percent-encoded: "%20" is the space of the plain path
+    (folder / "a b.tar").write_bytes((folder / "train-0000.tar").read_bytes())
+    source = WebDatasetSource([str(folder / "a b.tar"), f"file://{folder}/a%20b.tar"])
+    assert len(source.tars) == 1 and len(source) == 4
+    plain = [(s.sample_id, s.image) for s in WebDatasetSource([str(folder / "a b.tar")]).stream(0, 4)]
+    assert [(s.sample_id, s.image) for s in WebDatasetSource([f"file://{folder}/a%20b.tar"]).stream(0, 4)] == plain
 
 
 def test_unreadable_tars_say_why(tmp_path):
