@@ -219,6 +219,26 @@ def _family(kind: pa.DataType) -> object:
     return kind
 
 
+def _plain(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with each dictionary, at any depth, as the type of its values.
+
+    >>> _plain(pa.list_(pa.dictionary(pa.int32(), pa.string())))
+    ListType(list<item: string>)
+    """
+    if pa.types.is_dictionary(kind):
+        return _plain(kind.value_type)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        item = kind.value_field.with_type(_plain(kind.value_type))
+        return pa.list_(item) if pa.types.is_list(kind) else pa.large_list(item)
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(kind.value_field.with_type(_plain(kind.value_type)), kind.list_size)
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_plain(field.type)) for field in kind])
+    if pa.types.is_map(kind):
+        return pa.map_(kind.key_field.with_type(_plain(kind.key_type)), kind.item_field.with_type(_plain(kind.item_type)))
+    return kind
+
+
 def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
     """The type a column takes in the output, from its types in the files that have it: the one
     they share, else the widest of one :func:`_family` (pyarrow's permissive promotion: integer
@@ -233,7 +253,7 @@ def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
     other = next(((f, o) for f, o in typed if _family(o.type) != _family(field.type)), None)
     if other is None:
         try:
-            plain = [k.value_type if pa.types.is_dictionary(k) else k for k in dict.fromkeys(o.type for _, o in typed)]
+            plain = list(dict.fromkeys(_plain(o.type) for _, o in typed))
             widest = pa.unify_schemas([pa.schema([pa.field(name, k)]) for k in plain],
                                       promote_options="permissive").field(name).type
         except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):

@@ -526,6 +526,27 @@ def test_parquet_files_that_disagree_on_a_columns_type_are_refused_before_any_wo
     assert not (tmp_path / "out").exists()
 
 
+def test_parquet_columns_dictionary_encoded_inside_lists_and_structs_in_some_files(tmp_path):
+    """pyarrow writes a dictionary's type into the file: one file's list of categories against
+    another's list of text was refused as two types (a dictionary was taken as its values only
+    at the top)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    (tmp_path / "table").mkdir()
+    words = pa.dictionary(pa.int32(), pa.string())
+    pq.write_table(pa.table({"img": [buf.getvalue()] * 2, "tags": pa.array([["a", "b"], ["c"]], pa.list_(words)),
+                             "meta": pa.array([{"k": "x"}, {"k": "y"}], pa.struct([("k", words)]))}),
+                   tmp_path / "table" / "a.parquet")
+    pq.write_table(pa.table({"img": [buf.getvalue()], "tags": [["d"]], "meta": [{"k": "z"}]}),
+                   tmp_path / "table" / "b.parquet")
+    config = _config(tmp_path, source={"kind": "parquet", "path": str(tmp_path / "table"), "image_column": "img"})
+    record = _run_shard(config, Shard(0, 0, 3))
+    assert record.rows["conv2"] == 3 and not record.bad
+    table = read_table(str(tmp_path / "out"), "conv2")
+    assert table.column("tags").to_pylist() == [["a", "b"], ["c"], ["d"]]
+    assert table.column("meta").to_pylist() == [{"k": "x"}, {"k": "y"}, {"k": "z"}]
+
+
 def test_a_webdataset_json_field_of_another_type_makes_its_sample_bad(tmp_path):
     from support.webdataset import _add, _image
 
