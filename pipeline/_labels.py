@@ -6,7 +6,8 @@ another type would fail its whole batch when the column is built, and so its sha
 makes only its own sample bad, with a reason that names the field, the value's type and the
 column's. A value fits when it is of the column's kind and converts to the column's type
 without loss: no bool in a number column, no float in an integer column, no number in a text
-column; ``None`` fits every column (a null).
+column; ``None`` fits every column (a null). An array label fits its column when its dtype
+converts to the column's without loss and, where the column has one shape, it has that shape.
 
 >>> label_problem("label", "cat", pa.int64())
 "label 'label' holds 'cat' (type str); its column holds int64"
@@ -19,13 +20,14 @@ column; ``None`` fits every column (a null).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ._records import BadSample
-from ._sources._base import Sample
+from ._sources._base import ArraySpec, Sample
 
 
 def _is_text(column: pa.DataType) -> bool:
@@ -92,11 +94,39 @@ def label_problem(name: str, value: Any, column: pa.DataType) -> str | None:
     return f"label {name!r} holds {shown} (type {type(value).__name__}); its column holds {column}"
 
 
-def split_unfit(samples: Sequence[Sample], fields: Sequence[pa.Field]) -> tuple[list[Sample], list[BadSample]]:
-    """``samples`` whose labels all fit the columns ``fields``, and the others as bad samples
-    (the reason names the first label that does not fit). One conversion per column checks a
-    batch whose values all fit."""
+def array_problem(name: str, value: Any, spec: ArraySpec) -> str | None:
+    """Why ``value`` cannot go into the array label column ``name`` (``None``: it fits): an
+    array whose dtype converts to the column's without loss, of its shape where it has one.
+
+    >>> spec = ArraySpec(np.dtype("float32"), (2,))
+    >>> array_problem("target", np.zeros(2, np.int16), spec) is None
+    True
+    >>> array_problem("target", np.zeros(2, np.float64), spec)
+    "label 'target' holds an array of float64; its column holds float32 (the first items')"
+    >>> array_problem("target", np.zeros((3, 2), np.float32), spec)
+    "label 'target' holds an array of shape (3, 2); its column holds shape (2,) (the first items')"
+    """
+    if not isinstance(value, np.ndarray):
+        held = "nothing" if value is None else f"{value!r:.40} (type {type(value).__name__})"
+        return f"label {name!r} holds {held}; its column holds arrays of {spec.dtype}"
+    if not np.can_cast(value.dtype, spec.dtype, "safe"):
+        return f"label {name!r} holds an array of {value.dtype}; its column holds {spec.dtype} (the first items')"
+    if spec.shape is not None and value.shape != spec.shape:
+        return (f"label {name!r} holds an array of shape {value.shape}; its column holds shape {spec.shape} "
+                "(the first items')")
+    return None
+
+
+def split_unfit(samples: Sequence[Sample], fields: Sequence[pa.Field],
+                arrays: Mapping[str, ArraySpec] | None = None) -> tuple[list[Sample], list[BadSample]]:
+    """``samples`` whose labels all fit the columns ``fields`` and the array columns ``arrays``,
+    and the others as bad samples (the reason names the first label that does not fit). One
+    conversion per column checks a batch whose values all fit."""
     problems: dict[int, str] = {}
+    for name, spec in (arrays or {}).items():
+        for position, sample in enumerate(samples):
+            if position not in problems and (problem := array_problem(name, sample.labels.get(name), spec)):
+                problems[position] = problem
     for field in fields:
         values = [s.labels.get(field.name) for s in samples]
         if _all_of_kind(values, field.type) and _converts(values, field.type):

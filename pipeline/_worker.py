@@ -203,10 +203,14 @@ class ShardWorker:
             index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None
             self.source = open_source(self.config.source, index=index)
             self.label_fields = self.source.label_fields()
+            arrays = getattr(self.source, "array_labels", dict)()
         except BaseException:
             self.outputs.remove()  # a source that does not open leaves no hooks behind
             raise
         self.fixed = self.config.shapes_fixed() or (self.config.dump.shapes is Shapes.AUTO and bool(self.inputs.crop))
+        # array labels keep the first items' dtype, and their shape in a dump of fixed shapes
+        self.label_arrays = {name: spec if self.fixed else dataclasses.replace(spec, shape=None)
+                             for name, spec in arrays.items()}
         # the shape each layer must keep in a fixed-width column (first seen, unless given)
         self._shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in (layer_shapes or {}).items()}
         self.mean_std = self.inputs.mean_std
@@ -248,7 +252,7 @@ class ShardWorker:
 
     def _load(self, read: Sequence[Sample | BadSample]) -> _Batch:
         # a label value that does not fit its column makes its sample bad, not the batch
-        good, bad = split_unfit([s for s in read if isinstance(s, Sample)], self.label_fields)
+        good, bad = split_unfit([s for s in read if isinstance(s, Sample)], self.label_fields, self.label_arrays)
         bad = [s for s in read if isinstance(s, BadSample)] + bad
         samples, images = [], []
         for sample, decoded in zip(good, self.decoder([s.image for s in good])):
@@ -395,6 +399,7 @@ class ShardWorker:
                 activations = np.stack(activations)
         table = build_table(activations, sample_ids=columns.ids, indices=columns.indices,
                             labels=columns.labels, label_fields=self.label_fields, fixed=self.fixed,
+                            label_arrays=self.label_arrays,
                             dtype=self.config.dump.dtype.value,
                             metadata={"reduce": self.config.dump.to_dict(), "model": self.config.model.name,
                                       "layer": layer})

@@ -8,6 +8,7 @@ labels (masks) are tensor columns like the activation. The schema metadata (JSON
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._encoding import encode_fixed, encode_variable, schema_metadata
+from ._encoding import encode_fixed, encode_variable, read_metadata, schema_metadata
 from ._layout import ACTIVATION, INDEX, RESERVED_COLUMNS, SAMPLE_ID, shape_column
+from ._sources._base import ArraySpec
 from ._store import OutputStore
 from .errors import ReservedColumnError
 
@@ -38,7 +40,8 @@ def _tensor_columns(name: str, arrays: Sequence[np.ndarray] | np.ndarray, fixed:
 def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: Sequence[str],
                 indices: Sequence[int], labels: Mapping[str, Sequence[Any]],
                 label_fields: Sequence[pa.Field], fixed: bool, dtype: str | None = None,
-                metadata: Mapping[str, Any] | None = None) -> pa.Table:
+                metadata: Mapping[str, Any] | None = None,
+                label_arrays: Mapping[str, ArraySpec] | None = None) -> pa.Table:
     """The rows of one batch of one layer.
 
     Args:
@@ -48,6 +51,10 @@ def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: S
             is stored as a tensor column, the others with the type in ``label_fields``.
         label_fields: the Arrow fields of the scalar pass-through columns.
         fixed: whether every row of the layer has one shape (a fixed-size column).
+        label_arrays: the array labels' columns (:func:`~pipeline._labels.split_unfit` has
+            checked their values): every file of a dump stores them with one dtype, and with
+            one shape where they have it. Array labels without one are stored as they come,
+            fixed-size with the layer.
         dtype: the activations' logical dtype when their bytes hold another (bfloat16).
         metadata: more entries for the JSON schema metadata (layer, reduction, ...).
 
@@ -65,7 +72,11 @@ def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: S
     specs = {ACTIVATION: spec}
     types = {f.name: f.type for f in label_fields}
     for name, values in labels.items():
-        if values and isinstance(values[0], np.ndarray):
+        if (spec := (label_arrays or {}).get(name)) is not None:
+            values = [v if v.dtype == spec.dtype else v.astype(spec.dtype) for v in values]
+            encoded, specs[name] = _tensor_columns(name, values, spec.shape is not None, None)
+            columns += encoded
+        elif values and isinstance(values[0], np.ndarray):
             encoded, specs[name] = _tensor_columns(name, values, fixed, None)
             columns += encoded
         else:
@@ -77,6 +88,28 @@ def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: S
         taken.add(name)
     table = pa.table(dict(columns))
     return table.replace_schema_metadata(schema_metadata(specs, **(metadata or {})))
+
+
+def _change(first: pa.Schema, then: pa.Schema) -> str:
+    """Where the schema ``then`` first differs from ``first``, on one line.
+
+    >>> _change(pa.schema([("a", pa.int64())]), pa.schema([("a", pa.float64())]))
+    'a: int64 -> double'
+    """
+    if first.names != then.names:
+        return f"columns {first.names} -> {then.names}"
+    for old, new in zip(first, then):
+        if old.type != new.type:
+            return f"{old.name}: {old.type} -> {new.type}"
+    try:
+        before, after = read_metadata(first)["columns"], read_metadata(then)["columns"]
+    except ValueError:
+        return "their metadata"
+    changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+    if changed:
+        name = changed[0]
+        return f"{name}: {json.dumps(before.get(name))} -> {json.dumps(after.get(name))}"
+    return "their metadata"
 
 
 class LayerFileWriter:
@@ -103,9 +136,9 @@ class LayerFileWriter:
             self._writer = pq.ParquetWriter(self._temporary, table.schema, filesystem=self.store.fs,
                                             compression=self.compression, use_dictionary=False,
                                             write_statistics=[SAMPLE_ID, INDEX], write_page_checksum=True)
-        elif not table.schema.equals(self._writer.schema, check_metadata=False):
-            raise ValueError(f"{self.relative}: a batch's columns changed within the file:\n"
-                             f"{self._writer.schema}\nthen\n{table.schema}")
+        elif not table.schema.equals(self._writer.schema, check_metadata=True):
+            raise ValueError(f"{self.relative}: a batch's columns differ from the file's first batch: "
+                             f"{_change(self._writer.schema, table.schema)}")
         self._writer.write_table(table)
         self.rows += table.num_rows
         if table.num_rows:

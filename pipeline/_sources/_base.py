@@ -43,6 +43,27 @@ class Sample:
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """What an array label's column holds: one dtype, and one shape (``None``: any)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...] | None
+
+
+def array_spec(arrays: Sequence[np.ndarray]) -> ArraySpec:
+    """The column the first items' arrays make: the dtype that holds them all, their shape if
+    they share one.
+
+    >>> array_spec([np.zeros(2, np.int32), np.ones(2, np.float32)])
+    ArraySpec(dtype=dtype('float64'), shape=(2,))
+    >>> array_spec([np.zeros((4, 3)), np.zeros((1, 3))]).shape is None
+    True
+    """
+    shapes = {a.shape for a in arrays}
+    return ArraySpec(np.result_type(*(a.dtype for a in arrays)), shapes.pop() if len(shapes) == 1 else None)
+
+
 class Source(Protocol):
     """A numbered collection of samples, opened by each actor for its own shards.
 

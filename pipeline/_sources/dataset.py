@@ -23,7 +23,7 @@ import torch
 from .._targets import import_target
 from ..config import DatasetSpec
 from ..errors import ConfigError
-from ._base import BadSample, RandomAccessSource, Sample, describe_error
+from ._base import ArraySpec, BadSample, RandomAccessSource, Sample, array_spec, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class DatasetSource(RandomAccessSource):
             raise ConfigError(_TARGET, f"{target!r}(**{self.kwargs!r}) failed: "
                               f"{describe_error(exc)}") from None
         self._fields: list[pa.Field] | None = None
+        self._arrays: dict[str, ArraySpec] = {}
         self._names: set[str] = set()  # the labels the first items have: scalars and arrays
         self._left_out: set[str] = set()  # later labels, not stored (warned about once each)
 
@@ -94,6 +95,7 @@ class DatasetSource(RandomAccessSource):
         and a float in another make a float column)."""
         if self._fields is None:
             values: dict[str, list] = {}
+            arrays: dict[str, list[np.ndarray]] = {}
             for index in range(min(self.count, _TYPED_FROM)):
                 try:
                     _, labels = self._split(self.dataset[index])
@@ -101,10 +103,16 @@ class DatasetSource(RandomAccessSource):
                     continue
                 self._names.update(labels)
                 for name, value in labels.items():
-                    if not isinstance(value, np.ndarray):
-                        values.setdefault(name, []).append(value)
-            self._fields = [self._field(name, seen) for name, seen in values.items()]
+                    (arrays if isinstance(value, np.ndarray) else values).setdefault(name, []).append(value)
+            self._fields = [self._field(name, seen) for name, seen in values.items() if name not in arrays]
+            self._arrays = {name: array_spec(seen) for name, seen in arrays.items()}
         return self._fields
+
+    def array_labels(self) -> dict[str, ArraySpec]:
+        """The array labels' dtypes and shapes (``None``: the first items' differ), from the
+        same first items as :meth:`label_fields`."""
+        self.label_fields()
+        return self._arrays
 
     def _known(self, labels: dict) -> dict:
         """``labels`` without the keys the first items lack (their columns do not exist)."""

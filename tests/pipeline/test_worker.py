@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline._models import build_model
 from pipeline._images import decode
 from pipeline._preprocess import to_model_input
-from pipeline._reader import read_layer, read_table
+from pipeline._reader import decode_column, read_layer, read_table
 from pipeline._records import BadSample, LayerSpec, ShardRecord
 from pipeline._shards import Shard
 from pipeline._sources import open_source
@@ -545,6 +545,34 @@ def test_parquet_columns_dictionary_encoded_inside_lists_and_structs_in_some_fil
     table = read_table(str(tmp_path / "out"), "conv2")
     assert table.column("tags").to_pylist() == [["a", "b"], ["c"], ["d"]]
     assert table.column("meta").to_pylist() == [{"k": "x"}, {"k": "y"}, {"k": "z"}]
+
+
+_TARGETS = {"kind": "dataset", "target": "support.datasets:Targets", "preprocess": {"normalize": "none", "crop": 8}}
+
+
+@pytest.mark.parametrize("later", [{"later_shape": [3]}, {"later_shape": [1, 2]}, {"later_dtype": "float64"}])
+def test_an_array_label_that_leaves_the_first_items_shape_or_dtype_makes_its_sample_bad(tmp_path, later):
+    """Its values were stored under the first batch's spec and read back as other numbers (a
+    (1, 2) array as a (2,) one, float64 bytes as float32), or the shard failed for good."""
+    config = _config(tmp_path, source={**_TARGETS, "kwargs": {"n": 12, "change_at": 8, **later}})
+    record = _run_shard(config, Shard(0, 0, 12))
+    assert [b.index for b in record.bad] == list(range(8, 12)) and record.rows["conv2"] == 8
+    what = "dtype" if "later_dtype" in later else "shape"
+    assert record.bad[0].reason.startswith(f"label 'target' holds an array of {'float64' if what == 'dtype' else ''}")
+    assert record.bad[0].reason.endswith("(the first items')")
+    targets = decode_column(read_table(config.run.output, "conv2"), "target")
+    assert [t.tolist() for t in targets] == [[i, i] for i in range(8)]
+
+
+def test_array_labels_that_differ_among_the_first_items_take_one_column_that_holds_them_all(tmp_path):
+    # shapes: stored one per row, though the activations have one shape; dtypes: the one that
+    # holds them all (int64 and float32 make float64), as for scalar labels
+    config = _config(tmp_path, source={**_TARGETS, "kwargs": {"n": 8, "change_at": 3, "dtype": "int64",
+                                                              "later_shape": [3], "later_dtype": "float32"}})
+    record = _run_shard(config, Shard(0, 0, 8))
+    assert not record.bad and record.rows["conv2"] == 8
+    targets = decode_column(read_table(config.run.output, "conv2"), "target")
+    assert [(t.dtype, t.tolist()) for t in targets] == [(np.dtype("float64"), [i] * (2 if i < 3 else 3)) for i in range(8)]
 
 
 def test_a_webdataset_json_field_of_another_type_makes_its_sample_bad(tmp_path):

@@ -72,8 +72,18 @@ def test_abort_leaves_nothing(tmp_path):
 def test_schema_change_within_a_file_is_refused(tmp_path):
     writer = LayerFileWriter(OutputStore(str(tmp_path)), "layer=l1/part-00000.parquet")
     writer.write(_table())
-    with pytest.raises(ValueError, match="columns changed within the file"):
+    with pytest.raises(ValueError, match=r"a batch's columns differ from the file's first batch: columns \["):
         writer.write(_table(fixed=False))
+    # the same columns, of another tensor shape: the bytes would be read with the first one's
+    transposed = _table()
+    acts = np.zeros((3, 2, 2), np.float16)
+    other = build_table(acts.reshape(3, 4, 1), sample_ids=["a", "b", "c"], indices=[3, 4, 5],
+                        labels={"label": [0, 1, 0], "mask": [np.ones((4, 4), np.uint8)] * 3},
+                        label_fields=[pa.field("label", pa.int64())], fixed=True, metadata={"layer": "l1"})
+    assert other.schema.equals(transposed.schema, check_metadata=False)
+    with pytest.raises(ValueError, match=r'activation: \{"dtype": "float16", "shape": \[2, 2\]\} -> '
+                                         r'\{"dtype": "float16", "shape": \[4, 1\]\}'):
+        writer.write(other)
     writer.abort()
 
 

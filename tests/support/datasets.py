@@ -34,6 +34,22 @@ class DictItems(Squares):
                 "box": np.array([i, i + 1, i + 2, i + 3], dtype=np.float32)}
 
 
+class Targets(Squares):
+    """``(image, target)`` items whose array target is ``shape`` of ``dtype`` (filled with the
+    index), from item ``change_at`` on ``later_shape`` of ``later_dtype`` instead."""
+
+    def __init__(self, n: int = 16, size: int = 8, shape: tuple = (2,), dtype: str = "float32",
+                 change_at: int | None = None, later_shape: tuple | None = None, later_dtype: str | None = None):
+        super().__init__(n, size)
+        self.first, self.later = (tuple(shape), dtype), (tuple(later_shape or shape), later_dtype or dtype)
+        self.change_at = n if change_at is None else change_at
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        shape, dtype = self.later if i >= self.change_at else self.first
+        return image, np.full(shape, i, dtype=dtype)
+
+
 class Scored(Squares):
     """Dict items whose ``score`` is an int for even indices and a float for odd ones (or a
     string at index ``text_at``); item ``bad`` raises."""
