@@ -262,6 +262,10 @@ def is_utf8(name: str) -> bool:
     return True
 
 
+def _nameable(relative: str) -> bool:
+    return all(part not in ("", ".", "..") for part in relative.split("/"))
+
+
 def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.Table:
     """The files under ``location`` whose suffix is in ``suffixes`` (any case), as a table of
     ``path`` (relative, ``/``-separated) and ``size``, sorted by path: the file's index.
@@ -283,6 +287,12 @@ def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.T
         infos = location.fs.get_file_info(pafs.FileSelector(location.root, recursive=True))
         prefix = len(location.root) + 1
         files = [i for i in infos if i.type == pafs.FileType.File]
+        # keys with an empty, "." or ".." part (a//b.png) are objects no path can name
+        unnamed = [i.path[prefix:] for i in files if not _nameable(i.path[prefix:])]
+        if unnamed:
+            log.warning("%d object(s) under %s have a key with an empty, '.' or '..' part, which no path "
+                        "reaches, and are left out, e.g. %r", len(unnamed), location.location, unnamed[0])
+            files = [i for i in files if _nameable(i.path[prefix:])]
         paths = pa.array([i.path[prefix:] for i in files], pa.string())
         sizes = pa.array([i.size for i in files], pa.int64())
     table = pa.table({"path": paths, "size": sizes})

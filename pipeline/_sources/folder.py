@@ -88,7 +88,14 @@ class FolderSource(StreamingSource):
             raise ConfigError(FolderSpec.key("path"), missing(self.location, "a folder"))
         if kind.name != "Directory":
             raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} is a file, not a folder of images")
-        listing = list_tree(self.location, IMAGE_SUFFIXES)
+        try:
+            listing = list_tree(self.location, IMAGE_SUFFIXES)
+        except OSError as exc:
+            if not self.location.local:  # the network's: a rerun may pass
+                raise
+            # (a folder it may not read, a path too long: nothing has started, and a rerun meets it again)
+            raise ConfigError(FolderSpec.key("path"), f"cannot list {self.location.location!r}: {describe_error(exc)}; "
+                              "make every folder under it readable, or point it at one that is") from None
         if not listing.num_rows:
             raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} holds no image files "
                               f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -304,6 +304,42 @@ def test_folder_on_object_storage(tmp_path, s3):
     assert [s.labels for s in got] == [s.labels for s in want]
 
 
+def test_objects_whose_keys_no_path_reaches_are_left_out_with_a_warning(tmp_path, s3, caplog):
+    # "a//b.png" was listed, then failed its shard on every try ("Empty path component"), so the
+    # dump could never finish; "a/./b.png" was listed and then not found
+    import boto3
+
+    from support.storage import upload
+
+    root = _folder(tmp_path / "images")
+    upload(root, f"s3://data/images?{s3}")
+    endpoint = "http://" + s3.split("endpoint_override=")[1].split("&")[0]
+    client = boto3.client("s3", endpoint_url=endpoint)
+    png = (root / "even" / "000.png").read_bytes()
+    for key in ("images/sub//x.png", "images/./dot.png", "images/a/../dd.png"):
+        client.put_object(Bucket="data", Key=key, Body=png)
+    remote = FolderSource(f"s3://data/images?{s3}")
+    assert len(remote) == len(FolderSource(str(root)))
+    assert not any(isinstance(s, BadSample) for s in remote.stream(0, len(remote)))
+    assert "3 object(s) under" in caplog.text and "which no path reaches, and are left out" in caplog.text
+
+
+def test_a_folder_that_cannot_be_listed_is_a_config_error(tmp_path, monkeypatch):
+    # it was exit 1 and "rerun the same command to resume", though nothing had started
+    root = _folder(tmp_path / "images")
+    scandir = os.scandir
+
+    def forbidden(path):
+        if str(path).rstrip("/").endswith("odd"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", forbidden)
+    with pytest.raises(ConfigError, match=r"source.path: cannot list '.*images': PermissionError: .*odd.*; make every "
+                                          r"folder under it readable"):
+        FolderSource(str(root))
+
+
 # -- Parquet read as a stream --------------------------------------------------------------------
 
 
