@@ -32,6 +32,7 @@ pipeline._images.ImageError: the image is 6x4 = 24 pixels, over the limit of 10 
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import warnings
 from collections.abc import Callable
@@ -42,6 +43,8 @@ import torch
 from ._imports import lazy_import
 from ._sources._base import Deferred, RawImage
 from .config import PreprocessSpec
+
+log = logging.getLogger(__name__)
 
 #: PIL's own default limit (``Image.MAX_IMAGE_PIXELS``): about 89.5 megapixels.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -269,9 +272,9 @@ def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None,
     if channels_last is None:
         channels_last = isinstance(image, np.ndarray)
     if isinstance(image, np.ndarray):
-        if image.dtype == np.uint16:  # torch has few uint16 kernels: scale here
-            image = image.astype(np.float32) / 65535.0
-        elif image.dtype.kind in "iu" and image.dtype != np.uint8:
+        if image.dtype.kind in "iu" and image.dtype != np.uint8:
+            _check_range(image, image.dtype)
+            # (torch has few uint16 kernels: scaled here)
             image = image.astype(np.float32) / float(np.iinfo(image.dtype).max)
         image = torch.from_numpy(np.ascontiguousarray(image))
     shape = tuple(image.shape)
@@ -303,12 +306,52 @@ def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None,
     if image.dtype == torch.bool:
         return image.to(torch.uint8).mul_(255).contiguous()
     if not image.is_floating_point():
+        _check_range(image, image.dtype)
         info = torch.iinfo(image.dtype)
         return (image.float() / float(info.max)).clamp_(0, 1).contiguous()
     image = image.float()
     if not bool(torch.isfinite(image).all()):
         raise ImageError(f"a float image with NaN or infinite values (shape {shape})")
+    _check_range(image, image.dtype)
     return image.contiguous()
+
+
+#: What :func:`_check_range` has warned of in this process (each once), and the images of each
+#: kind it has looked at: the first ones only (a pass over each image costs as much as its copy).
+_WARNED: set[str] = set()
+_LOOKED: dict[str, int] = {"float": 0, "integer": 0}
+_LOOK_AT = 256
+
+
+def _check_range(image: np.ndarray | torch.Tensor, dtype: object) -> None:
+    """Warn, once per process and kind, of pixels that are likely not in the range they are
+    taken in (they are used as they are): 8-bit values in a wider integer type, which its
+    maximum scales to near black (``np.array(img, int)``, ``torch.randint``), and floats
+    outside [0, 1] (0..255 floats, an image normalised already). The first images of each kind
+    are looked at."""
+    floating = isinstance(image, torch.Tensor) and image.is_floating_point()
+    kind = "float" if floating else "integer"
+    if kind in _WARNED or _LOOKED[kind] >= _LOOK_AT or not (image.size if isinstance(image, np.ndarray) else image.numel()):
+        return
+    _LOOKED[kind] += 1
+    if isinstance(image, torch.Tensor) and image.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        image = image.to(torch.int64)  # (torch has no min or max of these)
+    low, high = (float(image.min()), float(image.max())) if isinstance(image, np.ndarray) else \
+        map(float, torch.aminmax(image))
+    if floating and (low < 0 or high > 1):
+        _WARNED.add(kind)
+        log.warning("float pixels are taken to be in [0, 1], but an image holds values from %.3g to %.3g: "
+                    "give 0..255 values as uint8, and an image normalised already with "
+                    "source.preprocess.normalize: none", low, high)
+    elif not floating and 1 < high and (high <= 255 or high < _int_max(dtype) / 256):
+        _WARNED.add(kind)
+        log.warning("an image of %s holds values up to %d only: integer pixels are scaled by their type's "
+                    "maximum (%d), so it is nearly black to the model; give 8-bit pixels as uint8, 16-bit ones "
+                    "as uint16", dtype, int(high), _int_max(dtype))
+
+
+def _int_max(dtype: object) -> int:
+    return int(torch.iinfo(dtype).max if isinstance(dtype, torch.dtype) else np.iinfo(dtype).max)
 
 
 def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, channels: int = 3,

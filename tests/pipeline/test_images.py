@@ -228,3 +228,23 @@ def test_only_the_first_frame_of_an_animation_is_decoded(monkeypatch):
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     monkeypatch.setattr(torchvision.io, "decode_image", lambda *a, **k: pytest.fail("decoded every frame"))
     assert decode(buf.getvalue()).shape == (3, 10, 20)
+
+
+def test_pixels_likely_out_of_the_range_they_are_taken_in_are_warned_of_once(monkeypatch, caplog):
+    # 0..255 in an int64 array (np.array(img, int), torch.randint) is scaled by int64's maximum:
+    # nearly black, which the values say nothing of; floats are taken to be in [0, 1]
+    from pipeline import _images
+
+    monkeypatch.setattr(_images, "_WARNED", set())
+    monkeypatch.setattr(_images, "_LOOKED", {"float": 0, "integer": 0})
+    caplog.set_level("WARNING", "pipeline._images")
+    for image in (np.full((4, 4, 3), 200, np.uint8), torch.rand(3, 4, 4), np.full((4, 4), 60_000, np.uint16)):
+        conform(image)
+    assert not caplog.records
+    conform(np.full((4, 4, 3), 200, np.int64))
+    conform(torch.full((3, 4, 4), 200, dtype=torch.int32))
+    conform(torch.full((3, 4, 4), 200.0))
+    conform(torch.full((3, 4, 4), -1.5))
+    assert [r.getMessage()[:60] for r in caplog.records] == [
+        "an image of int64 holds values up to 200 only: integer pixel",
+        "float pixels are taken to be in [0, 1], but an image holds v"]
