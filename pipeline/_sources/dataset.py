@@ -63,6 +63,8 @@ class DatasetSource(RandomAccessSource):
         except Exception as exc:
             raise ConfigError(_TARGET, f"{target!r}(**{self.kwargs!r}) failed: "
                               f"{describe_error(exc)}") from None
+        if not self.count:
+            raise ConfigError(_TARGET, f"{target!r}(**{self.kwargs!r}) has no items (its len is 0): nothing to dump")
         self._fields: list[pa.Field] | None = None
         self._arrays: dict[str, ArraySpec] = {}
         self._names: set[str] = set()  # the labels the first items have: scalars and arrays

@@ -232,6 +232,8 @@ def test_dataset_source_errors():
         DatasetSource("support.datasets:Sqaures")
     with pytest.raises(ConfigError, match=r"failed: TypeError"):
         DatasetSource("support.datasets:Squares", {"colour": 1})
+    with pytest.raises(ConfigError, match=r"'support.datasets:Squares'\(\*\*\{'n': 0\}\) has no items \(its len is 0\)"):
+        DatasetSource("support.datasets:Squares", {"n": 0})
 
 
 def test_open_source_dispatches_on_kind(tmp_path):
