@@ -16,14 +16,33 @@ torch.float16
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .config import DumpSpec, Reduction
 
+log = logging.getLogger(__name__)
+
 _REDUCE = DumpSpec.key("reduce")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+#: The layers :func:`_warn_if_upsampled` has warned of in this process.
+_UPSAMPLED: set[str] = set()
+
+
+def _warn_if_upsampled(output: torch.Tensor, pool_size: int | list[int], layer: str) -> None:
+    """A warning, once per layer, where the map is smaller than the pooled size: pooling then
+    repeats its values instead of averaging them."""
+    height, width = (pool_size, pool_size) if isinstance(pool_size, int) else tuple(pool_size)
+    if layer not in _UPSAMPLED and (output.shape[2] < height or output.shape[3] < width):
+        _UPSAMPLED.add(layer)
+        log.warning("layer %r gives %dx%d maps, smaller than %s %dx%d: pooling repeats their values into the "
+                    "larger size; a pool size of at most %dx%d keeps each value once", layer, output.shape[2],
+                    output.shape[3], DumpSpec.key("pool_size"), height, width, output.shape[2], output.shape[3])
 
 
 def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "") -> torch.Tensor:
@@ -32,6 +51,7 @@ def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "") -> torc
         if output.ndim != 4:
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
                              f"{_REDUCE} 'pool' needs (batch, channels, height, width)")
+        _warn_if_upsampled(output, spec.pool_size, layer)
         output = F.adaptive_avg_pool2d(output, spec.pool_size)
     elif spec.reduce is Reduction.CHANNEL_MEAN:
         if output.ndim < 3:

@@ -131,6 +131,18 @@ def test_reductions(tmp_path):
     np.testing.assert_allclose(read_layer(config.run.output, "relu1"), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_pooling_into_a_size_larger_than_the_map_is_warned_of(tmp_path, caplog, monkeypatch):
+    from pipeline import _reduce
+
+    monkeypatch.setattr(_reduce, "_UPSAMPLED", set())
+    config = _config(tmp_path, dump={"reduce": "pool", "pool_size": [64, 64]}, model={"layers": ["conv2"]})
+    _run_shard(config, Shard(0, 0, 8))
+    shape = read_layer(config.run.output, "conv2").shape
+    warnings = [r.getMessage() for r in caplog.records if "pooling repeats" in r.getMessage()]
+    assert shape[-2:] == (64, 64) and len(warnings) == 1, "once per layer, though each batch is pooled"
+    assert warnings[0].startswith("layer 'conv2' gives ") and "smaller than dump.pool_size 64x64" in warnings[0]
+
+
 def test_stump_mode_stops_after_the_layer(tmp_path):
     config = _config(tmp_path, model={"mode": "stump", "layers": ["conv1"]})
     with ShardWorker(config.to_dict()) as worker:
