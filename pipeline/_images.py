@@ -341,8 +341,8 @@ def _check_range(image: np.ndarray | torch.Tensor, dtype: object) -> None:
     if floating and (low < 0 or high > 1):
         _WARNED.add(kind)
         log.warning("float pixels are taken to be in [0, 1], but an image holds values from %.3g to %.3g: "
-                    "give 0..255 values as uint8, and an image normalised already with "
-                    "source.preprocess.normalize: none", low, high)
+                    "give 0..255 values as uint8, and an image normalised already with %s: none", low, high,
+                    PreprocessSpec.key("normalize"))
     elif not floating and 1 < high and (high <= 255 or high < _int_max(dtype) / 256):
         _WARNED.add(kind)
         log.warning("an image of %s holds values up to %d only: integer pixels are scaled by their type's "
