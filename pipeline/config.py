@@ -27,6 +27,9 @@ import dataclasses
 import enum
 import json
 import logging
+import os
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -439,11 +442,44 @@ class Config(_Section):
         return self.dump.shapes is Shapes.FIXED
 
 
+def comparable_location(location: str) -> str:
+    """One spelling of a source location, so that a folder named two ways is one source: a local
+    path (or a ``file://`` URI of one, percent-decoded as pyarrow reads it) becomes absolute, with
+    ``~`` expanded and no doubled or trailing slash; another URI (``s3://``, ``gs://``) only loses a
+    trailing slash of its path (its query stays).
+
+    >>> import os
+    >>> comparable_location("/data//images/") == comparable_location("file:///data/images") == "/data/images"
+    True
+    >>> comparable_location("images") == os.path.join(os.getcwd(), "images")
+    True
+    >>> comparable_location("~/x") == os.path.join(os.path.expanduser("~"), "x")
+    True
+    >>> comparable_location("s3://bucket/prefix/?endpoint_override=h:9000"), comparable_location("s3://b/x-0?.tar")
+    ('s3://bucket/prefix?endpoint_override=h:9000', 's3://b/x-0?.tar')
+    """
+    if location.startswith("file://"):
+        parts = urllib.parse.urlsplit(location)
+        if parts.netloc not in ("", "localhost"):
+            return location
+        location = urllib.parse.unquote(parts.path)
+    elif "://" in location:
+        base, mark, query = location.rpartition("?")
+        if not mark or "=" not in query or "/" in query:  # no query: a `?` of a glob
+            base, mark, query = location, "", ""
+        scheme, _, rest = base.partition("://")
+        return f"{scheme}://{rest.rstrip('/') or rest}{mark}{query}"
+    path = os.path.abspath(os.path.expanduser(location))
+    return re.sub("^/+", "/", path)  # (POSIX keeps a leading "//" as it is)
+
+
 def comparable_identity(identity: Mapping[str, Any]) -> dict:
     """A stored identity as this version compares it: the source section of an older manifest
-    (which held every kind's keys) keeps only the keys of its kind.
+    (which held every kind's keys) keeps only the keys of its kind, and its ``path`` is spelled
+    one way (:func:`comparable_location`), the stored one as the new one, since manifests hold
+    the path as the config gave it.
 
-    >>> old = {"source": {"kind": "folder", "path": "/x", "count": 3000, "seed": 0}, "shard_size": 8}
+    >>> old = {"source": {"kind": "folder", "path": "/x/", "count": 3000, "seed": 0}, "shard_size": 8}
     >>> comparable_identity(old)
     {'source': {'kind': 'folder', 'path': '/x'}, 'shard_size': 8}
     """
@@ -452,7 +488,12 @@ def comparable_identity(identity: Mapping[str, Any]) -> dict:
     if section is None:
         return dict(identity)
     keep = set(section._names())
-    identity = {**identity, "source": {k: v for k, v in source.items() if k in keep}}
+    source = {k: v for k, v in source.items() if k in keep}
+    if isinstance(source.get("path"), str):
+        source["path"] = comparable_location(source["path"])
+    elif isinstance(source.get("path"), (list, tuple)):
+        source["path"] = [comparable_location(p) if isinstance(p, str) else p for p in source["path"]]
+    identity = {**identity, "source": source}
     if not {"model", "dump", "shard_size"} <= set(identity):
         return identity
     # read as this version reads a config: keys added since it was written take their defaults

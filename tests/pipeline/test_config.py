@@ -166,6 +166,32 @@ def test_a_manifest_of_release_0_1_0_compares_by_the_keys_of_its_source_kind():
     assert set(comparable_identity(manifest["identity"])["source"]) == {"kind", "path", "preprocess"}
 
 
+
+@pytest.mark.parametrize("kind", ["folder", "parquet", "webdataset"])
+def test_a_source_path_spelled_another_way_is_the_same_source(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    src = str(tmp_path / "src")
+
+    def identity(path):
+        return Config.from_dict({"source": {"kind": kind, "path": path}}).identity()
+
+    stored = identity(src)  # a manifest holds the path as its config spelled it
+    for path in (src + "/", "src", "./src/", "~/src", src.replace("/", "//"), "file://" + src, "file://" + src + "/"):
+        assert identity_diff(comparable_identity(stored), comparable_identity(identity(path))) == [], path
+        assert identity_diff(comparable_identity(identity(path)), comparable_identity(stored)) == [], path
+    assert identity_diff(comparable_identity(stored), comparable_identity(identity(src + "2"))) != []
+    uri = identity("s3://bucket/prefix")
+    assert identity_diff(comparable_identity(uri), comparable_identity(identity("s3://bucket/prefix/"))) == []
+    assert identity_diff(comparable_identity(uri), comparable_identity(identity("s3://bucket/other"))) != []
+    assert comparable_identity(uri)["source"]["path"] == "s3://bucket/prefix"
+    if kind == "webdataset":  # a list of patterns: each spelled one way
+        listed = Config.from_dict({"source": {"kind": kind, "path": [src + "/a.tar", "s3://b/c.tar"]}}).identity()
+        assert comparable_identity(listed)["source"]["path"] == [src + "/a.tar", "s3://b/c.tar"]
+        again = Config.from_dict({"source": {"kind": kind, "path": ["src//a.tar", "s3://b/c.tar"]}}).identity()
+        assert identity_diff(comparable_identity(listed), comparable_identity(again)) == []
+
+
 # -- config keys in messages: derived from the sections, never spelled by hand ---------------------
 
 SECTIONS = [pipeline.config.ModelSpec, pipeline.config.DumpSpec, pipeline.config.RunSpec,
