@@ -53,6 +53,14 @@ def test_inspect_of_nothing_exits_2(tmp_path, capsys):
     assert "no dump there" in capsys.readouterr().err
 
 
+def test_inspect_of_a_folder_that_is_no_dump_exits_2(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"an image")
+    assert main(["inspect", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "holds no actmap dump (no _actmap/manifest.json)" in captured.err
+    assert "INCOMPLETE" not in captured.out + captured.err
+
+
 def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, run, to_ray_dataset
+from pipeline._reader import dump_layers
 from pipeline.config import Config
 from pipeline.errors import UnknownDumpLayerError
 
@@ -89,6 +91,36 @@ def test_inspect(dump):
 def test_inspect_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no dump there"):
         inspect_dump(str(tmp_path))
+
+
+def test_inspect_of_a_folder_without_a_manifest_says_it_holds_no_dump(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a dump")
+    with pytest.raises(FileNotFoundError, match=r"holds no actmap dump \(no _actmap/manifest.json\)"):
+        inspect_dump(str(tmp_path))
+
+
+def test_a_layer_folder_beside_the_dump_is_no_damage(dump, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(dump, out)
+    (out / "layer=extra").mkdir()
+    shutil.copy(out / "layer=conv2" / "part-00000.parquet", out / "layer=extra" / "part-00000.parquet")
+    info = inspect_dump(str(out))
+    assert info.complete and not info.damage and info.shards_done == 4 and set(info.layers) == {"relu1", "conv2"}
+    assert "note: layer=extra is no layer of this dump (not in its manifest)" in info.format()
+    assert np.array_equal(read_layer(str(out), "conv2"), read_layer(dump, "conv2"))
+    assert sorted(dump_layers(str(out))) == ["conv2", "relu1"]  # what `actmap show --stats` draws
+    with pytest.raises(UnknownDumpLayerError, match="holds no rows of layer 'extra'; valid: 'relu1', 'conv2'"):
+        read_layer(str(out), "extra")
+
+
+def test_a_layer_with_no_finished_shard_is_not_suggested_as_itself(dump, tmp_path):
+    out = tmp_path / "out"
+    (out / "layer=conv2").mkdir(parents=True)
+    shutil.copytree(f"{dump}/_actmap", out / "_actmap", ignore=shutil.ignore_patterns("shards"))
+    with pytest.raises(UnknownDumpLayerError, match="holds no rows of layer 'conv2'; none of its shards is "
+                       "finished yet") as caught:
+        read_layer(str(out), "conv2")
+    assert "did you mean" not in str(caught.value)
 
 
 def test_ray_dataset(dump, ray_cluster):
