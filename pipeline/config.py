@@ -521,6 +521,48 @@ def identity_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     return lines
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A YAML mapping gives one key twice (plain YAML loaders keep the last, silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    r"""``yaml.SafeLoader`` that refuses a mapping with a repeated key: a config with a section
+    given twice would otherwise lose the first without a word. Keys that a merge (``<<: *base``)
+    brings in may still be overridden.
+
+    >>> yaml.load("a: 1\nb: {c: 2}", Loader=_UniqueKeyLoader)
+    {'a': 1, 'b': {'c': 2}}
+    >>> try:
+    ...     yaml.load("run:\n  strict: true\nrun: {}", Loader=_UniqueKeyLoader)
+    ... except DuplicateKeyError as exc:
+    ...     print(exc.problem)
+    the key 'run' is given twice (lines 1 and 3)
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor says so
+                continue
+            if first is not None:
+                again = key_node.start_mark.line
+                lines = f"line {first + 1}" if again == first else f"lines {first + 1} and {again + 1}"
+                raise DuplicateKeyError(problem=f"the key {key!r} is given twice ({lines})",
+                                        problem_mark=key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(text: str) -> Any:
+    """``text`` as YAML data (safe types only; a key repeated in a mapping is an error)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split a ``key.path=value`` override; the value is read as YAML.
 
@@ -534,7 +576,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError("--set", f"{text!r} is not of the form key.path=value "
                           f"(e.g. {RunSpec.key('batch_size')}=64)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _read_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"value {value!r} is not valid YAML: {exc}") from None
     return key.strip().split("."), parsed
@@ -561,9 +603,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _read_yaml(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError("", f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError("", f"config file {str(path)!r} is a folder; give a YAML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError("", f"config file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                              f"at offset {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError("", f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+        except DuplicateKeyError as exc:
+            raise ConfigError("", f"config file {str(path)!r}: {exc.problem}; give each key once (YAML "
+                              "would keep only the last)") from None
         except yaml.YAMLError as exc:
             raise ConfigError("", f"config file {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, Mapping):

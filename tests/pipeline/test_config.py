@@ -95,6 +95,36 @@ def test_normalize_mean_std():
     assert Config.from_dict({"source": {"preprocess": {"normalize": "none"}}}).source.preprocess.mean_std() is None
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  output: /data/run1\nmodel:\n  layers: [layer2]\nrun:\n  batch_size: 64\n")
+    with pytest.raises(ConfigError, match=r"c.yaml': the key 'run' is given twice \(lines 1 and 5\); give each "
+                                          r"key once"):
+        load_config(path)
+    path.write_text("run: {batch_size: 8, batch_size: 64}\n")
+    with pytest.raises(ConfigError, match=r"the key 'batch_size' is given twice \(line 1\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"model.kwargs: .*the key 'a' is given twice"):
+        apply_overrides({}, ["model.kwargs={a: 1, a: 2}"])
+    # a merge may still override the keys it brings in
+    merged = pipeline.config._read_yaml("base: &base {batch_size: 8, strict: true}\nrun: {<<: *base, batch_size: 64}")
+    assert merged["run"] == {"batch_size": 64, "strict": True}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"# r\xe9sum\xe9 of the run\nrun: {batch_size: 4}\n", r"is not UTF-8 text \(byte 0xe9 at offset 3\); save it "
+                                                           r"as UTF-8"),
+    (None, "is a folder; give a YAML file")], ids=["latin-1", "folder"])
+def test_a_config_file_that_cannot_be_read_is_a_config_error_naming_it(tmp_path, content, problem):
+    path = tmp_path / "c.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"config file '{re.escape(str(path))}' {problem}"):
+        load_config(path)
+
+
 def test_identity_ignores_resources_but_not_content():
     a = Config.from_dict({})
     b = Config.from_dict({"run": {"actors": 7, "batch_size": 3, "output": "elsewhere"}})
