@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,10 +107,23 @@ def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | to
 def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,
                columns: Sequence[str] | None = None, indices: Sequence[int] | None = None) -> pa.Table:
     """The rows of ``layer`` whose source index is in ``[start, stop)`` (and in ``indices``, when
-    given), sorted by index."""
+    given), sorted by index; ``columns`` picks columns by name (all by default).
+
+    Raises ``TypeError`` for a ``start`` or ``stop`` that is not an int and for ``columns`` that
+    are not a list of names, and ``ValueError`` naming a column the layer does not have.
+    """
+    for name, value in (("start", start), ("stop", stop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int (a source index) or None, got {value!r}")
+    if isinstance(columns, str) or (columns is not None and not all(isinstance(c, str) for c in columns)):
+        raise TypeError(f"columns must be a list of column names, got {columns!r}")
     store = OutputStore(location)
     files = [store.path(f) for f in _layer_files(store, layer)]
     dataset = ds.dataset(files, format=_FORMAT, filesystem=store.fs)
+    for column in columns or ():
+        if column not in dataset.schema.names:
+            raise ValueError(f"layer {layer!r} of {location!r} has no column {column!r}; "
+                             f"{close_matches(column, dataset.schema.names)}")
     condition = None
     if start is not None:
         condition = pc.field(INDEX) >= start

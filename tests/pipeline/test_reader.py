@@ -42,6 +42,21 @@ def test_read_table_has_ids_labels_and_masks(dump):
     assert set(table.column_names) >= {"index", "activation", "label", "mask"}
 
 
+def test_read_table_names_an_unknown_column_and_refuses_a_start_that_is_no_int(dump):
+    with pytest.raises(ValueError, match=r"layer 'relu1' of '.*' has no column 'nope'; valid: 'sample_id', 'index', "
+                                         r"'activation', 'label', 'mask'$"):
+        read_table(dump, "relu1", columns=["index", "nope"])
+    with pytest.raises(ValueError, match="has no column 'lable'; did you mean 'label'"):
+        read_table(dump, "relu1", columns=["lable"])
+    with pytest.raises(TypeError, match="columns must be a list of column names, got 'label'"):
+        read_table(dump, "relu1", columns="label")
+    with pytest.raises(TypeError, match="start must be an int \\(a source index\\) or None, got '3'"):
+        read_table(dump, "relu1", start="3")
+    with pytest.raises(TypeError, match="stop must be an int"):
+        read_layer(dump, "relu1", stop=2.5)
+    assert read_table(dump, "relu1", start=np.int64(28), columns=["index"]).column("index").to_pylist() == [28, 29]
+
+
 def test_plain_pyarrow_recipe_without_actmap(dump):
     """The README's recipe: pyarrow, json and numpy only."""
     table = pq.read_table(f"{dump}/layer=conv2").sort_by("index")
