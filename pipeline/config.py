@@ -409,7 +409,9 @@ class RunSpec(_Section):
     executor: ExecutorKind = _field(ExecutorKind.RAY, check.choice(ExecutorKind))
     actors: int | str = _field("auto", check.auto_or(check.integer(1)))
     gpus_per_actor: float | str = _field("auto", check.auto_or(check.number()))
-    cpus_per_actor: float | str = _field("auto", check.auto_or(check.number()))
+    # (more than 0: a share of a CPU close to 0 would give no bound on the actors, each a model copy)
+    cpus_per_actor: float | str = _field("auto", check.auto_or(check.number(
+        0.0, above=True, valid="give the CPUs each actor reserves (1, or a fraction such as 0.5), or auto")))
     batch_size: int = _field(32, check.integer(1))
     shard_size: int = _field(256, check.integer(1))
     strict: bool = _field(False, check.boolean)

@@ -145,6 +145,14 @@ def test_variable_shapes_when_images_are_not_cropped():
     assert Config.from_dict({"source": {"kind": "folder", "path": "/x"}, "dump": {"shapes": "fixed"}}).shapes_fixed()
 
 
+@pytest.mark.parametrize("value", [0, 0.0, -0.5])
+def test_cpus_per_actor_must_be_more_than_0(value):
+    with pytest.raises(ConfigError, match=rf"^run.cpus_per_actor: must be more than 0, got {value:g}; give the CPUs "
+                                          r"each actor reserves \(1, or a fraction such as 0.5\), or auto$"):
+        Config.from_dict({"run": {"cpus_per_actor": value}})
+    assert Config.from_dict({"run": {"cpus_per_actor": 0.25}}).run.cpus_per_actor == 0.25
+
+
 def test_executor_defaults_to_ray():
     assert Config().run.executor is ExecutorKind.RAY
     assert Config.from_dict({"run": {"executor": "LOCAL"}}).run.executor is ExecutorKind.LOCAL
