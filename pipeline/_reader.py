@@ -23,8 +23,8 @@ import torch
 
 from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
 from ._integrity import Damage, check_dump, index_problems, mend_by_redo, page_problem, parallel_map
-from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, file_shard, partition_dir, partition_layer, shape_column,
-                      shape_columns)
+from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, file_shard, is_shard_record, partition_dir,
+                      partition_layer, shape_column, shape_columns)
 from ._lock import running_on
 from ._manifest import read_manifest
 from ._records import BadSample, LayerSpec, Manifest
@@ -372,13 +372,23 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
     """Describe a dump: layers (rows, shape, dtype, files, bytes, columns), completeness, bad
     samples, and damage: each file is checked against its shard's record, and its index column
     read, so that each sample of the shards done is proven to be in each layer exactly once.
-    With ``verify``, every page of every file is read and checked against its checksum too."""
+    With ``verify``, every page of every file is read and checked against its checksum too.
+
+    Raises ``FileNotFoundError`` for a folder that holds no dump (no manifest, and no run at
+    work that is about to write one), and :class:`DamagedDumpError` for one that holds a
+    dump's files without its manifest."""
     store = OutputStore(location)
     if not store.entries():
         raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
     manifest = read_manifest(store)
     running = running_on(store)
     if manifest is None and running is None:  # (a run writes its manifest first, under its lock)
+        leftovers = [f for f in store.list_files(SHARDS_DIR) if is_shard_record(f)][:3]
+        leftovers += [e for e in store.entries() if partition_layer(e) is not None]
+        if leftovers:
+            raise DamagedDumpError(f"{location!r} holds the files of an actmap dump without its manifest "
+                                   f"({', '.join(leftovers[:5])}): they cannot be checked or resumed; rerun the "
+                                   "command that made it with --overwrite to redo the dump")
         raise FileNotFoundError(f"{location!r} holds no actmap dump (no {MANIFEST_PATH}); give the folder "
                                 f"a run wrote (its {RunSpec.key('output')})")
     # the manifest's layers: a folder `layer=...` beside them is none of the dump's, and not checked

@@ -14,7 +14,7 @@ import torch
 from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, run, to_ray_dataset
 from pipeline._reader import dump_layers
 from pipeline.config import Config
-from pipeline.errors import UnknownDumpLayerError
+from pipeline.errors import DamagedDumpError, UnknownDumpLayerError
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,15 @@ def test_inspect_of_a_folder_without_a_manifest_says_it_holds_no_dump(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not a dump")
     with pytest.raises(FileNotFoundError, match=r"holds no actmap dump \(no _actmap/manifest.json\)"):
         inspect_dump(str(tmp_path))
+
+
+def test_inspect_of_a_dump_that_lost_its_manifest_says_so(dump, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(dump, out)
+    (out / "_actmap" / "manifest.json").unlink()
+    with pytest.raises(DamagedDumpError, match=r"holds the files of an actmap dump without its manifest "
+                                               r"\(_actmap/shards/00000.json, .*, layer=.*\): they cannot be checked"):
+        inspect_dump(str(out))
 
 
 def test_a_layer_folder_beside_the_dump_is_no_damage(dump, tmp_path):
