@@ -57,8 +57,9 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def number(minimum: float = 0.0, above: bool = False) -> Check:
-    """A finite number of at least ``minimum`` (more than it, with ``above``), as a float.
+def number(minimum: float = 0.0, above: bool = False, valid: str = "") -> Check:
+    """A finite number of at least ``minimum`` (more than it, with ``above``), as a float;
+    ``valid`` adds what to give to the message of a number out of range.
 
     >>> number()("run.gpus_per_actor", float("nan"))
     Traceback (most recent call last):
@@ -69,7 +70,8 @@ def number(minimum: float = 0.0, above: bool = False) -> Check:
         if not _is_real(value) or not math.isfinite(value):
             raise ConfigError(key, f"expected a finite number, got {value!r}")
         if value < minimum or (above and value == minimum):
-            raise ConfigError(key, f"must be {'more than' if above else 'at least'} {minimum:g}, got {value:g}")
+            raise ConfigError(key, f"must be {'more than' if above else 'at least'} {minimum:g}, got {value:g}"
+                              + (f"; {valid}" if valid else ""))
         return float(value)
     return check
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +23,14 @@ import torch
 
 from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
 from ._integrity import Damage, check_dump, index_problems, mend_by_redo, page_problem, parallel_map
-from ._layout import ACTIVATION, INDEX, file_shard, partition_layer, shape_column, shape_columns
+from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, file_shard, is_shard_record, partition_dir,
+                      partition_layer, shape_column, shape_columns)
 from ._lock import running_on
 from ._manifest import read_manifest
 from ._records import BadSample, LayerSpec, Manifest
 from ._report import bad_sample_lines, layer_lines, sorted_bad
 from ._store import OutputStore
+from .config import RunSpec
 from .errors import DamagedDumpError, UnknownDumpLayerError, close_matches
 from ._sources._base import describe_error
 from ._shuffle import block_shuffle, groups_per_window
@@ -38,12 +41,14 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
     """The data files of ``layer``, once each is checked against its shard's record (and the
     manifest's plan): a dump whose files contradict them is refused, naming each file."""
     manifest = read_manifest(store)
-    checked = check_dump(store, manifest.plan if manifest else None, [layer])
-    files = sorted(checked.files[layer])
+    layers = list(manifest.layers) if manifest else dump_layers(store)
+    checked = check_dump(store, manifest.plan if manifest else None, [layer] if layer in layers else [])
+    files = sorted(checked.files.get(layer, ()))  # (a folder `layer=...` beside the dump is none of its layers)
     if not files:
-        layers = dump_layers(store)
-        raise UnknownDumpLayerError(f"{store.location!r} holds no rows of layer {layer!r}; "
-                                    f"{close_matches(layer, layers) if layers else 'it holds no layer yet'}")
+        hint = ("none of its shards is finished yet: rerun the command that made the dump to finish it "
+                "(`actmap inspect` tells how far it is)" if layer in layers
+                else close_matches(layer, layers) if layers else "it holds no layer yet")
+        raise UnknownDumpLayerError(f"{store.location!r} holds no rows of layer {layer!r}; {hint}")
     if checked.damage:
         raise DamagedDumpError(f"{store.location!r} is damaged: its files contradict its records, so its rows "
                                f"cannot be trusted: {_listed(checked.damage)}. Rerun the command that made it: "
@@ -69,8 +74,15 @@ _FORMAT = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentS
 
 
 def dump_layers(store: OutputStore | str) -> list[str]:
-    """The layers a dump holds files of (from its partition folders)."""
+    """The layers a dump holds files of: its partition folders, but those of layers its manifest
+    does not name (a folder ``layer=...`` put beside the dump is none of its layers)."""
     store = store if isinstance(store, OutputStore) else OutputStore(store)
+    manifest = read_manifest(store)
+    return [layer for layer in _partition_layers(store) if manifest is None or layer in manifest.layers]
+
+
+def _partition_layers(store: OutputStore) -> list[str]:
+    """The layers of the partition folders in ``store``, the dump's or not."""
     return [layer for layer in map(partition_layer, store.entries()) if layer is not None]
 
 
@@ -95,10 +107,23 @@ def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | to
 def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,
                columns: Sequence[str] | None = None, indices: Sequence[int] | None = None) -> pa.Table:
     """The rows of ``layer`` whose source index is in ``[start, stop)`` (and in ``indices``, when
-    given), sorted by index."""
+    given), sorted by index; ``columns`` picks columns by name (all by default).
+
+    Raises ``TypeError`` for a ``start`` or ``stop`` that is not an int and for ``columns`` that
+    are not a list of names, and ``ValueError`` naming a column the layer does not have.
+    """
+    for name, value in (("start", start), ("stop", stop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int (a source index) or None, got {value!r}")
+    if isinstance(columns, str) or (columns is not None and not all(isinstance(c, str) for c in columns)):
+        raise TypeError(f"columns must be a list of column names, got {columns!r}")
     store = OutputStore(location)
     files = [store.path(f) for f in _layer_files(store, layer)]
     dataset = ds.dataset(files, format=_FORMAT, filesystem=store.fs)
+    for column in columns or ():
+        if column not in dataset.schema.names:
+            raise ValueError(f"layer {layer!r} of {location!r} has no column {column!r}; "
+                             f"{close_matches(column, dataset.schema.names)}")
     condition = None
     if start is not None:
         condition = pc.field(INDEX) >= start
@@ -291,11 +316,12 @@ def to_ray_dataset(location: str, layer: str):
 class DumpInfo:
     """What a dump holds: see :func:`inspect_dump`.
 
-    ``manifest`` is the dump's (``None``: it has none); ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
+    ``manifest`` is the dump's (``None``: a run at work has not written it yet); ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
     ``dtype``, ``files``, ``bytes`` and ``columns``; ``bad`` one dict per bad sample of the
     shards done (its index, id and reason); ``damage`` one line per file that is not what the
     dump's records say (each naming the file); ``running`` who holds the dump's lock, while a
-    run is at work on it.
+    run is at work on it; ``notes`` what else the folder holds that is none of the dump's (a
+    layer folder its manifest does not name).
     """
 
     location: str
@@ -306,6 +332,7 @@ class DumpInfo:
     bad: list[dict]
     damage: list[str] = dataclasses.field(default_factory=list)
     running: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -337,6 +364,7 @@ class DumpInfo:
             lines.append(f"damage: {len(self.damage)} problem(s); the readers refuse the dump until they are "
                          "mended: a rerun of the same command redoes their shards, unless the line says otherwise")
             lines += [f"  {line}" for line in self.damage]
+        lines += [f"note: {line}" for line in self.notes]
         return "\n".join(lines)
 
 
@@ -344,12 +372,28 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
     """Describe a dump: layers (rows, shape, dtype, files, bytes, columns), completeness, bad
     samples, and damage: each file is checked against its shard's record, and its index column
     read, so that each sample of the shards done is proven to be in each layer exactly once.
-    With ``verify``, every page of every file is read and checked against its checksum too."""
+    With ``verify``, every page of every file is read and checked against its checksum too.
+
+    Raises ``FileNotFoundError`` for a folder that holds no dump (no manifest, and no run at
+    work that is about to write one), and :class:`DamagedDumpError` for one that holds a
+    dump's files without its manifest."""
     store = OutputStore(location)
     if not store.entries():
         raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
     manifest = read_manifest(store)
-    layer_ids = dump_layers(store)
+    running = running_on(store)
+    if manifest is None and running is None:  # (a run writes its manifest first, under its lock)
+        leftovers = [f for f in store.list_files(SHARDS_DIR) if is_shard_record(f)][:3]
+        leftovers += [e for e in store.entries() if partition_layer(e) is not None]
+        if leftovers:
+            raise DamagedDumpError(f"{location!r} holds the files of an actmap dump without its manifest "
+                                   f"({', '.join(leftovers[:5])}): they cannot be checked or resumed; rerun the "
+                                   "command that made it with --overwrite to redo the dump")
+        raise FileNotFoundError(f"{location!r} holds no actmap dump (no {MANIFEST_PATH}); give the folder "
+                                f"a run wrote (its {RunSpec.key('output')})")
+    # the manifest's layers: a folder `layer=...` beside them is none of the dump's, and not checked
+    layer_ids = list(manifest.layers) if manifest else dump_layers(store)
+    stray = [layer for layer in _partition_layers(store) if layer not in layer_ids]
     checked = check_dump(store, manifest.plan if manifest else None, layer_ids)
     records = checked.records
     damage: list[Damage] = list(checked.damage)
@@ -395,4 +439,6 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
     planned = len(manifest.plan) if manifest else None
     done = len(set(records) - {d.shard for d in damage + unseen})
     lines = [str(d) for d in damage] + [mend_by_redo(d) for d in unseen]
-    return DumpInfo(location, manifest, layers, done, planned, bad, lines, running_on(store))
+    notes = [f"{partition_dir(layer)} is no layer of this dump (not in its manifest): not checked, and left "
+             "alone by reruns" for layer in stray]
+    return DumpInfo(location, manifest, layers, done, planned, bad, lines, running, notes)

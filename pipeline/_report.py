@@ -38,6 +38,8 @@ def layer_lines(layers: Mapping[str, LayerSpec], rows: Mapping[str, int], nbytes
 def bad_sample_lines(bad: Sequence[BadSample], *, limit: int, indent: str, more: str) -> list[str]:
     """The first ``limit`` bad samples, one a line, then ``more`` (with ``{rest}`` and ``{all}``
     filled in) when there are others."""
+    if limit < 0:  # (a slice would count from the end)
+        raise ValueError(f"the number of bad samples to list must be at least 0, got {limit}")
     lines = [f"{indent}{b.sample_id} (index {b.index}): {b.reason}" for b in bad[:limit]]
     if len(bad) > limit:
         lines.append(indent + more.format(rest=len(bad) - limit, all=len(bad)))

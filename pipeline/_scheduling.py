@@ -90,9 +90,14 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     one when ``actors`` or ``cpus_per_actor`` is a number, or when there are too few shards to
     give every share one), else none. ``auto`` actors fill the
     GPUs with such shares, or, without GPUs, are as many actors of ``cpus_per_actor`` CPUs as
-    the CPUs allow; never more actors than shards. ``auto`` CPUs give a GPU actor its share of
-    its node's CPUs (they decode the images and encode the outputs, at the GPU's pace), and a
-    CPU actor one. ``nodes`` are the alive nodes' resources.
+    the CPUs allow, but never more than there are CPUs (each actor holds its own copy of the
+    model: a ``cpus_per_actor`` of 0.001 would otherwise start one per shard); never more actors
+    than shards. ``auto`` CPUs give a GPU actor its share of its node's CPUs (they decode the
+    images and encode the outputs, at the GPU's pace), and a CPU actor one. ``nodes`` are the
+    alive nodes' resources.
+
+    >>> plan_actors(RunSpec(cpus_per_actor=0.5), {"CPU": 2.0}, shards=500)
+    ActorPlan(count=2, cpus=0.5, gpus=0.0)
     """
     total_gpus, total_cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
     if run.gpus_per_actor != "auto":
@@ -118,7 +123,7 @@ def plan_actors(run: RunSpec, cluster: Mapping[str, float], shards: int,
     elif gpus > 0:
         count = int(total_gpus // gpus)
     else:
-        count = int(total_cpus // cpus) if cpus else 1
+        count = min(int(total_cpus // cpus), int(total_cpus))
     return ActorPlan(max(1, min(count, shards)), cpus, gpus)
 
 

@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from extender import OutputSelectionError
+
 from ._decoder import Decoder
 from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
@@ -498,7 +500,8 @@ class ShardWorker:
 
         Returns how each layer is stored (shape and dtype); raises :class:`ConfigError` when
         none of the first ``tries`` samples can be read, or when the forward or the encoding
-        fails (a layer that gives no tensor, a reduction that does not fit, ...).
+        fails (a layer that gives no tensor, a selector that does not fit its output, a reduction
+        that does not fit, ...).
         """
         tries = min(tries, len(self.source))
         batch = self._load(self.source.read(range(tries)))
@@ -517,6 +520,8 @@ class ShardWorker:
                 self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples, self.label_fields), outputs)
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
+        except OutputSelectionError as exc:  # a selector that does not fit the layer's output
+            raise ConfigError(ModelSpec.key("layers"), str(exc)) from None
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ConfigError(Config.key("model"), f"a trial forward of sample {first.samples[0].sample_id!r} "
                               f"failed: {exc}") from None

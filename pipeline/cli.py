@@ -109,21 +109,33 @@ def _layers(args: argparse.Namespace) -> int:
     from .config import ModelSpec, apply_overrides
     from ._models import build_model
 
+    size = args.input_size
+    if size and min(size) < 1:
+        raise ConfigError("--input-size", f"every size must be at least 1, got {' '.join(map(str, size))}; give "
+                          "the input's size without the batch dim (e.g. 3 224 224), or one int N for 3xNxN")
     kwargs = apply_overrides({}, args.overrides)
     model = build_model(ModelSpec(name=args.model, kwargs=kwargs))
     example = None
-    if args.input_size:
-        size = args.input_size
+    if size:
         if len(size) == 1:
             size = [3, size[0], size[0]]
         example = torch.rand(1, *size)
-    print(format_layers(list_layers(model, example)))
+    try:
+        layers = list_layers(model, example)
+    except (RuntimeError, ValueError, TypeError) as exc:  # the model cannot take an input of that size
+        if example is None:
+            raise
+        raise ConfigError("--input-size", f"the model's forward fails on an input of size "
+                          f"{'x'.join(map(str, size))}: {exc}; give a size it takes (e.g. 3 224 224)") from None
+    print(format_layers(layers))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from ._reader import inspect_dump
 
+    if args.bad < 0:
+        raise ConfigError("--bad", f"must be at least 0 (how many bad samples to list; 0 lists none), got {args.bad}")
     try:
         info = inspect_dump(args.output, verify=args.verify)
     except FileNotFoundError as exc:

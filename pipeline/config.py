@@ -27,6 +27,9 @@ import dataclasses
 import enum
 import json
 import logging
+import os
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -406,7 +409,9 @@ class RunSpec(_Section):
     executor: ExecutorKind = _field(ExecutorKind.RAY, check.choice(ExecutorKind))
     actors: int | str = _field("auto", check.auto_or(check.integer(1)))
     gpus_per_actor: float | str = _field("auto", check.auto_or(check.number()))
-    cpus_per_actor: float | str = _field("auto", check.auto_or(check.number()))
+    # (more than 0: a share of a CPU close to 0 would give no bound on the actors, each a model copy)
+    cpus_per_actor: float | str = _field("auto", check.auto_or(check.number(
+        0.0, above=True, valid="give the CPUs each actor reserves (1, or a fraction such as 0.5), or auto")))
     batch_size: int = _field(32, check.integer(1))
     shard_size: int = _field(256, check.integer(1))
     strict: bool = _field(False, check.boolean)
@@ -439,11 +444,44 @@ class Config(_Section):
         return self.dump.shapes is Shapes.FIXED
 
 
+def comparable_location(location: str) -> str:
+    """One spelling of a source location, so that a folder named two ways is one source: a local
+    path (or a ``file://`` URI of one, percent-decoded as pyarrow reads it) becomes absolute, with
+    ``~`` expanded and no doubled or trailing slash; another URI (``s3://``, ``gs://``) only loses a
+    trailing slash of its path (its query stays).
+
+    >>> import os
+    >>> comparable_location("/data//images/") == comparable_location("file:///data/images") == "/data/images"
+    True
+    >>> comparable_location("images") == os.path.join(os.getcwd(), "images")
+    True
+    >>> comparable_location("~/x") == os.path.join(os.path.expanduser("~"), "x")
+    True
+    >>> comparable_location("s3://bucket/prefix/?endpoint_override=h:9000"), comparable_location("s3://b/x-0?.tar")
+    ('s3://bucket/prefix?endpoint_override=h:9000', 's3://b/x-0?.tar')
+    """
+    if location.startswith("file://"):
+        parts = urllib.parse.urlsplit(location)
+        if parts.netloc not in ("", "localhost"):
+            return location
+        location = urllib.parse.unquote(parts.path)
+    elif "://" in location:
+        base, mark, query = location.rpartition("?")
+        if not mark or "=" not in query or "/" in query:  # no query: a `?` of a glob
+            base, mark, query = location, "", ""
+        scheme, _, rest = base.partition("://")
+        return f"{scheme}://{rest.rstrip('/') or rest}{mark}{query}"
+    path = os.path.abspath(os.path.expanduser(location))
+    return re.sub("^/+", "/", path)  # (POSIX keeps a leading "//" as it is)
+
+
 def comparable_identity(identity: Mapping[str, Any]) -> dict:
     """A stored identity as this version compares it: the source section of an older manifest
-    (which held every kind's keys) keeps only the keys of its kind.
+    (which held every kind's keys) keeps only the keys of its kind, and its ``path`` is spelled
+    one way (:func:`comparable_location`), the stored one as the new one, since manifests hold
+    the path as the config gave it.
 
-    >>> old = {"source": {"kind": "folder", "path": "/x", "count": 3000, "seed": 0}, "shard_size": 8}
+    >>> old = {"source": {"kind": "folder", "path": "/x/", "count": 3000, "seed": 0}, "shard_size": 8}
     >>> comparable_identity(old)
     {'source': {'kind': 'folder', 'path': '/x'}, 'shard_size': 8}
     """
@@ -452,7 +490,12 @@ def comparable_identity(identity: Mapping[str, Any]) -> dict:
     if section is None:
         return dict(identity)
     keep = set(section._names())
-    identity = {**identity, "source": {k: v for k, v in source.items() if k in keep}}
+    source = {k: v for k, v in source.items() if k in keep}
+    if isinstance(source.get("path"), str):
+        source["path"] = comparable_location(source["path"])
+    elif isinstance(source.get("path"), (list, tuple)):
+        source["path"] = [comparable_location(p) if isinstance(p, str) else p for p in source["path"]]
+    identity = {**identity, "source": source}
     if not {"model", "dump", "shard_size"} <= set(identity):
         return identity
     # read as this version reads a config: keys added since it was written take their defaults
@@ -480,6 +523,48 @@ def identity_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     return lines
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A YAML mapping gives one key twice (plain YAML loaders keep the last, silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    r"""``yaml.SafeLoader`` that refuses a mapping with a repeated key: a config with a section
+    given twice would otherwise lose the first without a word. Keys that a merge (``<<: *base``)
+    brings in may still be overridden.
+
+    >>> yaml.load("a: 1\nb: {c: 2}", Loader=_UniqueKeyLoader)
+    {'a': 1, 'b': {'c': 2}}
+    >>> try:
+    ...     yaml.load("run:\n  strict: true\nrun: {}", Loader=_UniqueKeyLoader)
+    ... except DuplicateKeyError as exc:
+    ...     print(exc.problem)
+    the key 'run' is given twice (lines 1 and 3)
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor says so
+                continue
+            if first is not None:
+                again = key_node.start_mark.line
+                lines = f"line {first + 1}" if again == first else f"lines {first + 1} and {again + 1}"
+                raise DuplicateKeyError(problem=f"the key {key!r} is given twice ({lines})",
+                                        problem_mark=key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(text: str) -> Any:
+    """``text`` as YAML data (safe types only; a key repeated in a mapping is an error)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split a ``key.path=value`` override; the value is read as YAML.
 
@@ -493,7 +578,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError("--set", f"{text!r} is not of the form key.path=value "
                           f"(e.g. {RunSpec.key('batch_size')}=64)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _read_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"value {value!r} is not valid YAML: {exc}") from None
     return key.strip().split("."), parsed
@@ -520,9 +605,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _read_yaml(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError("", f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError("", f"config file {str(path)!r} is a folder; give a YAML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError("", f"config file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                              f"at offset {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError("", f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+        except DuplicateKeyError as exc:
+            raise ConfigError("", f"config file {str(path)!r}: {exc.problem}; give each key once (YAML "
+                              "would keep only the last)") from None
         except yaml.YAMLError as exc:
             raise ConfigError("", f"config file {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, Mapping):

@@ -185,7 +185,7 @@ def test_inspect_proves_each_sample_is_there_once(tmp_path, capsys):
      "source.preprocess.normalize.mean: expected three finite numbers, got [0, 0, inf]"),
     ("run.gpus_per_actor", ".nan", "run.gpus_per_actor: expected a finite number, got nan"),
     ("run.cpus_per_actor", ".inf", "run.cpus_per_actor: expected a finite number, got inf"),
-    ("run.cpus_per_actor", "-1", "run.cpus_per_actor: must be at least 0, got -1"),
+    ("run.cpus_per_actor", "-1", "run.cpus_per_actor: must be more than 0, got -1"),
     ("run.start_timeout", "0", "run.start_timeout: must be more than 0, got 0"),
     ("source.image_size", "100000", "source.image_size: 100000x100000 = 10,000,000,000 pixels, over "
                                     "source.preprocess.max_pixels (89,478,485); ask for less, or raise that limit"),

@@ -39,6 +39,35 @@ def test_missing_config_file(capsys):
     assert "config file 'nope.yaml' does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("make, said", [(lambda p: p.write_bytes(b"# r\xe9sum\xe9\nrun: {}\n"), "is not UTF-8 text"),
+                                        (lambda p: p.mkdir(), "is a folder; give a YAML file"),
+                                        (lambda p: p.write_text("run: {}\nrun: {}\n"), "the key 'run' is given twice")],
+                         ids=["latin-1", "folder", "key-twice"])
+def test_a_config_file_that_cannot_be_used_exits_2(tmp_path, capsys, make, said):
+    make(tmp_path / "c.yaml")
+    assert main(["run", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"actmap: error: config file '{tmp_path / 'c.yaml'}'" in err and said in err and "resume" not in err
+
+
+def test_a_selector_that_fits_no_output_exits_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--set", "model.name=support.models:tiny", "--set", "model.layers=['conv2[0]']",
+                 "--set", "source.count=4", "--set", "run.executor=local", "--set", f"run.output={out}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "actmap: error: model.layers: Layer id 'conv2[0]': the output of 'conv2' is" in err
+    assert "resume" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("size, said", [(["0"], "every size must be at least 1, got 0"),
+                                        (["3", "-3", "8"], "every size must be at least 1, got 3 -3 8"),
+                                        (["5", "16", "16"], "the model's forward fails on an input of size 5x16x16: ")])
+def test_layers_refuses_an_input_size_the_model_cannot_take(capsys, size, said):
+    assert main(["layers", "support.models:tiny", "--input-size", *size]) == 2
+    assert f"actmap: error: --input-size: {said}" in capsys.readouterr().err
+
+
 def test_layers_lists_ids_and_shapes(capsys):
     assert main(["layers", "support.models:tiny", "--input-size", "3", "16", "16"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
@@ -51,6 +80,20 @@ def test_layers_lists_ids_and_shapes(capsys):
 def test_inspect_of_nothing_exits_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "no dump there" in capsys.readouterr().err
+
+
+def test_inspect_of_a_folder_that_is_no_dump_exits_2(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"an image")
+    assert main(["inspect", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "holds no actmap dump (no _actmap/manifest.json)" in captured.err
+    assert "INCOMPLETE" not in captured.out + captured.err
+
+
+def test_inspect_refuses_a_negative_count_of_bad_samples(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path), "--bad", "-1"]) == 2
+    assert "actmap: error: --bad: must be at least 0 (how many bad samples to list; 0 lists none), got -1" in \
+        capsys.readouterr().err
 
 
 def test_help_lists_the_commands(capsys):

@@ -95,6 +95,36 @@ def test_normalize_mean_std():
     assert Config.from_dict({"source": {"preprocess": {"normalize": "none"}}}).source.preprocess.mean_std() is None
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  output: /data/run1\nmodel:\n  layers: [layer2]\nrun:\n  batch_size: 64\n")
+    with pytest.raises(ConfigError, match=r"c.yaml': the key 'run' is given twice \(lines 1 and 5\); give each "
+                                          r"key once"):
+        load_config(path)
+    path.write_text("run: {batch_size: 8, batch_size: 64}\n")
+    with pytest.raises(ConfigError, match=r"the key 'batch_size' is given twice \(line 1\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"model.kwargs: .*the key 'a' is given twice"):
+        apply_overrides({}, ["model.kwargs={a: 1, a: 2}"])
+    # a merge may still override the keys it brings in
+    merged = pipeline.config._read_yaml("base: &base {batch_size: 8, strict: true}\nrun: {<<: *base, batch_size: 64}")
+    assert merged["run"] == {"batch_size": 64, "strict": True}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"# r\xe9sum\xe9 of the run\nrun: {batch_size: 4}\n", r"is not UTF-8 text \(byte 0xe9 at offset 3\); save it "
+                                                           r"as UTF-8"),
+    (None, "is a folder; give a YAML file")], ids=["latin-1", "folder"])
+def test_a_config_file_that_cannot_be_read_is_a_config_error_naming_it(tmp_path, content, problem):
+    path = tmp_path / "c.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"config file '{re.escape(str(path))}' {problem}"):
+        load_config(path)
+
+
 def test_identity_ignores_resources_but_not_content():
     a = Config.from_dict({})
     b = Config.from_dict({"run": {"actors": 7, "batch_size": 3, "output": "elsewhere"}})
@@ -113,6 +143,14 @@ def test_variable_shapes_when_images_are_not_cropped():
     assert not Config.from_dict({"source": {"kind": "folder", "path": "/x"}}).shapes_fixed()
     assert Config.from_dict({"source": {"kind": "folder", "path": "/x", "preprocess": {"crop": 8}}}).shapes_fixed()
     assert Config.from_dict({"source": {"kind": "folder", "path": "/x"}, "dump": {"shapes": "fixed"}}).shapes_fixed()
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5])
+def test_cpus_per_actor_must_be_more_than_0(value):
+    with pytest.raises(ConfigError, match=rf"^run.cpus_per_actor: must be more than 0, got {value:g}; give the CPUs "
+                                          r"each actor reserves \(1, or a fraction such as 0.5\), or auto$"):
+        Config.from_dict({"run": {"cpus_per_actor": value}})
+    assert Config.from_dict({"run": {"cpus_per_actor": 0.25}}).run.cpus_per_actor == 0.25
 
 
 def test_executor_defaults_to_ray():
@@ -164,6 +202,32 @@ def test_a_manifest_of_release_0_1_0_compares_by_the_keys_of_its_source_kind():
         assert identity_diff(comparable_identity(manifest["identity"]), comparable_identity(again)) == []
     manifest = json.loads((FIXTURE / "variable" / "_actmap" / "manifest.json").read_text())
     assert set(comparable_identity(manifest["identity"])["source"]) == {"kind", "path", "preprocess"}
+
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet", "webdataset"])
+def test_a_source_path_spelled_another_way_is_the_same_source(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    src = str(tmp_path / "src")
+
+    def identity(path):
+        return Config.from_dict({"source": {"kind": kind, "path": path}}).identity()
+
+    stored = identity(src)  # a manifest holds the path as its config spelled it
+    for path in (src + "/", "src", "./src/", "~/src", src.replace("/", "//"), "file://" + src, "file://" + src + "/"):
+        assert identity_diff(comparable_identity(stored), comparable_identity(identity(path))) == [], path
+        assert identity_diff(comparable_identity(identity(path)), comparable_identity(stored)) == [], path
+    assert identity_diff(comparable_identity(stored), comparable_identity(identity(src + "2"))) != []
+    uri = identity("s3://bucket/prefix")
+    assert identity_diff(comparable_identity(uri), comparable_identity(identity("s3://bucket/prefix/"))) == []
+    assert identity_diff(comparable_identity(uri), comparable_identity(identity("s3://bucket/other"))) != []
+    assert comparable_identity(uri)["source"]["path"] == "s3://bucket/prefix"
+    if kind == "webdataset":  # a list of patterns: each spelled one way
+        listed = Config.from_dict({"source": {"kind": kind, "path": [src + "/a.tar", "s3://b/c.tar"]}}).identity()
+        assert comparable_identity(listed)["source"]["path"] == [src + "/a.tar", "s3://b/c.tar"]
+        again = Config.from_dict({"source": {"kind": kind, "path": ["src//a.tar", "s3://b/c.tar"]}}).identity()
+        assert identity_diff(comparable_identity(listed), comparable_identity(again)) == []
 
 
 # -- config keys in messages: derived from the sections, never spelled by hand ---------------------

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, run, to_ray_dataset
+from pipeline._reader import dump_layers
 from pipeline.config import Config
-from pipeline.errors import UnknownDumpLayerError
+from pipeline.errors import DamagedDumpError, UnknownDumpLayerError
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,21 @@ def test_read_table_has_ids_labels_and_masks(dump):
     table = read_table(dump, "relu1", stop=3)
     assert table.column("sample_id").to_pylist() == ["0", "1", "2"]
     assert set(table.column_names) >= {"index", "activation", "label", "mask"}
+
+
+def test_read_table_names_an_unknown_column_and_refuses_a_start_that_is_no_int(dump):
+    with pytest.raises(ValueError, match=r"layer 'relu1' of '.*' has no column 'nope'; valid: 'sample_id', 'index', "
+                                         r"'activation', 'label', 'mask'$"):
+        read_table(dump, "relu1", columns=["index", "nope"])
+    with pytest.raises(ValueError, match="has no column 'lable'; did you mean 'label'"):
+        read_table(dump, "relu1", columns=["lable"])
+    with pytest.raises(TypeError, match="columns must be a list of column names, got 'label'"):
+        read_table(dump, "relu1", columns="label")
+    with pytest.raises(TypeError, match="start must be an int \\(a source index\\) or None, got '3'"):
+        read_table(dump, "relu1", start="3")
+    with pytest.raises(TypeError, match="stop must be an int"):
+        read_layer(dump, "relu1", stop=2.5)
+    assert read_table(dump, "relu1", start=np.int64(28), columns=["index"]).column("index").to_pylist() == [28, 29]
 
 
 def test_plain_pyarrow_recipe_without_actmap(dump):
@@ -89,6 +106,45 @@ def test_inspect(dump):
 def test_inspect_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no dump there"):
         inspect_dump(str(tmp_path))
+
+
+def test_inspect_of_a_folder_without_a_manifest_says_it_holds_no_dump(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a dump")
+    with pytest.raises(FileNotFoundError, match=r"holds no actmap dump \(no _actmap/manifest.json\)"):
+        inspect_dump(str(tmp_path))
+
+
+def test_inspect_of_a_dump_that_lost_its_manifest_says_so(dump, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(dump, out)
+    (out / "_actmap" / "manifest.json").unlink()
+    with pytest.raises(DamagedDumpError, match=r"holds the files of an actmap dump without its manifest "
+                                               r"\(_actmap/shards/00000.json, .*, layer=.*\): they cannot be checked"):
+        inspect_dump(str(out))
+
+
+def test_a_layer_folder_beside_the_dump_is_no_damage(dump, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(dump, out)
+    (out / "layer=extra").mkdir()
+    shutil.copy(out / "layer=conv2" / "part-00000.parquet", out / "layer=extra" / "part-00000.parquet")
+    info = inspect_dump(str(out))
+    assert info.complete and not info.damage and info.shards_done == 4 and set(info.layers) == {"relu1", "conv2"}
+    assert "note: layer=extra is no layer of this dump (not in its manifest)" in info.format()
+    assert np.array_equal(read_layer(str(out), "conv2"), read_layer(dump, "conv2"))
+    assert sorted(dump_layers(str(out))) == ["conv2", "relu1"]  # what `actmap show --stats` draws
+    with pytest.raises(UnknownDumpLayerError, match="holds no rows of layer 'extra'; valid: 'relu1', 'conv2'"):
+        read_layer(str(out), "extra")
+
+
+def test_a_layer_with_no_finished_shard_is_not_suggested_as_itself(dump, tmp_path):
+    out = tmp_path / "out"
+    (out / "layer=conv2").mkdir(parents=True)
+    shutil.copytree(f"{dump}/_actmap", out / "_actmap", ignore=shutil.ignore_patterns("shards"))
+    with pytest.raises(UnknownDumpLayerError, match="holds no rows of layer 'conv2'; none of its shards is "
+                       "finished yet") as caught:
+        read_layer(str(out), "conv2")
+    assert "did you mean" not in str(caught.value)
 
 
 def test_ray_dataset(dump, ray_cluster):

@@ -37,6 +37,16 @@ def test_plan_actors():
         plan_actors(RunSpec(gpus_per_actor=2), {"CPU": 4.0, "GPU": 1.0}, 10)
 
 
+def test_a_fraction_of_a_cpu_per_actor_starts_no_more_actors_than_cpus():
+    assert plan_actors(RunSpec(cpus_per_actor=0.001), {"CPU": 2.0}, 500) == ActorPlan(2, 0.001, 0.0)
+    assert plan_actors(RunSpec(cpus_per_actor=0.1), {"CPU": 2.0}, 500) == ActorPlan(2, 0.1, 0.0)
+    assert plan_actors(RunSpec(cpus_per_actor=0.5), {"CPU": 3.5}, 500) == ActorPlan(3, 0.5, 0.0)
+    assert plan_actors(RunSpec(cpus_per_actor=2), {"CPU": 8.0}, 500) == ActorPlan(4, 2.0, 0.0)
+    assert plan_actors(RunSpec(cpus_per_actor=0.5), {"CPU": 0.0}, 500) == ActorPlan(1, 0.5, 0.0)  # none seen yet
+    # a number of actors that is given is kept (the cluster's room is checked against it)
+    assert plan_actors(RunSpec(actors=6, cpus_per_actor=0.25), {"CPU": 2.0}, 500) == ActorPlan(6, 0.25, 0.0)
+
+
 def test_queue_hands_out_each_shard_once():
     q = ShardQueue(plan_shards(10, 3))
     taken = []

@@ -339,6 +339,14 @@ def test_a_layer_that_gives_no_tensor(tmp_path):
             worker.run_shard(Shard(0, 0, 2))
 
 
+def test_a_selector_that_does_not_fit_the_layers_output_is_a_config_error(tmp_path):
+    config = _config(tmp_path, model={"layers": ["conv2[0]"]})
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(
+            ConfigError, match=r"model.layers: Layer id 'conv2\[0\]': the output of 'conv2' is \(1, 16, 8, 8\), "
+                               r"which has no element \[0\]; a Tensor has no elements to select; use 'conv2'"):
+        worker.probe()
+
+
 def _save(path, image, **kwargs):
     buf = io.BytesIO()
     image.save(buf, **kwargs)
