@@ -109,14 +109,16 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     """The rows of ``layer`` whose source index is in ``[start, stop)`` (and in ``indices``, when
     given), sorted by index; ``columns`` picks columns by name (all by default).
 
-    Raises ``TypeError`` for a ``start`` or ``stop`` that is not an int and for ``columns`` that
-    are not a list of names, and ``ValueError`` naming a column the layer does not have.
+    Raises ``TypeError`` for a ``start`` or ``stop`` that is not an int, for ``columns`` that
+    are not a list of names and for ``indices`` that are not a list of ints (a numpy array or
+    torch tensor of them will do), and ``ValueError`` naming a column the layer does not have.
     """
     for name, value in (("start", start), ("stop", stop)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise TypeError(f"{name} must be an int (a source index) or None, got {value!r}")
     if isinstance(columns, str) or (columns is not None and not all(isinstance(c, str) for c in columns)):
         raise TypeError(f"columns must be a list of column names, got {columns!r}")
+    wanted = None if indices is None else _index_array(indices)
     store = OutputStore(location)
     files = [store.path(f) for f in _layer_files(store, layer)]
     dataset = ds.dataset(files, format=_FORMAT, filesystem=store.fs)
@@ -130,8 +132,8 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     if stop is not None:
         upper = pc.field(INDEX) < stop
         condition = upper if condition is None else condition & upper
-    if indices is not None:
-        chosen = pc.field("index").isin(pa.array(list(indices), pa.int64()))
+    if wanted is not None:
+        chosen = pc.field(INDEX).isin(pa.array(wanted, pa.int64()))
         condition = chosen if condition is None else condition & chosen
     try:
         table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
@@ -140,6 +142,19 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
         raise
     table = table.sort_by(INDEX) if INDEX in table.column_names else table
     return table.replace_schema_metadata(dataset.schema.metadata)
+
+
+def _index_array(indices: object) -> np.ndarray:
+    """``read_table``'s ``indices`` as one int64 array, or a ``TypeError`` that shows them."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    array = None
+    if not isinstance(indices, (str, bytes)) and hasattr(indices, "__iter__"):
+        array = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices))
+    if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        shown = repr(indices) if len(repr(indices)) <= 80 else repr(indices)[:77] + "..."
+        raise TypeError(f"indices must be a list of ints (source indices), a 1-d integer array or None, got {shown}")
+    return array.astype(np.int64)
 
 
 def decode_column(table: pa.Table, column: str = ACTIVATION, as_torch: bool = False):

@@ -3,9 +3,9 @@
 The driver lists the folder once (:func:`~pipeline._sources._files.list_tree`): the files,
 sorted by path, are the samples, and the listing is the source's index, kept in the dump so
 that every actor numbers the files the same way without walking the tree. A file's id is its
-path relative to the root (``cat/001.jpg``). When every file lies in a sub-folder, the sorted
-first-level folder names are the classes: ``label`` is the class index and ``class_name`` the
-folder.
+path relative to the root (``cat/001.jpg``). Hidden files and folders (a name that starts with
+``.``) are left out. When every file lies in a sub-folder, the sorted first-level folder names
+are the classes: ``label`` is the class index and ``class_name`` the folder.
 
 On a local disk a sample's bytes are read by the thread that decodes it (so reads run as
 parallel as decoding); on object storage or a network file system (NFS, Lustre, ...) a pool of
@@ -36,6 +36,22 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 
 #: Files fetched at once from object storage or a network file system, by all the shards being read.
 REMOTE_READERS = 32
+
+
+def _without_hidden(listing: pa.Table) -> tuple[pa.Table, int, str | None]:
+    """The listing without the files whose name, or a folder's on their path, starts with ``.``
+    (a version-control or notebook folder, macOS's ``._*`` resource copies: none is a sample);
+    how many were left out, and the first of them.
+
+    >>> kept, count, first = _without_hidden(pa.table({"path": ["a/._1.jpg", "a/1.jpg", ".git/x.png", "b.c/2.png"]}))
+    >>> kept.column("path").to_pylist(), count, first
+    (['a/1.jpg', 'b.c/2.png'], 2, 'a/._1.jpg')
+    """
+    hidden = pc.match_substring_regex(listing.column("path"), r"(^|/)\.")
+    count = pc.sum(hidden).as_py() or 0
+    if not count:
+        return listing, 0, None
+    return listing.filter(pc.invert(hidden)), count, listing.filter(hidden).column("path")[0].as_py()
 
 
 def _classes(paths: pa.ChunkedArray) -> list[str]:
@@ -96,9 +112,15 @@ class FolderSource(StreamingSource):
             # (a folder it may not read, a path too long: nothing has started, and a rerun meets it again)
             raise ConfigError(FolderSpec.key("path"), f"cannot list {self.location.location!r}: {describe_error(exc)}; "
                               "make every folder under it readable, or point it at one that is") from None
+        listing, hidden, first_hidden = _without_hidden(listing)
+        if hidden:
+            log.warning("%d image file(s) under %s have a hidden name or lie in a hidden folder (a name that starts "
+                        "with '.', such as macOS's '._*' copies) and are left out, e.g. %r", hidden,
+                        self.location.location, first_hidden)
         if not listing.num_rows:
+            also = f"; {hidden} hidden one(s) left out, e.g. {first_hidden!r}" if hidden else ""
             raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} holds no image files "
-                              f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+                              f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}{also})")
         classes = _classes(listing.column("path"))
         return MemoryIndex(listing, {"classes": classes, "sha256": digest(listing, {"classes": classes})})
 

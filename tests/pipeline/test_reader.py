@@ -57,6 +57,19 @@ def test_read_table_names_an_unknown_column_and_refuses_a_start_that_is_no_int(d
     assert read_table(dump, "relu1", start=np.int64(28), columns=["index"]).column("index").to_pylist() == [28, 29]
 
 
+@pytest.mark.parametrize("indices", [5, "12", [1.5], [[1, 2]], [True], {"a": 1}])
+def test_read_table_refuses_indices_that_are_not_ints(dump, indices):
+    with pytest.raises(TypeError, match=r"indices must be a list of ints \(source indices\), a 1-d integer array "
+                                        r"or None, got " + re.escape(repr(indices))):
+        read_table(dump, "relu1", indices=indices)
+
+
+@pytest.mark.parametrize("indices", [[4, 1], np.array([4, 1], np.int32), torch.tensor([4, 1]), range(1, 5, 3), []])
+def test_read_table_takes_indices_as_a_list_an_array_or_a_tensor(dump, indices):
+    got = read_table(dump, "relu1", indices=indices, columns=["index"]).column("index").to_pylist()
+    assert got == sorted(int(i) for i in indices)
+
+
 def test_plain_pyarrow_recipe_without_actmap(dump):
     """The README's recipe: pyarrow, json and numpy only."""
     table = pq.read_table(f"{dump}/layer=conv2").sort_by("index")

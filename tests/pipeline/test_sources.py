@@ -52,6 +52,27 @@ def test_folder_classes_ids_and_bad_files(tmp_path):
     assert FolderSource(tmp_path).identity() != identity
 
 
+def test_hidden_files_and_folders_are_no_samples_and_no_class(tmp_path, caplog):
+    # a macOS '._*' copy was a bad sample, and a hidden folder (.ipynb_checkpoints) a class of
+    # its own that moved every other class's label
+    for cls in ("cat", "dog", ".ipynb_checkpoints"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "0.png").write_bytes(_png("red"))
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (tmp_path / "dog" / ".thumbs").mkdir()
+    (tmp_path / "dog" / ".thumbs" / "0.png").write_bytes(_png("blue"))
+    source = FolderSource(tmp_path)
+    assert [s.sample_id for s in source.stream(0, len(source))] == ["cat/0.png", "dog/0.png"]
+    assert source.classes == ["cat", "dog"]
+    assert "3 image file(s) under" in caplog.text and "are left out, e.g. '.ipynb_checkpoints/0.png'" in caplog.text
+    only_hidden = tmp_path / "only"
+    only_hidden.mkdir()
+    (only_hidden / ".a.png").write_bytes(_png("red"))
+    with pytest.raises(ConfigError, match=r"holds no image files \(looked for .*; 1 hidden one\(s\) left out, "
+                                          r"e.g. '.a.png'\)"):
+        FolderSource(only_hidden)
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(ConfigError, match="'.*nope' does not exist"):
         FolderSource(tmp_path / "nope")
