@@ -167,7 +167,25 @@ class Slots:
         self.alive.add(worker)
 
 
-class LocalExecutor:
+class SlottedLanes:
+    """An executor's lanes, as its :class:`Slots` (``self._slots``) deal them out."""
+
+    _slots: Slots
+
+    @property
+    def lanes(self) -> int:
+        return self._slots.lanes
+
+    @property
+    def free(self) -> int:
+        return self._slots.free
+
+    @property
+    def lane(self) -> int:
+        return self._slots.next
+
+
+class LocalExecutor(SlottedLanes):
     """Workers in threads of this process, each running up to :data:`IN_FLIGHT` shards at once:
     ``run.actors`` of them, on this machine's GPUs as ``run.gpus_per_actor`` asks (worker ``i``
     on GPU ``i``, or several on one GPU for a fraction: :func:`~pipeline._scheduling.local_devices`),
@@ -222,18 +240,6 @@ class LocalExecutor:
         self._slots = Slots(count)
         self._threads = concurrent.futures.ThreadPoolExecutor(count * IN_FLIGHT, thread_name_prefix="actmap-shard")
         log.info("started %d local worker(s) on %s", count, ", ".join(self._devices))
-
-    @property
-    def lanes(self) -> int:
-        return self._slots.lanes
-
-    @property
-    def free(self) -> int:
-        return self._slots.free
-
-    @property
-    def lane(self) -> int:
-        return self._slots.next
 
     @property
     def busy(self) -> bool:

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from ._executor import Outcome, Slots, WorkerSpec
+from ._executor import Outcome, Slots, WorkerSpec, SlottedLanes
 from ._metrics import InFlightPoller
 from ._scheduling import ActorPlan, plan_actors, unmet
 from ._shards import Shard
@@ -90,7 +90,7 @@ def _is_actor_death(exc: BaseException) -> bool:
     return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError))
 
 
-class RayExecutor:
+class RayExecutor(SlottedLanes):
     """Ray actors planned from the cluster's resources (``run.actors``, ``run.gpus_per_actor``,
     ``run.cpus_per_actor``), spread over its nodes."""
 
@@ -189,18 +189,6 @@ class RayExecutor:
     @property
     def pending(self) -> int:
         return len(self._starting)
-
-    @property
-    def lanes(self) -> int:
-        return self._slots.lanes
-
-    @property
-    def free(self) -> int:
-        return self._slots.free
-
-    @property
-    def lane(self) -> int:
-        return self._slots.next
 
     @property
     def busy(self) -> bool:
