@@ -6,8 +6,8 @@ or array, a PIL image):
 
 - its size is read from the file header and refused above ``max_pixels`` before any decoding
   (a 188 KB PNG can decode to 1.35 GB);
-- it is decoded (JPEG by libjpeg-turbo through simplejpeg, else torchvision's decoders, PIL for
-  the formats they lack);
+- it is decoded (JPEG by libjpeg-turbo through simplejpeg, PNG by PIL, others by torchvision's
+  decoders and PIL for the formats they lack; see :mod:`pipeline._png` for why PNG);
 - what has one sensible conversion is converted: the first frame of an animation, grey to RGB,
   RGBA / grey + alpha to RGB (the alpha dropped), a 2-D array to one channel;
 - integer pixels are scaled by their type's range (16-bit PNGs are ``uint16``: 65535 is white);
@@ -40,6 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from . import _png
 from ._imports import lazy_import
 from ._sources._base import Deferred, RawImage
 from .config import PreprocessSpec
@@ -166,11 +167,12 @@ def _pil_decode(data: bytes) -> torch.Tensor:
     """The first frame only, through PIL (for an animation, the others are never decoded)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(io.BytesIO(data), formats=("PNG",) if data[:8] == _png.MAGIC else None) as img:
         img.seek(0)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             return conform(np.asarray(img))
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+        # a (3, H, W) view: the caller makes it one block (conform)
+        return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"))).permute(2, 0, 1)
 
 
 #: Where a JPEG file's pixels may be decoded: called with the file's ``(height, width)``, it
@@ -233,21 +235,26 @@ def _decode_bytes(data: bytes, max_pixels: int | None) -> torch.Tensor:
     size = header_size(data)
     if size is not None:
         _check_pixels(*size, max_pixels)
-    try:
-        if data[:6] in _GIF_MAGIC:
-            raise RuntimeError("torchvision decodes every frame of a GIF: PIL decodes the first alone")
+    png = data[:8] == _png.MAGIC
+    deep = png and _png.sixteen_bit(data)
+    if deep and (why := _png.damage(data)) is not None:
+        raise ImageError(f"cannot decode the PNG file ({len(data):,} bytes): {why}")
+    # PIL decodes a GIF's first frame alone (torchvision decodes them all), and PNG files but the
+    # 16-bit ones, the same to the bit: libpng's errors crash torchvision's decoder
+    if not (data[:6] in _GIF_MAGIC or (png and not deep)):
         tvio = _torchvision_io()
-        image = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                  mode=tvio.ImageReadMode.RGB)
-    except RuntimeError:
         try:
-            image = _pil_decode(data)
-        except Exception as exc:
-            # PIL names the in-memory file it was given ("<_io.BytesIO object at 0x...>"): noise
-            why = "not an image format torchvision or PIL reads" if "BytesIO" in str(exc) else str(exc)
-            raise ImageError(f"cannot decode the image ({len(data):,} bytes, starting "
-                             f"{data[:8]!r}): {type(exc).__name__}: {why}") from None
-    return image
+            return tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                     mode=tvio.ImageReadMode.RGB)
+        except RuntimeError:  # a format it lacks, or a file it refuses: PIL may read it
+            pass
+    try:
+        return _pil_decode(data)
+    except Exception as exc:
+        # PIL names the in-memory file it was given ("<_io.BytesIO object at 0x...>"): noise
+        why = "not an image format torchvision or PIL reads" if "BytesIO" in str(exc) else str(exc)
+        raise ImageError(f"cannot decode the image ({len(data):,} bytes, starting "
+                         f"{data[:8]!r}): {type(exc).__name__}: {why}") from None
 
 
 def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None, channels: int = 3) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 import io
 import struct
+import subprocess
+import sys
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from PIL import Image
 from pipeline import _images
 from pipeline._images import ImageError, _decode_bytes, conform, decode, header_size
 from pipeline._sources import Deferred
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _encoded(fmt: str, mode="RGB", size=(10, 6), **kwargs) -> bytes:
@@ -42,6 +47,82 @@ def test_a_png_signature_before_something_else_is_not_taken_for_a_huge_image():
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P"])
 def test_other_modes_become_rgb(mode):
     assert decode(_encoded("PNG", mode=mode)).shape == (3, 6, 10)
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png16(width: int, height: int, colour: int = 2, rows: bytes | None = None, interlace: int = 0,
+           damage_at: int | None = None) -> bytes:
+    """A 16-bit PNG file written by hand (PIL writes no 16-bit colour): random pixels, or ``rows``
+    as the raw (filtered) pixel data; ``damage_at``: a byte of the compressed data flipped (the
+    chunk's CRC made right for it)."""
+    samples = {0: 1, 2: 3, 4: 2, 6: 4}[colour]
+    if rows is None:
+        pixels = np.random.default_rng(width * height).integers(0, 65536, (height, width * samples)).astype(">u2")
+        rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, interlace)
+    compressed = bytearray(zlib.compress(rows))
+    if damage_at is not None:
+        compressed[damage_at] ^= 0xFF
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", bytes(compressed)) + _chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("mode, options", [("RGB", {}), ("RGBA", {}), ("L", {}), ("LA", {}), ("1", {}),
+                                           ("P", {}), ("P", {"transparency": 3}), ("P", {"bits": 4}),
+                                           ("L", {"transparency": 7}), ("RGB", {"transparency": (1, 2, 3)})])
+def test_png_files_give_torchvisions_pixels(mode, options):
+    # PNG files are decoded by PIL (torchvision's decoder crashes on damaged ones): the same pixels
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (13, 17, 3), dtype=np.uint8))
+    image = image.quantize(12 if options.get("bits") else 50) if mode == "P" else image.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **options)
+    want = _images._torchvision_io().decode_image(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8),
+                                                  mode=_images._torchvision_io().ImageReadMode.RGB)
+    for channels in (3, 1):
+        assert torch.equal(decode(buf.getvalue(), channels=channels), conform(want, channels=channels))
+
+
+def test_damaged_png_files_are_bad_images_not_a_crash(tmp_path):
+    # libpng's errors while it reads pixel rows crashed the process in torchvision's decoder
+    # (a segmentation fault): one damaged file killed every actor that tried it, and the run
+    good = _encoded("PNG", size=(40, 30))
+    at = good.index(b"IDAT") + 12
+    damaged_pixels = good[:at] + bytes(b ^ 0x5A for b in good[at:at + 20]) + good[at + 20:]
+    crc_only = bytearray(good)
+    crc_only[good.index(b"IEND") - 5] ^= 0xFF  # the IDAT chunk's CRC; its pixel data intact
+    deep = _png16(9, 7)
+    deep_crc = bytearray(deep)
+    deep_crc[deep.index(b"IEND") - 5] ^= 0xFF
+    files = {
+        "pixels": damaged_pixels, "crc": bytes(crc_only), "deep crc": bytes(deep_crc),
+        "deep filter": _png16(3, 2, rows=b"\x00" + bytes(18) + b"\x09" + bytes(18)),
+        "deep short": _png16(3, 2, rows=b"\x00" + bytes(18)),
+        "deep inflate": _png16(9, 7, damage_at=40),
+        "deep interlaced short": _png16(9, 7, interlace=1, rows=bytes(30)),
+    }
+    for name, data in files.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    script = (f"import pathlib, sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pipeline._images import decode\n"
+              f"for path in sorted(pathlib.Path({str(tmp_path)!r}).glob('*.png')):\n"
+              "    try:\n        image = decode(path.read_bytes())\n        print(path.stem, '->', tuple(image.shape))\n"
+              "    except Exception as exc:\n        print(path.stem, '->', f'{type(exc).__name__}: {exc}')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = dict(line.split(" -> ", 1) for line in done.stdout.splitlines())
+    assert said["crc"] == "(3, 30, 40)"  # PIL reads what libpng refused: the pixels are intact
+    assert said["pixels"].startswith("ImageError: cannot decode the image") and "broken data stream" in said["pixels"]
+    assert said["deep crc"] == "ImageError: cannot decode the PNG file (453 bytes): the IDAT chunk at byte 33 fails its CRC check"
+    assert said["deep filter"].endswith("row 1 of its pixels has filter type 9 (0 to 4 are valid)")
+    assert said["deep short"].endswith("its pixel data holds 19 bytes, fewer than its 3x2 pixels need")
+    assert said["deep interlaced short"].endswith("its pixel data holds 30 bytes, fewer than its 9x7 pixels need")
+    assert said["deep inflate"].startswith("ImageError: cannot decode the PNG file (")
+    assert "its pixel data does not inflate (Error -3 while decompressing data" in said["deep inflate"]
+    image = decode(deep)  # and a sound one decodes as torchvision decodes it
+    want = _images._torchvision_io().decode_image(torch.frombuffer(bytearray(deep), dtype=torch.uint8))
+    assert torch.equal(image, conform(want))
 
 
 def test_cmyk_jpeg_becomes_rgb():
