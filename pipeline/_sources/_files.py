@@ -61,6 +61,14 @@ class Location:
     def kind(self, relative: str = "") -> pafs.FileType:
         return self.fs.get_file_info(self.path(relative) if relative else self.root).type
 
+    def folders(self) -> list[str]:
+        """The names of the folders right under this one (links to folders too, on a local disk)."""
+        if self.local:
+            with os.scandir(self.root) as entries:
+                return [entry.name for entry in entries if entry.is_dir() and is_utf8(entry.name)]
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
+        return [posixpath.basename(info.path) for info in infos if info.type == pafs.FileType.Directory]
+
     def read(self, relative: str) -> bytes:
         """The whole file ``relative`` (plain ``open`` on local disks: fewer copies)."""
         if self.local:

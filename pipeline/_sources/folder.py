@@ -31,8 +31,10 @@ from ._index import Index, MemoryIndex, digest
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                            ".ppm", ".pgm", ".pbm", ".tga", ".ico"})
+#: The suffixes of the files taken as images (any case): the still-image formats PIL reads.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif", ".tif",
+                            ".tiff", ".webp", ".avif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+                            ".ico", ".pcx", ".qoi"})
 
 #: Files fetched at once from object storage or a network file system, by all the shards being read.
 REMOTE_READERS = 32
@@ -54,31 +56,43 @@ def _without_hidden(listing: pa.Table) -> tuple[pa.Table, int, str | None]:
     return listing.filter(pc.invert(hidden)), count, listing.filter(hidden).column("path")[0].as_py()
 
 
-def _classes(paths: pa.ChunkedArray) -> list[str]:
-    """The class folders: the first-level folders when every file lies in one, else none.
+def _classes(paths: pa.ChunkedArray, folders: list[str]) -> list[str]:
+    """The classes: when every file lies in a folder, the first-level ``folders`` (but hidden
+    ones), sorted, as torchvision's ``ImageFolder`` numbers them, a folder with no image in it
+    too (else a split where one class is empty would number the classes after it otherwise);
+    none when some files lie at the top.
 
-    >>> _classes(pa.chunked_array([["cat/1.png", "dog/2.png", "cat/3.png"]]))
+    >>> _classes(pa.chunked_array([["cat/1.png", "dog/2.png", "cat/3.png"]]), ["dog", "cat", ".cache"])
     ['cat', 'dog']
-    >>> _classes(pa.chunked_array([["cat/1.png", "2.png"]]))
+    >>> _classes(pa.chunked_array([["cat/1.png", "dog/2.png"]]), ["cat", "cow", "dog"])  # cow: no images
+    ['cat', 'cow', 'dog']
+    >>> _classes(pa.chunked_array([["cat/1.png", "2.png"]]), ["cat"])
     []
     """
     if not len(paths):
         return []
     nested = pc.match_substring(paths, "/")
     if not pc.all(nested).as_py():
-        top = pc.sum(pc.invert(nested)).as_py()
-        if top * 100 < len(paths):  # a few strays among class folders: the labels they cost, said
+        if pc.any(nested).as_py():  # files at the top beside folders of files: the labels they cost, said
+            top = pc.sum(pc.invert(nested)).as_py()
             stray = pc.filter(paths, pc.invert(nested))[0].as_py()
             log.warning("%d of the %d files lie beside the folders, not in one (e.g. %r): so the folders are not "
                         "taken as classes and the samples have no label; move or remove them for class labels",
                         top, len(paths), stray)
         return []
-    first = pc.list_element(pc.split_pattern(paths, "/", max_splits=1), 0)
-    return sorted(pc.unique(first).to_pylist())
+    holding = set(pc.unique(pc.list_element(pc.split_pattern(paths, "/", max_splits=1), 0)).to_pylist())
+    classes = sorted(holding | {name for name in folders if not name.startswith(".")})
+    empty = [name for name in classes if name not in holding]
+    if empty:
+        log.warning("%d class folder(s) hold no image files (%s): each still takes its label number, as "
+                    "torchvision's ImageFolder numbers the folders, so that another split numbers the classes alike",
+                    len(empty), ", ".join(map(repr, empty[:5])) + (", ..." if len(empty) > 5 else ""))
+    return classes
 
 
 class FolderSource(StreamingSource):
-    """The images under ``path`` (any format PIL reads), numbered by sorted relative path.
+    """The images under ``path`` (files with a suffix of :data:`IMAGE_SUFFIXES`), numbered by
+    sorted relative path.
 
     Args:
         path: a local folder or a URI (``s3://bucket/prefix``, ``gs://...``, ``file://...``).
@@ -121,7 +135,7 @@ class FolderSource(StreamingSource):
             also = f"; {hidden} hidden one(s) left out, e.g. {first_hidden!r}" if hidden else ""
             raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} holds no image files "
                               f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}{also})")
-        classes = _classes(listing.column("path"))
+        classes = _classes(listing.column("path"), self.location.folders())
         return MemoryIndex(listing, {"classes": classes, "sha256": digest(listing, {"classes": classes})})
 
     def __len__(self) -> int:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipeline._sources import (BadSample, DatasetSource, FolderSource, GeneratedSource, ParquetSource,
                               Sample, open_source)
+from pipeline._images import decode
 from pipeline._labels import split_unfit
 from pipeline.config import Config, GeneratedSpec, ParquetSpec, SourceKind, SourceSpec
 from pipeline.errors import ConfigError
@@ -71,6 +72,42 @@ def test_hidden_files_and_folders_are_no_samples_and_no_class(tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"holds no image files \(looked for .*; 1 hidden one\(s\) left out, "
                                           r"e.g. '.a.png'\)"):
         FolderSource(only_hidden)
+
+
+def test_an_empty_class_folder_keeps_the_numbers_of_the_classes_after_it(tmp_path, caplog):
+    # a val split whose b/ was empty gave c the label 1, where its train split gave 2, without a word
+    for split, filled in (("train", "abc"), ("val", "ac")):
+        for cls in "abc":
+            (tmp_path / split / cls).mkdir(parents=True)
+        for cls in filled:
+            (tmp_path / split / cls / "0.png").write_bytes(_png("red"))
+    train, val = FolderSource(tmp_path / "train"), FolderSource(tmp_path / "val")
+    assert train.classes == val.classes == ["a", "b", "c"]
+    assert [s.labels for s in val.stream(0, 2)] == [{"label": 0, "class_name": "a"}, {"label": 2, "class_name": "c"}]
+    assert "1 class folder(s) hold no image files ('b'): each still takes its label number" in caplog.text
+
+
+def test_files_beside_the_class_folders_cost_the_labels_and_say_so(tmp_path, caplog):
+    # with 1% of the files or more at the top, the labels went without a warning
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(20):
+            (tmp_path / cls / f"{i}.png").write_bytes(_png("red"))
+    (tmp_path / "preview.png").write_bytes(_png("blue"))
+    source = FolderSource(tmp_path)
+    assert source.classes == [] and source.label_fields() == []
+    assert "1 of the 41 files lie beside the folders, not in one (e.g. 'preview.png')" in caplog.text
+
+
+def test_every_suffix_of_a_still_image_format_pil_reads_is_taken(tmp_path):
+    # .jfif, .jpe and .apng files were left out without a word
+    for name, fmt in (("a.jpg", "JPEG"), ("b.jfif", "JPEG"), ("c.JPE", "JPEG"), ("d.png", "PNG"), ("e.apng", "PNG"),
+                      ("f.dib", "BMP"), ("g.pnm", "PPM"), ("h.qoi", "QOI")):
+        Image.new("RGB", (4, 3), "red").save(tmp_path / name, format=fmt)
+    source = FolderSource(tmp_path)
+    samples = list(source.stream(0, len(source)))
+    assert [s.sample_id for s in samples] == ["a.jpg", "b.jfif", "c.JPE", "d.png", "e.apng", "f.dib", "g.pnm", "h.qoi"]
+    assert all(tuple(decode(s.image).shape) == (3, 3, 4) for s in samples)
 
 
 def test_folder_errors(tmp_path):
