@@ -206,13 +206,16 @@ def _family(kind: pa.DataType) -> object:
     if pa.types.is_dictionary(kind):
         return _family(kind.value_type)
     for family, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
-                         ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
-                         ("bytes", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t))):
+                         ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+                          or pa.types.is_string_view(t)),
+                         ("bytes", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                          or pa.types.is_binary_view(t))):
         if test(kind):
             return family
     if pa.types.is_timestamp(kind):
         return ("timestamp", kind.tz)
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_list_view(kind) \
+            or pa.types.is_large_list_view(kind):
         return ("list", _family(kind.value_type))
     if pa.types.is_struct(kind):
         return ("struct", tuple((kind.field(i).name, _family(kind.field(i).type)) for i in range(kind.num_fields)))
@@ -220,13 +223,19 @@ def _family(kind: pa.DataType) -> object:
 
 
 def _plain(kind: pa.DataType) -> pa.DataType:
-    """``kind`` with each dictionary, at any depth, as the type of its values.
+    """``kind`` with each dictionary, at any depth, as the type of its values, and each view
+    type as its plain one (pyarrow cannot yet take or sort rows of views).
 
-    >>> _plain(pa.list_(pa.dictionary(pa.int32(), pa.string())))
+    >>> _plain(pa.list_(pa.dictionary(pa.int32(), pa.string_view())))
     ListType(list<item: string>)
     """
     if pa.types.is_dictionary(kind):
         return _plain(kind.value_type)
+    if pa.types.is_string_view(kind) or pa.types.is_binary_view(kind):
+        return pa.string() if pa.types.is_string_view(kind) else pa.binary()
+    if pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind):
+        item = kind.value_field.with_type(_plain(kind.value_type))
+        return pa.list_(item) if pa.types.is_list_view(kind) else pa.large_list(item)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         item = kind.value_field.with_type(_plain(kind.value_type))
         return pa.list_(item) if pa.types.is_list(kind) else pa.large_list(item)
@@ -242,12 +251,12 @@ def _plain(kind: pa.DataType) -> pa.DataType:
 def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
     """The type a column takes in the output, from its types in the files that have it: the one
     they share, else the widest of one :func:`_family` (pyarrow's permissive promotion: integer
-    and float widths, timestamp units, nullability inside lists; a dictionary as its values; a
-    file where the column is all null has no say). :class:`ConfigError` where the families
+    and float widths, timestamp units, nullability inside lists; a file where the column is all
+    null has no say); a dictionary, at any depth, as its values. :class:`ConfigError` where the families
     differ, naming two files that disagree."""
     types = list(dict.fromkeys(field.type for _, field in having))
-    if len(types) == 1:
-        return having[0][1]
+    if len(types) == 1:  # (a dictionary as its values still: a batch's own dictionary may need wider indices)
+        return having[0][1].with_type(_plain(types[0]))
     typed = [(f, field) for f, field in having if not pa.types.is_null(field.type)] or having[:1]
     first_file, field = typed[0]
     other = next(((f, o) for f, o in typed if _family(o.type) != _family(field.type)), None)
@@ -326,10 +335,7 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
             raise ConfigError(ParquetSpec.key(key), f"{len(lacking):,} of the {len(schemas):,} files in {path!r} have "
                               f"no column {name!r}, e.g. {lacking[0]!r} (its columns: {schemas[lacking[0]].names})")
     def holds_images(kind: pa.DataType) -> bool:  # (a column null in every row of a file: its samples are bad)
-        if pa.types.is_dictionary(kind):
-            kind = kind.value_type
-        return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_null(kind)
-                or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0))
+        return _is_binary(kind) or pa.types.is_null(kind) or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
 
     for relative, schema in schemas.items():  # each file's own: a batch's images are read as its file has them
         image_type = schema.field(required[0]).type
@@ -484,6 +490,8 @@ class ParquetSource(StreamingSource):
         (:mod:`._ids`), not the column itself."""
         def column() -> Iterator[pa.Array]:
             for fragment in fragments:  # (whose sizes and footers are known: no request for them)
+                if not fragment.metadata.num_rows:  # (a file without rows may lack the column)
+                    continue
                 for batch in fragment.to_batches(columns=[self.id_column], batch_size=ID_BATCH_ROWS, use_threads=False):
                     yield batch.column(0)
 
@@ -527,7 +535,9 @@ class ParquetSource(StreamingSource):
                            for group in map(footer.row_group, range(footer.num_row_groups))), default=0)
             self._footers[relative] = footer, self.location.on_network and largest <= PRE_BUFFER_LIMIT
         footer, pre_buffer = self._footers[relative]
-        return pq.ParquetFile(handle, metadata=footer, pre_buffer=pre_buffer, buffer_size=READ_BUFFER), handle
+        # a page that carries a CRC is checked against it: damaged bytes are a bad row group, not images
+        return pq.ParquetFile(handle, metadata=footer, pre_buffer=pre_buffer, buffer_size=READ_BUFFER,
+                              page_checksum_verification=True), handle
 
     def _values(self, table: pa.Table | pa.RecordBatch, field: pa.Field, relative: str) -> list:
         """A pass-through column's values in ``table``, from the file ``relative``: its own, else

@@ -256,6 +256,30 @@ def test_parquet_without_rows_or_files_is_refused(tmp_path):
         ParquetSource(str(tmp_path / "empty.parquet"))
 
 
+def test_view_columns_are_read_as_their_plain_types(tmp_path):
+    # (pyarrow, DuckDB and Polars write view types) an image column of binary_view was refused
+    # as not binary, and a string_view label column made a dump its readers could not sort
+    (tmp_path / "t").mkdir()
+    images = [_png((i, 0, 0)) for i in range(4)]
+    pq.write_table(pa.table({"image": pa.array(images[:2], pa.binary_view()),
+                             "name": pa.array(["a", "b"], pa.string_view())}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": pa.array(images[2:], pa.binary()), "name": ["c", "d"]}), tmp_path / "t" / "1.parquet")
+    source = ParquetSource(str(tmp_path / "t"))
+    assert [f.type for f in source.label_fields()] == [pa.string()]
+    samples = list(source.stream(0, 4))
+    assert [s.image for s in samples] == images and [s.labels["name"] for s in samples] == list("abcd")
+
+
+def test_a_file_without_rows_may_lack_the_id_column(tmp_path):
+    # (an empty partition from an empty frame) the search for repeated ids read its id column
+    # anyway, and the run ended on pyarrow's "No match for FieldRef.Name(key)"
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.table({"image": [_png("red")] * 3, "key": ["a", "b", "a"]}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "t" / "1.parquet")
+    source = ParquetSource(str(tmp_path / "t"), id_column="key")
+    assert [s.sample_id for s in source.stream(0, len(source))] == ["a", "b", "a"]
+    assert source.repeated_ids == {"count": 1, "examples": ["a"]}
+
 
 def test_a_column_only_files_without_rows_have_is_named_as_such(tmp_path):
     (tmp_path / "t").mkdir()
@@ -779,6 +803,24 @@ def test_a_damaged_row_group_makes_its_rows_bad_and_names_it(tmp_path):
     assert bad and all(160 <= s.index < 200 for s in bad), [s.index for s in bad]
     assert bad[0].reason.startswith("row group 1 of 'part-001.parquet' cannot be read: ")
     assert [s.labels["label"] for s in samples if not isinstance(s, BadSample)][:60] == list(range(100, 160))
+
+
+def test_a_page_whose_checksum_fails_makes_its_rows_bad(tmp_path):
+    # the file's pages carry CRCs, which were not checked: damaged bytes went on as images
+    images = [_png((i, 0, 0)) for i in range(30)]
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"image": images, "key": [f"k{i}" for i in range(30)]}), path, row_group_size=10,
+                   compression="none", use_dictionary=False, write_page_checksum=True)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    middle = column.data_page_offset + column.total_compressed_size // 2
+    data = bytearray(path.read_bytes())
+    data[middle:middle + 16] = bytes(b ^ 0x5A for b in data[middle:middle + 16])  # inside the images' bytes
+    path.write_bytes(bytes(data))
+    samples = list(ParquetSource(str(path), id_column="key").stream(0, 30))
+    bad = [s.index for s in samples if isinstance(s, BadSample)]
+    assert bad == list(range(10, 20))
+    assert samples[10].reason.startswith("row group 1 of 'a.parquet' cannot be read: ") and "CRC" in samples[10].reason
+    assert [s.image for s in samples if not isinstance(s, BadSample)] == images[:10] + images[20:]
 
 
 def test_image_columns_by_path_dictionary_or_all_null(tmp_path):

@@ -69,6 +69,27 @@ def test_a_folder(tmp_path):
     assert (tmp_path / "out" / SOURCE_INDEX_PATH).is_file()
 
 
+def test_parquet_categorical_columns_of_many_values(tmp_path):
+    # pandas writes a categorical column of up to 127 values with int8 codes: a batch across two
+    # such files held more values than int8 indices reach, and each try of its shard failed
+    # ("a batch's columns differ from the file's first batch")
+    (tmp_path / "pq").mkdir()
+    names = [f"f{i // 100}-c{i % 100}" for i in range(200)]
+    for f in range(2):
+        rows = range(f * 100, f * 100 + 100)
+        column = pa.DictionaryArray.from_arrays(pa.array(range(100), pa.int8()), pa.array([names[i] for i in rows]))
+        pq.write_table(pa.table({"image": pa.array([_png(i) for i in rows], pa.binary()), "name": column}),
+                       tmp_path / "pq" / f"part-{f}.parquet")
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["relu1"]},
+                               "source": {"kind": "parquet", "path": str(tmp_path / "pq")}, "dump": {"dtype": "float32"},
+                               "run": {"output": str(tmp_path / "out"), "executor": "local", "actors": 1,
+                                       "batch_size": 200, "shard_size": 200}})
+    assert run(config, stream=None).bad == []
+    _check(config, [str(i) for i in range(200)], [_png(i) for i in range(200)])
+    table = read_table(config.run.output, "relu1")
+    assert table.column("name").to_pylist() == names and table.schema.field("name").type == pa.string()
+
+
 def test_webdataset_shards(tmp_path):
     (tmp_path / "wds").mkdir()
     keys = []
