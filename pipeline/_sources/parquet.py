@@ -1,5 +1,5 @@
-"""A Parquet table (one file or a folder of files, local or on object storage) with an
-encoded-image column.
+"""A Parquet table (one file, a folder of files, or the files of a folder a glob matches:
+``data/train-*.parquet``; local or on object storage) with an encoded-image column.
 
 The other columns (all, or those named in ``columns``) pass through to every output row with
 their Arrow types: ids, labels, masks, anything; so do the keys of hive-style folders
@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import bisect
 import dataclasses
+import fnmatch
 import itertools
 import logging
 import posixpath
@@ -155,6 +156,28 @@ def _data_files(fs, root: str, path: str) -> list[pafs.FileInfo]:
     if others:
         log.warning("%d file(s) in %r do not end in .parquet and are left out, e.g. %r", len(others), path, others[0])
     return [i for i, e in zip(files, extensions) if not e or e in PARQUET_EXTENSIONS]
+
+
+def _pattern(root: str, local: bool) -> str | None:
+    """The glob in the last part of a path that names nothing (``data/train-*.parquet``), if it
+    has one (``?`` only in local paths: in a URI it begins the query)."""
+    name = root.rsplit("/", 1)[-1]
+    return name if any(c in name for c in ("*[?" if local else "*[")) else None
+
+
+def _matching(fs: pafs.FileSystem, folder: str, pattern: str, path: str) -> list[pafs.FileInfo]:
+    """The files in ``folder`` whose names match the glob ``pattern`` (:class:`ConfigError`
+    where none does, or where the folder is not there)."""
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(folder))
+    except FileNotFoundError:
+        raise ConfigError(ParquetSpec.key("path"), f"{path!r}: its folder {folder!r} does not exist") from None
+    files = [i for i in entries if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern)]
+    if not files:
+        names = sorted(i.base_name for i in entries if i.type == pafs.FileType.File)
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "none"
+        raise ConfigError(ParquetSpec.key("path"), f"{path!r} matches no file in {folder!r} (its files: {shown})")
+    return files
 
 
 def _fragments(fs: pafs.FileSystem, files: Sequence[pafs.FileInfo]) -> list[ds.ParquetFileFragment]:
@@ -431,13 +454,15 @@ class ParquetSource(StreamingSource):
         self.location = open_location(self.path, ParquetSpec.key("path"))
         try:
             info = self.location.fs.get_file_info(self.location.root)
-            if (why := missing(self.location, "a Parquet file or folder", info.type)) is not None:
+            pattern = _pattern(self.location.root, self.location.local) if info.type == pafs.FileType.NotFound else None
+            if pattern is None and (why := missing(self.location, "a Parquet file or folder", info.type)) is not None:
                 raise ConfigError(ParquetSpec.key("path"), why)
             single = info.type == pafs.FileType.File
-            # file paths in the index are relative to the folder (a single file: to its own folder)
-            self._root = self.location.root.rsplit("/", 1)[0] if single else self.location.root
+            # file paths in the index are relative to the folder (a single file or a pattern: the file's own)
+            self._root = self.location.root.rsplit("/", 1)[0] if single or pattern else self.location.root
             if index is None:  # the driver: discover the files, read their footers
                 fragments = _fragments(self.location.fs, [info] if single else
+                                       _matching(self.location.fs, self._root, pattern, path) if pattern else
                                        _data_files(self.location.fs, self.location.root, path))
                 table, schemas = _row_groups(fragments, self._root)
                 schema = next(iter(schemas.values()), None)

@@ -270,6 +270,31 @@ def test_view_columns_are_read_as_their_plain_types(tmp_path):
     assert [s.image for s in samples] == images and [s.labels["name"] for s in samples] == list("abcd")
 
 
+def test_a_glob_picks_a_splits_files_from_a_folder(tmp_path, s3):
+    # (Hugging Face keeps a dataset's splits side by side: data/train-00000-of-00002.parquet)
+    # a glob was "does not exist", and the folder mixed the splits
+    from support.storage import upload
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split, count in (("train", 2), ("test", 1)):
+        for f in range(count):
+            pq.write_table(pa.table({"image": [_png("red")] * 3, "key": [f"{split}-{f}-{i}" for i in range(3)]}),
+                           folder / f"{split}-{f:05d}-of-{count:05d}.parquet")
+    local = ParquetSource(str(folder / "train-*.parquet"), id_column="key")
+    assert [s.sample_id for s in local.stream(0, len(local))] == [f"train-{f}-{i}" for f in range(2) for i in range(3)]
+    upload(folder, f"s3://data/hf?{s3}")
+    remote = ParquetSource(f"s3://data/hf/test-*.parquet?{s3}", id_column="key")
+    assert [s.sample_id for s in remote.stream(0, len(remote))] == ["test-0-0", "test-0-1", "test-0-2"]
+    worker = ParquetSource(str(folder / "train-*.parquet"), id_column="key", index=local.index)  # as an actor opens it
+    assert [s.sample_id for s in worker.stream(4, 6)] == ["train-1-1", "train-1-2"]
+    with pytest.raises(ConfigError, match=r"'.*/val-\*.parquet' matches no file in '.*/data' \(its files: "
+                                          r"test-00000-of-00001.parquet, train-00000-of-00002.parquet, "):
+        ParquetSource(str(folder / "val-*.parquet"))
+    with pytest.raises(ConfigError, match=r"its folder '.*/nope' does not exist"):
+        ParquetSource(str(tmp_path / "nope" / "*.parquet"))
+
+
 def test_a_file_without_rows_may_lack_the_id_column(tmp_path):
     # (an empty partition from an empty frame) the search for repeated ids read its id column
     # anyway, and the run ended on pyarrow's "No match for FieldRef.Name(key)"
