@@ -314,6 +314,22 @@ def _used(ext: str) -> bool:
     return ext.lower() in IMAGE_EXTENSIONS or ext.lower() in SIDE_FILES
 
 
+def _several_images(table: pa.Table) -> tuple[int, str | None]:
+    """How many samples of an index hold more than one image member, and the key of the first.
+
+    >>> rows = _samples_of(0, [("a.jpg", 512, 1), ("a.png", 1024, 1), ("b.png", 1536, 1), ("b.cls", 2048, 1)])
+    >>> _several_images(rows)
+    (1, 'a')
+    """
+    members = table.column("members").combine_chunks()
+    image = pc.is_in(pc.utf8_lower(pc.list_flatten(members).field("ext")), value_set=pa.array(IMAGE_EXTENSIONS))
+    counts = pc.value_counts(pc.filter(pc.list_parent_indices(members), image))
+    several = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if not len(several):
+        return 0, None
+    return len(several), table.column("key")[pc.min(several).as_py()].as_py()
+
+
 def _samples_of(number: int, members: list[tuple[str, int, int]]) -> pa.Table:
     """The index rows of tar ``number``: its members grouped by key, consecutive ones together
     (``tar``, ``key``, ``members``: ``[{"ext", "offset", "size"}, ...]``). A member without an
@@ -434,6 +450,11 @@ class WebDatasetSource(StreamingSource):
         meta["sha256"] = digest(table, meta)
         if stored != tars:
             meta["origins"] = list(named.values())
+        several, example = _several_images(table)
+        if several:  # (kept apart from the digest: the index of a dump begun before this is the same)
+            meta["several_images"] = several
+            log.warning("%d sample(s) hold more than one image member (e.g. %r): each gives the first of them in the "
+                        "order %s", several, example, ", ".join(IMAGE_EXTENSIONS))
         self.index = MemoryIndex(table, meta)
         return self.index
 
@@ -445,6 +466,10 @@ class WebDatasetSource(StreamingSource):
     def identity(self) -> dict:
         identity = {"kind": "webdataset", "path": self.patterns, "tars": len(self.tars),
                     "samples": len(self), "index_sha256": self.index.meta["sha256"]}
+        if self.index.meta.get("several_images"):
+            # the image of a sample of several was the first in its tar before: a dump begun then
+            # must not be resumed with images chosen the other way
+            identity["image_member"] = "the first in the order " + ", ".join(IMAGE_EXTENSIONS)
         if any(e != e.lower() and e.lower() in SIDE_FILES for e in self.index.meta["extensions"]):
             # side files named in capitals gave no column before they were read in any case: a
             # dump begun then must not be resumed with columns its first shards lack
@@ -535,7 +560,7 @@ class WebDatasetSource(StreamingSource):
         if twice:
             return BadSample(index, key, f"its tar holds {', '.join(f'{key}.{e}' for e in twice)} more than once "
                              "(which one is meant is unknown)")
-        image_ext = next((e for e in parts if e in IMAGE_EXTENSIONS), None)
+        image_ext = min((e for e in parts if e in IMAGE_EXTENSIONS), key=IMAGE_EXTENSIONS.index, default=None)
         if image_ext is None:
             return BadSample(index, key, f"no image member (members: {', '.join(sorted(exts)) or 'none'}; "
                              f"looked for {', '.join(IMAGE_EXTENSIONS)})")

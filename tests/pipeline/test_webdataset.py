@@ -159,6 +159,21 @@ def test_json_fields_are_those_of_every_member_and_label_caption_pass_where_no_s
     assert "the .cls files give that column" in caplog.text and "every dump has that column" in caplog.text
 
 
+def test_a_sample_of_several_images_gives_the_first_in_a_fixed_order(tmp_path, caplog):
+    # a photo .jpg and a mask .png per sample: the member first in the tar was taken, the photo
+    # for some samples and the mask for others, without a word
+    jpeg, png = b"\xff\xd8\xff photo", b"\x89PNG mask"
+    tar = _tar(tmp_path / "a.tar", [("s0.jpg", jpeg), ("s0.png", png), ("s1.png", png), ("s1.jpg", jpeg),
+                                    ("s2.png", png), ("s2.cls", b"1")])
+    source = WebDatasetSource(str(tar))
+    assert [s.image for s in source.stream(0, 3)] == [jpeg, jpeg, png]
+    assert "2 sample(s) hold more than one image member (e.g. 's0'): each gives the first of them in the order " \
+           "jpg, jpeg, png" in caplog.text
+    assert source.identity()["image_member"].startswith("the first in the order jpg, jpeg, png")
+    plain = WebDatasetSource(str(_tar(tmp_path / "b.tar", [("s0.jpg", jpeg), ("s1.png", png)])))
+    assert "image_member" not in plain.identity()  # (dumps begun before resume as they did)
+
+
 def test_hard_links_strays_and_extensions_in_any_case(tmp_path, caplog):
     jpeg = b"\xff\xd8\xff fake"
     tar = _tar(tmp_path / "a.tar", [
