@@ -49,7 +49,8 @@ def _without_hidden(listing: pa.Table) -> tuple[pa.Table, int, str | None]:
     >>> kept.column("path").to_pylist(), count, first
     (['a/1.jpg', 'b.c/2.png'], 2, 'a/._1.jpg')
     """
-    hidden = pc.match_substring_regex(listing.column("path"), r"(^|/)\.")
+    paths = listing.column("path")
+    hidden = pc.or_(pc.starts_with(paths, "."), pc.match_substring(paths, "/."))  # (a plain search: a regex costs 3x)
     count = pc.sum(hidden).as_py() or 0
     if not count:
         return listing, 0, None
