@@ -372,6 +372,10 @@ def _unreadable(location: Location, name: str, exc: Exception) -> str:
     except OSError:
         return str(exc)
     kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is None and "unexpected end of data" in str(exc):
+        size = location.fs.get_file_info(location.path(name)).size
+        return (f"{exc}: it ends inside a member, at byte {size:,}, as a tar cut short does (a download or copy "
+                f"that did not finish): fetch it again, or leave it out of {_PATH}")
     if kind is None:
         return str(exc)
     return (f"it is {kind}-compressed; shards are read by byte range, which a compressed tar does not "

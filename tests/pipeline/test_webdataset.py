@@ -159,6 +159,21 @@ def test_json_fields_are_those_of_every_member_and_label_caption_pass_where_no_s
     assert "the .cls files give that column" in caplog.text and "every dump has that column" in caplog.text
 
 
+def test_a_tar_cut_short_says_where_and_what_to_do(tmp_path):
+    # a partial download was refused with tarfile's bare "unexpected end of data"
+    tar = _tar(tmp_path / "a.tar", [(f"s{i}.png", b"\x89PNG" + bytes(3000)) for i in range(3)])
+    import tarfile
+
+    with tarfile.open(tar) as whole:
+        cut = whole.getmembers()[-1].offset_data + 1000  # inside the last member's data
+    with open(tar, "r+b") as handle:
+        handle.truncate(cut)
+    with pytest.raises(ConfigError, match=rf"cannot read the tar '.*a.tar': unexpected end of data: it ends inside a "
+                                          rf"member, at byte {cut:,}, as a tar cut short does .*: fetch it again, or "
+                                          r"leave it out of source.path"):
+        WebDatasetSource(str(tar))
+
+
 def test_a_sample_of_several_images_gives_the_first_in_a_fixed_order(tmp_path, caplog):
     # a photo .jpg and a mask .png per sample: the member first in the tar was taken, the photo
     # for some samples and the mask for others, without a word
