@@ -4,8 +4,9 @@ The driver lists the folder once (:func:`~pipeline._sources._files.list_tree`): 
 sorted by path, are the samples, and the listing is the source's index, kept in the dump so
 that every actor numbers the files the same way without walking the tree. A file's id is its
 path relative to the root (``cat/001.jpg``). Hidden files and folders (a name that starts with
-``.``) are left out. When every file lies in a sub-folder, the sorted first-level folder names
-are the classes: ``label`` is the class index and ``class_name`` the folder.
+``.``) are left out. When every file lies in a sub-folder, the sorted first-level folders are
+the classes, numbered as torchvision's ``ImageFolder`` numbers them (one with no image too):
+``label`` is the class index and ``class_name`` the folder.
 
 On a local disk a sample's bytes are read by the thread that decodes it (so reads run as
 parallel as decoding); on object storage or a network file system (NFS, Lustre, ...) a pool of
