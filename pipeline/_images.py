@@ -163,6 +163,13 @@ def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
 # -- decoding and conversions --------------------------------------------------------------------
 
 
+def _pil_limit() -> float:
+    """The most pixels PIL decodes (``Image.MAX_IMAGE_PIXELS``, which a user may change)."""
+    from PIL import Image
+
+    return float("inf") if Image.MAX_IMAGE_PIXELS is None else Image.MAX_IMAGE_PIXELS
+
+
 def _pil_decode(data: bytes) -> torch.Tensor:
     """The first frame only, through PIL (for an animation, the others are never decoded)."""
     from PIL import Image
@@ -236,11 +243,12 @@ def _decode_bytes(data: bytes, max_pixels: int | None) -> torch.Tensor:
     if size is not None:
         _check_pixels(*size, max_pixels)
     png = data[:8] == _png.MAGIC
-    deep = png and _png.sixteen_bit(data)
+    # (PIL refuses a file of over twice its own limit, whatever source.preprocess.max_pixels allows)
+    deep = png and (_png.sixteen_bit(data) or (size is not None and size[0] * size[1] > _pil_limit()))
     if deep and (why := _png.damage(data)) is not None:
         raise ImageError(f"cannot decode the PNG file ({len(data):,} bytes): {why}")
     # PIL decodes a GIF's first frame alone (torchvision decodes them all), and PNG files but the
-    # 16-bit ones, the same to the bit: libpng's errors crash torchvision's decoder
+    # 16-bit and the huge ones, the same to the bit: libpng's errors crash torchvision's decoder
     if not (data[:6] in _GIF_MAGIC or (png and not deep)):
         tvio = _torchvision_io()
         try:

@@ -5,8 +5,8 @@ finds an error while it reads the pixel rows: a chunk whose CRC fails, pixel dat
 inflate, a row with an unknown filter. One damaged file in a dataset would kill every actor
 that tries it, and the run with them. So PNG files of 8 bits or fewer per sample are decoded by
 PIL, whose errors are exceptions (the pixels are the same to the bit), and 16-bit files, which
-PIL would read otherwise, go to torchvision only once :func:`damage` finds nothing libpng
-could fail on.
+PIL would read otherwise, and files over PIL's own size limit go to torchvision only once
+:func:`damage` finds nothing libpng could fail on.
 
 >>> import struct, zlib
 >>> def chunk(kind, body):
@@ -19,6 +19,9 @@ could fail on.
 'the IDAX chunk at byte 33 fails its CRC check'
 >>> damage(MAGIC + ihdr + chunk(b"IDAT", zlib.compress(b"\\7" + bytes(12))) + chunk(b"IEND", b""))
 'row 0 of its pixels has filter type 7 (0 to 4 are valid)'
+>>> half = zlib.compress(b"\\0" + bytes(12))
+>>> damage(MAGIC + ihdr + chunk(b"IDAT", half[:5]) + chunk(b"tEXt", b"a\\0b") + chunk(b"IDAT", half[5:]))
+'its IDAT chunks are not one after another (another chunk before byte 65)'
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import zlib
 import numpy as np
 
 MAGIC = b"\x89PNG\r\n\x1a\n"
+
+#: The critical chunks libpng knows; another stops it.
+_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
 
 #: Samples per pixel of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA).
 _SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
@@ -47,7 +53,7 @@ def sixteen_bit(data: bytes) -> bool:
 def damage(data: bytes) -> str | None:
     """Why libpng would fail on the PNG file ``data`` once it reads its pixels, in words; None
     when nothing would (its header's own faults libpng reports safely, and they are left to it)."""
-    position, header, pixels = len(MAGIC), None, []
+    position, header, pixels, previous = len(MAGIC), None, [], b""
     while position + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
         end = position + 12 + length
@@ -57,13 +63,19 @@ def damage(data: bytes) -> str | None:
         critical = not kind[0] & 0x20  # (libpng passes over an ancillary chunk whose CRC fails)
         if critical and zlib.crc32(data[position + 4:end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
             return f"the {name} chunk at byte {position} fails its CRC check"
+        if critical and kind not in _CRITICAL:
+            return f"it holds a critical chunk libpng does not know ({name}, at byte {position})"
+        if pixels and kind in (b"IHDR", b"PLTE"):
+            return f"it holds a {name} chunk after its pixel data (at byte {position})"
         if kind == b"IHDR" and length >= 13:
             header = struct.unpack_from(">IIBBBBB", data, position + 8)
         elif kind == b"IDAT":
+            if pixels and previous != b"IDAT":  # libpng reads one unbroken run of them
+                return f"its IDAT chunks are not one after another (another chunk before byte {position})"
             pixels.append(data[position + 8:end - 4])
         elif kind == b"IEND":
             break
-        position = end
+        position, previous = end, kind
     if header is None:
         return "it has no IHDR chunk"
     if not pixels:

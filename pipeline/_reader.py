@@ -148,12 +148,16 @@ def _index_array(indices: object) -> np.ndarray:
     """``read_table``'s ``indices`` as one int64 array, or a ``TypeError`` that shows them."""
     if isinstance(indices, torch.Tensor):
         indices = indices.detach().cpu().numpy()
+    elif isinstance(indices, (pa.Array, pa.ChunkedArray)):  # another table's column
+        indices = indices.to_numpy(zero_copy_only=False)
     array = None
     if not isinstance(indices, (str, bytes)) and hasattr(indices, "__iter__"):
         array = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices))
     if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
         shown = repr(indices) if len(repr(indices)) <= 80 else repr(indices)[:77] + "..."
         raise TypeError(f"indices must be a list of ints (source indices), a 1-d integer array or None, got {shown}")
+    if array.size and array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"indices hold {int(array.max())}, beyond any source index (at most {np.iinfo(np.int64).max})")
     return array.astype(np.int64)
 
 

@@ -54,10 +54,10 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 
 
 def _png16(width: int, height: int, colour: int = 2, rows: bytes | None = None, interlace: int = 0,
-           damage_at: int | None = None) -> bytes:
+           damage_at: int | None = None, between: bytes | None = None) -> bytes:
     """A 16-bit PNG file written by hand (PIL writes no 16-bit colour): random pixels, or ``rows``
     as the raw (filtered) pixel data; ``damage_at``: a byte of the compressed data flipped (the
-    chunk's CRC made right for it)."""
+    chunk's CRC made right for it); ``between``: a chunk between two halves of that data."""
     samples = {0: 1, 2: 3, 4: 2, 6: 4}[colour]
     if rows is None:
         pixels = np.random.default_rng(width * height).integers(0, 65536, (height, width * samples)).astype(">u2")
@@ -66,7 +66,9 @@ def _png16(width: int, height: int, colour: int = 2, rows: bytes | None = None, 
     compressed = bytearray(zlib.compress(rows))
     if damage_at is not None:
         compressed[damage_at] ^= 0xFF
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", bytes(compressed)) + _chunk(b"IEND", b"")
+    half = len(compressed) // 2 if between else len(compressed)
+    pixels = _chunk(b"IDAT", bytes(compressed[:half])) + (between + _chunk(b"IDAT", bytes(compressed[half:])) if between else b"")
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + pixels + _chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("mode, options", [("RGB", {}), ("RGBA", {}), ("L", {}), ("LA", {}), ("1", {}),
@@ -102,6 +104,8 @@ def test_damaged_png_files_are_bad_images_not_a_crash(tmp_path):
         "deep short": _png16(3, 2, rows=b"\x00" + bytes(18)),
         "deep inflate": _png16(9, 7, damage_at=40),
         "deep interlaced short": _png16(9, 7, interlace=1, rows=bytes(30)),
+        # (libpng reads one unbroken run of IDAT chunks: "Not enough image data", a crash too)
+        "deep split": _png16(9, 7, between=_chunk(b"tEXt", b"a\x00b")),
     }
     for name, data in files.items():
         (tmp_path / f"{name}.png").write_bytes(data)
@@ -119,10 +123,22 @@ def test_damaged_png_files_are_bad_images_not_a_crash(tmp_path):
     assert said["deep short"].endswith("its pixel data holds 19 bytes, fewer than its 3x2 pixels need")
     assert said["deep interlaced short"].endswith("its pixel data holds 30 bytes, fewer than its 9x7 pixels need")
     assert said["deep inflate"].startswith("ImageError: cannot decode the PNG file (")
+    assert said["deep split"].endswith("its IDAT chunks are not one after another (another chunk before byte 258)")
     assert "its pixel data does not inflate (Error -3 while decompressing data" in said["deep inflate"]
     image = decode(deep)  # and a sound one decodes as torchvision decodes it
     want = _images._torchvision_io().decode_image(torch.frombuffer(bytearray(deep), dtype=torch.uint8))
     assert torch.equal(image, conform(want))
+
+
+def test_a_png_over_pils_own_limit_decodes_where_max_pixels_allows_it(monkeypatch):
+    # PIL refuses a file of over twice its Image.MAX_IMAGE_PIXELS: such files go the checked
+    # torchvision way, as they went before PIL decoded PNG files
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
+    data = _encoded("PNG", size=(10, 6))
+    want = _images._torchvision_io().decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert torch.equal(decode(data, max_pixels=None), want)
 
 
 def test_cmyk_jpeg_becomes_rgb():

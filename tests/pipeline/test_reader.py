@@ -6,6 +6,7 @@ import shutil
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -64,10 +65,13 @@ def test_read_table_refuses_indices_that_are_not_ints(dump, indices):
         read_table(dump, "relu1", indices=indices)
 
 
-@pytest.mark.parametrize("indices", [[4, 1], np.array([4, 1], np.int32), torch.tensor([4, 1]), range(1, 5, 3), []])
+@pytest.mark.parametrize("indices", [[4, 1], np.array([4, 1], np.int32), torch.tensor([4, 1]), range(1, 5, 3), [],
+                                     pa.array([4, 1]), pa.chunked_array([[4], [1]])])
 def test_read_table_takes_indices_as_a_list_an_array_or_a_tensor(dump, indices):
     got = read_table(dump, "relu1", indices=indices, columns=["index"]).column("index").to_pylist()
-    assert got == sorted(int(i) for i in indices)
+    assert got == sorted(i.as_py() if isinstance(i, pa.Scalar) else int(i) for i in indices)
+    with pytest.raises(ValueError, match="indices hold 18446744073709551615, beyond any source index"):
+        read_table(dump, "relu1", indices=np.array([2**64 - 1], np.uint64))
 
 
 def test_plain_pyarrow_recipe_without_actmap(dump):
