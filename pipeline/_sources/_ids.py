@@ -45,16 +45,26 @@ def sample_id(value: object) -> str:
     return str(value)
 
 
+def sample_ids(array: pa.Array | pa.ChunkedArray) -> list:
+    """:func:`sample_id` of each value of an id column, ``None`` where it is null, made a
+    column at a time: integers by Arrow's cast, text as it is.
+
+    >>> sample_ids(pa.array([39, None])), sample_ids(pa.array([b"k0", b"\\xff"]))
+    (['39', None], ['k0', 'ff'])
+    """
+    if pa.types.is_integer(array.type):
+        return array.cast(pa.string()).to_pylist()
+    values = array.to_pylist()
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return values
+    return [None if value is None else sample_id(value) for value in values]
+
+
 def _ids(array: pa.Array) -> list:
     """The non-null values of ``array``, as sample ids compare: integers, floats and bytes by
     the id they become (:func:`sample_id`: a file's integer 39 is another file's text "39", its
     binary b"k0" another's text "k0"; NaN is one id, ``-0.0`` and ``0.0`` two), text as it is."""
-    array = array.drop_null()
-    if pa.types.is_integer(array.type):
-        return array.cast(pa.string()).to_pylist()
-    values = array.to_pylist()
-    return values if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) else \
-        list(map(sample_id, values))
+    return sample_ids(array.drop_null())
 
 
 def repeated_ids(batches: Callable[[], Iterator[pa.Array]], rows: int, examples: int = 5) -> dict:

@@ -49,7 +49,7 @@ from ..config import Config, ParquetSpec, SourceSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
 from ._files import missing, open_location, read_ahead
-from ._ids import repeated_ids, sample_id as as_sample_id
+from ._ids import repeated_ids, sample_ids
 from ._index import Index, MemoryIndex, digest
 
 log = logging.getLogger(__name__)
@@ -664,16 +664,17 @@ class ParquetSource(StreamingSource):
         super().close()
 
     def _samples(self, table: pa.Table | pa.RecordBatch, first: int, relative: str) -> Iterator[Sample | BadSample]:
+        # a column at a time, then a row at a time: this runs once per row of the dataset
         images, paths = self._images(table)
-        ids = table.column(self.id_column).to_pylist() if self.id_column else None
-        labels = {field.name: self._values(table, field, relative) for field in self._fields}
-        for row, image in enumerate(images):
-            index = first + row
-            if ids is not None and ids[row] is None:
+        indices = range(first, first + table.num_rows)
+        ids = sample_ids(table.column(self.id_column)) if self.id_column else map(str, indices)
+        names = [field.name for field in self._fields]
+        rows = zip(*(self._values(table, field, relative) for field in self._fields)) if names else \
+            itertools.repeat(())
+        for index, sample_id, image, values in zip(indices, ids, images, rows):
+            if sample_id is None:
                 yield BadSample(index, str(index), f"the id ({self.id_column}) is null")
-                continue
-            sample_id = as_sample_id(ids[row]) if ids is not None else str(index)
-            if image is None:
-                yield BadSample(index, sample_id, _no_bytes(paths[row] if paths else None))
-                continue
-            yield Sample(index, sample_id, image, {name: values[row] for name, values in labels.items()})
+            elif image is None:
+                yield BadSample(index, sample_id, _no_bytes(paths[index - first] if paths else None))
+            else:
+                yield Sample(index, sample_id, image, dict(zip(names, values)))
