@@ -112,6 +112,23 @@ def names(optional: bool = True) -> Check:
     return check
 
 
+def extensions(key: str, value: Any) -> tuple[str, ...] | None:
+    """File extensions in order of preference: a list, or one string of them separated by
+    ``;`` (WebDataset's ``"jpg;png"``); in lower case, without a leading dot.
+
+    >>> extensions("source.image_extensions", "jpg;.PNG")
+    ('jpg', 'png')
+    """
+    if value is None:
+        return None
+    items = value.split(";") if isinstance(value, str) else value
+    if (isinstance(items, str) or not isinstance(items, Sequence) or not items
+            or not all(isinstance(v, str) and v.strip().lstrip(".") for v in items)):
+        raise ConfigError(key, f"expected file extensions in order of preference, such as [jpg, png] or 'jpg;png', "
+                          f"got {value!r}")
+    return tuple(dict.fromkeys(v.strip().lstrip(".").lower() for v in items))
+
+
 def size(optional: bool = True) -> Check:
     """An image size: one int (square) or ``[height, width]``, as a tuple."""
     def check(key: str, value: Any) -> tuple[int, int] | None:

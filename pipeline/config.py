@@ -386,9 +386,12 @@ class DatasetSpec(SourceSpec, kind=SourceKind.DATASET):
 @dataclasses.dataclass(frozen=True)
 class WebDatasetSpec(SourceSpec, kind=SourceKind.WEBDATASET):
     """WebDataset tar shards at ``path``: a path, glob or brace pattern
-    (``train-{0000..0099}.tar``), or a list of them; local or URIs."""
+    (``train-{0000..0099}.tar``), or a list of them; local or URIs. A sample's image is its
+    member with the first of ``image_extensions`` it holds (default: every image suffix, ``jpg``
+    first)."""
 
     path: str | tuple[str, ...] | None = _field(None, check.paths, example="/data/train-{0000..0099}.tar")
+    image_extensions: tuple[str, ...] | None = _field(None, check.extensions)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ _OPENERS: dict[SourceKind, Callable[[Any, Index | None], Source]] = {
     SourceKind.PARQUET: lambda spec, index: ParquetSource(spec.path, spec.image_column, spec.id_column,
                                                           spec.columns, index=index),
     SourceKind.WEBDATASET: lambda spec, index: WebDatasetSource(
-        list(spec.path) if isinstance(spec.path, tuple) else spec.path, index=index),
+        list(spec.path) if isinstance(spec.path, tuple) else spec.path, index=index,
+        image_extensions=spec.image_extensions),
     SourceKind.DATASET: lambda spec, index: DatasetSource(spec.target, spec.kwargs),
 }

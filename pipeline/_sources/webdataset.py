@@ -3,8 +3,9 @@
 ``source.path`` is one pattern or a list of them, local or URIs: a path, a glob
 (``/data/train-*.tar``) or a brace range (``s3://bucket/train-{0000..0099}.tar``). In each tar,
 consecutive members with the same key (the name up to the first dot of its file name) are one
-sample, as WebDataset groups them: ``000123.jpg`` is its image (``jpg``, ``jpeg``, ``png``,
-``webp`` and the other image suffixes, in any case), ``000123.cls`` becomes ``label`` (an
+sample, as WebDataset groups them: ``000123.jpg`` is its image (the first of ``jpg``,
+``jpeg``, ``png``, ``webp`` and the other image suffixes it holds, in any case; or of
+``source.image_extensions``, as WebDataset's ``"jpg;png"``), ``000123.cls`` becomes ``label`` (an
 integer), ``000123.txt`` becomes ``caption`` (UTF-8 text), and the fields of ``000123.json`` become columns
 of their own: every field any ``.json`` member has (a ``label`` or ``caption`` field too, where
 no ``.cls`` or ``.txt`` file gives that column), typed by its first value that is not null (an
@@ -68,6 +69,7 @@ _JSON_TYPES = {bool: "bool", int: "int64", float: "double", str: "string"}
 #: The side files whose columns a ``.json`` field of the same name cannot take.
 _SIDE_COLUMNS = {"cls": "label", "txt": "caption"}
 _PATH = WebDatasetSpec.key("path")
+_IMAGES = WebDatasetSpec.key("image_extensions")
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 #: The first bytes of the compressed files a ``.tar`` name may hide.
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -252,7 +254,7 @@ def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]], _Fields]:
+def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list[tuple[str, int, int]], _Fields]:
     """``(member name, data offset, size)`` of the files in one tar, from its headers (a hard
     link as the file it links to; names that are not UTF-8 left out), and the fields of its
     ``.json`` members."""
@@ -267,7 +269,7 @@ def _members(location: Location, name: str) -> tuple[list[tuple[str, int, int]],
             elif member.islnk() and member.linkname in files:
                 place = files[member.linkname]
             else:
-                if member.issym() and _used(_extension(member.name)):
+                if member.issym() and _used(_extension(member.name), images):
                     symbolic.append(f"{member.name} -> {member.linkname}")
                 continue
             if not is_utf8(member.name):
@@ -309,20 +311,22 @@ def _extension(name: str) -> str:
     return name.rpartition("/")[2].partition(".")[2].lower()
 
 
-def _used(ext: str) -> bool:
-    """Whether a member with this extension is read: the image or a side file of a column."""
-    return ext.lower() in IMAGE_EXTENSIONS or ext.lower() in SIDE_FILES
+def _used(ext: str, images: Sequence[str]) -> bool:
+    """Whether a member with this extension is read: an image (one of ``images``) or a side
+    file of a column."""
+    return ext.lower() in images or ext.lower() in SIDE_FILES
 
 
-def _several_images(table: pa.Table) -> tuple[int, str | None]:
-    """How many samples of an index hold more than one image member, and the key of the first.
+def _several_images(table: pa.Table, images: Sequence[str]) -> tuple[int, str | None]:
+    """How many samples of an index hold more than one image member (one whose extension is in
+    ``images``), and the key of the first.
 
     >>> rows = _samples_of(0, [("a.jpg", 512, 1), ("a.png", 1024, 1), ("b.png", 1536, 1), ("b.cls", 2048, 1)])
-    >>> _several_images(rows)
-    (1, 'a')
+    >>> _several_images(rows, IMAGE_EXTENSIONS), _several_images(rows, ["png"])
+    ((1, 'a'), (0, None))
     """
     members = table.column("members").combine_chunks()
-    image = pc.is_in(pc.utf8_lower(pc.list_flatten(members).field("ext")), value_set=pa.array(IMAGE_EXTENSIONS))
+    image = pc.is_in(pc.utf8_lower(pc.list_flatten(members).field("ext")), value_set=pa.array(images, pa.string()))
     counts = pc.value_counts(pc.filter(pc.list_parent_indices(members), image))
     several = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if not len(several):
@@ -390,8 +394,17 @@ class WebDatasetSource(StreamingSource):
         index: the driver's index of the tars (actors); ``None`` reads the headers now.
     """
 
-    def __init__(self, path: str | Sequence[str], index: Index | None = None):
+    def __init__(self, path: str | Sequence[str], index: Index | None = None,
+                 image_extensions: Sequence[str] | None = None):
         self.patterns = [path] if isinstance(path, str) else list(path)
+        #: a sample's image is its member with the first of these extensions it holds
+        self.image_extensions = tuple(e.lower() for e in image_extensions) if image_extensions else IMAGE_EXTENSIONS
+        side = [e for e in self.image_extensions if e in SIDE_FILES]
+        if side:
+            raise ConfigError(_IMAGES, f"{side[0]!r} is a side file's extension (.cls gives the label, .txt the "
+                              "caption, .json more columns), not an image's; name the images' extensions, such as "
+                              "[jpg, png]")
+        self._rank = {ext: rank for rank, ext in enumerate(self.image_extensions)}
         if index is None:
             index = self._index()
         self.index = index
@@ -404,6 +417,9 @@ class WebDatasetSource(StreamingSource):
         self._json_fields: list[tuple[str, str]] = [tuple(f) for f in meta["json_fields"]]
         self._has = {e.lower() for e in meta["extensions"]}
         self._locations: dict[str, Location] = {}
+        if image_extensions and not self._has & set(self.image_extensions):
+            raise ConfigError(_IMAGES, f"no member of the tars has the extension {' or '.join(self.image_extensions)}; "
+                              f"theirs: {', '.join(sorted(self._has)) or 'none'}")
 
     # -- the driver's index ------------------------------------------------------------------------
 
@@ -423,7 +439,7 @@ class WebDatasetSource(StreamingSource):
         def walk(number: int) -> tuple[pa.Table, _Fields]:
             location, name = self._location(tars[number])
             try:
-                members, fields = _members(location, name)
+                members, fields = _members(location, name, self.image_extensions)
             except (OSError, tarfile.TarError) as exc:
                 raise ConfigError(_PATH, f"cannot read the tar {redact(tars[number])!r}: "
                                   f"{_unreadable(location, name, exc)}") from None
@@ -454,11 +470,11 @@ class WebDatasetSource(StreamingSource):
         meta["sha256"] = digest(table, meta)
         if stored != tars:
             meta["origins"] = list(named.values())
-        several, example = _several_images(table)
+        several, example = _several_images(table, self.image_extensions)
         if several:  # (kept apart from the digest: the index of a dump begun before this is the same)
             meta["several_images"] = several
             log.warning("%d sample(s) hold more than one image member (e.g. %r): each gives the first of them in the "
-                        "order %s", several, example, ", ".join(IMAGE_EXTENSIONS))
+                        "order %s (%s chooses)", several, example, ", ".join(self.image_extensions), _IMAGES)
         self.index = MemoryIndex(table, meta)
         return self.index
 
@@ -473,7 +489,7 @@ class WebDatasetSource(StreamingSource):
         if self.index.meta.get("several_images"):
             # the image of a sample of several was the first in its tar before: a dump begun then
             # must not be resumed with images chosen the other way
-            identity["image_member"] = "the first in the order " + ", ".join(IMAGE_EXTENSIONS)
+            identity["image_member"] = "the first in the order " + ", ".join(self.image_extensions)
         if any(e != e.lower() and e.lower() in SIDE_FILES for e in self.index.meta["extensions"]):
             # side files named in capitals gave no column before they were read in any case: a
             # dump begun then must not be resumed with columns its first shards lack
@@ -531,7 +547,7 @@ class WebDatasetSource(StreamingSource):
         rows = self.index.slice(start, stop)
         keys = rows.column("key").to_pylist()
         members = rows.column("members").to_pylist()
-        used = [[m for m in ms if _used(m["ext"])] for ms in members]
+        used = [[m for m in ms if _used(m["ext"], self._rank)] for ms in members]
         parts: list[dict[str, bytes]] = [{} for _ in keys]
         failed: dict[int, Exception] = {}
         done = 0  # the rows before it have been yielded
@@ -560,14 +576,14 @@ class WebDatasetSource(StreamingSource):
 
     def _sample(self, index: int, key: str, parts: dict[str, bytes], exts: list[str]) -> Sample | BadSample:
         seen = [e.lower() for e in exts]
-        twice = sorted({e for e in seen if seen.count(e) > 1 and _used(e)})
+        twice = sorted({e for e in seen if seen.count(e) > 1 and _used(e, self._rank)})
         if twice:
             return BadSample(index, key, f"its tar holds {', '.join(f'{key}.{e}' for e in twice)} more than once "
                              "(which one is meant is unknown)")
-        image_ext = min((e for e in parts if e in IMAGE_EXTENSIONS), key=IMAGE_EXTENSIONS.index, default=None)
+        image_ext = min((e for e in parts if e in self._rank), key=self._rank.__getitem__, default=None)
         if image_ext is None:
             return BadSample(index, key, f"no image member (members: {', '.join(sorted(exts)) or 'none'}; "
-                             f"looked for {', '.join(IMAGE_EXTENSIONS)})")
+                             f"looked for {', '.join(self.image_extensions)})")
         labels: dict = {}
         side = "cls"
         try:  # a caption that is not UTF-8 makes its sample bad, as in WebDataset: no character is guessed

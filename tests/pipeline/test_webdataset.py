@@ -189,6 +189,39 @@ def test_a_sample_of_several_images_gives_the_first_in_a_fixed_order(tmp_path, c
     assert "image_member" not in plain.identity()  # (dumps begun before resume as they did)
 
 
+def test_the_image_member_can_be_chosen_by_its_extensions(tmp_path, caplog):
+    # a photo and a mask per sample, as segmentation sets ship: the config says which is the image
+    from pipeline._sources import open_source
+    from pipeline.config import SourceSpec
+
+    jpeg, png, seg = b"\xff\xd8\xff photo", b"\x89PNG mask", b"\x89PNG seg"
+    tar = _tar(tmp_path / "a.tar", [("s0.jpg", jpeg), ("s0.seg.png", seg), ("s0.png", png), ("s0.cls", b"3"),
+                                    ("s1.seg.png", seg), ("s1.jpg", jpeg), ("s2.jpg", jpeg)])
+
+    def images(**source):
+        opened = open_source(SourceSpec.from_dict({"kind": "webdataset", "path": str(tar), **source}))
+        return [getattr(s, "image", None) or s.reason for s in opened.stream(0, len(opened))], opened
+
+    assert images()[0] == [jpeg, jpeg, jpeg]
+    chosen, source = images(image_extensions="seg.png;png")  # WebDataset's spelling
+    assert chosen[:2] == [seg, seg]
+    assert chosen[2] == "no image member (members: jpg; looked for seg.png, png)"
+    assert "1 sample(s) hold more than one image member (e.g. 's0'): each gives the first of them in the order " \
+           "seg.png, png (source.image_extensions chooses)" in caplog.text
+    assert source.identity()["image_member"] == "the first in the order seg.png, png"
+    assert images(image_extensions=[".PNG", "jpg"])[0] == [png, jpeg, jpeg]
+    assert [list(s.labels.values()) for s in images(image_extensions=["png"])[1].stream(0, 1)] == [[3]]
+    with pytest.raises(ConfigError, match=r"source.image_extensions: no member of the tars has the extension "
+                                          r"jpeg or webp; theirs: cls, jpg, png, seg.png"):
+        images(image_extensions=["jpeg", "webp"])
+    with pytest.raises(ConfigError, match=r"source.image_extensions: 'cls' is a side file's extension"):
+        images(image_extensions=["jpg", "cls"])
+    for bad in ("", [], ["jpg", ""], [3], ";"):
+        with pytest.raises(ConfigError, match=r"source.image_extensions: expected file extensions in order of "
+                                              r"preference, such as \[jpg, png\] or 'jpg;png', got"):
+            images(image_extensions=bad)
+
+
 def test_hard_links_strays_and_extensions_in_any_case(tmp_path, caplog):
     jpeg = b"\xff\xd8\xff fake"
     tar = _tar(tmp_path / "a.tar", [
