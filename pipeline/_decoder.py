@@ -1,8 +1,10 @@
 """An actor's image decoding: a pool of threads (and its GPU for JPEG files), batch by batch.
 
-Decoding, resizing and cropping run on up to ``threads`` threads (the actor's CPUs):
-torchvision's and PIL's decoders and torch's resize release the GIL, so they run in parallel,
-and a file that a source hands over unread (a local file) is read by the thread that decodes it.
+Decoding, resizing and cropping run on the thread that asks for a batch and up to
+``threads - 1`` more (the actor's CPUs in all; the shards an actor runs at once each decode on
+their own thread): torchvision's and PIL's decoders and torch's resize release the GIL, so they
+run in parallel, and a file that a source hands over unread (a local file) is read by the thread
+that decodes it.
 How many of the threads decode is found by trial (:mod:`pipeline._tuner`): small images decode
 fastest on one. On a CUDA device the JPEG files of a batch are decoded there in one call instead.
 
@@ -16,7 +18,6 @@ fastest on one. On a CUDA device the JPEG files of a batch are decoded there in 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
@@ -56,12 +57,14 @@ class Decoder:
         self.device = torch.device(device)
         self._stream: torch.cuda.Stream | None = None  # the GPU decoding's own stream, made when first used
         self.resize, self.crop, self.max_pixels, self.channels = resize, crop, max_pixels, channels
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actmap-decode") if self.threads > 1 else None
+        # a batch is decoded by the thread that asks for it, helped by up to ``threads - 1`` of
+        # the pool's where no other batch uses them (see :meth:`_map`)
+        self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="actmap-decode")
+                      if self.threads > 1 else None)
+        self._lock = threading.Lock()
+        self._decoding = 0  # threads decoding now, the callers' own included
+        self._batches = self._begun = 0  # CPU batches being decoded now, and begun so far
         self.tuner = ThreadTuner(self.threads)  # how many of them decode on the CPU: the fastest count
-        # with threads to share, one batch at a time on the CPU (the shards an actor runs at once
-        # take turns): a batch timed while another shared the threads misled the tuner (two
-        # shards at once, folder source alone on 2 threads: 0.92x its floor against 1.03x)
-        self._turn = threading.Lock() if self.threads > 1 else contextlib.nullcontext()
 
     def one(self, raw: RawImage, into: Into | None = None) -> torch.Tensor | Exception:
         """One image, decoded (into ``into``'s array, if it gives one), checked, resized and
@@ -74,50 +77,76 @@ class Decoder:
                 return exc
             raise
 
-    def _map(self, fn, items: Sequence, threads: int | None = None) -> list:
-        """``fn`` over ``items`` on ``threads`` threads (default: all), in order."""
-        threads = min(threads or self.threads, len(items))
-        if self._pool is None or threads < 2:
-            return [fn(item) for item in items]
-        # the threads take the images one at a time from a shared position: none waits idle
-        # at the end of a batch while another still decodes a chunk of several. After an error
-        # they take no more, and the error is raised once all have stopped: no work outlives
-        # the call.
-        out: list = [None] * len(items)
-        position = iter(range(len(items)))
-        lock = threading.Lock()
-        errors: list[BaseException] = []
+    def _map(self, fn, items: Sequence, threads: int | None = None) -> tuple[list, int]:
+        """``fn`` over ``items``, in order, on up to ``threads`` threads (default: all), and how
+        many worked: the caller's own, and as many of the pool's as no other batch is using.
 
-        def work() -> None:
-            while True:
-                with lock:
-                    i = None if errors else next(position, None)
-                if i is None:
-                    return
-                try:
-                    out[i] = fn(items[i])
-                except BaseException as exc:
+        The shards an actor runs at once thus decode their batches on their own threads, as a
+        plain loop per thread would, and a shard whose batch comes while the others read
+        theirs has the pool's help. Two shards at once on 2 threads, sources alone
+        (``bench/bench_sources.py``, medians of 7): Parquet 0.75x its floor when the batches
+        took turns on the pool while each caller waited, 0.91x now; JPEG folder 0.93x, 1.06x."""
+        with self._lock:
+            helpers = max(0, min((threads or self.threads), len(items), self.threads - self._decoding) - 1)
+            self._decoding += 1 + helpers
+        try:
+            if not helpers:
+                return [fn(item) for item in items], 1
+            # the threads take the images one at a time from a shared position: none waits idle
+            # at the end of a batch while another still decodes a chunk of several. After an
+            # error they take no more, and the error is raised once all have stopped: no work
+            # outlives the call.
+            out: list = [None] * len(items)
+            position = iter(range(len(items)))
+            lock = threading.Lock()
+            errors: list[BaseException] = []
+
+            def work() -> None:
+                while True:
                     with lock:
-                        errors.append(exc)
-                    return
+                        i = None if errors else next(position, None)
+                    if i is None:
+                        return
+                    try:
+                        out[i] = fn(items[i])
+                    except BaseException as exc:
+                        with lock:
+                            errors.append(exc)
+                        return
 
-        wait([self._pool.submit(work) for _ in range(threads)])
-        if errors:
-            raise errors[0]
-        return out
+            helping = [self._pool.submit(work) for _ in range(helpers)]
+            work()
+            wait(helping)
+            if errors:
+                raise errors[0]
+            return out, 1 + helpers
+        finally:
+            with self._lock:
+                self._decoding -= 1 + helpers
 
     def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:
         if self.device.type == "cuda":
             return self._with_gpu_jpeg(list(raws))
-        with self._turn:
-            threads = self.tuner.pick()
+        with self._lock:
+            alone = not self._batches  # timed for the tuner only if no other batch shares the threads
+            self._batches += 1
+            self._begun += 1
+            begun = self._begun
+        try:
             started = time.perf_counter()
             if self.resize is None and self.crop is None and self.channels == 3 and len(raws) > 1:
                 slot = _Block(len(raws)).slot  # the batch's JPEG files of one size, decoded side by side
-                out = self._map(lambda i: self.one(raws[i], functools.partial(slot, i)), range(len(raws)), threads)
+                out, threads = self._map(lambda i: self.one(raws[i], functools.partial(slot, i)), range(len(raws)),
+                                         self.tuner.pick())
             else:
-                out = self._map(self.one, raws, threads)
-            self.tuner.record(threads, len(raws), time.perf_counter() - started)
+                out, threads = self._map(self.one, raws, self.tuner.pick())
+            seconds = time.perf_counter() - started
+        finally:
+            with self._lock:
+                self._batches -= 1
+                alone = alone and self._begun == begun
+        if alone:  # (a batch timed while another shared the threads misled the tuner into too few)
+            self.tuner.record(threads, len(raws), seconds)
         return out
 
     def _with_gpu_jpeg(self, raws: list) -> list[torch.Tensor | Exception]:
@@ -125,7 +154,7 @@ class Decoder:
         tvio = lazy_import("torchvision.io")  # when first needed: it takes seconds
 
         encoded = [isinstance(raw, (bytes, bytearray, memoryview, Deferred)) for raw in raws]
-        raws = self._map(_load_jpeg, raws)
+        raws = self._map(_load_jpeg, raws)[0]
         out: list[torch.Tensor | Exception | None] = [None] * len(raws)
         jpegs = []
         for i, raw in enumerate(raws):
@@ -145,7 +174,7 @@ class Decoder:
                 if out[i] is None:
                     raws[i] = bytes(raws[i].numpy())
         left = [i for i, o in enumerate(out) if o is None]
-        for i, image in zip(left, self._map(self.one, [raws[i] for i in left])):
+        for i, image in zip(left, self._map(self.one, [raws[i] for i in left])[0]):
             out[i] = image
         return out
 

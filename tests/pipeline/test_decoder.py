@@ -51,7 +51,9 @@ def test_files_are_read_by_the_decoding_threads_in_parallel():
     out = decoder([read(i) for i in range(3)])
     decoder.close()
     assert all(isinstance(o, torch.Tensor) for o in out)
-    assert len(seen) == 3 and all(name.startswith("actmap-decode") for name in seen)
+    # the caller's own thread and two of the pool's
+    assert seen - {threading.current_thread().name} and len(seen) == 3
+    assert sum(name.startswith("actmap-decode") for name in seen) == 2
 
 
 def test_an_error_that_is_not_the_samples_stops_the_threads_and_is_raised_once_they_have():
