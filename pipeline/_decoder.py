@@ -133,20 +133,21 @@ class Decoder:
             self._begun += 1
             begun = self._begun
         try:
+            wanted = self.tuner.pick(trial=alone)
             started = time.perf_counter()
             if self.resize is None and self.crop is None and self.channels == 3 and len(raws) > 1:
                 slot = _Block(len(raws)).slot  # the batch's JPEG files of one size, decoded side by side
                 out, threads = self._map(lambda i: self.one(raws[i], functools.partial(slot, i)), range(len(raws)),
-                                         self.tuner.pick())
+                                         wanted)
             else:
-                out, threads = self._map(self.one, raws, self.tuner.pick())
+                out, threads = self._map(self.one, raws, wanted)
             seconds = time.perf_counter() - started
         finally:
             with self._lock:
                 self._batches -= 1
                 alone = alone and self._begun == begun
-        if alone:  # (a batch timed while another shared the threads misled the tuner into too few)
-            self.tuner.record(threads, len(raws), seconds)
+        # (a batch timed while another shared the threads misled the tuner into too few)
+        self.tuner.record(threads, len(raws), seconds if alone else None)
         return out
 
     def _with_gpu_jpeg(self, raws: list) -> list[torch.Tensor | Exception]:

@@ -10,8 +10,10 @@ shared machine: a count with more threads is kept when it comes within ``margin`
 fastest, since too few threads cost far more than a few too many (on 2 cores, one noisy trial
 that kept 1 thread for 64 batches cost a fifth of a Parquet source's rate). For the same reason
 a pick of fewer threads than before is held only ``period // 8`` batches before the counts are
-tried again, and for a whole period once the next trials confirm it. Pure logic: the caller
-times its batches.
+tried again, and for a whole period once the next trials confirm it. Only a batch decoded
+alone is a trial (one that shares the threads with another batch is timed too slow): the
+batches of shards decoded at once take the fastest count so far, and count towards the period
+untimed. Pure logic: the caller times its batches.
 
 >>> def run(tuner, rates, batches):  # rates: images/s of each count
 ...     picked = []
@@ -66,16 +68,22 @@ class ThreadTuner:
     def _start_trials(self) -> None:
         self._trials, self._rates = list(self.candidates), {}
 
-    def pick(self) -> int:
-        """The thread count for the next batch."""
+    def pick(self, trial: bool = True) -> int:
+        """The thread count for the next batch: while trials are under way, the next trial's
+        for a batch that will be timed (``trial``), the fastest so far for the others."""
         with self._lock:
-            if self._warm and self._trials:
+            if trial and self._warm and self._trials:
                 return self._trials[0]
             return self._best
 
-    def record(self, threads: int, images: int, seconds: float) -> None:
-        """Report a batch of ``images`` decoded by ``threads`` threads in ``seconds``."""
+    def record(self, threads: int, images: int, seconds: float | None) -> None:
+        """Report a batch of ``images`` decoded by ``threads`` threads in ``seconds``;
+        ``None``: a batch not timed (it shared the threads), which counts towards the period."""
         with self._lock:
+            if seconds is None:
+                if self._warm and not self._trials:
+                    self._count_down()
+                return
             if not self._warm:
                 self._warm = True
                 return
@@ -90,9 +98,12 @@ class ThreadTuner:
                         self._best = best
                         self._left = self.period if confirmed else max(1, self.period // 8)
                 return
-            self._left -= 1
-            if self._left <= 0:
-                self._start_trials()
+            self._count_down()
+
+    def _count_down(self) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            self._start_trials()
 
 
 __all__ = ["ThreadTuner"]

@@ -392,12 +392,13 @@ class WebDatasetSource(StreamingSource):
     Args:
         path: one pattern or a list (paths, globs, brace ranges; local or URIs).
         index: the driver's index of the tars (actors); ``None`` reads the headers now.
+        image_extensions: a sample's image is its member with the first of these extensions
+            it holds (``source.image_extensions``); default :data:`IMAGE_EXTENSIONS`.
     """
 
     def __init__(self, path: str | Sequence[str], index: Index | None = None,
                  image_extensions: Sequence[str] | None = None):
         self.patterns = [path] if isinstance(path, str) else list(path)
-        #: a sample's image is its member with the first of these extensions it holds
         self.image_extensions = tuple(e.lower() for e in image_extensions) if image_extensions else IMAGE_EXTENSIONS
         side = [e for e in self.image_extensions if e in SIDE_FILES]
         if side:

@@ -102,6 +102,23 @@ def test_one_noisy_trial_that_favours_fewer_threads_costs_a_few_batches_not_a_pe
     assert picked[79:] == [2] * 10
 
 
+def test_batches_not_timed_take_the_fastest_count_and_count_towards_the_period():
+    # batches of shards decoded at once are never trials: had they taken the trial's count
+    # (1 thread first), trials that only lone batches end would have kept them at 1 for good
+    tuner = ThreadTuner(4, period=16)
+    tuner.record(4, 100, 1.0)  # the warm-up
+    assert tuner.pick(trial=False) == 4 and tuner.pick() == 1
+    for _ in range(5):
+        tuner.record(4, 100, None)  # shared the threads: no trial ends
+    assert tuner.pick() == 1
+    for threads, rate in [(1, 1000), (2, 1900), (4, 1500)]:
+        tuner.record(threads, 100, 100 / rate)
+    assert tuner.pick() == tuner.pick(trial=False) == 2
+    for _ in range(2):  # a pick of fewer threads is held period // 8 batches, untimed ones too
+        tuner.record(2, 100, None)
+    assert tuner.pick() == 1 and tuner.pick(trial=False) == 2  # trials again
+
+
 def test_shards_decoded_at_once_decode_on_their_own_threads_and_only_a_batch_alone_is_timed():
     # batches that took turns on the pool left each shard's own thread waiting (two shards at
     # once, Parquet source alone on 2 threads: 0.77x its floor); a batch timed while another
@@ -116,13 +133,13 @@ def test_shards_decoded_at_once_decode_on_their_own_threads_and_only_a_batch_alo
 
     decoder = Meeting(threads=2)
     timed = []
-    decoder.tuner.record = lambda threads, images, seconds: timed.append(threads)
-    other = threading.Thread(target=lambda: timed.append(decoder([None])))
+    decoder.tuner.record = lambda threads, images, seconds: timed.append((threads, seconds is not None))
+    other = threading.Thread(target=lambda: decoder([None]))
     other.start()
     assert decoder([None]) == [None]
     other.join()
-    assert timed == [[None]]  # the other shard's result only: neither batch ran alone
+    assert timed == [(1, False), (1, False)]  # neither batch ran alone: counted, not timed
     image = torch.zeros(3, 4, 4, dtype=torch.uint8)
     decoder([image] * 4)
-    assert timed[1:] == [2]  # alone: the caller and a thread of the pool, timed
+    assert timed[2:] == [(2, True)]  # alone: the caller and a thread of the pool, timed
     decoder.close()
