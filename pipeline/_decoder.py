@@ -83,9 +83,10 @@ class Decoder:
 
         The shards an actor runs at once thus decode their batches on their own threads, as a
         plain loop per thread would, and a shard whose batch comes while the others read
-        theirs has the pool's help. Two shards at once on 2 threads, sources alone
-        (``bench/bench_sources.py``, medians of 7): Parquet 0.75x its floor when the batches
-        took turns on the pool while each caller waited, 0.91x now; JPEG folder 0.93x, 1.06x."""
+        theirs has the pool's help. Two shards at once on 2 threads, sources alone against
+        their floors (``bench/bench_sources.py``'s, the code before and after taking turns,
+        medians of 7 rounds): Parquet 0.75x when the batches took turns on the pool while each
+        caller waited, 0.91x now; JPEG folder 0.93x, 1.06x."""
         with self._lock:
             helpers = max(0, min((threads or self.threads), len(items), self.threads - self._decoding) - 1)
             self._decoding += 1 + helpers
