@@ -55,7 +55,7 @@ class Decoder:
                  channels: int = 3):
         self.threads = max(1, int(threads))
         self.device = torch.device(device)
-        self._stream: torch.cuda.Stream | None = None  # the GPU decoding's own stream, made when first used
+        self._streams = threading.local()  # each calling thread's own stream for GPU decoding, made when first used
         self.resize, self.crop, self.max_pixels, self.channels = resize, crop, max_pixels, channels
         # a batch is decoded by the thread that asks for it, helped by up to ``threads - 1`` of
         # the pool's where no other batch uses them (see :meth:`_map`)
@@ -184,17 +184,19 @@ class Decoder:
         """JPEG files decoded, resized and cropped on the GPU, in one decoder call, or ``None``
         when the decoder refuses one of them (the caller decodes them on the CPU).
 
-        The work runs on a stream of its own, so it overlaps the forwards on the worker's
-        stream instead of waiting for them: torchvision's decoder allocates its outputs on the
+        The work runs on a stream of the calling thread's own, so it overlaps the forwards on
+        the worker's stream instead of waiting for them, and the shards decoding at once do not
+        wait for each other's batches: torchvision's decoder allocates its outputs on the
         current stream and writes them from another, so that stream must hold no work but its
         own. Its results are complete when this returns, and their memory is not reused before
         the work the caller's stream queues on them is done.
         """
         tvio = lazy_import("torchvision.io")
         consumer = torch.cuda.current_stream(self.device)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._stream):
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
             try:
                 images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
             except RuntimeError as exc:  # one bad file fails the whole call
@@ -203,7 +205,7 @@ class Decoder:
             # resized in one call per image size, not one per image
             images = resize_crop_many([conform(image, channels_last=False, channels=self.channels) for image in images],
                                       self.resize, self.crop)
-        self._stream.synchronize()
+        stream.synchronize()
         for image in images:
             image.record_stream(consumer)
         return images

@@ -96,6 +96,7 @@ def _jpeg(value: int, size=(40, 30)) -> bytes:
 
 class _Calls(list):
     recorded: list
+    synced: list  # the streams waited for, in order
 
 
 @pytest.fixture
@@ -115,6 +116,7 @@ def cpu_for_gpu(monkeypatch):
 
         def synchronize(self):
             calls.append("synchronize")
+            calls.synced.append(self)
 
     recorded = []
     monkeypatch.setattr(tvio, "decode_jpeg", decode_jpeg)
@@ -122,7 +124,7 @@ def cpu_for_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the worker's stream")
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream), raising=False)
-    calls.recorded = recorded
+    calls.recorded, calls.synced = recorded, []
     return calls
 
 
@@ -173,6 +175,26 @@ def test_the_gpu_path_paints_generated_images_on_the_threads_and_decodes_only_jp
         assert torch.equal(image, resize_crop(generate(sample.index, 24, 3)[0], 16, (12, 12)))
     assert out[4].shape == (3, 12, 12) and cpu_for_gpu == [1, "synchronize"]  # the JPEG file alone
     gpu.close()
+
+
+def test_each_shards_thread_decodes_on_a_gpu_stream_of_its_own(cpu_for_gpu):
+    # one stream made when first needed and shared by the shards at once: two first calls
+    # could each make one, and a thread then waited for the other's stream, not its own
+    gpu = Decoder(threads=2, device="cuda")
+    both = threading.Barrier(2, timeout=10)
+
+    def shard():
+        both.wait()  # the two first calls at once
+        for _ in range(2):
+            gpu([_jpeg(1), _jpeg(2)])
+
+    threads = [threading.Thread(target=shard) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    gpu.close()
+    assert len(cpu_for_gpu.synced) == 4 and len(set(map(id, cpu_for_gpu.synced))) == 2
 
 
 def test_decoding_threads_may_import_torchvision_at_once():
