@@ -34,6 +34,40 @@ log = logging.getLogger(__name__)
 #: Seconds the other actors get to come up after the first one did, beyond the time it took.
 STRAGGLERS = 5.0
 
+def local_ray_environment() -> dict[str, str]:
+    """What the processes of a local Ray started here inherit, unless this process's environment
+    says otherwise: one malloc arena per core (at least two).
+
+    glibc's malloc gives each thread that allocates an arena of its own (up to 8 per core), and
+    each arena keeps the most it ever held. An actor's threads (its shards, their decoding, its
+    writers) each kept a peak of batch buffers, and the actor's peak memory grew with the shards
+    it ran: on 2 cores, +11.4% and +13.3% from N/4 to N WebDataset samples (20,000 and 80,000),
+    +5.7% and +3.5% with two arenas (bench/README.md, run 23). More arenas than cores buy little:
+    no more threads than cores allocate at once. glibc reads the variable when a process starts,
+    so a running actor cannot change it: a cluster's nodes set it where Ray starts (cluster.yaml).
+    """
+    return {"MALLOC_ARENA_MAX": str(max(2, os.cpu_count() or 2))}
+
+
+@contextlib.contextmanager
+def inherited(environment: dict[str, str]) -> Iterator[None]:
+    """The variables of ``environment`` that this process does not set, set for the processes
+    started inside the block, and unset again after it.
+
+    >>> with inherited({"ACTMAP_EXAMPLE": "1"}):
+    ...     os.environ["ACTMAP_EXAMPLE"]
+    '1'
+    >>> "ACTMAP_EXAMPLE" in os.environ
+    False
+    """
+    added = [name for name in environment if name not in os.environ]
+    os.environ.update({name: environment[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[bool]:
@@ -54,7 +88,8 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         # start took 0.6-0.9 s longer on 2 cores.
         address = "local"
         kwargs.update(include_dashboard=False)
-    ray.init(address=address, **kwargs)
+    with inherited(local_ray_environment() if address == "local" else {}):
+        ray.init(address=address, **kwargs)
     try:
         yield address == "local"
     finally:

@@ -1,0 +1,44 @@
+"""How the Ray executor starts the local Ray it owns."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline._ray_executor import inherited, local_ray_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_environment_given_to_a_local_ray_leaves_what_the_user_set_and_is_taken_back(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    monkeypatch.delenv("ACTMAP_TEST_ADDED", raising=False)
+    with inherited({"MALLOC_ARENA_MAX": "2", "ACTMAP_TEST_ADDED": "yes"}):
+        assert os.environ["MALLOC_ARENA_MAX"] == "8"
+        assert os.environ["ACTMAP_TEST_ADDED"] == "yes"
+    assert os.environ["MALLOC_ARENA_MAX"] == "8"
+    assert "ACTMAP_TEST_ADDED" not in os.environ
+
+
+def test_a_local_ray_gets_one_malloc_arena_per_core_and_two_at_least(monkeypatch):
+    for cores, arenas in ((None, "2"), (1, "2"), (2, "2"), (16, "16")):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert local_ray_environment() == {"MALLOC_ARENA_MAX": arenas}
+
+
+def test_the_actors_of_a_local_ray_started_here_get_its_environment_and_the_driver_does_not():
+    # a process of its own: the tests' own Ray is up already, and ray_session would use it
+    probe = """
+import os, ray
+from pipeline._ray_executor import ray_session
+with ray_session() as started:
+    seen = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("MALLOC_ARENA_MAX")).remote())
+print(started, seen, os.environ.get("MALLOC_ARENA_MAX"))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", local_ray_environment()["MALLOC_ARENA_MAX"], "None"]
