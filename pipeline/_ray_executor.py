@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 #: Seconds the other actors get to come up after the first one did, beyond the time it took.
 STRAGGLERS = 5.0
 
+
 def local_ray_environment() -> dict[str, str]:
     """What the processes of a local Ray started here inherit, unless this process's environment
     says otherwise: one malloc arena per core (at least two).
