@@ -36,24 +36,23 @@ STRAGGLERS = 5.0
 
 
 def local_ray_environment() -> dict[str, str]:
-    """What the processes of a local Ray started here inherit, unless this process's environment
-    says otherwise: one malloc arena per core (at least two).
+    """What the processes of a local Ray started here inherit: one malloc arena per CPU this
+    process may use, at least two.
 
     glibc's malloc gives each thread that allocates an arena of its own (up to 8 per core), and
-    each arena keeps the most it ever held. An actor's threads (its shards, their decoding, its
-    writers) each kept a peak of batch buffers, and the actor's peak memory grew with the shards
-    it ran: on 2 cores, +11.4% and +13.3% from N/4 to N WebDataset samples (20,000 and 80,000),
-    +5.7% and +3.5% with two arenas (bench/README.md, run 23). More arenas than cores buy little:
-    no more threads than cores allocate at once. glibc reads the variable when a process starts,
-    so a running actor cannot change it: a cluster's nodes set it where Ray starts (cluster.yaml).
+    each arena keeps the most it ever held, so an actor's peak memory grew with the shards it had
+    run; with fewer arenas it grows less (bench/README.md, "malloc arenas"). glibc reads the
+    variable when a process starts (setting it in a running actor does nothing), so a cluster's
+    nodes set it where Ray starts (cluster.yaml).
     """
-    return {"MALLOC_ARENA_MAX": str(max(2, os.cpu_count() or 2))}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"MALLOC_ARENA_MAX": str(max(2, cpus or 2))}
 
 
 @contextlib.contextmanager
 def inherited(environment: dict[str, str]) -> Iterator[None]:
-    """The variables of ``environment`` that this process does not set, set for the processes
-    started inside the block, and unset again after it.
+    """Adds to ``os.environ``, for the block, the variables of ``environment`` that it lacks
+    (processes started in the block inherit them); removes them after.
 
     >>> with inherited({"ACTMAP_EXAMPLE": "1"}):
     ...     os.environ["ACTMAP_EXAMPLE"]
@@ -81,14 +80,16 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         yield False
         return
     kwargs: dict = {"logging_level": logging.WARNING}
-    if not address and not os.environ.get("RAY_ADDRESS"):
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         # a Ray of our own ("local": not whatever cluster `ray start` left running here). Its
         # workers import modules from the current folder, as the driver does (Ray puts it on
         # their path), and from PYTHONPATH (they inherit this process's environment). No
         # runtime_env: one kept the workers Ray starts ahead from serving the actors, whose
         # start took 0.6-0.9 s longer on 2 cores.
-        address = "local"
         kwargs.update(include_dashboard=False)
+    # in this whole process's environment for the seconds ray.init takes (the trial sample may
+    # run meanwhile, on another thread), as the variables ray.init itself sets are
     with inherited(local_ray_environment() if address == "local" else {}):
         ray.init(address=address, **kwargs)
     try:
