@@ -190,6 +190,22 @@ def _plan(samples: int, shard_size: int) -> ShardPlan:
     return plan
 
 
+def _stop(executor: Executor | None, store: OutputStore, layers: Sequence[str], failed: bool) -> None:
+    """Stop the workers while the run holds the output's lock; once no write of theirs is in
+    flight, delete the temporary files of the writes that never finished (shards given up, or
+    whose worker died). After a ``failed`` run a clean-up that fails is logged, and the run's
+    own error stands; a worker killed while still writing leaves its files to the next run."""
+    idle = executor.close() if executor is not None else True
+    if not idle:
+        return
+    try:
+        remove_temporaries(store, layers)
+    except Exception as exc:
+        if not failed:
+            raise
+        log.warning("the temporary files of the shards given up are left for the next run: %s", exc)
+
+
 def run(config: Config, *, address: str | None = None, overwrite: bool = False,
         stream: TextIO | None = sys.stderr) -> Summary:
     """Dump ``config``'s layers over its source into ``config.run.output``.
@@ -227,16 +243,21 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
             commit_output(store, manifest, state)
             frozen = _freeze_source(store, probe.source)
             del probe  # the source's index is on disk now: the driver keeps O(shards), not O(samples)
-            if executor is not None and shards_left:
-                progress = Progress(new_samples, stream)
-                try:
-                    executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), shards_left)
-                    execute(executor, plan, config.run.max_attempts, progress, records, lock)
-                finally:
-                    workers = executor.workers
-                    progress.close()
-            # the temporary files of workers that died, now that none is in flight
-            remove_temporaries(store, config.model.layers)
+            try:
+                if executor is not None and shards_left:
+                    progress = Progress(new_samples, stream)
+                    try:
+                        executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), shards_left)
+                        execute(executor, plan, config.run.max_attempts, progress, records, lock)
+                    finally:
+                        workers = executor.workers
+                        progress.close()
+            except BaseException:
+                stopping, executor = executor, None
+                _stop(stopping, store, config.model.layers, failed=True)
+                raise
+            stopping, executor = executor, None
+            _stop(stopping, store, config.model.layers, failed=False)
     finally:
         if executor is not None:
             executor.close()

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds the other actors get to come up after the first one did, beyond the time it took.
 STRAGGLERS = 5.0
+#: Seconds a stopping run gives its actors' shards in flight to end at their next batch (their
+#: files dropped) before the actors are killed with them.
+STOP_GRACE = 30.0
 
 
 def local_ray_environment() -> dict[str, str]:
@@ -295,20 +298,40 @@ class RayExecutor(SlottedLanes):
     def in_flight(self, finished) -> int:
         return self._poller.poll(self._slots.alive, finished) if self._poller is not None else 0
 
-    def close(self) -> None:
+    def close(self) -> bool:
         import ray
 
+        idle = not self._pending
         try:
             if self._poller is not None:
                 self._poller.close()
-            for ref in self._pending:  # best effort: the actors are killed right after
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref)
-            for actor in self._actors:
+            if self._pending:
+                idle = self._give_up(STOP_GRACE)
+        finally:
+            for actor in self._actors:  # also when a second Ctrl-C cut the wait short
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
-        finally:
             self._pending.clear()
             self._pings.clear()
             self._session.close()
+        return idle
+
+    def _give_up(self, grace: float) -> bool:
+        """Have the actors give up their shards in flight at their next batch (dropping their
+        files); whether every one of those shards ended within ``grace`` seconds."""
+        import ray
+
+        log.info("stopping the actors: their %d shard(s) in flight end at their next batch (Ctrl-C to kill "
+                 "them now)", len(self._pending))
+        try:
+            for actor in self._actors:  # a dead one's call fails, and its shards have ended already
+                actor.stop.remote()
+            _, left = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=grace)
+        except Exception as exc:  # the cluster is out of reach: the actors are killed as they are
+            log.warning("could not stop the actors (%s); they are killed with their shards in flight", exc)
+            return False
+        if left:
+            log.warning("%d shard(s) still in flight after %g s are killed with their actors; their temporary "
+                        "files go when the dump is resumed", len(left), grace)
+        return not left
 

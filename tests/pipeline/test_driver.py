@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeline import read_layer, read_table, run
-from pipeline._layout import MANIFEST_PATH, SHARDS_DIR, layer_file, shard_record_path
+from pipeline._layout import LOCK_PATH, MANIFEST_PATH, SHARDS_DIR, layer_file, shard_record_path
 from pipeline._models import build_model
 from pipeline._sources import open_source
 from pipeline.config import Config
@@ -227,18 +227,43 @@ def test_strict_failure_with_shards_in_flight_names_the_bad_sample(tmp_path, cap
 
     if executor == "ray":
         request.getfixturevalue("ray_cluster")
-    source = _dataset("Squares", n=32, size=8, bad=20)
+    # slow enough that the shard beside the failing one has written some of its batches
+    source = _dataset("Slow", n=48, size=8, delay=0.03, bad=42)
     code = main(["run", "--quiet", "--set", "model.name=support.models:tiny", "--set", "model.layers=[conv2]",
                  "--set", f"source={json.dumps(source)}", "--set", "run.strict=true", "--set", "run.actors=1",
-                 "--set", f"run.executor={executor}", "--set", "run.shard_size=4", "--set", "run.batch_size=2",
+                 "--set", f"run.executor={executor}", "--set", "run.shard_size=8", "--set", "run.batch_size=2",
                  "--set", f"run.output={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "BadSampleError: sample '20' (index 20): ValueError: item 20 is corrupt" in err
+    assert "BadSampleError: sample '42' (index 42): ValueError: item 42 is corrupt" in err
     assert "rerun the same command to resume" in err
+    out = tmp_path / "out"
+    assert not list(out.rglob(".*.tmp")), "the shards given up leave no temporary file"
+    assert not (out / LOCK_PATH).exists()
 
 
 # -- what Ray itself does ----------------------------------------------------------------------------
+
+
+def test_shards_that_do_not_stop_in_time_are_killed_and_their_files_go_on_the_rerun(tmp_path, ray_cluster,
+                                                                                      monkeypatch, caplog):
+    import pipeline._ray_executor as ray_executor
+
+    monkeypatch.setattr(ray_executor, "STOP_GRACE", 0.2)  # less than one forward of the slow model
+    out = tmp_path / "out"
+    strict = _config(out, "ray", model={"name": "support.models:slow", "kwargs": {"delay": 0.5}, "layers": ["conv2"]},
+                     source=_dataset("Squares", n=24, size=8, bad=13),
+                     run={"actors": 1, "batch_size": 2, "shard_size": 8, "strict": True})
+    with pytest.raises(BadSampleError, match="sample '13'"):
+        run(strict, stream=None)
+    assert any("killed with their actors" in r.getMessage() for r in caplog.records)
+    assert list(out.rglob(".*.tmp")), "a shard killed mid-way leaves its temporary file"
+    assert not (out / LOCK_PATH).exists()
+    lenient = Config.from_dict({**strict.to_dict(), "run": {**strict.to_dict()["run"], "strict": False}})
+    summary = run(lenient, stream=None)
+    assert summary.rows == {"conv2": 23} and [b["index"] for b in summary.bad] == [13]
+    assert not list(out.rglob(".*.tmp")), "the rerun clears it"
+    assert read_table(str(out), "conv2").column("index").to_pylist() == [i for i in range(24) if i != 13]
 
 
 def test_dead_actor_loses_nothing(tmp_path, ray_cluster):
