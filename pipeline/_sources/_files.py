@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fnmatch
 import functools
 import logging
 import os
@@ -259,6 +260,20 @@ def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: l
         keys.append(entry.name + "/")
     keys.sort()
     return keys, len(keys) > files
+
+
+def glob_names(names: Iterable[str], pattern: str, skip: tuple[str, ...] = (".",)) -> list[str]:
+    """The ``names`` the glob ``pattern`` matches (case counts), sorted; as a shell's glob, a
+    name that starts with one of ``skip`` (``.``: macOS's ``._x.tar`` copies) only where the
+    pattern starts with it too.
+
+    >>> glob_names(["b-1.tar", "._b-1.tar", "a-2.tar"], "*.tar")
+    ['a-2.tar', 'b-1.tar']
+    >>> glob_names(["._b-1.tar", "_SUCCESS"], "._*"), glob_names(["_SUCCESS"], "*", skip=(".", "_"))
+    (['._b-1.tar'], [])
+    """
+    hidden = tuple(prefix for prefix in skip if not pattern.startswith(prefix))
+    return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern) and not n.startswith(hidden))
 
 
 def is_utf8(name: str) -> bool:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import bisect
 import dataclasses
-import fnmatch
 import itertools
 import logging
 import posixpath
@@ -48,7 +47,7 @@ import pyarrow.parquet as pq
 from ..config import Config, ParquetSpec, SourceSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
-from ._files import missing, open_location, read_ahead
+from ._files import glob_names, missing, open_location, read_ahead
 from ._ids import repeated_ids, sample_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -167,12 +166,14 @@ def _pattern(root: str, local: bool) -> str | None:
 
 def _matching(fs: pafs.FileSystem, folder: str, pattern: str, path: str) -> list[pafs.FileInfo]:
     """The files in ``folder`` whose names match the glob ``pattern`` (:class:`ConfigError`
-    where none does, or where the folder is not there)."""
+    where none does, or where the folder is not there); names that start with ``.`` or ``_``
+    are no data, unless the pattern starts so too."""
     try:
         entries = fs.get_file_info(pafs.FileSelector(folder))
     except FileNotFoundError:
         raise ConfigError(ParquetSpec.key("path"), f"{path!r}: its folder {folder!r} does not exist") from None
-    files = [i for i in entries if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern)]
+    by_name = {i.base_name: i for i in entries if i.type == pafs.FileType.File}
+    files = [by_name[name] for name in glob_names(by_name, pattern, skip=(".", "_"))]
     if not files:
         names = sorted(i.base_name for i in entries if i.type == pafs.FileType.File)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "none"

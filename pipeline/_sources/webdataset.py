@@ -26,7 +26,6 @@ the same sample ids and indices on every actor and every rerun.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from ..config import WebDatasetSpec
 from ..errors import ConfigError
 from .._secrets import redact, with_credentials
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
-from ._files import Location, is_utf8, open_location
+from ._files import Location, glob_names, is_utf8, open_location
 from ._ids import repeated_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -157,7 +156,7 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
             if any(c in globbed for c in "*?[") and _kind(folder) != "Directory":
                 raise ConfigError(_PATH, f"{redact(name)!r}: a glob matches file names, not folders; name the "
                                   "folders with a brace pattern ('{a,b}/*.tar') or a list")
-            if not any(c in base for c in "*?["):
+            if not any(c in base for c in "*?[") or _is_file(folder, base):  # a tar named `x[1].tar` is read as named
                 tars.append((name, number))
                 continue
             location = open_location(folder, _PATH)
@@ -165,7 +164,7 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
                 entries = location.fs.get_file_info(pafs.FileSelector(location.root))
             except (OSError, FileNotFoundError) as exc:
                 raise ConfigError(_PATH, f"cannot list {redact(folder)!r} for {redact(name)!r}: {exc}") from None
-            found = sorted(e.base_name for e in entries if fnmatch.fnmatchcase(e.base_name, base))
+            found = glob_names((e.base_name for e in entries), base)
             if not found:
                 raise ConfigError(_PATH, f"{redact(name)!r} matches no file")
             tars += [(_join(folder, f), number) for f in found]
@@ -187,6 +186,15 @@ def _same_tar(tar: str) -> str:
     if tar.startswith("file://"):
         tar = pafs.FileSystem.from_uri(tar)[1]
     return tar if "://" in tar else os.path.realpath(tar)
+
+
+def _is_file(folder: str, name: str) -> bool:
+    """Whether ``folder`` holds a file named ``name`` (one request, on object storage)."""
+    location = open_location(folder, _PATH)
+    try:
+        return location.fs.get_file_info(location.path(name)).type == pafs.FileType.File
+    except OSError:
+        return False
 
 
 def _kind(folder: str) -> str:
@@ -370,7 +378,7 @@ def _samples_of(number: int, members: list[tuple[str, int, int]]) -> pa.Table:
 def _unreadable(location: Location, name: str, exc: Exception) -> str:
     """Why a tar cannot be read, with what to do where the cause is known."""
     if location.local and Path(location.path(name)).is_dir():
-        return f"{exc}: it is a folder; name its tar files ('{name}/*.tar')"
+        return f"{exc}: it is a folder; name its tar files ('{location.path(name).rstrip('/')}/*.tar')"
     try:
         head = location.read_range(name, 0, 6)
     except OSError:

@@ -293,6 +293,13 @@ def test_a_glob_picks_a_splits_files_from_a_folder(tmp_path, s3):
         ParquetSource(str(folder / "val-*.parquet"))
     with pytest.raises(ConfigError, match=r"its folder '.*/nope' does not exist"):
         ParquetSource(str(tmp_path / "nope" / "*.parquet"))
+    # the files a folder's listing leaves out are no data for a glob either: macOS's `._` copies
+    (folder / "._train-00000-of-00002.parquet").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (folder / "_train-metadata.parquet").write_bytes(b"not a data file")
+    again = ParquetSource(str(folder / "*train-*.parquet"), id_column="key")
+    assert {**again.identity(), "path": None} == {**local.identity(), "path": None}  # the same files, rows and index
+    with pytest.raises(ConfigError, match="is not a Parquet file that can be read"):
+        ParquetSource(str(folder / "._train-*.parquet"))  # named by the pattern itself: taken
 
 
 def test_a_file_without_rows_may_lack_the_id_column(tmp_path):

@@ -1,5 +1,7 @@
 """WebDataset tar shards: grouping by key, side files, patterns, remote tars, shard reads."""
 
+import re
+
 import pyarrow as pa
 import pytest
 
@@ -310,8 +312,9 @@ def test_unreadable_tars_say_why(tmp_path):
     (tmp_path / "a.tar.gz").write_bytes(gzip.compress((folder / "train-0000.tar").read_bytes()))
     with pytest.raises(ConfigError, match="gzip-compressed; shards are read by byte range"):
         WebDatasetSource(str(tmp_path / "a.tar.gz"))
-    with pytest.raises(ConfigError, match="it is a folder; name its tar files"):
-        WebDatasetSource(str(folder))
+    for named in (folder, f"{folder}/"):  # the pattern to name is the folder's, in full
+        with pytest.raises(ConfigError, match=re.escape(f"it is a folder; name its tar files ('{folder}/*.tar')")):
+            WebDatasetSource(str(named))
     with pytest.raises(ConfigError, match="a glob matches file names, not folders"):
         WebDatasetSource(str(tmp_path / "w*" / "train-0000.tar"))
 
@@ -326,6 +329,19 @@ def test_a_folder_whose_name_has_glob_characters_is_read_as_named(tmp_path):
     folder = write_shards(tmp_path / "run[1]")
     assert len(WebDatasetSource(str(folder / "train-0000.tar"))) == 4
     assert len(WebDatasetSource(str(folder / "train-*.tar"))) == 12
+    # and so is a tar: a name that is there is a name, not a glob
+    (folder / "train-0000.tar").rename(folder / "train[0].tar")
+    assert len(WebDatasetSource(str(folder / "train[0].tar"))) == 4
+    assert len(WebDatasetSource(str(folder / "train[[]0].tar"))) == 4
+    assert len(WebDatasetSource(str(folder / "train*.tar"))) == 12
+
+
+def test_a_glob_leaves_out_hidden_files_as_a_shell_does(tmp_path):
+    folder = write_shards(tmp_path / "wds")
+    (folder / "._train-0000.tar").write_bytes(b"\x00\x05\x16\x07 a macOS resource fork")
+    assert WebDatasetSource(str(folder / "*.tar")).tars == WebDatasetSource(str(folder / "train-*.tar")).tars
+    with pytest.raises(ConfigError, match="cannot read the tar"):
+        WebDatasetSource(str(folder / ".*.tar"))  # named by the pattern itself: taken
 
 
 def test_linked_json_members_on_object_storage(tmp_path, s3):
