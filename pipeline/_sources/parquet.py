@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from ..config import Config, ParquetSpec, SourceSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
-from ._files import glob_names, missing, open_location, read_ahead
+from ._files import Location, glob_names, missing, open_location, read_ahead
 from ._ids import repeated_ids, sample_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -159,9 +159,27 @@ def _data_files(fs, root: str, path: str) -> list[pafs.FileInfo]:
 
 def _pattern(root: str, local: bool) -> str | None:
     """The glob in the last part of a path that names nothing (``data/train-*.parquet``), if it
-    has one (``?`` only in local paths: in a URI it begins the query)."""
+    has one (``?`` only in local paths: in a URI it begins the query).
+
+    >>> _pattern("/data/train-*.parquet", True), _pattern("s3://b/data/x?.parquet", False)
+    ('train-*.parquet', None)
+    """
     name = root.rsplit("/", 1)[-1]
-    return name if any(c in name for c in ("*[?" if local else "*[")) else None
+    return name if any(c in name for c in _globs(local)) else None
+
+
+def _globs(local: bool) -> str:
+    return "*[?" if local else "*["
+
+
+def _glob_in_folders(location: Location, path: str) -> None:
+    """A :class:`ConfigError` for a path that names nothing because a folder part of it is a
+    glob (``data/label=*/a.parquet``): the globs match file names only."""
+    folder = location.root.rpartition("/")[0]
+    if any(c in folder for c in _globs(location.local)) and location.fs.get_file_info(folder).type == pafs.FileType.NotFound:
+        raise ConfigError(ParquetSpec.key("path"), f"{path!r} names nothing, and a glob matches the file names of one "
+                          "folder, not folders: name the folder above them (a folder takes the files of all its "
+                          "sub-folders, hive-style 'label=3/' ones with their keys as columns)")
 
 
 def _matching(fs: pafs.FileSystem, folder: str, pattern: str, path: str) -> list[pafs.FileInfo]:
@@ -455,7 +473,10 @@ class ParquetSource(StreamingSource):
         self.location = open_location(self.path, ParquetSpec.key("path"))
         try:
             info = self.location.fs.get_file_info(self.location.root)
-            pattern = _pattern(self.location.root, self.location.local) if info.type == pafs.FileType.NotFound else None
+            pattern = None
+            if info.type == pafs.FileType.NotFound:
+                _glob_in_folders(self.location, path)
+                pattern = _pattern(self.location.root, self.location.local)
             if pattern is None and (why := missing(self.location, "a Parquet file or folder", info.type)) is not None:
                 raise ConfigError(ParquetSpec.key("path"), why)
             single = info.type == pafs.FileType.File

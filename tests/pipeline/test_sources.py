@@ -293,6 +293,9 @@ def test_a_glob_picks_a_splits_files_from_a_folder(tmp_path, s3):
         ParquetSource(str(folder / "val-*.parquet"))
     with pytest.raises(ConfigError, match=r"its folder '.*/nope' does not exist"):
         ParquetSource(str(tmp_path / "nope" / "*.parquet"))
+    for glob in ("d*/train-00000-of-00002.parquet", "d*/*.parquet"):
+        with pytest.raises(ConfigError, match="a glob matches the file names of one folder, not folders: name the"):
+            ParquetSource(str(tmp_path / glob))
     # the files a folder's listing leaves out are no data for a glob either: macOS's `._` copies
     (folder / "._train-00000-of-00002.parquet").write_bytes(b"\x00\x05\x16\x07 resource fork")
     (folder / "_train-metadata.parquet").write_bytes(b"not a data file")
@@ -300,6 +303,8 @@ def test_a_glob_picks_a_splits_files_from_a_folder(tmp_path, s3):
     assert {**again.identity(), "path": None} == {**local.identity(), "path": None}  # the same files, rows and index
     with pytest.raises(ConfigError, match="is not a Parquet file that can be read"):
         ParquetSource(str(folder / "._train-*.parquet"))  # named by the pattern itself: taken
+    (tmp_path / "data").rename(tmp_path / "d*")  # a folder that is there is a name, not a glob
+    assert len(ParquetSource(str(tmp_path / "d*" / "train-*.parquet"))) == 6
 
 
 def test_a_file_without_rows_may_lack_the_id_column(tmp_path):
