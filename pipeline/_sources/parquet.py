@@ -161,8 +161,8 @@ def _pattern(root: str, local: bool) -> str | None:
     """The glob in the last part of a path that names nothing (``data/train-*.parquet``), if it
     has one (``?`` only in local paths: in a URI it begins the query).
 
-    >>> _pattern("/data/train-*.parquet", True), _pattern("s3://b/data/x?.parquet", False)
-    ('train-*.parquet', None)
+    >>> _pattern("/data/train-*.pq", True), _pattern("s3://b/data/x?.pq", False)
+    ('train-*.pq', None)
     """
     name = root.rsplit("/", 1)[-1]
     return name if any(c in name for c in _globs(local)) else None
