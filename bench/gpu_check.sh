@@ -18,8 +18,11 @@
 #   8. bench_sources  the input path on this host: floors and sources alone, 1 and all threads
 #   9. gpu_profile    each stage of the JPEG-folder dump alone (read, GPU decode, resize, forward,
 #                     copy out, write), then ShardWorker with 4 shards at once, in one process
+#  10. arenas         step 7's pooled dump with one malloc arena per CPU (a local Ray's) and with
+#                     glibc's 8 per core, taking turns: images/s and the actor's peak memory
 #
-# STEPS="1 7 8" runs only those steps.
+# STEPS="1 7 8" runs only those steps. All of them take longer than one device call may (10
+# minutes); the steps the last runs had not covered come first: STEPS="1 3 7 10" BUDGET=420.
 #
 # On the GPU machine (torch and pyarrow there, Ray from .gpu-carry/), from the repository root:
 #   bash .gpu-carry/install.sh && export PYTHONPATH=$PWD/.gpu-carry/site && bash bench/gpu_check.sh
@@ -338,6 +341,38 @@ step 9_gpu_profile 150 "$PY" bench/gpu_profile.py "${PROFILE_ARGS[@]}" --images 
 # -- 6. the encodings on this host ------------------------------------------------------------------
 step 6_bench_encoding 60 "$PY" bench/bench_encoding.py "${ENC_ARGS[@]}" --dir "$WORK"
 
+# -- 10. what one malloc arena per CPU costs with many threads: step 7's pooled dump, taking turns --
+step 10_arenas 120 "$PY" - <<'EOF'
+import glob, json, os, shutil
+import pipeline
+from pipeline._ray_executor import local_ray_environment
+
+work, root = os.environ["WORK"], os.path.join(os.environ["WORK"], "jpegs")
+if not os.path.isdir(root):
+    raise SystemExit("no JPEG folder: step 7 makes it")
+count = len(glob.glob(f"{root}/*/*.jpg"))
+rule = local_ray_environment()["MALLOC_ARENA_MAX"]
+glibc = str(8 * (os.cpu_count() or 1))  # glibc's own limit: 8 per core
+rates = {}
+for arenas in (rule, glibc, rule, glibc):  # the local Ray each run starts takes the variable
+    os.environ["MALLOC_ARENA_MAX"] = arenas
+    out = os.path.join(work, "arenas-dump")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = pipeline.load_config(None, [
+        f"model.name={os.environ['MODEL']}", "model.layers=[layer3, layer4]", "model.precision=bf16",
+        "model.channels_last=true", "source.kind=folder", f"source.path={root}", "source.preprocess.resize=256",
+        "source.preprocess.crop=224", f"run.output={out}", f"run.batch_size={os.environ['BATCH']}",
+        f"run.shard_size={4 * int(os.environ['BATCH'])}", "dump.reduce=pool"])
+    summary = pipeline.run(cfg, stream=None)
+    records = [json.load(open(p)) for p in glob.glob(f"{out}/_actmap/shards/*.json")]
+    busy = max(r["finished"] for r in records) - min(r["started"] for r in records)
+    peak = max(r["worker"]["max_rss_mb"] for r in records)
+    rates.setdefault(arenas, []).append(count / busy)
+    print(f"MALLOC_ARENA_MAX={arenas}: {count / busy:.0f} images/s from the first shard's start to the last one's "
+          f"end, actor peak {peak:.0f} MB, {summary.rows}")
+print("; ".join(f"{a} arenas: " + " / ".join(f"{r:.0f}" for r in v) + " images/s" for a, v in rates.items()))
+EOF
+
 rm -rf "$WORK"
 set +x
 echo "== summary (${SECONDS}s)"; cat "$OUT/summary.txt"
@@ -345,7 +380,8 @@ for f in "$OUT"/4_bench_pipeline.log "$OUT"/5_bench_pipeline_memory.log; do
   [[ -f $f ]] && { echo "== $f"; grep -v "^\s*$" "$f" | grep -E "^\||^resnet|^fixed|^actmap:" | tail -n 25; }
 done
 # the device tool brings back at most 8 files: the short logs go into one
-for f in "$OUT"/1_env.log "$OUT"/2_cuda_sanity.log "$OUT"/3_cuda_pipeline.log "$OUT"/6_bench_encoding.log; do
+for f in "$OUT"/1_env.log "$OUT"/2_cuda_sanity.log "$OUT"/3_cuda_pipeline.log "$OUT"/6_bench_encoding.log \
+         "$OUT"/10_arenas.log; do
   [[ -f $f ]] && { echo "=== $(basename "$f")"; cat "$f"; } >> "$OUT/short_steps.log" && rm "$f"
 done
 ! grep -q "rc=[1-9]" "$OUT/summary.txt"
