@@ -18,8 +18,8 @@
 #   8. bench_sources  the input path on this host: floors and sources alone, 1 and all threads
 #   9. gpu_profile    each stage of the JPEG-folder dump alone (read, GPU decode, resize, forward,
 #                     copy out, write), then ShardWorker with 4 shards at once, in one process
-#  10. arenas         step 7's pooled dump with one malloc arena per CPU (a local Ray's) and with
-#                     glibc's 8 per core, taking turns: images/s and the actor's peak memory
+#  10. arenas         step 7's pooled dump with one malloc arena per CPU (a local Ray's), then with
+#                     glibc's 8 per core: images/s and the actor's peak memory
 #
 # STEPS="1 7 8" runs only those steps. All of them take longer than one device call may (10
 # minutes); the steps the last runs had not covered come first: STEPS="1 3 7 10" BUDGET=420.
@@ -341,7 +341,7 @@ step 9_gpu_profile 150 "$PY" bench/gpu_profile.py "${PROFILE_ARGS[@]}" --images 
 # -- 6. the encodings on this host ------------------------------------------------------------------
 step 6_bench_encoding 60 "$PY" bench/bench_encoding.py "${ENC_ARGS[@]}" --dir "$WORK"
 
-# -- 10. what one malloc arena per CPU costs with many threads: step 7's pooled dump, taking turns --
+# -- 10. what one malloc arena per CPU costs with many threads: step 7's pooled dump, both ways ------
 step 10_arenas 120 "$PY" - <<'EOF'
 import glob, json, os, shutil
 import pipeline
@@ -354,7 +354,7 @@ count = len(glob.glob(f"{root}/*/*.jpg"))
 rule = local_ray_environment()["MALLOC_ARENA_MAX"]
 glibc = str(8 * (os.cpu_count() or 1))  # glibc's own limit: 8 per core
 rates = {}
-for arenas in (rule, glibc, rule, glibc):  # the local Ray each run starts takes the variable
+for arenas in (rule, glibc):  # the local Ray each run starts takes the variable (~20 s of start-up each)
     os.environ["MALLOC_ARENA_MAX"] = arenas
     out = os.path.join(work, "arenas-dump")
     shutil.rmtree(out, ignore_errors=True)

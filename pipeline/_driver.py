@@ -15,7 +15,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TextIO
 
@@ -28,7 +28,7 @@ from ._records import ShardRecord
 from ._report import Summary
 from ._scheduling import ShardQueue
 from ._shards import MAX_SHARDS, Shard, ShardPlan
-from ._sources import IndexFile, MemoryIndex, write_index
+from ._sources import IndexFile, MemoryIndex, describe_error, write_index
 from ._store import OutputStore
 from ._worker import ShardWorker
 from .config import Config, ExecutorKind, RunSpec
@@ -190,20 +190,29 @@ def _plan(samples: int, shard_size: int) -> ShardPlan:
     return plan
 
 
-def _stop(executor: Executor | None, store: OutputStore, layers: Sequence[str], failed: bool) -> None:
-    """Stop the workers while the run holds the output's lock; once no write of theirs is in
-    flight, delete the temporary files of the writes that never finished (shards given up, or
-    whose worker died). After a ``failed`` run a clean-up that fails is logged, and the run's
-    own error stands; a worker killed while still writing leaves its files to the next run."""
-    idle = executor.close() if executor is not None else True
-    if not idle:
-        return
+def _stop(executor: Executor | None, store: OutputStore, layers: Sequence[str], lock: OutputLock) -> None:
+    """Stop the workers while the run holds the output's lock, then delete the temporary files
+    of the writes that never finished (shards given up, or whose worker died), but those of the
+    shards a worker may still be writing (killed with them, or out of reach: the next run's).
+    Nothing is deleted once another run has taken the lock over."""
+    writing = executor.close() if executor is not None else set()
     try:
-        remove_temporaries(store, layers)
-    except Exception as exc:
-        if not failed:
-            raise
-        log.warning("the temporary files of the shards given up are left for the next run: %s", exc)
+        ours = lock.lost is None and lock.renew()
+    except OSError as exc:
+        log.warning("the lock of %s could not be renewed (%s): the temporary files are left", store.location, exc)
+        return
+    if ours:
+        remove_temporaries(store, layers, keep=writing)
+
+
+def _quietly(error: BaseException, stop: Callable[..., object], *args: object) -> None:
+    """``stop(*args)`` after the run failed with ``error``, which stands whatever happens here (a
+    cluster out of reach, a storage error, a second Ctrl-C while the workers stop): that is logged."""
+    try:
+        stop(*args)
+    except BaseException as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        log.warning("while stopping after %s: %s; temporary files may be left for the next run",
+                    type(error).__name__, describe_error(exc))
 
 
 def run(config: Config, *, address: str | None = None, overwrite: bool = False,
@@ -252,15 +261,16 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                     finally:
                         workers = executor.workers
                         progress.close()
-            except BaseException:
+            except BaseException as error:
                 stopping, executor = executor, None
-                _stop(stopping, store, config.model.layers, failed=True)
+                _quietly(error, _stop, stopping, store, config.model.layers, lock)
                 raise
             stopping, executor = executor, None
-            _stop(stopping, store, config.model.layers, failed=False)
-    finally:
+            _stop(stopping, store, config.model.layers, lock)
+    except BaseException as error:
         if executor is not None:
-            executor.close()
+            _quietly(error, executor.close)
+        raise
     written = sum(records[i].total_bytes for i in records if i not in state.done)
     return Summary.from_records(records, output=store.location, layers=layers, samples=samples,
                                 resumed=len(state.done), actors=workers, seconds=time.monotonic() - started,

@@ -123,10 +123,10 @@ class Executor(Protocol):
     def in_flight(self, finished: Mapping[int, Any]) -> int:
         """Samples done so far of the shards still running (not in ``finished``), as last heard."""
 
-    def close(self) -> bool:
+    def close(self) -> set[int]:
         """Stop the workers; shards still in flight are given up (rerun to redo them), their files
-        dropped. Whether every one of them ended: then no write of the workers is in flight (a
-        worker killed with its shards may still be writing for a moment)."""
+        dropped. Returns the shards that may still be writing (a worker killed with them, or out
+        of reach): their temporary files are not to be deleted yet."""
 
 
 class Slots:
@@ -266,7 +266,7 @@ class LocalExecutor(SlottedLanes):
         return sum(samples for worker in self._workers for shard, samples in worker.progress().items()
                    if shard not in finished)
 
-    def close(self) -> bool:
+    def close(self) -> set[int]:
         for worker in self._workers:
             worker.stop()  # shards in flight end at their next batch, their files dropped
         if self._threads is not None:
@@ -274,4 +274,4 @@ class LocalExecutor(SlottedLanes):
         for worker in self._workers:
             worker.close()
         self._pending.clear()
-        return True
+        return set()

@@ -18,8 +18,9 @@ import logging
 from collections.abc import Collection, Mapping
 
 from ._integrity import Damage, check_dump
-from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, SOURCE_INDEX_PATH, is_owned,
-                      is_temporary, partition_layer, shard_record_path, temporary_target)
+from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, SOURCE_INDEX_PATH, file_shard,
+                      is_data_file, is_owned, is_temporary, partition_layer, record_shard, shard_record_path,
+                      temporary_target)
 from ._model_inputs import ModelInput
 from ._records import LayerSpec, Manifest, ShardRecord
 from ._secrets import cannot_use, redact
@@ -147,12 +148,18 @@ def remove_dump(store: OutputStore, layers: Collection[str] | None) -> None:
     store.delete_dir(SHARDS_DIR)
 
 
-def remove_temporaries(store: OutputStore, layers: Collection[str]) -> int:
+def remove_temporaries(store: OutputStore, layers: Collection[str], keep: Collection[int] = ()) -> int:
     """Delete the temporary files of writes that never finished (a worker that died, a run cut
-    short); how many. Only a run that holds the folder's lock may: others' writes are in flight."""
+    short), but those of the shards in ``keep`` (a worker may still be writing them); how many.
+    Only a run that holds the folder's lock may: others' writes are in flight."""
+    def kept(target: str) -> bool:
+        shard = file_shard(target) if is_data_file(target) else record_shard(target)
+        return shard is not None and shard in keep
+
     folders = [e for e in store.entries() if _owned_layer(e, layers)] + [META_DIR]
     leftovers = [f for folder in folders for f in store.list_files(folder)
-                 if is_temporary(f) and is_owned(f) and temporary_target(f) != LOCK_PATH]
+                 if is_temporary(f) and is_owned(f) and temporary_target(f) != LOCK_PATH
+                 and not kept(temporary_target(f))]
     for f in leftovers:
         store.delete_file(store.path(f))
     return len(leftovers)

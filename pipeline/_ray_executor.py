@@ -146,6 +146,9 @@ class RayExecutor(SlottedLanes):
         self._slots = Slots(0)
         self._pending: dict = {}  # object ref -> (lane, shard)
         self._pings: dict = {}  # object ref -> actor not up yet, or dead and expected back
+        # shard -> its actor, out of reach when it ran it: the shard may still be writing until the
+        # actor is back (Ray restarts an actor once its process is gone)
+        self._unreachable: dict[int, int] = {}
         self._starting: set[int] = set()  # actors that never came up yet
         self._timeout = 0.0
         self._none_since: float | None = None  # since when no actor is up (all pending, or dead)
@@ -261,6 +264,8 @@ class RayExecutor(SlottedLanes):
                 outcomes.append(Outcome(shard, ray.get(ref)))
             except Exception as exc:
                 lost = _is_actor_death(exc)
+                if isinstance(exc, ray.exceptions.ActorUnavailableError):
+                    self._unreachable[shard.id] = actor
                 if lost and self._slots.lose(actor):
                     # Ray restarts it while it has restarts left: it takes shards again once it answers
                     log.warning("actor %d died (%s); waiting for it to come back", actor, type(exc).__name__)
@@ -293,20 +298,22 @@ class RayExecutor(SlottedLanes):
             log.info("actor %d is up on %s (%s)", actor, info["host"], info["device"])
         else:
             log.info("actor %d is back", actor)
+            self._unreachable = {shard: a for shard, a in self._unreachable.items() if a != actor}
         self._slots.revive(actor)
 
     def in_flight(self, finished) -> int:
         return self._poller.poll(self._slots.alive, finished) if self._poller is not None else 0
 
-    def close(self) -> bool:
+    def close(self) -> set[int]:
         import ray
 
-        idle = not self._pending
+        writing = {shard.id for _, shard in self._pending.values()} | set(self._unreachable)
         try:
             if self._poller is not None:
-                self._poller.close()
+                with contextlib.suppress(Exception):  # a cluster out of reach: the actors are killed below
+                    self._poller.close()
             if self._pending:
-                idle = self._give_up(STOP_GRACE)
+                writing = self._give_up(STOP_GRACE) | set(self._unreachable)
         finally:
             for actor in self._actors:  # also when a second Ctrl-C cut the wait short
                 with contextlib.suppress(Exception):
@@ -314,11 +321,11 @@ class RayExecutor(SlottedLanes):
             self._pending.clear()
             self._pings.clear()
             self._session.close()
-        return idle
+        return writing
 
-    def _give_up(self, grace: float) -> bool:
+    def _give_up(self, grace: float) -> set[int]:
         """Have the actors give up their shards in flight at their next batch (dropping their
-        files); whether every one of those shards ended within ``grace`` seconds."""
+        files); the shards that had not ended within ``grace`` seconds."""
         import ray
 
         log.info("stopping the actors: their %d shard(s) in flight end at their next batch (Ctrl-C to kill "
@@ -329,9 +336,9 @@ class RayExecutor(SlottedLanes):
             _, left = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=grace)
         except Exception as exc:  # the cluster is out of reach: the actors are killed as they are
             log.warning("could not stop the actors (%s); they are killed with their shards in flight", exc)
-            return False
+            return {shard.id for _, shard in self._pending.values()}
         if left:
             log.warning("%d shard(s) still in flight after %g s are killed with their actors; their temporary "
                         "files go when the dump is resumed", len(left), grace)
-        return not left
+        return {self._pending[ref][1].id for ref in left}
 

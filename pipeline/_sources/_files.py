@@ -276,6 +276,25 @@ def glob_names(names: Iterable[str], pattern: str, skip: tuple[str, ...] = (".",
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern) and not n.startswith(hidden))
 
 
+def no_match(pattern: str, files: Iterable[str], folders: Iterable[str] = (), skip: tuple[str, ...] = (".",)) -> str:
+    """Why the glob ``pattern`` took none of a folder's ``files``: what it matched but left out
+    (names that start with one of ``skip``), or that it matches folders, which it does not take.
+
+    >>> print(no_match("*.tar", ["._a.tar"]))
+    its files whose names start with '.' are left out ('._a.tar'): start the pattern so to take them
+    >>> print(no_match("label=*", [], ["label=0"]))
+    it matches folders ('label=0'), and a glob takes files: name the folder above them
+    """
+    hidden = [n for n in files if fnmatch.fnmatchcase(n, pattern)]
+    if hidden:
+        starts = " or ".join(repr(p) for p in skip)
+        return f"its files whose names start with {starts} are left out ({hidden[0]!r}): start the pattern so to take them"
+    matched = [n for n in folders if fnmatch.fnmatchcase(n, pattern)]
+    if matched:
+        return f"it matches folders ({matched[0]!r}), and a glob takes files: name the folder above them"
+    return ""
+
+
 def is_utf8(name: str) -> bool:
     """Whether ``name`` has a UTF-8 form (a name the OS gave as bytes that are not keeps them as surrogates)."""
     try:

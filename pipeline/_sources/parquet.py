@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from ..config import Config, ParquetSpec, SourceSpec
 from ..errors import ConfigError, close_matches
 from ._base import BadSample, Sample, StreamingSource
-from ._files import Location, glob_names, missing, open_location, read_ahead
+from ._files import Location, glob_names, missing, no_match, open_location, read_ahead
 from ._ids import repeated_ids, sample_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -193,9 +193,12 @@ def _matching(fs: pafs.FileSystem, folder: str, pattern: str, path: str) -> list
     by_name = {i.base_name: i for i in entries if i.type == pafs.FileType.File}
     files = [by_name[name] for name in glob_names(by_name, pattern, skip=(".", "_"))]
     if not files:
-        names = sorted(i.base_name for i in entries if i.type == pafs.FileType.File)
+        names = sorted(by_name)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "none"
-        raise ConfigError(ParquetSpec.key("path"), f"{path!r} matches no file in {folder!r} (its files: {shown})")
+        why = no_match(pattern, names, [i.base_name for i in entries if i.type == pafs.FileType.Directory],
+                       skip=(".", "_"))
+        raise ConfigError(ParquetSpec.key("path"), f"{path!r} matches no file in {folder!r} (its files: {shown})"
+                          + (f"; {why}" if why else ""))
     return files
 
 

@@ -46,7 +46,7 @@ from ..config import WebDatasetSpec
 from ..errors import ConfigError
 from .._secrets import redact, with_credentials
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
-from ._files import Location, glob_names, is_utf8, open_location
+from ._files import Location, glob_names, is_utf8, no_match, open_location
 from ._ids import repeated_ids
 from ._index import Index, MemoryIndex, digest
 
@@ -164,9 +164,11 @@ def _resolve(patterns: Sequence[str]) -> dict[str, int]:
                 entries = location.fs.get_file_info(pafs.FileSelector(location.root))
             except (OSError, FileNotFoundError) as exc:
                 raise ConfigError(_PATH, f"cannot list {redact(folder)!r} for {redact(name)!r}: {exc}") from None
-            found = glob_names((e.base_name for e in entries), base)
+            files = [e.base_name for e in entries if e.type == pafs.FileType.File]
+            found = glob_names(files, base)
             if not found:
-                raise ConfigError(_PATH, f"{redact(name)!r} matches no file")
+                why = no_match(base, files, [e.base_name for e in entries if e.type == pafs.FileType.Directory])
+                raise ConfigError(_PATH, f"{redact(name)!r} matches no file" + (f": {why}" if why else ""))
             tars += [(_join(folder, f), number) for f in found]
     unique: dict[str, int] = {}
     seen: set[str] = set()

@@ -227,19 +227,60 @@ def test_strict_failure_with_shards_in_flight_names_the_bad_sample(tmp_path, cap
 
     if executor == "ray":
         request.getfixturevalue("ray_cluster")
-    # slow enough that the shard beside the failing one has written some of its batches
-    source = _dataset("Slow", n=48, size=8, delay=0.03, bad=42)
+    # two shards at once: the second fails at its first batch, while the first, slow, has written
+    # some of its batches and has more than a second of reads to go
+    source = _dataset("Slow", n=32, size=8, delay=0.1, bad=17)
     code = main(["run", "--quiet", "--set", "model.name=support.models:tiny", "--set", "model.layers=[conv2]",
                  "--set", f"source={json.dumps(source)}", "--set", "run.strict=true", "--set", "run.actors=1",
-                 "--set", f"run.executor={executor}", "--set", "run.shard_size=8", "--set", "run.batch_size=2",
+                 "--set", f"run.executor={executor}", "--set", "run.shard_size=16", "--set", "run.batch_size=2",
                  "--set", f"run.output={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "BadSampleError: sample '42' (index 42): ValueError: item 42 is corrupt" in err
+    assert "BadSampleError: sample '17' (index 17): ValueError: item 17 is corrupt" in err
     assert "rerun the same command to resume" in err
     out = tmp_path / "out"
+    assert not (out / shard_record_path(0)).exists(), "the shard beside was given up, not run to its end"
     assert not list(out.rglob(".*.tmp")), "the shards given up leave no temporary file"
     assert not (out / LOCK_PATH).exists()
+
+
+def test_a_run_whose_lock_was_taken_over_deletes_none_of_the_new_runs_files(tmp_path, monkeypatch):
+    from pipeline._lock import OutputLock
+    from pipeline.errors import LockLostError
+
+    out, checks, check = tmp_path / "out", [], OutputLock.check
+    theirs = out / "layer=conv2" / ".part-00004.parquet.0123456789ab.tmp"
+
+    def taken_over(lock):  # as the lock's renewer finds it: another run holds the folder, and writes
+        checks.append(1)
+        if len(checks) == 3:
+            theirs.parent.mkdir(parents=True, exist_ok=True)
+            theirs.write_bytes(b"the other run's write in flight")
+            lock.lost = lock.owner
+        check(lock)
+
+    monkeypatch.setattr(OutputLock, "check", taken_over)
+    with pytest.raises(LockLostError):
+        run(_config(out, run={"actors": 1}), stream=None)
+    assert theirs.exists()
+
+
+def test_an_error_while_stopping_leaves_the_runs_own_error(tmp_path, monkeypatch, caplog):
+    from pipeline._executor import LocalExecutor
+
+    close = LocalExecutor.close
+
+    def interrupted(executor):  # a second Ctrl-C while the workers stop
+        close(executor)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalExecutor, "close", interrupted)
+    for bad in (3, 12):  # found by the driver's trial of the first samples, then by a worker
+        config = _config(tmp_path / f"out{bad}", source=_dataset("Squares", n=16, size=8, bad=bad), run={"strict": True})
+        with pytest.raises(BadSampleError, match=f"sample '{bad}'"):
+            run(config, stream=None)
+        assert any("while stopping after BadSampleError: KeyboardInterrupt" in r.getMessage() for r in caplog.records)
+        caplog.clear()
 
 
 # -- what Ray itself does ----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline._layout import LOCK_PATH, MANIFEST_PATH, layer_file, shard_record_path
-from pipeline._manifest import completed_shards, foreign_entries, new_manifest, prepare_output, remove_dump
+from pipeline._manifest import (completed_shards, foreign_entries, new_manifest, prepare_output, remove_dump,
+                                remove_temporaries)
 from pipeline._records import ShardRecord
 from pipeline._shards import plan_shards
 from pipeline._store import OutputStore
@@ -210,3 +211,14 @@ def test_a_manifest_written_with_credentials_in_its_uris_is_resumed_without_them
     old = replace(new, identity=config.identity(), config=config.to_dict(),
                   source=dict(source, path="s3://KEY:SECRET@bucket/images?endpoint_override=host:9000"))
     assert "SECRET" in json.dumps(old.to_dict()) and conflicts(old, new) == []
+
+
+def test_the_temporary_files_of_shards_still_being_written_are_kept(tmp_path):
+    planted = {shard: [tmp_path / "layer=l" / f".part-{shard:05d}.parquet.0123456789ab.tmp",
+                       tmp_path / "_actmap" / "shards" / f".{shard:05d}.json.0123456789ab.tmp"] for shard in (3, 4)}
+    for paths in planted.values():
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"cut short")
+    assert remove_temporaries(OutputStore(str(tmp_path)), ["l"], keep={3}) == 2
+    assert all(p.exists() for p in planted[3]) and not any(p.exists() for p in planted[4])

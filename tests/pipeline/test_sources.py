@@ -303,6 +303,12 @@ def test_a_glob_picks_a_splits_files_from_a_folder(tmp_path, s3):
     assert {**again.identity(), "path": None} == {**local.identity(), "path": None}  # the same files, rows and index
     with pytest.raises(ConfigError, match="is not a Parquet file that can be read"):
         ParquetSource(str(folder / "._train-*.parquet"))  # named by the pattern itself: taken
+    with pytest.raises(ConfigError, match=r"its files whose names start with '\.' or '_' are left out "
+                                          r"\('_train-metadata.parquet'\): start the pattern so"):
+        ParquetSource(str(folder / "*-metadata.parquet"))
+    (folder / "label=0").mkdir()
+    with pytest.raises(ConfigError, match=r"it matches folders \('label=0'\), and a glob takes files: name the folder"):
+        ParquetSource(str(folder / "label=*"))
     (tmp_path / "data").rename(tmp_path / "d*")  # a folder that is there is a name, not a glob
     assert len(ParquetSource(str(tmp_path / "d*" / "train-*.parquet"))) == 6
 

@@ -342,6 +342,8 @@ def test_a_glob_leaves_out_hidden_files_as_a_shell_does(tmp_path):
     assert WebDatasetSource(str(folder / "*.tar")).tars == WebDatasetSource(str(folder / "train-*.tar")).tars
     with pytest.raises(ConfigError, match="cannot read the tar"):
         WebDatasetSource(str(folder / ".*.tar"))  # named by the pattern itself: taken
+    with pytest.raises(ConfigError, match=r"matches no file: its files whose names start with '\.' are left out"):
+        WebDatasetSource(str(folder / "*_train-0000.tar"))
 
 
 def test_linked_json_members_on_object_storage(tmp_path, s3):
