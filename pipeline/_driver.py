@@ -211,8 +211,9 @@ def _quietly(error: BaseException, stop: Callable[..., object], *args: object) -
     try:
         stop(*args)
     except BaseException as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        cause = "interrupted again" if isinstance(exc, KeyboardInterrupt) else describe_error(exc)
         log.warning("while stopping after %s: %s; temporary files may be left for the next run",
-                    type(error).__name__, describe_error(exc))
+                    type(error).__name__, cause)
 
 
 def run(config: Config, *, address: str | None = None, overwrite: bool = False,
