@@ -19,6 +19,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -91,10 +93,15 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         # runtime_env: one kept the workers Ray starts ahead from serving the actors, whose
         # start took 0.6-0.9 s longer on 2 cores.
         kwargs.update(include_dashboard=False)
+    # ray.init puts a SIGTERM handler of its own in the driver: one the caller set (the CLI's,
+    # which stops a run as Ctrl-C does) is put back
+    before = signal.getsignal(signal.SIGTERM)
     # in this whole process's environment for the seconds ray.init takes (the trial sample may
     # run meanwhile, on another thread), as the variables ray.init itself sets are
     with inherited(local_ray_environment() if address == "local" else {}):
         ray.init(address=address, **kwargs)
+    if callable(before) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, before)
     try:
         yield address == "local"
     finally:

@@ -8,10 +8,13 @@ dump that ``inspect`` finds incomplete or damaged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from .config import RunSpec
@@ -90,13 +93,37 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler's preemption, ``kill``): the run stops as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted() -> Iterator[None]:
+    """While a run is at work, SIGTERM stops it as Ctrl-C does: the workers give up their shards
+    at their next batch, the temporary files go, and the output's lock is let go, so that the
+    rerun, wherever it runs, resumes at once (a run killed outright leaves its lock, which
+    another host takes over only when its lease ends)."""
+    def stop(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
     from ._driver import run
 
     config = load_config(args.config, args.overrides)
-    summary = run(config, address=args.address, overwrite=args.overwrite,
-                  stream=None if args.quiet else sys.stderr)
+    with _terminated_as_interrupted():
+        summary = run(config, address=args.address, overwrite=args.overwrite,
+                      stream=None if args.quiet else sys.stderr)
     print(summary.format(), file=sys.stderr)
     return 0
 
@@ -156,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"actmap: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("actmap: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("actmap: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

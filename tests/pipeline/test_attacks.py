@@ -370,6 +370,31 @@ def test_a_second_run_on_a_live_dump_is_refused_naming_the_first(tmp_path):
     _exactly_once(out, "conv2", 40)
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_lock(tmp_path):
+    # (ray job stop, a scheduler's preemption) the run was killed outright: its lock stayed, and a
+    # rerun on another host waited for the lease to end
+    out = tmp_path / "out"
+    source = {"kind": "dataset", "target": "support.datasets:Slow", "preprocess": {"normalize": "none"},
+              "kwargs": {"n": 40, "size": 16, "delay": 0.05}}
+    command = [*ACTMAP, *_args(out, **{"source": json.dumps(source), "run.actors": 1})]
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: _records(out) >= 1, "the first shard")
+        first.send_signal(signal.SIGTERM)
+        err = first.communicate(timeout=120)[1]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 128 + signal.SIGTERM, err
+    assert "actmap: terminated (SIGTERM); rerun the same command to resume" in err
+    assert not (out / LOCK_PATH).exists() and not list(out.rglob(".*.tmp"))
+    assert _records(out) < 5
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "taking over the lock" not in rerun.stderr
+    _exactly_once(out, "conv2", 40)
+
+
 def test_a_killed_runs_lock_is_taken_over_by_its_rerun(tmp_path):
     out, gate = tmp_path / "out", tmp_path / "gate"
     first = subprocess.Popen(_gated(out, gate), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

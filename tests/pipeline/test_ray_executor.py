@@ -32,9 +32,11 @@ def test_a_local_ray_gets_one_malloc_arena_per_cpu_it_may_use_and_two_at_least(m
 
 @pytest.mark.parametrize("ray_address", [None, "local"])
 def test_the_actors_of_a_local_ray_started_here_get_its_environment_and_the_driver_gets_it_back(ray_address):
-    # a process of its own: the tests' own Ray is up already, and ray_session would use it
+    # a process of its own: the tests' own Ray is up already, and ray_session would use it. The
+    # driver keeps its own SIGTERM handler too (the CLI's, which stops a run as Ctrl-C does):
+    # ray.init puts one of Ray's in its place
     probe = """
-import os, ray
+import os, signal, ray
 from pipeline._ray_executor import ray_session
 
 @ray.remote(num_cpus=0)
@@ -42,9 +44,14 @@ class Probe:
     def arenas(self):
         return os.environ.get("MALLOC_ARENA_MAX")
 
+def mine(signum, frame):
+    pass
+
+signal.signal(signal.SIGTERM, mine)
 with ray_session() as started:
     seen = ray.get(Probe.remote().arenas.remote())
-print(started, seen, os.environ.get("MALLOC_ARENA_MAX"))
+    kept = signal.getsignal(signal.SIGTERM) is mine
+print(started, seen, os.environ.get("MALLOC_ARENA_MAX"), kept)
 """
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "RAY_ADDRESS")}
     if ray_address:
@@ -52,4 +59,4 @@ print(started, seen, os.environ.get("MALLOC_ARENA_MAX"))
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True", local_ray_environment()["MALLOC_ARENA_MAX"], "None"]
+    assert done.stdout.split() == ["True", local_ray_environment()["MALLOC_ARENA_MAX"], "None", "True"]
