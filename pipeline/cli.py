@@ -93,22 +93,26 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, a scheduler's preemption, ``kill``): the run stops as on Ctrl-C."""
+#: Set when SIGTERM stopped the run: the interrupt it raises may come back as a plain
+#: ``KeyboardInterrupt`` (Ray's waits turn any interrupt into one of their own)
+_TERMINATED = threading.Event()
 
 
 @contextlib.contextmanager
 def _terminated_as_interrupted() -> Iterator[None]:
-    """While a run is at work, SIGTERM stops it as Ctrl-C does: the workers give up their shards
-    at their next batch, the temporary files go, and the output's lock is let go, so that the
-    rerun, wherever it runs, resumes at once (a run killed outright leaves its lock, which
-    another host takes over only when its lease ends)."""
+    """While a run is at work, SIGTERM (``ray job stop``, a scheduler's preemption, ``kill``)
+    stops it as Ctrl-C does: the workers give up their shards at their next batch, the temporary
+    files go, and the output's lock is let go, so that the rerun, wherever it runs, resumes at
+    once (a run killed outright leaves its lock, which another host takes over only when its
+    lease ends)."""
     def stop(signum, frame):
-        raise Terminated()
+        _TERMINATED.set()
+        raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
+    _TERMINATED.clear()
     before = signal.signal(signal.SIGTERM, stop)
     try:
         yield
@@ -183,10 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"actmap: error: {exc}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("actmap: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
+        if _TERMINATED.is_set():
+            print("actmap: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("actmap: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as exc:

@@ -139,3 +139,54 @@ def test_actmap_run_as_a_ray_job(ray_head: Head, tmp_path: Path):
     assert len(records) == dump.shards_planned
     assert {r["worker"]["node"] for r in records} == {info["driver_node_id"]}
     print(f"job submit to done: {time.monotonic() - started:.1f}s")
+
+
+def test_a_stopped_ray_job_lets_go_of_its_output_and_its_rerun_resumes(ray_head: Head, tmp_path: Path):
+    # `ray job stop` sends SIGTERM: the run stops as on Ctrl-C, clears its temporary files and lets
+    # go of its lock (a run killed outright kept it, and a rerun on another host waited out the lease)
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    samples = 2 * COUNT  # 10 shards of 8, 0.2 s a sample: 8 s of reads on the actor's 2 lanes
+    slow = {**JOB_CONFIG, "source": {"kind": "dataset", "target": "support.datasets:Slow",
+                                     "kwargs": {"n": samples, "size": 16, "delay": 0.2},
+                                     "preprocess": {"normalize": "none"}}}
+    (workdir / "dump.yaml").write_text(yaml.safe_dump(slow))
+    shutil.copytree(TESTS / "support", workdir / "support", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+
+    def submit(submission: str, *extra: str) -> list[str]:
+        return [str(RAY), "job", "submit", "--address", ray_head.url, "--submission-id", submission,
+                "--working-dir", str(workdir), *extra, "--", "actmap", "run", "dump.yaml", "--set",
+                f"run.output={out}", "--quiet"]
+
+    first = f"actmap-test-{secrets.token_hex(4)}"
+    # the job server's supervisor waits this long after SIGTERM before it kills (3 s by default)
+    env_vars = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+    sent = subprocess.run(submit(first, "--no-wait", "--runtime-env-json", env_vars), env=ray_head.env,
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr[-3000:]
+    records = out / "_actmap" / "shards"
+    deadline = time.monotonic() + 240
+    while not (records.is_dir() and any(records.glob("*.json"))):
+        assert time.monotonic() < deadline, "no shard of the first job finished"
+        time.sleep(0.2)
+    stop = subprocess.run([str(RAY), "job", "stop", "--address", ray_head.url, first], env=ray_head.env,
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    assert ray_head.get(f"/api/jobs/{first}", token=ray_head.token)["status"] == "STOPPED"
+    logs = subprocess.run([str(RAY), "job", "logs", "--address", ray_head.url, first], env=ray_head.env,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "actmap: terminated (SIGTERM); rerun the same command to resume" in logs, logs[-3000:]
+    assert not (out / "_actmap" / "lock.json").exists(), "the stopped job let go of the output"
+    assert not list(out.rglob(".*.tmp"))
+    done = len(list(records.glob("*.json")))
+    assert done < samples // slow["run"]["shard_size"]
+
+    again = subprocess.run(submit(f"actmap-test-{secrets.token_hex(4)}"), env=ray_head.env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, f"{again.stdout[-6000:]}\n{again.stderr[-3000:]}"
+    assert "taking over the lock" not in again.stdout + again.stderr
+    assert f"({done} already done)" in again.stdout + again.stderr
+    dump = inspect_dump(str(out))
+    assert dump.complete, dump.format()
+    assert read_table(str(out), "fc").column("index").to_pylist() == list(range(samples))
