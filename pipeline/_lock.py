@@ -18,15 +18,17 @@ wrote it at once, the one whose write lost learns it then and stops.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,11 +203,38 @@ class OutputLock:
                         self.store.delete_root()
 
     def __enter__(self) -> OutputLock:
-        self.acquire()
+        try:
+            with _interrupts_deferred():
+                self.acquire()
+        except BaseException:
+            if self._renewer is not None:  # taken, then the interrupt held back came: let go of it
+                self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.release()
+        with _interrupts_deferred():
+            self.release()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that come during the block take effect after it: a lock is taken or
+    let go whole (a second Ctrl-C as a run stops left its lock, which a rerun on another host
+    takes over only when the lease ends). Signals reach Python's handlers in the main thread
+    only: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in came:  # now, to the handlers put back
+            signal.raise_signal(s)
 
 
 def running_on(store: OutputStore, now: Callable[[], float] = time.time) -> str | None:

@@ -98,10 +98,12 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
     before = signal.getsignal(signal.SIGTERM)
     # in this whole process's environment for the seconds ray.init takes (the trial sample may
     # run meanwhile, on another thread), as the variables ray.init itself sets are
-    with inherited(local_ray_environment() if address == "local" else {}):
-        ray.init(address=address, **kwargs)
-    if callable(before) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, before)
+    try:
+        with inherited(local_ray_environment() if address == "local" else {}):
+            ray.init(address=address, **kwargs)
+    finally:
+        if callable(before) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)
     try:
         yield address == "local"
     finally:

@@ -112,10 +112,14 @@ def _terminated_as_interrupted() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
-    _TERMINATED.clear()
     before = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except SystemExit as exc:  # Ray's own handler, while ray.init runs, exits with the signal's number
+        if exc.code != signal.SIGTERM:
+            raise
+        _TERMINATED.set()
+        raise KeyboardInterrupt from None
     finally:
         signal.signal(signal.SIGTERM, before)
 
@@ -179,6 +183,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _TERMINATED.clear()
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _run, "layers": _layers, "inspect": _inspect, "show": _show}[args.command]

@@ -375,7 +375,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_lets_go_of_its_lock(tmp_path):
     # rerun on another host waited for the lease to end
     out = tmp_path / "out"
     source = {"kind": "dataset", "target": "support.datasets:Slow", "preprocess": {"normalize": "none"},
-              "kwargs": {"n": 40, "size": 16, "delay": 0.05}}
+              "kwargs": {"n": 40, "size": 16, "delay": 0.2}}  # 4 s of reads on the 2 lanes
     command = [*ACTMAP, *_args(out, **{"source": json.dumps(source), "run.actors": 1})]
     first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

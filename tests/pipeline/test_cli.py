@@ -144,3 +144,24 @@ def test_modules_of_the_working_folder_and_pythonpath_reach_the_actors_of_a_ray_
     assert done.returncode == 0, done.stderr
     assert "on 1 actor(s)" in done.stderr + done.stdout
     assert read_layer(str(tmp_path / "out"), "conv").shape == (8, 4, 14, 14)
+
+
+@pytest.mark.parametrize("stopped, status, said", [
+    (KeyboardInterrupt, 130, "actmap: interrupted; rerun the same command to resume"),
+    # Ray's own SIGTERM handler, in place while ray.init runs, exits with the signal's number
+    (lambda: SystemExit(15), 143, "actmap: terminated (SIGTERM); rerun the same command to resume"),
+])
+def test_an_interrupted_run_says_what_stopped_it(tmp_path, capsys, monkeypatch, stopped, status, said):
+    import signal
+
+    import pipeline._driver
+    import pipeline.cli
+
+    def run(*args, **kwargs):
+        raise stopped()
+
+    monkeypatch.setattr(pipeline._driver, "run", run)
+    pipeline.cli._TERMINATED.set()  # left by an earlier run in this process: no longer counts
+    assert main(["run", "--set", f"run.output={tmp_path / 'out'}"]) == status
+    assert said in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's own handler is gone

@@ -146,9 +146,9 @@ def test_a_stopped_ray_job_lets_go_of_its_output_and_its_rerun_resumes(ray_head:
     # go of its lock (a run killed outright kept it, and a rerun on another host waited out the lease)
     workdir = tmp_path / "job"
     workdir.mkdir()
-    samples = 2 * COUNT  # 10 shards of 8, 0.2 s a sample: 8 s of reads on the actor's 2 lanes
+    samples = 2 * COUNT  # 10 shards of 8, 0.3 s a sample: 12 s of reads on the actor's 2 lanes
     slow = {**JOB_CONFIG, "source": {"kind": "dataset", "target": "support.datasets:Slow",
-                                     "kwargs": {"n": samples, "size": 16, "delay": 0.2},
+                                     "kwargs": {"n": samples, "size": 16, "delay": 0.3},
                                      "preprocess": {"normalize": "none"}}}
     (workdir / "dump.yaml").write_text(yaml.safe_dump(slow))
     shutil.copytree(TESTS / "support", workdir / "support", ignore=shutil.ignore_patterns("__pycache__"))
@@ -169,7 +169,9 @@ def test_a_stopped_ray_job_lets_go_of_its_output_and_its_rerun_resumes(ray_head:
     deadline = time.monotonic() + 240
     while not (records.is_dir() and any(records.glob("*.json"))):
         assert time.monotonic() < deadline, "no shard of the first job finished"
-        time.sleep(0.2)
+        status = ray_head.get(f"/api/jobs/{first}", token=ray_head.token)["status"]
+        assert status in ("PENDING", "RUNNING"), f"the first job is {status} before its first shard"
+        time.sleep(0.5)
     stop = subprocess.run([str(RAY), "job", "stop", "--address", ray_head.url, first], env=ray_head.env,
                           capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr[-3000:]

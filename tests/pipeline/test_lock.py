@@ -124,3 +124,27 @@ def test_two_runs_that_lock_object_storage_at_once_end_with_one_holder(s3, monke
     assert second.store.read_json(LOCK_PATH)["token"] == second.owner.token
     second.release()
     assert not second.store.exists(LOCK_PATH)
+
+
+@pytest.mark.parametrize("when", ["taking", "letting go"])
+def test_an_interrupt_while_the_lock_is_taken_or_let_go_comes_after_it(tmp_path, monkeypatch, when):
+    # a second Ctrl-C (or SIGTERM) as a run stopped left its lock half let go: the lock file stayed
+    import signal
+
+    store = OutputStore(str(tmp_path / "out"))
+    step = "create_json" if when == "taking" else "delete_file"
+    original = getattr(OutputStore, step)
+
+    def interrupted(self, *args, **kwargs):  # just after the lock file is made, or before it goes
+        done = original(self, *args, **kwargs) if when == "taking" else None
+        os.kill(os.getpid(), signal.SIGINT)  # Python's handler runs at once in this thread
+        time.sleep(0.05)
+        return done if when == "taking" else original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutputStore, step, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with OutputLock(store, lease=60) as lock:
+            assert when == "letting go", "the interrupt comes once the lock is taken, before the work"
+            assert store.exists(LOCK_PATH) and lock.lost is None
+    assert not store.exists(LOCK_PATH)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
