@@ -126,9 +126,10 @@ def _terminated_as_interrupted() -> Iterator[None]:
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
+
+    config = load_config(args.config, args.overrides)  # a bad config is told before torch is imported
     from ._driver import run
 
-    config = load_config(args.config, args.overrides)
     with _terminated_as_interrupted():
         summary = run(config, address=args.address, overwrite=args.overwrite,
                       stream=None if args.quiet else sys.stderr)

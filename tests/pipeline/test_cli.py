@@ -103,6 +103,36 @@ def test_help_lists_the_commands(capsys):
     assert all(cmd in out for cmd in ("run", "layers", "inspect"))
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_help_and_a_bad_config_answer_before_torch_is_imported(tmp_path):
+    """torch takes seconds to import: ``actmap --help`` and a config's mistake do not wait for it."""
+    (tmp_path / "bad.yaml").write_text("run:\n  batch_sise: 3\n")
+    done = _python("import sys; from pipeline.cli import main\n"
+                   "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                   f"print('status', main(['run', {str(tmp_path / 'bad.yaml')!r}]), 'torch' in sys.modules)")
+    assert "usage: actmap" in done.stdout and done.stdout.rstrip().endswith("status 2 False"), done.stderr
+    assert "run.batch_sise: unknown key; did you mean 'batch_size'?" in done.stderr
+
+
+def test_an_interrupt_while_torch_is_imported_says_interrupted():
+    """Ctrl-C in the seconds the run's modules take to import ends as any interrupt does: a line
+    that says so and status 130, no traceback."""
+    done = _python("import sys\n"
+                   "class Interrupted:\n"
+                   "    def find_spec(self, name, path=None, target=None):\n"
+                   "        if name == 'pipeline._driver':\n"
+                   "            raise KeyboardInterrupt\n"
+                   "sys.meta_path.insert(0, Interrupted())\n"
+                   "from pipeline.cli import main\n"
+                   "sys.exit(main(['run', '--set', 'source.count=4']))")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "actmap: interrupted; rerun the same command to resume"
+
+
 @pytest.mark.parametrize("status, args", [(0, ["layers", "support.models:tiny", "--input-size", "3", "16", "16"]),
                                           (2, ["layers", "support.models:nothing_here"])])
 def test_the_command_exits_with_mains_status_its_objects_frozen(status, args):
