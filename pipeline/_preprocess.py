@@ -23,6 +23,8 @@ True
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,17 +33,37 @@ import torch
 from ._imports import lazy_import
 from .config import PreprocessSpec
 
+log = logging.getLogger(__name__)
+
 
 def resize_crop(image: torch.Tensor, resize: int | None, crop: tuple[int, int] | None) -> torch.Tensor:
-    """Resize the shorter side to ``resize`` (antialiased), then centre-crop to ``crop``."""
+    """Resize the shorter side to ``resize`` (antialiased), then centre-crop to ``crop``; an
+    image smaller than the crop is padded with zeros, as torchvision's ``center_crop`` does (a
+    warning says so, once per process)."""
     if resize is None and crop is None:
         return image
     TF = lazy_import("torchvision.transforms.v2.functional")  # when first needed: it takes seconds
     if resize is not None:
         image = TF.resize(image, [resize], antialias=True)
     if crop is not None:
+        if image.shape[-2] < crop[0] or image.shape[-1] < crop[1]:
+            _padded(tuple(image.shape[-2:]), crop, resize)
         image = TF.center_crop(image, list(crop))
     return image
+
+
+_PADDED_TOLD = threading.Event()
+
+
+def _padded(size: tuple[int, int], crop: tuple[int, int], resize: int | None) -> None:
+    if _PADDED_TOLD.is_set():
+        return
+    _PADDED_TOLD.set()
+    after = f" after {PreprocessSpec.key('resize')}: {resize}" if resize is not None else ""
+    log.warning("an image of %dx%d px%s is smaller than %s %dx%d (height x width): it is padded with zeros, as "
+                "torchvision's center_crop pads; set %s to at least %d to fill the crop (said once)",
+                size[0], size[1], after, PreprocessSpec.key("crop"), crop[0], crop[1], PreprocessSpec.key("resize"),
+                max(crop))
 
 
 def resize_crop_many(images: Sequence[torch.Tensor], resize: int | None,

@@ -69,3 +69,22 @@ def test_stack_images_equals_torch_stack_whatever_the_layout():
     assert torch.equal(stack_images(floats), torch.stack(floats))
     grey = [torch.randint(0, 256, (1, 5, 7), dtype=torch.uint8, generator=g) for _ in range(2)]
     assert torch.equal(stack_images(grey), torch.stack(grey))
+
+
+def test_an_image_smaller_than_the_crop_is_zero_padded_and_said_once(monkeypatch, caplog):
+    import threading
+
+    import pipeline._preprocess
+
+    monkeypatch.setattr(pipeline._preprocess, "_PADDED_TOLD", threading.Event())
+    image = torch.full((3, 20, 30), 7, dtype=torch.uint8)
+    with caplog.at_level("WARNING", logger="pipeline._preprocess"):
+        out = resize_crop(image, resize=None, crop=(24, 24))
+        resize_crop(image, resize=10, crop=(24, 24))
+        resize_crop(image, resize=None, crop=(16, 16))  # fits: nothing to say
+    assert tuple(out.shape) == (3, 24, 24)
+    assert int(out[:, :2].sum()) == 0 and bool((out[:, 2:22, :] == 7).all())  # rows padded, columns cropped
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["an image of 20x30 px is smaller than source.preprocess.crop 24x24 (height x width): it is "
+                    "padded with zeros, as torchvision's center_crop pads; set source.preprocess.resize to at "
+                    "least 24 to fill the crop (said once)"]
