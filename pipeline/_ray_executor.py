@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds the other actors get to come up after the first one did, beyond the time it took.
 STRAGGLERS = 5.0
-#: Seconds a stopping run gives its actors' shards in flight to end at their next batch (their
-#: files dropped) before the actors are killed with them.
-STOP_GRACE = 30.0
 
 
 def local_ray_environment() -> dict[str, str]:
@@ -160,6 +157,7 @@ class RayExecutor(SlottedLanes):
         self._unreachable: dict[int, int] = {}
         self._starting: set[int] = set()  # actors that never came up yet
         self._timeout = 0.0
+        self._grace = RunSpec.stop_grace  # the default, until ``start`` reads the run's
         self._none_since: float | None = None  # since when no actor is up (all pending, or dead)
         self._poller: InFlightPoller | None = None
 
@@ -213,6 +211,7 @@ class RayExecutor(SlottedLanes):
             self._starting.add(actor)
             self._pings[self._actors[actor].info.remote()] = actor
         self._timeout = run.start_timeout
+        self._grace = run.stop_grace
         began = time.monotonic()
         deadline = began + run.start_timeout
         while self._starting:
@@ -322,7 +321,7 @@ class RayExecutor(SlottedLanes):
                 with contextlib.suppress(Exception):  # a cluster out of reach: the actors are killed below
                     self._poller.close()
             if self._pending:
-                writing = self._give_up(STOP_GRACE) | set(self._unreachable)
+                writing = self._give_up(self._grace) | set(self._unreachable)
         finally:
             for actor in self._actors:  # also when a second Ctrl-C cut the wait short
                 with contextlib.suppress(Exception):
@@ -347,7 +346,7 @@ class RayExecutor(SlottedLanes):
             log.warning("could not stop the actors (%s); they are killed with their shards in flight", exc)
             return {shard.id for _, shard in self._pending.values()}
         if left:
-            log.warning("%d shard(s) still in flight after %g s are killed with their actors; their temporary "
-                        "files go when the dump is resumed", len(left), grace)
+            log.warning("%d shard(s) still in flight after %g s (%s) are killed with their actors; their "
+                        "temporary files go when the dump is resumed", len(left), grace, RunSpec.key("stop_grace"))
         return {self._pending[ref][1].id for ref in left}
 

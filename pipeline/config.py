@@ -404,7 +404,9 @@ class RunSpec(_Section):
     GPU comes with 16 CPUs or more, neither ``actors`` nor ``cpus_per_actor`` is set, and the
     shards fill the shares), or, on a cluster without GPUs, one actor per CPU. A shard is tried
     at most ``max_attempts`` times in all, on whatever worker. A Ray run whose actors none comes
-    up within ``start_timeout`` seconds (a busy cluster, one that does not scale up) stops.
+    up within ``start_timeout`` seconds (a busy cluster, one that does not scale up) stops. A
+    run that stops (a strict bad sample, a shard out of tries, Ctrl-C, SIGTERM) gives its Ray
+    actors ``stop_grace`` seconds to end their shards at their next batch, then kills them.
     """
 
     _prefix = "run"
@@ -420,6 +422,7 @@ class RunSpec(_Section):
     strict: bool = _field(False, check.boolean)
     max_attempts: int = _field(3, check.integer(1))
     start_timeout: float = _field(600.0, check.number(0.0, above=True))
+    stop_grace: float = _field(30.0, check.number(0.0))
 
 
 @dataclasses.dataclass(frozen=True)

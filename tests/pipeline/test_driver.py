@@ -286,18 +286,14 @@ def test_an_error_while_stopping_leaves_the_runs_own_error(tmp_path, monkeypatch
 # -- what Ray itself does ----------------------------------------------------------------------------
 
 
-def test_shards_that_do_not_stop_in_time_are_killed_and_their_files_go_on_the_rerun(tmp_path, ray_cluster,
-                                                                                      monkeypatch, caplog):
-    import pipeline._ray_executor as ray_executor
-
-    monkeypatch.setattr(ray_executor, "STOP_GRACE", 0.2)  # less than one forward of the slow model
+def test_shards_that_do_not_stop_in_time_are_killed_and_their_files_go_on_the_rerun(tmp_path, ray_cluster, caplog):
     out = tmp_path / "out"
     strict = _config(out, "ray", model={"name": "support.models:slow", "kwargs": {"delay": 0.5}, "layers": ["conv2"]},
-                     source=_dataset("Squares", n=24, size=8, bad=13),
-                     run={"actors": 1, "batch_size": 2, "shard_size": 8, "strict": True})
+                     source=_dataset("Squares", n=24, size=8, bad=13),  # a grace shorter than one forward:
+                     run={"actors": 1, "batch_size": 2, "shard_size": 8, "strict": True, "stop_grace": 0.2})
     with pytest.raises(BadSampleError, match="sample '13'"):
         run(strict, stream=None)
-    assert any("killed with their actors" in r.getMessage() for r in caplog.records)
+    assert any("after 0.2 s (run.stop_grace) are killed with their actors" in r.getMessage() for r in caplog.records)
     assert list(out.rglob(".*.tmp")), "a shard killed mid-way leaves its temporary file"
     assert not (out / LOCK_PATH).exists()
     lenient = Config.from_dict({**strict.to_dict(), "run": {**strict.to_dict()["run"], "strict": False}})
