@@ -41,7 +41,7 @@ def choice(kind: type[enum.Enum]) -> Check:
     return check
 
 
-def integer(minimum: int | None = None, optional: bool = False) -> Check:
+def integer(minimum: int | None = None, optional: bool = False, maximum: int | None = None) -> Check:
     def check(key: str, value: Any) -> int | None:
         if value is None and optional:
             return None
@@ -49,6 +49,8 @@ def integer(minimum: int | None = None, optional: bool = False) -> Check:
             raise ConfigError(key, f"expected an integer, got {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(key, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(key, f"must be at most {maximum:,}, got {value:,}")
         return value
     return check
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ from typing import Any
 from ._layout import LOCK_PATH, META_DIR
 from ._store import OutputStore
 from .config import RunSpec
-from .errors import LockLostError, OutputLockedError
+from .errors import LockLostError, OutputConflictError, OutputLockedError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,15 @@ class OutputLock:
     def acquire(self) -> None:
         """Take the lock; :class:`OutputLockedError` when another run holds it and lives."""
         self._made_root = not self.store.root_exists
-        created = self.store.create_json(LOCK_PATH, self.owner.to_dict())
+        try:
+            created = self.store.create_json(LOCK_PATH, self.owner.to_dict())
+        except OSError as exc:  # the first write of a run: a folder it may not make or write in
+            if not (isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError))
+                    or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+                raise
+            raise OutputConflictError(RunSpec.key("output"), f"cannot write in {self.store.location!r}: "
+                                      f"{str(exc).splitlines()[0]}; choose a folder this process may create and "
+                                      "write in") from None
         if not created:
             holder = self._holder()
             if holder is not None and holder.alive(self.now()):

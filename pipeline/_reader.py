@@ -11,6 +11,7 @@ import bisect
 import collections
 import dataclasses
 import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,9 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
     manifest's plan): a dump whose files contradict them is refused, naming each file."""
     manifest = read_manifest(store)
     layers = list(manifest.layers) if manifest else dump_layers(store)
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a layer id (a str), got {layer!r}; {store.location!r} holds "
+                        f"{', '.join(map(repr, layers)) or 'no layer yet'}")
     checked = check_dump(store, manifest.plan if manifest else None, [layer] if layer in layers else [])
     files = sorted(checked.files.get(layer, ()))  # (a folder `layer=...` beside the dump is none of its layers)
     if not files:
@@ -116,6 +120,8 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     for name, value in (("start", start), ("stop", stop)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise TypeError(f"{name} must be an int (a source index) or None, got {value!r}")
+    # (an index is an int64: bounds beyond it are the same as its ends)
+    start, stop = (None if v is None else min(max(int(v), _INT64.min), _INT64.max) for v in (start, stop))
     if isinstance(columns, str) or (columns is not None and not all(isinstance(c, str) for c in columns)):
         raise TypeError(f"columns must be a list of column names, got {columns!r}")
     wanted = None if indices is None else _index_array(indices)
@@ -144,6 +150,9 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     return table.replace_schema_metadata(dataset.schema.metadata)
 
 
+_INT64 = np.iinfo(np.int64)
+
+
 def _index_array(indices: object) -> np.ndarray:
     """``read_table``'s ``indices`` as one int64 array, or a ``TypeError`` that shows them."""
     if isinstance(indices, torch.Tensor):
@@ -156,8 +165,8 @@ def _index_array(indices: object) -> np.ndarray:
     if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
         shown = repr(indices) if len(repr(indices)) <= 80 else repr(indices)[:77] + "..."
         raise TypeError(f"indices must be a list of ints (source indices), a 1-d integer array or None, got {shown}")
-    if array.size and array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
-        raise ValueError(f"indices hold {int(array.max())}, beyond any source index (at most {np.iinfo(np.int64).max})")
+    if array.size and array.dtype == np.uint64 and int(array.max()) > _INT64.max:
+        raise ValueError(f"indices hold {int(array.max())}, beyond any source index (at most {_INT64.max})")
     return array.astype(np.int64)
 
 
@@ -184,6 +193,30 @@ def read_layer(location: str, layer: str, start: int | None = None, stop: int | 
     return decode_column(table, ACTIVATION, as_torch)
 
 
+def _count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int of at least {least}, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be an int of at least {least}, got {value!r}")
+
+
+def _torch_dtype(dtype: object) -> torch.dtype | None:
+    """``dtype`` as a torch dtype: one already, its name (``"float16"``), a numpy dtype, or None.
+
+    >>> _torch_dtype("bfloat16"), _torch_dtype(np.float16), _torch_dtype(None)
+    (torch.bfloat16, torch.float16, None)
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    try:
+        return torch.from_numpy(np.empty(0, np.dtype(dtype))).dtype
+    except (TypeError, ValueError):
+        raise TypeError(f"dtype must be a torch dtype (torch.float16), its name ('float16') or None (the stored "
+                        f"dtype), got {dtype!r}") from None
+
+
 class ActivationDataset(torch.utils.data.Dataset):
     """The rows of one layer as ``(activation, labels)`` pairs, streamed from disk.
 
@@ -195,8 +228,8 @@ class ActivationDataset(torch.utils.data.Dataset):
     Args:
         location: the dump's root folder.
         layer: the layer id.
-        dtype: the activations' torch dtype (``torch.float32`` by default; ``None`` keeps the
-            stored dtype).
+        dtype: the activations' torch dtype (``torch.float32`` by default, or its name:
+            ``"float16"``; ``None`` keeps the stored dtype).
         shuffle: serve the rows in a block-shuffled order (:mod:`pipeline._shuffle`): row groups in
             a random order, rows shuffled within windows of ``window`` rows; item ``i`` is then the
             ``i``-th row of that order, so a ``DataLoader`` without a sampler gets shuffled batches
@@ -207,8 +240,10 @@ class ActivationDataset(torch.utils.data.Dataset):
 
     def __init__(self, location: str, layer: str, dtype: torch.dtype | None = torch.float32,
                  cache_row_groups: int = 4, shuffle: bool = False, window: int = 1024, seed: int = 0):
-        self.location, self.layer, self.dtype = location, layer, dtype
+        for name, value, least in (("cache_row_groups", cache_row_groups, 1), ("window", window, 1), ("seed", seed, 0)):
+            _count(name, value, least)
         store = OutputStore(location)
+        self.location, self.layer, self.dtype = store.location, layer, _torch_dtype(dtype)
         self._files = [store.path(f) for f in _layer_files(store, layer)]
         self._fs = store.fs
         self._groups: list[tuple[int, int]] = []  # (file, row group)
@@ -239,6 +274,7 @@ class ActivationDataset(torch.utils.data.Dataset):
 
         With ``DataLoader`` worker processes, call it before each epoch's iterator is made.
         """
+        _count("epoch", epoch, 0)
         if self.shuffle:
             self._order = block_shuffle(list(np.diff(self._offsets)), self.window, self.seed + epoch * 1_000_003)
 
@@ -288,10 +324,15 @@ class ActivationDataset(torch.utils.data.Dataset):
         return decoded
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        try:
+            asked = i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"an item's index is an int, got {i!r}; for many rows at once use a DataLoader, or "
+                            "read_table(location, layer, indices=...)") from None
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} rows")
+            raise IndexError(f"index {asked} out of range for {len(self)} rows")
         if self._order is not None:
             i = int(self._order[i])
         slot = bisect.bisect_right(self._offsets, i) - 1

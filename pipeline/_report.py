@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 
 from ._progress import duration_text
@@ -98,8 +99,8 @@ class Summary:
                          f"({duration_text(self.seconds)} wall)")
         lines.append(f"  bad samples: {len(self.bad)}")
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=10, indent="    ",
-                                  more=f"... `actmap inspect {self.output}` lists all {{all}}")
+                                  more=f"... `actmap inspect {shlex.quote(self.output)}` lists all {{all}}")
         first = next(iter(self.layers))
         lines.append(f"Read it back: pipeline.read_layer({self.output!r}, {first!r}) -> numpy array; "
-                     f"`actmap inspect {self.output}` describes the dump")
+                     f"`actmap inspect {shlex.quote(self.output)}` describes the dump")
         return "\n".join(lines)

@@ -31,9 +31,13 @@ def _split_location(location: str) -> tuple[pafs.FileSystem, str]:
 class OutputStore:
     """The dump's root folder ``location``: a local path or a URI (``s3://``, ``gs://``, ...)."""
 
-    def __init__(self, location: str):
-        self.location = location
-        self.fs, self.root = _split_location(location)
+    def __init__(self, location: str | os.PathLike):
+        if not isinstance(location, (str, os.PathLike)) or isinstance(location, bytes):
+            raise TypeError(f"a dump's location is a path (str or pathlib.Path) or a URI, got {location!r}")
+        self.location = os.fspath(location)
+        if not isinstance(self.location, str):
+            raise TypeError(f"a dump's location is a path (str or pathlib.Path) or a URI, got {location!r}")
+        self.fs, self.root = _split_location(self.location)
 
     def path(self, relative: str) -> str:
         return posixpath.join(self.root, relative)

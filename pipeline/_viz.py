@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,32 @@ class _Row:
     mask: np.ndarray | None  # (H, W) bool
     caption: str
     activation: np.ndarray
+
+
+def picture_path(output: str) -> str:
+    """The file a picture is written to: ``output``, with ``.png`` added where it has no suffix
+    (as matplotlib adds it); a ``ValueError`` says what is wrong with it before anything is drawn.
+
+    >>> picture_path("/tmp/maps"), picture_path("/tmp/maps.svg")
+    ('/tmp/maps.png', '/tmp/maps.svg')
+    """
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"{output!r} is a folder; name the picture's file, e.g. {str(path / 'maps.png')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{str(path.parent)!r}, where {output!r} would go, is not a folder; make it first")
+    if not path.suffix:
+        return output + ".png"
+    if path.suffix.lower() == ".png":
+        return output
+    require("matplotlib", "viz", "actmap show")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"{output!r}: matplotlib writes no {path.suffix!r} files; end the name with .png (or "
+                         f"{', '.join('.' + f for f in sorted(formats) if f != 'png')})")
+    return output
 
 
 def _figure(rows: int, cols: int, width: float = 2.6, height: float = 2.4):
@@ -135,8 +162,10 @@ def show_maps(location: str, layer: str, output: str, samples: int = 4,
     """Draw ``samples`` images of the dump beside their ``layer`` maps into the PNG ``output``.
 
     ``prefix_tokens``: the leading tokens of a token output (found by itself when None).
-    Returns the path written. Raises ``NoMapError`` for a layer without a spatial layout.
+    Returns the path written (:func:`picture_path`). Raises ``NoMapError`` for a layer without a
+    spatial layout.
     """
+    output = picture_path(output)
     rows, meta, reduce = _rows(location, layer, samples)
     maps = [activation_maps(row.activation, channels, row.image.shape[0] / row.image.shape[1], reduce,
                             prefix_tokens) for row in rows]
@@ -191,7 +220,9 @@ def layer_summary(values: np.ndarray) -> dict:
 
 
 def show_stats(location: str, output: str, samples: int = 256, layers: Sequence[str] | None = None) -> str:
-    """Draw one histogram of activation values per layer into the PNG ``output``; returns the path."""
+    """Draw one histogram of activation values per layer into the PNG ``output``; returns the
+    path written (:func:`picture_path`)."""
+    output = picture_path(output)
     layers = list(layers or dump_layers(location))
     if not layers:
         raise FileNotFoundError(f"{location!r} holds no layer yet")

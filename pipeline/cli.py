@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import signal
 import sys
 import threading
@@ -26,10 +27,22 @@ log = logging.getLogger("actmap")
 RESUME = "The shards finished so far are kept; rerun the same command to resume."
 
 
+def _log_level(text: str) -> int:
+    """A logging level by name (any case) or number."""
+    if text.strip().lstrip("-").isdigit():
+        return int(text)
+    level = logging.getLevelName(text.strip().upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(f"{text!r} is no logging level; give DEBUG, INFO, WARNING, ERROR, CRITICAL "
+                                         "or a number")
+    return level
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actmap", description="Dump the intermediate-layer outputs of "
                                      "PyTorch models over whole datasets into partitioned Parquet.")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    parser.add_argument("--log-level", default="WARNING", type=_log_level,
+                        help="logging level: DEBUG, INFO, WARNING, ERROR, CRITICAL or a number (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="dump layer outputs (with no config: the embedded default job)")
@@ -72,19 +85,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _show(args: argparse.Namespace) -> int:
     from ._maps import NoMapError
-    from ._viz import show_maps, show_stats
+    from ._viz import picture_path, show_maps, show_stats
 
     if args.samples is not None and args.samples < 1:
         raise ConfigError("--samples", f"must be at least 1, got {args.samples}")
+    if args.channels and min(args.channels) < 0:
+        raise ConfigError("--channels", f"channels are numbered from 0, got {min(args.channels)}")
+    if not args.stats and not args.layer:
+        raise ConfigError("--layer", "name the layer to draw (`actmap inspect OUT` lists them), or pass --stats")
+    try:
+        png = picture_path(args.png or ("stats.png" if args.stats else "maps.png"))
+    except ConfigError:  # (matplotlib is not installed)
+        raise
+    except ValueError as exc:
+        raise ConfigError("-o/--out", str(exc)) from None
     try:
         if args.stats:
-            path = show_stats(args.output, args.png or "stats.png", args.samples or 256,
-                              [args.layer] if args.layer else None)
-        elif not args.layer:
-            raise ConfigError("--layer", "name the layer to draw (`actmap inspect OUT` lists them), or pass --stats")
+            path = show_stats(args.output, png, args.samples or 256, [args.layer] if args.layer else None)
         else:
-            path = show_maps(args.output, args.layer, args.png or "maps.png", args.samples or 4, args.channels,
-                             args.prefix_tokens)
+            path = show_maps(args.output, args.layer, png, args.samples or 4, args.channels, args.prefix_tokens)
+    except NotADirectoryError as exc:  # the dump's folder is a file
+        raise ConfigError("output", str(exc)) from None
     except (FileNotFoundError, NoMapError) as exc:
         raise ConfigError("--stats" if args.stats else "--layer", str(exc)) from None
     except KeyError as exc:  # an unknown layer: the reader names the layers there are
@@ -137,6 +158,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The most values an example input of ``actmap layers --input-size`` may have (2 GiB of float32).
+MAX_EXAMPLE_VALUES = 2**29
+
+
 def _layers(args: argparse.Namespace) -> int:
     import torch
 
@@ -155,11 +180,16 @@ def _layers(args: argparse.Namespace) -> int:
     if size:
         if len(size) == 1:
             size = [3, size[0], size[0]]
-        example = torch.rand(1, *size)
+        values = math.prod(size)
+        if values > MAX_EXAMPLE_VALUES:
+            raise ConfigError("--input-size", f"an input of {'x'.join(map(str, size))} is {values:,} values, "
+                              f"{values * 4 / 2**30:,.0f} GiB of float32: more than this command tries "
+                              f"({MAX_EXAMPLE_VALUES:,} values); give the size the model takes (e.g. 3 224 224)")
     try:
+        example = None if not size else torch.rand(1, *size)
         layers = list_layers(model, example)
     except (RuntimeError, ValueError, TypeError) as exc:  # the model cannot take an input of that size
-        if example is None:
+        if not size:
             raise
         raise ConfigError("--input-size", f"the model's forward fails on an input of size "
                           f"{'x'.join(map(str, size))}: {exc}; give a size it takes (e.g. 3 224 224)") from None
@@ -174,7 +204,7 @@ def _inspect(args: argparse.Namespace) -> int:
         raise ConfigError("--bad", f"must be at least 0 (how many bad samples to list; 0 lists none), got {args.bad}")
     try:
         info = inspect_dump(args.output, verify=args.verify)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:  # nothing there, or a file
         raise ConfigError("output", str(exc)) from None
     except DamagedDumpError as exc:
         print(f"actmap: damaged: {exc}", file=sys.stderr)
@@ -186,7 +216,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     _TERMINATED.clear()
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     handler = {"run": _run, "layers": _layers, "inspect": _inspect, "show": _show}[args.command]
     try:
         return handler(args)

@@ -211,7 +211,8 @@ class ModelSpec(_Section):
     name: str = _field("resnet18", check.text())
     kwargs: Mapping[str, Any] = _field(dict, check.mapping)
     weights: str | None = _field(None, check.text(optional=True))
-    seed: int = _field(0, check.integer(0))
+    # (torch's generator takes 32 bits of a seed: 2**32 would give the weights of 0)
+    seed: int = _field(0, check.integer(0, maximum=2**32 - 1))
     layers: tuple[str, ...] = _field(("layer3", "layer4"), check.layer_ids)
     mode: Mode = _field(Mode.GRAB, check.choice(Mode))
     stop_early: bool = _field(True, check.boolean)
@@ -248,7 +249,8 @@ class PreprocessSpec(_Section):
     """
 
     _prefix = "source.preprocess"
-    resize: int | None = _field(None, check.integer(1, optional=True))
+    # (at least 2: torch's antialiased resize of uint8 pixels fails on a side of 1)
+    resize: int | None = _field(None, check.integer(2, optional=True))
     crop: tuple[int, int] | None = _field(None, check.size())
     normalize: Any = _field("imagenet", check.normalization)
     channels: int = _field(3, check.one_of(3, 1))
@@ -566,9 +568,51 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# a date in a config is the text it reads as (an output folder named 2024-01-01), not a date
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
 def _read_yaml(text: str) -> Any:
-    """``text`` as YAML data (safe types only; a key repeated in a mapping is an error)."""
+    """``text`` as YAML data (safe types only, a date as its text; a key repeated in a mapping
+    is an error).
+
+    >>> _read_yaml("output: 2024-01-01")
+    {'output': '2024-01-01'}
+    """
     return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def plain_data(key: str, value: Any) -> None:
+    """Refuse, naming its key, a value a config cannot hold: it is stored in the dump's manifest
+    as JSON and compared with a rerun's, so only text, numbers, booleans, null, lists and
+    mappings with text keys; and no NaN, which equals nothing, not even itself.
+
+    >>> plain_data(ModelSpec.key("kwargs"), {"scale": float("nan")})
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: model.kwargs.scale: NaN cannot be compared with a rerun's value (it equals nothing, not even itself); give a number or null
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if value != value:
+            raise ConfigError(key, "NaN cannot be compared with a rerun's value (it equals nothing, not even itself); "
+                              "give a number or null")
+        return
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(key, f"the key {name!r} is not text; quote it")
+            plain_data(f"{key}.{name}" if key else name, item)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            plain_data(f"{key}[{i}]", item)
+        return
+    raise ConfigError(key, f"a {type(value).__name__} ({value!r}) cannot be stored in the dump's manifest; give text, "
+                      "a number, a boolean, null, a list or a mapping")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -587,17 +631,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = _read_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"value {value!r} is not valid YAML: {exc}") from None
+    plain_data(key.strip(), parsed)
     return key.strip().split("."), parsed
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict:
-    """A copy of ``data`` with each ``key.path=value`` override set."""
+    """A copy of ``data`` with each ``key.path=value`` override set (a section left empty, as
+    ``run:`` with nothing under it, takes overrides as a missing one does)."""
+    plain_data("", data)
     data = json.loads(json.dumps(data))  # a deep copy of plain data
     for text in overrides:
         path, value = parse_override(text)
         node = data
         for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(".".join(path[:i + 1]), f"is a value, not a section: {child!r}")
             node = child

@@ -196,3 +196,45 @@ def test_an_interrupted_run_says_what_stopped_it(tmp_path, capsys, monkeypatch, 
     assert main(["run", "--set", f"run.output={tmp_path / 'out'}"]) == status
     assert said in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # the run's own handler is gone
+
+
+@pytest.mark.parametrize("level", ["nonsense", "5x"])
+def test_a_bad_log_level_exits_2_naming_the_valid_ones(capsys, level):
+    with pytest.raises(SystemExit) as info:
+        main(["--log-level", level, "inspect", "x"])
+    assert info.value.code == 2
+    assert f"argument --log-level: '{level}' is no logging level; give DEBUG, INFO" in capsys.readouterr().err
+
+
+def test_a_log_level_by_number_or_in_any_case_is_taken(tmp_path, capsys):
+    assert main(["--log-level", "10", "inspect", str(tmp_path)]) == main(["--log-level", "info", "inspect", str(tmp_path)]) == 2
+    assert "is empty or does not exist: no dump there" in capsys.readouterr().err
+
+
+def test_inspect_of_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["inspect", str(tmp_path / "afile")]) == 2
+    assert f"actmap: error: output: '{tmp_path / 'afile'}' is a file, not a folder" in capsys.readouterr().err
+
+
+def test_layers_refuses_an_input_too_large_to_make_before_making_it(capsys):
+    assert main(["layers", "support.models:tiny", "--input-size", "3", "100000", "100000"]) == 2
+    assert ("--input-size: an input of 3x100000x100000 is 30,000,000,000 values, 112 GiB of float32: more than "
+            "this command tries") in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where no folder can be made")
+def test_an_output_folder_that_cannot_be_made_exits_2_before_any_work(capsys):
+    assert main(["run", "--set", "run.executor=local", "--set", "source.count=4",
+                 "--set", "run.output=/proc/actmap-cannot/out"]) == 2
+    err = capsys.readouterr().err
+    assert "actmap: error: run.output: cannot write in '/proc/actmap-cannot/out'" in err
+    assert "choose a folder this process may create and write in" in err and "resume" not in err
+
+
+def test_the_summary_quotes_an_output_path_with_spaces(tmp_path, capsys):
+    out = tmp_path / "my dump"
+    assert main(["run", "--quiet", "--set", "run.executor=local", "--set", "source.count=4", "--set",
+                 "source.image_size=16", "--set", "model.name=support.models:tiny", "--set", "model.layers=[conv2]",
+                 "--set", f"run.output={out}"]) == 0
+    assert f"`actmap inspect '{out}'` describes the dump" in capsys.readouterr().err

@@ -284,3 +284,44 @@ def test_no_module_spells_a_config_key_by_hand_and_every_derived_key_names_a_fie
     assert not found, "use Section.key(field) rather than spelling the key"
     assert not stale
     assert len(keys) > 30  # the check looks for every key of every section
+
+
+def test_a_date_in_a_yaml_file_is_its_text(tmp_path):
+    (tmp_path / "dated.yaml").write_text("run:\n  output: 2024-01-01\n")
+    assert load_config(tmp_path / "dated.yaml").run.output == "2024-01-01"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  kwargs: !!set {a}\n", "model.kwargs: a set ({'a'}) cannot be stored in the dump's manifest; give text, "
+                                      "a number, a boolean, null, a list or a mapping"),
+    ("model:\n  kwargs: {when: !!timestamp 2024-01-01}\n", "model.kwargs.when: a date (datetime.date(2024, 1, 1))"),
+    ("model:\n  kwargs: {x: !!binary aGk=}\n", "model.kwargs.x: a bytes (b'hi')"),
+    ("model:\n  kwargs: {x: [1, .nan]}\n", "model.kwargs.x[1]: NaN cannot be compared with a rerun's value"),
+    ("model:\n  kwargs: {1: 2}\n", "model.kwargs: the key 1 is not text; quote it"),
+])
+def test_a_value_no_manifest_can_hold_is_refused_naming_its_key(tmp_path, text, message):
+    """The config is kept in the dump's manifest as JSON and compared with a rerun's: a value that
+    JSON cannot hold, or that equals nothing (NaN), would fail the run late or stop every rerun."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert str(info.value).startswith(message)
+    key, value = text.split("\n")[1].strip().split(": ", 1)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"model.{key}={value}"])
+    assert str(info.value).startswith(message)
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\nrun:\n")
+    assert load_config(tmp_path / "c.yaml", ["run.batch_size=3"]).run.batch_size == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.seed=4294967296", "model.seed: must be at most 4,294,967,295, got 4,294,967,296"),  # torch's 32 bits
+    ("source.preprocess.resize=1", "source.preprocess.resize: must be at least 2, got 1"),
+])
+def test_values_torch_cannot_take_are_refused(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message

@@ -207,3 +207,48 @@ def test_activation_dataset_items_are_copies(dump):
         before = data[0][0].float().sum()
         data[0][0].mul_(0)
         assert data[0][0].float().sum() == before
+
+
+def test_a_dump_is_found_by_a_path_object_as_by_its_text(dump):
+    from pathlib import Path
+
+    assert np.array_equal(read_layer(Path(dump), "conv2"), read_layer(dump, "conv2"))
+    assert len(ActivationDataset(Path(dump), "conv2")) == 30 and inspect_dump(Path(dump)).complete
+    with pytest.raises(TypeError, match=r"a dump's location is a path \(str or pathlib.Path\) or a URI, got 12"):
+        read_layer(12, "conv2")
+
+
+@pytest.mark.parametrize("layer", [None, 3, ["conv2"]])
+def test_a_layer_that_is_no_name_is_a_type_error_naming_the_layers(dump, layer):
+    with pytest.raises(TypeError, match=re.escape(f"layer must be a layer id (a str), got {layer!r}; ") + ".* holds 'relu1', 'conv2'"):
+        read_layer(dump, layer)
+
+
+def test_bounds_beyond_any_index_are_its_ends(dump):
+    assert read_table(dump, "conv2", start=2**70).num_rows == 0
+    assert read_table(dump, "conv2", start=-2**70, stop=2**70).num_rows == 30
+
+
+def test_activation_dataset_takes_a_dtype_by_name_and_an_index_of_any_int_type(dump):
+    data = ActivationDataset(dump, "conv2", dtype="float16")
+    assert data[np.int64(3)][0].dtype == torch.float16 and data[torch.tensor(3)][1]["index"] == 3
+    assert ActivationDataset(dump, "conv2", dtype=np.float64)[0][0].dtype == torch.float64
+    with pytest.raises(TypeError, match=r"dtype must be a torch dtype \(torch.float16\), its name \('float16'\) or "
+                                        r"None \(the stored dtype\), got 'nope'"):
+        ActivationDataset(dump, "conv2", dtype="nope")
+
+
+def test_activation_dataset_refuses_bad_arguments_naming_them(dump):
+    data = ActivationDataset(dump, "conv2")
+    with pytest.raises(IndexError, match="index -31 out of range for 30 rows"):
+        data[-31]
+    for index in (slice(1, 3), "0", 1.0):
+        with pytest.raises(TypeError, match=re.escape(f"an item's index is an int, got {index!r}; for many rows")):
+            data[index]
+    for kwargs, error, said in [({"window": 1.5}, TypeError, "window must be an int of at least 1, got 1.5"),
+                                ({"shuffle": True, "seed": -1}, ValueError, "seed must be an int of at least 0, got -1"),
+                                ({"cache_row_groups": 0}, ValueError, "cache_row_groups must be an int of at least 1")]:
+        with pytest.raises(error, match=re.escape(said)):
+            ActivationDataset(dump, "conv2", **kwargs)
+    with pytest.raises(TypeError, match="epoch must be an int of at least 0, got 'a'"):
+        data.set_epoch("a")

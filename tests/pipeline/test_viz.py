@@ -129,3 +129,25 @@ def test_show_errors_exit_2_with_the_reason(conv_dump, tmp_path, capsys, monkeyp
     assert main(["show", conv_dump, "--layer", "conv2", "-o", str(tmp_path / "x.png")]) == 2
     assert "pip install 'actmap[viz]'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}", "-o/--out: '{tmp}' is a folder; name the picture's file, e.g. '{tmp}/maps.png'"),
+    ("{tmp}/nowhere/x.png", "-o/--out: '{tmp}/nowhere', where '{tmp}/nowhere/x.png' would go, is not a folder"),
+    ("{tmp}/x.xyz", "-o/--out: '{tmp}/x.xyz': matplotlib writes no '.xyz' files; end the name with .png"),
+])
+def test_a_picture_file_that_cannot_be_written_exits_2_before_drawing(conv_dump, tmp_path, capsys, out, message):
+    out, message = out.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    assert main(["show", conv_dump, "--layer", "conv2", "-o", out]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_picture_file_without_a_suffix_gets_png_and_the_path_printed_is_the_one_written(conv_dump, tmp_path, capsys):
+    assert main(["show", conv_dump, "--layer", "conv2", "-o", str(tmp_path / "grid")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "grid.png")
+    assert _png(tmp_path / "grid.png")[0] > 0
+
+
+def test_show_refuses_a_negative_channel(conv_dump, tmp_path, capsys):
+    assert main(["show", conv_dump, "--layer", "conv2", "--channels", "1", "-1", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--channels: channels are numbered from 0, got -1" in capsys.readouterr().err
