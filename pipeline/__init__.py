@@ -31,15 +31,14 @@ if TYPE_CHECKING:
     from ._reader import (ActivationDataset, DumpInfo, decode_column, inspect_dump, read_layer, read_table,
                           to_ray_dataset)
     from ._report import Summary
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+else:  # (a type checker sees the imports above, and no __getattr__ that would hide a misspelt name)
+    def __getattr__(name: str):
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

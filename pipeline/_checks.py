@@ -174,6 +174,51 @@ def mapping(key: str, value: Any) -> dict:
     return dict(value)
 
 
+def plain_data(key: str, value: Any, nan: bool = False, _within: tuple[int, ...] = ()) -> None:
+    """Refuse, naming its key, a value a config cannot hold: it is stored in the dump's manifest
+    as JSON and compared with a rerun's, so only text, numbers, booleans, null, lists and
+    mappings (whose number, boolean and null keys JSON writes as text); no value that holds
+    itself (a YAML alias to its own mapping); and no NaN (unless ``nan``: a field's own check
+    then judges it), which equals nothing, not even itself, so that no rerun could match it.
+
+    >>> plain_data("kwargs", {"scale": float("nan")})
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: kwargs.scale: NaN cannot be compared with a rerun's value (it equals nothing, not even itself); give a number or null
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if value != value and not nan:
+            raise ConfigError(key, "NaN cannot be compared with a rerun's value (it equals nothing, not even itself); "
+                              "give a number or null")
+        return
+    if isinstance(value, (Mapping, list, tuple)):
+        if id(value) in _within:
+            raise ConfigError(key, "holds itself (a YAML alias to a mapping or list it is in); write the value out")
+        _within += (id(value),)
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            if name is not None and not isinstance(name, (str, int, float)):
+                raise ConfigError(key, f"the key {name!r} is a {type(name).__name__}; keys are text or numbers")
+            plain_data(f"{key}.{name}" if key else str(name), item, nan, _within)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            plain_data(f"{key}[{i}]", item, nan, _within)
+        return
+    raise ConfigError(key, f"a {type(value).__name__} ({value!r}) cannot be stored in the dump's manifest; give text, "
+                      "a number, a boolean, null, a list or a mapping")
+
+
+def plain_mapping(key: str, value: Any) -> dict:
+    """A mapping of free values (a builder's keyword arguments), as a dict: what a manifest holds
+    and a rerun's config can equal (:func:`plain_data`)."""
+    data = mapping(key, value)
+    plain_data(key, data)
+    return data
+
+
 def auto_or(check: Check) -> Check:
     """``"auto"``, or a value that passes ``check``."""
     def auto_or_check(key: str, value: Any) -> Any:

@@ -31,7 +31,7 @@ from ._shards import MAX_SHARDS, Shard, ShardPlan
 from ._sources import IndexFile, MemoryIndex, describe_error, write_index
 from ._store import OutputStore
 from ._worker import ShardWorker
-from .config import Config, ExecutorKind, RunSpec
+from .config import Config, ExecutorKind, ModelSpec, RunSpec
 from .errors import BadSampleError, ConfigError, ShardFailedError
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,12 @@ def _freeze_source(store: OutputStore, source) -> bool:
     return True
 
 
+def _warn_large_seed(model: ModelSpec) -> None:
+    if model.seed >= 2**32 and model.weights is None:
+        log.warning("%s %d: torch's generator uses the low 32 bits of a seed, so the weights are those of seed %d",
+                    ModelSpec.key("seed"), model.seed, model.seed % 2**32)
+
+
 def _warn_small_shards(run: RunSpec) -> None:
     if run.shard_size < 4 * run.batch_size:
         log.warning("%s %d is under 4 batches of %d: every shard costs a file per layer, a record and a "
@@ -227,6 +233,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     """
     started = time.monotonic()
     _warn_small_shards(config.run)
+    _warn_large_seed(config.model)
     store = open_output(config.run.output)
     # a new dump will need its workers: the executor reaches its cluster (a local Ray takes
     # seconds to start) while the trial sample runs; a rerun may have nothing left to do

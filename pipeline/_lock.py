@@ -147,7 +147,7 @@ class OutputLock:
                     or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
                 raise
             raise OutputConflictError(RunSpec.key("output"), f"cannot write in {self.store.location!r}: "
-                                      f"{str(exc).splitlines()[0]}; choose a folder this process may create and "
+                                      f"{(str(exc) or type(exc).__name__).splitlines()[0]}; choose a folder this process may create and "
                                       "write in") from None
         if not created:
             holder = self._holder()

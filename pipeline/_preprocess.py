@@ -53,12 +53,14 @@ def resize_crop(image: torch.Tensor, resize: int | None, crop: tuple[int, int] |
 
 
 _PADDED_TOLD = threading.Event()
+_PADDED_LOCK = threading.Lock()
 
 
 def _padded(size: tuple[int, int], crop: tuple[int, int], resize: int | None) -> None:
-    if _PADDED_TOLD.is_set():
-        return
-    _PADDED_TOLD.set()
+    with _PADDED_LOCK:  # (the decoding threads)
+        if _PADDED_TOLD.is_set():
+            return
+        _PADDED_TOLD.set()
     after = f" after {PreprocessSpec.key('resize')}: {resize}" if resize is not None else ""
     log.warning("an image of %dx%d px%s is smaller than %s %dx%d (height x width): it is padded with zeros, as "
                 "torchvision's center_crop pads; set %s to at least %d to fill the crop (said once)",

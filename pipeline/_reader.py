@@ -240,8 +240,10 @@ class ActivationDataset(torch.utils.data.Dataset):
 
     def __init__(self, location: str, layer: str, dtype: torch.dtype | None = torch.float32,
                  cache_row_groups: int = 4, shuffle: bool = False, window: int = 1024, seed: int = 0):
-        for name, value, least in (("cache_row_groups", cache_row_groups, 1), ("window", window, 1), ("seed", seed, 0)):
-            _count(name, value, least)
+        _count("cache_row_groups", cache_row_groups, 0 if shuffle else 1)  # (shuffled: at least a window's)
+        if shuffle:
+            _count("window", window, 1)
+            _count("seed", seed, 0)
         store = OutputStore(location)
         self.location, self.layer, self.dtype = store.location, layer, _torch_dtype(dtype)
         self._files = [store.path(f) for f in _layer_files(store, layer)]
@@ -274,8 +276,8 @@ class ActivationDataset(torch.utils.data.Dataset):
 
         With ``DataLoader`` worker processes, call it before each epoch's iterator is made.
         """
-        _count("epoch", epoch, 0)
         if self.shuffle:
+            _count("epoch", epoch, 0)
             self._order = block_shuffle(list(np.diff(self._offsets)), self.window, self.seed + epoch * 1_000_003)
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own files

@@ -52,6 +52,11 @@ def sorted_bad(groups: Iterable[Iterable[BadSample]]) -> list[BadSample]:
     return sorted((b for group in groups for b in group), key=lambda b: b.index)
 
 
+def _braces(text: str) -> str:
+    """``text`` as it reads after ``str.format``."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 @dataclasses.dataclass
 class Summary:
     """What a run did: rows and bytes per layer, bad samples, time.
@@ -99,7 +104,7 @@ class Summary:
                          f"({duration_text(self.seconds)} wall)")
         lines.append(f"  bad samples: {len(self.bad)}")
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=10, indent="    ",
-                                  more=f"... `actmap inspect {shlex.quote(self.output)}` lists all {{all}}")
+                                  more=f"... `actmap inspect {_braces(shlex.quote(self.output))}` lists all {{all}}")
         first = next(iter(self.layers))
         lines.append(f"Read it back: pipeline.read_layer({self.output!r}, {first!r}) -> numpy array; "
                      f"`actmap inspect {shlex.quote(self.output)}` describes the dump")

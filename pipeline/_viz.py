@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,13 +58,14 @@ def picture_path(output: str) -> str:
     >>> picture_path("/tmp/maps"), picture_path("/tmp/maps.svg")
     ('/tmp/maps.png', '/tmp/maps.svg')
     """
+    output = os.fspath(output)
     path = Path(output)
-    if path.is_dir():
+    if path.is_dir() or output.endswith(("/", os.sep)):
         raise ValueError(f"{output!r} is a folder; name the picture's file, e.g. {str(path / 'maps.png')!r}")
     if not path.parent.is_dir():
         raise ValueError(f"{str(path.parent)!r}, where {output!r} would go, is not a folder; make it first")
     if not path.suffix:
-        return output + ".png"
+        return output.rstrip(".") + ".png"
     if path.suffix.lower() == ".png":
         return output
     require("matplotlib", "viz", "actmap show")

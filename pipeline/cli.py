@@ -104,10 +104,10 @@ def _show(args: argparse.Namespace) -> int:
             path = show_stats(args.output, png, args.samples or 256, [args.layer] if args.layer else None)
         else:
             path = show_maps(args.output, args.layer, png, args.samples or 4, args.channels, args.prefix_tokens)
-    except NotADirectoryError as exc:  # the dump's folder is a file
+    except (FileNotFoundError, NotADirectoryError) as exc:  # no dump there, or a file
         raise ConfigError("output", str(exc)) from None
-    except (FileNotFoundError, NoMapError) as exc:
-        raise ConfigError("--stats" if args.stats else "--layer", str(exc)) from None
+    except NoMapError as exc:
+        raise ConfigError("--layer", str(exc)) from None
     except KeyError as exc:  # an unknown layer: the reader names the layers there are
         raise ConfigError("--layer", str(exc)) from None
     print(path)

@@ -209,10 +209,10 @@ class ModelSpec(_Section):
 
     _prefix = "model"
     name: str = _field("resnet18", check.text())
-    kwargs: Mapping[str, Any] = _field(dict, check.mapping)
+    kwargs: Mapping[str, Any] = _field(dict, check.plain_mapping)
     weights: str | None = _field(None, check.text(optional=True))
-    # (torch's generator takes 32 bits of a seed: 2**32 would give the weights of 0)
-    seed: int = _field(0, check.integer(0, maximum=2**32 - 1))
+    # (torch takes seeds up to 2**64 - 1; its CPU generator uses their low 32 bits: see the driver)
+    seed: int = _field(0, check.integer(0, maximum=2**64 - 1))
     layers: tuple[str, ...] = _field(("layer3", "layer4"), check.layer_ids)
     mode: Mode = _field(Mode.GRAB, check.choice(Mode))
     stop_early: bool = _field(True, check.boolean)
@@ -382,7 +382,7 @@ class DatasetSpec(SourceSpec, kind=SourceKind.DATASET):
     ``torch.utils.data.Dataset`` (called with ``kwargs``)."""
 
     target: str | None = _field(None, check.target, example="package.module:callable")
-    kwargs: Mapping[str, Any] = _field(dict, check.mapping)
+    kwargs: Mapping[str, Any] = _field(dict, check.plain_mapping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,37 +584,6 @@ def _read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
-def plain_data(key: str, value: Any) -> None:
-    """Refuse, naming its key, a value a config cannot hold: it is stored in the dump's manifest
-    as JSON and compared with a rerun's, so only text, numbers, booleans, null, lists and
-    mappings with text keys; and no NaN, which equals nothing, not even itself.
-
-    >>> plain_data(ModelSpec.key("kwargs"), {"scale": float("nan")})
-    Traceback (most recent call last):
-    ...
-    pipeline.errors.ConfigError: model.kwargs.scale: NaN cannot be compared with a rerun's value (it equals nothing, not even itself); give a number or null
-    """
-    if value is None or isinstance(value, (str, bool, int)):
-        return
-    if isinstance(value, float):
-        if value != value:
-            raise ConfigError(key, "NaN cannot be compared with a rerun's value (it equals nothing, not even itself); "
-                              "give a number or null")
-        return
-    if isinstance(value, Mapping):
-        for name, item in value.items():
-            if not isinstance(name, str):
-                raise ConfigError(key, f"the key {name!r} is not text; quote it")
-            plain_data(f"{key}.{name}" if key else name, item)
-        return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            plain_data(f"{key}[{i}]", item)
-        return
-    raise ConfigError(key, f"a {type(value).__name__} ({value!r}) cannot be stored in the dump's manifest; give text, "
-                      "a number, a boolean, null, a list or a mapping")
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split a ``key.path=value`` override; the value is read as YAML.
 
@@ -631,14 +600,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = _read_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(key, f"value {value!r} is not valid YAML: {exc}") from None
-    plain_data(key.strip(), parsed)
+    check.plain_data(key.strip(), parsed, nan=True)  # (NaN: the key's own check says what it wants)
     return key.strip().split("."), parsed
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """A copy of ``data`` with each ``key.path=value`` override set (a section left empty, as
     ``run:`` with nothing under it, takes overrides as a missing one does)."""
-    plain_data("", data)
+    check.plain_data("", data, nan=True)
     data = json.loads(json.dumps(data))  # a deep copy of plain data
     for text in overrides:
         path, value = parse_override(text)

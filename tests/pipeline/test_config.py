@@ -297,7 +297,7 @@ def test_a_date_in_a_yaml_file_is_its_text(tmp_path):
     ("model:\n  kwargs: {when: !!timestamp 2024-01-01}\n", "model.kwargs.when: a date (datetime.date(2024, 1, 1))"),
     ("model:\n  kwargs: {x: !!binary aGk=}\n", "model.kwargs.x: a bytes (b'hi')"),
     ("model:\n  kwargs: {x: [1, .nan]}\n", "model.kwargs.x[1]: NaN cannot be compared with a rerun's value"),
-    ("model:\n  kwargs: {1: 2}\n", "model.kwargs: the key 1 is not text; quote it"),
+    ("model:\n  kwargs: &a {x: *a}\n", "model.kwargs.x: holds itself (a YAML alias to a mapping or list it is in)"),
 ])
 def test_a_value_no_manifest_can_hold_is_refused_naming_its_key(tmp_path, text, message):
     """The config is kept in the dump's manifest as JSON and compared with a rerun's: a value that
@@ -312,13 +312,19 @@ def test_a_value_no_manifest_can_hold_is_refused_naming_its_key(tmp_path, text, 
     assert str(info.value).startswith(message)
 
 
+def test_number_keys_become_text_as_json_writes_them(tmp_path):
+    (tmp_path / "c.yaml").write_text("source: {kind: dataset, target: 'x:y', kwargs: {labels: {0: cat, 1: dog}}}\n")
+    assert load_config(tmp_path / "c.yaml").source.kwargs == {"labels": {"0": "cat", "1": "dog"}}
+
+
 def test_an_empty_section_takes_overrides(tmp_path):
     (tmp_path / "c.yaml").write_text("model:\nrun:\n")
     assert load_config(tmp_path / "c.yaml", ["run.batch_size=3"]).run.batch_size == 3
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.seed=4294967296", "model.seed: must be at most 4,294,967,295, got 4,294,967,296"),  # torch's 32 bits
+    ("model.seed=18446744073709551616", "model.seed: must be at most 18,446,744,073,709,551,615, got "
+                                        "18,446,744,073,709,551,616"),  # torch's largest seed is 2**64 - 1
     ("source.preprocess.resize=1", "source.preprocess.resize: must be at least 2, got 1"),
 ])
 def test_values_torch_cannot_take_are_refused(override, message):

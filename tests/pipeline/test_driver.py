@@ -513,3 +513,13 @@ def test_row_groups_much_larger_than_a_shard_are_warned_of(caplog):
     _warn_row_groups(types.SimpleNamespace(largest_row_group=1_000), 256)  # within 4 shards: nothing to say
     _warn_row_groups(object(), 256)  # a source without row groups
     assert not caplog.text
+
+
+def test_a_seed_of_32_bits_or_more_is_said_to_give_the_weights_of_its_low_bits(tmp_path, caplog):
+    """torch's generator uses a seed's low 32 bits: seed 2**32 + 5 builds the weights of seed 5."""
+    config = _config(tmp_path / "big", model={"seed": 2**32 + 5}, source={"count": 8})
+    run(config, stream=None)
+    assert "model.seed 4294967301: torch's generator uses the low 32 bits of a seed, so the weights are those of " \
+           "seed 5" in caplog.text
+    run(_config(tmp_path / "small", model={"seed": 5}, source={"count": 8}), stream=None)
+    assert np.array_equal(read_layer(str(tmp_path / "big"), "conv2"), read_layer(str(tmp_path / "small"), "conv2"))

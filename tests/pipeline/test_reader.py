@@ -247,8 +247,15 @@ def test_activation_dataset_refuses_bad_arguments_naming_them(dump):
             data[index]
     for kwargs, error, said in [({"window": 1.5}, TypeError, "window must be an int of at least 1, got 1.5"),
                                 ({"shuffle": True, "seed": -1}, ValueError, "seed must be an int of at least 0, got -1"),
-                                ({"cache_row_groups": 0}, ValueError, "cache_row_groups must be an int of at least 1")]:
+                                ({"cache_row_groups": -1}, ValueError, "cache_row_groups must be an int of at least 0")]:
         with pytest.raises(error, match=re.escape(said)):
-            ActivationDataset(dump, "conv2", **kwargs)
+            ActivationDataset(dump, "conv2", **{"shuffle": True, **kwargs})
     with pytest.raises(TypeError, match="epoch must be an int of at least 0, got 'a'"):
-        data.set_epoch("a")
+        ActivationDataset(dump, "conv2", shuffle=True).set_epoch("a")
+    # what only a shuffled order uses is not looked at without it, as before
+    unshuffled = ActivationDataset(dump, "conv2", seed=-1, window=0)
+    unshuffled.set_epoch(-1)
+    assert torch.equal(unshuffled[3][0], data[3][0])
+    assert len(ActivationDataset(dump, "conv2", shuffle=True, cache_row_groups=0)) == 30
+    with pytest.raises(ValueError, match="cache_row_groups must be an int of at least 1, got 0"):
+        ActivationDataset(dump, "conv2", cache_row_groups=0)  # (its files would be closed as they open)

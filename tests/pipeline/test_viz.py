@@ -133,6 +133,7 @@ def test_show_errors_exit_2_with_the_reason(conv_dump, tmp_path, capsys, monkeyp
 
 @pytest.mark.parametrize("out, message", [
     ("{tmp}", "-o/--out: '{tmp}' is a folder; name the picture's file, e.g. '{tmp}/maps.png'"),
+    ("{tmp}/new/", "-o/--out: '{tmp}/new/' is a folder; name the picture's file, e.g. '{tmp}/new/maps.png'"),
     ("{tmp}/nowhere/x.png", "-o/--out: '{tmp}/nowhere', where '{tmp}/nowhere/x.png' would go, is not a folder"),
     ("{tmp}/x.xyz", "-o/--out: '{tmp}/x.xyz': matplotlib writes no '.xyz' files; end the name with .png"),
 ])
@@ -146,6 +147,13 @@ def test_a_picture_file_without_a_suffix_gets_png_and_the_path_printed_is_the_on
     assert main(["show", conv_dump, "--layer", "conv2", "-o", str(tmp_path / "grid")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "grid.png")
     assert _png(tmp_path / "grid.png")[0] > 0
+
+
+def test_show_of_a_file_blames_the_output(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for args in (["--layer", "conv2"], ["--stats"]):
+        assert main(["show", str(tmp_path / "afile"), *args, "-o", str(tmp_path / "x.png")]) == 2
+        assert f"actmap: error: output: '{tmp_path / 'afile'}'" in capsys.readouterr().err
 
 
 def test_show_refuses_a_negative_channel(conv_dump, tmp_path, capsys):

@@ -1,0 +1,14 @@
+"""The summary a run prints."""
+
+from pipeline._records import BadSample
+from pipeline._report import Summary
+
+
+def test_the_summary_names_the_inspect_command_as_a_shell_reads_it_braces_and_spaces_included():
+    bad = [BadSample(i, str(i), "unreadable").to_dict() for i in range(12)]  # more than the summary lists
+    summary = Summary(output="/data/run {1}", layers={"conv": {"shape": [4], "dtype": "float16"}}, samples=20,
+                      rows={"conv": 8}, bytes={"conv": 64}, bad=bad, shards=2, resumed=0, actors=1, seconds=1.0,
+                      new_samples=20)
+    text = summary.format()
+    assert "... `actmap inspect '/data/run {1}'` lists all 12" in text
+    assert text.endswith("`actmap inspect '/data/run {1}'` describes the dump")
