@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ._grabber import map_tensors
 from ._hooks import HooksHandle, _ForwardState
 from ._layers import resolve_layers
 
@@ -25,7 +26,11 @@ class ModelExtender(HooksHandle):
     layer it is attached to. Calling the wrapper returns ``(model_output, ext_outputs)``
     where ``ext_outputs`` is a fresh dict ``{name: extension(layer_output)}`` for the
     extensions whose layer ran, ordered as :attr:`name_registrations` lists them. Gradients
-    flow from the extension outputs into the extensions and into the model.
+    flow from the extension outputs into the extensions and into the model. While gradients
+    are on, the extensions get a copy of their layer's output (:meth:`torch.Tensor.clone`,
+    through which gradients flow as well): a model that later changes that output in place (a
+    batch norm followed by ``ReLU(inplace=True)`` in torchvision's ResNets) would otherwise
+    break the extensions' backward.
 
     The extensions live in the child ``extension_models`` (a :class:`torch.nn.ModuleDict`),
     so ``parameters()``, ``state_dict()``, ``.to()`` and ``.train()``/``.eval()`` of the
@@ -184,9 +189,22 @@ class ModelExtender(HooksHandle):
 
     # -------------------------------------------------------------------- forward
 
+    def _recompute(self, layer_id: str, output: Any, selection: Any) -> None:
+        # the extensions run again on the output computed again, as the first forward ran them
+        # (non-reentrant checkpointing counts the tensors each saves); their outputs are dropped
+        state = _ForwardState(self, (layer_id,), stop_early=False)
+        self._record(state, layer_id, output if selection is None else selection.apply(output))
+
     def _record(self, state: _ForwardState, layer_id: str, output: Any) -> None:
-        for name in self._registrations.get(layer_id, ()):
-            state.records[name] = self.extension_models[name](output)
+        names = self._registrations.get(layer_id, ())
+        if names and torch.is_grad_enabled():
+            output = map_tensors(torch.Tensor.clone, output)
+        for name in names:
+            try:
+                state.records[name] = self.extension_models[name](output)
+            except Exception as exc:  # (a head that does not fit its layer's output, say)
+                exc.add_note(f"in the extension {name!r} on layer {layer_id!r}")
+                raise
 
     def _finish(self, model_output: Any, state: _ForwardState) -> Any:
         records = state.records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -14,10 +15,11 @@ __all__ = ["ActivationMapGrabber"]
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
-    """Apply ``fn`` to every tensor in ``value``, looking into tuples, lists and dicts.
+    """Apply ``fn`` to every tensor in ``value``, looking into tuples, lists, dicts and
+    dataclasses.
 
-    Containers are rebuilt with their own type (named tuples and ``OrderedDict`` included);
-    anything else is returned as it is.
+    Containers are rebuilt with their own type (named tuples, ``OrderedDict`` and dataclass
+    instances included); anything else is returned as it is.
     """
     if isinstance(value, torch.Tensor):
         return fn(value)
@@ -32,6 +34,9 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
             return type(value)(mapped)
         except TypeError:
             return mapped
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: map_tensors(fn, getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
     return value
 
 
@@ -99,6 +104,8 @@ class ActivationMapGrabber(HooksHandle):
                 f"module_ids must be a list of layer ids, not a single str; "
                 f"use [{module_ids!r}]"
             )
+        if not isinstance(module_ids, Iterable):
+            raise TypeError(f"module_ids must be a list of layer ids, got {module_ids!r}")
         module_ids = list(module_ids)
         # Check every id before the first hook is placed.
         resolve_layers(model, module_ids)

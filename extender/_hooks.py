@@ -84,7 +84,8 @@ class HooksHandle(torch.nn.Module):
     * a constructor that fails (say, one bad id among several) leaves no hook behind;
     * a wrapper that is garbage collected takes its hooks off the model too;
     * a copy of the wrapper (:func:`copy.deepcopy`, pickle) holds its own copy of the
-      model, whose hooks report to the copy.
+      model, whose hooks report to the copy; :func:`copy.copy` is refused, since its copy
+      would share this wrapper's hooks.
 
     The wrapper never changes the model's mode, device or ``requires_grad`` by itself.
     Being a :class:`torch.nn.Module` with the model as a child, ``wrapper.eval()``,
@@ -122,6 +123,12 @@ class HooksHandle(torch.nn.Module):
         super().__setstate__(state)
         self._hooks_finalizer = weakref.finalize(self, _remove_all, self._layer_hooks)
 
+    def __copy__(self) -> HooksHandle:
+        # a shallow copy would share the model and this wrapper's hooks (which report to this
+        # wrapper), and take them off the model when it is collected
+        raise TypeError(f"a {type(self).__name__} cannot be copied shallowly: the copy would share the model's "
+                        "hooks; use copy.deepcopy (a copy with its own model) or wrap the model again")
+
     # ----------------------------------------------------------------- bookkeeping
 
     @property
@@ -138,6 +145,9 @@ class HooksHandle(torch.nn.Module):
         ((layer, selection),) = resolve_selections(self.wrapped_model, [layer_id])
         if layer_id in self._layer_hooks:
             return
+        if isinstance(layer, torch.jit.ScriptModule):
+            raise TypeError(f"Layer {layer_id!r} is a TorchScript module ({type(layer).__name__}), which takes no "
+                            "hooks; choose a layer outside the scripted part, or script the model after wrapping it")
         hook = _LayerHook(self, layer_id, selection if selection.keys else None)
         self._layer_hooks[layer_id] = layer.register_forward_hook(hook)
         logger.debug("%s: hooked layer %r", type(self).__name__, layer_id)
@@ -202,6 +212,11 @@ class HooksHandle(torch.nn.Module):
     def _on_layer_output(self, layer_id: str, output: Any, selection: Selection | None = None) -> None:
         """Called by the hook of ``layer_id`` with that layer's output (and the id's selectors)."""
         state = self._find_state()
+        if state is None and torch._C._current_graph_task_id() != -1:
+            # a forward inside a backward: activation checkpointing computes a checkpointed
+            # part again, and must see it do what it did the first time
+            self._recompute(layer_id, output, selection)
+            return
         if state is None or state.stopped or layer_id not in state.layer_ids:
             return
         if selection is not None:
@@ -212,6 +227,20 @@ class HooksHandle(torch.nn.Module):
             if not state.pending:
                 state.stopped = True
                 raise _StopForward(state)
+
+    def _recompute(self, layer_id: str, output: Any, selection: Selection | None) -> None:
+        """What the hook of ``layer_id`` does to ``output`` when activation checkpointing
+        computes its layer again during a backward; the results are not kept. Nothing, unless
+        a sub-class records through modules of its own (their saved tensors must come again)."""
+
+    def _hook_last(self) -> None:
+        """Put each of this wrapper's hooks after every other forward hook of its layer: the
+        forward ends in the hook that stops it, so hooks after it (an outer wrapper's, a head
+        of a :class:`~extender.ModelExtender`, the user's own) would not run at all."""
+        for handle in self._layer_hooks.values():
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                hooks.move_to_end(handle.id)
 
     def _find_state(self) -> _ForwardState | None:
         for state in reversed(_active_states()):
@@ -225,6 +254,8 @@ class HooksHandle(torch.nn.Module):
         if state.pending is not None and not state.pending:
             # Stopping as soon as all of no layers have run means not running at all.
             return self._finish(None, state)
+        if state.pending is not None:
+            self._hook_last()
         states = _active_states()
         states.append(state)
         try:

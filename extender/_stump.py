@@ -63,8 +63,14 @@ class ModelStump(HooksHandle):
     def stump_head(self, layer_id: str) -> None:
         check_layer_id(layer_id)
         resolve_layer(self.wrapped_model, layer_id)
+        old = self.stump_head
         self.remove()
-        self._register_all([layer_id])
+        try:
+            self._register_all([layer_id])
+        except BaseException:
+            if old is not None:  # (the old head took a hook before: it takes one again)
+                self._register_all([old])
+            raise
 
     def _stops_early(self) -> bool:
         return True

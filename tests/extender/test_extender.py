@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extender import ModelExtender, UnknownLayerError
+from extender import ActivationMapGrabber, ModelExtender, UnknownLayerError
 
 
 def probe(n_in: int = 3, n_out: int = 1) -> torch.nn.Module:
@@ -208,3 +208,29 @@ def test_extensions_on_non_tensor_outputs_and_whole_model():
     with ModelExtender(Pairwise(), {"": {"sum_y": PickY()}}) as ext:
         out, ext_out = ext(torch.ones(3, 2), shift=1.0)
     assert torch.allclose(ext_out["sum_y"], out["y"].sum(dim=1))
+
+
+def test_an_extension_that_fails_is_named_with_its_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    extended = ModelExtender(model, {"2": {"bad_head": torch.nn.Linear(8, 1)}})
+    with pytest.raises(RuntimeError) as info:
+        extended(torch.ones(3, 2))
+    assert info.value.__notes__ == ["in the extension 'bad_head' on layer '2'"]
+
+
+def test_an_extension_on_a_layer_changed_in_place_later_still_backpropagates():
+    """torchvision's ResNet changes a batch norm's output in place (ReLU(inplace=True)): the
+    extension gets a copy, so its backward finds the values it saw."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    resnet18 = resnet18(weights=None).eval()  # (its own: the backward below fills its gradients)
+    head = torch.nn.Sequential(torch.nn.Conv2d(64, 1, 1), torch.nn.Flatten(), torch.nn.LazyLinear(1))
+    extended = ModelExtender(resnet18, {"layer1.0.bn1": {"p": head}})
+    x = torch.randn(2, 3, 32, 32)
+    _, ext = extended(x)
+    ext["p"].sum().backward()
+    assert head[0].weight.grad is not None and resnet18.conv1.weight.grad is not None
+    with torch.no_grad():
+        bn1 = ActivationMapGrabber(resnet18, ["layer1.0.bn1"], clone=True)(x)[1]["layer1.0.bn1"]
+        assert torch.allclose(extended(x)[1]["p"], head(bn1))

@@ -279,3 +279,34 @@ def test_mask_rcnn_backbone_dump_skips_rpn_and_roi_heads(assert_no_hooks):
     assert maps["backbone.body.layer4"].shape == (1, 2048, 2, 2)
     assert calls == {"fpn": 0, "rpn": 0, "roi_heads": 0}
     assert_no_hooks(model)
+
+
+def test_detach_and_clone_reach_into_a_dataclass_output():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        a: torch.Tensor
+        note: str = "kept"
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return Out(x * 1)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d, self.r = Layer(), torch.nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.r(self.d(x).a)
+
+    x = torch.randn(2, 3, requires_grad=True)
+    cloned = ActivationMapGrabber(Model(), ["d"], clone=True)(x)[1]["d"]
+    assert isinstance(cloned, Out) and cloned.note == "kept" and torch.equal(cloned.a, x)  # not the ReLU's
+    assert not ActivationMapGrabber(Model(), ["d"], detach=True)(x)[1]["d"].a.requires_grad
+
+
+def test_module_ids_that_are_no_list_say_so():
+    with pytest.raises(TypeError, match="module_ids must be a list of layer ids, got None"):
+        ActivationMapGrabber(torch.nn.Linear(2, 2), None)

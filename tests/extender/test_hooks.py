@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 
 import pytest
 import torch
@@ -225,3 +226,89 @@ def test_copying_a_hooked_model_alone_leaves_the_copy_clean(counting_model, asse
         gc.collect()
         assert_no_hooks(clone)
         assert counting_model[0]._forward_hooks
+
+
+def test_a_wrapper_that_stops_the_forward_lets_the_other_hooks_of_its_layer_run_first():
+    """The forward ends in the stopping hook: an outer wrapper's hook, an extension or the
+    user's own hook on the same layer still run, whenever they were registered."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    inner = ActivationMapGrabber(model, ["1"], stop_early=True)
+    outer = ActivationMapGrabber(inner, ["wrapped_model.1", "wrapped_model.0"])
+    seen = []
+    handle = model[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    x = torch.ones(4, 2)
+    _, maps = outer(x)
+    assert list(maps) == ["wrapped_model.1", "wrapped_model.0"] and seen == [(4, 3)]
+    assert torch.equal(maps["wrapped_model.1"], torch.relu(model[0](x)))
+    handle.remove()
+    head = torch.nn.Linear(3, 1)
+    extended = ModelExtender(ModelStump(model, "1"), {"wrapped_model.1": {"h": head}})
+    stump_output, ext = extended(x)
+    assert torch.equal(ext["h"], head(torch.relu(model[0](x)))) and torch.equal(stump_output, torch.relu(model[0](x)))
+
+
+def test_a_shallow_copy_is_refused_and_the_original_keeps_its_hooks():
+    import copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    grabber = ActivationMapGrabber(model, ["0"])
+    with pytest.raises(TypeError, match="cannot be copied shallowly: the copy would share the model's hooks; use "
+                                        "copy.deepcopy"):
+        copy.copy(grabber)
+    gc.collect()
+    assert list(grabber(torch.ones(1, 2))[1]) == ["0"] and grabber.registered_submodules == ["0"]
+    assert list(copy.deepcopy(grabber)(torch.ones(1, 2))[1]) == ["0"]
+
+
+class _Hosting(torch.nn.Module):
+    """A model with a TorchScript part, which takes no hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, and still used)
+            self.inner = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
+
+    def forward(self, x):
+        return self.inner(self.a(x))
+
+
+def test_a_torchscript_part_is_named_as_no_place_for_a_hook(assert_no_hooks):
+    model = _Hosting()
+    with pytest.raises(TypeError, match=r"Layer 'inner.0' is a TorchScript module \(RecursiveScriptModule\), which "
+                                        "takes no hooks; choose a layer outside the scripted part"):
+        ActivationMapGrabber(model, ["a", "inner.0"])
+    assert_no_hooks(model.a)
+    stump = ModelStump(model, "a")
+    with pytest.raises(TypeError, match="TorchScript"):
+        stump.stump_head = "inner"
+    assert stump.stump_head == "a" and torch.equal(stump(torch.ones(2, 4)), model.a(torch.ones(2, 4)))
+
+
+def test_extensions_run_again_when_activation_checkpointing_computes_their_layer_again():
+    """Non-reentrant checkpointing (Hugging Face's gradient checkpointing) computes the
+    checkpointed part again in the backward and checks that it saves the same tensors: the
+    extensions on a layer in it run again, and their gradients equal those without it."""
+    import torch.utils.checkpoint as checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, use_checkpoint):
+            super().__init__()
+            self.use_checkpoint = use_checkpoint
+            self.block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+            self.out = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            if self.use_checkpoint:
+                return self.out(checkpoint.checkpoint(self.block, x, use_reentrant=False))
+            return self.out(self.block(x))
+
+    x, grads = torch.randn(3, 4), []
+    for use_checkpoint in (True, False):
+        torch.manual_seed(0)
+        extended = ModelExtender(Checkpointed(use_checkpoint), {"block.1": {"h": torch.nn.Linear(4, 2)}})
+        out, ext = extended(x)
+        (out.sum() + ext["h"].square().sum()).backward()
+        grads.append([p.grad for p in extended.parameters()])
+    assert all(torch.allclose(a, b) for a, b in zip(*grads))
