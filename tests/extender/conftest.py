@@ -63,3 +63,22 @@ def resnet18() -> torch.nn.Module:
 def count_calls() -> type[CountCalls]:
     """The CountCalls module class (a pass-through that counts its calls)."""
     return CountCalls
+
+
+@pytest.fixture
+def scripted_part_model() -> torch.nn.Module:
+    """Linear ``a`` (4 -> 4), then ``inner``: a TorchScript Linear(4, 8) -> ReLU, which takes no hooks."""
+    import warnings
+
+    class Hosting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, and still used)
+                self.inner = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
+
+        def forward(self, x):
+            return self.inner(self.a(x))
+
+    return Hosting()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import warnings
 
 import pytest
 import torch
@@ -260,22 +259,8 @@ def test_a_shallow_copy_is_refused_and_the_original_keeps_its_hooks():
     assert list(copy.deepcopy(grabber)(torch.ones(1, 2))[1]) == ["0"]
 
 
-class _Hosting(torch.nn.Module):
-    """A model with a TorchScript part, which takes no hooks."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, and still used)
-            self.inner = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
-
-    def forward(self, x):
-        return self.inner(self.a(x))
-
-
-def test_a_torchscript_part_is_named_as_no_place_for_a_hook(assert_no_hooks):
-    model = _Hosting()
+def test_a_torchscript_part_is_named_as_no_place_for_a_hook(scripted_part_model, assert_no_hooks):
+    model = scripted_part_model
     with pytest.raises(TypeError, match=r"Layer 'inner.0' is a TorchScript module \(RecursiveScriptModule\), which "
                                         "takes no hooks; choose a layer outside the scripted part"):
         ActivationMapGrabber(model, ["a", "inner.0"])

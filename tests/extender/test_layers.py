@@ -185,20 +185,7 @@ def test_format_layers_with_and_without_outputs():
     ]
 
 
-def test_a_torchscript_part_is_listed_without_outputs():
-    import warnings
-
-    class Hosting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Linear(4, 4)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, and still used)
-                self.inner = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
-
-        def forward(self, x):
-            return self.inner(self.a(x))
-
-    rows = {info.id: (info.output_shape, info.calls) for info in list_layers(Hosting(), torch.randn(3, 4))}
+def test_a_torchscript_part_is_listed_without_outputs(scripted_part_model):
+    rows = {info.id: (info.output_shape, info.calls) for info in list_layers(scripted_part_model, torch.randn(3, 4))}
     assert rows == {"": ((3, 8), 1), "a": ((3, 4), 1), "inner": (None, None), "inner.0": (None, None),
                     "inner.1": (None, None)}
