@@ -51,6 +51,11 @@ class _ForwardState:
 _active = threading.local()
 
 
+#: The autograd graph task running in this thread: -1 outside a backward (a private function of
+#: torch's, there since 1.x; without it, no forward is taken for a recomputation)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _active_states() -> list[_ForwardState]:
     try:
         return _active.states
@@ -212,7 +217,7 @@ class HooksHandle(torch.nn.Module):
     def _on_layer_output(self, layer_id: str, output: Any, selection: Selection | None = None) -> None:
         """Called by the hook of ``layer_id`` with that layer's output (and the id's selectors)."""
         state = self._find_state()
-        if state is None and torch._C._current_graph_task_id() != -1:
+        if state is None and _graph_task_id() != -1:
             # a forward inside a backward: activation checkpointing computes a checkpointed
             # part again, and must see it do what it did the first time
             self._recompute(layer_id, output, selection)
