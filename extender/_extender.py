@@ -19,6 +19,10 @@ __all__ = ["ModelExtender"]
 Extensions = Mapping[str, Mapping[str, torch.nn.Module]]
 
 
+def _as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class ModelExtender(HooksHandle):
     """Wrap a model and attach further modules ("extensions") to some of its layers.
 
@@ -189,22 +193,21 @@ class ModelExtender(HooksHandle):
 
     # -------------------------------------------------------------------- forward
 
-    def _recompute(self, layer_id: str, output: Any, selection: Any) -> None:
-        # the extensions run again on the output computed again, as the first forward ran them
-        # (non-reentrant checkpointing counts the tensors each saves); their outputs are dropped
-        state = _ForwardState(self, (layer_id,), stop_early=False)
-        self._record(state, layer_id, output if selection is None else selection.apply(output))
-
     def _record(self, state: _ForwardState, layer_id: str, output: Any) -> None:
         names = self._registrations.get(layer_id, ())
         if names and torch.is_grad_enabled():
             output = map_tensors(torch.Tensor.clone, output)
-        for name in names:
-            try:
-                state.records[name] = self.extension_models[name](output)
-            except Exception as exc:  # (a head that does not fit its layer's output, say)
-                exc.add_note(f"in the extension {name!r} on layer {layer_id!r}")
-                raise
+        # the extensions' own saved tensors are kept as they are: under non-reentrant activation
+        # checkpointing (Hugging Face's gradient checkpointing) a layer inside a checkpointed
+        # part would otherwise have them counted, and its recomputation, which runs no
+        # extension, would not match
+        with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+            for name in names:
+                try:
+                    state.records[name] = self.extension_models[name](output)
+                except Exception as exc:  # (a head that does not fit its layer's output, say)
+                    exc.add_note(f"in the extension {name!r} on layer {layer_id!r}")
+                    raise
 
     def _finish(self, model_output: Any, state: _ForwardState) -> Any:
         records = state.records

@@ -51,11 +51,6 @@ class _ForwardState:
 _active = threading.local()
 
 
-#: The autograd graph task running in this thread: -1 outside a backward (a private function of
-#: torch's, there since 1.x; without it, no forward is taken for a recomputation)
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
-
-
 def _active_states() -> list[_ForwardState]:
     try:
         return _active.states
@@ -91,6 +86,11 @@ class HooksHandle(torch.nn.Module):
     * a copy of the wrapper (:func:`copy.deepcopy`, pickle) holds its own copy of the
       model, whose hooks report to the copy; :func:`copy.copy` is refused, since its copy
       would share this wrapper's hooks.
+
+    A wrapper that stops the forward early (``stop_early``, the stumps) ends it inside its
+    hook on the last layer it waits for: forward hooks that layer got after it (another
+    wrapper's, the user's own) do not run. Put those on first, or attach modules to a stump's
+    layer with :class:`~extender.ExtendedModelStump`.
 
     The wrapper never changes the model's mode, device or ``requires_grad`` by itself.
     Being a :class:`torch.nn.Module` with the model as a child, ``wrapper.eval()``,
@@ -150,11 +150,14 @@ class HooksHandle(torch.nn.Module):
         ((layer, selection),) = resolve_selections(self.wrapped_model, [layer_id])
         if layer_id in self._layer_hooks:
             return
-        if isinstance(layer, torch.jit.ScriptModule):
-            raise TypeError(f"Layer {layer_id!r} is a TorchScript module ({type(layer).__name__}), which takes no "
-                            "hooks; choose a layer outside the scripted part, or script the model after wrapping it")
         hook = _LayerHook(self, layer_id, selection if selection.keys else None)
-        self._layer_hooks[layer_id] = layer.register_forward_hook(hook)
+        try:
+            self._layer_hooks[layer_id] = layer.register_forward_hook(hook)
+        except RuntimeError as exc:
+            if not isinstance(layer, torch.jit.ScriptModule):
+                raise
+            raise TypeError(f"Layer {layer_id!r} is a TorchScript module ({type(layer).__name__}), which takes no "
+                            "hooks; choose a layer outside the scripted part") from exc
         logger.debug("%s: hooked layer %r", type(self).__name__, layer_id)
 
     def _unregister_layer(self, layer_id: str) -> None:
@@ -217,11 +220,6 @@ class HooksHandle(torch.nn.Module):
     def _on_layer_output(self, layer_id: str, output: Any, selection: Selection | None = None) -> None:
         """Called by the hook of ``layer_id`` with that layer's output (and the id's selectors)."""
         state = self._find_state()
-        if state is None and _graph_task_id() != -1:
-            # a forward inside a backward: activation checkpointing computes a checkpointed
-            # part again, and must see it do what it did the first time
-            self._recompute(layer_id, output, selection)
-            return
         if state is None or state.stopped or layer_id not in state.layer_ids:
             return
         if selection is not None:
@@ -232,20 +230,6 @@ class HooksHandle(torch.nn.Module):
             if not state.pending:
                 state.stopped = True
                 raise _StopForward(state)
-
-    def _recompute(self, layer_id: str, output: Any, selection: Selection | None) -> None:
-        """What the hook of ``layer_id`` does to ``output`` when activation checkpointing
-        computes its layer again during a backward; the results are not kept. Nothing, unless
-        a sub-class records through modules of its own (their saved tensors must come again)."""
-
-    def _hook_last(self) -> None:
-        """Put each of this wrapper's hooks after every other forward hook of its layer: the
-        forward ends in the hook that stops it, so hooks after it (an outer wrapper's, a head
-        of a :class:`~extender.ModelExtender`, the user's own) would not run at all."""
-        for handle in self._layer_hooks.values():
-            hooks = handle.hooks_dict_ref()
-            if hooks is not None and handle.id in hooks:
-                hooks.move_to_end(handle.id)
 
     def _find_state(self) -> _ForwardState | None:
         for state in reversed(_active_states()):
@@ -259,8 +243,6 @@ class HooksHandle(torch.nn.Module):
         if state.pending is not None and not state.pending:
             # Stopping as soon as all of no layers have run means not running at all.
             return self._finish(None, state)
-        if state.pending is not None:
-            self._hook_last()
         states = _active_states()
         states.append(state)
         try:

@@ -199,8 +199,8 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
     detections rather than asking for targets. A layer whose output is a tuple, list, dict
     or ``ModelOutput`` is followed by one entry per tensor inside it, with the id that
     selects it (``'encoder[last_hidden_state]'``, ``'attn[0]'``; type ``Tensor``). A
-    TorchScript sub-module takes no hooks: it and the modules inside it are listed without an
-    output or a count.
+    scripted sub-module (``torch.jit.script``) takes no hooks: it and the modules inside it are
+    listed without an output or a count.
 
     Args:
         model: The model to inspect.
@@ -242,11 +242,15 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
         return hook
 
     modes = [(module, module.training) for _, module in named]
-    handles = []
+    handles, unhooked = [], set()
     try:
         for name, module in named:
-            if not isinstance(module, torch.jit.ScriptModule):  # (it takes no hooks: listed without an output)
+            try:
                 handles.append(module.register_forward_hook(make_hook(name)))
+            except RuntimeError:  # a TorchScript module takes no hooks: listed without an output
+                if not isinstance(module, torch.jit.ScriptModule):
+                    raise
+                unhooked.add(name)
         for module, _ in modes:
             module.training = False
         with torch.no_grad():
@@ -260,8 +264,7 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
     infos = []
     for name, module in named:
         shape, summary, elements = seen.get(name, (None, None, []))
-        scripted = isinstance(module, torch.jit.ScriptModule)
-        infos.append(LayerInfo(name, type(module).__name__, shape, summary, None if scripted else calls[name]))
+        infos.append(LayerInfo(name, type(module).__name__, shape, summary, None if name in unhooked else calls[name]))
         for keys, element_shape in elements:
             infos.append(LayerInfo(name + keys, "Tensor", element_shape, str(element_shape), calls[name]))
     logger.debug("listed %d layers of %s", len(infos), type(model).__name__)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict, namedtuple
 
 import pytest
 import torch
 
-from extender import ActivationMapGrabber, UnknownLayerError
+from extender import ActivationMapGrabber, UnknownLayerError, list_layers
 
 Pair = namedtuple("Pair", ["first", "second"])
 
@@ -282,8 +283,6 @@ def test_mask_rcnn_backbone_dump_skips_rpn_and_roi_heads(assert_no_hooks):
 
 
 def test_detach_and_clone_reach_into_a_dataclass_output():
-    import dataclasses
-
     @dataclasses.dataclass
     class Out:
         a: torch.Tensor
@@ -310,3 +309,31 @@ def test_detach_and_clone_reach_into_a_dataclass_output():
 def test_module_ids_that_are_no_list_say_so():
     with pytest.raises(TypeError, match="module_ids must be a list of layer ids, got None"):
         ActivationMapGrabber(torch.nn.Linear(2, 2), None)
+
+
+def test_clone_keeps_a_dataclass_as_it_was_made():
+    """Fields set after ``__init__`` (``init=False``) stay, and ``__post_init__`` does not run again."""
+    @dataclasses.dataclass(frozen=True)
+    class Out:
+        a: torch.Tensor
+        scale: dataclasses.InitVar[float] = 1.0
+        b: torch.Tensor = dataclasses.field(init=False)
+
+        def __post_init__(self, scale):
+            object.__setattr__(self, "b", self.a * scale)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return Out(x + 1, scale=2.0)
+
+    model = torch.nn.Sequential(Layer())
+    x = torch.ones(2)
+    out = ActivationMapGrabber(model, ["0"], clone=True)(x)[1]["0"]
+    assert torch.equal(out.a, x + 1) and torch.equal(out.b, 2 * (x + 1))
+
+
+def test_a_traced_model_takes_its_hooks_at_the_top():
+    model = torch.jit.trace(torch.nn.Linear(2, 3), torch.ones(1, 2))
+    out, maps = ActivationMapGrabber(model, [""])(torch.ones(1, 2))
+    assert torch.equal(maps[""], out)
+    assert [(i.id, i.output_shape, i.calls) for i in list_layers(model, torch.ones(1, 2))][0] == ("", (1, 3), 1)
