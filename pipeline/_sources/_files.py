@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from .._secrets import cannot_use
+from .._secrets import cannot_use, shown
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,12 @@ R = TypeVar("R")
 
 class Location:
     """A folder (or object-storage prefix) given as a local path or a URI (``s3://``, ``gs://``,
-    ``file://``, ...); ``fs`` and ``root`` are what pyarrow needs to reach it."""
+    ``file://``, ...); ``fs`` and ``root`` are what pyarrow needs to reach it, ``shown`` what a
+    message may say of it."""
 
     def __init__(self, location: str):
         self.location = location
+        self.shown = shown(location)  # as messages quote it: without the credentials it may carry
         if "://" in location:
             self.fs, self.root = pafs.FileSystem.from_uri(location)
             self.local = isinstance(self.fs, pafs.LocalFileSystem)
@@ -154,7 +156,7 @@ def missing(location: Location, what: str, kind: pafs.FileType | None = None) ->
     """Why ``location`` cannot be ``what`` (``"a folder"``, ...) when nothing is there; else None.
     ``kind``: what is there, where the caller knows it already."""
     if (location.kind() if kind is None else kind) == pafs.FileType.NotFound:
-        return f"{location.location!r} does not exist (looked for {what} at {location.root!r})"
+        return f"{location.shown!r} does not exist (looked for {what} at {location.root!r})"
     return None
 
 
@@ -322,7 +324,7 @@ def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.T
         except UnicodeEncodeError:  # names that are not UTF-8 (os keeps their bytes as surrogates)
             kept = [n for n in names if is_utf8(n)]
             log.warning("%d file name(s) under %s are not UTF-8 and are left out, e.g. %r", len(names) - len(kept),
-                        location.location, next(n for n in names if not is_utf8(n)))
+                        location.shown, next(n for n in names if not is_utf8(n)))
             paths = pa.array(kept, pa.string())
         sizes = pa.nulls(len(paths), pa.int64())
     else:
@@ -333,7 +335,7 @@ def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.T
         unnamed = [i.path[prefix:] for i in files if not _nameable(i.path[prefix:])]
         if unnamed:
             log.warning("%d object(s) under %s have a key with an empty, '.' or '..' part, which no path "
-                        "reaches, and are left out, e.g. %r", len(unnamed), location.location, unnamed[0])
+                        "reaches, and are left out, e.g. %r", len(unnamed), location.shown, unnamed[0])
             files = [i for i in files if _nameable(i.path[prefix:])]
         paths = pa.array([i.path[prefix:] for i in files], pa.string())
         sizes = pa.array([i.size for i in files], pa.int64())

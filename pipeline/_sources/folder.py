@@ -116,27 +116,28 @@ class FolderSource(StreamingSource):
         try:
             kind = self.location.kind()
         except OSError as exc:
-            raise ConfigError(FolderSpec.key("path"), f"cannot reach {self.location.location!r}: {exc}") from None
+            raise ConfigError(FolderSpec.key("path"), f"cannot reach {self.location.shown!r}: "
+                              f"{str(exc).replace(self.location.location, self.location.shown)}") from None
         if kind.name == "NotFound":
             raise ConfigError(FolderSpec.key("path"), missing(self.location, "a folder"))
         if kind.name != "Directory":
-            raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} is a file, not a folder of images")
+            raise ConfigError(FolderSpec.key("path"), f"{self.location.shown!r} is a file, not a folder of images")
         try:
             listing = list_tree(self.location, IMAGE_SUFFIXES)
         except OSError as exc:
             if not self.location.local:  # the network's: a rerun may pass
                 raise
             # (a folder it may not read, a path too long: nothing has started, and a rerun meets it again)
-            raise ConfigError(FolderSpec.key("path"), f"cannot list {self.location.location!r}: {describe_error(exc)}; "
+            raise ConfigError(FolderSpec.key("path"), f"cannot list {self.location.shown!r}: {describe_error(exc)}; "
                               "make every folder under it readable, or point it at one that is") from None
         listing, hidden, first_hidden = _without_hidden(listing)
         if hidden:
             log.warning("%d image file(s) under %s have a hidden name or lie in a hidden folder (a name that starts "
                         "with '.', such as macOS's '._*' copies) and are left out, e.g. %r", hidden,
-                        self.location.location, first_hidden)
+                        self.location.shown, first_hidden)
         if not listing.num_rows:
             also = f"; {hidden} hidden one(s) left out, e.g. {first_hidden!r}" if hidden else ""
-            raise ConfigError(FolderSpec.key("path"), f"{self.location.location!r} holds no image files "
+            raise ConfigError(FolderSpec.key("path"), f"{self.location.shown!r} holds no image files "
                               f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}{also})")
         classes = _classes(listing.column("path"), self.location.folders())
         return MemoryIndex(listing, {"classes": classes, "sha256": digest(listing, {"classes": classes})})

@@ -59,6 +59,8 @@ READ_BYTES = 64 << 20
 INDEX_THREADS = 16
 #: Unused bytes between two samples' members above which they are read apart.
 SKIP_BYTES = 1 << 20
+#: A tar's record (tar's default blocking factor, 20): an archive is padded with zeros to whole ones.
+RECORD_BYTES = 20 * tarfile.BLOCKSIZE
 #: The side files that become columns.
 SIDE_FILES = frozenset({"cls", "txt", "json"})
 
@@ -268,11 +270,15 @@ def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list
     """``(member name, data offset, size)`` of the files in one tar, from its headers (a hard
     link as the file it links to; names that are not UTF-8 left out), and the fields of its
     ``.json`` members."""
-    fields, files, strays, linked, symbolic = _Fields(), {}, [], [], []
+    fields, files, strays, linked, symbolic, sparse = _Fields(), {}, [], [], [], []
     out: list[tuple[str, int, int]] = []
 
     def walk(tar: tarfile.TarFile, read) -> None:
         for member in _headers(tar):
+            if member.issparse():  # (its data is not its file's bytes as they lie: the holes are left out)
+                if _used(_extension(member.name), images):
+                    sparse.append(member.name)
+                continue
             if member.isfile():
                 place = (member.offset_data, member.size)
                 files[member.name] = place
@@ -300,12 +306,11 @@ def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list
         with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             walk(tar, lambda member, offset, size: tar.extractfile(member).read())
             end = tar.offset
-    # tarfile ends a tar quietly at a header it cannot read: the end of an archive is a block of
-    # zeros there (or nothing), anything else is damage that would drop every sample after it
-    block = location.read_range(name, end, tarfile.BLOCKSIZE)
-    if len(block) == tarfile.BLOCKSIZE and block.count(0) < tarfile.BLOCKSIZE:
-        raise tarfile.HeaderError(f"the header at byte {end:,} is damaged (its checksum or fields do not parse), "
-                                  f"so the {len(out):,} files before it are all that could be read")
+    _check_end(location, name, end, len(out))
+    if sparse:
+        raise tarfile.TarError(f"{len(sparse):,} member(s) are stored sparse (tar --sparse, -S), e.g. {sparse[0]!r}: "
+                               "their bytes in the tar leave out the files' holes, and members are read here as they "
+                               "lie; archive the files again without --sparse")
     for place in linked:
         fields.add(location.read_range(name, *place))
     if strays:
@@ -315,6 +320,34 @@ def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list
                     "%r; archive the files they point to with tar --dereference (-h)", len(symbolic), name,
                     symbolic[0])
     return out, fields
+
+
+def _check_end(location: Location, name: str, end: int, files: int) -> None:
+    """Raise :class:`tarfile.HeaderError` unless the tar ends at byte ``end``, where tarfile
+    stopped reading ``name``: it stops quietly at a header it cannot read, and a block of zeros
+    is the end of an archive; anything else is damage, or a tar cut short inside a header, that
+    would drop every sample after it. A tar without that block (cut short between members?),
+    and data after it (tars joined with ``cat``), are said."""
+    # (one read: the end-of-archive blocks, the zeros to the end of the record, a header after it)
+    rest = location.read_range(name, end, RECORD_BYTES + 3 * tarfile.BLOCKSIZE)
+    block = rest[:tarfile.BLOCKSIZE]
+    if not block:  # (tar writes them; a tar cut short between two members lacks them too)
+        log.warning("%s ends without the end-of-archive blocks that tar writes after the last member: it may be cut "
+                    "short, after its %s files; if so, fetch it again", name, f"{files:,}")
+        return
+    if block.count(0) == len(block):
+        if rest.count(0) < len(rest):
+            log.warning("%s holds data after its end-of-archive blocks, from byte %s, which is not read: tars joined "
+                        "with cat read as the first of them; join them with tar --concatenate (-A), or list them "
+                        "apart in %s", name, f"{end + len(rest) - len(rest.lstrip(bytes(1))):,}", _PATH)
+        return
+    if len(block) < tarfile.BLOCKSIZE:
+        raise tarfile.HeaderError(f"it ends inside the header at byte {end:,}, {len(block)} bytes into its "
+                                  f"{tarfile.BLOCKSIZE}, as a tar cut short does (a download or copy that did not "
+                                  f"finish), so the {files:,} files before it are all that could be read: fetch it "
+                                  f"again, or leave it out of {_PATH}")
+    raise tarfile.HeaderError(f"the header at byte {end:,} is damaged (its checksum or fields do not parse), "
+                              f"so the {files:,} files before it are all that could be read")
 
 
 def _extension(name: str) -> str:

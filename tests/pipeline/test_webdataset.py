@@ -272,6 +272,51 @@ def test_a_damaged_header_is_an_error_not_the_end_of_the_tar(tmp_path):
         WebDatasetSource(str(tar))
 
 
+def test_a_tar_cut_inside_a_header_is_an_error_and_one_cut_between_members_is_said(tmp_path, caplog):
+    # tarfile ends a tar quietly at a header cut short: the samples after the cut were dropped
+    import tarfile
+
+    tar = _tar(tmp_path / "a.tar", [(f"s{i}.{ext}", data) for i in range(4)
+                                    for ext, data in (("png", b"\x89PNG" + bytes(600)), ("cls", b"1"))])
+    headers = [m.offset for m in tarfile.open(tar)]
+    whole = tar.read_bytes()
+    tar.write_bytes(whole[:headers[4] + 100])  # inside the header of the third sample's image
+    with pytest.raises(ConfigError, match=rf"'.*a.tar': it ends inside the header at byte {headers[4]:,}, 100 bytes into its "
+                                          r"512, as a tar cut short does .*so the 4 files before it are all that could "
+                                          r"be read: fetch it again, or leave it out of source.path"):
+        WebDatasetSource(str(tar))
+    tar.write_bytes(whole[:headers[4]])  # between two members: as a tar without its end-of-archive blocks
+    assert len(WebDatasetSource(str(tar))) == 2
+    assert ("a.tar ends without the end-of-archive blocks that tar writes after the last member: it may be cut short, "
+            "after its 4 files") in caplog.text
+
+
+def test_a_sparse_member_is_refused_not_read_as_it_lies(tmp_path):
+    # (GNU tar --sparse stores a file without its holes: its bytes were read as the image, wrong)
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data, kind in (("s0.png", b"\x89PNG" + bytes(100), tarfile.GNUTYPE_SPARSE),
+                                 ("s0.cls", b"1", tarfile.REGTYPE), ("s0.mp4", b"x", tarfile.GNUTYPE_SPARSE)):
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ConfigError, match=r"a.tar': 1 member\(s\) are stored sparse \(tar --sparse, -S\), e.g. "
+                                          r"'s0.png': .*archive the files again without --sparse"):
+        WebDatasetSource(str(tmp_path / "a.tar"))
+
+
+def test_tars_joined_by_cat_are_said_to_read_as_the_first(tmp_path, caplog):
+    first = _tar(tmp_path / "a.tar", [("a.png", b"\x89PNG a")])
+    second = _tar(tmp_path / "b.tar", [("b.png", b"\x89PNG b")])
+    (tmp_path / "ab.tar").write_bytes(first.read_bytes() + second.read_bytes())
+    assert len(WebDatasetSource(str(tmp_path / "ab.tar"))) == 1
+    assert "ab.tar holds data after its end-of-archive blocks, from byte 10,240, which is not read" in caplog.text
+    caplog.clear()
+    assert len(WebDatasetSource([str(first), str(second)])) == 2 and "end-of-archive" not in caplog.text
+
+
 def test_symbolic_links_in_a_tar_are_named_with_what_to_do(tmp_path, caplog):
     png = b"\x89PNG fake"
     tar = _tar(tmp_path / "a.tar", [("a.png", png), ("b.png", "~>", "/data/b.png"), ("b.cls", b"1")])
