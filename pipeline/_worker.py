@@ -499,16 +499,23 @@ class ShardWorker:
         """Run the first readable sample through the whole path, writing nothing.
 
         Returns how each layer is stored (shape and dtype); raises :class:`ConfigError` when
-        none of the first ``tries`` samples can be read, or when the forward or the encoding
-        fails (a layer that gives no tensor, a selector that does not fit its output, a reduction
-        that does not fit, ...).
+        none of the first ``tries`` samples can be read, nor ``tries`` more spread over the rest
+        (a dataset whose first rows are bad is not refused: a wrong column or decoder is), or
+        when the forward or the encoding fails (a layer that gives no tensor, a selector that
+        does not fit its output, a reduction that does not fit, ...).
         """
-        tries = min(tries, len(self.source))
+        count = len(self.source)
+        tries = min(tries, count)
         batch = self._load(self.source.read(range(tries)))
+        bad = batch.bad
+        spread = sorted({tries + (count - tries) * k // tries for k in range(tries)} if count > tries else ())
+        if not batch.samples and spread:
+            batch = self._load(self.source.read(spread))
         if not batch.samples:
-            reasons = "; ".join(f"{b.sample_id}: {b.reason}" for b in batch.bad[:3])
-            first = f"the {tries} samples" if tries == len(self.source) else f"the first {tries} samples"
-            raise ConfigError(Config.key("source"), f"none of {first} can be read ({reasons})")
+            reasons = "; ".join(f"{b.sample_id}: {b.reason}" for b in bad[:3])
+            tried = (f"the {count} samples" if tries == count else
+                     f"the first {tries} samples, nor any of {len(spread)} more spread over all {count:,},")
+            raise ConfigError(Config.key("source"), f"none of {tried} can be read ({reasons})")
         first = _Batch(batch.samples[:1], batch.images[:1], [])
         try:
             outputs = self._forward(first)

@@ -97,6 +97,25 @@ def test_a_trial_with_no_readable_sample_counts_the_samples_there_are(tmp_path):
     assert str(error.value).startswith("source: none of the 2 samples can be read (a.png: ")
 
 
+def test_a_dataset_whose_first_samples_are_bad_is_not_refused_by_the_trial(tmp_path):
+    # eight bad rows first (a table sorted with its empty rows at the top) refused the whole dataset
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(20):
+        image = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), i, np.uint8)).save(image, format="PNG")
+        (folder / f"{i:02d}.png").write_bytes(b"not an image" if i < 9 else image.getvalue())
+    config = _config(tmp_path, source={"kind": "folder", "path": str(folder)})
+    with ShardWorker(config.to_dict()) as worker:
+        assert set(worker.probe()) == {"relu1", "conv2"}
+    for i in range(9, 20):
+        (folder / f"{i:02d}.png").write_bytes(b"not an image")
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(ConfigError) as error:
+        worker.probe()
+    assert str(error.value).startswith("source: none of the first 8 samples, nor any of 8 more spread over all 20, "
+                                       "can be read (00.png: ")
+
+
 def test_a_source_that_does_not_open_leaves_no_hooks(tmp_path, monkeypatch):
     import pipeline._worker
 
