@@ -349,7 +349,7 @@ class GeneratedSpec(SourceSpec, kind=SourceKind.GENERATED):
     concept) of class ``label`` and its ``mask``."""
 
     uniform_images = True
-    count: int = _field(3000, check.integer(1))
+    count: int = _field(3000, check.integer(1, maximum=2**63 - 1))  # (indices are int64)
     image_size: int = _field(64, check.integer(8))
     seed: int = _field(0, check.integer(0))
 

@@ -326,6 +326,8 @@ def test_an_empty_section_takes_overrides(tmp_path):
     ("model.seed=18446744073709551616", "model.seed: must be at most 18,446,744,073,709,551,615, got "
                                         "18,446,744,073,709,551,616"),  # torch's largest seed is 2**64 - 1
     ("source.preprocess.resize=1", "source.preprocess.resize: must be at least 2, got 1"),
+    ("source.count=9223372036854775808", "source.count: must be at most 9,223,372,036,854,775,807, got "
+                                         "9,223,372,036,854,775,808"),  # sample indices are int64
 ])
 def test_values_torch_cannot_take_are_refused(override, message):
     with pytest.raises(ConfigError) as info:
