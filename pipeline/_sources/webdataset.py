@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .._layout import RESERVED_COLUMNS
-from ..config import WebDatasetSpec
+from ..config import WebDatasetSpec, comparable_location
 from ..errors import ConfigError
 from .._secrets import redact, with_credentials
 from ._base import BadSample, Sample, StreamingSource, describe_error, is_sample_fault
@@ -507,7 +507,10 @@ class WebDatasetSource(StreamingSource):
         taken = {name: "every dump has that column" for name in RESERVED_COLUMNS}
         taken.update({column: f"the .{ext} files give that column" for ext, column in _SIDE_COLUMNS.items()
                       if ext in side})
-        stored = [redact(tar) for tar in tars]
+        # each tar spelled one way (a local one by its absolute path), without credentials: a
+        # rerun that names the same tars another way resumes the dump, and every actor, wherever
+        # it runs, reads the driver's tars
+        stored = [redact(comparable_location(tar)) for tar in tars]
         meta = {"tars": stored, "extensions": extensions, "samples": table.num_rows,
                 "repeated_ids": repeated_ids(lambda: iter(table.column("key").chunks), table.num_rows),
                 "json_fields": fields.columns(taken) if "json" in side else []}
@@ -528,8 +531,8 @@ class WebDatasetSource(StreamingSource):
         return len(self.index)
 
     def identity(self) -> dict:
-        identity = {"kind": "webdataset", "path": self.patterns, "tars": len(self.tars),
-                    "samples": len(self), "index_sha256": self.index.meta["sha256"]}
+        identity = {"kind": "webdataset", "path": [comparable_location(p) for p in self.patterns],
+                    "tars": len(self.tars), "samples": len(self), "index_sha256": self.index.meta["sha256"]}
         if self.index.meta.get("several_images"):
             # the image of a sample of several was the first in its tar before: a dump begun then
             # must not be resumed with images chosen the other way

@@ -341,13 +341,26 @@ def test_brace_patterns_nest_and_a_tar_named_twice_is_read_once(tmp_path, caplog
     monkeypatch.chdir(folder)
     source = WebDatasetSource(["train-*.tar", str(folder / "train-0001.tar"), "./train-0002.tar",
                                f"file://{folder}/train-0000.tar"])
-    assert source.tars == ["train-0000.tar", "train-0001.tar", "train-0002.tar"] and len(source) == 12
+    assert source.tars == [str(folder / f"train-000{i}.tar") for i in range(3)] and len(source) == 12
     # a file URI is percent-encoded: "%20" is the space of the plain path
     (folder / "a b.tar").write_bytes((folder / "train-0000.tar").read_bytes())
     source = WebDatasetSource([str(folder / "a b.tar"), f"file://{folder}/a%20b.tar"])
     assert len(source.tars) == 1 and len(source) == 4
     plain = [(s.sample_id, s.image) for s in WebDatasetSource([str(folder / "a b.tar")]).stream(0, 4)]
     assert [(s.sample_id, s.image) for s in WebDatasetSource([f"file://{folder}/a%20b.tar"]).stream(0, 4)] == plain
+
+
+def test_the_same_tars_named_another_way_are_the_same_source(tmp_path, monkeypatch):
+    # a rerun naming them by another path was refused: "the source has changed since"
+    folder = write_shards(tmp_path / "wds")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["wds/train-*.tar", str(folder / "train-*.tar"), f"file://{folder}/train-*.tar",
+                 "./wds//train-{0000..0002}.tar"]
+    identities = [WebDatasetSource(path).identity() for path in spellings]
+    assert all(i["index_sha256"] == identities[0]["index_sha256"] for i in identities)
+    assert identities[0]["path"] == identities[1]["path"] == identities[2]["path"] == [str(folder / "train-*.tar")]
+    source = WebDatasetSource("wds/train-*.tar")  # its actors read the tars wherever they run
+    assert source.index.meta["tars"] == [str(folder / f"train-000{i}.tar") for i in range(3)]
 
 
 def test_unreadable_tars_say_why(tmp_path):
