@@ -83,8 +83,8 @@ def build_table(activations: Sequence[np.ndarray] | np.ndarray, *, sample_ids: S
             columns.append((name, pa.array(values, type=types.get(name))))
     taken = set(RESERVED_COLUMNS)
     for name, _ in columns[own:]:  # the pass-through columns (and their shape columns) take no name twice
-        if name in taken:
-            raise ReservedColumnError(name, taken)
+        if name in taken:  # (a column of every dump, or the shape column of a pass-through array)
+            raise ReservedColumnError(name, RESERVED_COLUMNS if name in RESERVED_COLUMNS else [name])
         taken.add(name)
     table = pa.table(dict(columns))
     return table.replace_schema_metadata(schema_metadata(specs, **(metadata or {})))

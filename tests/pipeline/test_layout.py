@@ -61,7 +61,9 @@ def test_table_builder_refuses_a_label_named_like_an_output_column(name):
     with pytest.raises(ReservedColumnError) as info:
         _table({"label": [1, 2], name: [5, 6]})
     assert isinstance(info.value, ConfigError) and info.value.key == "source"
-    assert f"the pass-through column {name!r} clashes with an output column" in str(info.value)
+    # (the other pass-through columns, here 'label', are not named among the output columns)
+    assert (f"the pass-through column {name!r} clashes with an output column "
+            f"({', '.join(sorted(layout.RESERVED_COLUMNS))});") in str(info.value)
 
 
 def test_table_builder_refuses_a_label_named_like_a_shape_column():
