@@ -192,9 +192,10 @@ def read_local(path: str) -> bytes:
 _READ_SIZE = 1 << 16  # a small image in one read
 
 
-def _walk_local(root: str) -> list[str]:
+def _walk_local(root: str) -> tuple[list[str], list[str]]:
     """The relative paths of the regular files under ``root``, sorted as strings, with no sort
-    of the whole list and no ``stat`` per file (the directory entries say which are files).
+    of the whole list and no ``stat`` per file (the directory entries say which are files);
+    and those of the links that lead nowhere (their target gone).
 
     Each folder's entries are sorted, a folder's name with its ``/``, and a folder's files
     come where its name sorts: the order of the walk is the order of the paths (``a-b.png``
@@ -207,9 +208,11 @@ def _walk_local(root: str) -> list[str]:
     inside = os.path.realpath(root)
     seen = {_identity(os.stat(root))}
     skipped: list[str] = []
+    dangling: list[str] = []
 
     def enter(prefix: str) -> None:
-        keys, folders = _sorted_entries(os.path.join(root, prefix) if prefix else root, prefix, inside, seen, skipped)
+        keys, folders = _sorted_entries(os.path.join(root, prefix) if prefix else root, prefix, inside, seen, skipped,
+                                        dangling)
         if folders:  # taken key by key below: its folders' files come in between
             stack.append((prefix, iter(keys)))
         else:
@@ -229,17 +232,18 @@ def _walk_local(root: str) -> list[str]:
         log.warning("%d link(s) to folders under %s are not followed: they lead into the folder itself (its files "
                     "are listed by their own paths) or to a folder already listed, e.g. %r", len(skipped), root,
                     skipped[0])
-    return paths
+    return paths, dangling
 
 
 def _identity(stat: os.stat_result) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: list[str]) -> tuple[list[str], bool]:
+def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: list[str],
+                    dangling: list[str]) -> tuple[list[str], bool]:
     """The names of the files in ``folder`` and of its folders (with a ``/`` after), sorted;
     and whether there are folders. A folder already ``seen``, or a link into ``inside``, is
-    left out (its path added to ``skipped``)."""
+    left out (its path added to ``skipped``), as is a link that leads nowhere (to ``dangling``)."""
     keys, found = [], []
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -247,6 +251,8 @@ def _sorted_entries(folder: str, prefix: str, inside: str, seen: set, skipped: l
                 keys.append(entry.name)
             elif entry.is_dir():
                 found.append(entry)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                dangling.append(prefix + entry.name)
     files = len(keys)
     for entry in sorted(found, key=lambda e: e.name + "/"):  # of two links to one folder, the first in path order
         if entry.is_symlink():
@@ -318,7 +324,13 @@ def list_tree(location: Location, suffixes: Iterable[str] | None = None) -> pa.T
     null, since it would cost a ``stat`` per file, several times the listing itself.
     """
     if location.local:
-        names = _walk_local(location.root)
+        names, dangling = _walk_local(location.root)
+        if suffixes is not None:
+            kinds = {s.lower().lstrip(".") for s in suffixes}
+            dangling = [n for n in dangling if posixpath.splitext(n)[1].lower().lstrip(".") in kinds]
+        if dangling:
+            log.warning("%d link(s) under %s lead nowhere (their target is gone) and are left out, e.g. %r",
+                        len(dangling), location.shown, dangling[0])
         try:
             paths = pa.array(names, pa.string())
         except UnicodeEncodeError:  # names that are not UTF-8 (os keeps their bytes as surrogates)

@@ -6,22 +6,27 @@ their Arrow types: ids, labels, masks, anything; so do the keys of hive-style fo
 (``label=3/part-0.parquet``: a column ``label``, an integer where every value is one, else text;
 a file's own column of that name comes first). The files need not have the same columns: a
 column that some files lack is null in their rows (a warning names them), but every file must
-have the image and id columns, and a column's types must agree across files (integers of any
-width, floats of any width, text, or bytes); the driver checks every file's schema before any
-work. ``id_column`` gives the sample ids; without it
+store the image and id columns itself (a folder's key is none), each once, and a column's types
+must agree across files (integers of any width, floats of any width, text, or bytes; lists,
+maps and structs of such, a struct's fields by name; a null type, at any depth, agrees with
+any: pandas types a column of empty lists ``list<null>``); the driver checks every file's
+schema before any work. ``id_column`` gives the sample ids; without it
 the id is the row's index (an id stored as bytes is its UTF-8 text, else its hex digits). An
 image column may hold the encoded bytes, or a struct with a ``bytes`` field (as Hugging Face
 datasets write them); a row with no bytes is a bad sample that says why. In a folder, where some
 files end in ``.parquet``, files with another extension are not data (a warning names them: a
 ``README.md``, a partial download; Hive's files, without one, are); files and folders named
-``_*`` or ``.*`` never are.
+``_*`` or ``.*`` never are, nor objects whose key no path reaches (``t/sub//b.parquet``: a
+warning names them).
 
 The driver reads the files' footers once and indexes their row groups: which file, which row
 group, how many rows, and the index of the first. A shard then reads each row group that holds
 its rows once, in order, with only the columns it needs, so its cost depends on its own size
 only, not on where it lies or on how large the dataset is. A row group that cannot be read on a
 local disk (a damaged page) makes its rows bad samples that name it; over the network the error
-fails the shard, which is retried, since it may pass.
+fails the shard, which is retried, since it may pass. So with the driver's search for repeated
+ids: a row group whose ids cannot be read is left out of it on a local disk (a warning names
+it), and over the network it stops the run, to be rerun.
 """
 
 from __future__ import annotations
@@ -148,6 +153,7 @@ def _data_files(fs, root: str, path: str) -> list[pafs.FileInfo]:
     files = sorted((i for i in infos if i.type == pafs.FileType.File
                     and not any(part.startswith((".", "_")) for part in i.path[len(root):].split("/") if part)),
                    key=lambda i: i.path)
+    files = _nameable(files, root, path)
     extensions = [posixpath.splitext(i.base_name)[1].lower().lstrip(".") for i in files]
     if not any(e in PARQUET_EXTENSIONS for e in extensions):
         return files
@@ -155,6 +161,29 @@ def _data_files(fs, root: str, path: str) -> list[pafs.FileInfo]:
     if others:
         log.warning("%d file(s) in %r do not end in .parquet and are left out, e.g. %r", len(others), path, others[0])
     return [i for i, e in zip(files, extensions) if not e or e in PARQUET_EXTENSIONS]
+
+
+def _nameable(files: list[pafs.FileInfo], root: str, path: str) -> list[pafs.FileInfo]:
+    """``files`` but the objects whose key has an empty, ``.`` or ``..`` part (``t/sub//b.parquet``,
+    which object storage allows): no path reaches them, so pyarrow cannot open them; a warning
+    names them, as the folder source's listing does."""
+    def reachable(info: pafs.FileInfo) -> bool:
+        return all(part not in ("", ".", "..") for part in info.path.lstrip("/").split("/"))
+
+    unnamed = [_relative(i.path, root) for i in files if not reachable(i)]
+    if unnamed:
+        log.warning("%d object(s) in %r have a key with an empty, '.' or '..' part, which no path reaches, and "
+                    "are left out, e.g. %r", len(unnamed), path, unnamed[0])
+    return [i for i in files if reachable(i)]
+
+
+def _relative(path: str, root: str) -> str:
+    """A file's path relative to the folder ``root``, as the index keeps it.
+
+    >>> _relative("b/t/x/a.pq", "b/t"), _relative("/a.pq", "")
+    ('x/a.pq', 'a.pq')
+    """
+    return path[len(root):].lstrip("/") if path.startswith(root) else path
 
 
 def _pattern(root: str, local: bool) -> str | None:
@@ -216,7 +245,7 @@ def _row_groups(fragments: Sequence[ds.ParquetFileFragment], root: str) -> tuple
         try:
             return [(group.id, group.num_rows) for group in fragment.row_groups], fragment.physical_schema
         except (OSError, pa.ArrowInvalid) as exc:
-            relative = fragment.path[len(root):].lstrip("/") if fragment.path.startswith(root) else fragment.path
+            relative = _relative(fragment.path, root)
             raise ConfigError(ParquetSpec.key("path"), f"{relative!r} is not a Parquet file that can be read "
                               f"({exc}); remove it, or point {ParquetSpec.key('path')} at the data files") from None
 
@@ -226,7 +255,7 @@ def _row_groups(fragments: Sequence[ds.ParquetFileFragment], root: str) -> tuple
     schemas: dict[str, pa.Schema] = {}
     first = 0
     for fragment, (found, schema) in zip(fragments, per_file):
-        relative = fragment.path[len(root):].lstrip("/") if fragment.path.startswith(root) else fragment.path
+        relative = _relative(fragment.path, root)
         schemas[relative] = schema
         for group, count in found:
             files.append(relative)
@@ -246,11 +275,18 @@ def _is_binary(kind: pa.DataType) -> bool:
 
 def _family(kind: pa.DataType) -> object:
     """What a column's values must share across files for one output type to hold them all as
-    they are: integers, floats, text, bytes, timestamps of one zone, lists and structs of such;
-    else the type itself. (Integers and floats do not mix: an int64 over 2**53 is no double.)"""
+    they are: integers, floats, text, bytes, timestamps of one zone, lists, maps and structs of
+    such (a struct's fields by name); ``"null"`` for a null type, which agrees with any family
+    (:func:`_merged`: pandas types a column of empty lists ``list<null>``); else the type
+    itself. (Integers and floats do not mix: an int64 over 2**53 is no double.)
+
+    >>> _family(pa.map_(pa.string(), pa.list_(pa.null())))
+    ('map', 'text', ('list', 'null'))
+    """
     if pa.types.is_dictionary(kind):
         return _family(kind.value_type)
-    for family, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
+    for family, test in (("null", pa.types.is_null), ("integer", pa.types.is_integer),
+                         ("float", pa.types.is_floating),
                          ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
                           or pa.types.is_string_view(t)),
                          ("bytes", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
@@ -262,9 +298,37 @@ def _family(kind: pa.DataType) -> object:
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_list_view(kind) \
             or pa.types.is_large_list_view(kind):
         return ("list", _family(kind.value_type))
+    if pa.types.is_map(kind):
+        return ("map", _family(kind.key_type), _family(kind.item_type))
     if pa.types.is_struct(kind):
-        return ("struct", tuple((kind.field(i).name, _family(kind.field(i).type)) for i in range(kind.num_fields)))
+        return ("struct", tuple((field.name, _family(field.type)) for field in kind))
     return kind
+
+
+def _merged(one: object, other: object) -> object | None:
+    """The :func:`_family` of a column of two files whose families are ``one`` and ``other``
+    (``None``: they disagree): a null, at any depth, takes the other's family; structs take
+    the fields of both (a file whose struct lacks a field has nulls in it), which must agree
+    where both have them.
+
+    >>> _merged(("list", "null"), ("list", "text")), _merged(("list", "integer"), ("list", "text"))
+    (('list', 'text'), None)
+    >>> _merged(("struct", (("y", "integer"),)), ("struct", (("z", "text"), ("y", "null"))))
+    ('struct', (('y', 'integer'), ('z', 'text')))
+    """
+    if one == "null" or other == "null":
+        return other if one == "null" else one
+    if not (isinstance(one, tuple) and isinstance(other, tuple) and one[0] == other[0] and len(one) == len(other)):
+        return one if one == other else None
+    if one[0] in ("list", "map"):
+        parts = [_merged(a, b) for a, b in zip(one[1:], other[1:])]
+        return None if None in parts else (one[0], *parts)
+    if one[0] == "struct":
+        fields = dict(one[1])
+        for name, family in other[1]:
+            fields[name] = _merged(fields[name], family) if name in fields else family
+        return None if None in fields.values() else ("struct", tuple(fields.items()))
+    return one if one == other else None
 
 
 def _plain(kind: pa.DataType) -> pa.DataType:
@@ -296,15 +360,15 @@ def _plain(kind: pa.DataType) -> pa.DataType:
 def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
     """The type a column takes in the output, from its types in the files that have it: the one
     they share, else the widest of one :func:`_family` (pyarrow's permissive promotion: integer
-    and float widths, timestamp units, nullability inside lists; a file where the column is all
-    null has no say); a dictionary, at any depth, as its values. :class:`ConfigError` where the families
-    differ, naming two files that disagree."""
+    and float widths, timestamp units, nullability inside lists, a null type at any depth as
+    the others' type, a struct with the fields of every file's; a file where the column is all
+    null has no say); a dictionary, at any depth, as its values. :class:`ConfigError` where the
+    families differ, naming two files that disagree."""
     types = list(dict.fromkeys(field.type for _, field in having))
     if len(types) == 1:  # (a dictionary as its values still: a batch's own dictionary may need wider indices)
         return having[0][1].with_type(_plain(types[0]))
     typed = [(f, field) for f, field in having if not pa.types.is_null(field.type)] or having[:1]
-    first_file, field = typed[0]
-    other = next(((f, o) for f, o in typed if _family(o.type) != _family(field.type)), None)
+    (first_file, field), other = _disagreeing(typed)
     if other is None:
         try:
             plain = list(dict.fromkeys(_plain(o.type) for _, o in typed))
@@ -322,6 +386,20 @@ def _widest(name: str, having: Sequence[tuple[str, pa.Field]]) -> pa.Field:
     raise ConfigError(Config.key("source"), f"the column {name!r} is {field.type} in {first_file!r} but "
                       f"{other[1].type} in {other[0]!r}: a column has one type in the output; make the files "
                       f"agree, or leave the column out ({ParquetSpec.key('columns')})")
+
+
+def _disagreeing(typed: Sequence[tuple[str, pa.Field]]) -> tuple[tuple[str, pa.Field], tuple[str, pa.Field] | None]:
+    """Two of the files' fields of a column whose :func:`_family` disagree, the earlier first;
+    else the first and ``None``. (A null agrees with any family, so two files may each agree
+    with a third, ``list<null>``, and not with each other.)"""
+    families = [_family(field.type) for _, field in typed]
+    merged = families[0]
+    for i, family in enumerate(families[1:], 1):
+        merged = _merged(merged, family)
+        if merged is None:  # the family it disagrees with came from an earlier file
+            j = next((j for j in range(i) if _merged(families[j], family) is None), 0)
+            return typed[j], typed[i]
+    return typed[0], None
 
 
 def _not_held(kind: pa.DataType, into: pa.DataType) -> str | None:
@@ -343,6 +421,11 @@ def _not_held(kind: pa.DataType, into: pa.DataType) -> str | None:
     lists = (pa.types.is_list, pa.types.is_large_list)
     if any(test(kind) for test in lists) and any(test(into) for test in lists):
         return _not_held(kind.value_type, into.value_type)
+    if pa.types.is_map(kind) and pa.types.is_map(into):
+        for part, kinds in (("key", (kind.key_type, into.key_type)), ("value", (kind.item_type, into.item_type))):
+            if why := _not_held(*kinds):
+                return f"in a {part} of its map, {why}"
+        return None
     if pa.types.is_struct(kind) and pa.types.is_struct(into):
         for field in kind:
             place = into.get_field_index(field.name)
@@ -364,21 +447,17 @@ def _not_held(kind: pa.DataType, into: pa.DataType) -> str | None:
 
 
 def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], columns: Sequence[str] | None,
-                  path: str, empty: Sequence[tuple[str, pa.Schema]] = ()) -> list[pa.Field]:
-    """The pass-through fields of files with these ``schemas``: ``columns`` (default: every
-    column any file has, in order of first appearance, but the ``required`` ones: the image
-    column, then the id column if any), each typed by :func:`_widest`. Raises
-    :class:`ConfigError` for a file without a required column, or whose image column holds no
-    encoded images, for a column no file has (or only the files without rows, ``empty``), or
-    for types no output column holds."""
-    names = list(dict.fromkeys(name for schema in schemas.values() for name in schema.names))
+                  path: str, empty: Sequence[tuple[str, pa.Schema]] = (), hive: bool = False) -> list[pa.Field]:
+    """The pass-through fields of files with these ``schemas`` (their own, as their footers
+    give them): ``columns`` (default: every column any file has, with (``hive``) the keys of
+    their hive-style folders, in order of first appearance, but the ``required`` ones: the
+    image column, then the id column if any), each typed by :func:`_widest`. Raises
+    :class:`ConfigError` for a file without a required column (a folder's key is none: the
+    files are read by their own columns), or whose image column holds no encoded images, for a
+    file with two columns of a name it reads, for a column no file has (or only the files
+    without rows, ``empty``), or for types no output column holds."""
     for key, name in zip(("image_column", "id_column"), required):
-        lacking = [f for f, schema in schemas.items() if name not in schema.names]
-        if len(lacking) == len(schemas):
-            raise ConfigError(ParquetSpec.key(key), f"no column {name!r} in {path!r}; {close_matches(name, names)}")
-        if lacking:
-            raise ConfigError(ParquetSpec.key(key), f"{len(lacking):,} of the {len(schemas):,} files in {path!r} have "
-                              f"no column {name!r}, e.g. {lacking[0]!r} (its columns: {schemas[lacking[0]].names})")
+        _required_column(schemas, key, name, path)
     def holds_images(kind: pa.DataType) -> bool:  # (a column null in every row of a file: its samples are bad)
         return _is_binary(kind) or pa.types.is_null(kind) or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
 
@@ -388,6 +467,9 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
             where = f" in {relative!r}" if len(schemas) > 1 else ""
             raise ConfigError(ParquetSpec.key("image_column"), f"column {required[0]!r} has type {image_type}{where}; "
                               "expected binary (encoded image files) or a struct with a 'bytes' field")
+    if hive:
+        schemas = _partition_schemas(schemas)
+    names = list(dict.fromkeys(name for schema in schemas.values() for name in schema.names))
     if columns is None:
         columns = [n for n in names if n not in required]
     fields, absent = [], {}
@@ -398,6 +480,7 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
                 raise ConfigError(ParquetSpec.key("columns"), f"the column {name!r} is only in files without rows "
                                   f"(e.g. {holder!r}): it would be null in every row; leave it out")
             raise ConfigError(ParquetSpec.key("columns"), f"no column {name!r} in {path!r}; {close_matches(name, names)}")
+        _one_column(schemas, "columns", name, f", or leave it out ({ParquetSpec.key('columns')})")
         having = [(f, schema.field(name)) for f, schema in schemas.items() if name in schema.names]
         if len(having) < len(schemas):
             absent[name] = [f for f, schema in schemas.items() if name not in schema.names]
@@ -406,6 +489,35 @@ def _file_columns(schemas: dict[str, pa.Schema], required: Sequence[str], column
         log.warning("the column %r is missing from %d of the %d files (e.g. %r): it is null in their rows",
                     name, len(lacking), len(schemas), lacking[0])
     return fields
+
+
+def _required_column(schemas: dict[str, pa.Schema], key: str, name: str, path: str) -> None:
+    """A :class:`ConfigError` (for the setting ``key``) unless every file stores the column
+    ``name``, once. A key of the hive-style folders is named as such: the workers read the
+    image and id columns from the files, which do not store the folders' keys."""
+    lacking = [f for f, schema in schemas.items() if name not in schema.names]
+    folder = next((part for f in lacking for part in f.split("/")[:-1] if part.partition("=")[0] == name), None)
+    if folder is not None:
+        role = "image" if key == "image_column" else "id"
+        raise ConfigError(ParquetSpec.key(key), f"{name!r} is a key of the hive-style folders (e.g. {folder + '/'!r}), "
+                          f"not a column stored in the files: the {role} column must be a column of the files")
+    if len(lacking) == len(schemas):
+        names = list(dict.fromkeys(n for schema in schemas.values() for n in schema.names))
+        raise ConfigError(ParquetSpec.key(key), f"no column {name!r} in {path!r}; {close_matches(name, names)}")
+    if lacking:
+        raise ConfigError(ParquetSpec.key(key), f"{len(lacking):,} of the {len(schemas):,} files in {path!r} have "
+                          f"no column {name!r}, e.g. {lacking[0]!r} (its columns: {schemas[lacking[0]].names})")
+    _one_column(schemas, key, name, ", or name another column")
+
+
+def _one_column(schemas: dict[str, pa.Schema], key: str, name: str, instead: str) -> None:
+    """A :class:`ConfigError` (for the setting ``key``) where a file has more than one column
+    named ``name`` (pyarrow writes such files): a column is read by its name. ``instead``: what
+    else the user may do."""
+    for relative, schema in schemas.items():
+        if (count := len(schema.get_all_field_indices(name))) > 1:
+            raise ConfigError(ParquetSpec.key(key), f"{relative!r} has {count} columns named {name!r}, and a column "
+                              f"is read by its name: rename all but one of them in the file{instead}")
 
 
 def _partitions(relative: str) -> dict[str, str | None]:
@@ -435,6 +547,28 @@ def _partition_schemas(schemas: dict[str, pa.Schema]) -> dict[str, pa.Schema]:
     return {relative: pa.schema([*schema, *(pa.field(k, kinds[k]) for k in _partitions(relative)
                                             if k not in schema.names)])
             for relative, schema in schemas.items()}
+
+
+def _schema_facts(schemas: dict[str, pa.Schema]) -> dict:
+    """The files' schemas as the index's digest holds them: the first file's, and where other
+    files' differ from it, each other schema with the files that have it, so that a column's
+    type changed in any file is a changed source (a resumed dump would read the redone rows
+    with the type the dump began with). A dataset whose files share one schema keeps the digest
+    it had when only the first file's counted (its dumps resume).
+
+    >>> one = pa.schema([("n", pa.int32())])
+    >>> _schema_facts({"a": one, "b": one})
+    {'schema': 'n: int32'}
+    >>> _schema_facts({"a": one, "b": pa.schema([("n", pa.int64())]), "c": one})
+    {'schema': 'n: int32', 'other_schemas': {'n: int64': ['b']}}
+    """
+    texts = {relative: schema.remove_metadata().to_string() for relative, schema in schemas.items()}
+    first = next(iter(texts.values()))
+    others: dict[str, list[str]] = {}
+    for relative, text in texts.items():
+        if text != first:
+            others.setdefault(text, []).append(relative)
+    return {"schema": first, **({"other_schemas": others} if others else {})}
 
 
 def _encode_fields(fields: Sequence[pa.Field]) -> str:
@@ -506,8 +640,8 @@ class ParquetSource(StreamingSource):
                 raise ConfigError(ParquetSpec.key("path"), f"the {len(schemas):,} Parquet file(s) in {path!r} hold no rows")
             # the files without rows have no say in the columns (pandas types an empty column null)
             used = set(table.filter(pc.greater(table.column("rows"), 0)).column("file").to_pylist())
-            fields = _file_columns(_partition_schemas({f: s for f, s in schemas.items() if f in used}), required,
-                                   columns, path, [(f, s) for f, s in schemas.items() if f not in used])
+            fields = _file_columns({f: s for f, s in schemas.items() if f in used}, required, columns, path,
+                                   [(f, s) for f, s in schemas.items() if f not in used], hive=True)
         elif "fields" in index.meta:
             fields = _decode_fields(index.meta["fields"])
         else:  # the index of an earlier version: the first file's columns
@@ -515,13 +649,13 @@ class ParquetSource(StreamingSource):
         self.image_column, self.id_column = image_column, id_column
         self.columns = [f.name for f in fields]
         self._fields = fields
-        self._schema_text = schema.remove_metadata().to_string()
         if index is None:
             meta = {"rows": rows, "files": len(set(table.column("file").to_pylist())),
                     "repeated_ids": self._repeated_ids(fragments, rows) if id_column else None}
-            meta["sha256"] = digest(table, {**meta, "schema": self._schema_text})
+            meta["sha256"] = digest(table, {**meta, **_schema_facts(schemas)})
             meta["fields"] = _encode_fields(fields)
-            if id_column and any(_is_binary(s.field(id_column).type) for s in schemas.values() if id_column in s.names):
+            if id_column and any(_is_binary(s.field(i).type) for s in schemas.values()
+                                 for i in s.get_all_field_indices(id_column)):
                 meta["binary_ids"] = True
             index = MemoryIndex(table, meta)
         self.index = index
@@ -537,15 +671,60 @@ class ParquetSource(StreamingSource):
     def _repeated_ids(self, fragments: Sequence[ds.ParquetFileFragment], rows: int) -> dict:
         """How many ids appear more than once, with a few of them: the id column streamed in
         batches, file by file (each with its own type), in memory of 8 bytes per row
-        (:mod:`._ids`), not the column itself."""
+        (:mod:`._ids`), not the column itself. A page that carries a CRC is checked against it,
+        as the workers check it. Where a file's ids cannot all be read (a damaged page), they
+        are read again row group by row group from where the read stopped: a group that cannot
+        be read is, on a local disk, left out of the count from the damage on, with a warning
+        (the workers make its rows that cannot be read bad samples); over the network, an
+        :class:`OSError` that names it (the error may pass, and the count is part of the
+        dump's identity: a partial one must not become it)."""
+        warned: set[str] = set()  # (the ids may stream by twice: a file is warned of once)
+
         def column() -> Iterator[pa.Array]:
             for fragment in fragments:  # (whose sizes and footers are known: no request for them)
                 if not fragment.metadata.num_rows:  # (a file without rows may lack the column)
                     continue
-                for batch in fragment.to_batches(columns=[self.id_column], batch_size=ID_BATCH_ROWS, use_threads=False):
-                    yield batch.column(0)
+                given = 0
+                try:  # a file at once: its row groups are read ahead of the search
+                    for ids in self._ids(fragment):
+                        given += len(ids)
+                        yield ids
+                except (OSError, pa.ArrowInvalid):
+                    yield from self._ids_by_group(fragment, given, warned)
 
         return repeated_ids(column, rows)
+
+    def _ids(self, fragment: ds.ParquetFileFragment, skip: int = 0) -> Iterator[pa.Array]:
+        """The ids of ``fragment`` (a file, or one of its row groups) past its first ``skip``."""
+        options = ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+        for batch in fragment.to_batches(columns=[self.id_column], batch_size=ID_BATCH_ROWS, use_threads=False,
+                                         fragment_scan_options=options):
+            yield batch.column(0).slice(min(skip, batch.num_rows))
+            skip = max(skip - batch.num_rows, 0)
+
+    def _ids_by_group(self, fragment: ds.ParquetFileFragment, given: int, warned: set[str]) -> Iterator[pa.Array]:
+        """The ids of ``fragment`` past its first ``given``, row group by row group, where a read
+        of the whole file failed: those of a group that cannot be read are left out with a
+        warning (once per file, in ``warned``), or over the network an :class:`OSError` names it."""
+        relative = _relative(fragment.path, self._root)
+        first, unread = 0, []
+        for group in fragment.split_by_row_group():
+            count = group.row_groups[0].num_rows
+            if first + count > given:
+                try:
+                    yield from self._ids(group, max(given - first, 0))
+                except (OSError, pa.ArrowInvalid) as exc:
+                    where = f"row group {group.row_groups[0].id} of {relative!r}"
+                    if self.location.on_network:
+                        raise OSError(f"cannot read the ids ({self.id_column}) of {where}: {exc}") from exc
+                    unread.append((group.row_groups[0].id, exc))
+            first += count
+        if unread and relative not in warned:
+            warned.add(relative)
+            groups = ", ".join(str(g) for g, _ in unread[:5]) + (", ..." if len(unread) > 5 else "")
+            log.warning("the ids (%s) of row group(s) %s of %r cannot be read (%s): the search for repeated ids "
+                        "leaves out their ids from the damage on (the rows the workers cannot read are bad "
+                        "samples)", self.id_column, groups, relative, unread[0][1])
 
     def __len__(self) -> int:
         return self.count

@@ -742,6 +742,16 @@ def test_links_to_folders_list_each_file_once_and_never_loop(tmp_path, caplog):
     assert "3 link(s) to folders under" in caplog.text
 
 
+def test_links_that_lead_nowhere_are_left_out_and_said(tmp_path, caplog):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.png").write_bytes(_png((1, 2, 3)))
+    (tmp_path / "cat" / "b.png").symlink_to(tmp_path / "gone.png")  # (left out before, without a word)
+    (tmp_path / "cat" / "notes.txt").symlink_to(tmp_path / "gone.txt")  # no image: not said
+    assert FolderSource(str(tmp_path)).index.table.column("path").to_pylist() == ["cat/a.png"]
+    assert "1 link(s) under" in caplog.text and "lead nowhere (their target is gone) and are left out, e.g. 'cat/b.png'" \
+        in caplog.text
+
+
 def test_a_few_files_beside_class_folders_cost_the_labels_and_say_so(tmp_path, caplog):
     for name in [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(60)] + ["stray.png"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -880,3 +890,184 @@ def test_image_columns_by_path_dictionary_or_all_null(tmp_path):
     assert samples[2].reason == "the image value is null"
     assert samples[3].reason.startswith("the image holds no bytes, only the path 'd.png': the images are read "
                                         "from the table, not from the files its paths name")
+
+
+def test_a_key_of_the_hive_folders_is_no_image_or_id_column(tmp_path):
+    # it passed the check (the keys were taken for columns of the files), then the driver's read
+    # failed on "No match for FieldRef.Name(key)": exit 1, "rerun to resume"
+    for key in ("a", "b"):
+        (tmp_path / "t" / f"key={key}").mkdir(parents=True)
+        pq.write_table(pa.table({"image": [_png("red")] * 2, "n": [1, 2]}), tmp_path / "t" / f"key={key}" / "p.parquet")
+    for setting, role in (("id_column", "id"), ("image_column", "image")):
+        with pytest.raises(ConfigError, match=fr"source.{setting}: 'key' is a key of the hive-style folders \(e.g. "
+                                              fr"'key=a/'\), not a column stored in the files: the {role} column "
+                                              "must be a column of the files"):
+            ParquetSource(str(tmp_path / "t"), **{setting: "key"})
+    with pytest.raises(ConfigError, match=r"source.id_column: no column 'm' in .*; valid: 'image', 'n'$"):
+        ParquetSource(str(tmp_path / "t"), id_column="m")  # (the files' own columns)
+    source = ParquetSource(str(tmp_path / "t"), id_column="n")  # the key still passes through
+    assert [s.labels["key"] for s in source.stream(0, 4)] == ["a", "a", "b", "b"]
+
+
+def test_a_file_with_two_columns_of_one_name_is_named_where_it_reads_them(tmp_path):
+    # pyarrow writes such files: "KeyError: 'Column x does not exist in schema'", exit 1
+    n = pa.array([3, 4, 5])
+    pq.write_table(pa.Table.from_arrays([pa.array([_png("red")] * 3), n, n, pa.array(["a", "b", "c"])],
+                                        names=["image", "x", "x", "y"]), tmp_path / "t.parquet")
+    path = str(tmp_path / "t.parquet")
+    with pytest.raises(ConfigError, match=r"source.columns: 't.parquet' has 2 columns named 'x', and a column is "
+                                          r"read by its name: rename all but one of them in the file, or leave it "
+                                          r"out \(source.columns\)"):
+        ParquetSource(path)
+    with pytest.raises(ConfigError, match=r"source.id_column: 't.parquet' has 2 columns named 'x'.*, or name another"):
+        ParquetSource(path, id_column="x", columns=[])
+    source = ParquetSource(path, id_column="y", columns=[])  # left out, it is no matter
+    assert [(s.sample_id, s.labels, s.image == _png("red")) for s in source.stream(0, 3)] == [
+        ("a", {}, True), ("b", {}, True), ("c", {}, True)]
+    pq.write_table(pa.Table.from_arrays([pa.array([_png("red")] * 3)] * 2, names=["image", "image"]), path)
+    with pytest.raises(ConfigError, match=r"source.image_column: 't.parquet' has 2 columns named 'image'"):
+        ParquetSource(path)
+
+
+def _damaged_id_page(path, checksums: bool, keys=("k0", "k1", "k2", "k3", "k0", "k1", "k6", "k7", "k2", "k9", "k10",
+                                                 "k11")) -> None:
+    """``path``: 12 rows in row groups of 4 (the second repeats k0 and k1, the third k2), whose second
+    group's id page is damaged: the last two ids overwritten (which cannot be decoded), or with
+    ``checksums`` a byte of its last id's text changed (which decodes: "k7" as "k\\x0c")."""
+    keys = list(keys)
+    pq.write_table(pa.table({"image": [_png((i, 0, 0)) for i in range(12)], "key": keys}), path, row_group_size=4,
+                   compression="none", use_dictionary=False, write_page_checksum=checksums)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(1)
+    end = column.data_page_offset + column.total_compressed_size
+    data = bytearray(path.read_bytes())
+    if checksums:
+        data[end - 1] ^= 0x3B  # "k7" -> "k\x0c"
+    else:
+        data[end - 12:end] = b"\xff" * 12
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_a_damaged_id_page_is_left_out_of_the_repeated_ids_on_a_local_disk(tmp_path, caplog, checksums):
+    # the driver's search for repeated ids read the ids outside any try: ArrowInvalid, exit 1,
+    # "rerun to resume" forever; a page that failed its CRC went on as ids
+    _damaged_id_page(tmp_path / "a.parquet", checksums)
+    source = ParquetSource(str(tmp_path / "a.parquet"), id_column="key")
+    assert "the ids (key) of row group(s) 1 of 'a.parquet' cannot be read (" in caplog.text
+    assert source.repeated_ids == {"count": 1, "examples": ["k2"]}
+    assert caplog.text.count("cannot be read") == 1  # (though the ids stream by twice)
+    samples = list(source.stream(0, 12))
+    assert [s.index for s in samples if isinstance(s, BadSample)] == [4, 5, 6, 7]
+    assert samples[4].reason.startswith("row group 1 of 'a.parquet' cannot be read: ")
+    assert [s.sample_id for s in samples if not isinstance(s, BadSample)] == ["k0", "k1", "k2", "k3", "k2", "k9",
+                                                                              "k10", "k11"]
+
+
+def test_the_ids_a_failed_read_gave_are_counted_once(tmp_path, monkeypatch):
+    # a file's ids are read again row group by row group from where its read stopped, which may
+    # be inside a group (the scan's read-ahead may raise before it gives the batches it read first)
+    import pyarrow.dataset as ds
+
+    from pipeline._sources import parquet
+
+    monkeypatch.setattr(parquet, "ID_BATCH_ROWS", 2)
+    _damaged_id_page(tmp_path / "a.parquet", False, ["a", "b", "c", "d", "e", "f", "g", "h", "c", "j", "k", "l"])
+    source = ParquetSource(str(tmp_path / "a.parquet"), id_column="key")
+    assert source.repeated_ids == {"count": 1, "examples": ["c"]}
+    fragment = ds.ParquetFileFormat().make_fragment(str(tmp_path / "a.parquet"), source.location.fs)
+    for given, rest in ((0, "abcdcjkl"), (3, "dcjkl"), (4, "cjkl"), (5, "cjkl")):
+        assert [i for ids in source._ids_by_group(fragment, given, set()) for i in ids.to_pylist()] == list(rest)
+
+
+def test_a_damaged_id_page_over_the_network_is_an_error_that_names_it(tmp_path, monkeypatch):
+    # the count is part of the dump's identity: one short of a row group a network error cost
+    # must not become it
+    from support.storage import on_network_mount
+
+    (tmp_path / "t").mkdir()
+    _damaged_id_page(tmp_path / "t" / "a.parquet", checksums=False)
+    on_network_mount(monkeypatch, tmp_path / "t")
+    with pytest.raises(OSError, match=r"cannot read the ids \(key\) of row group 1 of 'a.parquet': "):
+        ParquetSource(str(tmp_path / "t"), id_column="key")
+
+
+def test_nulls_inside_lists_maps_and_structs_take_the_other_files_types(tmp_path, caplog):
+    # pandas types a column of empty lists list<null>: it was refused beside list<string>; so
+    # were struct<y: null> beside struct<y: string>, maps of other widths, structs of other fields
+    (tmp_path / "t").mkdir()
+    png = _png("red")
+    pq.write_table(pa.table({"image": [png], "tags": pa.array([[]]), "s": pa.array([{"y": None}]),
+                             "m": pa.array([[("a", 1)]], pa.map_(pa.string(), pa.int32())),
+                             "t": pa.array([{"y": 1}], pa.struct([("y", pa.uint64())]))}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": [png], "tags": [["cat"]], "s": [{"y": "b"}],
+                             "m": pa.array([[("b", 2 ** 40)]], pa.map_(pa.string(), pa.uint64())),
+                             "t": pa.array([{"z": "c", "y": -1}])}), tmp_path / "t" / "1.parquet")
+    for f, m in (("0", pa.map_(pa.string(), pa.int32())), ("1", pa.map_(pa.string(), pa.uint64()))):
+        assert pq.read_schema(tmp_path / "t" / f"{f}.parquet").field("m").type == m
+    source = ParquetSource(str(tmp_path / "t"))
+    assert {f.name: str(f.type) for f in source.label_fields()} == {
+        "tags": "list<element: string>", "s": "struct<y: string>", "m": "map<string, int64>",
+        "t": "struct<y: int64, z: string>"}
+    assert [s.labels for s in source.stream(0, 2)] == [
+        {"tags": [], "s": {"y": None}, "m": [("a", 1)], "t": {"y": 1}},
+        {"tags": ["cat"], "s": {"y": "b"}, "m": [("b", 2 ** 40)], "t": {"z": "c", "y": -1}}]
+    assert ("the column 't' is struct<y: uint64> in '0.parquet' but struct<z: string, y: int64> in '1.parquet': the "
+            "output holds it as struct<y: int64, z: string>, so in its field 'y', a value over") in caplog.text
+    assert "the output holds it as map<string, int64>, so in a value of its map, a value over" in caplog.text
+    # a null agrees with both, but they do not agree with each other: those two are named
+    pq.write_table(pa.table({"image": [png], "tags": pa.array([[1]])}), tmp_path / "t" / "2.parquet")
+    with pytest.raises(ConfigError, match=r"the column 'tags' is list<element: string> in '1.parquet' but "
+                                          r"list<element: int64> in '2.parquet'"):
+        ParquetSource(str(tmp_path / "t"))
+
+
+def test_not_held_looks_inside_maps():
+    from pipeline._sources.parquet import _not_held
+
+    assert _not_held(pa.map_(pa.string(), pa.uint64()), pa.map_(pa.string(), pa.int64())) == \
+        "in a value of its map, a value over 9,223,372,036,854,775,807"
+    assert _not_held(pa.map_(pa.string(), pa.int32()), pa.map_(pa.string(), pa.int64())) is None
+
+
+def test_a_column_type_changed_in_a_later_file_changes_the_identity(tmp_path):
+    # only the first file's schema was in the index's digest: a rerun after b.parquet's n went
+    # from int32 to int64 resumed with int32, and the rows redone were bad samples
+    def write(b_type):
+        for f, kind in (("a", pa.int32()), ("b", b_type)):
+            pq.write_table(pa.table({"image": [_png("red")] * 2, "n": pa.array([1, 2], kind)}),
+                           tmp_path / "t" / f"{f}.parquet")
+
+    (tmp_path / "t").mkdir()
+    digests = []
+    for b_type in (pa.int32(), pa.int64(), pa.int16()):
+        write(b_type)
+        digests.append(ParquetSource(str(tmp_path / "t")).identity()["index_sha256"])
+    assert len(set(digests)) == 3, digests
+
+
+def test_the_identity_of_files_that_share_one_schema_is_as_before(tmp_path):
+    # the digest before the other files' schemas counted: the dumps begun then must resume
+    for f in range(2):
+        pq.write_table(pa.table({"image": [b"\x89PNG"] * 3, "key": ["a", f"b{f}", "c"],
+                                 "n": pa.array([1, 2, 3], pa.int32())}), tmp_path / f"{f}.parquet", row_group_size=2)
+    source = ParquetSource(str(tmp_path), id_column="key")
+    assert source.repeated_ids == {"count": 2, "examples": ["a", "c"]}
+    assert source.identity()["index_sha256"] == "e2cc9c376d7b8ac0d5a5be15a543413ed96c9ab32e72429665619ac7f9884a77"
+
+
+def test_parquet_objects_whose_keys_no_path_reaches_are_left_out_with_a_warning(tmp_path, s3, caplog):
+    # "t/sub//b.parquet" made the whole folder refused: "is not a Parquet file that can be read
+    # (Empty path component ...)"
+    import boto3
+
+    from support.storage import upload
+
+    folder, n = _many_files(tmp_path / "t", files=2, groups=1, rows=3, image_bytes=16)
+    upload(folder, f"s3://data/t?{s3}")
+    endpoint = "http://" + s3.split("endpoint_override=")[1].split("&")[0]
+    boto3.client("s3", endpoint_url=endpoint).put_object(
+        Bucket="data", Key="t/sub//b.parquet", Body=(folder / "part-000.parquet").read_bytes())
+    source = ParquetSource(f"s3://data/t?{s3}", id_column="key")
+    assert len(source) == n == 6
+    assert "1 object(s) in" in caplog.text
+    assert "which no path reaches, and are left out, e.g. 'sub//b.parquet'" in caplog.text

@@ -262,3 +262,44 @@ def test_a_dump_reads_row_groups_larger_than_its_shards_about_once(tmp_path, mon
     assert summary.bad == [] and summary.samples == len(table)
     assert sum(read) < 2 * len(table), sum(read) / len(table)
     assert read_table(config.run.output, "relu1").column("sample_id").to_pylist() == table.column("key").to_pylist()
+
+
+def test_parquet_lists_and_structs_whose_files_hold_nulls_or_other_fields(tmp_path):
+    # a column of empty lists (list<null>, as pandas types it) beside list<string> was refused;
+    # a struct of other fields is a struct of both, null in the fields a file lacks
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": [_png(i) for i in range(6)], "tags": pa.array([[]] * 6),
+                             "t": pa.array([{"y": i} for i in range(6)], pa.struct([("y", pa.int32())]))}),
+                   tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.table({"image": [_png(i) for i in range(6, 12)], "tags": [["cat"]] * 6,
+                             "t": [{"z": f"z{i}"} for i in range(6, 12)]}), tmp_path / "pq" / "b.parquet")
+    config = _run(tmp_path, {"kind": "parquet", "path": str(tmp_path / "pq")})
+    _check(config, [str(i) for i in range(12)], [_png(i) for i in range(12)])
+    table = read_table(config.run.output, "relu1")
+    assert table.schema.field("t").type == pa.struct([("y", pa.int32()), ("z", pa.string())])
+    assert table.column("tags").to_pylist() == [[]] * 6 + [["cat"]] * 6
+    assert table.column("t").to_pylist() == ([{"y": i, "z": None} for i in range(6)]
+                                             + [{"y": None, "z": f"z{i}"} for i in range(6, 12)])
+
+
+def test_a_parquet_column_whose_type_changed_in_a_later_file_is_a_changed_source(tmp_path):
+    # only the first file's schema was in the source's identity: the rerun resumed with the old
+    # type of n, and the rows it redid from b.parquet (int64 values over 2**31) were bad samples
+    from pipeline.errors import OutputConflictError
+
+    (tmp_path / "pq").mkdir()
+
+    def write(b_type, offset):
+        pq.write_table(pa.table({"image": [_png(i) for i in range(8)], "n": pa.array(range(8), pa.int32())}),
+                       tmp_path / "pq" / "a.parquet")
+        pq.write_table(pa.table({"image": [_png(i) for i in range(8, 16)],
+                                 "n": pa.array([offset + i for i in range(8, 16)], b_type)}), tmp_path / "pq" / "b.parquet")
+
+    write(pa.int32(), 0)
+    config = _run(tmp_path, {"kind": "parquet", "path": str(tmp_path / "pq")})
+    write(pa.int64(), 2 ** 40)
+    with pytest.raises(OutputConflictError) as refused:
+        run(config, stream=None)
+    message = str(refused.value)
+    assert "the source has changed since" in message and "source: index_sha256: " in message
+    assert "the first difference, the facts the index keeps: fields" in message  # (the output type of n)
