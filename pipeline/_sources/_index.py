@@ -130,6 +130,8 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
     'sample 1 on: 1 row(s) before, none now'
     >>> first_difference(a, MemoryIndex(a.table, {"fields": "what a newer version keeps"})) is None
     True
+    >>> first_difference(MemoryIndex(a.table, {"sha256": "x"}), MemoryIndex(a.table, {"sha256": "y"}))
+    "the facts only the index's digest holds (the Parquet files' schemas: a column's type in one of them)"
     >>> groups = MemoryIndex(pa.table({"file": ["a", "b"], "rows": [10, 4], "first": [0, 10]}))
     >>> print(first_difference(groups, MemoryIndex(pa.table({"file": ["a", "b"], "rows": [10, 3], "first": [0, 10]}))))
     samples from 10 on (a row group): {'file': 'b', 'rows': 4, 'first': 10} -> {'file': 'b', 'rows': 3, 'first': 10}
@@ -168,4 +170,13 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
         unit = "row group(s)" if "first" in longer.slice(0, 0).schema.names else "row(s)"
         return f"{first} on: {abs(len(old) - len(new)):,} {unit} {more}"
     changed = sorted(k for k in old.meta if k != "sha256" and old.meta.get(k) != new.meta.get(k))
-    return f"the facts the index keeps: {', '.join(changed)}" if changed else None
+    if changed:
+        return "the facts the index keeps: " + ", ".join(_FACTS.get(k, k) for k in changed)
+    if old.meta.get("sha256") != new.meta.get("sha256"):
+        return "the facts only the index's digest holds (the Parquet files' schemas: a column's type in one of them)"
+    return None
+
+
+#: The facts an index keeps, in words.
+_FACTS = {"fields": "the columns' types (fields)", "repeated_ids": "the ids that repeat (repeated_ids)",
+          "classes": "the class folders (classes)", "json_fields": "the .json files' fields (json_fields)"}

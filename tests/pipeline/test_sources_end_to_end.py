@@ -302,4 +302,4 @@ def test_a_parquet_column_whose_type_changed_in_a_later_file_is_a_changed_source
         run(config, stream=None)
     message = str(refused.value)
     assert "the source has changed since" in message and "source: index_sha256: " in message
-    assert "the first difference, the facts the index keeps: fields" in message  # (the output type of n)
+    assert "the first difference, the facts the index keeps: the columns' types (fields)" in message  # (the output type of n)
