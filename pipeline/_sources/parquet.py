@@ -608,6 +608,7 @@ class ParquetSource(StreamingSource):
                  columns: Sequence[str] | None = None, index: Index | None = None):
         self.path = str(path)
         self.location = open_location(self.path, ParquetSpec.key("path"))
+        path = self.location.shown  # (as the messages below quote it: without the credentials it may carry)
         try:
             info = self.location.fs.get_file_info(self.location.root)
             pattern = None
@@ -630,7 +631,8 @@ class ParquetSource(StreamingSource):
                 with self.location.fs.open_input_file(f"{self._root}/{first_file}") as handle:
                     schema = pq.read_schema(handle)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise ConfigError(ParquetSpec.key("path"), f"cannot open Parquet data at {path!r}: {exc}") from None
+            raise ConfigError(ParquetSpec.key("path"), f"cannot open Parquet data at {path!r}: "
+                              f"{str(exc).replace(self.path, path)}") from None
         required = [image_column] + ([id_column] if id_column else [])
         if index is None:
             if not schemas:

@@ -661,19 +661,23 @@ def test_a_password_that_breaks_its_uri_is_not_shown_in_the_error(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_the_credentials_of_a_folder_uri_are_not_shown_in_its_warnings_and_errors(s3, caplog):
+def test_the_credentials_of_a_folder_or_table_uri_are_not_shown_in_its_warnings_and_errors(s3, caplog):
     import pyarrow.fs as pafs
 
-    from pipeline._sources import FolderSource
+    from pipeline._sources import FolderSource, ParquetSource
     from pipeline.errors import ConfigError
 
     fs, _ = pafs.FileSystem.from_uri(f"s3://data?{s3}")
     fs.create_dir("data")
-    with fs.open_output_stream("data/hidden/a/.x.png") as f:
-        f.write(b"\x89PNG")
-    for folder, message in (("nothere", "does not exist"), ("hidden", "holds no image files")):
+    for key in ("data/hidden/a/.x.png", "data/table/_SUCCESS"):
+        with fs.open_output_stream(key) as f:
+            f.write(b"\x89PNG")
+    for kind, folder, message in ((FolderSource, "nothere", "does not exist"),
+                                  (FolderSource, "hidden", "holds no image files"),
+                                  (ParquetSource, "nothere", "does not exist"),
+                                  (ParquetSource, "table", "no Parquet file in")):
         with pytest.raises(ConfigError, match=message) as caught:
-            FolderSource(f"s3://AKIA:sEcReT@data/{folder}?{s3}")
+            kind(f"s3://AKIA:sEcReT@data/{folder}?{s3}")
         assert "sEcReT" not in str(caught.value) and "s3://data/" in str(caught.value)
     assert "left out" in caplog.text and "sEcReT" not in caplog.text
 
