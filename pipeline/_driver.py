@@ -247,6 +247,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
             # with what the model saw: `actmap show` redraws it
             manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
             digest = probe.digest
+            label_types = probe.source.label_types() if hasattr(probe.source, "label_types") else None
         with OutputLock(store) as lock:
             index = getattr(probe.source, "index", None)
             state = assess_output(store, manifest, overwrite, index if isinstance(index, MemoryIndex) else None)
@@ -264,7 +265,8 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                 if executor is not None and shards_left:
                     progress = Progress(new_samples, stream)
                     try:
-                        executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen), shards_left)
+                        executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen,
+                                                  label_types=label_types), shards_left)
                         execute(executor, plan, config.run.max_attempts, progress, records, lock)
                     finally:
                         workers = executor.workers

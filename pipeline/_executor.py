@@ -44,13 +44,15 @@ IN_FLIGHT = 2
 @dataclasses.dataclass(frozen=True)
 class WorkerSpec:
     """What every worker is built from: the run's config, the weights digest the driver's model
-    has (a worker whose model differs refuses to start), and each layer's shape when shapes are
-    fixed (every batch must keep it)."""
+    has (a worker whose model differs refuses to start), each layer's shape when shapes are
+    fixed (every batch must keep it), and the label columns where the source types them from
+    its items (``label_types``: the driver's, so that every worker writes the same columns)."""
 
     config: Config
     digest: str
     layers: Mapping[str, LayerSpec]
     frozen_source: bool = False
+    label_types: Mapping[str, Any] | None = None
 
     def arguments(self, decode_threads: int = 1, shards_at_once: int = IN_FLIGHT) -> dict[str, Any]:
         """The ``ShardWorker`` arguments (plain data, to ship to another process), for a worker
@@ -59,7 +61,7 @@ class WorkerSpec:
                   if self.config.shapes_fixed() else None)
         return {"config": self.config.to_dict(), "expected_digest": self.digest, "layer_shapes": shapes,
                 "frozen_source": self.frozen_source, "decode_threads": decode_threads,
-                "shards_at_once": shards_at_once}
+                "shards_at_once": shards_at_once, "label_types": self.label_types}
 
 
 @dataclasses.dataclass(frozen=True)

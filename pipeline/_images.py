@@ -176,10 +176,29 @@ def _pil_decode(data: bytes) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data), formats=("PNG",) if data[:8] == _png.MAGIC else None) as img:
         img.seek(0)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return conform(np.asarray(img))
-        # a (3, H, W) view: the caller makes it one block (conform)
-        return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"))).permute(2, 0, 1)
+        pixels = pil_pixels(img)
+        # an RGB image as a (3, H, W) view: the caller makes it one block (conform)
+        return conform(pixels) if pixels.ndim == 2 else torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+#: PIL's modes of more than 8 bits a value: their integers are scaled by their type's maximum
+#: (a 16-bit PNG's by 65535), their floats taken in [0, 1], as arrays of those types are.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def pil_pixels(img: object) -> np.ndarray:
+    """A PIL image's pixels as a new array: ``(H, W)`` of its own type in a mode of more than 8
+    bits a value (:data:`_WIDE_MODES`: RGB would clip them to 255), else ``(H, W, 3)`` uint8 RGB.
+
+    >>> from PIL import Image
+    >>> pil_pixels(Image.fromarray(np.array([[0, 65535]], np.uint16))).tolist()
+    [[0, 65535]]
+    >>> pil_pixels(Image.new("L", (2, 1), 7)).shape
+    (1, 2, 3)
+    """
+    if img.mode in _WIDE_MODES:
+        return np.array(img)
+    return np.array(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 #: Where a JPEG file's pixels may be decoded: called with the file's ``(height, width)``, it
@@ -387,7 +406,7 @@ def decode(raw: RawImage | object, max_pixels: int | None = DEFAULT_MAX_PIXELS, 
         return conform(_decode_bytes(data, max_pixels), channels_last=False, channels=channels)
     if hasattr(raw, "convert") and hasattr(raw, "size"):  # a PIL image
         _check_pixels(*raw.size, max_pixels)
-        return conform(np.array(raw.convert("RGB")), channels=channels)
+        return conform(pil_pixels(raw), channels=channels)
     if isinstance(raw, (np.ndarray, torch.Tensor)):
         height, width = (raw.shape[-2:] if isinstance(raw, torch.Tensor) and raw.ndim >= 3
                          else raw.shape[:2])

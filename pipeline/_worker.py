@@ -184,7 +184,7 @@ class ShardWorker:
     def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
                  device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None,
                  decode_threads: int | None = None, frozen_source: bool = False, shards_at_once: int = 2,
-                 own_process: bool = False):
+                 own_process: bool = False, label_types: Mapping[str, Any] | None = None):
         self.config = Config.from_dict(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_model(self.config.model)
@@ -204,6 +204,8 @@ class ShardWorker:
         try:
             index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None
             self.source = open_source(self.config.source, index=index)
+            if label_types is not None:  # the driver's: every worker writes the same columns
+                self.source.use_label_types(label_types)
             self.label_fields = self.source.label_fields()
             arrays = getattr(self.source, "array_labels", dict)()
         except BaseException:

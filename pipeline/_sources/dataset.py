@@ -7,10 +7,17 @@ array target becomes an array column named ``target``. Ids are the indices.
 
 The label columns are those of the first readable items (up to 8): a key that first appears
 in a later item is left out, with a warning that names it; an item without a key has a null.
+A label that is ``None`` in all of them is typed by the first later item that holds a value
+(up to 64 more are looked at). The driver types the columns once and the workers take its
+types, so every file of a dump has the same columns.
+
+An item whose ``__getitem__`` raises is a bad sample that says why, unless the error may pass
+(a dropped connection, a timeout, memory running out): that fails the shard, which is retried.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -28,8 +35,14 @@ from ._base import ArraySpec, BadSample, RandomAccessSource, Sample, array_spec,
 log = logging.getLogger(__name__)
 
 _TARGET = DatasetSpec.key("target")
-#: How many of the first items type the label columns.
+#: How many of the first readable items type the label columns, and how many items are read
+#: at most to find them (a dataset whose first items fail is typed from later ones).
 _TYPED_FROM = 8
+_TRIED_AT_MOST = 64
+#: Items read further to type a label that is ``None`` in all of the first readable ones.
+_LOOKED_FURTHER = 64
+#: Errors of ``__getitem__`` that may pass: they fail the shard (retried), not the sample.
+_PASSING = (ConnectionError, TimeoutError, MemoryError)
 
 
 def _as_label(value: Any) -> Any:
@@ -43,8 +56,10 @@ def _as_label(value: Any) -> Any:
 def _to_image(value: Any) -> Any:
     if isinstance(value, (torch.Tensor, np.ndarray, bytes)):
         return value
-    if hasattr(value, "convert"):  # a PIL image
-        return np.asarray(value.convert("RGB"))
+    if hasattr(value, "convert"):  # a PIL image (16-bit and float ones scaled as arrays of their types)
+        from .._images import pil_pixels  # (which imports this package)
+
+        return pil_pixels(value)
     raise TypeError(f"cannot use {type(value).__name__} as an image; expected a tensor, "
                     "a PIL image, an (H, W, C) uint8 array or encoded bytes")
 
@@ -94,21 +109,62 @@ class DatasetSource(RandomAccessSource):
     def label_fields(self) -> list[pa.Field]:
         """The scalar labels' fields, typed from the first readable items (up to a few, so an
         item that cannot be read is left to be recorded as bad, and an integer label in one item
-        and a float in another make a float column)."""
+        and a float in another make a float column); a label ``None`` in all of them from the
+        first later item that holds one. Where the driver typed them (:meth:`use_label_types`),
+        its types."""
         if self._fields is None:
             values: dict[str, list] = {}
             arrays: dict[str, list[np.ndarray]] = {}
-            for index in range(min(self.count, _TYPED_FROM)):
-                try:
-                    _, labels = self._split(self.dataset[index])
-                except Exception:  # recorded as a bad sample when its shard reads it
+            readable = 0
+            for index in range(min(self.count, _TRIED_AT_MOST)):
+                labels = self._labels_of(index)
+                if labels is None:  # recorded as a bad sample when its shard reads it
                     continue
                 self._names.update(labels)
                 for name, value in labels.items():
                     (arrays if isinstance(value, np.ndarray) else values).setdefault(name, []).append(value)
+                readable += 1
+                if readable == _TYPED_FROM:
+                    break
+            unset = [name for name, seen in values.items() if name not in arrays and all(v is None for v in seen)]
+            for index in range(index + 1, min(self.count, index + 1 + _LOOKED_FURTHER)) if unset else ():
+                labels = self._labels_of(index) or {}
+                for name in [n for n in unset if labels.get(n) is not None]:
+                    values[name].append(labels[name])
+                    unset.remove(name)
+                if not unset:
+                    break
+            for name in unset:
+                log.warning("the label %r of %r is None in every item looked at (the first %d readable ones and "
+                            "up to %d more): its column holds nulls, and an item that gives it a value is a bad "
+                            "sample", name, self.target, _TYPED_FROM, _LOOKED_FURTHER)
             self._fields = [self._field(name, seen) for name, seen in values.items() if name not in arrays]
             self._arrays = {name: array_spec(seen) for name, seen in arrays.items()}
         return self._fields
+
+    def _labels_of(self, index: int) -> dict | None:
+        """The labels of item ``index``, or ``None`` where it cannot be read."""
+        try:
+            return self._split(self.dataset[index])[1]
+        except Exception:
+            return None
+
+    def label_types(self) -> dict:
+        """How :meth:`label_fields` typed the labels, as plain data for :meth:`use_label_types`
+        (typed once, by the driver: a worker typing them again from items that fail now and
+        then, or that changed, would write files of other columns)."""
+        fields = self.label_fields()
+        return {"fields": base64.b64encode(pa.schema(fields).serialize().to_pybytes()).decode(),
+                "names": sorted(self._names),
+                "arrays": {name: [spec.dtype.str, None if spec.shape is None else list(spec.shape)]
+                           for name, spec in self._arrays.items()}}
+
+    def use_label_types(self, types: Mapping[str, Any]) -> None:
+        """Type the labels as :meth:`label_types` gave (the driver's), reading no item."""
+        self._fields = list(pa.ipc.read_schema(pa.py_buffer(base64.b64decode(types["fields"]))))
+        self._names = set(types["names"])
+        self._arrays = {name: ArraySpec(np.dtype(dtype), None if shape is None else tuple(shape))
+                        for name, (dtype, shape) in types["arrays"].items()}
 
     def array_labels(self) -> dict[str, ArraySpec]:
         """The array labels' dtypes and shapes (``None``: the first items' differ), from the
@@ -123,13 +179,18 @@ class DatasetSource(RandomAccessSource):
         late = labels.keys() - self._names
         for name in late - self._left_out:
             self._left_out.add(name)
-            log.warning("the label %r of %r first appears after the first %d items, which make the label "
-                        "columns: it is not stored", name, self.target, _TYPED_FROM)
+            log.warning("the label %r of %r is in none of the items that made the label columns (the first %d "
+                        "readable ones): it is not stored", name, self.target, _TYPED_FROM)
         return {k: v for k, v in labels.items() if k not in late} if late else labels
 
     def _field(self, name: str, values: list[Any]) -> pa.Field:
         try:
             return pa.field(name, pa.array(values).type)
+        except OverflowError:  # integers over int64's range: unsigned ones (a hash, a uint64 id) fit uint64
+            if all(v is None or (isinstance(v, int) and 0 <= v < 2**64) for v in values):
+                return pa.field(name, pa.uint64())
+            raise ConfigError(_TARGET, f"the label {name!r} of {self.target!r} holds integers beyond 64 bits in "
+                              "the first items, which no column holds; give them as text") from None
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
             kinds = sorted({type(v).__name__ for v in values})
             raise ConfigError(_TARGET, f"the label {name!r} of {self.target!r} holds values of "
@@ -142,6 +203,8 @@ class DatasetSource(RandomAccessSource):
             try:
                 image, labels = self._split(self.dataset[index])
                 samples.append(Sample(index, str(index), _to_image(image), self._known(labels)))
+            except _PASSING:
+                raise  # (may pass: the shard fails and is retried, its items read again)
             except Exception as exc:  # a bad item must not end the run
                 samples.append(BadSample(index, str(index), describe_error(exc)))
         return samples

@@ -1,8 +1,10 @@
 import datetime
 import io
+import json
 import os
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -387,6 +389,54 @@ def test_dataset_label_types_come_from_the_first_readable_items():
     with pytest.raises(ConfigError, match=r"source.target: the label 'score' of 'support.datasets:Scored' holds "
                                           r"values of types float, int, str in the first items"):
         DatasetSource("support.datasets:Scored", {"n": 6, "text_at": 3}).label_fields()
+
+
+def test_dataset_labels_come_from_readable_items_and_a_none_label_from_a_later_value(caplog):
+    # the first 8 items unreadable: the labels were dropped from every row
+    assert DatasetSource("support.datasets:Labelled", {"readable_from": 8}).label_fields() == [pa.field("tag", pa.int64())]
+    # None in the first items: every later value was a bad sample ("its column holds null")
+    late = DatasetSource("support.datasets:Labelled", {"tagged_from": 10})
+    assert late.label_fields() == [pa.field("tag", pa.int64())] and late.read([12])[0].labels == {"tag": 12}
+    assert "None in every item" not in caplog.text
+    never = DatasetSource("support.datasets:Labelled", {"n": 100, "tagged_from": 90})
+    assert never.label_fields() == [pa.field("tag", pa.null())]
+    assert ("the label 'tag' of 'support.datasets:Labelled' is None in every item looked at (the first 8 readable "
+            "ones and up to 64 more): its column holds nulls") in caplog.text
+    # integers over int64's range (a hash): uint64, not an OverflowError that failed the run
+    big = DatasetSource("support.datasets:Labelled", {"offset": 2**63})
+    assert big.label_fields() == [pa.field("tag", pa.uint64())]
+    with pytest.raises(ConfigError, match="holds integers beyond 64 bits in the first items, which no column holds"):
+        DatasetSource("support.datasets:Labelled", {"offset": 2**64}).label_fields()
+
+
+def test_dataset_label_types_are_the_drivers_on_every_worker():
+    driver = DatasetSource("support.datasets:DictItems", {"n": 4})
+    types = json.loads(json.dumps(driver.label_types()))  # (plain data: it travels to the workers)
+    worker = DatasetSource("support.datasets:Labelled", {"n": 4})  # whose items would type other columns
+    worker.use_label_types(types)
+    assert worker.label_fields() == driver.label_fields() == [pa.field("label", pa.int64())]
+    assert worker.array_labels() == driver.array_labels() and worker.array_labels()["box"].shape == (4,)
+
+
+def test_a_dataset_item_whose_read_may_pass_fails_the_shard_not_the_sample():
+    # (a dropped connection was a bad sample for good: a rerun found its shard done)
+    source = DatasetSource("support.datasets:Labelled", {"dropping": 12})  # (after the items that type the labels)
+    with pytest.raises(ConnectionResetError):
+        source.read([11, 12])
+    assert [type(s) for s in source.read([11, 12])] == [Sample, Sample]
+
+
+def test_a_16_bit_or_float_pil_image_is_scaled_not_clipped():
+    from PIL import Image
+
+    from pipeline._images import decode
+    from pipeline._sources.dataset import _to_image
+
+    wide = Image.fromarray(np.array([[0, 1000, 65535]], np.uint16))
+    assert decode(_to_image(wide))[0].tolist() == [[0.0, np.float32(1000 / 65535), 1.0]]  # (it was [0, 1, 1]: clipped)
+    floats = Image.fromarray(np.array([[0.0, 0.25, 1.0]], np.float32))
+    assert decode(_to_image(floats))[0].tolist() == [[0.0, 0.25, 1.0]]  # (it was [0, 0, 1/255])
+    assert decode(wide)[0].tolist() == decode(_to_image(wide))[0].tolist()
 
 
 # -- the folder's listing, frozen --------------------------------------------------------------

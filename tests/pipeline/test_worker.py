@@ -116,6 +116,21 @@ def test_a_dataset_whose_first_samples_are_bad_is_not_refused_by_the_trial(tmp_p
                                        "can be read (00.png: ")
 
 
+def test_a_worker_types_the_labels_as_the_driver_did(tmp_path):
+    # each worker typed a dataset's labels from its own reads of the first items: one whose
+    # reads failed then wrote files of other columns, and the dump did not read back
+    from pipeline._executor import WorkerSpec
+    from pipeline._sources import DatasetSource
+
+    config = _config(tmp_path, source={"kind": "dataset", "target": "support.datasets:Labelled",
+                                       "kwargs": {"tagged_from": 100, "n": 200}})
+    types = DatasetSource("support.datasets:Labelled", {"n": 4}).label_types()
+    spec = WorkerSpec(config, "digest", {}, label_types=types)
+    arguments = {**spec.arguments(), "expected_digest": None}
+    with ShardWorker(**arguments) as worker:
+        assert worker.label_fields == [pa.field("tag", pa.int64())]  # (on its own: null, as items 0-99 say)
+
+
 def test_a_source_that_does_not_open_leaves_no_hooks(tmp_path, monkeypatch):
     import pipeline._worker
 

@@ -64,6 +64,26 @@ class Scored(Squares):
         return {"image": image, "score": score}
 
 
+class Labelled(Squares):
+    """Dict items with a ``tag`` label: ``None`` before item ``tagged_from``, then the index plus
+    ``offset``; the items before ``readable_from`` raise; item ``dropping`` raises a
+    ``ConnectionResetError`` (a dropped connection) the first time this object reads it."""
+
+    def __init__(self, n: int = 20, size: int = 8, tagged_from: int = 0, readable_from: int = 0, offset: int = 0,
+                 dropping: int | None = None):
+        super().__init__(n, size)
+        self.tagged_from, self.readable_from, self.offset, self.dropping = tagged_from, readable_from, offset, dropping
+
+    def __getitem__(self, i: int):
+        if i < self.readable_from:
+            raise ValueError(f"item {i} is corrupt")
+        if i == self.dropping:
+            self.dropping = None
+            raise ConnectionResetError("the connection dropped")
+        image, _ = super().__getitem__(i)
+        return {"image": image, "tag": None if i < self.tagged_from else i + self.offset}
+
+
 class LateKey(Squares):
     """Dict items with a ``score``, except item ``missing``; from item ``late_from`` on also a
     ``late`` label, which the first items (those that type the columns) do not have."""
