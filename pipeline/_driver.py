@@ -245,12 +245,15 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
             samples = len(probe.source)
             plan = _plan(samples, config.run.shard_size)
             # with what the model saw: `actmap show` redraws it
-            manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs)
-            digest = probe.digest
             label_types = probe.source.label_types() if hasattr(probe.source, "label_types") else None
+            manifest = new_manifest(config, probe.identity, probe.source.identity(), samples, layers, probe.inputs,
+                                    label_types)
+            digest = probe.digest
         with OutputLock(store) as lock:
             index = getattr(probe.source, "index", None)
             state = assess_output(store, manifest, overwrite, index if isinstance(index, MemoryIndex) else None)
+            if state.labels is not None:  # as the dump began: its files keep one schema
+                label_types = state.labels
             records = dict(state.done)
             shards_left = len(plan) - len(records)
             new_samples = samples - sum(len(plan[i]) for i in records)

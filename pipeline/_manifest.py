@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import logging
 from collections.abc import Collection, Mapping
+from typing import Any
 
 from ._integrity import Damage, check_dump
 from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, SOURCE_INDEX_PATH, file_shard,
@@ -37,7 +38,8 @@ _OUTPUT = RunSpec.key("output")
 
 
 def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: int,
-                 layer_info: Mapping[str, LayerSpec] | None = None, inputs: ModelInput | None = None) -> Manifest:
+                 layer_info: Mapping[str, LayerSpec] | None = None, inputs: ModelInput | None = None,
+                 labels: Mapping[str, Any] | None = None) -> Manifest:
     """The manifest of a run (a pure function of its inputs, but for the timestamp), without the
     credentials its URIs may carry (:func:`pipeline._secrets.redact`)."""
     return Manifest(format=MANIFEST_FORMAT,
@@ -45,7 +47,7 @@ def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: i
                     identity=redact(config.identity()), config=redact(config.to_dict()), model=model,
                     source=redact(source),
                     plan=ShardPlan(num_samples, config.run.shard_size), layers=config.model.layers,
-                    layer_info=layer_info or {}, input=inputs)
+                    layer_info=layer_info or {}, input=inputs, labels=labels)
 
 
 def read_manifest(store: OutputStore) -> Manifest | None:
@@ -168,13 +170,15 @@ def remove_temporaries(store: OutputStore, layers: Collection[str], keep: Collec
 @dataclasses.dataclass
 class OutputState:
     """What :func:`assess_output` found: whether the run ``resume`` s a dump, the shards
-    ``done``, the ``damage`` whose shards are redone, and the old dump to remove first
-    (``remove``: its layers, ``None`` for any; ``False``: none)."""
+    ``done``, the ``damage`` whose shards are redone, the old dump to remove first
+    (``remove``: its layers, ``None`` for any; ``False``: none), and the label types the dump
+    resumed began with (:attr:`Manifest.labels`)."""
 
     resume: bool
     done: dict[int, ShardRecord] = dataclasses.field(default_factory=dict)
     damage: list[Damage] = dataclasses.field(default_factory=list)
     remove: Collection[str] | None | bool = False
+    labels: Mapping[str, Any] | None = None
 
 
 def _source_difference(store: OutputStore, index: Index | None) -> list[str]:
@@ -244,7 +248,7 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
                                   "--overwrite to replace it, or choose another folder. Differences:\n  "
                                   + "\n  ".join(diff))
     checked = check_dump(store, existing.plan, existing.layers)
-    return OutputState(True, checked.records, checked.damage)
+    return OutputState(True, checked.records, checked.damage, labels=existing.labels)
 
 
 def commit_output(store: OutputStore, manifest: Manifest, state: OutputState) -> None:

@@ -170,6 +170,9 @@ class Manifest:
         created: when (ISO 8601, UTC).
         layer_info: how each layer is stored.
         input: what the model was fed (``None`` in the dumps of 0.1.0, which did not record it).
+        labels: how the label columns were typed, where the source types them from its items (a
+            ``dataset``'s ``label_types``): a resumed dump's workers take these, so its files
+            keep one schema (``None``: the source's index types them, or an earlier version).
 
     >>> from pipeline._layout import MANIFEST_FORMAT
     >>> m = Manifest(MANIFEST_FORMAT, {}, {}, {"name": "tiny"}, {"kind": "generated"}, ShardPlan(10, 4), ("conv2",))
@@ -190,6 +193,7 @@ class Manifest:
     created: str = ""
     layer_info: Mapping[str, LayerSpec] = dataclasses.field(default_factory=dict)
     input: ModelInput | None = None
+    labels: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if not isinstance(self.format, str):
@@ -217,6 +221,8 @@ class Manifest:
             del doc["input"]
         else:
             doc["input"] = self.input.to_dict()
+        if self.labels is None:  # (no key: as the versions before it wrote them)
+            del doc["labels"]
         return doc
 
     @classmethod

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -102,6 +103,21 @@ def test_rerun_resumes_and_equals_an_uninterrupted_run(tmp_path):
         assert np.array_equal(read_layer(str(out), layer), values)
     assert not list(out.rglob(".*.tmp")), "the interrupted write's temporary file is cleared"
     assert run(config, stream=None).new_samples == 0
+
+
+def test_a_resumed_dump_keeps_the_label_types_it_began_with(tmp_path):
+    # a rerun typed a dataset's labels afresh: its files then held other column types, and the
+    # dump no longer read back ("Float value 8.5 was truncated converting to int64")
+    out, floats = tmp_path / "out", tmp_path / "floats"
+    config = _config(out, source=_dataset("Drifting", n=16, floats=str(floats)))
+    run(config, stream=None)
+    (out / shard_record_path(1)).unlink()
+    floats.write_text("")  # the items now type the tag a float
+    summary = run(config, stream=None)
+    assert summary.new_samples == 8 and [b["index"] for b in summary.bad] == list(range(8, 16))
+    assert "its column holds int64" in summary.bad[0]["reason"]
+    table = read_table(str(out), "conv2")
+    assert table.schema.field("tag").type == pa.int64() and table.column("tag").to_pylist() == list(range(8))
 
 
 def test_other_config_is_refused_and_overwrite_replaces(tmp_path):

@@ -84,6 +84,19 @@ class Labelled(Squares):
         return {"image": image, "tag": None if i < self.tagged_from else i + self.offset}
 
 
+class Drifting(Squares):
+    """Dict items whose ``tag`` is the index, plus a half where the file ``floats`` exists when
+    the dataset is built: a source whose items type their labels otherwise from run to run."""
+
+    def __init__(self, n: int = 16, size: int = 8, floats: str = ""):
+        super().__init__(n, size)
+        self.as_float = bool(floats) and os.path.exists(floats)
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        return {"image": image, "tag": i + 0.5 if self.as_float else i}
+
+
 class LateKey(Squares):
     """Dict items with a ``score``, except item ``missing``; from item ``late_from`` on also a
     ``late`` label, which the first items (those that type the columns) do not have."""
