@@ -11,14 +11,15 @@ import hashlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from extender import ActivationMapGrabber, ModelStump, UnknownLayerError
+from extender import ActivationMapGrabber, ModelStump, UnknownLayerError, list_layers
 
 from ._targets import import_target
 from .config import Mode, ModelSpec
-from .errors import ConfigError, close_matches
+from .errors import ConfigError, LayerOutputError, PipelineError, close_matches
 from ._extras import require
 
 _NAME, _WEIGHTS = ModelSpec.key("name"), ModelSpec.key("weights")
@@ -48,6 +49,50 @@ def _timm_builder(name: str) -> Callable[..., torch.nn.Module]:
     return functools.partial(timm.create_model, name)
 
 
+#: The ``OSError`` s that a rerun meets again: a file that is not there, or not to be read.
+_LASTING_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_config_fault(exc: BaseException) -> bool:
+    """Whether an error raised while the model is built from the config, or runs its trial
+    forward, is the config's fault: one a rerun of the same config meets again, to be told as a
+    :class:`ConfigError` (exit 2) rather than a failed run (exit 1, "rerun to resume").
+
+    Every ``Exception`` is, but a ``MemoryError`` (the host was short of memory this time) and an
+    ``OSError`` other than a missing or forbidden file (the network or a disk, as a builder that
+    downloads its weights meets them: a rerun may get past it). ``KeyboardInterrupt`` and
+    ``SystemExit`` are no ``Exception`` s: they stop the run as they are.
+
+    >>> [is_config_fault(e) for e in (KeyError("depth"), ImportError("timm"), AssertionError(), MemoryError())]
+    [True, True, True, False]
+    >>> [is_config_fault(e) for e in (FileNotFoundError("w.pt"), ConnectionResetError(), KeyboardInterrupt())]
+    [True, False, False]
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, MemoryError):
+        return False
+    return not isinstance(exc, OSError) or isinstance(exc, _LASTING_OS_ERRORS)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What went wrong, in a line: the message of a ``RuntimeError``, ``ValueError`` or
+    ``TypeError`` (torch's and the pipeline's own say what failed), the type and message of
+    any other error (an ``AssertionError`` or ``KeyError`` alone may say nothing, or just a key).
+
+    >>> describe_failure(RuntimeError("shapes cannot be multiplied")), describe_failure(KeyError("depth"))
+    ('shapes cannot be multiplied', "KeyError: 'depth'")
+    >>> describe_failure(AssertionError())
+    'AssertionError'
+    >>> describe_failure(AssertionError("Input height (16) doesn't match model (32)."))
+    "AssertionError: Input height (16) doesn't match model (32)"
+    """
+    text = str(exc).strip()
+    if text.endswith(".") and not text.endswith(".."):  # the line goes on after it
+        text = text[:-1]
+    if isinstance(exc, (PipelineError, RuntimeError, ValueError, TypeError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _builder(name: str) -> Callable[..., torch.nn.Module]:
     if timm_name(name) is not None:
         return _timm_builder(timm_name(name))
@@ -71,6 +116,12 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     Torchvision builders get ``weights=None`` (and ``weights_backbone=None``), timm models
     ``pretrained=False``, unless the kwargs say otherwise: nothing is downloaded. A ``weights``
     file is a state dict, loaded with ``weights_only=True`` (or a ``.safetensors`` file).
+
+    An error of the builder is a :class:`ConfigError` when a rerun would meet it again
+    (:func:`is_config_fault`): a missing module it imports names ``model.name``, anything else
+    ``model.kwargs`` (``model.name`` when there are none). So is a model left with lazy modules
+    (``torch.nn.LazyConv2d``, ...) whose weights no forward has made yet: every worker would
+    make its own, from its own random state.
     """
     builder = _builder(spec.name)
     kwargs = dict(spec.kwargs)
@@ -85,8 +136,16 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         torch.manual_seed(spec.seed)
         try:
             model = builder(**kwargs)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(ModelSpec.key("kwargs"), f"{spec.name}(**{kwargs!r}) failed: {exc}") from None
+        except ConfigError:
+            raise
+        except Exception as exc:
+            if not is_config_fault(exc):
+                raise
+            if isinstance(exc, ImportError):
+                raise ConfigError(_NAME, f"{spec.name}(**{kwargs!r}) failed: {describe_failure(exc)}; install what "
+                                  "it imports, or name another builder") from None
+            key = ModelSpec.key("kwargs") if spec.kwargs else _NAME
+            raise ConfigError(key, f"{spec.name}(**{kwargs!r}) failed: {describe_failure(exc)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(_NAME, f"{spec.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if spec.weights:
@@ -101,7 +160,25 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         except Exception as exc:
             raise ConfigError(_WEIGHTS, f"cannot load {str(path)!r} into {spec.name}: "
                               f"{str(exc).splitlines()[0]}") from None
+    _refuse_lazy(spec, model)
     return model.eval().requires_grad_(False)
+
+
+def _refuse_lazy(spec: ModelSpec, model: torch.nn.Module) -> None:
+    """Refuse a model whose lazy modules have no weights yet: a lazy module (``LazyConv2d``,
+    ``LazyLinear``, ...) makes them at its first forward, from the input's size, so they can be
+    neither frozen nor digested before it, and each worker's first batch would draw its own.
+    A forward of a dummy input in the builder (seeded like the rest of the model) makes them, as
+    loading a weights file does."""
+    lazy = [(name or "''", type(module).__name__) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()]
+    if not lazy:
+        return
+    shown = ", ".join(f"{name} ({kind})" for name, kind in lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
+    raise ConfigError(_NAME, f"{spec.name!r} built a model with lazy modules, {shown}, whose weights are made by "
+                      "their first forward and do not exist yet; have the builder run one forward of a dummy input "
+                      "of the size the model takes before returning it (e.g. `model(torch.zeros(1, 3, 224, 224))`), "
+                      f"or give a {_WEIGHTS} file")
 
 
 def _load_state(path: Path) -> dict:
@@ -129,11 +206,14 @@ def model_identity(spec: ModelSpec, model: torch.nn.Module) -> dict:
 
 
 class LayerOutputs(torch.nn.Module):
-    """The wanted layers' outputs of one forward, as ``{layer: tensor}``.
+    """The wanted layers' outputs of one forward, as ``{layer: output}``: every wanted layer's
+    (a tensor, or whatever else the layer returned).
 
     Grab mode wraps the model in an :class:`~extender.ActivationMapGrabber`, stump mode in a
     :class:`~extender.ModelStump`; with ``stop_early`` the forward ends once every wanted layer
-    has run.
+    has run. A wanted layer that did not run in the forward (a module the model holds but does
+    not call, or not for this input) has no output: :class:`LayerOutputError`, naming the
+    layers that did run.
     """
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec):
@@ -150,10 +230,33 @@ class LayerOutputs(torch.nn.Module):
         except UnknownLayerError as exc:
             raise ConfigError(ModelSpec.key("layers"), str(exc)) from None
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
         if isinstance(self.wrapper, ModelStump):
             return {self.layers[0]: self.wrapper(x)}
-        return self.wrapper(x)[1]
+        outputs = self.wrapper(x)[1]
+        missing = [layer for layer in self.layers if layer not in outputs]
+        if missing:
+            raise LayerOutputError(self._not_run(missing, x))
+        return outputs
+
+    def _not_run(self, missing: list[str], x: torch.Tensor) -> str:
+        """Why the ``missing`` layers have no output, and which layers do run on ``x`` (a second
+        forward, with a hook on every module, made only on this path)."""
+        model = self.wrapper.wrapped_model
+        modules = dict(model.named_modules())
+        try:
+            ran = [info.id for info in list_layers(model, x) if info.id and info.id in modules and info.calls]
+        except Exception:  # the listing is a hint: a model that fails it leaves it out
+            ran = []
+        size = "x".join(map(str, x.shape))
+        them = "it has" if len(missing) == 1 else "they have"
+        text = (f"layer{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} did not run in the forward "
+                f"of {type(model).__name__} on a {size} input, so {them} no output (the model holds the module but "
+                "does not call it, or not for this input)")
+        if ran:
+            text += f"; dump a layer that runs ({close_matches(missing[0], ran)})"
+        return text + (f"; `actmap layers MODEL --input-size {' '.join(map(str, x.shape[1:]))}` lists each layer with "
+                       "how often it ran (0: never)")
 
     def remove(self) -> None:
         """Take the hooks off the model."""

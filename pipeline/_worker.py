@@ -30,13 +30,14 @@ import pyarrow as pa
 import torch
 
 from extender import OutputSelectionError
+from extender._selectors import element_ids
 
 from ._decoder import Decoder
 from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
 from ._metrics import ActorMetrics, peak_rss_mb
 from ._model_inputs import resolve_input
-from ._models import LayerOutputs, build_model, model_identity
+from ._models import LayerOutputs, build_model, describe_failure, is_config_fault, model_identity
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
 from ._reduce import reduce_output
@@ -47,8 +48,8 @@ from ._stats import ValueStats
 from ._store import OutputStore
 from ._writer import LayerFileWriter, build_table
 from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, RunSpec, Shapes
-from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutputError, ShapeChangedError,
-                     WeightsMismatchError)
+from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutputError, PipelineError,
+                     ShapeChangedError, WeightsMismatchError)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,38 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _raised_in(exc: BaseException, function: Any) -> bool:
+    """Whether ``exc`` was raised inside a call of ``function`` (its traceback passes through it)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is function.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _not_a_tensor(layer: str, output: Any) -> str:
+    """Why a layer's ``output`` cannot be stored, and what to dump instead: one of its tensors
+    through a selector, where it holds any (a tuple, a dict, a dataclass, ...), else another layer.
+
+    >>> _not_a_tensor("pair", (None, {"k": torch.zeros(1)}))
+    "layer 'pair' gave tuple instead of a tensor; pick one of its tensors with a selector, e.g. 'pair[1][k]' (`actmap layers MODEL --input-size ...` lists them)"
+    >>> _not_a_tensor("count", 7)
+    "layer 'count' gave int instead of a tensor, and no selector can pick a tensor out of it; dump another layer (`actmap layers MODEL --input-size ...` lists each layer's output)"
+    """
+    what = "None" if output is None else type(output).__name__
+    selector = next((keys for keys, _ in element_ids(output)), None)
+    if selector is not None:
+        return (f"layer {layer!r} gave {what} instead of a tensor; pick one of its tensors with a selector, e.g. "
+                f"'{layer}{selector}' (`actmap layers MODEL --input-size ...` lists them)")
+    return (f"layer {layer!r} gave {what} instead of a tensor, and no selector can pick a tensor out of it; dump "
+            "another layer (`actmap layers MODEL --input-size ...` lists each layer's output)")
 
 
 class ShardWorker:
@@ -290,11 +323,9 @@ class ShardWorker:
                 outputs = self.outputs(x)
             host = {}
             for layer in layers:
-                out = outputs.get(layer)
+                out = outputs[layer]  # every wanted layer's: one that did not run has raised
                 if not isinstance(out, torch.Tensor):
-                    raise LayerOutputError(f"layer {layer!r} gave {type(out).__name__} instead of a tensor; pick "
-                                           f"one of its tensors with a selector, e.g. '{layer}[0]' (`actmap "
-                                           "layers MODEL --input-size ...` lists them)")
+                    raise LayerOutputError(_not_a_tensor(layer, out))
                 stored = reduce_output(out, self.config.dump, layer)
                 counted.append((layer, stored))
                 host[layer] = _host(stored)
@@ -531,10 +562,34 @@ class ShardWorker:
             raise  # names its own key (a pass-through column that takes an output column's name)
         except OutputSelectionError as exc:  # a selector that does not fit the layer's output
             raise ConfigError(ModelSpec.key("layers"), str(exc)) from None
-        except (RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # the model's own errors too (an assert on its input's size, a KeyError)
+            if not is_config_fault(exc):
+                raise
             raise ConfigError(Config.key("model"), f"a trial forward of sample {first.samples[0].sample_id!r} "
-                              f"failed: {exc}") from None
+                              f"failed: {describe_failure(exc)}{self._trial_hint(exc, first.images[0])}") from None
         return layers
+
+    def _trial_hint(self, exc: Exception, image: torch.Tensor) -> str:
+        """What may fix a trial forward that failed inside the model (the pipeline's own errors
+        say what to do themselves): weights in another precision than the inputs need
+        ``model.precision`` (bf16, fp16: autocast casts the inputs, and the weights, to it) or a
+        float32 model; anything else may be an input of another size than the model takes."""
+        if not _raised_in(exc, LayerOutputs.forward) or isinstance(exc, PipelineError):
+            return ""
+        fed = _AUTOCAST.get(self.config.model.precision, torch.float32)
+        weights = {p.dtype for p in self.outputs.wrapper.wrapped_model.parameters() if p.is_floating_point()}
+        odd = sorted(weights - {torch.float32, fed}, key=str)
+        if odd:
+            key, names = ModelSpec.key("precision"), " and ".join(_dtype_name(d) for d in odd)
+            fits = [precision.value for precision, dtype in _AUTOCAST.items() if dtype in odd]
+            fix = (f"set {key}: {fits[0]}, whose autocast casts the inputs to "
+                   f"{_dtype_name(_AUTOCAST[Precision(fits[0])])}, or convert the model to float32 in its builder"
+                   if fits else f"convert the model to float32 in its builder; {key} takes "
+                   f"{', '.join(p.value for p in Precision)}")
+            return f" (the model's weights are {names} but its inputs {_dtype_name(fed)}: {fix})"
+        return (f" (its input was {'x'.join(map(str, image.shape))}: if the model takes another size, set "
+                f"{PreprocessSpec.key('crop')} (or {PreprocessSpec.key('resize')}) to it, or build the model "
+                f"for this one through {ModelSpec.key('kwargs')})")
 
     def stop(self) -> None:
         """Have the shards in flight give up at their next batch (their files are dropped)."""

@@ -168,7 +168,7 @@ def _layers(args: argparse.Namespace) -> int:
     from extender import format_layers, list_layers
 
     from .config import ModelSpec, apply_overrides
-    from ._models import build_model
+    from ._models import build_model, describe_failure, is_config_fault
 
     size = args.input_size
     if size and min(size) < 1:
@@ -188,11 +188,12 @@ def _layers(args: argparse.Namespace) -> int:
     try:
         example = None if not size else torch.rand(1, *size)
         layers = list_layers(model, example)
-    except (RuntimeError, ValueError, TypeError) as exc:  # the model cannot take an input of that size
-        if not size:
+    except Exception as exc:  # the model cannot take an input of that size (a RuntimeError, its own assert, ...)
+        if not size or not is_config_fault(exc):
             raise
         raise ConfigError("--input-size", f"the model's forward fails on an input of size "
-                          f"{'x'.join(map(str, size))}: {exc}; give a size it takes (e.g. 3 224 224)") from None
+                          f"{'x'.join(map(str, size))}: {describe_failure(exc)}; give a size it takes "
+                          "(e.g. 3 224 224)") from None
     print(format_layers(layers))
     return 0
 

@@ -68,6 +68,38 @@ def test_layers_refuses_an_input_size_the_model_cannot_take(capsys, size, said):
     assert f"actmap: error: --input-size: {said}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model, layers, said", [
+    ("support.models:failing", "relu1", "model.name: support.models:failing(**{}) failed: KeyError: \"missing config key 'depth'\""),
+    ("support.models:importing", "relu1", "model.name: support.models:importing(**{}) failed: ModuleNotFoundError: "),
+    ("support.models:lazy", "relu", "model.name: 'support.models:lazy' built a model with lazy modules, conv (LazyConv2d)"),
+    ("support.models:loose", "[relu1,spare]", "model: a trial forward of sample '0' failed: layer 'spare' did not run in the forward"),
+    ("support.models:sized", "relu1", "model: a trial forward of sample '0' failed: AssertionError: input (16, 16) "
+                                      "is not 32x32 (its input was 3x16x16"),
+], ids=["builder-KeyError", "builder-ImportError", "lazy", "never-runs", "forward-assert"])
+def test_a_model_mistake_exits_2_before_any_work(tmp_path, capsys, model, layers, said):
+    """A mistake of the model's, which a rerun meets again, is a config error: exit 2, no
+    "rerun to resume", nothing written."""
+    out = tmp_path / "out"
+    code = main(["run", "--set", f"model.name={model}", "--set", f"model.layers={layers}", "--set", "source.count=4",
+                 "--set", "source.image_size=16", "--set", "run.executor=local", "--set", f"run.output={out}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"actmap: error: {said}" in err
+    assert "resume" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["support.models:sized", "--input-size", "3", "16", "16"],
+     "--input-size: the model's forward fails on an input of size 3x16x16: AssertionError: input (16, 16) is not 32x32; "
+     "give a size it takes"),
+    (["support.models:failing"], "model.name: support.models:failing(**{}) failed: KeyError: "),
+    (["support.models:lazy", "--input-size", "3", "16", "16"], "model.name: 'support.models:lazy' built a model with lazy"),
+], ids=["forward-assert", "builder-KeyError", "lazy"])
+def test_layers_of_a_model_mistake_exits_2(capsys, args, said):
+    assert main(["layers", *args]) == 2
+    assert f"actmap: error: {said}" in capsys.readouterr().err
+
+
 def test_layers_lists_ids_and_shapes(capsys):
     assert main(["layers", "support.models:tiny", "--input-size", "3", "16", "16"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}

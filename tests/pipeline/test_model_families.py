@@ -159,3 +159,22 @@ def test_token_reduction_of_an_output_without_tokens_is_refused_by_the_trial_for
             worker.probe()
     finally:
         worker.close()
+
+
+def test_a_timm_vit_fed_another_size_than_it_was_built_for_is_refused_by_the_trial_forward(tmp_path, capsys):
+    """timm's ViT asserts its input's size: a config mismatch (input size vs model), told with
+    the input's size, not a failed run; so is the same mistake in `actmap layers`."""
+    from pipeline.cli import main
+    from pipeline.errors import ConfigError
+
+    config = _config(tmp_path / "out", VIT, ["patch_embed"], normalize="imagenet")
+    config = Config.from_dict({**config.to_dict(), "source": {"count": 4, "image_size": 16}})
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(
+            ConfigError, match=r"model: a trial forward of sample '0' failed: AssertionError: Input height \(16\) "
+                               r"doesn't match model \(32\) \(its input was 3x16x16: if the model takes another size, "
+                               r"set source.preprocess.crop"):
+        worker.probe()
+    assert main(["layers", VIT["name"], "--set", "img_size=32", "--set", "patch_size=8", "--set", "depth=1",
+                 "--input-size", "3", "16", "16"]) == 2
+    assert ("--input-size: the model's forward fails on an input of size 3x16x16: AssertionError: Input height (16) "
+            "doesn't match model (32); give a size it takes") in capsys.readouterr().err

@@ -69,6 +69,54 @@ def test_local_weights_file_loads_into_a_timm_model(tmp_path, suffix):
         build_model(ModelSpec(name="timm:resnet18", weights=str(broken)))
 
 
+@pytest.mark.parametrize("kwargs, said", [
+    ({}, r"model.name: support.models:failing\(\*\*\{\}\) failed: KeyError: \"missing config key 'depth'\""),
+    ({"error": "AssertionError", "message": "depth must be even"},
+     r"model.kwargs: support.models:failing\(\*\*\{.*\}\) failed: AssertionError: depth must be even"),
+    ({"error": "FileNotFoundError", "message": "no file w.pt"}, r"model.kwargs: .* failed: FileNotFoundError: no file w.pt"),
+    ({"error": "IndexError", "message": ""}, r"model.kwargs: .* failed: IndexError$"),
+])
+def test_a_builder_error_a_rerun_meets_again_is_a_config_error(kwargs, said):
+    """Whatever the user's builder raises while it builds from the config (a KeyError, an
+    assert, a missing file) a rerun meets again: a ConfigError, not a failed run."""
+    with pytest.raises(ConfigError, match=said):
+        build_model(ModelSpec(name="support.models:failing", kwargs=kwargs))
+
+
+def test_a_builder_that_imports_a_missing_module_names_the_model():
+    with pytest.raises(ConfigError, match=r"model.name: support.models:importing\(\*\*\{\}\) failed: "
+                                          r"ModuleNotFoundError: No module named 'no_such_module_for_actmap_tests'; "
+                                          r"install what it imports"):
+        build_model(ModelSpec(name="support.models:importing"))
+
+
+@pytest.mark.parametrize("error", ["MemoryError", "ConnectionResetError", "TimeoutError", "KeyboardInterrupt"])
+def test_a_builder_error_a_rerun_may_get_past_is_raised_as_it_is(error):
+    """Short memory, the network (a builder that downloads its weights) and an interrupt are
+    no fault of the config: they stay what they are (a failed run, which a rerun resumes)."""
+    import builtins
+
+    with pytest.raises(getattr(builtins, error)):
+        build_model(ModelSpec(name="support.models:failing", kwargs={"error": error}))
+
+
+def test_lazy_modules_without_weights_are_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.name: 'support.models:lazy' built a model with lazy modules, "
+                                          r"conv \(LazyConv2d\), whose weights are made by their first forward.*"
+                                          r"run one forward of a dummy input.*or give a model.weights file"):
+        build_model(ModelSpec(name="support.models:lazy"))
+    # the two fixes the message names work: a forward in the builder (seeded: every build the same) ...
+    spec = ModelSpec(name="support.models:lazy", kwargs={"initialise": True}, layers=["relu"])
+    model, again = build_model(spec), build_model(spec)
+    assert type(model.conv).__name__ == "Conv2d" and not model.conv.weight.requires_grad
+    assert torch.equal(model.conv.weight, again.conv.weight)
+    # ... and a weights file
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = build_model(ModelSpec(name="support.models:lazy", weights=str(tmp_path / "w.pt")))
+    assert torch.equal(loaded.conv.weight, model.conv.weight)
+    assert loaded(torch.zeros(1, 3, 8, 8)).shape == (1, 8, 8, 8)
+
+
 def test_transformers_model_through_a_callable():
     model = build_model(ModelSpec(name="support.hf_models:tiny_vit", kwargs={"num_hidden_layers": 1}))
     assert type(model).__name__ == "ViTModel" and model.config.num_hidden_layers == 1

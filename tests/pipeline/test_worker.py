@@ -373,6 +373,58 @@ def test_a_layer_that_gives_no_tensor(tmp_path):
             worker.run_shard(Shard(0, 0, 2))
 
 
+def test_a_layer_that_never_runs_is_told_so_with_the_layers_that_do(tmp_path):
+    """A module the model holds but never calls has no output: said so, with the layers that
+    ran, not as a None output to pick a tensor from."""
+    config = _config(tmp_path, model={"name": "support.models:loose", "layers": ["relu1", "spare"]})
+    said = (r"layer 'spare' did not run in the forward of Loose on a 1x3x16x16 input, so it has no output \(the "
+            r"model holds the module but does not call it, or not for this input\); dump a layer that runs \(valid: "
+            r"'conv1', 'relu1', 'conv2'.*\); `actmap layers MODEL --input-size 3 16 16` lists each layer with how "
+            r"often it ran \(0: never\)")
+    with ShardWorker(config.to_dict()) as worker:
+        with pytest.raises(ConfigError, match=r"model: a trial forward of sample '0' failed: " + said):
+            worker.probe()
+        with pytest.raises(LayerOutputError, match=said.replace("1x3", "2x3")):
+            worker.run_shard(Shard(0, 0, 2))
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_a_layer_whose_output_holds_no_tensor_gets_no_selector_to_try(tmp_path):
+    config = _config(tmp_path, model={"name": "support.models:loose", "layers": ["seven"]})
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(
+            ConfigError, match=r"failed: layer 'seven' gave int instead of a tensor, and no selector can pick a "
+                               r"tensor out of it; dump another layer \(`actmap layers"):
+        worker.probe()
+
+
+def test_a_models_own_assert_on_its_input_is_a_config_error_naming_the_input_size(tmp_path):
+    config = _config(tmp_path, model={"name": "support.models:sized", "layers": ["relu1"]})
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(
+            ConfigError, match=r"model: a trial forward of sample '0' failed: AssertionError: input \(16, 16\) is "
+                               r"not 32x32 \(its input was 3x16x16: if the model takes another size, set "
+                               r"source.preprocess.crop \(or source.preprocess.resize\) to it, or build the model "
+                               r"for this one through model.kwargs\)"):
+        worker.probe()
+    fixed = _config(tmp_path, model={"name": "support.models:sized", "layers": ["relu1"]},
+                    source={"preprocess": {"resize": 32, "crop": 32}})
+    with ShardWorker(fixed.to_dict()) as worker:
+        assert worker.probe() == {"relu1": LayerSpec((8, 32, 32), "float16")}
+
+
+def test_a_half_precision_model_is_told_to_set_the_precision_that_runs_it(tmp_path):
+    config = _config(tmp_path, model={"name": "support.models:half", "layers": ["relu1"]})
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(
+            ConfigError, match=r"model: a trial forward of sample '0' failed: .*Half.* \(the model's weights are "
+                               r"float16 but its inputs float32: set model.precision: fp16, whose autocast casts the "
+                               r"inputs to float16, or convert the model to float32 in its builder\)"):
+        worker.probe()
+    # and that is what runs it
+    fixed = _config(tmp_path, model={"name": "support.models:half", "layers": ["relu1"], "precision": "fp16"})
+    with ShardWorker(fixed.to_dict()) as worker:
+        assert worker.probe() == {"relu1": LayerSpec((8, 16, 16), "float16")}
+        assert worker.run_shard(Shard(0, 0, 4)).rows == {"relu1": 4}
+
+
 def test_a_selector_that_does_not_fit_the_layers_output_is_a_config_error(tmp_path):
     config = _config(tmp_path, model={"layers": ["conv2[0]"]})
     with ShardWorker(config.to_dict()) as worker, pytest.raises(

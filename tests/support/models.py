@@ -118,3 +118,83 @@ class PairNet(nn.Module):
 
 def pair_net() -> PairNet:
     return PairNet()
+
+
+def failing(error: str = "KeyError", message: str = "missing config key 'depth'") -> nn.Module:
+    """A builder that raises the built-in error named ``error``, as a user's builder may."""
+    import builtins
+
+    raise getattr(builtins, error)(message)
+
+
+def importing() -> nn.Module:
+    """A builder that imports a module that is not installed."""
+    import no_such_module_for_actmap_tests  # noqa: F401
+
+    return TinyConvNet()
+
+
+class LazyNet(nn.Module):
+    """lazy conv(->8) -> relu: its weights are made by its first forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.LazyConv2d(8, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv(x))
+
+
+def lazy(initialise: bool = False) -> LazyNet:
+    """A LazyNet; with ``initialise``, its weights made by a forward of a dummy input, as the
+    pipeline asks of a builder of lazy modules."""
+    model = LazyNet()
+    if initialise:
+        model(torch.zeros(1, 3, 16, 16))
+    return model
+
+
+class Sized(TinyConvNet):
+    """A TinyConvNet that asserts its input is ``size`` pixels square, as a ViT built for one size does."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-2:] == (self.size, self.size), f"input {tuple(x.shape[-2:])} is not {self.size}x{self.size}"
+        return super().forward(x)
+
+
+def sized(size: int = 32) -> Sized:
+    return Sized(size)
+
+
+class Seven(nn.Module):
+    """Returns the int 7: a layer whose output holds no tensor at all."""
+
+    def forward(self, x: torch.Tensor) -> int:
+        return 7
+
+
+class Loose(TinyConvNet):
+    """A TinyConvNet with a module it never calls (``spare``) and one that gives an int (``seven``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Conv2d(16, 16, 1)
+        self.seven = Seven()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seven(x)
+        return super().forward(x)
+
+
+def loose() -> Loose:
+    return Loose()
+
+
+def half() -> TinyConvNet:
+    """A TinyConvNet in half precision (float16 weights)."""
+    return TinyConvNet().half()
