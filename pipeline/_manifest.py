@@ -63,6 +63,11 @@ def read_manifest(store: OutputStore) -> Manifest | None:
                                "dump (only the files actmap wrote are deleted), or choose another folder") from None
 
 
+#: Keys a later version added to a source's identity: a dump begun before one resumes without
+#: it (as it would have: the fact was not looked at then).
+_ADDED_SOURCE_KEYS = frozenset({"schemas_sha256"})
+
+
 def conflicts(existing: Manifest, new: Manifest) -> list[str]:
     """Why a run described by ``new`` may not resume the dump ``existing`` (empty: it may).
 
@@ -78,7 +83,9 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
     old_identity, new_identity = comparable_identity(redact(existing.identity)), comparable_identity(new.identity)
     lines = [f"config: {line}" for line in identity_diff(old_identity, new_identity)]
     lines += [f"model: {line}" for line in identity_diff(existing.model, new.model)]
-    lines += [f"source: {line}" for line in identity_diff(redact(existing.source), new.source)]
+    old_source = redact(existing.source)
+    new_source = {k: v for k, v in new.source.items() if k in old_source or k not in _ADDED_SOURCE_KEYS}
+    lines += [f"source: {line}" for line in identity_diff(old_source, new_source)]
     return lines
 
 

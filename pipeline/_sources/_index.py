@@ -131,7 +131,7 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
     >>> first_difference(a, MemoryIndex(a.table, {"fields": "what a newer version keeps"})) is None
     True
     >>> first_difference(MemoryIndex(a.table, {"sha256": "x"}), MemoryIndex(a.table, {"sha256": "y"}))
-    "the facts only the index's digest holds (the Parquet files' schemas: a column's type in one of them)"
+    "the facts only the index's digest holds (such as the first Parquet file's schema)"
     >>> groups = MemoryIndex(pa.table({"file": ["a", "b"], "rows": [10, 4], "first": [0, 10]}))
     >>> print(first_difference(groups, MemoryIndex(pa.table({"file": ["a", "b"], "rows": [10, 3], "first": [0, 10]}))))
     samples from 10 on (a row group): {'file': 'b', 'rows': 4, 'first': 10} -> {'file': 'b', 'rows': 3, 'first': 10}
@@ -173,10 +173,11 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
     if changed:
         return "the facts the index keeps: " + ", ".join(_FACTS.get(k, k) for k in changed)
     if old.meta.get("sha256") != new.meta.get("sha256"):
-        return "the facts only the index's digest holds (the Parquet files' schemas: a column's type in one of them)"
+        return "the facts only the index's digest holds (such as the first Parquet file's schema)"
     return None
 
 
 #: The facts an index keeps, in words.
 _FACTS = {"fields": "the columns' types (fields)", "repeated_ids": "the ids that repeat (repeated_ids)",
+          "schemas_sha256": "the schemas of the files whose schema is not the first's (schemas_sha256)",
           "classes": "the class folders (classes)", "json_fields": "the .json files' fields (json_fields)"}

@@ -34,7 +34,9 @@ from __future__ import annotations
 import base64
 import bisect
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import posixpath
 import re
@@ -549,26 +551,27 @@ def _partition_schemas(schemas: dict[str, pa.Schema]) -> dict[str, pa.Schema]:
             for relative, schema in schemas.items()}
 
 
-def _schema_facts(schemas: dict[str, pa.Schema]) -> dict:
-    """The files' schemas as the index's digest holds them: the first file's, and where other
-    files' differ from it, each other schema with the files that have it, so that a column's
-    type changed in any file is a changed source (a resumed dump would read the redone rows
-    with the type the dump began with). A dataset whose files share one schema keeps the digest
-    it had when only the first file's counted (its dumps resume).
+def _other_schemas(schemas: dict[str, pa.Schema]) -> str | None:
+    """A SHA-256 of the schemas of the files whose schema differs from the first file's (that
+    one is in the index's digest), with the files that have each; ``None`` where all share it.
+    A column's type changed in any file is then a changed source (a resumed dump would read the
+    redone rows with the type it began with). Kept apart from the digest, which stays as it was
+    when only the first file's schema counted: the dumps begun then resume. Metadata, of the
+    schemas or their fields, does not count.
 
     >>> one = pa.schema([("n", pa.int32())])
-    >>> _schema_facts({"a": one, "b": one})
-    {'schema': 'n: int32'}
-    >>> _schema_facts({"a": one, "b": pa.schema([("n", pa.int64())]), "c": one})
-    {'schema': 'n: int32', 'other_schemas': {'n: int64': ['b']}}
+    >>> _other_schemas({"a": one, "b": one.with_metadata({"x": "y"})}) is None
+    True
+    >>> len(_other_schemas({"a": one, "b": pa.schema([("n", pa.int64())]), "c": one}))
+    64
     """
-    texts = {relative: schema.remove_metadata().to_string() for relative, schema in schemas.items()}
-    first = next(iter(texts.values()))
+    first = next(iter(schemas.values()))
     others: dict[str, list[str]] = {}
-    for relative, text in texts.items():
-        if text != first:
-            others.setdefault(text, []).append(relative)
-    return {"schema": first, **({"other_schemas": others} if others else {})}
+    for relative, schema in schemas.items():  # (equals first: only the differing ones are written out)
+        if not schema.equals(first, check_metadata=False):
+            others.setdefault(schema.to_string(show_field_metadata=False, show_schema_metadata=False),
+                              []).append(relative)
+    return hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest() if others else None
 
 
 def _encode_fields(fields: Sequence[pa.Field]) -> str:
@@ -654,7 +657,9 @@ class ParquetSource(StreamingSource):
         if index is None:
             meta = {"rows": rows, "files": len(set(table.column("file").to_pylist())),
                     "repeated_ids": self._repeated_ids(fragments, rows) if id_column else None}
-            meta["sha256"] = digest(table, {**meta, **_schema_facts(schemas)})
+            meta["sha256"] = digest(table, {**meta, "schema": schema.remove_metadata().to_string()})
+            if (others := _other_schemas(schemas)) is not None:
+                meta["schemas_sha256"] = others
             meta["fields"] = _encode_fields(fields)
             if id_column and any(_is_binary(s.field(i).type) for s in schemas.values()
                                  for i in s.get_all_field_indices(id_column)):
@@ -736,9 +741,10 @@ class ParquetSource(StreamingSource):
         # ids stored as binary are their text since 2026-11-28 (before, Python's b'...' literal):
         # said here so that a dump begun before is not resumed with ids of both forms
         ids = {"sample_ids": BINARY_IDS} if meta.get("binary_ids") else {}
+        # (None where every file has the first's schema; a dump begun before it was kept has none)
         return {"kind": "parquet", "path": self.path, "rows": self.count, "files": meta["files"],
-                "index_sha256": meta["sha256"], "image_column": self.image_column,
-                "id_column": self.id_column, "columns": self.columns, **ids}
+                "index_sha256": meta["sha256"], "schemas_sha256": meta.get("schemas_sha256"),
+                "image_column": self.image_column, "id_column": self.id_column, "columns": self.columns, **ids}
 
     @property
     def largest_row_group(self) -> int:

@@ -213,6 +213,20 @@ def test_a_manifest_written_with_credentials_in_its_uris_is_resumed_without_them
     assert "SECRET" in json.dumps(old.to_dict()) and conflicts(old, new) == []
 
 
+def test_a_dump_begun_before_a_source_fact_was_kept_resumes_without_it():
+    # the other Parquet files' schemas came into the identity later: a dump begun before has no
+    # such key, and is resumed as it was (one begun after with none, null, is compared)
+    from dataclasses import replace
+
+    from pipeline._manifest import conflicts
+
+    source = {"kind": "parquet", "path": "/t", "index_sha256": "a", "schemas_sha256": "b"}
+    new = new_manifest(Config(), MODEL, source, 10)
+    before = {k: v for k, v in source.items() if k != "schemas_sha256"}
+    assert conflicts(replace(new, source=before), new) == []
+    assert conflicts(replace(new, source=dict(source, schemas_sha256=None)), new) == ['source: schemas_sha256: null -> "b"']
+
+
 def test_the_temporary_files_of_shards_still_being_written_are_kept(tmp_path):
     planted = {shard: [tmp_path / "layer=l" / f".part-{shard:05d}.parquet.0123456789ab.tmp",
                        tmp_path / "_actmap" / "shards" / f".{shard:05d}.json.0123456789ab.tmp"] for shard in (3, 4)}

@@ -1088,21 +1088,25 @@ def test_a_column_type_changed_in_a_later_file_changes_the_identity(tmp_path):
                            tmp_path / "t" / f"{f}.parquet")
 
     (tmp_path / "t").mkdir()
-    digests = []
+    identities = []
     for b_type in (pa.int32(), pa.int64(), pa.int16()):
         write(b_type)
-        digests.append(ParquetSource(str(tmp_path / "t")).identity()["index_sha256"])
-    assert len(set(digests)) == 3, digests
+        identity = ParquetSource(str(tmp_path / "t")).identity()
+        identities.append((identity["index_sha256"], identity["schemas_sha256"]))
+    assert identities[0][1] is None and len(set(identities)) == 3, identities
 
 
-def test_the_identity_of_files_that_share_one_schema_is_as_before(tmp_path):
-    # the digest before the other files' schemas counted: the dumps begun then must resume
-    for f in range(2):
+@pytest.mark.parametrize("second", [pa.int32(), pa.int64()], ids=["one schema", "two schemas"])
+def test_the_index_digest_is_as_before_the_other_files_schemas_counted(tmp_path, second):
+    # the dumps begun then must resume, those over files of differing schemas too: the digest is
+    # the one of that version (pinned), the other files' schemas a key of their own
+    for f, kind in ((0, pa.int32()), (1, second)):
         pq.write_table(pa.table({"image": [b"\x89PNG"] * 3, "key": ["a", f"b{f}", "c"],
-                                 "n": pa.array([1, 2, 3], pa.int32())}), tmp_path / f"{f}.parquet", row_group_size=2)
+                                 "n": pa.array([1, 2, 3], kind)}), tmp_path / f"{f}.parquet", row_group_size=2)
     source = ParquetSource(str(tmp_path), id_column="key")
     assert source.repeated_ids == {"count": 2, "examples": ["a", "c"]}
     assert source.identity()["index_sha256"] == "e2cc9c376d7b8ac0d5a5be15a543413ed96c9ab32e72429665619ac7f9884a77"
+    assert (source.identity()["schemas_sha256"] is None) == (second == pa.int32())
 
 
 def test_parquet_objects_whose_keys_no_path_reaches_are_left_out_with_a_warning(tmp_path, s3, caplog):

@@ -301,5 +301,5 @@ def test_a_parquet_column_whose_type_changed_in_a_later_file_is_a_changed_source
     with pytest.raises(OutputConflictError) as refused:
         run(config, stream=None)
     message = str(refused.value)
-    assert "the source has changed since" in message and "source: index_sha256: " in message
+    assert "the source has changed since" in message and "source: schemas_sha256: null -> " in message
     assert "the first difference, the facts the index keeps: the columns' types (fields)" in message  # (the output type of n)
