@@ -176,28 +176,31 @@ def _pil_decode(data: bytes) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data), formats=("PNG",) if data[:8] == _png.MAGIC else None) as img:
         img.seek(0)
-        pixels = pil_pixels(img)
-        # an RGB image as a (3, H, W) view: the caller makes it one block (conform)
-        return conform(pixels) if pixels.ndim == 2 else torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-#: PIL's modes of more than 8 bits a value: their integers are scaled by their type's maximum
-#: (a 16-bit PNG's by 65535), their floats taken in [0, 1], as arrays of those types are.
-_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # a file's: as an array of its type
+            return conform(np.asarray(img))
+        # a (3, H, W) view: the caller makes it one block (conform)
+        return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"))).permute(2, 0, 1)
 
 
 def pil_pixels(img: object) -> np.ndarray:
-    """A PIL image's pixels as a new array: ``(H, W)`` of its own type in a mode of more than 8
-    bits a value (:data:`_WIDE_MODES`: RGB would clip them to 255), else ``(H, W, 3)`` uint8 RGB.
+    """A PIL image's pixels as a new array (a user's dataset may give one): a 16-bit one's as
+    ``(H, W)`` uint16 (scaled by 65535, as its file would be; RGB would clip it to 255), a float
+    one whose values lie in [0, 1] as they are (RGB would make them black); any other, a float
+    one of PIL's own 0..255 values and a 32-bit integer one included, as ``(H, W, 3)`` uint8 RGB,
+    which PIL converts it to.
 
     >>> from PIL import Image
     >>> pil_pixels(Image.fromarray(np.array([[0, 65535]], np.uint16))).tolist()
     [[0, 65535]]
-    >>> pil_pixels(Image.new("L", (2, 1), 7)).shape
-    (1, 2, 3)
+    >>> pil_pixels(Image.new("L", (2, 1), 7)).shape, pil_pixels(Image.new("L", (2, 1), 7).convert("F"))[0, 0].tolist()
+    ((1, 2, 3), [7, 7, 7])
     """
-    if img.mode in _WIDE_MODES:
+    if img.mode in ("I;16", "I;16B", "I;16L"):
         return np.array(img)
+    if img.mode == "F":
+        values = np.array(img)
+        if values.size and 0 <= values.min() and values.max() <= 1:
+            return values
     return np.array(img if img.mode == "RGB" else img.convert("RGB"))
 
 

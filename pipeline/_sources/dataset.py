@@ -41,8 +41,30 @@ _TYPED_FROM = 8
 _TRIED_AT_MOST = 64
 #: Items read further to type a label that is ``None`` in all of the first readable ones.
 _LOOKED_FURTHER = 64
-#: Errors of ``__getitem__`` that may pass: they fail the shard (retried), not the sample.
-_PASSING = (ConnectionError, TimeoutError, MemoryError)
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Whether an error of ``__getitem__`` may pass (it fails the shard, which is retried, not
+    the sample): a dropped connection or a timeout, as Python's own errors or an HTTP client's
+    (requests', urllib3's: by their names), an HTTP error of the server's (5xx, 429), or memory
+    running out. A missing file or a broken image (PIL's ``OSError`` s) is the item's.
+
+    >>> [_may_pass(e) for e in (ConnectionResetError(), TimeoutError(), MemoryError(), OSError("image file is truncated"))]
+    [True, True, True, False]
+    >>> import urllib.error
+    >>> _may_pass(urllib.error.URLError(ConnectionRefusedError())), _may_pass(urllib.error.HTTPError("u", 404, "", {}, None))
+    (True, False)
+    """
+    if isinstance(exc, (ConnectionError, TimeoutError, MemoryError)):
+        return True
+    names = [kind.__name__ for kind in type(exc).__mro__]
+    if any("Connection" in name or "Timeout" in name for name in names):
+        return True
+    if any("HTTPError" in name for name in names):
+        status = getattr(exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+        return isinstance(status, int) and (status >= 500 or status == 429)
+    reason = getattr(exc, "reason", None)  # (urllib's URLError holds the socket's error)
+    return isinstance(reason, BaseException) and reason is not exc and _may_pass(reason)
 
 
 def _as_label(value: Any) -> Any:
@@ -130,7 +152,8 @@ class DatasetSource(RandomAccessSource):
             for index in range(index + 1, min(self.count, index + 1 + _LOOKED_FURTHER)) if unset else ():
                 labels = self._labels_of(index) or {}
                 for name in [n for n in unset if labels.get(n) is not None]:
-                    values[name].append(labels[name])
+                    value = labels[name]  # (an array makes an array column, as in the first items)
+                    (arrays.setdefault(name, []) if isinstance(value, np.ndarray) else values[name]).append(value)
                     unset.remove(name)
                 if not unset:
                     break
@@ -143,10 +166,13 @@ class DatasetSource(RandomAccessSource):
         return self._fields
 
     def _labels_of(self, index: int) -> dict | None:
-        """The labels of item ``index``, or ``None`` where it cannot be read."""
+        """The labels of item ``index``, or ``None`` where it cannot be read; an error that may
+        pass is raised (labels typed without the items a network blip hid would be kept)."""
         try:
             return self._split(self.dataset[index])[1]
-        except Exception:
+        except Exception as exc:
+            if _may_pass(exc):
+                raise
             return None
 
     def label_types(self) -> dict:
@@ -203,8 +229,8 @@ class DatasetSource(RandomAccessSource):
             try:
                 image, labels = self._split(self.dataset[index])
                 samples.append(Sample(index, str(index), _to_image(image), self._known(labels)))
-            except _PASSING:
-                raise  # (may pass: the shard fails and is retried, its items read again)
             except Exception as exc:  # a bad item must not end the run
+                if _may_pass(exc):
+                    raise  # (the shard fails and is retried, its items read again)
                 samples.append(BadSample(index, str(index), describe_error(exc)))
         return samples

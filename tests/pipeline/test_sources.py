@@ -398,6 +398,8 @@ def test_dataset_labels_come_from_readable_items_and_a_none_label_from_a_later_v
     late = DatasetSource("support.datasets:Labelled", {"tagged_from": 10})
     assert late.label_fields() == [pa.field("tag", pa.int64())] and late.read([12])[0].labels == {"tag": 12}
     assert "None in every item" not in caplog.text
+    late_array = DatasetSource("support.datasets:Labelled", {"tagged_from": 10, "pair": True})
+    assert late_array.label_fields() == [] and late_array.array_labels()["tag"].shape == (2,)  # (an array column)
     never = DatasetSource("support.datasets:Labelled", {"n": 100, "tagged_from": 90})
     assert never.label_fields() == [pa.field("tag", pa.null())]
     assert ("the label 'tag' of 'support.datasets:Labelled' is None in every item looked at (the first 8 readable "
@@ -424,6 +426,9 @@ def test_a_dataset_item_whose_read_may_pass_fails_the_shard_not_the_sample():
     with pytest.raises(ConnectionResetError):
         source.read([11, 12])
     assert [type(s) for s in source.read([11, 12])] == [Sample, Sample]
+    # nor do the labels come from the items a blip let through: they would be kept for the dump
+    with pytest.raises(ConnectionResetError):
+        DatasetSource("support.datasets:Labelled", {"dropping": 2}).label_fields()
 
 
 def test_a_16_bit_or_float_pil_image_is_scaled_not_clipped():
@@ -437,6 +442,9 @@ def test_a_16_bit_or_float_pil_image_is_scaled_not_clipped():
     floats = Image.fromarray(np.array([[0.0, 0.25, 1.0]], np.float32))
     assert decode(_to_image(floats))[0].tolist() == [[0.0, 0.25, 1.0]]  # (it was [0, 0, 1/255])
     assert decode(wide)[0].tolist() == decode(_to_image(wide))[0].tolist()
+    grey = Image.new("L", (2, 1), 200)  # PIL's own wide modes of 0..255 values: as before, 200 of 255
+    for image in (grey.convert("F"), grey.convert("I")):
+        assert decode(_to_image(image))[0].tolist() == decode(grey)[0].tolist() == [[200, 200]]
 
 
 # -- the folder's listing, frozen --------------------------------------------------------------

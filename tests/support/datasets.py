@@ -66,13 +66,15 @@ class Scored(Squares):
 
 class Labelled(Squares):
     """Dict items with a ``tag`` label: ``None`` before item ``tagged_from``, then the index plus
-    ``offset``; the items before ``readable_from`` raise; item ``dropping`` raises a
-    ``ConnectionResetError`` (a dropped connection) the first time this object reads it."""
+    ``offset`` (as a pair, an array, with ``pair``); the items before ``readable_from`` raise;
+    item ``dropping`` raises a ``ConnectionResetError`` (a dropped connection) the first time
+    this object reads it."""
 
     def __init__(self, n: int = 20, size: int = 8, tagged_from: int = 0, readable_from: int = 0, offset: int = 0,
-                 dropping: int | None = None):
+                 dropping: int | None = None, pair: bool = False):
         super().__init__(n, size)
         self.tagged_from, self.readable_from, self.offset, self.dropping = tagged_from, readable_from, offset, dropping
+        self.pair = pair
 
     def __getitem__(self, i: int):
         if i < self.readable_from:
@@ -81,7 +83,8 @@ class Labelled(Squares):
             self.dropping = None
             raise ConnectionResetError("the connection dropped")
         image, _ = super().__getitem__(i)
-        return {"image": image, "tag": None if i < self.tagged_from else i + self.offset}
+        tag = None if i < self.tagged_from else i + self.offset
+        return {"image": image, "tag": np.array([tag, tag]) if self.pair and tag is not None else tag}
 
 
 class Drifting(Squares):
