@@ -169,8 +169,8 @@ def _nameable(files: list[pafs.FileInfo], root: str, path: str) -> list[pafs.Fil
     """``files`` but the objects whose key has an empty, ``.`` or ``..`` part (``t/sub//b.parquet``,
     which object storage allows): no path reaches them, so pyarrow cannot open them; a warning
     names them, as the folder source's listing does."""
-    def reachable(info: pafs.FileInfo) -> bool:
-        return all(part not in ("", ".", "..") for part in info.path.lstrip("/").split("/"))
+    def reachable(info: pafs.FileInfo) -> bool:  # (below the folder: its own path is the user's to spell)
+        return all(part not in ("", ".", "..") for part in _relative(info.path, root).split("/"))
 
     unnamed = [_relative(i.path, root) for i in files if not reachable(i)]
     if unnamed:

@@ -275,9 +275,8 @@ def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list
 
     def walk(tar: tarfile.TarFile, read) -> None:
         for member in _headers(tar):
-            if member.issparse():  # (its data is not its file's bytes as they lie: the holes are left out)
-                if _used(_extension(member.name), images):
-                    sparse.append(member.name)
+            if member.issparse() and _used(_extension(member.name), images):
+                sparse.append(member.name)  # (its data is not its file's bytes as they lie: the holes are left out)
                 continue
             if member.isfile():
                 place = (member.offset_data, member.size)

@@ -1133,3 +1133,5 @@ def test_parquet_objects_whose_keys_no_path_reaches_are_left_out_with_a_warning(
     assert len(source) == n == 6
     assert "1 object(s) in" in caplog.text
     assert "which no path reaches, and are left out, e.g. 'sub//b.parquet'" in caplog.text
+    (tmp_path / "x").mkdir()  # the folder's own path may have such parts: only those below it count
+    assert len(ParquetSource(f"file://{tmp_path}/x/../t", id_column="key")) == 6

@@ -296,15 +296,20 @@ def test_a_sparse_member_is_refused_not_read_as_it_lies(tmp_path):
     import io
     import tarfile
 
-    with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data, kind in (("s0.png", b"\x89PNG" + bytes(100), tarfile.GNUTYPE_SPARSE),
-                                 ("s0.cls", b"1", tarfile.REGTYPE), ("s0.mp4", b"x", tarfile.GNUTYPE_SPARSE)):
-            info = tarfile.TarInfo(name)
-            info.size, info.type = len(data), kind
-            tar.addfile(info, io.BytesIO(data))
+    def write(name, image_kind):
+        with tarfile.open(tmp_path / name, "w", format=tarfile.GNU_FORMAT) as tar:
+            for member, data, kind in (("s0.png", b"\x89PNG" + bytes(100), image_kind),
+                                       ("s0.cls", b"1", tarfile.REGTYPE), ("s0.mp4", b"x", tarfile.GNUTYPE_SPARSE)):
+                info = tarfile.TarInfo(member)
+                info.size, info.type = len(data), kind
+                tar.addfile(info, io.BytesIO(data))
+        return str(tmp_path / name)
+
     with pytest.raises(ConfigError, match=r"a.tar': 1 member\(s\) are stored sparse \(tar --sparse, -S\), e.g. "
                                           r"'s0.png': .*archive the files again without --sparse"):
-        WebDatasetSource(str(tmp_path / "a.tar"))
+        WebDatasetSource(write("a.tar", tarfile.GNUTYPE_SPARSE))
+    # a sparse member that is never read is indexed as before (its extension, the digest)
+    assert WebDatasetSource(write("b.tar", tarfile.REGTYPE)).index.meta["extensions"] == ["cls", "mp4", "png"]
 
 
 def test_tars_joined_by_cat_are_said_to_read_as_the_first(tmp_path, caplog):
