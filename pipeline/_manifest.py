@@ -66,6 +66,10 @@ def read_manifest(store: OutputStore) -> Manifest | None:
 #: Keys a later version added to a source's identity: a dump begun before one resumes without
 #: it (as it would have: the fact was not looked at then).
 _ADDED_SOURCE_KEYS = frozenset({"schemas_sha256"})
+#: The key of a source's identity that holds, for some of its keys, the value an earlier version
+#: gave the same source (a path as spelled, where this one keeps one spelling): a dump begun then
+#: holds that value, and resumes.
+_EARLIER = "earlier"
 
 
 def conflicts(existing: Manifest, new: Manifest) -> list[str]:
@@ -83,8 +87,11 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
     old_identity, new_identity = comparable_identity(redact(existing.identity)), comparable_identity(new.identity)
     lines = [f"config: {line}" for line in identity_diff(old_identity, new_identity)]
     lines += [f"model: {line}" for line in identity_diff(existing.model, new.model)]
-    old_source = redact(existing.source)
+    old_source = {k: v for k, v in redact(existing.source).items() if k != _EARLIER}
     new_source = {k: v for k, v in new.source.items() if k in old_source or k not in _ADDED_SOURCE_KEYS}
+    for key, value in new_source.pop(_EARLIER, {}).items():
+        if old_source.get(key) == value:
+            new_source[key] = value
     lines += [f"source: {line}" for line in identity_diff(old_source, new_source)]
     return lines
 

@@ -513,7 +513,10 @@ class WebDatasetSource(StreamingSource):
         meta = {"tars": stored, "extensions": extensions, "samples": table.num_rows,
                 "repeated_ids": repeated_ids(lambda: iter(table.column("key").chunks), table.num_rows),
                 "json_fields": fields.columns(taken) if "json" in side else []}
-        meta["sha256"] = digest(table, meta)
+        spelled = [redact(tar) for tar in tars]
+        if spelled != stored:  # the digest of the versions that kept the tars as spelled: their dumps resume
+            meta["sha256_as_spelled"] = digest(table, {**meta, "tars": spelled})
+        meta["sha256"] = digest(table, {k: v for k, v in meta.items() if k != "sha256_as_spelled"})
         if stored != tars:
             meta["origins"] = list(named.values())
         several, example = _several_images(table, self.image_extensions)
@@ -530,8 +533,16 @@ class WebDatasetSource(StreamingSource):
         return len(self.index)
 
     def identity(self) -> dict:
-        identity = {"kind": "webdataset", "path": [comparable_location(p) for p in self.patterns],
-                    "tars": len(self.tars), "samples": len(self), "index_sha256": self.index.meta["sha256"]}
+        # the patterns spelled one way (each brace's alternatives apart: a path may start inside one)
+        paths = [comparable_location(p) for pattern in self.patterns for p in expand_braces(pattern)]
+        identity = {"kind": "webdataset", "path": paths, "tars": len(self.tars), "samples": len(self),
+                    "index_sha256": self.index.meta["sha256"]}
+        # what the versions that kept the patterns and tars as spelled made of them: their dumps resume
+        earlier = {"path": self.patterns} if self.patterns != paths else {}
+        if "sha256_as_spelled" in self.index.meta:
+            earlier["index_sha256"] = self.index.meta["sha256_as_spelled"]
+        if earlier:
+            identity["earlier"] = earlier
         if self.index.meta.get("several_images"):
             # the image of a sample of several was the first in its tar before: a dump begun then
             # must not be resumed with images chosen the other way

@@ -359,13 +359,38 @@ def test_the_same_tars_named_another_way_are_the_same_source(tmp_path, monkeypat
     # a rerun naming them by another path was refused: "the source has changed since"
     folder = write_shards(tmp_path / "wds")
     monkeypatch.chdir(tmp_path)
-    spellings = ["wds/train-*.tar", str(folder / "train-*.tar"), f"file://{folder}/train-*.tar",
-                 "./wds//train-{0000..0002}.tar"]
+    spellings = ["wds/train-*.tar", str(folder / "train-*.tar"), f"file://{folder}/train-*.tar", "./wds//train-*.tar"]
     identities = [WebDatasetSource(path).identity() for path in spellings]
-    assert all(i["index_sha256"] == identities[0]["index_sha256"] for i in identities)
-    assert identities[0]["path"] == identities[1]["path"] == identities[2]["path"] == [str(folder / "train-*.tar")]
+    assert all({**i, "earlier": None} == {**identities[1], "earlier": None} for i in identities)
+    assert identities[1]["path"] == [str(folder / "train-*.tar")] and "earlier" not in identities[1]
     source = WebDatasetSource("wds/train-*.tar")  # its actors read the tars wherever they run
     assert source.index.meta["tars"] == [str(folder / f"train-000{i}.tar") for i in range(3)]
+    # a path that starts inside braces is spelled one way alternative by alternative, not below the cwd
+    braced = WebDatasetSource("{%s,%s}" % (folder / "train-0000.tar", folder / "train-0001.tar")).identity()
+    assert braced["path"] == [str(folder / "train-0000.tar"), str(folder / "train-0001.tar")]
+
+
+def test_a_dump_begun_when_tars_were_kept_as_spelled_resumes(tmp_path, monkeypatch):
+    # its identity held the patterns as spelled, its digest the tars as spelled
+    from dataclasses import replace
+
+    from pipeline._manifest import conflicts, new_manifest
+    from pipeline._sources._index import digest
+    from pipeline.config import Config
+
+    folder = write_shards(tmp_path / "wds")
+    monkeypatch.chdir(tmp_path)
+    source = WebDatasetSource("wds/train-*.tar")
+    meta = {k: v for k, v in source.index.meta.items() if k in ("extensions", "samples", "repeated_ids", "json_fields")}
+    spelled = [f"wds/train-000{i}.tar" for i in range(3)]
+    before = {"kind": "webdataset", "path": ["wds/train-*.tar"], "tars": 3, "samples": 12,
+              "index_sha256": digest(source.index.table, {**meta, "tars": spelled})}
+    new = new_manifest(Config(), {"weights_sha256": "x"}, source.identity(), 12)
+    assert conflicts(replace(new, source=before), new) == []
+    absolute = dict(before, path=[str(folder / "train-*.tar")],  # (begun by absolute paths: this run's are relative)
+                    index_sha256=digest(source.index.table, {**meta, "tars": [str(tmp_path / t) for t in spelled]}))
+    assert conflicts(replace(new, source=absolute), new) == []
+    assert conflicts(replace(new, source=dict(before, samples=11)), new) == ["source: samples: 11 -> 12"]
 
 
 def test_unreadable_tars_say_why(tmp_path):
