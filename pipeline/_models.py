@@ -219,6 +219,7 @@ class LayerOutputs(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, spec: ModelSpec):
         super().__init__()
         self.layers = spec.layers
+        self._ran: list[str] | None = None  # the layers a forward ran, found once where one is missing
         try:
             if spec.mode is Mode.STUMP:
                 self.wrapper = ModelStump(model, spec.layers[0])
@@ -240,14 +241,17 @@ class LayerOutputs(torch.nn.Module):
         return outputs
 
     def _not_run(self, missing: list[str], x: torch.Tensor) -> str:
-        """Why the ``missing`` layers have no output, and which layers do run on ``x`` (a second
-        forward, with a hook on every module, made only on this path)."""
+        """Why the ``missing`` layers have no output, and which layers do run (a second forward,
+        with a hook on every module, made on this path once: each sample of a batch that fails
+        so is tried alone)."""
         model = self.wrapper.wrapped_model
-        modules = dict(model.named_modules())
-        try:
-            ran = [info.id for info in list_layers(model, x) if info.id and info.id in modules and info.calls]
-        except Exception:  # the listing is a hint: a model that fails it leaves it out
-            ran = []
+        if self._ran is None:
+            modules = dict(model.named_modules())
+            try:
+                self._ran = [info.id for info in list_layers(model, x) if info.id and info.id in modules and info.calls]
+            except Exception:  # the listing is a hint: a model that fails it leaves it out
+                self._ran = []
+        ran = self._ran
         size = "x".join(map(str, x.shape))
         them = "it has" if len(missing) == 1 else "they have"
         text = (f"layer{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} did not run in the forward "

@@ -563,7 +563,10 @@ class ShardWorker:
         except OutputSelectionError as exc:  # a selector that does not fit the layer's output
             raise ConfigError(ModelSpec.key("layers"), str(exc)) from None
         except Exception as exc:  # the model's own errors too (an assert on its input's size, a KeyError)
-            if not is_config_fault(exc):
+            # (outside the model, only those that were config errors before: another is a bug
+            # of the pipeline's, which keeps its traceback)
+            ours = not _raised_in(exc, LayerOutputs.forward) and not isinstance(exc, (RuntimeError, ValueError, TypeError))
+            if ours or not is_config_fault(exc):
                 raise
             raise ConfigError(Config.key("model"), f"a trial forward of sample {first.samples[0].sample_id!r} "
                               f"failed: {describe_failure(exc)}{self._trial_hint(exc, first.images[0])}") from None

@@ -266,10 +266,11 @@ def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
-def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list[tuple[str, int, int]], _Fields]:
+def _members(location: Location, name: str,
+             images: Sequence[str]) -> tuple[list[tuple[str, int, int]], _Fields, tuple[str, str] | None]:
     """``(member name, data offset, size)`` of the files in one tar, from its headers (a hard
-    link as the file it links to; names that are not UTF-8 left out), and the fields of its
-    ``.json`` members."""
+    link as the file it links to; names that are not UTF-8 left out), the fields of its
+    ``.json`` members, and what its end has to say (:func:`_check_end`)."""
     fields, files, strays, linked, symbolic, sparse = _Fields(), {}, [], [], [], []
     out: list[tuple[str, int, int]] = []
 
@@ -305,7 +306,7 @@ def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list
         with location.fs.open_input_stream(location.path(name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             walk(tar, lambda member, offset, size: tar.extractfile(member).read())
             end = tar.offset
-    _check_end(location, name, end, len(out))
+    said = _check_end(location, name, end, len(out))
     if sparse:
         raise tarfile.TarError(f"{len(sparse):,} member(s) are stored sparse (tar --sparse, -S), e.g. {sparse[0]!r}: "
                                "their bytes in the tar leave out the files' holes, and members are read here as they "
@@ -318,28 +319,29 @@ def _members(location: Location, name: str, images: Sequence[str]) -> tuple[list
         log.warning("%d member(s) in %s are symbolic links, which hold no data in a tar, and are left out, e.g. "
                     "%r; archive the files they point to with tar --dereference (-h)", len(symbolic), name,
                     symbolic[0])
-    return out, fields
+    return out, fields, said
 
 
-def _check_end(location: Location, name: str, end: int, files: int) -> None:
+def _check_end(location: Location, name: str, end: int, files: int) -> tuple[str, str] | None:
     """Raise :class:`tarfile.HeaderError` unless the tar ends at byte ``end``, where tarfile
     stopped reading ``name``: it stops quietly at a header it cannot read, and a block of zeros
     is the end of an archive; anything else is damage, or a tar cut short inside a header, that
     would drop every sample after it. A tar without that block (cut short between members?),
-    and data after it (tars joined with ``cat``), are said."""
+    and data after it (tars joined with ``cat``), are to be said: ``(kind, warning)``, which
+    the index says once per kind, however many tars."""
     # (one read: the end-of-archive blocks, the zeros to the end of the record, a header after it)
     rest = location.read_range(name, end, RECORD_BYTES + 3 * tarfile.BLOCKSIZE)
     block = rest[:tarfile.BLOCKSIZE]
     if not block:  # (tar writes them; a tar cut short between two members lacks them too)
-        log.warning("%s ends without the end-of-archive blocks that tar writes after the last member: it may be cut "
-                    "short, after its %s files; if so, fetch it again", name, f"{files:,}")
-        return
+        return "unended", (f"{name} ends without the end-of-archive blocks that tar writes after the last member: it "
+                           f"may be cut short, after its {files:,} files; if so, fetch it again")
     if block.count(0) == len(block):
         if rest.count(0) < len(rest):
-            log.warning("%s holds data after its end-of-archive blocks, from byte %s, which is not read: tars joined "
-                        "with cat read as the first of them; join them with tar --concatenate (-A), or list them "
-                        "apart in %s", name, f"{end + len(rest) - len(rest.lstrip(bytes(1))):,}", _PATH)
-        return
+            return "joined", (f"{name} holds data after its end-of-archive blocks, from byte "
+                              f"{end + len(rest) - len(rest.lstrip(bytes(1))):,}, which is not read: tars joined with "
+                              f"cat read as the first of them; join them with tar --concatenate (-A), or list them "
+                              f"apart in {_PATH}")
+        return None
     if len(block) < tarfile.BLOCKSIZE:
         raise tarfile.HeaderError(f"it ends inside the header at byte {end:,}, {len(block)} bytes into its "
                                   f"{tarfile.BLOCKSIZE}, as a tar cut short does (a download or copy that did not "
@@ -479,14 +481,14 @@ class WebDatasetSource(StreamingSource):
         if not tars:
             raise ConfigError(_PATH, f"{self.patterns!r} names no tar file")
 
-        def walk(number: int) -> tuple[pa.Table, _Fields]:
+        def walk(number: int) -> tuple[pa.Table, _Fields, tuple[str, str] | None]:
             location, name = self._location(tars[number])
             try:
-                members, fields = _members(location, name, self.image_extensions)
+                members, fields, said = _members(location, name, self.image_extensions)
             except (OSError, tarfile.TarError) as exc:
                 raise ConfigError(_PATH, f"cannot read the tar {redact(tars[number])!r}: "
                                   f"{_unreadable(location, name, exc)}") from None
-            return _samples_of(number, members), fields
+            return _samples_of(number, members), fields, said
 
         # tars on object storage or a network file system (NFS, Lustre, ...) are indexed side by
         # side, since each read waits on the network; those on local disks by one thread: the
@@ -496,9 +498,14 @@ class WebDatasetSource(StreamingSource):
         with ThreadPoolExecutor(min(INDEX_THREADS, len(tars)) if remote else 1) as pool:
             per_tar = list(pool.map(walk, range(len(tars))))
         fields = _Fields()
-        for _, found in per_tar:
+        said: dict[str, list[str]] = {}
+        for _, found, note in per_tar:
             fields.merge(found)
-        table = pa.concat_tables([rows for rows, _ in per_tar]).combine_chunks()
+            if note is not None:
+                said.setdefault(note[0], []).append(note[1])
+        for warnings in said.values():  # once a kind, however many tars
+            log.warning("%s%s", warnings[0], f" (so do {len(warnings) - 1:,} more tars)" if len(warnings) > 1 else "")
+        table = pa.concat_tables([rows for rows, _, _ in per_tar]).combine_chunks()
         if not table.num_rows:
             raise ConfigError(_PATH, f"the tars {tars[:3]}{' ...' if len(tars) > 3 else ''} hold no files")
         extensions = sorted(pc.unique(pc.list_flatten(table.column("members")).combine_chunks().field("ext")).to_pylist())

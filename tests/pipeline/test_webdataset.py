@@ -320,6 +320,11 @@ def test_tars_joined_by_cat_are_said_to_read_as_the_first(tmp_path, caplog):
     assert "ab.tar holds data after its end-of-archive blocks, from byte 10,240, which is not read" in caplog.text
     caplog.clear()
     assert len(WebDatasetSource([str(first), str(second)])) == 2 and "end-of-archive" not in caplog.text
+    for name in ("cd.tar", "ef.tar"):  # said once however many tars
+        (tmp_path / name).write_bytes(first.read_bytes() + second.read_bytes())
+    WebDatasetSource(str(tmp_path / "*.tar"))
+    assert caplog.text.count("end-of-archive") == 1 and "which is not read" in caplog.text
+    assert "(so do 2 more tars)" in caplog.text
 
 
 def test_symbolic_links_in_a_tar_are_named_with_what_to_do(tmp_path, caplog):
