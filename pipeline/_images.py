@@ -185,7 +185,8 @@ def _pil_decode(data: bytes) -> torch.Tensor:
 def pil_pixels(img: object) -> np.ndarray:
     """A PIL image's pixels as a new array (a user's dataset may give one): a 16-bit one's as
     ``(H, W)`` uint16 (scaled by 65535, as its file would be; RGB would clip it to 255), a float
-    one whose values lie in [0, 1] as they are (RGB would make them black); any other, a float
+    one whose values lie in [0, 1], some fractions, as they are (RGB would make them black); any
+    other (a 0/1 mask made float by PIL too), a float
     one of PIL's own 0..255 values and a 32-bit integer one included, as ``(H, W, 3)`` uint8 RGB,
     which PIL converts it to.
 
@@ -197,9 +198,9 @@ def pil_pixels(img: object) -> np.ndarray:
     """
     if img.mode in ("I;16", "I;16B", "I;16L"):
         return np.array(img)
-    if img.mode == "F":
+    if img.mode == "F":  # (fractions among them: PIL's own 0..255 floats are whole numbers)
         values = np.array(img)
-        if values.size and 0 <= values.min() and values.max() <= 1:
+        if values.size and 0 <= values.min() and values.max() <= 1 and np.any(values != np.round(values)):
             return values
     return np.array(img if img.mode == "RGB" else img.convert("RGB"))
 

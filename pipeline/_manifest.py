@@ -215,6 +215,26 @@ def _source_difference(store: OutputStore, index: Index | None) -> list[str]:
     return [f"source: the first difference, {where}"] if where else []
 
 
+def _types_changed(store: OutputStore, existing: Manifest, new: Manifest, index: Index | None) -> list[str]:
+    """For a dump begun before its source's identity kept a fact of :data:`_ADDED_SOURCE_KEYS`
+    (the other Parquet files' schemas): whether the column types its index kept (``fields``)
+    differ from the source's now, as a line of differences (a resume would read the rows it
+    redoes with the old types)."""
+    if index is None or not any(k in new.source and k not in existing.source for k in _ADDED_SOURCE_KEYS):
+        return []
+    try:
+        kept = IndexFile(store.fs, store.path(SOURCE_INDEX_PATH))
+    except Exception:  # none, or damaged: the identity's lines have said what they could
+        return []
+    try:
+        before = kept.meta.get("fields")
+    finally:
+        kept.close()
+    if before is None or before == index.meta.get("fields"):
+        return []
+    return ["source: the columns' types (the fields of the index the dump began with differ from the files' now)"]
+
+
 def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = False,
                   source_index: Index | None = None) -> OutputState:
     """What the run of ``manifest`` will do with the output folder, reading only.
@@ -244,7 +264,7 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
         return OutputState(False, remove=None if leftovers else False)
     if overwrite:
         return OutputState(False, remove=existing.layers)
-    diff = conflicts(existing, manifest)
+    diff = conflicts(existing, manifest) or _types_changed(store, existing, manifest, source_index)
     if diff and "sample_ids" in manifest.source and "sample_ids" not in existing.source:
         raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump begun by an earlier version of actmap, "
                                   f"which wrote the ids of {manifest.source.get('id_column')!r} (stored as binary) "

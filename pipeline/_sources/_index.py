@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .._layout import temporary_name
+from ..config import comparable_location
 
 #: Rows per row group of an index file: one shard reads one or two of them.
 GROUP_ROWS = 16_384
@@ -138,11 +139,11 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
     >>> print(first_difference(groups, MemoryIndex(pa.table({"file": ["a", "b", "c"], "rows": [10, 4, 2], "first": [0, 10, 14]}))))
     samples from 14 on: 1 row group(s) now, none before
     """
-    def named(index: Index, table: pa.Table) -> pa.Table:  # tar numbers as names, where there are tars
+    def named(index: Index, table: pa.Table) -> pa.Table:  # tar numbers as names (spelled one way), where there are tars
         tars = index.meta.get("tars")
         if not tars or "tar" not in table.schema.names:
             return table
-        names = pa.array(tars, pa.string()).take(table.column("tar"))
+        names = pa.array([comparable_location(t) for t in tars], pa.string()).take(table.column("tar"))
         return table.set_column(table.schema.get_field_index("tar"), "tar", names)
 
     def described(row: dict) -> str:
@@ -169,7 +170,12 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
         first = sample(common, *longer.slice(common, common + 1).to_pylist()).removesuffix(" on (a row group)")
         unit = "row group(s)" if "first" in longer.slice(0, 0).schema.names else "row(s)"
         return f"{first} on: {abs(len(old) - len(new)):,} {unit} {more}"
-    changed = sorted(k for k in old.meta if k != "sha256" and old.meta.get(k) != new.meta.get(k))
+    # (as a file keeps them: JSON's lists, not the tuples an index made in memory may hold)
+    before, after = (json.loads(json.dumps(index.meta)) for index in (old, new))
+    for facts in (before, after):
+        if "tars" in facts:
+            facts["tars"] = [comparable_location(t) for t in facts["tars"]]
+    changed = sorted(k for k in before if k not in _DIGESTS and before.get(k) != after.get(k))
     if changed:
         return "the facts the index keeps: " + ", ".join(_FACTS.get(k, k) for k in changed)
     if old.meta.get("sha256") != new.meta.get("sha256"):
@@ -177,6 +183,8 @@ def first_difference(old: Index, new: Index, rows: int = GROUP_ROWS) -> str | No
     return None
 
 
+#: The facts of an index that are digests of the others (their differences say nothing more).
+_DIGESTS = frozenset({"sha256", "sha256_as_spelled"})
 #: The facts an index keeps, in words.
 _FACTS = {"fields": "the columns' types (fields)", "repeated_ids": "the ids that repeat (repeated_ids)",
           "schemas_sha256": "the schemas of the files whose schema is not the first's (schemas_sha256)",

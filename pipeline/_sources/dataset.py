@@ -43,28 +43,37 @@ _TRIED_AT_MOST = 64
 _LOOKED_FURTHER = 64
 
 
-def _may_pass(exc: BaseException) -> bool:
+#: Words in the names of HTTP clients' errors (requests', urllib3's, http.client's) that may pass.
+_PASSING_NAMES = ("Connection", "Timeout", "IncompleteRead", "ChunkedEncoding")
+
+
+def _may_pass(exc: BaseException, seen: frozenset[int] = frozenset()) -> bool:
     """Whether an error of ``__getitem__`` may pass (it fails the shard, which is retried, not
-    the sample): a dropped connection or a timeout, as Python's own errors or an HTTP client's
-    (requests', urllib3's: by their names), an HTTP error of the server's (5xx, 429), or memory
-    running out. A missing file or a broken image (PIL's ``OSError`` s) is the item's.
+    the sample): a dropped connection, a timeout or a body cut short, as Python's own errors or
+    an HTTP client's (by their names), also where one wraps it (its ``raise ... from`` cause,
+    its ``reason``, its arguments: urllib3's ``ProtocolError('Connection aborted.', RemoteDisconnected(...))``); an
+    HTTP error of the server's (5xx, 429); memory running out. A missing file, an HTTP 404 or a
+    broken image (PIL's ``OSError`` s) is the item's.
 
     >>> [_may_pass(e) for e in (ConnectionResetError(), TimeoutError(), MemoryError(), OSError("image file is truncated"))]
     [True, True, True, False]
     >>> import urllib.error
     >>> _may_pass(urllib.error.URLError(ConnectionRefusedError())), _may_pass(urllib.error.HTTPError("u", 404, "", {}, None))
     (True, False)
+    >>> _may_pass(OSError("Connection aborted.", ConnectionResetError())), _may_pass(ValueError("a", "b"))
+    (True, False)
     """
     if isinstance(exc, (ConnectionError, TimeoutError, MemoryError)):
         return True
     names = [kind.__name__ for kind in type(exc).__mro__]
-    if any("Connection" in name or "Timeout" in name for name in names):
+    if any(word in name for word in _PASSING_NAMES for name in names):
         return True
-    if any("HTTPError" in name for name in names):
-        status = getattr(exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
-        return isinstance(status, int) and (status >= 500 or status == 429)
-    reason = getattr(exc, "reason", None)  # (urllib's URLError holds the socket's error)
-    return isinstance(reason, BaseException) and reason is not exc and _may_pass(reason)
+    status = getattr(exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+    if any("HTTPError" in name for name in names) and isinstance(status, int):
+        return status >= 500 or status == 429
+    seen = seen | {id(exc)}
+    inner = [exc.__cause__, getattr(exc, "reason", None), *exc.args]  # (not the context: an error met while handling one)
+    return any(isinstance(e, BaseException) and id(e) not in seen and _may_pass(e, seen) for e in inner)
 
 
 def _as_label(value: Any) -> Any:

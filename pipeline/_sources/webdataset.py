@@ -540,8 +540,9 @@ class WebDatasetSource(StreamingSource):
         return len(self.index)
 
     def identity(self) -> dict:
-        # the patterns spelled one way (each brace's alternatives apart: a path may start inside one)
-        paths = [comparable_location(p) for pattern in self.patterns for p in expand_braces(pattern)]
+        # the patterns spelled one way (but one that starts with braces, '{/a,/b}/x-*.tar', whose
+        # alternatives each spell their own; ranges are not expanded: the tars are in the digest)
+        paths = [p if p.startswith("{") else comparable_location(p) for p in self.patterns]
         identity = {"kind": "webdataset", "path": paths, "tars": len(self.tars), "samples": len(self),
                     "index_sha256": self.index.meta["sha256"]}
         # what the versions that kept the patterns and tars as spelled made of them: their dumps resume

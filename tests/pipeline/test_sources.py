@@ -445,6 +445,8 @@ def test_a_16_bit_or_float_pil_image_is_scaled_not_clipped():
     grey = Image.new("L", (2, 1), 200)  # PIL's own wide modes of 0..255 values: as before, 200 of 255
     for image in (grey.convert("F"), grey.convert("I")):
         assert decode(_to_image(image))[0].tolist() == decode(grey)[0].tolist() == [[200, 200]]
+    mask = Image.fromarray(np.array([[0, 1]], np.uint8)).convert("F")  # whole numbers in [0, 1]: 0..255 still
+    assert decode(_to_image(mask))[0].tolist() == [[0, 1]]
 
 
 # -- the folder's listing, frozen --------------------------------------------------------------

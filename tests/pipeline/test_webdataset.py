@@ -370,9 +370,11 @@ def test_the_same_tars_named_another_way_are_the_same_source(tmp_path, monkeypat
     assert identities[1]["path"] == [str(folder / "train-*.tar")] and "earlier" not in identities[1]
     source = WebDatasetSource("wds/train-*.tar")  # its actors read the tars wherever they run
     assert source.index.meta["tars"] == [str(folder / f"train-000{i}.tar") for i in range(3)]
-    # a path that starts inside braces is spelled one way alternative by alternative, not below the cwd
-    braced = WebDatasetSource("{%s,%s}" % (folder / "train-0000.tar", folder / "train-0001.tar")).identity()
-    assert braced["path"] == [str(folder / "train-0000.tar"), str(folder / "train-0001.tar")]
+    # a pattern that starts with braces stays as spelled, not put below the working directory;
+    # one of ranges, a short line however many tars it names
+    pattern = "{%s,%s}" % (folder / "train-0000.tar", folder / "train-0001.tar")
+    assert WebDatasetSource(pattern).identity()["path"] == [pattern]
+    assert WebDatasetSource("wds/train-{0000..0002}.tar").identity()["path"] == [str(folder / "train-{0000..0002}.tar")]
 
 
 def test_a_dump_begun_when_tars_were_kept_as_spelled_resumes(tmp_path, monkeypatch):
@@ -396,6 +398,24 @@ def test_a_dump_begun_when_tars_were_kept_as_spelled_resumes(tmp_path, monkeypat
                     index_sha256=digest(source.index.table, {**meta, "tars": [str(tmp_path / t) for t in spelled]}))
     assert conflicts(replace(new, source=absolute), new) == []
     assert conflicts(replace(new, source=dict(before, samples=11)), new) == ["source: samples: 11 -> 12"]
+
+
+def test_a_changed_source_is_named_where_it_changed_not_where_it_is_spelled_otherwise(tmp_path, monkeypatch):
+    # a kept index whose tars were spelled relative, and whose facts came back from its file as
+    # lists: every change was "at sample 0", and json_fields always differed
+    import json
+
+    from pipeline._sources import MemoryIndex
+    from pipeline._sources._index import first_difference
+
+    folder = write_shards(tmp_path / "wds")
+    monkeypatch.chdir(tmp_path)
+    now = WebDatasetSource(str(folder / "train-*.tar")).index
+    kept = MemoryIndex(now.table, dict(json.loads(json.dumps(now.meta)), tars=[f"wds/train-000{i}.tar" for i in range(3)],
+                                       sha256_as_spelled="x"))
+    assert first_difference(kept, now) is None
+    changed = MemoryIndex(now.table.slice(0, 11), now.meta)
+    assert first_difference(kept, changed) == "sample 11 on: 1 row(s) before, none now"
 
 
 def test_unreadable_tars_say_why(tmp_path):
