@@ -127,13 +127,20 @@ class OutputLock:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    def _holder(self) -> Owner | None:
-        """Who holds the lock now (``None``: nobody; a lock that cannot be read holds nothing)."""
+    def _holder(self, held: bool = False) -> Owner | None:
+        """Who holds the lock now (``None``: nobody; a lock that cannot be read holds nothing).
+        ``held``: this run holds it, so a read that fails (storage that hiccups) is raised, not
+        taken for a lock gone (a blip during a renewal ended the run, "taken over" by itself)."""
         try:
             return Owner.from_dict(self.store.read_json(LOCK_PATH))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except OSError as exc:
+            if held:
+                raise
+            log.warning("the lock %s cannot be read (%s); it is replaced", self.store.path(LOCK_PATH), exc)
+            return None
+        except (ValueError, TypeError, AttributeError) as exc:
             log.warning("the lock %s cannot be read (%s); it is replaced", self.store.path(LOCK_PATH), exc)
             return None
 
@@ -173,7 +180,7 @@ class OutputLock:
     def renew(self) -> bool:
         """Renew the lease; whether the lock is still this run's (if not, :attr:`lost` says who
         took it)."""
-        holder = self._holder()
+        holder = self._holder(held=True)
         if holder is None or holder.token != self.owner.token:
             self.lost = holder or self.owner
             return False
@@ -203,7 +210,12 @@ class OutputLock:
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
-            holder = self._holder()
+            try:
+                holder = self._holder(held=True)
+            except OSError as exc:  # (its lease runs out; a rerun on this host takes it over at once)
+                log.warning("the lock of %s cannot be read to let it go (%s); it stays until its lease of %.0f s "
+                            "runs out, or a rerun on this host takes it over", self.store.location, exc, self.lease)
+                return
             if holder is not None and holder.token == self.owner.token:
                 self.store.delete_file(self.store.path(LOCK_PATH))
                 if not self.store.list_files(META_DIR):  # a run refused before it wrote anything

@@ -92,6 +92,29 @@ def test_a_lock_taken_over_under_a_run_stops_it(tmp_path):
     assert json.loads((tmp_path / LOCK_PATH).read_text())["token"] == "other", "the new owner's lock stays"
 
 
+def test_a_lock_that_storage_cannot_read_for_a_while_is_still_this_runs(tmp_path, monkeypatch, caplog):
+    # a blip during a renewal was taken for a lock gone: the run stopped, "taken over" by itself
+    store = OutputStore(str(tmp_path))
+    lock = OutputLock(store)
+    lock.acquire()
+    read = OutputStore.read_json
+
+    def down(self, path):
+        raise OSError("When reading information for key 'out/_actmap/lock.json': NETWORK_CONNECTION")
+
+    try:
+        monkeypatch.setattr(OutputStore, "read_json", down)
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):  # (the renewer logs it and tries again)
+            lock.renew()
+        lock.check()  # not lost
+        monkeypatch.setattr(OutputStore, "read_json", read)
+        assert lock.renew() and lock.lost is None
+        monkeypatch.setattr(OutputStore, "read_json", down)
+    finally:
+        lock.release()  # storage still down: the lock stays for its lease, said
+    assert (tmp_path / LOCK_PATH).exists() and "cannot be read to let it go" in caplog.text
+
+
 def test_two_runs_that_lock_object_storage_at_once_end_with_one_holder(s3, monkeypatch):
     """Object storage has no conditional write: a run that checked before another one wrote
     writes too. Each reads the lock back a while after writing it, so the first one learns it
