@@ -48,21 +48,28 @@ def make_executor(kind: ExecutorKind, address: str | None = None) -> Executor:
     return RayExecutor(address)
 
 
-def execute(executor: Executor, plan: Sequence[Shard], max_attempts: int, progress: Progress,
+def execute(executor: Executor, plan: Sequence[Shard], run: RunSpec, progress: Progress,
             records: dict[int, ShardRecord], lock: OutputLock | None = None) -> None:
     """Run the shards of ``plan`` not in ``records`` on the started ``executor`` until every one
-    is done, adding each record to ``records``; raises when a shard fails ``max_attempts`` times,
-    when every worker is gone, at the first bad sample in strict mode, or when another run took
-    over the output's ``lock``."""
-    queue = ShardQueue(plan, executor.lanes, done=records, max_attempts=max_attempts)
+    is done, adding each record to ``records``; raises when a shard fails ``run.max_attempts``
+    times, when every worker is gone, at the first bad sample in strict mode, or when another run
+    took over the output's ``lock``. A failed shard is tried again after ``run.retry_delay``
+    seconds (doubled at each failure), the others going on meanwhile."""
+    queue = ShardQueue(plan, executor.lanes, done=records, max_attempts=run.max_attempts,
+                       retry_delay=run.retry_delay)
     while not queue.idle:
         if lock is not None:
             lock.check()
         while executor.free and (shard := queue.take(executor.lane)) is not None:
             executor.submit(shard)
         if not executor.busy:
-            raise ShardFailedError("every worker has died; the shards done so far are kept, rerun "
-                                   "the same command to finish")
+            if not executor.free:
+                raise ShardFailedError("every worker has died; the shards done so far are kept, rerun "
+                                       "the same command to finish")
+            # workers free, none busy: the shards left wait to be retried
+            due = queue.retry_due()
+            time.sleep(0.5 if due is None else min(0.5, max(0.0, due - time.monotonic())))
+            continue
         for outcome in executor.wait(timeout=0.5):
             if outcome.record is not None:
                 queue.finished(outcome.shard)
@@ -72,9 +79,11 @@ def execute(executor: Executor, plan: Sequence[Shard], max_attempts: int, progre
                 raise outcome.error
             else:
                 reason = _last_line(outcome.error)
-                log.warning("shard %d %s: %s", outcome.shard.id,
-                            "lost its worker" if outcome.lost_worker else "failed", reason)
-                queue.failed(outcome.shard, reason, outcome.error)
+                delay = queue.failed(outcome.shard, reason, outcome.error, outcome.lost_worker)
+                log.warning("shard %d %s: %s; %s (try %d of %d)", outcome.shard.id,
+                            "lost its worker" if outcome.lost_worker else "failed", reason,
+                            f"trying it again in {delay:g} s" if delay else "trying it again",
+                            queue.attempts[outcome.shard.id] + 1, run.max_attempts)
         # the batches of the shards still running, and the workers still on their way
         progress.in_flight(executor.in_flight(records), executor.pending)
 
@@ -270,7 +279,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
                     try:
                         executor.start(WorkerSpec(config, digest, layers, frozen_source=frozen,
                                                   label_types=label_types), shards_left)
-                        execute(executor, plan, config.run.max_attempts, progress, records, lock)
+                        execute(executor, plan, config.run, progress, records, lock)
                     finally:
                         workers = executor.workers
                         progress.close()

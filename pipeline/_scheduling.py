@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import math
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from ._shards import Shard
 from .config import RunSpec
@@ -209,6 +211,10 @@ def unmet(plan: ActorPlan, nodes: Sequence[Mapping[str, float]]) -> ConfigError 
     return ConfigError(short, f"{has}: no node holds one actor; lower {short}")
 
 
+#: The longest a failed shard waits before it is tried again, in seconds.
+MAX_RETRY_DELAY = 300.0
+
+
 class ShardQueue:
     """The shards still to do, dealt out in lanes (a worker's places for a shard at once).
 
@@ -218,7 +224,10 @@ class ShardQueue:
     read for the next shard, which is then the next one in its lane: dealt out in plain order,
     a worker's next shard lay about as many shards further on as there are lanes, and each
     read that many shards' rows to reach its start. A failed shard goes back to the front, for
-    any lane; shards in ``done`` (a resumed run's) are passed over.
+    any lane, after ``retry_delay`` seconds, twice as long after each further failure (at most
+    :data:`MAX_RETRY_DELAY`): storage that is away a while fails the shards in flight, which
+    would use up their tries at once. Other shards are dealt out meanwhile. A shard that lost
+    its worker is retried at once. Shards in ``done`` (a resumed run's) are passed over.
 
     >>> from pipeline._shards import plan_shards
     >>> q = ShardQueue(plan_shards(8, 1), lanes=2)
@@ -227,25 +236,41 @@ class ShardQueue:
     >>> [q.take(1).id, q.take(0).id, q.take(1)]  # lane 1 takes the second half of what lane 0 has left
     [3, 2, None]
     >>> q = ShardQueue([Shard(0, 0, 2), Shard(1, 2, 4)], max_attempts=2)
-    >>> a = q.take(); q.failed(a, "actor died"); q.take() == a
+    >>> a = q.take(); q.failed(a, "actor died")  # the seconds it waits: none by default
+    0.0
+    >>> q.take() == a
     True
     >>> q.failed(a, "actor died again")
     Traceback (most recent call last):
     ...
     pipeline.errors.ShardFailedError: shard 0 (samples 0-2) failed 2 times; last error: actor died again
+
+    With a delay, a failed shard waits while the others go on (``clock``: the time, in seconds):
+
+    >>> now = [0.0]
+    >>> q = ShardQueue([Shard(0, 0, 2), Shard(1, 2, 4)], retry_delay=10, clock=lambda: now[0])
+    >>> a = q.take(); q.failed(a, "storage away")
+    10.0
+    >>> q.take().id, q.take(), q.retry_due()
+    (1, None, 10.0)
+    >>> now[0] = 10.0; q.take().id
+    0
     """
 
     def __init__(self, plan: Sequence[Shard], lanes: int = 1, done: Collection[int] = frozenset(),
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, retry_delay: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self._plan = plan
         self._done = done
         # lane i takes shards self._next[i] up to self._stop[i] (ids in the plan): O(lanes)
         # numbers, whatever the plan's size
         bounds = _cut(len(plan), max(1, lanes), done)
         self._next, self._stop = bounds[:-1], bounds[1:]
-        self._retry: collections.deque[Shard] = collections.deque()
+        # failed shards: (when due, the order they failed in, the shard), soonest first
+        self._retry: list[tuple[float, int, Shard]] = []
+        self._failures = 0
         self._running: set[int] = set()
         self.max_attempts = max_attempts
+        self.retry_delay, self._clock = retry_delay, clock
         self.attempts: collections.Counter[int] = collections.Counter()
         self.done: list[int] = []
 
@@ -268,8 +293,8 @@ class ShardQueue:
 
     def take(self, lane: int = 0) -> Shard | None:
         """The next shard for ``lane`` to start, or ``None`` when nothing waits."""
-        if self._retry:
-            shard = self._retry.popleft()
+        if self._retry and self._retry[0][0] <= self._clock():
+            shard = heapq.heappop(self._retry)[2]
         else:
             while not self._skip_done(lane):
                 if not self._steal(lane):
@@ -284,14 +309,25 @@ class ShardQueue:
         self._running.discard(shard.id)
         self.done.append(shard.id)
 
-    def failed(self, shard: Shard, error: object, cause: BaseException | None = None) -> None:
-        """Put ``shard`` back to retry; ``ShardFailedError`` once it has failed ``max_attempts``
-        times (``cause``: the error it failed with)."""
+    def failed(self, shard: Shard, error: object, cause: BaseException | None = None,
+               lost_worker: bool = False) -> float:
+        """Put ``shard`` back to retry; the seconds before it is due again (none where it
+        ``lost_worker``). ``ShardFailedError`` once it has failed ``max_attempts`` times
+        (``cause``: the error it failed with)."""
         self._running.discard(shard.id)
-        if self.attempts[shard.id] >= self.max_attempts:
+        tries = self.attempts[shard.id]
+        if tries >= self.max_attempts:
             raise ShardFailedError(f"shard {shard.id} (samples {shard.start}-{shard.stop}) failed "
-                                   f"{self.attempts[shard.id]} times; last error: {error}", cause)
-        self._retry.appendleft(shard)
+                                   f"{tries} times; last error: {error}", cause)
+        delay = 0.0 if lost_worker else float(min(MAX_RETRY_DELAY, self.retry_delay * 2 ** (tries - 1)))
+        self._failures += 1
+        # the shards due at once go in the order they failed, the latest first
+        heapq.heappush(self._retry, (self._clock() + delay, -self._failures, shard))
+        return delay
+
+    def retry_due(self) -> float | None:
+        """When the first shard waiting to be retried is due (``clock``'s time), or ``None``."""
+        return self._retry[0][0] if self._retry else None
 
     @property
     def idle(self) -> bool:

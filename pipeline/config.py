@@ -405,7 +405,9 @@ class RunSpec(_Section):
     the cluster with its share of the node's CPUs (two actors per GPU, each with half, where a
     GPU comes with 16 CPUs or more, neither ``actors`` nor ``cpus_per_actor`` is set, and the
     shards fill the shares), or, on a cluster without GPUs, one actor per CPU. A shard is tried
-    at most ``max_attempts`` times in all, on whatever worker. A Ray run whose actors none comes
+    at most ``max_attempts`` times in all, on whatever worker; one that failed waits
+    ``retry_delay`` seconds before its next try, twice as long after each further failure (at
+    most 5 minutes; one that lost its worker is retried at once). A Ray run whose actors none comes
     up within ``start_timeout`` seconds (a busy cluster, one that does not scale up) stops. A
     run that stops (a strict bad sample, a shard out of tries, Ctrl-C, SIGTERM) gives its Ray
     actors ``stop_grace`` seconds to end their shards at their next batch, then kills them.
@@ -423,6 +425,7 @@ class RunSpec(_Section):
     shard_size: int = _field(256, check.integer(1))
     strict: bool = _field(False, check.boolean)
     max_attempts: int = _field(3, check.integer(1))
+    retry_delay: float = _field(10.0, check.number(0.0))
     start_timeout: float = _field(600.0, check.number(0.0, above=True))
     stop_grace: float = _field(30.0, check.number(0.0))
 

@@ -165,7 +165,7 @@ def test_a_dump_of_release_0_1_0_is_resumed(tmp_path):
 def test_a_failed_shard_is_retried(tmp_path, caplog):
     log = tmp_path / "reads"
     config = _config(tmp_path / "out", source=_dataset("Fails", n=24, size=8, at=13, log=str(log), times=1),
-                     dump={"shapes": "fixed"})
+                     dump={"shapes": "fixed"}, run={"retry_delay": 0})
     summary = run(config, stream=None)
     assert summary.rows == {"relu1": 24, "conv2": 24} and summary.bad == []
     assert len(log.read_text().splitlines()) == 2, "tried twice: failed, then done"
@@ -178,7 +178,7 @@ def test_a_shard_is_tried_max_attempts_times_in_all(tmp_path, attempts):
     log = tmp_path / "reads"
     config = _config(tmp_path / "out", source=_dataset("Fails", n=24, size=8, at=13, log=str(log), times=99),
                      dump={"shapes": "fixed"},
-                     run={"max_attempts": attempts, "actors": 1})
+                     run={"max_attempts": attempts, "actors": 1, "retry_delay": 0})
     with pytest.raises(ShardFailedError, match=rf"shard 1 \(samples 8-16\) failed {attempts} times; last error: "):
         run(config, stream=None)
     assert len(log.read_text().splitlines()) == attempts
@@ -331,6 +331,20 @@ def test_dead_actor_loses_nothing(tmp_path, ray_cluster):
     assert table.column("index").to_pylist() == list(range(24))
     assert table.column("label").to_pylist() == [i % 3 for i in range(24)]
     assert not list(Path(config.run.output).rglob(".*.tmp")), "the dead actor's temporary files are cleared"
+
+
+def test_actors_that_die_in_turn_lose_nothing(tmp_path, ray_cluster, caplog):
+    log = tmp_path / "reads"
+    # item 15 kills the actor that reads it, twice: the shard's third try, on an actor Ray
+    # brought back, reads it
+    config = _config(tmp_path / "out", "ray", run={"actors": 2, "batch_size": 2},
+                     source=_dataset("Dies", n=24, size=8, at=15, log=str(log), times=2))
+    summary = run(config, stream=None)
+    assert len(log.read_text().splitlines()) == 3
+    deaths = [r.getMessage() for r in caplog.records if "died" in r.getMessage()]
+    assert len(deaths) == 2, deaths
+    assert summary.rows == {"relu1": 24, "conv2": 24} and summary.bad == []
+    assert read_table(config.run.output, "conv2").column("index").to_pylist() == list(range(24))
 
 
 def test_ray_reruns_no_shard_behind_the_drivers_back(tmp_path, ray_cluster):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 
@@ -11,7 +12,7 @@ from pipeline._executor import LocalExecutor, Outcome, WorkerSpec
 from pipeline._progress import Progress
 from pipeline._shards import Shard, plan_shards
 from pipeline._worker import ShardWorker
-from pipeline.config import Config
+from pipeline.config import Config, RunSpec
 from pipeline.errors import ShardFailedError
 
 
@@ -51,13 +52,63 @@ class Lossy:
 def test_a_lost_try_counts_against_the_attempt_budget():
     executor = Lossy(comes_back=True)
     with pytest.raises(ShardFailedError, match=r"shard 0 \(samples 0-4\) failed 3 times; last error: the worker died"):
-        execute(executor, plan_shards(8, 4), 3, Progress(8, None), {})
+        execute(executor, plan_shards(8, 4), RunSpec(max_attempts=3), Progress(8, None), {})
     assert executor.tries == {0: 3}
 
 
 def test_a_run_whose_workers_are_all_gone_ends():
     with pytest.raises(ShardFailedError, match="every worker has died; the shards done so far are kept"):
-        execute(Lossy(comes_back=False), plan_shards(8, 4), 3, Progress(8, None), {})
+        execute(Lossy(comes_back=False), plan_shards(8, 4), RunSpec(max_attempts=3), Progress(8, None), {})
+
+
+class Flaky(Lossy):
+    """An executor with one worker whose shards each fail their first ``fails`` tries (storage
+    that is away a while) and then finish; ``submitted`` keeps when each try began."""
+
+    def __init__(self, fails: int):
+        super().__init__(comes_back=True)
+        self.fails, self.submitted = fails, []
+
+    def submit(self, shard: Shard) -> None:
+        super().submit(shard)
+        self.submitted.append((shard.id, time.monotonic()))
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        shard = self.shards.pop()
+        if self.tries[shard.id] <= self.fails:
+            return [Outcome(shard, error=OSError("storage is away"))]
+        return [Outcome(shard, record=types.SimpleNamespace(total_bytes=0))]
+
+
+def test_a_failed_shard_waits_before_its_next_try_while_the_others_go_on():
+    executor, records = Flaky(fails=1), {}
+    execute(executor, plan_shards(4, 2), RunSpec(max_attempts=3, retry_delay=0.3), Progress(4, None), records)
+    assert sorted(records) == [0, 1] and executor.tries == {0: 2, 1: 2}
+    order = [shard for shard, _ in executor.submitted]
+    assert order == [0, 1, 0, 1], order  # shard 1 started while shard 0 waited
+    began = dict(reversed(executor.submitted))  # each shard's first try
+    retried = {shard: t for shard, t in executor.submitted[2:]}
+    assert all(retried[s] - began[s] >= 0.3 for s in (0, 1)), executor.submitted
+
+
+def test_the_wait_doubles_at_each_failure_and_only_waiting_shards_are_no_dead_workers(caplog):
+    executor, records = Flaky(fails=2), {}
+    with caplog.at_level("WARNING"):
+        execute(executor, plan_shards(2, 2), RunSpec(max_attempts=3, retry_delay=0.2), Progress(2, None), records)
+    assert list(records) == [0]
+    times = [t for _, t in executor.submitted]
+    assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.4, times
+    assert [r.getMessage() for r in caplog.records] == [
+        "shard 0 failed: storage is away; trying it again in 0.2 s (try 2 of 3)",
+        "shard 0 failed: storage is away; trying it again in 0.4 s (try 3 of 3)"]
+
+
+def test_a_shard_that_lost_its_worker_is_retried_at_once():
+    executor = Lossy(comes_back=True)
+    began = time.monotonic()
+    with pytest.raises(ShardFailedError, match="failed 3 times"):
+        execute(executor, plan_shards(8, 4), RunSpec(max_attempts=3, retry_delay=60), Progress(8, None), {})
+    assert time.monotonic() - began < 30
 
 
 def _local(tmp_path, **run):
