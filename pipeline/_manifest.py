@@ -57,10 +57,13 @@ def read_manifest(store: OutputStore) -> Manifest | None:
         return None
     try:
         return Manifest.from_dict(store.read_json(MANIFEST_PATH))
-    except (OSError, ValueError) as exc:  # a RecordError is a ValueError
+    except (FileNotFoundError, IsADirectoryError, ValueError) as exc:  # a RecordError is a ValueError
         raise DamagedDumpError(f"{store.path(MANIFEST_PATH)} cannot be read ({describe_error(exc)}): without it "
                                "the dump cannot be resumed or checked. Rerun with --overwrite to replace the "
                                "dump (only the files actmap wrote are deleted), or choose another folder") from None
+    except OSError as exc:  # storage that does not answer, or refuses: the dump is not the worse for it
+        raise OSError(f"{store.path(MANIFEST_PATH)} cannot be read now ({describe_error(exc)}); the dump is left "
+                      "as it is: rerun when its storage answers") from exc
 
 
 #: Keys a later version added to a source's identity: a dump begun before one resumes without

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -28,6 +29,7 @@ from pipeline._sources import open_source
 from pipeline.config import Config
 from pipeline.errors import BadSampleError, ConfigError, OutputConflictError, ShardFailedError
 from support.samples import pixels
+from support.storage import Outage
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0"
 
@@ -553,3 +555,34 @@ def test_a_seed_of_32_bits_or_more_is_said_to_give_the_weights_of_its_low_bits(t
            "seed 5" in caplog.text
     run(_config(tmp_path / "small", model={"seed": 5}, source={"count": 8}), stream=None)
     assert np.array_equal(read_layer(str(tmp_path / "big"), "conv2"), read_layer(str(tmp_path / "small"), "conv2"))
+
+
+def test_storage_that_goes_away_fails_a_shard_that_waits_and_then_finishes(tmp_path, s3, caplog):
+    endpoint = s3.split("&")[0].rsplit(":", 1)[1]
+    with Outage(int(endpoint)) as relay, caplog.at_level("WARNING"):
+        out = f"s3://bucket/out?{s3.replace(endpoint, str(relay.port), 1)}"
+        config = _config(out, source=_dataset("Slow", n=200, size=8, delay=0.02),
+                         run={"actors": 1, "shard_size": 4, "retry_delay": 2})
+
+        def failures() -> list[str]:
+            return [r.getMessage() for r in list(caplog.records) if "failed:" in r.getMessage()]
+
+        def away():  # from the first shard done until a shard has failed (and waits), no storage
+            fs, _ = pafs.FileSystem.from_uri(out)
+            while not fs.get_file_info(pafs.FileSelector("bucket/out/_actmap/shards", allow_not_found=True)):
+                time.sleep(0.05)
+            relay.down()
+            deadline = time.monotonic() + 120
+            while not failures() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            relay.up()
+
+        outage = threading.Thread(target=away)
+        outage.start()
+        try:
+            summary = run(config, stream=None)
+        finally:
+            outage.join()
+        assert read_table(out, "conv2").column("index").to_pylist() == list(range(200))
+    assert failures() and all("trying it again in 2 s (try 2 of 3)" in m for m in failures()), failures()
+    assert summary.rows == {"relu1": 200, "conv2": 200} and summary.bad == []

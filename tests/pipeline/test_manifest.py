@@ -135,6 +135,23 @@ def test_a_corrupt_manifest_is_named_with_what_to_do(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / layer_file("l", 0)).exists()
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_manifest_the_storage_does_not_give_is_no_damaged_dump(tmp_path, monkeypatch, overwrite):
+    store = OutputStore(str(tmp_path))
+    prepare_output(store, _manifest())
+    _commit(store, 0)
+
+    def unreachable(path):
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: Could not connect to server")
+
+    monkeypatch.setattr(store, "read_json", unreachable)
+    with pytest.raises(OSError, match="manifest.json cannot be read now .*NETWORK_CONNECTION.*; the dump is left "
+                                      "as it is: rerun when its storage answers") as info:
+        prepare_output(store, _manifest(), overwrite=overwrite)
+    assert not isinstance(info.value, OutputConflictError) and "--overwrite" not in str(info.value)
+    assert (tmp_path / layer_file("l", 0)).exists() and (tmp_path / MANIFEST_PATH).exists()
+
+
 def test_a_corrupt_record_is_named_and_its_shard_redone(tmp_path, caplog):
     store = OutputStore(str(tmp_path))
     prepare_output(store, _manifest())

@@ -31,3 +31,82 @@ def on_network_mount(monkeypatch, folder: str | Path, kind: str = "nfs") -> None
     table.write_text(f"/dev/sda1 / ext4 rw 0 0\nhost:/export {Path(folder).resolve()} {kind} rw 0 0\n")
     real = _files.network_mount
     monkeypatch.setattr(_files, "network_mount", lambda path: real(path, str(table)))
+
+
+class Outage:
+    """A TCP relay to ``port`` on 127.0.0.1 that can go away: clients connect to :attr:`port`;
+    :meth:`down` closes every connection and refuses new ones (storage that is away, as a
+    network or an endpoint that fails does) until :meth:`up`.
+
+    >>> import socket
+    >>> with socket.create_server(("127.0.0.1", 0)) as target, Outage(target.getsockname()[1]) as relay:
+    ...     client = socket.create_connection(("127.0.0.1", relay.port)); peer, _ = target.accept()
+    ...     _ = client.sendall(b"ping"); peer.recv(4)
+    b'ping'
+    >>> relay.down(); socket.create_connection(("127.0.0.1", relay.port))
+    Traceback (most recent call last):
+    ...
+    ConnectionRefusedError: [Errno 111] Connection refused
+    """
+
+    def __init__(self, target: int):
+        import socket
+        import threading
+
+        self.target, self._socket, self._threading = target, socket, threading
+        self._lock = threading.Lock()
+        self._open: set = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._serve()
+
+    def _serve(self) -> None:
+        listener = self._listener
+        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                server = self._socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return  # the listener was closed: down
+            with self._lock:
+                self._open.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            self._close(end)
+
+    def _close(self, end) -> None:
+        with self._lock:
+            self._open.discard(end)
+        try:
+            end.shutdown(self._socket.SHUT_RDWR)
+        except OSError:
+            pass
+        end.close()
+
+    def down(self) -> None:
+        self._listener.close()
+        with self._lock:
+            ends = list(self._open)
+        for end in ends:
+            self._close(end)
+
+    def up(self) -> None:
+        self._listener = self._socket.create_server(("127.0.0.1", self.port))
+        self._serve()
+
+    def __enter__(self) -> Outage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
