@@ -30,11 +30,21 @@ class ModelExtender(HooksHandle):
     layer it is attached to. Calling the wrapper returns ``(model_output, ext_outputs)``
     where ``ext_outputs`` is a fresh dict ``{name: extension(layer_output)}`` for the
     extensions whose layer ran, ordered as :attr:`name_registrations` lists them. Gradients
-    flow from the extension outputs into the extensions and into the model. While gradients
-    are on, the extensions get a copy of their layer's output (:meth:`torch.Tensor.clone`,
-    through which gradients flow as well): a model that later changes that output in place (a
-    batch norm followed by ``ReLU(inplace=True)`` in torchvision's ResNets) would otherwise
-    break the extensions' backward.
+    flow from the extension outputs into the extensions and into the model.
+
+    The extensions always get a copy of their layer's output (:meth:`torch.Tensor.clone`,
+    through which gradients flow as well), with or without gradients: an extension that
+    changes its input in place (``ReLU(inplace=True)``) never changes the model's own
+    output, and the model, which may change that output in place later (a batch norm
+    followed by ``ReLU(inplace=True)`` in torchvision's ResNets), never changes an extension
+    output that shares its input's memory (``Flatten``, a slice). The copy costs one memory
+    copy of each hooked layer's output per call.
+
+    The extensions run in the grad mode the call began with, whatever the model's forward
+    switched to by the time it reached their layer: under a ``torch.no_grad()`` block of the
+    model's own (a frozen backbone) they still compute with gradients when the call had them,
+    so they get trained; gradients from them stop at that layer, as the model's own do. Under
+    :func:`torch.inference_mode` they run without gradients.
 
     The extensions live in the child ``extension_models`` (a :class:`torch.nn.ModuleDict`),
     so ``parameters()``, ``state_dict()``, ``.to()`` and ``.train()``/``.eval()`` of the
@@ -131,7 +141,8 @@ class ModelExtender(HooksHandle):
             ValueError: If a name is already registered (``Tried to overwrite module under
                 existing name: NAME``), given twice, empty, contains ``'.'`` or clashes with
                 a ``ModuleDict`` attribute, or if an extension is not a ``torch.nn.Module``.
-            TypeError: If the arguments are not mappings or a name is not a str.
+            TypeError: If the arguments are not mappings, a name is not a str, or a layer is a
+                TorchScript module (which takes no hooks).
             UnknownLayerError: If a layer id names no layer of the model.
         """
         if not isinstance(extensions, Mapping):
@@ -156,12 +167,20 @@ class ModelExtender(HooksHandle):
                     )
                 new[name] = layer_id
 
+        # hooks first: a layer that takes none (a TorchScript part) fails before anything is attached
+        hooked = [layer_id for layer_id, named in extensions.items() if named and layer_id not in self._layer_hooks]
+        try:
+            for layer_id in hooked:
+                self._register_layer(layer_id)
+        except BaseException:
+            for layer_id in hooked:
+                if layer_id in self._layer_hooks:
+                    self._unregister_layer(layer_id)
+            raise
         for layer_id, named in extensions.items():
             for name, module in named.items():
                 self.extension_models[name] = module
                 self._registrations.setdefault(layer_id, []).append(name)
-            if named:
-                self._register_layer(layer_id)
             logger.debug("attached %s to layer %r", list(named), layer_id)
 
     def unregister_extension(self, name: str) -> None:
@@ -195,13 +214,15 @@ class ModelExtender(HooksHandle):
 
     def _record(self, state: _ForwardState, layer_id: str, output: Any) -> None:
         names = self._registrations.get(layer_id, ())
-        if names and torch.is_grad_enabled():
-            output = map_tensors(torch.Tensor.clone, output)
+        if not names:
+            return
+        grad = state.grad_enabled and not torch.is_inference_mode_enabled()
         # the extensions' own saved tensors are kept as they are: under non-reentrant activation
         # checkpointing (Hugging Face's gradient checkpointing) a layer inside a checkpointed
         # part would otherwise have them counted, and its recomputation, which runs no
         # extension, would not match
-        with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+        with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+            output = map_tensors(torch.Tensor.clone, output)
             for name in names:
                 try:
                     state.records[name] = self.extension_models[name](output)

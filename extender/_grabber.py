@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -19,8 +19,14 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
     """Apply ``fn`` to every tensor in ``value``, looking into tuples, lists, dicts and
     dataclasses.
 
-    Containers are rebuilt with their own type (named tuples, ``OrderedDict`` and dataclass
-    instances included); anything else is returned as it is.
+    Containers are rebuilt with their own type (named tuples, ``OrderedDict``, ``defaultdict``,
+    sub-classes of list and dict, and dataclass instances included); anything else is returned
+    as it is.
+
+    >>> import collections
+    >>> out = map_tensors(torch.Tensor.clone, collections.defaultdict(list, a=torch.zeros(1)))
+    >>> type(out).__name__, out.default_factory, out['a']
+    ('defaultdict', <class 'list'>, tensor([0.]))
     """
     if isinstance(value, torch.Tensor):
         return fn(value)
@@ -28,13 +34,22 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
         items = [map_tensors(fn, v) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, list):
-        return [map_tensors(fn, v) for v in value]
+        items = [map_tensors(fn, v) for v in value]
+        if type(value) is list:
+            return items
+        mapped = copy.copy(value)  # a subclass: its own attributes kept
+        mapped[:] = items
+        return mapped
     if isinstance(value, Mapping):
         mapped = {k: map_tensors(fn, v) for k, v in value.items()}
         try:
             return type(value)(mapped)
-        except TypeError:
-            return mapped
+        except TypeError:  # (a defaultdict, whose first argument is its default factory)
+            if not isinstance(value, MutableMapping):
+                return mapped
+        rebuilt = copy.copy(value)
+        rebuilt.update(mapped)
+        return rebuilt
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # a copy whose fields are set as they are (frozen or not): no __init__ or __post_init__ runs again
         mapped = copy.copy(value)

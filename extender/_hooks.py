@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Iterable
@@ -31,18 +32,40 @@ class _StopForward(Exception):
         self.state = state
 
 
-class _ForwardState:
-    """What the hooks collect during one forward of one wrapper, in one thread."""
+#: The devices whose autocast state a forward that stops early puts back as it found it.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
-    __slots__ = ("owner", "layer_ids", "records", "pending", "stopped")
+
+def _autocast_state() -> tuple[tuple[bool, torch.dtype], ...]:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+
+
+class _ForwardState:
+    """What the hooks collect during one forward of one wrapper, in one thread.
+
+    It also keeps the grad mode and autocast state the forward began with: a forward that
+    stops early skips the model code after the stop, which may have set them back.
+    """
+
+    __slots__ = ("owner", "layer_ids", "records", "pending", "stopped", "grad_enabled", "autocast")
 
     def __init__(self, owner: HooksHandle, layer_ids: tuple[str, ...], stop_early: bool) -> None:
         self.owner = owner
+        self.grad_enabled = torch.is_grad_enabled()
+        self.autocast = _autocast_state()
         self.layer_ids = layer_ids
         self.records: dict[str, Any] = {}
         # The layers still to run before the forward may stop; None when it never stops.
         self.pending: set[str] | None = set(layer_ids) if stop_early else None
         self.stopped = False
+
+    def restore_modes(self) -> None:
+        """Set the grad mode and autocast state back to what they were when the forward began."""
+        torch.set_grad_enabled(self.grad_enabled)
+        if _autocast_state() != self.autocast:
+            for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, self.autocast):
+                torch.set_autocast_enabled(device, enabled)
+                torch.set_autocast_dtype(device, dtype)
 
 
 # One stack of running forwards per thread: the hooks find the state of their own wrapper
@@ -57,6 +80,12 @@ def _active_states() -> list[_ForwardState]:
     except AttributeError:
         _active.states = []
         return _active.states
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is what ``torch.compile(model)`` returns (an ``OptimizedModule``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (none exists before dynamo is loaded)
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
 
 def _remove_all(hooks: dict[str, RemovableHandle]) -> None:
@@ -87,10 +116,22 @@ class HooksHandle(torch.nn.Module):
       model, whose hooks report to the copy; :func:`copy.copy` is refused, since its copy
       would share this wrapper's hooks.
 
+    The hooks refer to their wrapper, so pickling or deep-copying the *model* while a wrapper
+    is attached copies the wrapper along (its extensions, a stump's ``modification``): call
+    :meth:`remove` first, or save the model's ``state_dict()``.
+
     A wrapper that stops the forward early (``stop_early``, the stumps) ends it inside its
     hook on the last layer it waits for: forward hooks that layer got after it (another
     wrapper's, the user's own) do not run. Put those on first, or attach modules to a stump's
-    layer with :class:`~extender.ExtendedModelStump`.
+    layer with :class:`~extender.ExtendedModelStump`. The model code after that layer does
+    not run either: ``finally`` and ``with`` blocks do (the stop is an exception), and the
+    grad mode (:func:`torch.set_grad_enabled`) and autocast state are set back to what they
+    were when the call began, but any other clean-up the model does after that point is
+    skipped.
+
+    A model compiled with ``torch.compile`` is refused, since its compiled code does not call
+    hooks placed after its first call, and so are layers inside a compiled sub-module: wrap
+    the model itself and compile the wrapper (``torch.compile(ActivationMapGrabber(model, ids))``).
 
     The wrapper never changes the model's mode, device or ``requires_grad`` by itself.
     Being a :class:`torch.nn.Module` with the model as a child, ``wrapper.eval()``,
@@ -112,6 +153,12 @@ class HooksHandle(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if _compiled(model):
+            raise TypeError(
+                f"model is a torch.compile'd {type(model._orig_mod).__name__}, whose compiled code "
+                "ignores hooks placed after its first call; wrap the model itself (model._orig_mod) "
+                f"and compile the wrapper if you like: torch.compile({type(self).__name__}(model._orig_mod, ...))"
+            )
         super().__init__()
         self.wrapped_model = model
         # Layer id -> handle of its forward hook, in registration order.
@@ -150,6 +197,15 @@ class HooksHandle(torch.nn.Module):
         ((layer, selection),) = resolve_selections(self.wrapped_model, [layer_id])
         if layer_id in self._layer_hooks:
             return
+        parts = selection.module_id.split(".") if selection.module_id else []
+        for depth in range(1, len(parts)):
+            part = ".".join(parts[:depth])
+            if _compiled(self.wrapped_model.get_submodule(part)):
+                raise TypeError(
+                    f"Layer {layer_id!r} lies inside {part!r}, a torch.compile'd module whose compiled "
+                    f"code ignores hooks placed after its first call; hook {part!r} itself, or wrap the "
+                    "uncompiled model and compile the wrapper"
+                )
         hook = _LayerHook(self, layer_id, selection if selection.keys else None)
         try:
             self._layer_hooks[layer_id] = layer.register_forward_hook(hook)
@@ -250,6 +306,7 @@ class HooksHandle(torch.nn.Module):
         except _StopForward as stop:
             if stop.state is not state:
                 raise
+            state.restore_modes()
             model_output = None
         finally:
             states.remove(state)
@@ -275,11 +332,15 @@ class _LayerHook:
         self.layer_id = layer_id
         self.selection = selection
 
+    @property
+    def owner(self) -> HooksHandle | None:
+        """The wrapper this hook reports to; None once it is gone."""
+        return self._owner() if self._owner is not None else None
+
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        owner = self._owner() if self._owner is not None else None
+        owner = self.owner
         if owner is not None:
             owner._on_layer_output(self.layer_id, output, self.selection)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        owner = self._owner() if self._owner is not None else None
-        return (_LayerHook, (owner, self.layer_id, self.selection))
+        return (_LayerHook, (self.owner, self.layer_id, self.selection))

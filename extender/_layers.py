@@ -34,7 +34,12 @@ class UnknownLayerError(KeyError):
 
     Attributes:
         layer_id: The id that was asked for.
-        suggestions: Up to three valid ids that look like it, best first.
+        model_name: The class name of the model.
+        suggestions: Up to three valid ids that look like it, best first: the same id under
+            or without a wrapper's prefix (``'module.0'`` for ``'0'`` in ``DataParallel``),
+            then close spellings.
+
+    It survives pickling and :func:`copy.deepcopy` (to travel from a worker process).
 
     Example:
         >>> import torch
@@ -61,6 +66,10 @@ class UnknownLayerError(KeyError):
         else:
             message = f"Unknown layer id {layer_id!r} in {model_name}; {_HOW_TO_LIST}"
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt from its own arguments (the default passes the message alone), notes included
+        return type(self), (self.layer_id, self.model_name, self.suggestions), self.__dict__
 
     def __str__(self) -> str:
         # KeyError quotes its argument; the message reads better without the quotes.
@@ -95,7 +104,11 @@ def resolve_selections(model: torch.nn.Module, layer_ids: Iterable[object]) -> l
     """Look up several layer ids at once, selectors included; raise on the first bad one.
 
     An id that is a ``named_modules()`` name names that module; otherwise a trailing run of
-    ``[key]`` selectors is split off and the rest must be a module name.
+    ``[key]`` selectors is split off and the rest must be a module name. A module reachable
+    under a second attribute name (``self.dec = self.enc``), which ``named_modules()`` lists
+    under its first name only, may be named by either, as for
+    :meth:`torch.nn.Module.get_submodule`; its hook runs on every call of the module,
+    whichever name the model calls it by.
 
     Returns:
         For each id, in order, the sub-module to hook and the selection to apply to its output.
@@ -109,13 +122,44 @@ def resolve_selections(model: torch.nn.Module, layer_ids: Iterable[object]) -> l
     modules = dict(model.named_modules())
     found = []
     for layer_id in ids:
-        selection = Selection(layer_id, layer_id) if layer_id in modules else Selection.of(layer_id)
-        if selection.module_id not in modules:
+        module = _submodule(model, modules, layer_id)
+        selection = Selection(layer_id, layer_id) if module is not None else Selection.of(layer_id)
+        if module is None and selection.keys:
+            module = _submodule(model, modules, selection.module_id)
+        if module is None:
             suffix = format_keys(selection.keys)
-            near = difflib.get_close_matches(selection.module_id, [k for k in modules if k], n=3)
+            near = _close_ids(selection.module_id, [k for k in modules if k])
             raise UnknownLayerError(layer_id, type(model).__name__, [n + suffix for n in near])
-        found.append((modules[selection.module_id], selection))
+        found.append((module, selection))
     return found
+
+
+def _submodule(model: torch.nn.Module, modules: dict[str, torch.nn.Module], module_id: str) -> torch.nn.Module | None:
+    """The module ``module_id`` names, under its ``named_modules()`` name or another path of
+    registered sub-modules to it; None when there is none."""
+    if module_id in modules:
+        return modules[module_id]
+    module: torch.nn.Module | None = model
+    for name in module_id.split("."):
+        module = module._modules.get(name)
+        if module is None:
+            return None
+    return module
+
+
+def _close_ids(module_id: str, valid: list[str]) -> list[str]:
+    """Up to three valid ids like ``module_id``: first the same id under a wrapper's prefix
+    (``'module.0'`` for ``'0'``, as ``DataParallel`` names it) or without one, then close spellings.
+
+    >>> _close_ids('0', ['module', 'module.0', 'module.1'])
+    ['module.0']
+    >>> _close_ids('module.layer3', ['layer3', 'layer3.0'])
+    ['layer3']
+    """
+    same = [v for v in valid if v.endswith("." + module_id) or module_id.endswith("." + v)]
+    same.sort(key=lambda v: v.count("."))
+    close = difflib.get_close_matches(module_id, valid, n=3)
+    return list(dict.fromkeys(same + close))[:3]
 
 
 def resolve_layers(model: torch.nn.Module, layer_ids: Iterable[object]) -> list[torch.nn.Module]:
@@ -193,7 +237,9 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
 
     The ids come in ``named_modules()`` order; the first entry is always ``''``, the whole
     model. With an ``example_input`` the model runs once under :func:`torch.no_grad`
-    with temporary hooks on every sub-module (removed afterwards, even on errors). For that
+    with temporary hooks on every sub-module (removed afterwards, even on errors), each placed
+    before the module's other hooks, so that a wrapper (a stump) that ends the forward at a
+    layer does not hide that layer's call. For that
     forward every sub-module is put in eval mode and each one's own mode is restored
     afterwards, so batch-norm statistics are not touched and detection models return
     detections rather than asking for targets. A layer whose output is a tuple, list, dict
@@ -246,7 +292,9 @@ def list_layers(model: torch.nn.Module, example_input: Any = None) -> list[Layer
     try:
         for name, module in named:
             try:
-                handles.append(module.register_forward_hook(make_hook(name)))
+                # first of the module's hooks: a wrapper's hook that ends the forward there
+                # (a stump's) would otherwise keep it from counting a call that happened
+                handles.append(module.register_forward_hook(make_hook(name), prepend=True))
             except RuntimeError:  # a TorchScript module takes no hooks: listed without an output
                 if not isinstance(module, torch.jit.ScriptModule):
                     raise

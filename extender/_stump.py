@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._hooks import HooksHandle, _ForwardState
+from ._hooks import HooksHandle, _ForwardState, _LayerHook
 from ._layers import check_layer_id, resolve_layer
 
 __all__ = ["ExtendedModelStump", "ModelStump"]
@@ -28,7 +28,9 @@ class ModelStump(HooksHandle):
 
     Raises:
         UnknownLayerError: If the model has no layer ``stump_head``.
-        RuntimeError: On a call during which the stump head did not run.
+        RuntimeError: On a call during which the stump head did not run, ran in another
+            thread, or was stopped at by another wrapper whose hook on it came first (the
+            message says which of the last).
 
     Example:
         >>> import torch
@@ -86,11 +88,32 @@ class ModelStump(HooksHandle):
             )
         head = state.layer_ids[0]
         if head not in state.records:
+            stopper = self._stopper_before(head)
+            if stopper is not None:
+                raise RuntimeError(
+                    f"The stump head {head!r} ran, but a {type(stopper).__name__} hooked it before this "
+                    f"{type(self).__name__} did and ended the forward there, so there is no output to return; "
+                    "wrap that wrapper's wrapped_model instead"
+                )
             raise RuntimeError(
                 f"The stump head {head!r} did not run during the forward of "
-                f"{type(self.wrapped_model).__name__}, so there is no output to return"
+                f"{type(self.wrapped_model).__name__}, so there is no output to return (or it ran in "
+                "another thread: the hooks record only in the thread that called the wrapper)"
             )
         return state.records[head]
+
+    def _stopper_before(self, layer_id: str) -> HooksHandle | None:
+        """Another wrapper that stops early whose hook on ``layer_id``'s module runs before ours."""
+        own = self._layer_hooks.get(layer_id)
+        if own is None:  # (its hook was taken off during the forward)
+            return None
+        for key, hook in resolve_layer(self.wrapped_model, layer_id)._forward_hooks.items():
+            if key == own.id:
+                return None
+            owner = hook.owner if isinstance(hook, _LayerHook) else None
+            if owner is not None and owner is not self and owner._stops_early():
+                return owner
+        return None
 
 
 class ExtendedModelStump(ModelStump):

@@ -234,3 +234,76 @@ def test_an_extension_on_a_layer_changed_in_place_later_still_backpropagates():
     with torch.no_grad():
         bn1 = ActivationMapGrabber(resnet18, ["layer1.0.bn1"], clone=True)(x)[1]["layer1.0.bn1"]
         assert torch.allclose(extended(x)[1]["p"], head(bn1))
+
+
+GRAD_MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_an_extension_that_changes_its_input_in_place_leaves_the_model_output_alone(mode):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        expected = model(x)
+    head = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2))
+    with ModelExtender(model, {"0": {"probe": head}}) as extended, GRAD_MODES[mode]():
+        out, ext = extended(x)
+        assert torch.equal(out, expected)
+        assert torch.allclose(ext["probe"], head(model[0](x)))
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_an_extension_output_that_views_its_input_keeps_the_values_it_computed(mode):
+    """The model changes the layer output in place after the hook (ReLU(inplace=True)); an
+    extension whose output is its input (Identity, Flatten, a slice) must not follow."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.ReLU(inplace=True))
+    model[0].weight.data.fill_(1.0)
+    model[0].bias.data.fill_(0.0)
+    with ModelExtender(model, {"0": {"same": torch.nn.Identity(), "flat": torch.nn.Flatten(0)}}) as extended:
+        with GRAD_MODES[mode]():
+            out, ext = extended(-torch.ones(1, 1))
+    assert out.tolist() == [[0.0, 0.0]]
+    assert ext["same"].tolist() == [[-1.0, -1.0]] and ext["flat"].tolist() == [-1.0, -1.0]
+
+
+class FrozenBackbone(torch.nn.Module):
+    """A backbone computed under the model's own torch.no_grad() block, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.backbone(x)
+        return self.head(features)
+
+
+def test_extensions_on_a_layer_the_model_runs_without_gradients_still_train():
+    torch.manual_seed(0)
+    model, head = FrozenBackbone(), torch.nn.Linear(4, 2)
+    with ModelExtender(model, {"backbone": {"probe": head}}) as extended:
+        out, ext = extended(torch.randn(8, 4))
+        assert ext["probe"].requires_grad
+        (out.sum() + ext["probe"].sum()).backward()
+        assert head.weight.grad is not None and model.head.weight.grad is not None
+        assert model.backbone.weight.grad is None  # (the model's own no_grad block holds for it)
+        assert torch.is_grad_enabled()
+        # a call without gradients runs the extensions without them too
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                assert not extended(torch.randn(8, 4))[1]["probe"].requires_grad
+
+
+def test_a_layer_that_takes_no_hook_leaves_the_registrations_as_they_were(scripted_part_model, assert_no_hooks):
+    model = scripted_part_model
+    with ModelExtender(model, {"": {"whole": torch.nn.Identity()}}) as extended:
+        with pytest.raises(TypeError, match="Layer 'inner' is a TorchScript module"):
+            extended.register_extensions({"a": {"fine": torch.nn.Identity()}, "inner": {"bad": torch.nn.Identity()}})
+        assert extended.name_registrations == {"": ["whole"]}
+        assert list(extended.extension_models) == ["whole"]
+        assert extended.registered_submodules == [""] and len(model.a._forward_hooks) == 0
+        extended.register_extensions({"a": {"bad": torch.nn.Identity()}})  # the names are free
+        assert list(extended(torch.rand(1, 4))[1]) == ["whole", "bad"]
+    assert_no_hooks(model)

@@ -337,3 +337,23 @@ def test_a_traced_model_takes_its_hooks_at_the_top():
     out, maps = ActivationMapGrabber(model, [""])(torch.ones(1, 2))
     assert torch.equal(maps[""], out)
     assert [(i.id, i.output_shape, i.calls) for i in list_layers(model, torch.ones(1, 2))][0] == ("", (1, 3), 1)
+
+
+def test_clone_keeps_a_defaultdict_and_a_list_subclass():
+    from collections import defaultdict
+
+    class Tagged(list):
+        tag = "class"
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            tagged = Tagged([x, 2 * x])
+            tagged.tag = "instance"
+            return {"d": defaultdict(list, a=x), "t": tagged}
+
+    model = torch.nn.Sequential(Layer())
+    with ActivationMapGrabber(model, ["0"], detach=True, clone=True) as grabber:
+        maps = grabber(torch.ones(2))[1]
+    d, t = maps["0"]["d"], maps["0"]["t"]
+    assert type(d) is defaultdict and d.default_factory is list and d["missing"] == []
+    assert type(t) is Tagged and t.tag == "instance" and torch.equal(t[1], 2 * torch.ones(2))

@@ -300,3 +300,59 @@ def test_extensions_on_a_layer_that_activation_checkpointing_computes_again_back
         model(x).sum().backward()
         bare.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*bare)) and extended is None
+
+
+def test_a_compiled_model_is_refused_and_a_compiled_wrapper_works(counting_model, assert_no_hooks):
+    """A compiled model's cached code ignores hooks placed after its first call (the wrapper
+    would find nothing); compiling the wrapper instead records as usual."""
+    compiled = torch.compile(counting_model, backend="eager")
+    compiled(torch.rand(1, 2))
+    with pytest.raises(TypeError) as info:
+        ActivationMapGrabber(compiled, ["_orig_mod.0"])
+    assert str(info.value) == (
+        "model is a torch.compile'd Sequential, whose compiled code ignores hooks placed after its first "
+        "call; wrap the model itself (model._orig_mod) and compile the wrapper if you like: "
+        "torch.compile(ActivationMapGrabber(model._orig_mod, ...))"
+    )
+    holder = torch.nn.Sequential(compiled, torch.nn.Identity())
+    with pytest.raises(TypeError, match=r"Layer '0._orig_mod.0' lies inside '0', a torch.compile'd module"):
+        ModelStump(holder, "0._orig_mod.0")
+    assert_no_hooks(holder)
+    with ModelStump(holder, "0") as stump:  # the compiled part itself takes a hook
+        assert stump(torch.rand(1, 2)).shape == (1, 1)
+    x = torch.rand(4, 2)
+    grabber = ActivationMapGrabber(counting_model, ["1"])
+    for _ in range(2):
+        out, maps = torch.compile(grabber, backend="eager")(x)
+        assert torch.equal(maps["1"], counting_model[1](counting_model[0](x))) and out.shape == (4, 1)
+
+
+class SwitchesGradOff(torch.nn.Module):
+    """Turns gradients off (and CPU autocast on) for its stem, and back only after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        torch.set_grad_enabled(False)
+        torch.set_autocast_enabled("cpu", True)
+        features = self.stem(x)
+        torch.set_autocast_enabled("cpu", False)
+        torch.set_grad_enabled(True)
+        return self.head(features)
+
+
+@pytest.mark.parametrize("make", [lambda m: ModelStump(m, "stem"),
+                                  lambda m: ActivationMapGrabber(m, ["stem"], stop_early=True)])
+def test_a_forward_that_stops_early_puts_grad_mode_and_autocast_back(make):
+    wrapper = make(SwitchesGradOff())
+    try:
+        wrapper(torch.rand(1, 2))
+        assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        with torch.no_grad():
+            wrapper(torch.rand(1, 2))
+            assert not torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)
+        torch.set_autocast_enabled("cpu", False)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from extender import LayerInfo, UnknownLayerError, format_layers, list_layers
+from extender import ActivationMapGrabber, LayerInfo, ModelStump, UnknownLayerError, format_layers, list_layers
 from extender._layers import check_layer_id, resolve_layer, resolve_layers
 
 
@@ -189,3 +189,61 @@ def test_a_torchscript_part_is_listed_without_outputs(scripted_part_model):
     rows = {info.id: (info.output_shape, info.calls) for info in list_layers(scripted_part_model, torch.randn(3, 4))}
     assert rows == {"": ((3, 8), 1), "a": ((3, 4), 1), "inner": (None, None), "inner.0": (None, None),
                     "inner.1": (None, None)}
+
+
+class Shared(torch.nn.Module):
+    """One Linear under two names: ``enc`` and its alias ``dec``, which named_modules() leaves out."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(3, 3)
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_a_module_under_a_second_name_is_found_by_either():
+    model = Shared()
+    assert [name for name, _ in model.named_modules()] == ["", "enc"]
+    assert resolve_layers(model, ["dec", "enc", "dec[0]"]) == [model.enc] * 3
+    x = torch.rand(2, 3)
+    with ActivationMapGrabber(model, ["dec"], all_calls=True) as grabber:
+        out, maps = grabber(x)
+    assert len(maps["dec"]) == 2 and torch.equal(maps["dec"][1], out)  # every call of the module
+
+
+def test_an_unknown_id_suggests_the_same_id_under_or_without_a_wrapper_prefix(resnet18):
+    parallel = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+    with pytest.raises(UnknownLayerError) as info:
+        ActivationMapGrabber(parallel, ["0"])
+    assert str(info.value) == (
+        "Unknown layer id '0' in DataParallel; did you mean 'module.0'? "
+        "(list the valid ids with extender.list_layers(model))"
+    )
+    with pytest.raises(UnknownLayerError) as info:
+        resolve_layer(resnet18, "module.layer3[0]")
+    assert info.value.suggestions[0] == "layer3[0]"
+
+
+def test_unknown_layer_error_survives_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    with pytest.raises(UnknownLayerError) as info:
+        resolve_layer(torch.nn.Sequential(torch.nn.Linear(2, 2)), "00")
+    err = info.value
+    err.add_note("while building the dump")
+    for copied in (pickle.loads(pickle.dumps(err)), copy.deepcopy(err)):
+        assert type(copied) is UnknownLayerError and str(copied) == str(err)
+        assert (copied.layer_id, copied.model_name, copied.suggestions) == ("00", "Sequential", ["0"])
+        assert copied.__notes__ == ["while building the dump"]
+
+
+def test_list_layers_counts_the_head_of_a_stump_it_runs_through(counting_model, assert_no_hooks):
+    with ModelStump(counting_model, "1") as stump:
+        infos = {info.id: info for info in list_layers(stump, torch.rand(4, 2))}
+        assert stump.registered_submodules == ["1"]
+    assert (infos["wrapped_model.1"].calls, infos["wrapped_model.1"].output_shape) == (1, (4, 3))
+    assert infos["wrapped_model.3"].calls == 0
+    assert_no_hooks(counting_model)

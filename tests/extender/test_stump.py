@@ -56,7 +56,8 @@ def test_stump_head_that_does_not_run():
         with pytest.raises(RuntimeError) as info:
             stump(torch.rand(1))
     assert str(info.value) == (
-        "The stump head 'unused' did not run during the forward of Skip, so there is no output to return"
+        "The stump head 'unused' did not run during the forward of Skip, so there is no output to return "
+        "(or it ran in another thread: the hooks record only in the thread that called the wrapper)"
     )
 
 
@@ -113,3 +114,31 @@ def test_non_callable_modification_fails_before_any_hook(counting_model, assert_
         f"got {type(bad).__name__}: {bad!r}"
     )
     assert_no_hooks(counting_model)
+
+
+def test_a_stump_inside_another_stump_of_the_same_layer_says_what_happened(counting_model):
+    inner = ModelStump(counting_model, "1")
+    outer = ModelStump(inner, "wrapped_model.1")
+    with pytest.raises(RuntimeError) as info:
+        outer(torch.rand(1, 2))
+    assert str(info.value) == (
+        "The stump head 'wrapped_model.1' ran, but a ModelStump hooked it before this ModelStump did and "
+        "ended the forward there, so there is no output to return; wrap that wrapper's wrapped_model instead"
+    )
+    assert ModelStump(inner.wrapped_model, "1")(torch.rand(1, 2)).shape == (1, 3)
+
+
+def test_a_stump_head_run_in_another_thread_is_named_as_a_possible_cause():
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Threaded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(self.b, self.a(x)).result()
+
+    with ModelStump(Threaded(), "b") as stump, pytest.raises(RuntimeError, match="or it ran in another thread"):
+        stump(torch.rand(1, 2))
