@@ -2,7 +2,9 @@
 
 A shard's record pins each file it wrote: the size, the rows, and the first and last source
 index. Checking a file costs its size (one listing of its layer's folder gives them all) and
-its footer (one small read); no data is read. A rerun redoes the shards whose files fail the
+its footer (one small read); no data is read. The footer also says what the file holds (its
+layer, its columns, each tensor column's dtype and shape), which must be what its layer holds:
+its folder's layer, the manifest's dtype and shape, the columns of the layer's other files. A rerun redoes the shards whose files fail the
 check, ``actmap inspect`` names them (and reads the index column, to prove each sample is
 there exactly once), and the readers refuse a dump that has any.
 
@@ -17,17 +19,20 @@ there exactly once), and the readers refuse a dump that has any.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
-from collections.abc import Callable, Collection, Iterable
+import json
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from ._layout import (INDEX, SHARDS_DIR, file_shard, is_data_file, is_shard_record, layer_file, partition_dir,
-                      record_shard, shard_record_path)
-from ._records import ShardRecord
+from ._encoding import layout_problem, parse_metadata
+from ._layout import (ACTIVATION, INDEX, METADATA_KEY, SAMPLE_ID, SHARDS_DIR, file_shard, is_data_file,
+                      is_shard_record, layer_file, partition_dir, record_shard, shard_record_path, shape_columns)
+from ._records import LayerSpec, ShardRecord
 from ._shards import ShardPlan
 from ._sources._base import describe_error
 from ._store import OutputStore
@@ -65,23 +70,132 @@ def parallel_map(store: OutputStore, fn: Callable[[T], R], items: Iterable[T]) -
         return list(pool.map(fn, items))
 
 
-def read_footer(store: OutputStore, relative: str) -> Footer:
+def read_footer(store: OutputStore, relative: str, layer: str | None = None) -> tuple[Footer, FileLayout | str | None]:
     """A data file's rows and its first and last source index (from the column statistics of
-    its row groups; from the index column itself where a writer kept none)."""
+    its row groups; from the index column itself where a writer kept none), and what its footer
+    says it holds (:func:`file_layout`, for a file of ``layer``; ``None`` without a layer)."""
     with store.fs.open_input_file(store.path(relative)) as handle:
         parquet = pq.ParquetFile(handle)
         meta = parquet.metadata
         column = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == INDEX), None)
         if column is None:
             raise ValueError(f"it has no {INDEX!r} column")
+        layout = None if layer is None else file_layout(parquet, layer)
         if not meta.num_rows:
-            return 0, None
+            return (0, None), layout
         stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)
                  if meta.row_group(g).num_rows]
         if all(s is not None and s.has_min_max for s in stats):
-            return meta.num_rows, (min(s.min for s in stats), max(s.max for s in stats))
+            return (meta.num_rows, (min(s.min for s in stats), max(s.max for s in stats))), layout
         values = parquet.read(columns=[INDEX]).column(INDEX)
-        return meta.num_rows, (int(np.min(values)), int(np.max(values)))
+        return (meta.num_rows, (int(np.min(values)), int(np.max(values)))), layout
+
+
+@dataclasses.dataclass(frozen=True)
+class FileLayout:
+    """What a data file's footer says it holds: each column's Arrow type (as text) and the spec
+    of each tensor column (``{"dtype", "shape"}``, from the ``actmap`` metadata)."""
+
+    types: Mapping[str, str]
+    specs: Mapping[str, Mapping[str, Any]]
+
+    def column(self, name: str) -> tuple[str, str | None] | None:
+        """Column ``name`` as ``(type, spec as JSON or None)``; ``None`` where the file lacks it."""
+        if name not in self.types:
+            return None
+        spec = self.specs.get(name)
+        return self.types[name], None if spec is None else json.dumps(spec, sort_keys=True)
+
+
+def file_layout(parquet: pq.ParquetFile, layer: str) -> FileLayout | str:
+    """What the footer of ``parquet``, a data file of ``layer``'s folder, says it holds; or why
+    that cannot be so (its ``actmap`` metadata does not parse, names another layer, or
+    describes columns the file's schema does not have as it says; its row groups do not add up
+    to its rows)."""
+    raw = (parquet.metadata.metadata or {}).get(METADATA_KEY)
+    schema = parquet.schema_arrow
+    try:
+        doc = parse_metadata(raw)
+    except ValueError as exc:
+        return f"its footer is damaged: {exc}"
+    copy = (schema.metadata or {}).get(METADATA_KEY)  # (pyarrow keeps a second one in the Arrow schema)
+    if copy is not None and copy != raw:
+        return "its footer is damaged: its two copies of the 'actmap' metadata differ"
+    if doc.get("layer", layer) != layer:
+        return (f"its footer says it holds rows of layer {doc['layer']!r}, not of {layer!r}, whose folder it is in "
+                "(a file of another layer?)")
+    grouped = sum(parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups))
+    if grouped != parquet.metadata.num_rows:
+        return f"its footer is damaged: its row groups hold {grouped:,} rows, it says {parquet.metadata.num_rows:,}"
+    missing = [c for c in (SAMPLE_ID, INDEX) if c not in schema.names]
+    if ACTIVATION not in doc["columns"]:
+        return f"its footer is damaged: its 'actmap' metadata describes no {ACTIVATION!r} column"
+    problem = (f"it has no {missing[0]!r} column" if missing else None) or layout_problem(schema, doc["columns"])
+    if problem is not None:
+        return f"its footer is damaged: {problem}"
+    return FileLayout({f.name: str(f.type) for f in schema}, doc["columns"])
+
+
+def layout_problems(layouts: Mapping[str, FileLayout], expected: LayerSpec | None = None) -> dict[str, str]:
+    """The files of one layer (by path) whose footers disagree with what the layer holds: its
+    activations are ``expected`` (the manifest's; ``None``: unknown), and its other columns
+    are what most of its files hold (the first file's, on a tie). A tensor column (an array
+    label) may be missing from a file whose rows have none; any other column is in every file.
+
+    >>> a = FileLayout({INDEX: "int64", ACTIVATION: "fixed_size_binary[8]"},
+    ...                {ACTIVATION: {"dtype": "float32", "shape": [2]}})
+    >>> b = FileLayout({INDEX: "int32", ACTIVATION: "fixed_size_binary[8]"}, a.specs)
+    >>> layout_problems({"f0": a, "f1": b, "f2": a})
+    {'f1': "its footer disagrees with the layer's other files: its column 'index' is int32, theirs int64"}
+    >>> layout_problems({"f0": a}, LayerSpec((2,), "int32"))
+    {'f0': "its footer says its activations are 2 float32, the dump's manifest says 2 int32"}
+    """
+    problems = {}
+    if expected is not None:
+        for path, layout in layouts.items():
+            spec = layout.specs[ACTIVATION]
+            # (a dump of variable shapes made by 0.1.0 has a shape in its manifest: its first sample's)
+            if spec["dtype"] != expected.dtype or (spec["shape"] is not None and tuple(spec["shape"]) != expected.shape):
+                problems[path] = (f"its footer says its activations are {LayerSpec.from_dict(spec).describe()}, the "
+                                  f"dump's manifest says {expected.describe()}")
+    reference = _reference_columns(list(layouts.values()))
+    for path, layout in layouts.items():
+        problem = next((p for name, want in reference.items() if (p := _column_problem(name, layout.column(name), want))),
+                       None)
+        if problem is not None and path not in problems:
+            problems[path] = f"its footer disagrees with the layer's other files: {problem}"
+    return problems
+
+
+def _reference_columns(layouts: list[FileLayout]) -> dict[str, tuple[str, str | None] | None]:
+    """Each column as most of ``layouts`` hold it (``None``: most lack it); a tensor column as most
+    of the files that have it hold it. Shape columns go with their tensor column."""
+    companions = set().union(*(shape_columns(layout.specs) for layout in layouts))
+    reference = {}
+    for name in dict.fromkeys(n for layout in layouts for n in layout.types):
+        if name in companions:
+            continue
+        held = [layout.column(name) for layout in layouts]
+        top = collections.Counter(held).most_common(1)[0][0]  # (on a tie, the first file's)
+        tensors = collections.Counter(h for h in held if h is not None and h[1] is not None)
+        reference[name] = top if top is not None and top[1] is None else (
+            tensors.most_common(1)[0][0] if tensors else None)
+    return reference
+
+
+def _column_problem(name: str, have: tuple[str, str | None] | None, want: tuple[str, str | None] | None) -> str | None:
+    if have == want or (have is None and want[1] is not None):  # (an array label the file's rows lack)
+        return None
+    if want is None:
+        return f"it has a column {name!r} ({_held(have)}) that they lack"
+    if have is None:
+        return f"it lacks the column {name!r} ({_held(want)}) that they have"
+    return f"its column {name!r} is {_held(have)}, theirs {_held(want)}"
+
+
+def _held(column: tuple[str, str | None]) -> str:
+    kind, spec = column
+    return kind if spec is None else f"{kind} holding {LayerSpec.from_dict(json.loads(spec)).describe()}"
 
 
 def file_problem(record: ShardRecord, layer: str, listed_size: int | None, footer: Footer | Exception | None) -> str | None:
@@ -157,7 +271,7 @@ def _read_record(store: OutputStore, path: str) -> ShardRecord | Damage:
 
 
 def check_dump(store: OutputStore, plan: ShardPlan | None, layers: Collection[str],
-               footers: bool = True) -> DumpCheck:
+               footers: bool = True, layer_info: Mapping[str, LayerSpec] | None = None) -> DumpCheck:
     """Read every shard record and check the files of ``layers`` they name, and the other data
     files in those layers' folders against the plan.
 
@@ -165,7 +279,10 @@ def check_dump(store: OutputStore, plan: ShardPlan | None, layers: Collection[st
         store: the dump.
         plan: the manifest's shard plan (``None``: unknown, records are checked on their own).
         layers: the layers whose files to check (the records of the others are read only).
-        footers: read each file's footer (rows, first and last index); without, sizes only.
+        footers: read each file's footer (rows, first and last index, and what it says it holds:
+            its layer, columns and tensor specs, against :func:`layout_problems`); without,
+            sizes only.
+        layer_info: the manifest's stored type of each layer, that the footers must agree with.
     """
     records: dict[int, ShardRecord] = {}
     damage: list[Damage] = []
@@ -184,9 +301,13 @@ def check_dump(store: OutputStore, plan: ShardPlan | None, layers: Collection[st
     recorded = {path for _, _, path in named}
     unrecorded = [(layer, path) for layer, listing in files.items() for path in listing if path not in recorded]
 
+    layer_of = {path: layer for _, layer, path in named} | {path: layer for layer, path in unrecorded}
+    layouts: dict[str, FileLayout | str | None] = {}
+
     def footer(path: str) -> Footer | Exception:
         try:
-            return read_footer(store, path)
+            read, layouts[path] = read_footer(store, path, layer_of[path])
+            return read
         except Exception as exc:  # any file that does not read as Parquet is damage, named
             return exc
 
@@ -211,8 +332,27 @@ def check_dump(store: OutputStore, plan: ShardPlan | None, layers: Collection[st
             damage.append(Damage(path, f"unreadable ({describe_error(read[path])})", shard))
         elif (reason := range_problem(read[path][1], plan[shard].start, plan[shard].stop)) is not None:
             damage.append(Damage(path, reason, shard))
+    damage += _layout_damage(layouts, layer_of, {d.path for d in damage}, layer_info or {})
     bad = {d.shard for d in damage}
     return DumpCheck({k: r for k, r in records.items() if k not in bad}, damage, files)
+
+
+def _layout_damage(layouts: Mapping[str, FileLayout | str | None], layer_of: Mapping[str, str],
+                   damaged: Collection[str], layer_info: Mapping[str, LayerSpec]) -> list[Damage]:
+    """The files (not in ``damaged`` already) whose footers say they hold other than their
+    layer does: :func:`file_layout`, then :func:`layout_problems` over each layer's files."""
+    damage, by_layer = [], collections.defaultdict(dict)
+    for path, layout in sorted(layouts.items()):
+        if path in damaged or layout is None:
+            continue
+        if isinstance(layout, str):
+            damage.append(Damage(path, layout, file_shard(path)))
+        else:
+            by_layer[layer_of[path]][path] = layout
+    for layer, files in by_layer.items():
+        damage += [Damage(path, problem, file_shard(path))
+                   for path, problem in layout_problems(files, layer_info.get(layer)).items()]
+    return damage
 
 
 def page_problem(store: OutputStore, path: str) -> str | None:
@@ -221,8 +361,13 @@ def page_problem(store: OutputStore, path: str) -> str | None:
         with store.fs.open_input_file(store.path(path)) as handle:
             pq.ParquetFile(handle, page_checksum_verification=True).read()
     except Exception as exc:  # pyarrow says OSError for a checksum, other errors for other damage
-        return f"a page does not read back as written ({describe_error(exc)})"
+        return unreadable_pages(exc)
     return None
+
+
+def unreadable_pages(error: BaseException) -> str:
+    """The reason of a file whose pages failed to read with ``error``."""
+    return f"a page does not read back as written ({describe_error(error)})"
 
 
 def mend_by_redo(damage: Damage) -> str:
@@ -234,7 +379,8 @@ def mend_by_redo(damage: Damage) -> str:
 
 def index_problems(store: OutputStore, path: str, start: int, stop: int, bad: Collection[int]) -> list[str]:
     """Whether the file ``path`` of the shard of samples ``[start, stop)`` holds each of them
-    exactly once, but those in ``bad`` (recorded as unreadable): the index column is read."""
+    exactly once, but those in ``bad`` (recorded as unreadable): the index column is read (an
+    error where its pages do not read back: see :func:`index_damage`)."""
     with store.fs.open_input_file(store.path(path)) as handle:
         indices = pq.ParquetFile(handle, page_checksum_verification=True).read(columns=[INDEX]).column(INDEX)
     values, counts = np.unique(np.asarray(indices), return_counts=True)
@@ -254,6 +400,16 @@ def index_problems(store: OutputStore, path: str, start: int, stop: int, bad: Co
     if len(listed_bad):
         problems.append(f"holds {len(listed_bad):,} samples its record lists as bad ({_some(listed_bad)})")
     return problems
+
+
+def index_damage(store: OutputStore, path: str, record: ShardRecord) -> tuple[list[Damage], Damage | None]:
+    """:func:`index_problems` of ``record``'s file ``path`` as damage; and, apart, the damage of
+    an index column whose pages do not read back (which a rerun's cheap check does not see)."""
+    try:
+        problems = index_problems(store, path, record.start, record.stop, {b.index for b in record.bad})
+    except Exception as exc:  # pyarrow says OSError for a checksum, other errors for other damage
+        return [], Damage(path, unreadable_pages(exc), record.shard)
+    return [Damage(path, problem, record.shard) for problem in problems], None
 
 
 def _some(values: Any, limit: int = 5) -> str:

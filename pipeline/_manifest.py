@@ -284,7 +284,7 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
         raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of another run; rerun with "
                                   "--overwrite to replace it, or choose another folder. Differences:\n  "
                                   + "\n  ".join(diff))
-    checked = check_dump(store, existing.plan, existing.layers)
+    checked = check_dump(store, existing.plan, existing.layers, layer_info=existing.layer_info)
     return OutputState(True, checked.records, checked.damage, labels=existing.labels)
 
 
@@ -323,4 +323,5 @@ def completed_shards(store: OutputStore) -> dict[int, ShardRecord]:
     manifest = read_manifest(store)
     layers = manifest.layers if manifest else sorted({layer for layer in map(partition_layer, store.entries())
                                                        if layer is not None})
-    return check_dump(store, manifest.plan if manifest else None, layers).records
+    return check_dump(store, manifest.plan if manifest else None, layers,
+                      layer_info=manifest.layer_info if manifest else None).records

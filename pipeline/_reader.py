@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
-from ._integrity import Damage, check_dump, index_problems, mend_by_redo, page_problem, parallel_map
+from ._integrity import Damage, check_dump, index_damage, mend_by_redo, page_problem, parallel_map
 from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, file_shard, is_shard_record, partition_dir,
                       partition_layer, shape_column, shape_columns)
 from ._lock import running_on
@@ -46,7 +46,8 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a layer id (a str), got {layer!r}; {store.location!r} holds "
                         f"{', '.join(map(repr, layers)) or 'no layer yet'}")
-    checked = check_dump(store, manifest.plan if manifest else None, [layer] if layer in layers else [])
+    checked = check_dump(store, manifest.plan if manifest else None, [layer] if layer in layers else [],
+                         layer_info=manifest.layer_info if manifest else None)
     files = sorted(checked.files.get(layer, ()))  # (a folder `layer=...` beside the dump is none of its layers)
     if not files:
         hint = ("none of its shards is finished yet: rerun the command that made the dump to finish it "
@@ -58,6 +59,18 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
                                f"cannot be trusted: {_listed(checked.damage)}. Rerun the command that made it: "
                                "the rerun checks every file and redoes those shards (`actmap inspect` lists the damage)")
     return files
+
+
+def _without_manifest(store: OutputStore) -> DamagedDumpError | None:
+    """For a folder without a manifest and no run at work on it (a run writes its manifest first,
+    under its lock): the error that says it holds a dump's files without its manifest, if it does."""
+    leftovers = [f for f in store.list_files(SHARDS_DIR) if is_shard_record(f)][:3]
+    leftovers += [e for e in store.entries() if partition_layer(e) is not None]
+    if not leftovers:
+        return None
+    return DamagedDumpError(f"{store.location!r} holds the files of an actmap dump without its manifest "
+                            f"({', '.join(leftovers[:5])}): they cannot be checked or resumed (no {MANIFEST_PATH}); "
+                            "rerun the command that made it with --overwrite to redo the dump")
 
 
 def _listed(damage: Sequence[object], limit: int = 5) -> str:
@@ -111,11 +124,14 @@ def _to_array(values: np.ndarray, dtype: str, as_torch: bool) -> np.ndarray | to
 def read_table(location: str, layer: str, start: int | None = None, stop: int | None = None,
                columns: Sequence[str] | None = None, indices: Sequence[int] | None = None) -> pa.Table:
     """The rows of ``layer`` whose source index is in ``[start, stop)`` (and in ``indices``, when
-    given), sorted by index; ``columns`` picks columns by name (all by default).
+    given), sorted by index; ``columns`` picks columns by name (all by default; ``[]``: none, the
+    rows' count only). A variable-shape tensor column comes with its ``<name>_shape`` column,
+    which :func:`decode_column` needs.
 
     Raises ``TypeError`` for a ``start`` or ``stop`` that is not an int, for ``columns`` that
     are not a list of names and for ``indices`` that are not a list of ints (a numpy array or
-    torch tensor of them will do), and ``ValueError`` naming a column the layer does not have.
+    torch tensor of them will do), and ``ValueError`` naming a column the layer does not have,
+    or one named twice.
     """
     for name, value in (("start", start), ("stop", stop)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
@@ -132,6 +148,13 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
         if column not in dataset.schema.names:
             raise ValueError(f"layer {layer!r} of {location!r} has no column {column!r}; "
                              f"{close_matches(column, dataset.schema.names)}")
+    if columns is not None:
+        twice = [c for c, n in collections.Counter(columns).items() if n > 1]
+        if twice:
+            raise ValueError(f"columns lists {', '.join(map(repr, twice))} more than once; name each column once")
+        variable = _variable_columns(dataset.schema)
+        shapes = [shape_column(c) for c in columns if c in variable]
+        columns = list(columns) + [c for c in shapes if c not in columns]
     condition = None
     if start is not None:
         condition = pc.field(INDEX) >= start
@@ -141,13 +164,19 @@ def read_table(location: str, layer: str, start: int | None = None, stop: int | 
     if wanted is not None:
         chosen = pc.field(INDEX).isin(pa.array(wanted, pa.int64()))
         condition = chosen if condition is None else condition & chosen
+    read = None if columns is None else list(columns) + ([] if INDEX in columns else [INDEX])  # to sort by
     try:
-        table = dataset.to_table(filter=condition, columns=list(columns) if columns else None)
+        table = dataset.to_table(filter=condition, columns=read)
     except OSError as exc:
         _name_damaged_pages(store, [store.relative(f) for f in files], exc)
         raise
-    table = table.sort_by(INDEX) if INDEX in table.column_names else table
-    return table.replace_schema_metadata(dataset.schema.metadata)
+    table = table.sort_by(INDEX).replace_schema_metadata(dataset.schema.metadata)
+    return table if columns is None else table.select(columns)  # (selected last: a table of no column keeps its rows)
+
+
+def _variable_columns(schema: pa.Schema) -> list[str]:
+    """The tensor columns of variable shapes that ``schema``'s metadata describes."""
+    return [name for name, spec in read_metadata(schema)["columns"].items() if spec["shape"] is None]
 
 
 _INT64 = np.iinfo(np.int64)
@@ -173,9 +202,23 @@ def _index_array(indices: object) -> np.ndarray:
 def decode_column(table: pa.Table, column: str = ACTIVATION, as_torch: bool = False):
     """The tensor column of a dump table as one ``(N, ...)`` array (a list for variable shapes).
 
-    bfloat16 values come back as float32 in numpy (exact) and as bfloat16 in torch.
+    bfloat16 values come back as float32 in numpy (exact) and as bfloat16 in torch. A
+    ``ValueError`` names a ``column`` that is no tensor column, or that the table lacks (or,
+    for variable shapes, lacks its ``<column>_shape``).
     """
-    spec = read_metadata(table.schema)["columns"][column]
+    specs = read_metadata(table.schema)["columns"]
+    tensors = ", ".join(map(repr, specs))
+    if column not in specs:
+        held = (f"holds no tensor (read its values with table.column({column!r}))" if column in table.column_names
+                else "is not in the table")
+        raise ValueError(f"column {column!r} {held}; the table's tensor columns: {tensors}")
+    spec = specs[column]
+    needed = [column] + ([shape_column(column)] if spec["shape"] is None else [])
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ValueError(f"the table lacks {' and '.join(map(repr, missing))}, which decoding {column!r} needs: "
+                         f"read {'them' if len(missing) > 1 else 'it'} too (read_table(..., columns=[...]) adds "
+                         "the shapes of a variable-shape column by itself)")
     if spec["shape"] is not None:
         return _to_array(decode_fixed(table.column(column), spec), spec["dtype"], as_torch)
     arrays = decode_variable(table.column(column), table.column(shape_column(column)), spec)
@@ -217,6 +260,25 @@ def _torch_dtype(dtype: object) -> torch.dtype | None:
                         f"dtype), got {dtype!r}") from None
 
 
+#: The dtypes activations (floats) may be served in.
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _float_dtype(dtype: object) -> torch.dtype | None:
+    """:func:`_torch_dtype`, refusing what is no floating-point dtype (it would truncate the values).
+
+    >>> _float_dtype("int8")
+    Traceback (most recent call last):
+    ...
+    ValueError: dtype must be a floating-point dtype (torch.float32, torch.float16, torch.bfloat16, torch.float64) or None (the stored dtype), got torch.int8, which would truncate the activations (floats)
+    """
+    dtype = _torch_dtype(dtype)
+    if dtype is not None and dtype not in _FLOATS:
+        raise ValueError(f"dtype must be a floating-point dtype ({', '.join(map(str, _FLOATS))}) or None (the stored "
+                         f"dtype), got {dtype}, which would truncate the activations (floats)")
+    return dtype
+
+
 class ActivationDataset(torch.utils.data.Dataset):
     """The rows of one layer as ``(activation, labels)`` pairs, streamed from disk.
 
@@ -245,7 +307,7 @@ class ActivationDataset(torch.utils.data.Dataset):
             _count("window", window, 1)
             _count("seed", seed, 0)
         store = OutputStore(location)
-        self.location, self.layer, self.dtype = store.location, layer, _torch_dtype(dtype)
+        self.location, self.layer, self.dtype = store.location, layer, _float_dtype(dtype)
         self._files = [store.path(f) for f in _layer_files(store, layer)]
         self._fs = store.fs
         self._groups: list[tuple[int, int]] = []  # (file, row group)
@@ -302,16 +364,24 @@ class ActivationDataset(torch.utils.data.Dataset):
             self._readers.popitem()[1][1].close()
         self._cache.clear()
 
-    def _group(self, key: tuple[int, int]) -> dict:
+    def _group(self, slot: int) -> dict:
+        """The decoded columns of row group ``slot`` (of ``self._groups``)."""
+        key = self._groups[slot]
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        store = OutputStore(self.location)
         try:
             table = self._reader(key[0]).read_row_group(key[1])
         except OSError as exc:
-            store = OutputStore(self.location)
             _name_damaged_pages(store, [store.relative(self._files[key[0]])], exc)
             raise
+        expected = self._offsets[slot + 1] - self._offsets[slot]
+        if table.num_rows != expected:  # (the footer said otherwise when the dataset was made)
+            raise DamagedDumpError(f"{self.location!r} is damaged: {store.relative(self._files[key[0]])}: its row "
+                                   f"group {key[1]} holds {table.num_rows:,} rows, its footer said {expected:,} "
+                                   "(changed since the dataset was made?); make the dataset anew, and if it says so "
+                                   "again, rerun the command that made the dump")
         specs = read_metadata(table.schema)["columns"]
         companions = shape_columns(specs)
         decoded = {}
@@ -339,7 +409,7 @@ class ActivationDataset(torch.utils.data.Dataset):
             i = int(self._order[i])
         slot = bisect.bisect_right(self._offsets, i) - 1
         row = i - self._offsets[slot]
-        group = self._group(self._groups[slot])
+        group = self._group(slot)
         # a copy: the row group stays cached, and a caller may change what it gets in place
         activation = group[ACTIVATION][row].to(self.dtype or group[ACTIVATION][row].dtype, copy=True)
         labels = {name: values[row] for name, values in group.items() if name != ACTIVATION}
@@ -365,13 +435,28 @@ def to_ray_dataset(location: str, layer: str):
         for name in batch.column_names:
             if name in specs:
                 out[name] = decode_column(batch, name)
-                if isinstance(out[name], list):
-                    out[name] = np.array(out[name], dtype=object)
+                if isinstance(out[name], list):  # one array per row, each of its own shape
+                    out[name] = _row_arrays(out[name])
             elif name not in companions:
                 out[name] = batch.column(name).to_numpy(zero_copy_only=False)
         return out
 
     return ray.data.read_parquet(files, filesystem=store.fs).map_batches(decode, batch_format="pyarrow")
+
+
+def _row_arrays(arrays: list[np.ndarray]) -> np.ndarray:
+    """``arrays`` as a 1-d object array of them, as Ray Data takes a column of tensors that may
+    differ in shape (``np.array(arrays, dtype=object)`` would try to broadcast them into one
+    array: an error for some shapes, and a stack of Python floats for rows of one shape).
+
+    >>> rows = _row_arrays([np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32)])
+    >>> rows.shape, rows[1].shape, rows[1].dtype
+    ((2,), (2, 4), dtype('float32'))
+    """
+    rows = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        rows[i] = array
+    return rows
 
 
 @dataclasses.dataclass
@@ -444,19 +529,16 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
         raise FileNotFoundError(f"{location!r} is empty or does not exist: no dump there")
     manifest = read_manifest(store)
     running = running_on(store)
-    if manifest is None and running is None:  # (a run writes its manifest first, under its lock)
-        leftovers = [f for f in store.list_files(SHARDS_DIR) if is_shard_record(f)][:3]
-        leftovers += [e for e in store.entries() if partition_layer(e) is not None]
-        if leftovers:
-            raise DamagedDumpError(f"{location!r} holds the files of an actmap dump without its manifest "
-                                   f"({', '.join(leftovers[:5])}): they cannot be checked or resumed; rerun the "
-                                   "command that made it with --overwrite to redo the dump")
+    if manifest is None and running is None:
+        if (error := _without_manifest(store)) is not None:
+            raise error
         raise FileNotFoundError(f"{location!r} holds no actmap dump (no {MANIFEST_PATH}); give the folder "
                                 f"a run wrote (its {RunSpec.key('output')})")
     # the manifest's layers: a folder `layer=...` beside them is none of the dump's, and not checked
     layer_ids = list(manifest.layers) if manifest else dump_layers(store)
     stray = [layer for layer in _partition_layers(store) if layer not in layer_ids]
-    checked = check_dump(store, manifest.plan if manifest else None, layer_ids)
+    checked = check_dump(store, manifest.plan if manifest else None, layer_ids,
+                         layer_info=manifest.layer_info if manifest else None)
     records = checked.records
     damage: list[Damage] = list(checked.damage)
     unseen: list[Damage] = []  # damage a rerun does not find by itself
@@ -465,19 +547,20 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
         files = sorted(checked.files[layer])
         rows, size, schema = 0, 0, None
         readable = []
+        damaged = {d.path for d in damage}
         for f in files:
             size += checked.files[layer][f]
             try:
                 with store.fs.open_input_file(store.path(f)) as handle:
                     parquet = pq.ParquetFile(handle)
                     rows += parquet.metadata.num_rows
-                    schema = schema or parquet.schema_arrow
+                    schema = schema or (None if f in damaged else parquet.schema_arrow)
             except Exception as exc:  # named as damage (by the check, or here)
-                if not any(d.path == f for d in damage):
+                if f not in damaged:
                     damage.append(Damage(f, f"unreadable ({describe_error(exc)})", file_shard(f)))
                 continue
             readable.append(f)
-        if schema is None:
+        if schema is None:  # (no file, or none undamaged: the damage names them)
             continue
         spec = read_metadata(schema)["columns"][ACTIVATION]
         layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
@@ -485,12 +568,11 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
         # each sample of the shards done, in each layer, exactly once
         damaged = {d.path for d in damage}
         recorded = [(f, records[file_shard(f)]) for f in readable if file_shard(f) in records and f not in damaged]
-        found = parallel_map(store, lambda item: index_problems(store, item[0], item[1].start, item[1].stop,
-                                                                {b.index for b in item[1].bad}), recorded)
-        damage += [Damage(f, problem, record.shard) for (f, record), problems in zip(recorded, found)
-                   for problem in problems]
+        for found, unreadable in parallel_map(store, lambda item: index_damage(store, *item), recorded):
+            damage += found
+            unseen += [unreadable] if unreadable else []
         if verify:  # what the cheap checks cannot see: a page changed in place
-            damaged = {d.path for d in damage}
+            damaged = {d.path for d in damage + unseen}
             pages = parallel_map(store, lambda f: page_problem(store, f), [f for f in readable if f not in damaged])
             unseen += [Damage(f, reason, file_shard(f)) for f, reason in
                        zip([f for f in readable if f not in damaged], pages) if reason]

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,10 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import ActivationDataset, inspect_dump, read_layer, read_table, run, to_ray_dataset
+from pipeline import ActivationDataset, decode_column, inspect_dump, read_layer, read_table, run, to_ray_dataset
 from pipeline._reader import dump_layers
 from pipeline.config import Config
 from pipeline.errors import DamagedDumpError, UnknownDumpLayerError
+
+#: A dump of actmap 0.1.0 whose rows each have their own shape (bfloat16).
+VARIABLE = str(Path(__file__).resolve().parent / "fixtures" / "dump-0.1.0" / "variable")
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +263,65 @@ def test_activation_dataset_refuses_bad_arguments_naming_them(dump):
     assert len(ActivationDataset(dump, "conv2", shuffle=True, cache_row_groups=0)) == 30
     with pytest.raises(ValueError, match="cache_row_groups must be an int of at least 1, got 0"):
         ActivationDataset(dump, "conv2", cache_row_groups=0)  # (its files would be closed as they open)
+
+
+def test_read_table_with_no_columns_gives_the_rows_alone(dump):
+    table = read_table(dump, "relu1", stop=5, columns=[])
+    assert table.column_names == [] and table.num_rows == 5
+
+
+def test_read_table_refuses_a_column_named_twice(dump):
+    with pytest.raises(ValueError, match="columns lists 'index' more than once; name each column once"):
+        read_table(dump, "relu1", columns=["index", "label", "index"])
+
+
+def test_read_table_sorts_by_index_when_the_index_is_not_asked_for(dump):
+    assert read_table(dump, "relu1", columns=["sample_id"]).column("sample_id").to_pylist() == [str(i) for i in range(30)]
+
+
+def test_a_variable_shape_column_comes_with_its_shapes(dump):
+    table = read_table(VARIABLE, "relu1", columns=["activation"])
+    assert table.column_names == ["activation", "activation_shape"]
+    assert all(np.array_equal(a, b) for a, b in zip(decode_column(table), read_layer(VARIABLE, "relu1")))
+
+
+def test_decode_column_names_a_column_it_cannot_decode(dump):
+    table = read_table(dump, "relu1", stop=2)
+    with pytest.raises(ValueError, match=r"column 'label' holds no tensor \(read its values with "
+                                         r"table.column\('label'\)\); the table's tensor columns: 'activation', 'mask'"):
+        decode_column(table, "label")
+    with pytest.raises(ValueError, match="column 'nope' is not in the table; the table's tensor columns"):
+        decode_column(table, "nope")
+    with pytest.raises(ValueError, match="the table lacks 'mask', which decoding 'mask' needs"):
+        decode_column(table.drop_columns(["mask"]), "mask")
+    variable = read_table(VARIABLE, "relu1").drop_columns(["activation_shape"])
+    with pytest.raises(ValueError, match="the table lacks 'activation_shape', which decoding 'activation' needs"):
+        decode_column(variable)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "int64", np.int32, torch.bool])
+def test_activation_dataset_refuses_a_dtype_that_would_truncate_the_activations(dump, dtype):
+    with pytest.raises(ValueError, match=r"dtype must be a floating-point dtype \(torch.float32, torch.float16, "
+                                         r"torch.bfloat16, torch.float64\) or None \(the stored dtype\), got torch\."):
+        ActivationDataset(dump, "conv2", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def variable_dump(tmp_path_factory):
+    """Rows of one shape, stored as variable shapes (float32)."""
+    out = tmp_path_factory.mktemp("variable") / "out"
+    config = Config.from_dict({"model": {"name": "support.models:tiny", "layers": ["conv2"]},
+                               "source": {"count": 6, "image_size": 16}, "dump": {"dtype": "float32", "shapes": "variable"},
+                               "run": {"output": str(out), "batch_size": 4, "shard_size": 4, "executor": "local"}})
+    run(config, stream=None)
+    return str(out)
+
+
+def test_ray_dataset_of_variable_shapes_gives_one_array_per_row_in_its_dtype(variable_dump, ray_cluster):
+    for where, dtype in ((VARIABLE, np.float32), (variable_dump, np.float32)):  # (bfloat16 widened)
+        rows = sorted(to_ray_dataset(where, "conv2").take_all(), key=lambda r: r["index"])
+        expected = read_layer(where, "conv2")
+        assert len(rows) == len(expected) and len({r["activation"].shape for r in rows}) == (
+            len({e.shape for e in expected}))
+        for row, values in zip(rows, expected):
+            assert row["activation"].dtype == dtype and np.array_equal(row["activation"], values)
