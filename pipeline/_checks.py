@@ -59,14 +59,18 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def number(minimum: float = 0.0, above: bool = False, valid: str = "") -> Check:
-    """A finite number of at least ``minimum`` (more than it, with ``above``), as a float;
-    ``valid`` adds what to give to the message of a number out of range.
+def number(minimum: float = 0.0, above: bool = False, valid: str = "", maximum: float = math.inf) -> Check:
+    """A finite number of at least ``minimum`` (more than it, with ``above``) and at most
+    ``maximum``, as a float; ``valid`` adds what to give to the message of a number out of range.
 
     >>> number()("run.gpus_per_actor", float("nan"))
     Traceback (most recent call last):
     ...
     pipeline.errors.ConfigError: run.gpus_per_actor: expected a finite number, got nan
+    >>> number(maximum=60)("run.stop_grace", 1e20)
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: run.stop_grace: must be at most 60, got 1e+20
     """
     def check(key: str, value: Any) -> float:
         if not _is_real(value) or not math.isfinite(value):
@@ -74,6 +78,8 @@ def number(minimum: float = 0.0, above: bool = False, valid: str = "") -> Check:
         if value < minimum or (above and value == minimum):
             raise ConfigError(key, f"must be {'more than' if above else 'at least'} {minimum:g}, got {value:g}"
                               + (f"; {valid}" if valid else ""))
+        if value > maximum:
+            raise ConfigError(key, f"must be at most {maximum:g}, got {value:g}" + (f"; {valid}" if valid else ""))
         return float(value)
     return check
 
@@ -220,9 +226,25 @@ def plain_mapping(key: str, value: Any) -> dict:
 
 
 def auto_or(check: Check) -> Check:
-    """``"auto"``, or a value that passes ``check``."""
+    """``"auto"`` (in any case), or a value that passes ``check``, whose message then says that
+    auto is valid too.
+
+    >>> auto_or(integer(1))("run.actors", "AUTO")
+    'auto'
+    >>> auto_or(integer(1))("run.actors", "automatic")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: run.actors: expected an integer, got 'automatic'; or auto
+    """
     def auto_or_check(key: str, value: Any) -> Any:
-        return value if value == "auto" else check(key, value)
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return check(key, value)
+        except ConfigError as exc:
+            if exc.message.endswith("auto"):  # (its message says so already)
+                raise
+            raise ConfigError(key, f"{exc.message}; or auto") from None
     return auto_or_check
 
 

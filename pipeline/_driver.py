@@ -27,11 +27,12 @@ from ._progress import Progress
 from ._records import ShardRecord
 from ._report import Summary
 from ._scheduling import ShardQueue
+from ._secrets import shown
 from ._shards import MAX_SHARDS, Shard, ShardPlan
 from ._sources import IndexFile, MemoryIndex, describe_error, write_index
 from ._store import OutputStore
 from ._worker import ShardWorker
-from .config import Config, ExecutorKind, ModelSpec, RunSpec
+from .config import Config, ExecutorKind, ModelSpec, RunSpec, SourceKind, comparable_location
 from .errors import BadSampleError, ConfigError, ShardFailedError
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,19 @@ def _check_ids(source, strict: bool) -> None:
     if strict:
         raise ConfigError(Config.key("source"), f"{message} ({RunSpec.key('strict')} is set; unset it to go on)")
     log.warning("%s", message)
+
+
+def _refuse_output_in_source(config: Config) -> None:
+    """An output inside the folder a folder or Parquet source reads: the dump's own files would
+    join the source, and the rerun that resumes it would find the source changed."""
+    path = getattr(config.source, "path", None)
+    if config.source.kind not in (SourceKind.FOLDER, SourceKind.PARQUET) or not isinstance(path, str):
+        return
+    output, source = (comparable_location(p).partition("?")[0].rstrip("/") for p in (config.run.output, path))
+    if output == source or output.startswith(source + "/"):
+        raise ConfigError(RunSpec.key("output"), f"{shown(config.run.output)!r} lies inside the folder the source reads "
+                          f"({config.source.key('path')}: {shown(path)!r}): the dump's files would become part of the "
+                          "source, and a rerun would find it changed; put the output outside it")
 
 
 def _warn_row_groups(source, shard_size: int) -> None:
@@ -243,6 +257,7 @@ def run(config: Config, *, address: str | None = None, overwrite: bool = False,
     started = time.monotonic()
     _warn_small_shards(config.run)
     _warn_large_seed(config.model)
+    _refuse_output_in_source(config)
     store = open_output(config.run.output)
     # a new dump will need its workers: the executor reaches its cluster (a local Ray takes
     # seconds to start) while the trial sample runs; a rerun may have nothing left to do

@@ -24,7 +24,7 @@ from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARD
                       temporary_target)
 from ._model_inputs import ModelInput
 from ._records import LayerSpec, Manifest, ShardRecord
-from ._secrets import cannot_use, redact
+from ._secrets import cannot_use, redact, shown
 from ._shards import ShardPlan
 from ._sources._base import describe_error
 from ._sources._index import Index, IndexFile, first_difference
@@ -129,6 +129,10 @@ def open_output(location: str) -> OutputStore:
         store = OutputStore(location)
     except (OSError, ValueError) as exc:  # an unknown scheme, a filesystem that does not load
         raise OutputConflictError(_OUTPUT, cannot_use(location, exc)) from None
+    if store.fs.type_name == "mock":
+        raise OutputConflictError(_OUTPUT, f"{shown(location)!r} is pyarrow's in-memory filesystem of one process: "
+                                  "the dump would be gone when the run ends (and the workers would not see it); "
+                                  "give a folder or the URI of storage that keeps it (s3://, gs://, file://)")
     check_output_folder(store)
     return store
 

@@ -228,8 +228,10 @@ class LayerOutputs(torch.nn.Module):
                 # `out += identity`) would otherwise change an output before it is read
                 self.wrapper = ActivationMapGrabber(model, list(spec.layers), stop_early=spec.stop_early,
                                                     detach=True, clone=True)
-        except UnknownLayerError as exc:
-            raise ConfigError(ModelSpec.key("layers"), str(exc)) from None
+        except UnknownLayerError as exc:  # (told how to list the ids from the command line, not in Python)
+            listed = str(exc).replace("list the valid ids with extender.list_layers(model)",
+                                      "`actmap layers MODEL` lists the valid ids")
+            raise ConfigError(ModelSpec.key("layers"), listed) from None
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         if isinstance(self.wrapper, ModelStump):

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -83,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_location(output: str) -> None:
+    """Refuse a dump location that no filesystem opens (an unknown scheme, a URI that does not
+    parse), as a bad argument."""
+    from ._secrets import cannot_use
+    from ._store import OutputStore
+
+    try:
+        OutputStore(output)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("output", cannot_use(output, exc)) from None
+
+
+def _damaged(exc: DamagedDumpError) -> int:
+    print(f"actmap: damaged: {exc}", file=sys.stderr)
+    return 3
+
+
 def _show(args: argparse.Namespace) -> int:
     from ._maps import NoMapError
     from ._viz import picture_path, show_maps, show_stats
@@ -91,6 +109,11 @@ def _show(args: argparse.Namespace) -> int:
         raise ConfigError("--samples", f"must be at least 1, got {args.samples}")
     if args.channels and min(args.channels) < 0:
         raise ConfigError("--channels", f"channels are numbered from 0, got {min(args.channels)}")
+    if args.prefix_tokens is not None and args.prefix_tokens < 0:
+        raise ConfigError("--prefix-tokens", f"must be at least 0 (how many leading tokens to leave out), got "
+                          f"{args.prefix_tokens}")
+    if args.png is not None and not args.png.strip():
+        raise ConfigError("-o/--out", "is empty; give the PNG file to write, or leave -o out for the default")
     if not args.stats and not args.layer:
         raise ConfigError("--layer", "name the layer to draw (`actmap inspect OUT` lists them), or pass --stats")
     try:
@@ -99,6 +122,7 @@ def _show(args: argparse.Namespace) -> int:
         raise
     except ValueError as exc:
         raise ConfigError("-o/--out", str(exc)) from None
+    _check_location(args.output)
     try:
         if args.stats:
             path = show_stats(args.output, png, args.samples or 256, [args.layer] if args.layer else None)
@@ -106,6 +130,8 @@ def _show(args: argparse.Namespace) -> int:
             path = show_maps(args.output, args.layer, png, args.samples or 4, args.channels, args.prefix_tokens)
     except (FileNotFoundError, NotADirectoryError) as exc:  # no dump there, or a file
         raise ConfigError("output", str(exc)) from None
+    except DamagedDumpError as exc:
+        return _damaged(exc)
     except NoMapError as exc:
         raise ConfigError("--layer", str(exc)) from None
     except KeyError as exc:  # an unknown layer: the reader names the layers there are
@@ -203,13 +229,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
     if args.bad < 0:
         raise ConfigError("--bad", f"must be at least 0 (how many bad samples to list; 0 lists none), got {args.bad}")
+    _check_location(args.output)
     try:
         info = inspect_dump(args.output, verify=args.verify)
     except (FileNotFoundError, NotADirectoryError) as exc:  # nothing there, or a file
         raise ConfigError("output", str(exc)) from None
     except DamagedDumpError as exc:
-        print(f"actmap: damaged: {exc}", file=sys.stderr)
-        return 3
+        return _damaged(exc)
     print(info.format(bad_limit=args.bad))
     return 0 if info.complete else 3
 
@@ -244,7 +270,12 @@ def command() -> NoReturn:
     What is left is frozen first (:func:`gc.freeze`): the interpreter's last collection would
     otherwise walk every object torch and torchvision made, a second or more after the work is
     done (1.5 s of a 20 s run here, 0.4 s frozen). The modules are still torn down as usual.
+    The working folder is put on the module path first, where ``python -m`` puts it.
     """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # the working folder's modules import (a config's model.name, a dataset's target), as
+        # under `python -m pipeline`; a console script has its own folder on the path instead
+        sys.path.insert(0, os.getcwd())
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -124,6 +125,23 @@ def _freeze(obj: Any) -> Any:
     return obj
 
 
+def _homes(name: str) -> list[str]:
+    """The keys of the config fields named ``name``, in whichever section.
+
+    >>> _homes("crop") == [PreprocessSpec.key("crop")], _homes("batch_size") == [RunSpec.key("batch_size")]
+    (True, True)
+    >>> _homes("nothing")
+    []
+    """
+    homes, sections = set(), list(_Section.__subclasses__())
+    while sections:
+        section = sections.pop()
+        sections += section.__subclasses__()
+        if dataclasses.is_dataclass(section) and name in section._names():
+            homes.add(section._key(name))
+    return sorted(homes)
+
+
 def _field(default: Any, value_check: check.Check, **metadata: Any) -> Any:
     """A section field with its default and its check (run on every value it is given)."""
     factory = {"default_factory": default} if callable(default) else {"default": default}
@@ -185,7 +203,9 @@ class _Section:
         names = cls._names()
         for key in data:
             if key not in names:
-                raise ConfigError(cls._key(str(key)), f"unknown key; {close_matches(str(key), names)}")
+                homes = [home for home in _homes(str(key)) if home != cls._key(str(key))]
+                hint = f"it belongs in {' or '.join(homes)}" if homes else close_matches(str(key), names)
+                raise ConfigError(cls._key(str(key)), f"unknown key; {hint}")
         return cls(**data)
 
     @classmethod
@@ -396,6 +416,10 @@ class WebDatasetSpec(SourceSpec, kind=SourceKind.WEBDATASET):
     image_extensions: tuple[str, ...] | None = _field(None, check.extensions)
 
 
+#: The longest wait a config may ask for, in seconds.
+_YEAR = 365 * 24 * 3600.0
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec(_Section):
     """How the work is spread: executor, actors, resources, batches, shards, retries, and where
@@ -426,8 +450,9 @@ class RunSpec(_Section):
     strict: bool = _field(False, check.boolean)
     max_attempts: int = _field(3, check.integer(1))
     retry_delay: float = _field(10.0, check.number(0.0))
-    start_timeout: float = _field(600.0, check.number(0.0, above=True))
-    stop_grace: float = _field(30.0, check.number(0.0))
+    # (Ray's waits take at most about 2**63 ms; a year is more than any run waits)
+    start_timeout: float = _field(600.0, check.number(0.0, above=True, maximum=_YEAR))
+    stop_grace: float = _field(30.0, check.number(0.0, maximum=_YEAR))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,6 +600,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+# and a number with an exponent is a number, as YAML 1.2 (and JSON) read it: YAML 1.1 wants a dot
+# and a signed exponent (1.0e+3), and reads 1e3 or 1.5e-3 as text
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789."))
 
 
 def _read_yaml(text: str) -> Any:
@@ -583,6 +613,8 @@ def _read_yaml(text: str) -> Any:
 
     >>> _read_yaml("output: 2024-01-01")
     {'output': '2024-01-01'}
+    >>> _read_yaml("[1e3, 1.5e-3, -2E+2, 1.0, 1e, e3, 1_000]")
+    [1000.0, 0.0015, -200.0, 1.0, '1e', 'e3', 1000]
     """
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
@@ -630,9 +662,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Read a YAML config (or start from the defaults), apply overrides, and validate it."""
     data: Any = {}
     if path is not None:
+        if not str(path).strip():
+            raise ConfigError("", "the config file's name is empty; give the path of a YAML file, or none for the "
+                              "defaults")
         path = Path(path)
         try:
-            data = _read_yaml(path.read_text(encoding="utf-8")) or {}
+            data = _read_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError("", f"config file {str(path)!r} does not exist") from None
         except IsADirectoryError:
@@ -647,7 +682,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                               "would keep only the last)") from None
         except yaml.YAMLError as exc:
             raise ConfigError("", f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if data is None:  # empty, or comments only: the defaults
+            data = {}
         if not isinstance(data, Mapping):
             raise ConfigError("", f"config file {str(path)!r} must hold a mapping with the "
-                              "sections model, source, dump, run")
+                              f"sections model, source, dump, run; it holds {reprlib.repr(data)}")
     return Config.from_dict(apply_overrides(data, overrides))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from pipeline import read_layer
 from pipeline.cli import main
+from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +29,13 @@ def test_unknown_layer_exits_2_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.layers" in err and "relu3" in err and "relu1" in err
     assert not out.exists()
+
+
+def test_an_unknown_layer_with_no_close_name_is_told_how_to_list_them_from_the_command_line(tmp_path, capsys):
+    assert main(["run", "--set", "model.name=support.models:tiny", "--set", "model.layers=['5']",
+                 "--set", f"run.output={tmp_path / 'out'}"]) == 2
+    said = "actmap: error: model.layers: Unknown layer id '5' in TinyConvNet; `actmap layers MODEL` lists the valid ids"
+    assert said in capsys.readouterr().err
 
 
 def test_unknown_model_suggests(capsys, tmp_path):
@@ -270,3 +279,82 @@ def test_the_summary_quotes_an_output_path_with_spaces(tmp_path, capsys):
                  "source.image_size=16", "--set", "model.name=support.models:tiny", "--set", "model.layers=[conv2]",
                  "--set", f"run.output={out}"]) == 0
     assert f"`actmap inspect '{out}'` describes the dump" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, holds", [("0\n", "0"), ("false\n", "False"), ("''\n", "''"), ("[]\n", "[]")])
+def test_a_config_file_of_a_value_that_is_no_mapping_exits_2(tmp_path, capsys, text, holds):
+    (tmp_path / "c.yaml").write_text(text)  # (it ran the default job, as an empty file does)
+    assert main(["run", str(tmp_path / "c.yaml")]) == 2
+    assert f"must hold a mapping with the sections model, source, dump, run; it holds {holds}" in capsys.readouterr().err
+
+
+def test_an_empty_config_file_or_one_of_comments_is_the_defaults(tmp_path):
+    for text in ("", "# nothing here\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        assert load_config(tmp_path / "c.yaml") == load_config()
+
+
+def test_a_number_with_an_exponent_is_a_number_in_a_file_and_on_the_command_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("run:\n  start_timeout: 6e2\n  stop_grace: 1.5e1\n")
+    config = load_config(tmp_path / "c.yaml", ["run.retry_delay=2e0"])
+    assert (config.run.start_timeout, config.run.stop_grace, config.run.retry_delay) == (600.0, 15.0, 2.0)
+
+
+def test_a_wait_too_long_for_ray_exits_2(capsys):
+    # (Ray's waits turn seconds into milliseconds as a C long: 1e20 s failed the run, exit 1, at its start)
+    assert main(["run", "--set", "run.start_timeout=1e20", "--set", "run.executor=local"]) == 2
+    assert "actmap: error: run.start_timeout: must be at most 3.1536e+07, got 1e+20" in capsys.readouterr().err
+
+
+def test_an_output_in_a_filesystem_of_memory_exits_2(capsys):
+    assert main(["run", "--set", "run.output=mock://x", "--set", "run.executor=local", "--set", "source.count=4"]) == 2
+    assert "actmap: error: run.output: 'mock://x' is pyarrow's in-memory filesystem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["show", "--stats"]])
+def test_inspect_and_show_of_a_location_no_filesystem_opens_exit_2(capsys, command):
+    assert main([*command, "foo://x"]) == 2
+    assert "actmap: error: output: cannot use 'foo://x'" in capsys.readouterr().err
+
+
+def test_show_of_a_damaged_dump_exits_3(tmp_path, capsys):
+    out = tmp_path / "dump"
+    shutil.copytree(ROOT / "tests" / "pipeline" / "fixtures" / "dump-0.1.0" / "generated", out)
+    (out / "_actmap" / "manifest.json").write_text('{"format": "actmap.manif')
+    assert main(["show", str(out), "--stats", "-o", str(tmp_path / "s.png")]) == 3
+    assert "actmap: damaged: " in capsys.readouterr().err and not (tmp_path / "s.png").exists()
+
+
+def test_the_actmap_command_imports_the_working_folders_modules(tmp_path):
+    (tmp_path / "mymodels.py").write_text("import torch\n\ndef tiny():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3))\n")
+    script = Path(sys.executable).with_name("actmap")
+    assert script.exists(), "the actmap command is installed with the package"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(script), "layers", "mymodels:tiny", "--input-size", "3", "8", "8"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Conv2d      (1, 2, 6, 6)" in done.stdout, done.stdout
+
+
+def test_an_output_inside_the_folder_the_source_reads_exits_2(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / "0.png")
+    for output in (tmp_path / "images" / "out", tmp_path / "images"):
+        code = main(["run", "--set", "source.kind=folder", "--set", f"source.path={tmp_path / 'images'}",
+                     "--set", "run.executor=local", "--set", f"run.output={output}"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"actmap: error: run.output: '{output}' lies inside the folder the source reads (source.path: " in err
+        assert not (tmp_path / "images" / "out").exists()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["run", ""], "actmap: error: the config file's name is empty"),
+    (["show", "x", "--stats", "-o", ""], "actmap: error: -o/--out: is empty"),
+    (["show", "x", "--layer", "l", "--prefix-tokens", "-1"], "actmap: error: --prefix-tokens: must be at least 0"),
+])
+def test_empty_names_and_negative_counts_exit_2(capsys, args, said):
+    assert main(args) == 2
+    assert said in capsys.readouterr().err

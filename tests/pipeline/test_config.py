@@ -62,6 +62,13 @@ def test_yaml_file_and_overrides(tmp_path):
     ({"source": {"kind": "parquet", "path": "/x", "columns": "label"}},
      "source.columns: expected a list of column names, got 'label'"),
     ({"source": {"preprocess": 3}}, "source.preprocess: expected a mapping, got 3"),
+    # a key in another section than its own
+    ({"source": {"crop": 224}}, "source.crop: unknown key; it belongs in source.preprocess.crop"),
+    ({"model": {"batch_size": 8}}, "model.batch_size: unknown key; it belongs in run.batch_size"),
+    ({"layers": ["layer3"]}, "layers: unknown key; it belongs in model.layers"),
+    # auto, in any case, where a key takes it: its messages say so
+    ({"run": {"actors": "automatic"}}, "run.actors: expected an integer, got 'automatic'; or auto"),
+    ({"run": {"gpus_per_actor": "0.5 GPU"}}, "run.gpus_per_actor: expected a finite number, got '0.5 GPU'; or auto"),
 ])
 def test_bad_values_name_the_key_and_what_is_valid(data, message):
     with pytest.raises(ConfigError) as info:
@@ -333,3 +340,8 @@ def test_values_torch_cannot_take_are_refused(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert str(info.value) == message
+
+
+def test_auto_is_taken_in_any_case():
+    config = Config.from_dict({"run": {"actors": "Auto", "gpus_per_actor": "AUTO", "cpus_per_actor": " auto"}})
+    assert (config.run.actors, config.run.gpus_per_actor, config.run.cpus_per_actor) == ("auto",) * 3

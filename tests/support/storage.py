@@ -35,18 +35,19 @@ def on_network_mount(monkeypatch, folder: str | Path, kind: str = "nfs") -> None
 
 class Outage:
     """A TCP relay to ``port`` on 127.0.0.1 that can go away: clients connect to :attr:`port`;
-    :meth:`down` closes every connection and refuses new ones (storage that is away, as a
-    network or an endpoint that fails does) until :meth:`up`.
+    while :meth:`down`, every connection is closed, new ones as soon as they come (storage that
+    is away, as a network or an endpoint that fails is), until :meth:`up`. The relay keeps its
+    port all along: no other server can take it meanwhile.
 
     >>> import socket
     >>> with socket.create_server(("127.0.0.1", 0)) as target, Outage(target.getsockname()[1]) as relay:
     ...     client = socket.create_connection(("127.0.0.1", relay.port)); peer, _ = target.accept()
     ...     _ = client.sendall(b"ping"); peer.recv(4)
+    ...     relay.down(); client.recv(4)
+    ...     socket.create_connection(("127.0.0.1", relay.port)).recv(4)
     b'ping'
-    >>> relay.down(); socket.create_connection(("127.0.0.1", relay.port))
-    Traceback (most recent call last):
-    ...
-    ConnectionRefusedError: [Errno 111] Connection refused
+    b''
+    b''
     """
 
     def __init__(self, target: int):
@@ -56,21 +57,21 @@ class Outage:
         self.target, self._socket, self._threading = target, socket, threading
         self._lock = threading.Lock()
         self._open: set = set()
+        self.away = False
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        self._serve()
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _serve(self) -> None:
-        listener = self._listener
-        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener) -> None:
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
-                server = self._socket.create_connection(("127.0.0.1", self.target))
+                client, _ = self._listener.accept()
             except OSError:
-                return  # the listener was closed: down
+                return  # closed: the relay is done
+            if self.away:
+                self._close(client)
+                continue
+            server = self._socket.create_connection(("127.0.0.1", self.target))
             with self._lock:
                 self._open.update((client, server))
             for a, b in ((client, server), (server, client)):
@@ -95,18 +96,18 @@ class Outage:
         end.close()
 
     def down(self) -> None:
-        self._listener.close()
+        self.away = True
         with self._lock:
             ends = list(self._open)
         for end in ends:
             self._close(end)
 
     def up(self) -> None:
-        self._listener = self._socket.create_server(("127.0.0.1", self.port))
-        self._serve()
+        self.away = False
 
     def __enter__(self) -> Outage:
         return self
 
     def __exit__(self, *exc) -> None:
         self.down()
+        self._listener.close()
