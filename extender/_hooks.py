@@ -83,7 +83,10 @@ def _active_states() -> list[_ForwardState]:
 
 
 def _compiled(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is what ``torch.compile(model)`` returns (an ``OptimizedModule``)."""
+    """Whether ``module`` is what ``torch.compile(model)`` returns (an ``OptimizedModule``), or
+    a module compiled in place (``model.compile()``)."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return True
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (none exists before dynamo is loaded)
     return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
@@ -153,11 +156,17 @@ class HooksHandle(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if _compiled(model):
+        if _compiled(model) and hasattr(model, "_orig_mod"):
             raise TypeError(
                 f"model is a torch.compile'd {type(model._orig_mod).__name__}, whose compiled code "
                 "ignores hooks placed after its first call; wrap the model itself (model._orig_mod) "
                 f"and compile the wrapper if you like: torch.compile({type(self).__name__}(model._orig_mod, ...))"
+            )
+        if _compiled(model):
+            raise TypeError(
+                f"model is a {type(model).__name__} compiled in place (model.compile()), whose compiled code "
+                "ignores hooks placed after its first call; wrap a model that is not compiled, and compile "
+                f"the wrapper if you like: {type(self).__name__}(model, ...).compile()"
             )
         super().__init__()
         self.wrapped_model = model

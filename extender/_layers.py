@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +141,8 @@ def _submodule(model: torch.nn.Module, modules: dict[str, torch.nn.Module], modu
         return modules[module_id]
     module: torch.nn.Module | None = model
     for name in module_id.split("."):
-        module = module._modules.get(name)
+        children = module._modules  # (a TorchScript module's is no dict: no .get)
+        module = children[name] if name in children else None
         if module is None:
             return None
     return module

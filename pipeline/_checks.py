@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,12 +42,29 @@ def choice(kind: type[enum.Enum]) -> Check:
     return check
 
 
+#: A number with an exponent that YAML 1.1 (PyYAML) reads as text: no dot, or no sign in the exponent.
+_EXPONENT_TEXT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _read_as_text(value: Any) -> str:
+    """For a number YAML read as text, what to write instead (else nothing).
+
+    >>> _read_as_text("1e3"), _read_as_text("abc")
+    (' (YAML reads 1e3 as text: write 1000, or 1.0e+3)', '')
+    """
+    if not isinstance(value, str) or not _EXPONENT_TEXT.fullmatch(value.strip()):
+        return ""
+    number = float(value)
+    plain = f"{int(number)}, or " if number.is_integer() and abs(number) < 1e16 else ""
+    return f" (YAML reads {value.strip()} as text: write {plain}{number:.1e})".replace("e+0", "e+").replace("e-0", "e-")
+
+
 def integer(minimum: int | None = None, optional: bool = False, maximum: int | None = None) -> Check:
     def check(key: str, value: Any) -> int | None:
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
+            raise ConfigError(key, f"expected an integer, got {value!r}{_read_as_text(value)}")
         if minimum is not None and value < minimum:
             raise ConfigError(key, f"must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -74,7 +92,7 @@ def number(minimum: float = 0.0, above: bool = False, valid: str = "", maximum: 
     """
     def check(key: str, value: Any) -> float:
         if not _is_real(value) or not math.isfinite(value):
-            raise ConfigError(key, f"expected a finite number, got {value!r}")
+            raise ConfigError(key, f"expected a finite number, got {value!r}{_read_as_text(value)}")
         if value < minimum or (above and value == minimum):
             raise ConfigError(key, f"must be {'more than' if above else 'at least'} {minimum:g}, got {value:g}"
                               + (f"; {valid}" if valid else ""))

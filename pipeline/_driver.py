@@ -33,7 +33,7 @@ from ._sources import IndexFile, MemoryIndex, describe_error, write_index
 from ._store import OutputStore
 from ._worker import ShardWorker
 from .config import Config, ExecutorKind, ModelSpec, RunSpec, SourceKind, comparable_location
-from .errors import BadSampleError, ConfigError, ShardFailedError
+from .errors import BadSampleError, ConfigError, ShardFailedError, repeats
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def execute(executor: Executor, plan: Sequence[Shard], run: RunSpec, progress: P
                 raise outcome.error
             else:
                 reason = _last_line(outcome.error)
-                delay = queue.failed(outcome.shard, reason, outcome.error, outcome.lost_worker)
+                delay = queue.failed(outcome.shard, reason, outcome.error,
+                                     wait=not outcome.lost_worker and not repeats(outcome.error))
                 log.warning("shard %d %s: %s; %s (try %d of %d)", outcome.shard.id,
                             "lost its worker" if outcome.lost_worker else "failed", reason,
                             f"trying it again in {delay:g} s" if delay else "trying it again",
@@ -110,14 +111,22 @@ def _check_ids(source, strict: bool) -> None:
     log.warning("%s", message)
 
 
+#: The first characters of the names a source passes over (hidden files; Parquet's also ``_``).
+_PASSED_OVER = {SourceKind.FOLDER: (".",), SourceKind.PARQUET: (".", "_")}
+
+
 def _refuse_output_in_source(config: Config) -> None:
     """An output inside the folder a folder or Parquet source reads: the dump's own files would
-    join the source, and the rerun that resumes it would find the source changed."""
+    join the source, and the rerun that resumes it would find the source changed (but for a
+    folder the source passes over, a hidden one)."""
     path = getattr(config.source, "path", None)
-    if config.source.kind not in (SourceKind.FOLDER, SourceKind.PARQUET) or not isinstance(path, str):
+    if config.source.kind not in _PASSED_OVER or not isinstance(path, str):
         return
     output, source = (comparable_location(p).partition("?")[0].rstrip("/") for p in (config.run.output, path))
-    if output == source or output.startswith(source + "/"):
+    below = output[len(source) + 1:].split("/") if output.startswith(source + "/") else []
+    if any(part.startswith(_PASSED_OVER[config.source.kind]) for part in below):
+        return
+    if output == source or below:
         raise ConfigError(RunSpec.key("output"), f"{shown(config.run.output)!r} lies inside the folder the source reads "
                           f"({config.source.key('path')}: {shown(path)!r}): the dump's files would become part of the "
                           "source, and a rerun would find it changed; put the output outside it")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
@@ -101,10 +102,12 @@ class FileLayout:
 
     def column(self, name: str) -> tuple[str, str | None] | None:
         """Column ``name`` as ``(type, spec as JSON or None)``; ``None`` where the file lacks it."""
-        if name not in self.types:
-            return None
-        spec = self.specs.get(name)
-        return self.types[name], None if spec is None else json.dumps(spec, sort_keys=True)
+        return self._columns.get(name)
+
+    @functools.cached_property
+    def _columns(self) -> dict[str, tuple[str, str | None]]:
+        return {name: (kind, None if (spec := self.specs.get(name)) is None else json.dumps(spec, sort_keys=True))
+                for name, kind in self.types.items()}
 
 
 def file_layout(parquet: pq.ParquetFile, layer: str) -> FileLayout | str:
@@ -176,14 +179,40 @@ def _reference_columns(layouts: list[FileLayout]) -> dict[str, tuple[str, str | 
         if name in companions:
             continue
         held = [layout.column(name) for layout in layouts]
-        top = collections.Counter(held).most_common(1)[0][0]  # (on a tie, the first file's)
+        top = _most(collections.Counter(held))
         tensors = collections.Counter(h for h in held if h is not None and h[1] is not None)
-        reference[name] = top if top is not None and top[1] is None else (
-            tensors.most_common(1)[0][0] if tensors else None)
+        if top is not None and top is not SPLIT and top[1] is None:  # a plain column
+            reference[name] = top
+        elif tensors:  # an array label: the files whose rows have none lack it, and do not count
+            reference[name] = TENSORS_SPLIT if (most := _most(tensors)) is SPLIT else most
+        else:
+            reference[name] = top
     return reference
 
 
+#: A column the layer's files hold in two or more ways, none held by more files than the others
+#: (``TENSORS_SPLIT``: an array label, which a file whose rows have none may lack).
+SPLIT, TENSORS_SPLIT = ("", ""), ("", "tensors")
+
+
+def _most(counts: collections.Counter) -> Any:
+    """The value held most, or :data:`SPLIT` when another is held as often: then no file can
+    be taken for the layer's, and every file that holds one of them is named, so a rerun
+    redoes them all rather than the good ones.
+
+    >>> _most(collections.Counter("aab")), _most(collections.Counter("ab")) is SPLIT
+    ('a', True)
+    """
+    top = counts.most_common(2)
+    return SPLIT if len(top) == 2 and top[0][1] == top[1][1] else top[0][0]
+
+
 def _column_problem(name: str, have: tuple[str, str | None] | None, want: tuple[str, str | None] | None) -> str | None:
+    if want is TENSORS_SPLIT and have is None:
+        return None
+    if want is SPLIT or want is TENSORS_SPLIT:
+        return f"the layer's files hold its column {name!r} in as many ways as each other: " + (
+            "this one lacks it" if have is None else f"this one as {_held(have)}")
     if have == want or (have is None and want[1] is not None):  # (an array label the file's rows lack)
         return None
     if want is None:

@@ -6,6 +6,7 @@ of them, and the weights' digest (kept in the manifest) proves it.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import inspect
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from extender import ActivationMapGrabber, ModelStump, UnknownLayerError, list_layers
+from extender._layers import resolve_selections
 
 from ._targets import import_target
 from .config import Mode, ModelSpec
@@ -263,6 +265,25 @@ class LayerOutputs(torch.nn.Module):
             text += f"; dump a layer that runs ({close_matches(missing[0], ran)})"
         return text + (f"; `actmap layers MODEL --input-size {' '.join(map(str, x.shape[1:]))}` lists each layer with "
                        "how often it ran (0: never)")
+
+    def calls(self, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+        """For each wanted layer that runs more than once in a forward of ``x``: the call whose
+        output a forward of this wrapper keeps (the last before it stops, in stump mode or with
+        ``stop_early``), and the calls a whole forward makes. Two more forwards of ``x``, with a
+        hook on each wanted layer's module; the caller sets the grad and autocast modes."""
+        model = self.wrapper.wrapped_model
+        counts: collections.Counter[str] = collections.Counter()
+        handles = [module.register_forward_hook(lambda *_, layer=layer: counts.update([layer]), prepend=True)
+                   for layer, (module, _) in zip(self.layers, resolve_selections(model, self.layers))]
+        try:
+            self.forward(x)
+            kept = dict(counts)
+            counts.clear()
+            model(x)  # the whole forward (the wrapper's hooks keep nothing outside its own calls)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {layer: (kept.get(layer, 0), counts[layer]) for layer in self.layers if counts[layer] > 1}
 
     def remove(self) -> None:
         """Take the hooks off the model."""

@@ -27,7 +27,6 @@ import logging
 import threading
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from ._imports import lazy_import

@@ -370,14 +370,15 @@ class ActivationDataset(torch.utils.data.Dataset):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        store = OutputStore(self.location)
         try:
             table = self._reader(key[0]).read_row_group(key[1])
         except OSError as exc:
+            store = OutputStore(self.location)  # (only here: on object storage a store may cost a request)
             _name_damaged_pages(store, [store.relative(self._files[key[0]])], exc)
             raise
         expected = self._offsets[slot + 1] - self._offsets[slot]
         if table.num_rows != expected:  # (the footer said otherwise when the dataset was made)
+            store = OutputStore(self.location)
             raise DamagedDumpError(f"{self.location!r} is damaged: {store.relative(self._files[key[0]])}: its row "
                                    f"group {key[1]} holds {table.num_rows:,} rows, its footer said {expected:,} "
                                    "(changed since the dataset was made?); make the dataset anew, and if it says so "

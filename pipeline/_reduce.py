@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DumpSpec, Reduction
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,24 @@ def _warn_if_upsampled(output: torch.Tensor, pool_size: int | list[int], layer: 
         log.warning("layer %r gives %dx%d maps, smaller than %s %dx%d: pooling repeats their values into the "
                     "larger size; a pool size of at most %dx%d keeps each value once", layer, output.shape[2],
                     output.shape[3], DumpSpec.key("pool_size"), height, width, output.shape[2], output.shape[3])
+
+
+def check_class_token(model: torch.nn.Module, spec: DumpSpec) -> None:
+    """Refuse ``reduce: cls`` for a model that says it has no class token (timm's ViTs built
+    with ``class_token=False``, as SigLIP's are: their ``cls_token`` is None): token 0 is a
+    patch's there, or a register's.
+
+    >>> from pipeline.config import DumpSpec
+    >>> model = torch.nn.Module(); model.cls_token = None
+    >>> check_class_token(model, DumpSpec(reduce="cls"))
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: dump.reduce: 'cls' keeps token 0, the class token, but the model has none (its cls_token is None): token 0 is a patch's or a register's; use 'mean', or a layer that gives the pooled output
+    """
+    if spec.reduce is Reduction.CLS and "cls_token" in dir(model) and getattr(model, "cls_token") is None:
+        raise ConfigError(_REDUCE, "'cls' keeps token 0, the class token, but the model has none (its cls_token is "
+                                   "None): token 0 is a patch's or a register's; use 'mean', or a layer that gives "
+                                   "the pooled output")
 
 
 def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "") -> torch.Tensor:

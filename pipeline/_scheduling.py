@@ -227,7 +227,8 @@ class ShardQueue:
     any lane, after ``retry_delay`` seconds, twice as long after each further failure (at most
     :data:`MAX_RETRY_DELAY`): storage that is away a while fails the shards in flight, which
     would use up their tries at once. Other shards are dealt out meanwhile. A shard that lost
-    its worker is retried at once. Shards in ``done`` (a resumed run's) are passed over.
+    its worker, or whose error would come back as it was, is retried at once. Shards in ``done``
+    (a resumed run's) are passed over.
 
     >>> from pipeline._shards import plan_shards
     >>> q = ShardQueue(plan_shards(8, 1), lanes=2)
@@ -309,17 +310,17 @@ class ShardQueue:
         self._running.discard(shard.id)
         self.done.append(shard.id)
 
-    def failed(self, shard: Shard, error: object, cause: BaseException | None = None,
-               lost_worker: bool = False) -> float:
-        """Put ``shard`` back to retry; the seconds before it is due again (none where it
-        ``lost_worker``). ``ShardFailedError`` once it has failed ``max_attempts`` times
-        (``cause``: the error it failed with)."""
+    def failed(self, shard: Shard, error: object, cause: BaseException | None = None, wait: bool = True) -> float:
+        """Put ``shard`` back to retry; the seconds before it is due again (none without
+        ``wait``: it lost its worker, or its error comes back as it was at every try).
+        ``ShardFailedError`` once it has failed ``max_attempts`` times (``cause``: the error it
+        failed with)."""
         self._running.discard(shard.id)
         tries = self.attempts[shard.id]
         if tries >= self.max_attempts:
             raise ShardFailedError(f"shard {shard.id} (samples {shard.start}-{shard.stop}) failed "
                                    f"{tries} times; last error: {error}", cause)
-        delay = 0.0 if lost_worker else float(min(MAX_RETRY_DELAY, self.retry_delay * 2 ** (tries - 1)))
+        delay = min(MAX_RETRY_DELAY, self.retry_delay * 2.0 ** min(tries - 1, 32)) if wait else 0.0
         self._failures += 1
         # the shards due at once go in the order they failed, the latest first
         heapq.heappush(self._retry, (self._clock() + delay, -self._failures, shard))

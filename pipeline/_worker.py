@@ -40,7 +40,7 @@ from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, describe_failure, is_config_fault, model_identity
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
-from ._reduce import reduce_output
+from ._reduce import check_class_token, reduce_output
 from ._scheduling import SHARE_GPU_CPUS
 from ._shards import Shard
 from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
@@ -176,6 +176,18 @@ def _raised_in(exc: BaseException, function: Any) -> bool:
     return False
 
 
+def _not_batch_first(layer: str, output: torch.Tensor, inputs: int) -> str:
+    """Why a layer output whose first dim is not the batch's cannot be stored by sample.
+
+    >>> _not_batch_first("rnn[1]", torch.zeros(1, 2, 8), 2)
+    "layer 'rnn[1]' gives a 1x2x8 tensor for 2 inputs: its first dim is not the batch's, so its rows are not the samples' (a sequence-first RNN's state, one image's detections); dump a layer, or pick an output, with one row per input"
+    """
+    shape = "x".join(map(str, output.shape)) or "0-d"
+    return (f"layer {layer!r} gives a {shape} tensor for {inputs} input{'s' if inputs != 1 else ''}: its first dim "
+            "is not the batch's, so its rows are not the samples' (a sequence-first RNN's state, one image's "
+            "detections); dump a layer, or pick an output, with one row per input")
+
+
 def _not_a_tensor(layer: str, output: Any) -> str:
     """Why a layer's ``output`` cannot be stored, and what to dump instead: one of its tensors
     through a selector, where it holds any (a tuple, a dict, a dataclass, ...), else another layer.
@@ -228,6 +240,7 @@ class ShardWorker:
                                        f"driver's has {expected_digest[:12]}: {self.config.model.name!r} does "
                                        f"not build the same weights from {ModelSpec.key('seed')}; give a "
                                        f"{ModelSpec.key('weights')} file")
+        check_class_token(model, self.config.dump)
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # what the model is fed (normalize: model reads the model's own config)
@@ -326,6 +339,8 @@ class ShardWorker:
                 out = outputs[layer]  # every wanted layer's: one that did not run has raised
                 if not isinstance(out, torch.Tensor):
                     raise LayerOutputError(_not_a_tensor(layer, out))
+                if out.ndim == 0 or out.shape[0] != len(positions):
+                    raise LayerOutputError(_not_batch_first(layer, out, len(positions)))
                 stored = reduce_output(out, self.config.dump, layer)
                 counted.append((layer, stored))
                 host[layer] = _host(stored)
@@ -558,6 +573,9 @@ class ShardWorker:
                 shape = array.shape if self.fixed else None
                 layers[layer] = LayerSpec(shape, self.config.dump.dtype.value)
                 self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples, self.label_fields), outputs)
+            # the sample twice: an output whose first dim is not the batch's (an RNN's state) shows
+            self._forward(_Batch(first.samples * 2, first.images * 2, []))
+            self._warn_of_repeated_calls(first)
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
         except OutputSelectionError as exc:  # a selector that does not fit the layer's output
@@ -571,6 +589,23 @@ class ShardWorker:
             raise ConfigError(Config.key("model"), f"a trial forward of sample {first.samples[0].sample_id!r} "
                               f"failed: {describe_failure(exc)}{self._trial_hint(exc, first.images[0])}") from None
         return layers
+
+    def _warn_of_repeated_calls(self, batch: _Batch) -> None:
+        """A warning for each wanted layer whose module the model calls more than once in a
+        forward: which call is stored changes with the mode, ``stop_early`` and the other layers."""
+        x = to_model_input(stack_images(batch.images[:1]).to(self.device), self.mean_std,
+                           self.config.model.channels_last)
+        precision = self.config.model.precision
+        autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+                    if precision in _AUTOCAST else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            calls = self.outputs.calls(x)
+        for layer, (kept, total) in calls.items():
+            log.warning("layer %r runs %d times in a forward of the model, and this run stores the output of its "
+                        "call %d of %d; which call is stored changes with %s, %s and the other layers dumped: dump "
+                        "a layer that runs once to be sure which output it is (`actmap layers MODEL --input-size "
+                        "...` counts the calls)", layer, total, kept, total, ModelSpec.key("mode"),
+                        ModelSpec.key("stop_early"))
 
     def _trial_hint(self, exc: Exception, image: torch.Tensor) -> str:
         """What may fix a trial forward that failed inside the model (the pipeline's own errors

@@ -431,7 +431,8 @@ class RunSpec(_Section):
     shards fill the shares), or, on a cluster without GPUs, one actor per CPU. A shard is tried
     at most ``max_attempts`` times in all, on whatever worker; one that failed waits
     ``retry_delay`` seconds before its next try, twice as long after each further failure (at
-    most 5 minutes; one that lost its worker is retried at once). A Ray run whose actors none comes
+    most 5 minutes; one that lost its worker, or whose error would only come back, is retried at
+    once). A Ray run whose actors none comes
     up within ``start_timeout`` seconds (a busy cluster, one that does not scale up) stops. A
     run that stops (a strict bad sample, a shard out of tries, Ctrl-C, SIGTERM) gives its Ray
     actors ``stop_grace`` seconds to end their shards at their next batch, then kills them.
@@ -600,11 +601,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-# and a number with an exponent is a number, as YAML 1.2 (and JSON) read it: YAML 1.1 wants a dot
-# and a signed exponent (1.0e+3), and reads 1e3 or 1.5e-3 as text
-_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                       re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                                       list("-+0123456789."))
 
 
 def _read_yaml(text: str) -> Any:
@@ -613,8 +609,6 @@ def _read_yaml(text: str) -> Any:
 
     >>> _read_yaml("output: 2024-01-01")
     {'output': '2024-01-01'}
-    >>> _read_yaml("[1e3, 1.5e-3, -2E+2, 1.0, 1e, e3, 1_000]")
-    [1000.0, 0.0015, -200.0, 1.0, '1e', 'e3', 1000]
     """
     return yaml.load(text, Loader=_UniqueKeyLoader)
 

@@ -95,6 +95,13 @@ _RERUN_FAILS = ("The shards finished so far are kept, but a rerun of the same co
                 "change the config as the error says (a change to the model or the dump needs --overwrite).")
 
 
+def repeats(error: BaseException | None) -> bool:
+    """Whether ``error`` comes back as it was at every try (a layer that gives no tensor, a
+    shape that changed, other weights), unlike the storage or network errors that a later try
+    may pass."""
+    return isinstance(error, ConfigError) or getattr(error, "after", None) == _RERUN_FAILS
+
+
 class BadSampleError(PipelineError, RuntimeError):
     """A sample could not be read in strict mode."""
 

@@ -356,3 +356,17 @@ def test_a_forward_that_stops_early_puts_grad_mode_and_autocast_back(make):
     finally:
         torch.set_grad_enabled(True)
         torch.set_autocast_enabled("cpu", False)
+
+
+def test_a_model_compiled_in_place_is_refused(counting_model, assert_no_hooks):
+    counting_model.compile(backend="eager")
+    counting_model(torch.rand(1, 2))
+    with pytest.raises(TypeError, match=r"model is a Sequential compiled in place \(model.compile\(\)\), whose "
+                                        r"compiled code ignores hooks placed after its first call"):
+        ActivationMapGrabber(counting_model, ["0"])
+
+
+def test_a_mistyped_layer_under_a_torchscript_part_is_an_unknown_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.jit.script(torch.nn.Sequential(torch.nn.ReLU())))
+    with pytest.raises(UnknownLayerError, match="Unknown layer id '1.3'"):
+        ActivationMapGrabber(model, ["1.3"])

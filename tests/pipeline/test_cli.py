@@ -294,15 +294,20 @@ def test_an_empty_config_file_or_one_of_comments_is_the_defaults(tmp_path):
         assert load_config(tmp_path / "c.yaml") == load_config()
 
 
-def test_a_number_with_an_exponent_is_a_number_in_a_file_and_on_the_command_line(tmp_path):
-    (tmp_path / "c.yaml").write_text("run:\n  start_timeout: 6e2\n  stop_grace: 1.5e1\n")
-    config = load_config(tmp_path / "c.yaml", ["run.retry_delay=2e0"])
-    assert (config.run.start_timeout, config.run.stop_grace, config.run.retry_delay) == (600.0, 15.0, 2.0)
+@pytest.mark.parametrize("value, said", [
+    ("6e2", "run.start_timeout: expected a finite number, got '6e2' (YAML reads 6e2 as text: write 600, or 6.0e+2)"),
+    ("1.0e20", "run.start_timeout: expected a finite number, got '1.0e20' (YAML reads 1.0e20 as text: write 1.0e+20)"),
+])
+def test_a_number_yaml_reads_as_text_is_told_how_to_write_it(tmp_path, capsys, value, said):
+    # (YAML 1.1 reads exponents without a dot or a sign as text; reading them as numbers would
+    # change the identity of dumps whose model or source kwargs hold such text)
+    assert main(["run", "--set", f"run.start_timeout={value}", "--set", "run.executor=local"]) == 2
+    assert f"actmap: error: {said}" in capsys.readouterr().err
 
 
 def test_a_wait_too_long_for_ray_exits_2(capsys):
     # (Ray's waits turn seconds into milliseconds as a C long: 1e20 s failed the run, exit 1, at its start)
-    assert main(["run", "--set", "run.start_timeout=1e20", "--set", "run.executor=local"]) == 2
+    assert main(["run", "--set", "run.start_timeout=1.0e+20", "--set", "run.executor=local"]) == 2
     assert "actmap: error: run.start_timeout: must be at most 3.1536e+07, got 1e+20" in capsys.readouterr().err
 
 
@@ -348,6 +353,10 @@ def test_an_output_inside_the_folder_the_source_reads_exits_2(tmp_path, capsys):
         assert code == 2, err
         assert f"actmap: error: run.output: '{output}' lies inside the folder the source reads (source.path: " in err
         assert not (tmp_path / "images" / "out").exists()
+    # a hidden folder, which the source passes over, may hold it
+    assert main(["run", "--set", "source.kind=folder", "--set", f"source.path={tmp_path / 'images'}",
+                 "--set", "run.executor=local", "--set", "model.name=support.models:tiny",
+                 "--set", "model.layers=[conv2]", "--set", f"run.output={tmp_path / 'images' / '.dump'}"]) == 0
 
 
 @pytest.mark.parametrize("args, said", [
@@ -358,3 +367,28 @@ def test_an_output_inside_the_folder_the_source_reads_exits_2(tmp_path, capsys):
 def test_empty_names_and_negative_counts_exit_2(capsys, args, said):
     assert main(args) == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layer, said", [("rnn[1]", "a 1x2x8 tensor for 2 inputs"),
+                                         ("rnn[0]", "a 16x1x8 tensor for 1 input")])
+def test_a_layer_whose_first_dim_is_not_the_batch_exits_2_before_any_work(tmp_path, capsys, layer, said):
+    out = tmp_path / "out"
+    code = main(["run", "--set", "model.name=support.models:recurrent", "--set", f"model.layers=['{layer}']",
+                 "--set", "source.image_size=16", "--set", "source.count=8", "--set", "run.executor=local",
+                 "--set", f"run.output={out}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"layer '{layer}' gives {said}: its first dim is not the batch's" in err
+    assert not out.exists()
+
+
+def test_cls_of_a_model_without_a_class_token_exits_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--set", "model.name=timm:vit_tiny_patch16_224", "--set", "model.layers=[blocks.0]",
+                 "--set", "model.kwargs={class_token: false, global_pool: avg, img_size: 32, num_classes: 0}",
+                 "--set", "dump.reduce=cls", "--set", "source.image_size=32", "--set", "source.count=4",
+                 "--set", "run.executor=local", "--set", f"run.output={out}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "actmap: error: dump.reduce: 'cls' keeps token 0, the class token, but the model has none" in err
+    assert not out.exists()

@@ -48,14 +48,20 @@ def _dataset(target, **kwargs):
             "preprocess": {"normalize": "none"}}
 
 
-def _direct(config):
-    model = build_model(config.model)
+def _direct_input(config):
+    """The model's input for every sample of ``config``'s source, preprocessed as a run does."""
     samples = open_source(config.source).read(range(len(open_source(config.source))))
     x = torch.stack([pixels(s) for s in samples])
     x = x.float() / 255 if x.dtype == torch.uint8 else x
     if config.source.preprocess.mean_std() is not None:
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in config.source.preprocess.mean_std())
         x = (x - mean) / std
+    return x
+
+
+def _direct(config):
+    model = build_model(config.model)
+    x = _direct_input(config)
     with torch.no_grad():
         relu1 = model.relu1(model.conv1(x))
         return {"relu1": relu1, "conv2": model.conv2(relu1)}
@@ -586,3 +592,21 @@ def test_storage_that_goes_away_fails_a_shard_that_waits_and_then_finishes(tmp_p
         assert read_table(out, "conv2").column("index").to_pylist() == list(range(200))
     assert failures() and all("trying it again in 2 s (try 2 of 3)" in m for m in failures()), failures()
     assert summary.rows == {"relu1": 200, "conv2": 200} and summary.bad == []
+
+
+@pytest.mark.parametrize("model, kept", [({"layers": ["relu"]}, 1), ({"layers": ["relu"], "stop_early": False}, 2),
+                                         ({"layers": ["relu", "conv2"]}, 1), ({"layers": ["relu", "out"]}, 2),
+                                         ({"layers": ["relu"], "mode": "stump"}, 1)])
+def test_a_layer_that_runs_twice_in_a_forward_is_said_with_the_call_stored(tmp_path, caplog, model, kept):
+    config = _config(tmp_path / "out", model={"name": "support.models:twice", **model}, dump={"dtype": "float32"})
+    run(config, stream=None)
+    said = [r.getMessage() for r in caplog.records if "runs 2 times in a forward" in r.getMessage()]
+    assert said == [f"layer 'relu' runs 2 times in a forward of the model, and this run stores the output of its "
+                    f"call {kept} of 2; which call is stored changes with model.mode, model.stop_early and the other "
+                    "layers dumped: dump a layer that runs once to be sure which output it is (`actmap layers MODEL "
+                    "--input-size ...` counts the calls)"]
+    x, m = _direct_input(config), build_model(config.model)
+    with torch.no_grad():
+        first = m.relu(m.conv1(x))
+        expected = first if kept == 1 else m.relu(m.conv2(first))
+    np.testing.assert_allclose(read_layer(config.run.output, "relu"), expected.numpy(), atol=1e-5)

@@ -13,7 +13,7 @@ from pipeline._progress import Progress
 from pipeline._shards import Shard, plan_shards
 from pipeline._worker import ShardWorker
 from pipeline.config import Config, RunSpec
-from pipeline.errors import ShardFailedError
+from pipeline.errors import ShapeChangedError, ShardFailedError
 
 
 class Lossy:
@@ -65,9 +65,10 @@ class Flaky(Lossy):
     """An executor with one worker whose shards each fail their first ``fails`` tries (storage
     that is away a while) and then finish; ``submitted`` keeps when each try began."""
 
-    def __init__(self, fails: int):
+    def __init__(self, fails: int, error: Exception | None = None):
         super().__init__(comes_back=True)
         self.fails, self.submitted = fails, []
+        self.error = error or OSError("storage is away")
 
     def submit(self, shard: Shard) -> None:
         super().submit(shard)
@@ -76,7 +77,7 @@ class Flaky(Lossy):
     def wait(self, timeout: float) -> list[Outcome]:
         shard = self.shards.pop()
         if self.tries[shard.id] <= self.fails:
-            return [Outcome(shard, error=OSError("storage is away"))]
+            return [Outcome(shard, error=self.error)]
         return [Outcome(shard, record=types.SimpleNamespace(total_bytes=0))]
 
 
@@ -101,6 +102,13 @@ def test_the_wait_doubles_at_each_failure_and_only_waiting_shards_are_no_dead_wo
     assert [r.getMessage() for r in caplog.records] == [
         "shard 0 failed: storage is away; trying it again in 0.2 s (try 2 of 3)",
         "shard 0 failed: storage is away; trying it again in 0.4 s (try 3 of 3)"]
+
+
+def test_a_shard_whose_error_comes_back_at_every_try_is_retried_at_once():
+    executor = Flaky(fails=2, error=ShapeChangedError("layer 'conv2' gave (2, 8, 8), before (2, 6, 6)"))
+    began = time.monotonic()
+    execute(executor, plan_shards(2, 2), RunSpec(max_attempts=3, retry_delay=60), Progress(2, None), {})
+    assert executor.tries == {0: 3} and time.monotonic() - began < 30
 
 
 def test_a_shard_that_lost_its_worker_is_retried_at_once():

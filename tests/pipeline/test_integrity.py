@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -219,3 +220,33 @@ def test_a_footer_whose_row_groups_do_not_add_up_to_its_rows_is_damage(copy):
     said = f"{name}: its footer is damaged: its row groups hold {meta.row_group(0).num_rows + 4} rows, it says 8"
     assert _inspect(copy) == [said]
     _refused(copy, "conv2", said)
+
+
+def test_files_that_split_a_layer_evenly_are_all_named_and_a_rerun_mends_them(copy):
+    """No file can be taken for the layer's then: naming one side would have a rerun redo the good
+    files and keep the bad, for good."""
+    for name, new in (("layer=relu1/part-00000.parquet", "lacel"), ("layer=relu1/part-00001.parquet", "lbl")):
+        table = pq.read_table(copy / name)
+        renamed = table.rename_columns([new if c == "label" else c for c in table.column_names])
+        _rewrite(copy, name, renamed.replace_schema_metadata(table.schema.metadata))
+    damage = _inspect(copy)
+    assert sorted(line.split(":")[0] for line in damage) == [f"layer=relu1/part-0000{i}.parquet" for i in range(3)]
+    assert all("its footer disagrees with the layer's other files" in line for line in damage), damage
+    run(_config(copy), stream=None)
+    assert inspect_dump(str(copy)).complete
+    assert read_table(str(copy), "relu1").column("label").to_pylist() == read_table(str(copy), "conv2").column("label").to_pylist()
+
+
+def test_two_files_that_disagree_are_both_named(tmp_path):
+    out = tmp_path / "out"
+    config = Config.from_dict({**_config(out).to_dict(), "source": {"count": 16, "image_size": 16}})
+    run(config, stream=None)
+    name = "layer=relu1/part-00000.parquet"
+    table = pq.read_table(out / name)
+    _rewrite(out, name, table.cast(table.schema.set(table.schema.get_field_index("label"),
+                                                    pa.field("label", pa.int32()))))
+    damage = _inspect(out)
+    assert sorted(line.split(":")[0] for line in damage) == [f"layer=relu1/part-0000{i}.parquet" for i in range(2)]
+    assert "the layer's files hold its column 'label' in as many ways as each other: this one as int32" in damage[0]
+    run(config, stream=None)
+    assert inspect_dump(str(out)).complete

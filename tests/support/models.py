@@ -198,3 +198,37 @@ def loose() -> Loose:
 def half() -> TinyConvNet:
     """A TinyConvNet in half precision (float16 weights)."""
     return TinyConvNet().half()
+
+
+class Recurrent(nn.Module):
+    """The rows of a 16 px grey image as a sequence through a GRU that is not batch-first: its
+    output ``rnn[0]`` is (16, batch, 8) and its state ``rnn[1]`` (1, batch, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(16, 8)
+
+    def forward(self, x):
+        return self.rnn(x.mean(dim=1).transpose(0, 1))[0][-1]
+
+
+def recurrent() -> Recurrent:
+    torch.manual_seed(0)
+    return Recurrent()
+
+
+class Twice(nn.Module):
+    """One ReLU module called twice in its forward (as a torchvision BasicBlock's is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.relu = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
+        self.out = nn.Flatten()
+
+    def forward(self, x):
+        return self.out(self.relu(self.conv2(self.relu(self.conv1(x)))))
+
+
+def twice() -> Twice:
+    torch.manual_seed(0)
+    return Twice()
