@@ -279,7 +279,10 @@ class LayerOutputs(torch.nn.Module):
             self.forward(x)
             kept = dict(counts)
             counts.clear()
-            model(x)  # the whole forward (the wrapper's hooks keep nothing outside its own calls)
+            try:
+                model(x)  # the whole forward (the wrapper's hooks keep nothing outside its own calls)
+            except Exception:  # a model whose later part fails on this input (dumped up to a layer
+                pass  # before it): the calls made up to the failure are counted
         finally:
             for handle in handles:
                 handle.remove()

@@ -610,3 +610,15 @@ def test_a_layer_that_runs_twice_in_a_forward_is_said_with_the_call_stored(tmp_p
         first = m.relu(m.conv1(x))
         expected = first if kept == 1 else m.relu(m.conv2(first))
     np.testing.assert_allclose(read_layer(config.run.output, "relu"), expected.numpy(), atol=1e-5)
+
+
+def test_a_model_whose_later_part_fails_on_the_input_is_dumped_up_to_a_layer_before_it(tmp_path, caplog):
+    """The trial's count of each wanted layer's calls runs the whole forward; a head that cannot
+    take the input may fail it, as long as the layers dumped come first."""
+    config = _config(tmp_path / "out", model={"name": "support.models:fixed_head", "layers": ["relu"]},
+                     source={"count": 8, "image_size": 8}, dump={"dtype": "float32"})
+    summary = run(config, stream=None)
+    assert summary.rows == {"relu": 8}
+    x, m = _direct_input(config), build_model(config.model)
+    with torch.no_grad():
+        np.testing.assert_allclose(read_layer(config.run.output, "relu"), m.relu(m.conv(x)).numpy(), atol=1e-6)

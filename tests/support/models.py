@@ -232,3 +232,20 @@ class Twice(nn.Module):
 def twice() -> Twice:
     torch.manual_seed(0)
     return Twice()
+
+
+class FixedHead(nn.Module):
+    """conv -> relu -> a linear head that takes 16 px inputs only: dumped at ``relu``, any size
+    runs, as the forward stops before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.head = nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Linear(2 * 16 * 16, 3)
+
+    def forward(self, x):
+        return self.head(self.relu(self.conv(x)).flatten(1))
+
+
+def fixed_head() -> FixedHead:
+    torch.manual_seed(0)
+    return FixedHead()
