@@ -46,17 +46,31 @@ def choice(kind: type[enum.Enum]) -> Check:
 _EXPONENT_TEXT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
-def _read_as_text(value: Any) -> str:
-    """For a number YAML read as text, what to write instead (else nothing).
+def _read_as_text(value: Any, whole: bool = False) -> str:
+    """For a number YAML read as text, how to write it so that it reads as one (``whole``: an
+    integer); else nothing.
 
-    >>> _read_as_text("1e3"), _read_as_text("abc")
-    (' (YAML reads 1e3 as text: write 1000, or 1.0e+3)', '')
+    >>> _read_as_text("125e-5"), _read_as_text("1e20"), _read_as_text("1e3", whole=True)
+    (' (YAML reads 125e-5 as text: write 0.00125)', ' (YAML reads 1e20 as text: write 1.0e+20)', ' (YAML reads 1e3 as text: write 1000)')
+    >>> _read_as_text("abc"), _read_as_text("1e400"), _read_as_text("1.5e0", whole=True)
+    ('', '', '')
     """
     if not isinstance(value, str) or not _EXPONENT_TEXT.fullmatch(value.strip()):
         return ""
     number = float(value)
-    plain = f"{int(number)}, or " if number.is_integer() and abs(number) < 1e16 else ""
-    return f" (YAML reads {value.strip()} as text: write {plain}{number:.1e})".replace("e+0", "e+").replace("e-0", "e-")
+    if not math.isfinite(number) or (number == 0 and any(c in "123456789" for c in value.split("e")[0].split("E")[0])):
+        return ""  # (too large, or too small, for any spelling)
+    if whole:
+        if not number.is_integer() or abs(number) >= 2**63:
+            return ""
+        spelled = str(int(number))
+    else:
+        spelled = repr(number)  # the shortest text that reads back as the same number
+        if "e" in spelled:  # YAML 1.1 wants a dot and a signed exponent
+            mantissa, exponent = spelled.split("e")
+            mantissa += "" if "." in mantissa else ".0"
+            spelled = f"{mantissa}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+    return f" (YAML reads {value.strip()} as text: write {spelled})"
 
 
 def integer(minimum: int | None = None, optional: bool = False, maximum: int | None = None) -> Check:
@@ -64,7 +78,7 @@ def integer(minimum: int | None = None, optional: bool = False, maximum: int | N
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}{_read_as_text(value)}")
+            raise ConfigError(key, f"expected an integer, got {value!r}{_read_as_text(value, whole=True)}")
         if minimum is not None and value < minimum:
             raise ConfigError(key, f"must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:

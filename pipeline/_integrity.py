@@ -179,9 +179,12 @@ def _reference_columns(layouts: list[FileLayout]) -> dict[str, tuple[str, str | 
         if name in companions:
             continue
         held = [layout.column(name) for layout in layouts]
-        top = _most(collections.Counter(held))
+        counts = collections.Counter(held)
+        top = _most(counts)
         tensors = collections.Counter(h for h in held if h is not None and h[1] is not None)
-        if top is not None and top is not SPLIT and top[1] is None:  # a plain column
+        if top is SPLIT and any(h is not None and h[1] is None for h in counts):  # plain in as many files
+            reference[name] = SPLIT
+        elif top is not None and top is not SPLIT and top[1] is None:  # a plain column
             reference[name] = top
         elif tensors:  # an array label: the files whose rows have none lack it, and do not count
             reference[name] = TENSORS_SPLIT if (most := _most(tensors)) is SPLIT else most

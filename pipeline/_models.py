@@ -7,10 +7,11 @@ of them, and the weights' digest (kept in the manifest) proves it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,27 +267,35 @@ class LayerOutputs(torch.nn.Module):
         return text + (f"; `actmap layers MODEL --input-size {' '.join(map(str, x.shape[1:]))}` lists each layer with "
                        "how often it ran (0: never)")
 
-    def calls(self, x: torch.Tensor) -> dict[str, tuple[int, int]]:
-        """For each wanted layer that runs more than once in a forward of ``x``: the call whose
-        output a forward of this wrapper keeps (the last before it stops, in stump mode or with
-        ``stop_early``), and the calls a whole forward makes. Two more forwards of ``x``, with a
-        hook on each wanted layer's module; the caller sets the grad and autocast modes."""
-        model = self.wrapper.wrapped_model
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[collections.Counter[str]]:
+        """Counts each wanted layer's calls while the block runs (a hook on each one's module,
+        before the wrapper's own, taken off after)."""
         counts: collections.Counter[str] = collections.Counter()
+        model = self.wrapper.wrapped_model
         handles = [module.register_forward_hook(lambda *_, layer=layer: counts.update([layer]), prepend=True)
                    for layer, (module, _) in zip(self.layers, resolve_selections(model, self.layers))]
         try:
-            self.forward(x)
-            kept = dict(counts)
-            counts.clear()
-            try:
-                model(x)  # the whole forward (the wrapper's hooks keep nothing outside its own calls)
-            except Exception:  # a model whose later part fails on this input (dumped up to a layer
-                pass  # before it): the calls made up to the failure are counted
+            yield counts
         finally:
             for handle in handles:
                 handle.remove()
-        return {layer: (kept.get(layer, 0), counts[layer]) for layer in self.layers if counts[layer] > 1}
+
+    @property
+    def stops_early(self) -> bool:
+        """Whether a forward of the wrapper ends at the wanted layers (stump mode, ``stop_early``)."""
+        return isinstance(self.wrapper, ModelStump) or bool(getattr(self.wrapper, "stop_early", False))
+
+    def whole_calls(self, x: torch.Tensor) -> collections.Counter[str]:
+        """Each wanted layer's calls in a whole forward of ``x`` (the wrapper's hooks keep nothing
+        outside its own calls); a forward that fails (a head that cannot take the input, dumped
+        up to a layer before it) is counted as far as it went. The caller sets the modes."""
+        with self.counting() as counts:
+            try:
+                self.wrapper.wrapped_model(x)
+            except Exception:
+                pass
+        return counts
 
     def remove(self) -> None:
         """Take the hooks off the model."""

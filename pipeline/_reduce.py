@@ -56,12 +56,12 @@ def check_class_token(model: torch.nn.Module, spec: DumpSpec) -> None:
     >>> check_class_token(model, DumpSpec(reduce="cls"))
     Traceback (most recent call last):
     ...
-    pipeline.errors.ConfigError: dump.reduce: 'cls' keeps token 0, the class token, but the model has none (its cls_token is None): token 0 is a patch's or a register's; use 'mean', or a layer that gives the pooled output
+    pipeline.errors.ConfigError: dump.reduce: 'cls' keeps token 0, the class token, but the model has none (its cls_token is None): token 0 is a patch's or a register's; use 'mean', or 'none' on a layer that gives the pooled output (fc_norm)
     """
     if spec.reduce is Reduction.CLS and "cls_token" in dir(model) and getattr(model, "cls_token") is None:
         raise ConfigError(_REDUCE, "'cls' keeps token 0, the class token, but the model has none (its cls_token is "
-                                   "None): token 0 is a patch's or a register's; use 'mean', or a layer that gives "
-                                   "the pooled output")
+                                   "None): token 0 is a patch's or a register's; use 'mean', or 'none' on a layer "
+                                   "that gives the pooled output (fc_norm)")
 
 
 def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "") -> torch.Tensor:

@@ -566,16 +566,17 @@ class ShardWorker:
             raise ConfigError(Config.key("source"), f"none of {tried} can be read ({reasons})")
         first = _Batch(batch.samples[:1], batch.images[:1], [])
         try:
-            outputs = self._forward(first)
+            with self.outputs.counting() as calls:
+                outputs = self._forward(first)
             layers = {}
             for layer in self.config.model.layers:
                 array = outputs.rows(layer, 1)[0]
                 shape = array.shape if self.fixed else None
                 layers[layer] = LayerSpec(shape, self.config.dump.dtype.value)
                 self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples, self.label_fields), outputs)
-            # the sample twice: an output whose first dim is not the batch's (an RNN's state) shows
-            self._forward(_Batch(first.samples * 2, first.images * 2, []))
-            self._warn_of_repeated_calls(first)
+            if self.config.run.batch_size > 1:
+                self._trial_of_two(first)
+            self._warn_of_repeated_calls(first, dict(calls))
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
         except OutputSelectionError as exc:  # a selector that does not fit the layer's output
@@ -590,22 +591,41 @@ class ShardWorker:
                               f"failed: {describe_failure(exc)}{self._trial_hint(exc, first.images[0])}") from None
         return layers
 
-    def _warn_of_repeated_calls(self, batch: _Batch) -> None:
+    def _trial_of_two(self, first: _Batch) -> None:
+        """The trial's sample twice in one batch: an output whose first dim is not the batch's
+        (an RNN's state) shows. A model that takes it alone but not two at once is told to take
+        batches of one."""
+        try:
+            self._forward(_Batch(first.samples * 2, first.images * 2, []))
+        except LayerOutputError:
+            raise
+        except Exception as exc:
+            if not is_config_fault(exc):
+                raise
+            raise ConfigError(RunSpec.key("batch_size"), f"the model takes sample {first.samples[0].sample_id!r} "
+                              f"alone but fails on a batch of two ({describe_failure(exc)}); set "
+                              f"{RunSpec.key('batch_size')}: 1 if it takes one input at a time") from None
+
+    def _warn_of_repeated_calls(self, batch: _Batch, kept: Mapping[str, int]) -> None:
         """A warning for each wanted layer whose module the model calls more than once in a
-        forward: which call is stored changes with the mode, ``stop_early`` and the other layers."""
-        x = to_model_input(stack_images(batch.images[:1]).to(self.device), self.mean_std,
-                           self.config.model.channels_last)
-        precision = self.config.model.precision
-        autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
-                    if precision in _AUTOCAST else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
-            calls = self.outputs.calls(x)
-        for layer, (kept, total) in calls.items():
-            log.warning("layer %r runs %d times in a forward of the model, and this run stores the output of its "
-                        "call %d of %d; which call is stored changes with %s, %s and the other layers dumped: dump "
-                        "a layer that runs once to be sure which output it is (`actmap layers MODEL --input-size "
-                        "...` counts the calls)", layer, total, kept, total, ModelSpec.key("mode"),
-                        ModelSpec.key("stop_early"))
+        forward (``kept``: the calls in the trial's forward, up to where it stopped): which call
+        is stored changes with the mode, ``stop_early`` and the other layers."""
+        total = kept
+        if self.outputs.stops_early:  # the calls after the stop: one whole forward
+            x = to_model_input(stack_images(batch.images[:1]).to(self.device), self.mean_std,
+                               self.config.model.channels_last)
+            precision = self.config.model.precision
+            autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+                        if precision in _AUTOCAST else contextlib.nullcontext())
+            with torch.inference_mode(), autocast:
+                total = self.outputs.whole_calls(x)
+        for layer in self.outputs.layers:
+            if total.get(layer, 0) > 1:
+                log.warning("layer %r runs %d times in a forward of the model, and this run stores the output of "
+                            "its call %d of %d; which call is stored changes with %s, %s and the other layers "
+                            "dumped: dump a layer that runs once to be sure which output it is (`actmap layers "
+                            "MODEL --input-size ...` counts the calls)", layer, total[layer], kept.get(layer, 0),
+                            total[layer], ModelSpec.key("mode"), ModelSpec.key("stop_early"))
 
     def _trial_hint(self, exc: Exception, image: torch.Tensor) -> str:
         """What may fix a trial forward that failed inside the model (the pipeline's own errors

@@ -295,7 +295,7 @@ def test_an_empty_config_file_or_one_of_comments_is_the_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("value, said", [
-    ("6e2", "run.start_timeout: expected a finite number, got '6e2' (YAML reads 6e2 as text: write 600, or 6.0e+2)"),
+    ("6e2", "run.start_timeout: expected a finite number, got '6e2' (YAML reads 6e2 as text: write 600.0)"),
     ("1.0e20", "run.start_timeout: expected a finite number, got '1.0e20' (YAML reads 1.0e20 as text: write 1.0e+20)"),
 ])
 def test_a_number_yaml_reads_as_text_is_told_how_to_write_it(tmp_path, capsys, value, said):
@@ -392,3 +392,13 @@ def test_cls_of_a_model_without_a_class_token_exits_2(tmp_path, capsys):
     assert code == 2, err
     assert "actmap: error: dump.reduce: 'cls' keeps token 0, the class token, but the model has none" in err
     assert not out.exists()
+
+
+def test_a_model_that_takes_one_input_at_a_time_runs_in_batches_of_one_and_is_told_so_otherwise(tmp_path, capsys):
+    args = ["run", "--set", "model.name=support.models:one_at_a_time", "--set", "model.layers=[fc]",
+            "--set", "source.image_size=8", "--set", "source.count=4", "--set", "run.executor=local"]
+    assert main([*args, "--set", "run.batch_size=4", "--set", f"run.output={tmp_path / 'four'}"]) == 2
+    assert ("actmap: error: run.batch_size: the model takes sample '0' alone but fails on a batch of two ("
+            in capsys.readouterr().err)
+    assert main([*args, "--set", "run.batch_size=1", "--set", f"run.output={tmp_path / 'one'}"]) == 0
+    assert read_layer(str(tmp_path / "one"), "fc").shape == (4, 3)

@@ -312,8 +312,11 @@ def test_an_error_while_stopping_leaves_the_runs_own_error(tmp_path, monkeypatch
 
 def test_shards_that_do_not_stop_in_time_are_killed_and_their_files_go_on_the_rerun(tmp_path, ray_cluster, caplog):
     out = tmp_path / "out"
-    strict = _config(out, "ray", model={"name": "support.models:slow", "kwargs": {"delay": 0.5}, "layers": ["conv2"]},
-                     source=_dataset("Squares", n=24, size=8, bad=13),  # a grace shorter than one forward:
+    # the two shards in flight take their batches in step (1 s forwards); item 13 fails 1.5 s into
+    # its read, so its shard stops at 2.5 s, in the middle of the other's third forward, which
+    # the grace (shorter than a forward) does not wait for
+    strict = _config(out, "ray", model={"name": "support.models:slow", "kwargs": {"delay": 1.0}, "layers": ["conv2"]},
+                     source=_dataset("LateBad", n=24, size=8, bad=13, delay=1.5),
                      run={"actors": 1, "batch_size": 2, "shard_size": 8, "strict": True, "stop_grace": 0.2})
     with pytest.raises(BadSampleError, match="sample '13'"):
         run(strict, stream=None)

@@ -25,6 +25,22 @@ class Squares(torch.utils.data.Dataset):
         return torch.rand(3, self.size, self.size, generator=g), i % 3
 
 
+class LateBad(Squares):
+    """Squares whose item ``bad`` raises after ``delay`` seconds (a read that fails slowly): the
+    shards beside its own have written batches by then."""
+
+    def __init__(self, n: int = 20, size: int = 16, bad: int | None = None, delay: float = 3.0):
+        super().__init__(n, size, bad)
+        self.delay = delay
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            import time
+
+            time.sleep(self.delay)
+        return super().__getitem__(i)
+
+
 class DictItems(Squares):
     """Items as dicts with an array label."""
 

@@ -249,3 +249,19 @@ class FixedHead(nn.Module):
 def fixed_head() -> FixedHead:
     torch.manual_seed(0)
     return FixedHead()
+
+
+class OneAtATime(nn.Module):
+    """A model that takes one input at a time: its head flattens the whole batch into one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(1, -1))
+
+
+def one_at_a_time() -> OneAtATime:
+    torch.manual_seed(0)
+    return OneAtATime()
