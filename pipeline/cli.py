@@ -42,11 +42,17 @@ def _log_level(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actmap", description="Dump the intermediate-layer outputs of "
                                      "PyTorch models over whole datasets into partitioned Parquet.")
-    parser.add_argument("--log-level", default="WARNING", type=_log_level,
-                        help="logging level: DEBUG, INFO, WARNING, ERROR, CRITICAL or a number (default: WARNING)")
+    level_help = "logging level: DEBUG, INFO, WARNING, ERROR, CRITICAL or a number (default: WARNING)"
+    parser.add_argument("--log-level", default="WARNING", type=_log_level, help=level_help)
+    # also after the command (actmap run x.yaml --log-level INFO); given there, it wins
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, type=_log_level, help=level_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="dump layer outputs (with no config: the embedded default job)")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    run = command("run", help="dump layer outputs (with no config: the embedded default job)")
     run.add_argument("config", nargs="?", help="YAML config; every key has a default")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help=f"override a config key, e.g. --set {RunSpec.key('batch_size')}=64 (repeatable)")
@@ -55,20 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace the dump in the output folder")
     run.add_argument("--quiet", action="store_true", help="no progress line")
 
-    layers = sub.add_parser("layers", help="list a model's layer ids (with output shapes given an input size)")
+    layers = command("layers", help="list a model's layer ids (with output shapes given an input size)")
     layers.add_argument("model", help="torchvision builder name or package.module:callable")
     layers.add_argument("--input-size", type=int, nargs="+", metavar="N",
                         help="example input size without batch dim, e.g. 3 224 224 (or one int: 3xNxN)")
     layers.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model builder kwargs, e.g. --set num_classes=10")
 
-    inspect = sub.add_parser("inspect", help="describe a dump: layers, shapes, rows, completeness, bad samples")
+    inspect = command("inspect", help="describe a dump: layers, shapes, rows, completeness, bad samples")
     inspect.add_argument("output", help="the dump's folder or URI")
     inspect.add_argument("--bad", type=int, default=20, metavar="N", help="list at most N bad samples")
     inspect.add_argument("--verify", action="store_true", help="also read every page of every file and check "
                          "its checksum (reads the whole dump)")
 
-    show = sub.add_parser("show", help="draw activation maps over their images, or value histograms (--stats), "
+    show = command("show", help="draw activation maps over their images, or value histograms (--stats), "
                           "into a PNG file")
     show.add_argument("output", help="the dump's folder or URI")
     show.add_argument("--layer", help="the layer to draw (required without --stats)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import read_layer
-from pipeline.cli import main
+from pipeline.cli import _parser, main
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -250,6 +250,13 @@ def test_a_bad_log_level_exits_2_naming_the_valid_ones(capsys, level):
 def test_a_log_level_by_number_or_in_any_case_is_taken(tmp_path, capsys):
     assert main(["--log-level", "10", "inspect", str(tmp_path)]) == main(["--log-level", "info", "inspect", str(tmp_path)]) == 2
     assert "is empty or does not exist: no dump there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, level", [(["inspect", "x"], 30), (["--log-level", "info", "inspect", "x"], 20),
+                                         (["inspect", "x", "--log-level", "debug"], 10),
+                                         (["--log-level", "info", "run", "c.yaml", "--log-level", "debug"], 10)])
+def test_the_log_level_is_taken_before_or_after_the_command(args, level):
+    assert _parser().parse_args(args).log_level == level
 
 
 def test_inspect_of_a_file_exits_2(tmp_path, capsys):
