@@ -69,7 +69,9 @@ def execute(executor: Executor, plan: Sequence[Shard], run: RunSpec, progress: P
                                        "the same command to finish")
             # workers free, none busy: the shards left wait to be retried
             due = queue.retry_due()
-            time.sleep(0.5 if due is None else min(0.5, max(0.0, due - time.monotonic())))
+            left = 0.0 if due is None else max(0.0, due - time.monotonic())
+            progress.waiting(queue.waiting, left)
+            time.sleep(min(0.5, left) if due is not None else 0.5)
             continue
         for outcome in executor.wait(timeout=0.5):
             if outcome.record is not None:
@@ -88,6 +90,8 @@ def execute(executor: Executor, plan: Sequence[Shard], run: RunSpec, progress: P
                             queue.attempts[outcome.shard.id] + 1, run.max_attempts)
         # the batches of the shards still running, and the workers still on their way
         progress.in_flight(executor.in_flight(records), executor.pending)
+        due = queue.retry_due()
+        progress.waiting(queue.waiting, 0.0 if due is None else max(0.0, due - time.monotonic()))
 
 
 def _last_line(exc: BaseException) -> str:

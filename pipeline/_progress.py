@@ -11,6 +11,9 @@
 >>> p.in_flight(50, pending=2)  # workers asked for that are not up yet
 >>> p.line()
 '[######..............]    300/1,000 samples  30.0 samples/s  5.0 MB/s  ETA 0:23  (2 actors pending)'
+>>> p.in_flight(50); p.waiting(1, 12.3)  # failed shards waiting for their next try
+>>> p.line()
+'[######..............]    300/1,000 samples  30.0 samples/s  5.0 MB/s  ETA 0:23  (1 shard to retry in 12 s)'
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Progress:
         self.partial = 0
         self.bytes = 0
         self.pending = 0
+        self.retries: tuple[int, float] = (0, 0.0)  # shards waiting for their next try, and when the first is due
         self._last_print = -1e9
         self._ended = False
         self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
@@ -58,6 +62,13 @@ class Progress:
         redraw if either changed."""
         if (samples, pending) != (self.partial, self.pending):
             self.partial, self.pending = samples, pending
+            self._draw()
+
+    def waiting(self, shards: int, seconds: float) -> None:
+        """Set the failed shards that wait for their next try, the first in ``seconds``; redraw
+        (on a terminal, every call: the seconds count down; elsewhere, every ``every`` seconds)."""
+        self.retries = (shards, seconds)
+        if shards:
             self._draw()
 
     def _draw(self) -> None:
@@ -79,6 +90,9 @@ class Progress:
         filled = int(width * done / self.total) if self.total else width
         eta = duration_text((self.total - done) / rate) if rate > 0 else "?"
         pending = f"  ({self.pending} actor{'s' if self.pending > 1 else ''} pending)" if self.pending else ""
+        shards, seconds = self.retries
+        if shards:
+            pending += f"  ({shards} shard{'s' if shards > 1 else ''} to retry in {seconds:.0f} s)"
         return (f"[{'#' * filled}{'.' * (width - filled)}] {done:>6,}/{self.total:,} samples  "
                 f"{rate:.1f} samples/s  {self.bytes / elapsed / 1e6:.1f} MB/s  ETA {eta}{pending}")
 

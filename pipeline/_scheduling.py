@@ -319,12 +319,17 @@ class ShardQueue:
         tries = self.attempts[shard.id]
         if tries >= self.max_attempts:
             raise ShardFailedError(f"shard {shard.id} (samples {shard.start}-{shard.stop}) failed "
-                                   f"{tries} times; last error: {error}", cause)
+                                   f"{tries} time{'s' if tries > 1 else ''}; last error: {error}", cause)
         delay = min(MAX_RETRY_DELAY, self.retry_delay * 2.0 ** min(tries - 1, 32)) if wait else 0.0
         self._failures += 1
         # the shards due at once go in the order they failed, the latest first
         heapq.heappush(self._retry, (self._clock() + delay, -self._failures, shard))
         return delay
+
+    @property
+    def waiting(self) -> int:
+        """How many failed shards wait for their next try."""
+        return len(self._retry)
 
     def retry_due(self) -> float | None:
         """When the first shard waiting to be retried is due (``clock``'s time), or ``None``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 import types
 
@@ -164,3 +165,11 @@ def test_closing_the_local_executor_gives_up_the_shards_in_flight(tmp_path):
     executor.close()
     out = tmp_path / "out"
     assert not list(out.rglob("*.parquet")) and not list(out.rglob("*.json")) and not list(out.rglob(".*"))
+
+
+def test_the_progress_line_says_a_shard_waits_for_its_next_try():
+    lines = io.StringIO()
+    execute(Flaky(fails=1), plan_shards(2, 2), RunSpec(max_attempts=2, retry_delay=0.3),
+            Progress(2, lines, every=0.0), {})
+    said = [line for line in lines.getvalue().splitlines() if "(1 shard to retry in " in line]
+    assert said, lines.getvalue()  # the driver ticks while it only waits, instead of going quiet
