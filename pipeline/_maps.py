@@ -30,7 +30,12 @@ MAX_PREFIX_TOKENS = 16
 
 
 class NoMapError(ValueError):
-    """An activation that cannot be drawn as a map (a vector per sample, a bad channel)."""
+    """An activation that cannot be drawn as a map (a vector per sample, a bad channel);
+    ``option``: the command-line option at fault."""
+
+    def __init__(self, message: str, option: str = "--layer"):
+        super().__init__(message)
+        self.option = option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,8 @@ def _pick(values: np.ndarray, channels: Sequence[int] | None, what: str) -> list
     maps = []
     for c in channels:
         if not -count <= c < count:
-            raise NoMapError(f"{what} {c} is out of range: the layer has {count} {what}s (0 to {count - 1})")
+            raise NoMapError(f"{what} {c} is out of range: the layer has {count} {what}s (0 to {count - 1})",
+                             "--channels")
         maps.append(Map(values[c], f"{what} {c}"))
     return maps
 
@@ -104,7 +110,7 @@ def activation_maps(activation: np.ndarray, channels: Sequence[int] | None, aspe
     if activation.ndim == 2 and reduce == "channel_mean":
         if channels is not None:
             raise NoMapError(f"the dump keeps the mean over the channels only ({DumpSpec.key('reduce')}: "
-                             "channel_mean); leave out --channels")
+                             "channel_mean); leave out --channels", "--channels")
         return [Map(activation, "mean over the channels")]
     if activation.ndim == 2:
         prefix, rows, cols = token_grid(activation.shape[0], aspect, prefix)

@@ -139,7 +139,7 @@ def _show(args: argparse.Namespace) -> int:
     except DamagedDumpError as exc:
         return _damaged(exc)
     except NoMapError as exc:
-        raise ConfigError("--layer", str(exc)) from None
+        raise ConfigError(exc.option, str(exc)) from None
     except KeyError as exc:  # an unknown layer: the reader names the layers there are
         raise ConfigError("--layer", str(exc)) from None
     print(path)

@@ -159,3 +159,8 @@ def test_show_of_a_file_blames_the_output(tmp_path, capsys):
 def test_show_refuses_a_negative_channel(conv_dump, tmp_path, capsys):
     assert main(["show", conv_dump, "--layer", "conv2", "--channels", "1", "-1", "-o", str(tmp_path / "x.png")]) == 2
     assert "--channels: channels are numbered from 0, got -1" in capsys.readouterr().err
+
+
+def test_show_blames_the_channels_for_a_channel_out_of_range(conv_dump, tmp_path, capsys):
+    assert main(["show", conv_dump, "--layer", "conv2", "--channels", "99", "-o", str(tmp_path / "x.png")]) == 2
+    assert "actmap: error: --channels: channel 99 is out of range: the layer has " in capsys.readouterr().err
