@@ -63,17 +63,18 @@ def execute(executor: Executor, plan: Sequence[Shard], run: RunSpec, progress: P
             lock.check()
         while executor.free and (shard := queue.take(executor.lane)) is not None:
             executor.submit(shard)
-        if not executor.busy:
-            if not executor.free:
-                raise ShardFailedError("every worker has died; the shards done so far are kept, rerun "
-                                       "the same command to finish")
-            # workers free, none busy: the shards left wait to be retried
-            due = queue.retry_due()
-            left = 0.0 if due is None else max(0.0, due - time.monotonic())
-            progress.waiting(queue.waiting, left)
-            time.sleep(min(0.5, left) if due is not None else 0.5)
-            continue
-        for outcome in executor.wait(timeout=0.5):
+        if not executor.busy and not executor.free:
+            raise ShardFailedError("every worker has died; the shards done so far are kept, rerun "
+                                   "the same command to finish")
+        # a worker free: no longer than the next retry's wait (none is due now: take took it)
+        due = queue.retry_due() if executor.free else None
+        timeout = 0.5 if due is None else min(0.5, max(0.0, due - time.monotonic()))
+        if executor.busy:
+            outcomes = executor.wait(timeout=timeout)
+        else:  # workers free, none busy: the shards left wait to be retried
+            time.sleep(timeout)
+            outcomes = []
+        for outcome in outcomes:
             if outcome.record is not None:
                 queue.finished(outcome.shard)
                 records[outcome.shard.id] = outcome.record
@@ -88,7 +89,8 @@ def execute(executor: Executor, plan: Sequence[Shard], run: RunSpec, progress: P
                             "lost its worker" if outcome.lost_worker else "failed", reason,
                             f"trying it again in {delay:g} s" if delay else "trying it again",
                             queue.attempts[outcome.shard.id] + 1, run.max_attempts)
-        # the batches of the shards still running, and the workers still on their way
+        # the batches of the shards still running, and the workers still on their way (asking
+        # also finds a worker that died while idle: the Ray executor sends it no retry)
         progress.in_flight(executor.in_flight(records), executor.pending)
         due = queue.retry_due()
         progress.waiting(queue.waiting, 0.0 if due is None else max(0.0, due - time.monotonic()))

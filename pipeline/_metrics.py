@@ -140,6 +140,8 @@ class InFlightPoller:
     seconds, sends a new question to every live actor that has none outstanding; it returns the
     samples done of shards in flight. (The driver polls each time a shard ends, a dozen times a
     second on small shards: each question is a call the actor serves, on the cores that dump.)
+    A question that failed leaves its actor and error in :attr:`failed` (an actor that died
+    idle has no shard to say so), until the caller takes them.
     """
 
     def __init__(self, actors: Sequence[Any], every: float = 0.5):
@@ -148,6 +150,7 @@ class InFlightPoller:
         self._asked: dict[Any, int] = {}  # object ref -> actor index
         self._answers: dict[int, dict[int, int]] = {}  # actor index -> shard -> samples
         self._last_asked = -math.inf
+        self.failed: dict[int, BaseException] = {}  # actor index -> why its last question failed
 
     def poll(self, alive: set[int], finished: Mapping[int, Any]) -> int:
         """Samples done of the shards that are neither finished nor on a dead actor."""
@@ -159,8 +162,9 @@ class InFlightPoller:
                 actor = self._asked.pop(ref)
                 try:
                     self._answers[actor] = ray.get(ref)
-                except Exception:  # a dead actor: its shards go elsewhere
+                except Exception as exc:  # a dead actor: its shards go elsewhere
                     self._answers.pop(actor, None)
+                    self.failed[actor] = exc
         now = time.monotonic()
         if now - self._last_asked >= self.every:
             self._last_asked = now

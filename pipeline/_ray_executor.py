@@ -4,6 +4,8 @@ Retries are the driver's alone: Ray reruns no task (``max_task_retries=0``), so 
 tried exactly as often as the driver's queue says. An actor that dies is restarted by Ray (at
 most ``run.max_attempts`` times, building its model again); the shards it had in flight come
 back as lost and go back to the queue, and the actor takes shards again once it answers a ping.
+An actor that dies between shards is found by the progress questions the driver asks every
+live actor twice a second: a retry waiting its turn goes to an actor that answers.
 
 A pool the cluster can never hold is refused before anything starts, naming what the cluster
 has. The work starts when every actor is up, or, when some are not up a while after the first
@@ -274,12 +276,18 @@ class RayExecutor(SlottedLanes):
                 lost = _is_actor_death(exc)
                 if isinstance(exc, ray.exceptions.ActorUnavailableError):
                     self._unreachable[shard.id] = actor
-                if lost and self._slots.lose(actor):
-                    # Ray restarts it while it has restarts left: it takes shards again once it answers
-                    log.warning("actor %d died (%s); waiting for it to come back", actor, type(exc).__name__)
-                    self._pings[self._actors[actor].info.remote()] = actor
+                if lost:
+                    self._lose(actor, exc)
                 outcomes.append(Outcome(shard, error=exc, lost_worker=lost))
         return outcomes
+
+    def _lose(self, actor: int, exc: BaseException, idle: bool = False) -> None:
+        """``actor`` died: it takes no shard until it answers a ping (Ray restarts it while it
+        has restarts left; one dead for good fails the ping and stays out)."""
+        if self._slots.lose(actor):
+            log.warning("actor %d died%s (%s); waiting for it to come back", actor, " while idle" if idle else "",
+                        type(exc).__name__)
+            self._pings[self._actors[actor].info.remote()] = actor
 
     def _answered(self, ref, first: bool = False) -> None:
         """An actor answered its ping: it takes shards again (or for the first time). An actor
@@ -310,7 +318,17 @@ class RayExecutor(SlottedLanes):
         self._slots.revive(actor)
 
     def in_flight(self, finished) -> int:
-        return self._poller.poll(self._slots.alive, finished) if self._poller is not None else 0
+        """Also finds the actors that died between shards (their progress question failed):
+        a retry waiting its turn is not sent to an actor Ray will not bring back."""
+        if self._poller is None:
+            return 0
+        samples = self._poller.poll(self._slots.alive, finished)
+        for actor, exc in list(self._poller.failed.items()):
+            del self._poller.failed[actor]
+            if _is_actor_death(exc):
+                self._lose(actor, exc, idle=not any(self._slots.worker(lane) == actor
+                                                    for lane, _ in self._pending.values()))
+        return samples
 
     def close(self) -> set[int]:
         import ray

@@ -358,6 +358,41 @@ def test_actors_that_die_in_turn_lose_nothing(tmp_path, ray_cluster, caplog):
     assert read_table(config.run.output, "conv2").column("index").to_pylist() == list(range(24))
 
 
+def test_an_actor_that_died_idle_gets_no_retry(tmp_path, ray_cluster, monkeypatch, caplog):
+    import ray
+
+    from pipeline._ray_executor import RayExecutor
+    from pipeline._scheduling import ShardQueue
+
+    executors, start, failed = [], RayExecutor.start, ShardQueue.failed
+
+    def kept(executor, *args, **kwargs):
+        executors.append(executor)
+        return start(executor, *args, **kwargs)
+
+    def its_actor_dies(queue, shard, *args, **kwargs):
+        # shard 0 ran on actor 0 (the first of the least loaded), which dies for good, idle,
+        # while the shard waits; both actors idle at the retry, actor 0 would come first
+        ray.kill(executors[0]._actors[0], no_restart=True)
+        return failed(queue, shard, *args, **kwargs)
+
+    monkeypatch.setattr(RayExecutor, "start", kept)
+    monkeypatch.setattr(ShardQueue, "failed", its_actor_dies)
+    log = tmp_path / "reads"
+    # item 9 is in shard 0, after the items the driver types the labels from
+    config = _config(tmp_path / "out", "ray", run={"actors": 2, "batch_size": 4, "shard_size": 16, "max_attempts": 2,
+                                                   "retry_delay": 2},
+                     source=_dataset("Away", n=32, size=8, at=9, log=str(log), times=1))
+    with caplog.at_level("WARNING"):
+        summary = run(config, stream=None)
+    assert summary.rows == {"relu1": 32, "conv2": 32} and summary.bad == []
+    assert len(log.read_text().splitlines()) == 2, "one failed read of item 9, one on the retry"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("actor 0 died while idle (ActorDiedError)") for m in messages), messages
+    assert not any("lost its worker" in m for m in messages), messages
+    assert read_table(config.run.output, "conv2").column("index").to_pylist() == list(range(32))
+
+
 def test_ray_reruns_no_shard_behind_the_drivers_back(tmp_path, ray_cluster):
     """One attempt: the actor dies on the shard and restarts, and the shard is not tried again
     (Ray's own task retries would have rerun it on the restarted actor)."""

@@ -176,6 +176,16 @@ class Fails(_Trips):
         return (torch.nn.functional.pad(image, (0, 2, 0, 2)) if self._tripped(i) else image), target
 
 
+class Away(_Trips):
+    """Raises a ``ConnectionError`` when item ``at`` trips (storage away for a while): its shard
+    fails, and is tried again after ``run.retry_delay``."""
+
+    def __getitem__(self, i: int):
+        if self._tripped(i):
+            raise ConnectionError(f"connection reset reading item {i}")
+        return super().__getitem__(i)
+
+
 class Slow(Squares):
     """Squares that take ``delay`` seconds each to read: a run long enough to interrupt."""
 
