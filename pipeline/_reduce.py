@@ -17,6 +17,7 @@ torch.float16
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,19 +65,51 @@ def check_class_token(model: torch.nn.Module, spec: DumpSpec) -> None:
                                    "that gives the pooled output (fc_norm)")
 
 
-def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "") -> torch.Tensor:
-    """``output`` (batch first) reduced as ``spec`` says, cast to the storage dtype, contiguous."""
+#: Modules that give ``(batch, channels, height, width)`` maps in any model.
+_CHANNELS_FIRST = (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm,
+                   torch.nn.modules.pooling._AvgPoolNd, torch.nn.modules.pooling._MaxPoolNd,
+                   torch.nn.modules.pooling._AdaptiveAvgPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def channels_at_end(model: torch.nn.Module, layers: Sequence[str]) -> set[str]:
+    """The layers of ``layers`` whose 4-d outputs are ``(batch, height, width, channels)``: in a
+    model that says its feature maps are laid out so (timm's ``output_fmt`` 'NHWC': Swin,
+    MambaOut), all but its convolutions, batch norms and pooling layers (which give
+    ``(batch, channels, height, width)`` there too) and ids with output selectors.
+
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LayerNorm(4))
+    >>> channels_at_end(model, ["0", "1"])
+    set()
+    >>> model.output_fmt = "NHWC"
+    >>> channels_at_end(model, ["0", "1"])
+    {'1'}
+    """
+    layout = getattr(model, "output_fmt", None)
+    if getattr(layout, "value", layout) != "NHWC":
+        return set()
+    from extender._layers import resolve_selections
+
+    return {layer for layer, (module, selection) in zip(layers, resolve_selections(model, layers))
+            if not selection.keys and not isinstance(module, _CHANNELS_FIRST)}
+
+
+def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "", channels_last: bool = False) -> torch.Tensor:
+    """``output`` (batch first) reduced as ``spec`` says, cast to the storage dtype, contiguous.
+    ``channels_last``: a 4-d output is ``(batch, height, width, channels)`` (:func:`channels_at_end`);
+    it is pooled over its height and width into ``(batch, channels, ...)`` maps, as any other."""
+    channels_last = channels_last and output.ndim == 4
     if spec.reduce is Reduction.POOL:
         if output.ndim != 4:
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
                              f"{_REDUCE} 'pool' needs (batch, channels, height, width)")
+        output = output.permute(0, 3, 1, 2) if channels_last else output
         _warn_if_upsampled(output, spec.pool_size, layer)
         output = F.adaptive_avg_pool2d(output, spec.pool_size)
     elif spec.reduce is Reduction.CHANNEL_MEAN:
         if output.ndim < 3:
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "
                              f"{_REDUCE} 'channel_mean' needs (batch, channels, ...)")
-        output = output.mean(dim=1)
+        output = output.mean(dim=-1 if channels_last else 1)
     elif spec.reduce in (Reduction.CLS, Reduction.MEAN):
         if output.ndim != 3:
             raise ValueError(f"layer {layer!r} gives {output.ndim}-d outputs {tuple(output.shape)}; "

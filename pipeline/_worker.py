@@ -40,7 +40,7 @@ from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, describe_failure, is_config_fault, model_identity
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
-from ._reduce import check_class_token, reduce_output
+from ._reduce import channels_at_end, check_class_token, reduce_output
 from ._scheduling import SHARE_GPU_CPUS
 from ._shards import Shard
 from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
@@ -241,6 +241,7 @@ class ShardWorker:
                                        f"not build the same weights from {ModelSpec.key('seed')}; give a "
                                        f"{ModelSpec.key('weights')} file")
         check_class_token(model, self.config.dump)
+        self.channels_at_end = channels_at_end(model, self.config.model.layers)
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # what the model is fed (normalize: model reads the model's own config)
@@ -341,7 +342,7 @@ class ShardWorker:
                     raise LayerOutputError(_not_a_tensor(layer, out))
                 if out.ndim == 0 or out.shape[0] != len(positions):
                     raise LayerOutputError(_not_batch_first(layer, out, len(positions)))
-                stored = reduce_output(out, self.config.dump, layer)
+                stored = reduce_output(out, self.config.dump, layer, layer in self.channels_at_end)
                 counted.append((layer, stored))
                 host[layer] = _host(stored)
             results.append((positions, host))

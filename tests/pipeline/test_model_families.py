@@ -147,6 +147,32 @@ def test_token_reductions_of_transformers_models(tmp_path, builder, layer, modul
     _assert_dump_equals(config, {layer: {"cls": full[:, 0], "mean": full.mean(dim=1), "none": full}[reduce]})
 
 
+SWIN = {"name": "timm:swin_tiny_patch4_window7_224",
+        "kwargs": {"img_size": 32, "window_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}}
+
+
+@pytest.mark.parametrize("reduce", ["pool", "channel_mean"])
+def test_the_maps_of_a_timm_swin_are_reduced_over_their_height_and_width(tmp_path, reduce):
+    """timm's Swin gives (batch, height, width, channels) maps but from its patch embedding's
+    convolution: each is pooled per channel, as a CNN's maps are."""
+    import timm
+
+    config = _config(tmp_path / "out", SWIN, ["patch_embed.proj", "layers.0", "layers.1"], reduce=reduce)
+    config = Config.from_dict({**config.to_dict(), "dump": {**config.to_dict()["dump"], "pool_size": [2, 2]}})
+    run(config, stream=None)
+    model = build_model(config.model)
+    data = timm.data.resolve_model_data_config(model)
+    resize = math.floor(32 / data["crop_pct"])
+    full = _direct(model, _images(config, resize, 32), data["mean"], data["std"],
+                   {layer: (layer, _identity) for layer in config.model.layers})
+    assert full["patch_embed.proj"].shape == (12, 16, 8, 8) and full["layers.1"].shape == (12, 4, 4, 32)
+    maps = {layer: out if layer == "patch_embed.proj" else out.permute(0, 3, 1, 2) for layer, out in full.items()}
+    reduced = {layer: torch.nn.functional.adaptive_avg_pool2d(m, 2) if reduce == "pool" else m.mean(dim=1)
+               for layer, m in maps.items()}
+    assert reduced["layers.1"].shape == ((12, 32, 2, 2) if reduce == "pool" else (12, 4, 4))
+    _assert_dump_equals(config, reduced)
+
+
 def test_token_reduction_of_an_output_without_tokens_is_refused_by_the_trial_forward(tmp_path):
     from pipeline.errors import ConfigError
 
