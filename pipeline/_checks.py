@@ -17,6 +17,7 @@ pipeline.errors.ConfigError: run.batch_size: must be at least 1, got 0
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -236,9 +237,15 @@ def plain_data(key: str, value: Any, nan: bool = False, _within: tuple[int, ...]
             raise ConfigError(key, "holds itself (a YAML alias to a mapping or list it is in); write the value out")
         _within += (id(value),)
     if isinstance(value, Mapping):
+        written: dict[str, Any] = {}  # each key as the manifest's JSON writes it
         for name, item in value.items():
             if name is not None and not isinstance(name, (str, int, float)):
                 raise ConfigError(key, f"the key {name!r} is a {type(name).__name__}; keys are text or numbers")
+            text = name if isinstance(name, str) else json.dumps(name)
+            if text in written:
+                raise ConfigError(key, f"the keys {written[text]!r} and {name!r} are one key, {text!r}, in the dump's "
+                                  "manifest (JSON writes keys as text); keep one")
+            written[text] = name
             plain_data(f"{key}.{name}" if key else str(name), item, nan, _within)
         return
     if isinstance(value, (list, tuple)):

@@ -305,6 +305,9 @@ def test_a_date_in_a_yaml_file_is_its_text(tmp_path):
     ("model:\n  kwargs: {x: !!binary aGk=}\n", "model.kwargs.x: a bytes (b'hi')"),
     ("model:\n  kwargs: {x: [1, .nan]}\n", "model.kwargs.x[1]: NaN cannot be compared with a rerun's value"),
     ("model:\n  kwargs: &a {x: *a}\n", "model.kwargs.x: holds itself (a YAML alias to a mapping or list it is in)"),
+    ("model:\n  kwargs: {names: {1: a, '1': b}}\n", "model.kwargs.names: the keys 1 and '1' are one key, '1', in the "
+                                                    "dump's manifest (JSON writes keys as text); keep one"),
+    ("model:\n  kwargs: {flags: {true: a, 'true': b}}\n", "model.kwargs.flags: the keys True and 'true' are one key"),
 ])
 def test_a_value_no_manifest_can_hold_is_refused_naming_its_key(tmp_path, text, message):
     """The config is kept in the dump's manifest as JSON and compared with a rerun's: a value that
