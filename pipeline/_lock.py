@@ -49,6 +49,9 @@ LEASE_SECONDS = 120.0
 #: read back, a while later than another run's check and write take.
 SETTLE_SECONDS = {True: 0.05, False: 1.0}
 
+#: Seconds the release waits quietly for a renewal under way before it says why it waits.
+SLOW_RELEASE = 2.0
+
 
 def _process_started(pid: int) -> str | None:
     """When process ``pid`` started, in clock ticks since boot (``None`` where unknown): with the
@@ -208,7 +211,11 @@ class OutputLock:
         """Stop renewing and remove the lock if it is still this run's (safe to call twice)."""
         self._stop.set()
         if self._renewer is not None:
-            self._renewer.join()
+            self._renewer.join(timeout=SLOW_RELEASE)
+            if self._renewer.is_alive():  # a renewal that waits on storage away (its client's retries)
+                log.warning("letting go of the lock of %s waits for its renewal, which waits for the storage",
+                            self.store.location)
+                self._renewer.join()
             self._renewer = None
             try:
                 holder = self._holder(held=True)

@@ -115,6 +115,29 @@ def test_a_lock_that_storage_cannot_read_for_a_while_is_still_this_runs(tmp_path
     assert (tmp_path / LOCK_PATH).exists() and "cannot be read to let it go" in caplog.text
 
 
+def test_a_release_that_waits_for_a_renewal_on_slow_storage_says_so(tmp_path, monkeypatch, caplog):
+    # storage away: the renewal's write waits on its client's retries, and the run, told to
+    # stop, said nothing for as long
+    store = OutputStore(str(tmp_path))
+    lock = OutputLock(store, lease=0.4)
+    lock.acquire()
+    write, writing = OutputStore.write_json, threading.Event()
+
+    def slow(self, path, data):
+        writing.set()
+        time.sleep(3.0)
+        write(self, path, data)
+
+    monkeypatch.setattr(OutputStore, "write_json", slow)
+    assert writing.wait(10), "the renewer renews every lease / 4"
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        lock.release()
+    assert time.monotonic() - began >= 2.0
+    assert "letting go of the lock of " + str(tmp_path) + " waits for its renewal, which waits for the storage" in caplog.text
+    assert not (tmp_path / LOCK_PATH).exists(), "let go once the renewal is done"
+
+
 def test_two_runs_that_lock_object_storage_at_once_end_with_one_holder(s3, monkeypatch):
     """Object storage has no conditional write: a run that checked before another one wrote
     writes too. Each reads the lock back a while after writing it, so the first one learns it
