@@ -75,7 +75,8 @@ def channels_at_end(model: torch.nn.Module, layers: Sequence[str]) -> set[str]:
     """The layers of ``layers`` whose 4-d outputs are ``(batch, height, width, channels)``: in a
     model that says its feature maps are laid out so (timm's ``output_fmt`` 'NHWC': Swin,
     MambaOut), all but its convolutions, batch norms and pooling layers (which give
-    ``(batch, channels, height, width)`` there too) and ids with output selectors.
+    ``(batch, channels, height, width)`` there too) and ids with output selectors. The forward
+    then checks each one's shape (:func:`laid_out_channels_last`).
 
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LayerNorm(4))
     >>> channels_at_end(model, ["0", "1"])
@@ -91,6 +92,27 @@ def channels_at_end(model: torch.nn.Module, layers: Sequence[str]) -> set[str]:
 
     return {layer for layer, (module, selection) in zip(layers, resolve_selections(model, layers))
             if not selection.keys and not isinstance(module, _CHANNELS_FIRST)}
+
+
+def _proportioned(a: int, b: int, height: int, width: int) -> bool:
+    """Whether an ``a`` x ``b`` grid has the proportions of a ``height`` x ``width`` image, each
+    side rounded by up to one cell."""
+    return a > 0 and b > 0 and abs(a / b - height / width) <= (1 + a / b) / min(a, b)
+
+
+def laid_out_channels_last(shape: Sequence[int], image: Sequence[int]) -> bool:
+    """Whether the 4-d output ``shape`` of a layer :func:`channels_at_end` names is
+    ``(batch, height, width, channels)``, given the model input's ``(height, width)``: yes, but
+    where its dims 2 and 3 have the input's proportions and dims 1 and 2 do not (the maps of
+    a convolution inside such a model, passed through an activation: MambaOut's stem).
+
+    >>> laid_out_channels_last((8, 56, 56, 96), (224, 224)), laid_out_channels_last((8, 24, 112, 112), (224, 224))
+    (True, False)
+    >>> laid_out_channels_last((8, 56, 80, 96), (224, 320)), laid_out_channels_last((8, 24, 112, 160), (224, 320))
+    (True, False)
+    """
+    height, width = image
+    return not (_proportioned(shape[2], shape[3], height, width) and not _proportioned(shape[1], shape[2], height, width))
 
 
 def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "", channels_last: bool = False) -> torch.Tensor:

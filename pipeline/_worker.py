@@ -40,7 +40,7 @@ from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, describe_failure, is_config_fault, model_identity
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
-from ._reduce import channels_at_end, check_class_token, reduce_output
+from ._reduce import channels_at_end, check_class_token, laid_out_channels_last, reduce_output
 from ._scheduling import SHARE_GPU_CPUS
 from ._shards import Shard
 from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
@@ -342,7 +342,9 @@ class ShardWorker:
                     raise LayerOutputError(_not_a_tensor(layer, out))
                 if out.ndim == 0 or out.shape[0] != len(positions):
                     raise LayerOutputError(_not_batch_first(layer, out, len(positions)))
-                stored = reduce_output(out, self.config.dump, layer, layer in self.channels_at_end)
+                channels_last = (layer in self.channels_at_end and out.ndim == 4
+                                 and laid_out_channels_last(out.shape, x.shape[-2:]))
+                stored = reduce_output(out, self.config.dump, layer, channels_last)
                 counted.append((layer, stored))
                 host[layer] = _host(stored)
             results.append((positions, host))

@@ -149,27 +149,34 @@ def test_token_reductions_of_transformers_models(tmp_path, builder, layer, modul
 
 SWIN = {"name": "timm:swin_tiny_patch4_window7_224",
         "kwargs": {"img_size": 32, "window_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}}
+MAMBAOUT = {"name": "timm:mambaout_femto", "kwargs": {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}}
 
 
+@pytest.mark.parametrize("model, layers, channels_first", [
+    (SWIN, ["patch_embed.proj", "layers.0", "layers.1"], {"patch_embed.proj"}),
+    # its stem's activation takes a convolution's (batch, channels, ...) maps; the stages give
+    # (2, 8, 8, 8) and (2, 4, 4, 16)
+    (MAMBAOUT, ["stem.act", "stages.0", "stages.1"], {"stem.act"}),
+])
 @pytest.mark.parametrize("reduce", ["pool", "channel_mean"])
-def test_the_maps_of_a_timm_swin_are_reduced_over_their_height_and_width(tmp_path, reduce):
-    """timm's Swin gives (batch, height, width, channels) maps but from its patch embedding's
-    convolution: each is pooled per channel, as a CNN's maps are."""
+def test_the_maps_of_timm_models_laid_out_channels_last_are_reduced_over_their_height_and_width(
+        tmp_path, model, layers, channels_first, reduce):
+    """timm's Swin and MambaOut give (batch, height, width, channels) maps but from their
+    convolutions: each is pooled per channel, as a CNN's maps are."""
     import timm
 
-    config = _config(tmp_path / "out", SWIN, ["patch_embed.proj", "layers.0", "layers.1"], reduce=reduce)
+    config = _config(tmp_path / "out", model, layers, reduce=reduce)
     config = Config.from_dict({**config.to_dict(), "dump": {**config.to_dict()["dump"], "pool_size": [2, 2]}})
     run(config, stream=None)
-    model = build_model(config.model)
-    data = timm.data.resolve_model_data_config(model)
+    built = build_model(config.model)
+    data = timm.data.resolve_model_data_config(built)
     resize = math.floor(32 / data["crop_pct"])
-    full = _direct(model, _images(config, resize, 32), data["mean"], data["std"],
-                   {layer: (layer, _identity) for layer in config.model.layers})
-    assert full["patch_embed.proj"].shape == (12, 16, 8, 8) and full["layers.1"].shape == (12, 4, 4, 32)
-    maps = {layer: out if layer == "patch_embed.proj" else out.permute(0, 3, 1, 2) for layer, out in full.items()}
+    full = _direct(built, _images(config, resize, 32), data["mean"], data["std"],
+                   {layer: (layer, _identity) for layer in layers})
+    maps = {layer: out if layer in channels_first else out.permute(0, 3, 1, 2) for layer, out in full.items()}
     reduced = {layer: torch.nn.functional.adaptive_avg_pool2d(m, 2) if reduce == "pool" else m.mean(dim=1)
                for layer, m in maps.items()}
-    assert reduced["layers.1"].shape == ((12, 32, 2, 2) if reduce == "pool" else (12, 4, 4))
+    assert [m.shape[1] for m in maps.values()] == ([16, 16, 32] if model is SWIN else [4, 8, 16])
     _assert_dump_equals(config, reduced)
 
 
