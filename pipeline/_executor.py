@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from ._records import LayerSpec, ShardRecord
 from ._scheduling import local_devices
 from ._shards import Shard
-from .config import Config
+from .config import Config, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,10 @@ class LocalExecutor(SlottedLanes):
         if self._devices is None:
             self.check(workers.config, shards)
         count = len(self._devices)
+        cores, on_cpu = os.cpu_count() or 1, self._devices.count("cpu")
+        if on_cpu > cores:
+            log.warning("%s: %d workers on the CPU of a machine of %d cores: each holds a copy of the model in this "
+                        "process, and they share the cores; %d do as much", RunSpec.key("actors"), on_cpu, cores, cores)
         # this machine's cores shared by the workers, unless the config says how many each has
         cpus = run.cpus_per_actor if run.cpus_per_actor != "auto" else (os.cpu_count() or 1) / count
         for device in self._devices:

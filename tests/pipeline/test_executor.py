@@ -153,6 +153,20 @@ def test_the_local_executor_runs_shards_on_its_workers(tmp_path):
     assert executor.free == 2 and not executor.busy
 
 
+def test_more_local_workers_on_the_cpu_than_cores_are_told_of(tmp_path, monkeypatch, caplog):
+    config, spec = _local(tmp_path, actors=3)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    executor = LocalExecutor()
+    try:
+        with caplog.at_level("WARNING"):
+            executor.start(spec, shards=4)
+    finally:
+        executor.close()
+    assert executor.workers == 3
+    assert "run.actors: 3 workers on the CPU of a machine of 2 cores: each holds a copy of the model in this " \
+           "process, and they share the cores; 2 do as much" in caplog.text
+
+
 def test_closing_the_local_executor_gives_up_the_shards_in_flight(tmp_path):
     """Each shard takes 20 reads of 0.05 s; closing right after the start drops both, rather than
     waiting for them: no file and no record is left."""
