@@ -96,6 +96,11 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
         if old_source.get(key) == value:
             new_source[key] = value
     lines += [f"source: {line}" for line in identity_diff(old_source, new_source)]
+    # the model, built as it is now, may give its layers in other shapes than when the dump began
+    lines += [f"layers: {layer}: {existing.layer_info[layer].describe()} -> {spec.describe()}"
+              for layer, spec in new.layer_info.items()
+              if layer in existing.layer_info and existing.layer_info[layer].shape is not None
+              and spec.shape is not None and existing.layer_info[layer] != spec]
     return lines
 
 
@@ -284,6 +289,12 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
                                   "was when the dump began, and the source has changed since; rerun with "
                                   "--overwrite to dump the source as it is now, or choose another folder. "
                                   "Differences:\n  " + "\n  ".join(diff + where))
+    if diff and all(line.startswith("layers: ") for line in diff):
+        raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of this config, but the model as it is "
+                                  "built now gives its layers in other shapes (its code, or how actmap reduces them, "
+                                  "changed since the dump began): resumed, its files would disagree. Finish it with "
+                                  "what began it, or rerun with --overwrite to dump it anew, or choose another "
+                                  "folder. Differences:\n  " + "\n  ".join(diff))
     if diff:
         raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of another run; rerun with "
                                   "--overwrite to replace it, or choose another folder. Differences:\n  "

@@ -284,7 +284,7 @@ class RayExecutor(SlottedLanes):
     def _lose(self, actor: int, exc: BaseException, idle: bool = False) -> None:
         """``actor`` died: it takes no shard until it answers a ping (Ray restarts it while it
         has restarts left; one dead for good fails the ping and stays out)."""
-        if self._slots.lose(actor):
+        if self._slots.lose(actor):  # (a process killed is first out of reach: ActorUnavailableError)
             log.warning("actor %d died%s (%s); waiting for it to come back", actor, " while idle" if idle else "",
                         type(exc).__name__)
             self._pings[self._actors[actor].info.remote()] = actor

@@ -241,12 +241,12 @@ class ShardWorker:
                                        f"not build the same weights from {ModelSpec.key('seed')}; give a "
                                        f"{ModelSpec.key('weights')} file")
         check_class_token(model, self.config.dump)
-        self.channels_at_end = channels_at_end(model, self.config.model.layers)
         if self.config.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # what the model is fed (normalize: model reads the model's own config)
         self.inputs = resolve_input(self.config.source.preprocess, model)
-        self.outputs = LayerOutputs(model.to(self.device), self.config.model)
+        self.outputs = LayerOutputs(model.to(self.device), self.config.model)  # (an unknown layer: ConfigError)
+        self.channels_at_end = channels_at_end(model, self.config.model.layers)
         self.store = OutputStore(self.config.run.output)
         try:
             index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None

@@ -448,6 +448,25 @@ def test_a_dump_begun_when_binary_ids_were_literals_is_not_resumed_with_their_te
     assert len(list((out / SHARDS_DIR).glob("*.json"))) == 2, "nothing of the dump is lost"
 
 
+def test_a_dump_whose_layers_the_model_now_gives_in_other_shapes_is_not_resumed(tmp_path):
+    # a model (or a reduction) whose code changed since the dump began: resumed, the new shards'
+    # files disagreed with the manifest, every read failed, and every rerun redid them again
+    out = tmp_path / "out"
+    config = _config(out, dump={"shapes": "fixed"}, run={"actors": 1})
+    run(config, stream=None)
+    manifest = json.loads((out / MANIFEST_PATH).read_text())
+    assert manifest["layer_info"]["conv2"]["shape"] == [16, 8, 8]
+    manifest["layer_info"]["conv2"]["shape"] = [16, 1, 1]  # as the dump's first shards hold it
+    (out / MANIFEST_PATH).write_text(json.dumps(manifest))
+    (out / shard_record_path(2)).unlink()
+    with pytest.raises(OutputConflictError, match=r"(?s)holds a dump of this config, but the model as it is built "
+                                                  r"now gives its layers in other shapes .*Finish it with what "
+                                                  r"began it, or rerun with --overwrite.*layers: conv2: 16x1x1 "
+                                                  r"float16 -> 16x8x8 float16"):
+        run(config, stream=None)
+    assert len(list((out / SHARDS_DIR).glob("*.json"))) == 4, "nothing of the dump is lost"
+
+
 class _Recording:
     """A local executor that notes whether it connected at all."""
 

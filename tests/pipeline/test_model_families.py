@@ -180,6 +180,14 @@ def test_the_maps_of_timm_models_laid_out_channels_last_are_reduced_over_their_h
     _assert_dump_equals(config, reduced)
 
 
+def test_an_unknown_layer_of_a_model_laid_out_channels_last_is_a_config_error(tmp_path):
+    from pipeline.errors import ConfigError
+
+    config = _config(tmp_path / "out", SWIN, ["layer.0"], reduce="pool")
+    with pytest.raises(ConfigError, match=r"model.layers: Unknown layer id 'layer.0'.*`actmap layers MODEL`"):
+        ShardWorker(config.to_dict())
+
+
 def test_token_reduction_of_an_output_without_tokens_is_refused_by_the_trial_forward(tmp_path):
     from pipeline.errors import ConfigError
 
