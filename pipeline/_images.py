@@ -312,8 +312,8 @@ def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None,
     if isinstance(image, np.ndarray):
         if image.dtype.kind in "iu" and image.dtype != np.uint8:
             _check_range(image, image.dtype)
-            # (torch has few uint16 kernels: scaled here)
-            image = image.astype(np.float32) / float(np.iinfo(image.dtype).max)
+            # (torch has few uint16 kernels: scaled here; negative values are black, as in a tensor)
+            image = np.clip(image.astype(np.float32) / float(np.iinfo(image.dtype).max), 0, 1)
         image = torch.from_numpy(np.ascontiguousarray(image))
     shape = tuple(image.shape)
     if image.ndim == 4:  # the frames of an animation: the first

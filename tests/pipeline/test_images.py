@@ -243,6 +243,10 @@ def test_integer_arrays_and_tensors_are_scaled_by_their_range():
     assert decode(np.full((3, 3), 65535, np.uint16)).max() == 1.0
     assert decode(torch.full((3, 2, 2), 2**31 - 1, dtype=torch.int32)).max() == 1.0
     assert decode(np.full((3, 3, 3), 255, np.uint8)).dtype == torch.uint8
+    # negative values of a signed type are black, from an array as from a tensor
+    signed = np.array([[-32768, -1], [0, 32767]], np.int16)
+    expected = [[0.0, 0.0], [0.0, 1.0]]
+    assert decode(signed)[0].tolist() == decode(torch.from_numpy(signed))[0].tolist() == expected
 
 
 def test_arrays_tensors_and_pil_images():
