@@ -126,7 +126,7 @@ class Decoder:
                 self._decoding -= 1 + helpers
 
     def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and _claim_gpu_decoding(self.device):
             return self._with_gpu_jpeg(list(raws))
         with self._lock:
             alone = not self._batches  # timed for the tuner only if no other batch shares the threads
@@ -199,13 +199,19 @@ class Decoder:
         with torch.cuda.stream(stream):
             try:
                 images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
+                # resized in one call per image size (and at most GPU_RESIZE_BYTES of them), not one per image
+                images = resize_crop_many([conform(image, channels_last=False, channels=self.channels)
+                                           for image in images], self.resize, self.crop, GPU_RESIZE_BYTES)
+            except torch.OutOfMemoryError as exc:  # (large photos, other shards' batches on the device)
+                log.info("a batch's JPEG files go through the CPU: the GPU had no memory for them (%s)",
+                         str(exc).splitlines()[0])
+                return None
             except RuntimeError as exc:  # one bad file fails the whole call
                 log.info("a batch's JPEG files go through the CPU: the GPU decoder refused one (%s)", exc)
                 return None
-            # resized in one call per image size, not one per image
-            images = resize_crop_many([conform(image, channels_last=False, channels=self.channels) for image in images],
-                                      self.resize, self.crop)
-        stream.synchronize()
+            done = torch.cuda.Event(blocking=True)  # waited for asleep: a spinning wait takes a core
+            done.record(stream)
+        done.synchronize()
         for image in images:
             image.record_stream(consumer)
         return images
@@ -213,6 +219,34 @@ class Decoder:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+#: Bytes of uint8 images resized in one call on a GPU: torchvision resizes them as float32 there,
+#: four times as large, beside the decoded images and their stacked copy.
+GPU_RESIZE_BYTES = 64 * 2**20
+
+_gpu_decoding: torch.device | None = None  # the one device of this process that decodes JPEG files
+_told: set[torch.device] = set()  # the devices told they decode on the CPU
+_GPU_DECODING_LOCK = threading.Lock()
+
+
+def _claim_gpu_decoding(device: torch.device) -> bool:
+    """Whether ``device`` decodes this process's JPEG files: the first CUDA device that asks
+    does, the others decode on the CPU (local workers on several GPUs in one process), said
+    once each. torchvision keeps one GPU JPEG decoder per process and builds it anew, leaking
+    the last one, whenever a call names another device."""
+    global _gpu_decoding
+    with _GPU_DECODING_LOCK:
+        if _gpu_decoding is None:
+            _gpu_decoding = device
+        if _gpu_decoding == device:
+            return True
+        told = device in _told
+        _told.add(device)
+    if not told:
+        log.info("JPEG files for %s are decoded on the CPU: %s decodes this process's (torchvision keeps one GPU "
+                 "decoder per process)", device, _gpu_decoding)
+    return False
 
 
 class _Block:

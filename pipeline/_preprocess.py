@@ -68,23 +68,32 @@ def _padded(size: tuple[int, int], crop: tuple[int, int], resize: int | None) ->
 
 
 def resize_crop_many(images: Sequence[torch.Tensor], resize: int | None,
-                     crop: tuple[int, int] | None) -> list[torch.Tensor]:
+                     crop: tuple[int, int] | None, max_bytes: int | None = None) -> list[torch.Tensor]:
     """:func:`resize_crop` of each image, in one call per group of equal-shaped images (a batch
-    decoded on a GPU: one launch instead of one per image). The results equal
-    ``resize_crop`` image by image."""
+    decoded on a GPU: one launch instead of one per image), of at most ``max_bytes`` of them
+    (an image larger than that alone). The results equal ``resize_crop`` image by image.
+
+    >>> images = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 5
+    >>> [tuple(x.shape) for x in resize_crop_many(images, 4, None, max_bytes=400)][-1]
+    (3, 4, 4)
+    """
     if resize is None and crop is None:
         return list(images)
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(images)
-    for positions in groups.values():
-        if len(positions) == 1:
-            out[positions[0]] = resize_crop(images[positions[0]], resize, crop)
-            continue
-        resized = resize_crop(torch.stack([images[i] for i in positions]), resize, crop)
-        for i, image in zip(positions, resized.unbind(0)):
-            out[i] = image
+    for group in groups.values():
+        first = images[group[0]]
+        step = max(1, max_bytes // (first.numel() * first.element_size())) if max_bytes else len(group)
+        for start in range(0, len(group), step):
+            positions = group[start:start + step]
+            if len(positions) == 1:
+                out[positions[0]] = resize_crop(images[positions[0]], resize, crop)
+                continue
+            resized = resize_crop(torch.stack([images[i] for i in positions]), resize, crop)
+            for i, image in zip(positions, resized.unbind(0)):
+                out[i] = image
     return out  # type: ignore[return-value]
 
 

@@ -353,7 +353,7 @@ class ShardWorker:
                 stats[layer].add(stored)
         ready = None
         if self.device.type == "cuda":
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(blocking=True)  # the writers wait asleep: a spinning wait takes a core
             ready.record(torch.cuda.current_stream(self.device))
         return _Outputs(results, ready)
 

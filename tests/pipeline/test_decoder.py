@@ -11,6 +11,7 @@ import torch
 import torchvision.io as tvio
 from PIL import Image
 
+from pipeline import _decoder
 from pipeline._decoder import Decoder
 from pipeline._images import ImageError
 from pipeline._preprocess import resize_crop
@@ -114,13 +115,24 @@ def cpu_for_gpu(monkeypatch):
         def __init__(self, device=None):
             self.device = device
 
+    class Event:  # how it waits for its stream: asleep (a spinning wait takes a core)
+        def __init__(self, blocking=False):
+            assert blocking, "a blocking event"
+            self.stream = None
+
+        def record(self, stream):
+            self.stream = stream
+
         def synchronize(self):
             calls.append("synchronize")
-            calls.synced.append(self)
+            calls.synced.append(self.stream)
 
     recorded = []
     monkeypatch.setattr(tvio, "decode_jpeg", decode_jpeg)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(_decoder, "_gpu_decoding", None)  # (no device of this process has claimed it)
+    monkeypatch.setattr(_decoder, "_told", set())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the worker's stream")
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream), raising=False)
@@ -195,6 +207,43 @@ def test_each_shards_thread_decodes_on_a_gpu_stream_of_its_own(cpu_for_gpu):
         thread.join()
     gpu.close()
     assert len(cpu_for_gpu.synced) == 4 and len(set(map(id, cpu_for_gpu.synced))) == 2
+
+
+def test_one_gpu_of_a_process_decodes_its_jpeg_files_the_others_use_the_cpu(cpu_for_gpu, caplog):
+    # torchvision keeps one GPU decoder per process, built anew (the last one leaked) whenever
+    # a call names another device: local workers on two GPUs took turns rebuilding it
+    first, second = Decoder(threads=1, device="cuda"), Decoder(threads=1, device="cuda:1")
+    with caplog.at_level("INFO", logger="pipeline._decoder"):
+        for _ in range(2):
+            assert first([_jpeg(1)])[0].shape == second([_jpeg(1)])[0].shape == (3, 30, 40)
+    assert cpu_for_gpu == [1, "synchronize"] * 2, "cuda:1 decodes on the CPU"
+    told = [r.getMessage() for r in caplog.records if "decoded on the CPU" in r.getMessage()]
+    assert told == ["JPEG files for cuda:1 are decoded on the CPU: cuda decodes this process's (torchvision keeps "
+                    "one GPU decoder per process)"]
+
+
+def test_a_batch_the_gpu_has_no_memory_for_goes_through_the_cpu(cpu_for_gpu, monkeypatch, caplog):
+    def no_memory(*args):  # resizing large photos as float32 (the decoding went well)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.50 GiB")
+
+    monkeypatch.setattr(_decoder, "resize_crop_many", no_memory)
+    gpu, cpu = Decoder(threads=1, device="cuda", resize=16), Decoder(threads=1, resize=16)
+    with caplog.at_level("INFO", logger="pipeline._decoder"):
+        got = gpu([_jpeg(3), _jpeg(4)])
+    assert all(torch.equal(g, e) for g, e in zip(got, cpu([_jpeg(3), _jpeg(4)])))
+    assert "the GPU had no memory for them (CUDA out of memory. Tried to allocate 37.50 GiB)" in caplog.text
+
+
+def test_images_of_one_size_are_resized_together_in_groups_of_bounded_bytes(monkeypatch):
+    from pipeline import _preprocess
+
+    calls, resize = [], _preprocess.resize_crop
+    monkeypatch.setattr(_preprocess, "resize_crop", lambda x, *a: calls.append(tuple(x.shape)) or resize(x, *a))
+    images = [torch.randint(0, 255, (3, 10, 10), dtype=torch.uint8) for _ in range(7)] + \
+             [torch.randint(0, 255, (3, 20, 20), dtype=torch.uint8)]
+    got = _preprocess.resize_crop_many(images, 6, None, max_bytes=3 * 10 * 10 * 3)
+    assert calls == [(3, 3, 10, 10), (3, 3, 10, 10), (3, 10, 10), (3, 20, 20)]
+    assert all(torch.equal(g, resize(image, 6, None)) for g, image in zip(got, images))
 
 
 def test_decoding_threads_may_import_torchvision_at_once():
