@@ -65,6 +65,7 @@ class Decoder:
         self._decoding = 0  # threads decoding now, the callers' own included
         self._batches = self._begun = 0  # CPU batches being decoded now, and begun so far
         self.tuner = ThreadTuner(self.threads)  # how many of them decode on the CPU: the fastest count
+        self._claimed = False  # whether it holds this process's GPU JPEG decoding (until closed)
 
     def one(self, raw: RawImage, into: Into | None = None) -> torch.Tensor | Exception:
         """One image, decoded (into ``into``'s array, if it gives one), checked, resized and
@@ -126,7 +127,8 @@ class Decoder:
                 self._decoding -= 1 + helpers
 
     def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:
-        if self.device.type == "cuda" and _claim_gpu_decoding(self.device):
+        if self.device.type == "cuda" and (self._claimed or _claim_gpu_decoding(self.device)):
+            self._claimed = True
             return self._with_gpu_jpeg(list(raws))
         with self._lock:
             alone = not self._batches  # timed for the tuner only if no other batch shares the threads
@@ -219,6 +221,9 @@ class Decoder:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._claimed:
+            self._claimed = False
+            _release_gpu_decoding()
 
 
 #: Bytes of uint8 images resized in one call on a GPU: torchvision resizes them as float32 there,
@@ -226,20 +231,22 @@ class Decoder:
 GPU_RESIZE_BYTES = 64 * 2**20
 
 _gpu_decoding: torch.device | None = None  # the one device of this process that decodes JPEG files
+_holders = 0  # the open decoders that decode on it
 _told: set[torch.device] = set()  # the devices told they decode on the CPU
 _GPU_DECODING_LOCK = threading.Lock()
 
 
 def _claim_gpu_decoding(device: torch.device) -> bool:
     """Whether ``device`` decodes this process's JPEG files: the first CUDA device that asks
-    does, the others decode on the CPU (local workers on several GPUs in one process), said
-    once each. torchvision keeps one GPU JPEG decoder per process and builds it anew, leaking
-    the last one, whenever a call names another device."""
-    global _gpu_decoding
+    does (until every decoder on it is closed), the others decode on the CPU (local workers on
+    several GPUs in one process), said once each. torchvision keeps one GPU JPEG decoder per
+    process and builds it anew, leaking the last one, whenever a call names another device."""
+    global _gpu_decoding, _holders
     with _GPU_DECODING_LOCK:
         if _gpu_decoding is None:
             _gpu_decoding = device
         if _gpu_decoding == device:
+            _holders += 1
             return True
         told = device in _told
         _told.add(device)
@@ -247,6 +254,15 @@ def _claim_gpu_decoding(device: torch.device) -> bool:
         log.info("JPEG files for %s are decoded on the CPU: %s decodes this process's (torchvision keeps one GPU "
                  "decoder per process)", device, _gpu_decoding)
     return False
+
+
+def _release_gpu_decoding() -> None:
+    """A decoder that held the GPU decoding is closed: the last one lets another device have it."""
+    global _gpu_decoding, _holders
+    with _GPU_DECODING_LOCK:
+        _holders -= 1
+        if not _holders:
+            _gpu_decoding = None
 
 
 class _Block:

@@ -315,6 +315,8 @@ def conform(image: torch.Tensor | np.ndarray, channels_last: bool | None = None,
             # (torch has few uint16 kernels: scaled here; negative values are black, as in a tensor)
             image = np.clip(image.astype(np.float32) / float(np.iinfo(image.dtype).max), 0, 1)
         image = torch.from_numpy(np.ascontiguousarray(image))
+    elif image.is_signed() and not image.is_floating_point():  # negative values are black, before any luma
+        image = image.clamp(min=0)
     shape = tuple(image.shape)
     if image.ndim == 4:  # the frames of an animation: the first
         image = image[0]

@@ -96,12 +96,13 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
         if old_source.get(key) == value:
             new_source[key] = value
     lines += [f"source: {line}" for line in identity_diff(old_source, new_source)]
+    if lines:  # (a layer's shape or dtype that a difference above changed says nothing more)
+        return lines
     # the model, built as it is now, may give its layers in other shapes than when the dump began
-    lines += [f"layers: {layer}: {existing.layer_info[layer].describe()} -> {spec.describe()}"
-              for layer, spec in new.layer_info.items()
-              if layer in existing.layer_info and existing.layer_info[layer].shape is not None
-              and spec.shape is not None and existing.layer_info[layer] != spec]
-    return lines
+    return [f"layers: {layer}: {existing.layer_info[layer].describe()} -> {spec.describe()}"
+            for layer, spec in new.layer_info.items()
+            if layer in existing.layer_info and existing.layer_info[layer].shape is not None
+            and spec.shape is not None and existing.layer_info[layer] != spec]
 
 
 # -- the folder ----------------------------------------------------------------------------------
@@ -291,8 +292,8 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
                                   "Differences:\n  " + "\n  ".join(diff + where))
     if diff and all(line.startswith("layers: ") for line in diff):
         raise OutputConflictError(_OUTPUT, f"{store.location!r} holds a dump of this config, but the model as it is "
-                                  "built now gives its layers in other shapes (its code, or how actmap reduces them, "
-                                  "changed since the dump began): resumed, its files would disagree. Finish it with "
+                                  "built now gives its layers in other shapes (its code, the input size it takes, or how "
+                                  "actmap reduces them changed since the dump began): resumed, its files would disagree. Finish it with "
                                   "what began it, or rerun with --overwrite to dump it anew, or choose another "
                                   "folder. Differences:\n  " + "\n  ".join(diff))
     if diff:

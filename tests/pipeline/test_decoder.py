@@ -107,7 +107,7 @@ def cpu_for_gpu(monkeypatch):
     real = tvio.decode_jpeg
 
     def decode_jpeg(data, mode, device):
-        assert str(device) == "cuda" and all(t.dtype == torch.uint8 and t.ndim == 1 for t in data)
+        assert str(device).startswith("cuda") and all(t.dtype == torch.uint8 and t.ndim == 1 for t in data)
         calls.append(len(data))
         return real(data, mode=mode)
 
@@ -133,6 +133,7 @@ def cpu_for_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(_decoder, "_gpu_decoding", None)  # (no device of this process has claimed it)
     monkeypatch.setattr(_decoder, "_told", set())
+    monkeypatch.setattr(_decoder, "_holders", 0)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the worker's stream")
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream), raising=False)
@@ -220,6 +221,11 @@ def test_one_gpu_of_a_process_decodes_its_jpeg_files_the_others_use_the_cpu(cpu_
     told = [r.getMessage() for r in caplog.records if "decoded on the CPU" in r.getMessage()]
     assert told == ["JPEG files for cuda:1 are decoded on the CPU: cuda decodes this process's (torchvision keeps "
                     "one GPU decoder per process)"]
+    first.close()  # the next run of this process may decode on another GPU
+    second([_jpeg(1)])
+    assert cpu_for_gpu[-2:] == [1, "synchronize"] and _decoder._gpu_decoding == torch.device("cuda:1")
+    second.close()
+    assert _decoder._gpu_decoding is None
 
 
 def test_a_batch_the_gpu_has_no_memory_for_goes_through_the_cpu(cpu_for_gpu, monkeypatch, caplog):

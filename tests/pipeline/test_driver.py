@@ -465,6 +465,10 @@ def test_a_dump_whose_layers_the_model_now_gives_in_other_shapes_is_not_resumed(
                                                   r"float16 -> 16x8x8 float16"):
         run(config, stream=None)
     assert len(list((out / SHARDS_DIR).glob("*.json"))) == 4, "nothing of the dump is lost"
+    # a difference of the config that changes the layers is said once, as the config's
+    with pytest.raises(OutputConflictError) as info:
+        run(_config(out, dump={"shapes": "fixed", "dtype": "float32"}, run={"actors": 1}), stream=None)
+    assert 'config: dump.dtype: "float16" -> "float32"' in str(info.value) and "layers:" not in str(info.value)
 
 
 class _Recording:

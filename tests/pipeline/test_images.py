@@ -247,6 +247,9 @@ def test_integer_arrays_and_tensors_are_scaled_by_their_range():
     signed = np.array([[-32768, -1], [0, 32767]], np.int16)
     expected = [[0.0, 0.0], [0.0, 1.0]]
     assert decode(signed)[0].tolist() == decode(torch.from_numpy(signed))[0].tolist() == expected
+    rgb = np.array([[[-32768, 32767, 0]]], np.int16)  # and before a grey conversion
+    from_tensor = decode(torch.from_numpy(rgb).permute(2, 0, 1), channels=1).item()
+    assert decode(rgb, channels=1).item() == pytest.approx(from_tensor, abs=1e-4)  # (0.288 when clamped after)
 
 
 def test_arrays_tensors_and_pil_images():
