@@ -75,7 +75,9 @@ def execute(executor: Executor, plan: Sequence[Shard], run: RunSpec, progress: P
             time.sleep(timeout)
             outcomes = []
         for outcome in outcomes:
-            if outcome.record is not None:
+            if not outcome.started:  # its worker was found dead before it got the shard
+                queue.returned(outcome.shard)
+            elif outcome.record is not None:
                 queue.finished(outcome.shard)
                 records[outcome.shard.id] = outcome.record
                 progress.update(len(outcome.shard), outcome.record.total_bytes)

@@ -67,12 +67,14 @@ class WorkerSpec:
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """How one try at a shard ended: its record, or the error; ``lost_worker`` when the worker
-    running it died (its other shards in flight end the same way)."""
+    running it died (its other shards in flight end the same way); not ``started`` when the
+    worker it was given to was found dead before it got it (the try does not count)."""
 
     shard: Shard
     record: ShardRecord | None = None
     error: BaseException | None = None
     lost_worker: bool = False
+    started: bool = True
 
 
 class Executor(Protocol):

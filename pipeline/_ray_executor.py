@@ -5,7 +5,9 @@ tried exactly as often as the driver's queue says. An actor that dies is restart
 most ``run.max_attempts`` times, building its model again); the shards it had in flight come
 back as lost and go back to the queue, and the actor takes shards again once it answers a ping.
 An actor that dies between shards is found by the progress questions the driver asks every
-live actor twice a second: a retry waiting its turn goes to an actor that answers.
+live actor twice a second, and an idle actor is asked once more before it is handed a shard: a
+retry waiting its turn goes to an actor that answers (or, with none left, back to the queue,
+its try not counted).
 
 A pool the cluster can never hold is refused before anything starts, naming what the cluster
 has. The work starts when every actor is up, or, when some are not up a while after the first
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds the other actors get to come up after the first one did, beyond the time it took.
 STRAGGLERS = 5.0
+
+#: Seconds an idle actor is given to answer before it is handed a shard (one on its way back
+#: answers when its model is built again: it gets the shard anyway, which Ray holds till then).
+IDLE_PING_WAIT = 2.0
 
 
 def local_ray_environment() -> dict[str, str]:
@@ -153,6 +159,7 @@ class RayExecutor(SlottedLanes):
         self._actors: list = []
         self._slots = Slots(0)
         self._pending: dict = {}  # object ref -> (lane, shard)
+        self._returned: list[Outcome] = []  # shards whose actor was found dead before they were sent
         self._pings: dict = {}  # object ref -> actor not up yet, or dead and expected back
         # shard -> its actor, out of reach when it ran it: the shard may still be writing until the
         # actor is back (Ray restarts an actor once its process is gone)
@@ -245,12 +252,40 @@ class RayExecutor(SlottedLanes):
 
     @property
     def busy(self) -> bool:
-        return bool(self._pending or self._pings)
+        return bool(self._pending or self._pings or self._returned)
 
     def submit(self, shard: Shard) -> None:
         lane = self._slots.take()
-        actor = self._actors[self._slots.worker(lane)]
-        self._pending[actor.run_shard.remote(dataclasses.asdict(shard))] = (lane, shard)
+        actor = self._slots.worker(lane)
+        dead = self._dead_while_idle(actor)
+        if dead is not None:  # the shard goes to another actor, or back to the driver's queue
+            self._slots.release(lane)
+            self._lose(actor, dead, idle=True)
+            if self._slots.free:
+                self.submit(shard)
+            else:
+                self._returned.append(Outcome(shard, error=dead, lost_worker=True, started=False))
+            return
+        self._pending[self._actors[actor].run_shard.remote(dataclasses.asdict(shard))] = (lane, shard)
+
+    def _dead_while_idle(self, actor: int) -> BaseException | None:
+        """Why ``actor``, which has no shard in flight, is dead (``None``: it answered, or is on
+        its way back, or it has shards in flight): asked before it is given one, since it may have
+        died since the progress question it last answered (a retry after its wait)."""
+        import ray
+
+        if any(self._slots.worker(lane) == actor for lane, _ in self._pending.values()):
+            return None
+        ref = self._actors[actor].info.remote()
+        if not ray.wait([ref], timeout=IDLE_PING_WAIT)[0]:
+            return None  # restarting, most likely: Ray holds the shard until it is back
+        try:
+            ray.get(ref)
+        except Exception as exc:
+            if _is_actor_death(exc):
+                return exc
+            raise
+        return None
 
     def wait(self, timeout: float) -> list[Outcome]:
         import ray
@@ -261,8 +296,9 @@ class RayExecutor(SlottedLanes):
             self._none_since = time.monotonic()
         elif time.monotonic() - self._none_since > self._timeout:
             raise WorkersUnavailableError(self._none_up(self._plan, self._timeout))
-        ready, _ = ray.wait([*self._pending, *self._pings], num_returns=1, timeout=timeout)
-        outcomes = []
+        outcomes, self._returned = self._returned, []
+        refs = [*self._pending, *self._pings]
+        ready = ray.wait(refs, num_returns=1, timeout=0 if outcomes else timeout)[0] if refs else []
         for ref in ready:
             if ref in self._pings:
                 self._answered(ref)

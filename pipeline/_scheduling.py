@@ -326,6 +326,19 @@ class ShardQueue:
         heapq.heappush(self._retry, (self._clock() + delay, -self._failures, shard))
         return delay
 
+    def returned(self, shard: Shard) -> None:
+        """``shard`` never reached a worker (the one it was given to was dead): it is due again
+        at once, and its try does not count.
+
+        >>> q = ShardQueue([Shard(0, 0, 2)], max_attempts=1)
+        >>> a = q.take(); q.returned(a); q.take() == a, q.attempts[0]
+        (True, 1)
+        """
+        self._running.discard(shard.id)
+        self.attempts[shard.id] -= 1
+        self._failures += 1
+        heapq.heappush(self._retry, (self._clock(), -self._failures, shard))
+
     @property
     def waiting(self) -> int:
         """How many failed shards wait for their next try."""

@@ -393,6 +393,43 @@ def test_an_actor_that_died_idle_gets_no_retry(tmp_path, ray_cluster, monkeypatc
     assert read_table(config.run.output, "conv2").column("index").to_pylist() == list(range(32))
 
 
+@pytest.mark.parametrize("actors", [2, 1])
+def test_an_actor_that_died_just_before_its_retry_costs_no_try(tmp_path, ray_cluster, monkeypatch, caplog, actors):
+    """Actor 0 dies for good as shard 0's retry is handed to it, after the last progress
+    question it answered: the retry goes to the other actor, or, with none left, the run ends
+    with every worker gone, not with the shard out of tries."""
+    import ray
+
+    from pipeline._ray_executor import RayExecutor
+
+    submit, submitted = RayExecutor.submit, []
+
+    def dies_first(executor, shard):
+        submitted.append(shard.id)
+        if submitted.count(0) == 2:  # the retry
+            actor = executor._actors[0]
+            ray.kill(actor, no_restart=True)
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(actor.info.remote(), timeout=30)
+        return submit(executor, shard)
+
+    monkeypatch.setattr(RayExecutor, "submit", dies_first)
+    log = tmp_path / "reads"
+    config = _config(tmp_path / "out", "ray", run={"actors": actors, "batch_size": 4, "shard_size": 16,
+                                                   "max_attempts": 2, "retry_delay": 1},
+                     source=_dataset("Away", n=16 * actors, size=8, at=9, log=str(log), times=1))
+    with caplog.at_level("WARNING"):
+        if actors == 1:
+            with pytest.raises(ShardFailedError, match="every worker has died"):
+                run(config, stream=None)
+            return
+        summary = run(config, stream=None)
+    assert summary.rows == {"relu1": 32, "conv2": 32}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("actor 0 died while idle (ActorDiedError)") for m in messages), messages
+    assert len(log.read_text().splitlines()) == 2
+
+
 def test_ray_reruns_no_shard_behind_the_drivers_back(tmp_path, ray_cluster):
     """One attempt: the actor dies on the shard and restarts, and the shard is not tried again
     (Ray's own task retries would have rerun it on the restarted actor)."""
