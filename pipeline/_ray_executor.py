@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 #: Seconds the other actors get to come up after the first one did, beyond the time it took.
 STRAGGLERS = 5.0
 
-#: Seconds an idle actor is given to answer before it is handed a shard (one on its way back
-#: answers when its model is built again: it gets the shard anyway, which Ray holds till then).
-IDLE_PING_WAIT = 2.0
+#: Seconds an idle actor is given to answer before it is handed a shard (a live one answers in
+#: milliseconds; one Ray is restarting fails a shard sent to it, so it gets none until it answers).
+IDLE_PING_WAIT = 0.5
 
 
 def local_ray_environment() -> dict[str, str]:
@@ -255,37 +255,40 @@ class RayExecutor(SlottedLanes):
         return bool(self._pending or self._pings or self._returned)
 
     def submit(self, shard: Shard) -> None:
-        lane = self._slots.take()
-        actor = self._slots.worker(lane)
-        dead = self._dead_while_idle(actor)
-        if dead is not None:  # the shard goes to another actor, or back to the driver's queue
-            self._slots.release(lane)
-            self._lose(actor, dead, idle=True)
-            if self._slots.free:
-                self.submit(shard)
-            else:
-                self._returned.append(Outcome(shard, error=dead, lost_worker=True, started=False))
-            return
-        self._pending[self._actors[actor].run_shard.remote(dataclasses.asdict(shard))] = (lane, shard)
+        while self._slots.free:
+            lane = self._slots.take()
+            actor = self._slots.worker(lane)
+            if self._answers(actor):
+                self._pending[self._actors[actor].run_shard.remote(dataclasses.asdict(shard))] = (lane, shard)
+                return
+            self._slots.release(lane)  # (its actor takes none until it answers its ping)
+        # no actor left to take it: back to the driver's queue, its try not counted
+        self._returned.append(Outcome(shard, error=RuntimeError("no actor answered"), lost_worker=True,
+                                      started=False))
 
-    def _dead_while_idle(self, actor: int) -> BaseException | None:
-        """Why ``actor``, which has no shard in flight, is dead (``None``: it answered, or is on
-        its way back, or it has shards in flight): asked before it is given one, since it may have
-        died since the progress question it last answered (a retry after its wait)."""
+    def _answers(self, actor: int) -> bool:
+        """Whether ``actor`` may be handed a shard: it has shards in flight, or, idle, it answers
+        a ping now (it may have died since the last progress question it answered: a retry after
+        its wait). One that died, or that does not answer within :data:`IDLE_PING_WAIT` (Ray
+        restarting it: a shard sent now would fail), takes none until its ping is answered."""
         import ray
 
         if any(self._slots.worker(lane) == actor for lane, _ in self._pending.values()):
-            return None
+            return True
         ref = self._actors[actor].info.remote()
         if not ray.wait([ref], timeout=IDLE_PING_WAIT)[0]:
-            return None  # restarting, most likely: Ray holds the shard until it is back
+            if self._slots.lose(actor):
+                log.info("actor %d does not answer; it takes shards again once it does", actor)
+                self._pings[ref] = actor
+            return False
         try:
             ray.get(ref)
         except Exception as exc:
-            if _is_actor_death(exc):
-                return exc
-            raise
-        return None
+            if not _is_actor_death(exc):
+                raise
+            self._lose(actor, exc, idle=True)
+            return False
+        return True
 
     def wait(self, timeout: float) -> list[Outcome]:
         import ray

@@ -430,6 +430,37 @@ def test_an_actor_that_died_just_before_its_retry_costs_no_try(tmp_path, ray_clu
     assert len(log.read_text().splitlines()) == 2
 
 
+def test_an_actor_that_ray_restarts_as_its_retry_is_handed_to_it_costs_no_try(tmp_path, ray_cluster, monkeypatch):
+    """Its process is killed (as by the OOM killer); Ray builds it again, for 3 s, while it
+    does not answer: the retry waits for it, instead of failing on an actor being restarted."""
+    import os
+    import signal
+
+    import ray
+
+    from pipeline._ray_executor import RayExecutor
+
+    mark = tmp_path / "rebuilds"
+    submit, submitted = RayExecutor.submit, []
+
+    def killed_first(executor, shard):
+        submitted.append(shard.id)
+        if submitted.count(0) == 2:  # the retry
+            pid = ray.get(executor._actors[0].info.remote())["pid"]
+            mark.touch()
+            os.kill(pid, signal.SIGKILL)
+        return submit(executor, shard)
+
+    monkeypatch.setattr(RayExecutor, "submit", killed_first)
+    log = tmp_path / "reads"
+    config = _config(tmp_path / "out", "ray", model={"name": "support.models:slow_rebuild", "kwargs": {"mark": str(mark)},
+                                                    "layers": ["relu1", "conv2"]},
+                     run={"actors": 1, "batch_size": 4, "shard_size": 16, "max_attempts": 2, "retry_delay": 1},
+                     source=_dataset("Away", n=16, size=8, at=9, log=str(log), times=1))
+    assert run(config, stream=None).rows == {"relu1": 16, "conv2": 16}
+    assert submitted.count(0) >= 2 and len(log.read_text().splitlines()) == 2
+
+
 def test_ray_reruns_no_shard_behind_the_drivers_back(tmp_path, ray_cluster):
     """One attempt: the actor dies on the shard and restarts, and the shard is not tried again
     (Ray's own task retries would have rerun it on the restarted actor)."""

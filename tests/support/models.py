@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 
@@ -28,6 +29,14 @@ class TinyConvNet(nn.Module):
 
 def tiny(num_classes: int = 4) -> TinyConvNet:
     return TinyConvNet(num_classes)
+
+
+def slow_rebuild(mark: str, seconds: float = 3.0) -> TinyConvNet:
+    """``tiny``, whose build takes ``seconds`` once the file ``mark`` exists (a real model's
+    rebuild after Ray restarts its actor)."""
+    if os.path.exists(mark):
+        time.sleep(seconds)
+    return tiny()
 
 
 class Picky(TinyConvNet):
