@@ -191,6 +191,18 @@ def test_the_command_exits_with_mains_status_its_objects_frozen(status, args):
     assert module.returncode == status and module.stdout == done.stdout.rsplit("frozen", 1)[0]
 
 
+def test_a_ctrl_c_once_the_run_is_over_leaves_its_exit_status():
+    # (it came as the process froze its objects: it died by the signal, with a traceback)
+    probe = ("import gc, os, signal, sys; freeze = gc.freeze\n"
+             "def late():\n    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM); freeze()\n"
+             "gc.freeze = late\n"
+             "from pipeline.cli import command; sys.argv[1:] = ['layers', 'support.models:tiny']; command()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "relu1" in done.stdout
+
+
 def test_modules_of_the_working_folder_and_pythonpath_reach_the_actors_of_a_ray_started_here(tmp_path):
     """A local Ray's workers import what the driver can: the working folder's modules (Ray puts
     it on their path) and PYTHONPATH's (they inherit the driver's environment)."""
