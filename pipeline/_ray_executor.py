@@ -273,7 +273,7 @@ class RayExecutor(SlottedLanes):
         restarting it: a shard sent now would fail), takes none until its ping is answered."""
         import ray
 
-        if any(self._slots.worker(lane) == actor for lane, _ in self._pending.values()):
+        if self._has_shards(actor):
             return True
         ref = self._actors[actor].info.remote()
         if not ray.wait([ref], timeout=IDLE_PING_WAIT)[0]:
@@ -365,9 +365,12 @@ class RayExecutor(SlottedLanes):
         for actor, exc in list(self._poller.failed.items()):
             del self._poller.failed[actor]
             if _is_actor_death(exc):
-                self._lose(actor, exc, idle=not any(self._slots.worker(lane) == actor
-                                                    for lane, _ in self._pending.values()))
+                self._lose(actor, exc, idle=not self._has_shards(actor))
         return samples
+
+    def _has_shards(self, actor: int) -> bool:
+        """Whether ``actor`` has shards in flight."""
+        return any(self._slots.worker(lane) == actor for lane, _ in self._pending.values())
 
     def close(self) -> set[int]:
         import ray
