@@ -22,7 +22,9 @@
 #                     glibc's 8 per core: images/s and the actor's peak memory
 #
 # STEPS="1 7 8" runs only those steps. All of them take longer than one device call may (10
-# minutes); the steps the last runs had not covered come first: STEPS="1 3 7 10" BUDGET=420.
+# minutes): run them in two calls on one warm machine, STEPS="1 3 7 9 10" BUDGET=500 then
+# STEPS="2 4 5 8 6" BUDGET=500 (step 9 reads step 7's files; the eighth run, bench/RESULTS-gpu.md,
+# covered every step but 9 at commit bab70b3).
 #
 # On the GPU machine (torch and pyarrow there, Ray from .gpu-carry/), from the repository root:
 #   bash .gpu-carry/install.sh && export PYTHONPATH=$PWD/.gpu-carry/site && bash bench/gpu_check.sh
@@ -331,7 +333,7 @@ sys.exit(f"FAILED: {failures}" if failures else 0)
 EOF
 
 # -- 8. the input path on this host's cores: floors and sources alone, 1 and all threads ------------
-step 8_bench_sources 120 "$PY" bench/bench_sources.py --kinds parquet,folder,webdataset --no-e2e --no-raydata \
+step 8_bench_sources 240 "$PY" bench/bench_sources.py --kinds parquet,folder,webdataset --no-e2e --no-raydata \
   --plan-files 0 "${SOURCES_ARGS[@]}" --workdir "$WORK/sources" --json "$OUT/8_bench_sources.json"
 
 # -- 9. each stage of the JPEG-folder dump alone, then the worker without Ray ---------------------
