@@ -71,23 +71,31 @@ _CHANNELS_FIRST = (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._Ba
                    torch.nn.modules.pooling._AdaptiveAvgPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd)
 
 
+def declares_channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model`` says its feature maps are ``(batch, height, width, channels)``
+    (timm's ``output_fmt`` 'NHWC': Swin, MambaOut).
+
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LayerNorm(4))
+    >>> declares_channels_last(model)
+    False
+    >>> model.output_fmt = "NHWC"
+    >>> declares_channels_last(model)
+    True
+    """
+    layout = getattr(model, "output_fmt", None)
+    return getattr(layout, "value", layout) == "NHWC"
+
+
 def channels_at_end(model: torch.nn.Module, layers: Sequence[str]) -> set[str]:
-    """The layers of ``layers`` whose 4-d outputs are ``(batch, height, width, channels)``: in a
-    model that says its feature maps are laid out so (timm's ``output_fmt`` 'NHWC': Swin,
-    MambaOut), all but its convolutions, batch norms and pooling layers (which give
-    ``(batch, channels, height, width)`` there too) and ids with output selectors. The forward
-    then checks each one's shape (:func:`laid_out_channels_last`).
+    """The layers of ``layers`` whose 4-d outputs may be ``(batch, height, width, channels)``:
+    all but convolutions, batch norms and pooling layers (which give ``(batch, channels,
+    height, width)`` in any model) and ids with output selectors. The forward then decides by
+    each output's shape (:func:`laid_out_channels_last`).
 
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LayerNorm(4))
     >>> channels_at_end(model, ["0", "1"])
-    set()
-    >>> model.output_fmt = "NHWC"
-    >>> channels_at_end(model, ["0", "1"])
     {'1'}
     """
-    layout = getattr(model, "output_fmt", None)
-    if getattr(layout, "value", layout) != "NHWC":
-        return set()
     from extender._layers import resolve_selections
 
     return {layer for layer, (module, selection) in zip(layers, resolve_selections(model, layers))
@@ -100,24 +108,31 @@ def _proportioned(a: int, b: int, height: int, width: int) -> bool:
     return a > 0 and b > 0 and abs(a / b - height / width) <= (1 + a / b) / min(a, b)
 
 
-def laid_out_channels_last(shape: Sequence[int], image: Sequence[int]) -> bool:
+def laid_out_channels_last(shape: Sequence[int], image: Sequence[int], declared: bool = False) -> bool:
     """Whether the 4-d output ``shape`` of a layer :func:`channels_at_end` names is
-    ``(batch, height, width, channels)``, given the model input's ``(height, width)``: yes, but
-    where its dims 2 and 3 have the input's proportions and dims 1 and 2 do not (the maps of
-    a convolution inside such a model, passed through an activation: MambaOut's stem).
+    ``(batch, height, width, channels)``, given the model input's ``(height, width)``: where
+    its dims 1 and 2 have the input's proportions and dims 2 and 3 do not (torchvision's Swin
+    and the insides of ConvNeXt blocks, which permute their maps); not where dims 2 and 3 have
+    them and dims 1 and 2 do not (the maps of a convolution passed through an activation); and
+    where both or neither have them, as the model ``declared`` (:func:`declares_channels_last`).
 
     >>> laid_out_channels_last((8, 56, 56, 96), (224, 224)), laid_out_channels_last((8, 24, 112, 112), (224, 224))
     (True, False)
     >>> laid_out_channels_last((8, 56, 80, 96), (224, 320)), laid_out_channels_last((8, 24, 112, 160), (224, 320))
     (True, False)
+    >>> laid_out_channels_last((8, 64, 64, 64), (256, 256)), laid_out_channels_last((8, 64, 64, 64), (256, 256), True)
+    (False, True)
     """
     height, width = image
-    return not (_proportioned(shape[2], shape[3], height, width) and not _proportioned(shape[1], shape[2], height, width))
+    grid_first = _proportioned(shape[1], shape[2], height, width)
+    if grid_first != _proportioned(shape[2], shape[3], height, width):
+        return grid_first
+    return declared
 
 
 def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "", channels_last: bool = False) -> torch.Tensor:
     """``output`` (batch first) reduced as ``spec`` says, cast to the storage dtype, contiguous.
-    ``channels_last``: a 4-d output is ``(batch, height, width, channels)`` (:func:`channels_at_end`);
+    ``channels_last``: a 4-d output is ``(batch, height, width, channels)`` (:func:`laid_out_channels_last`);
     it is pooled over its height and width into ``(batch, channels, ...)`` maps, as any other."""
     channels_last = channels_last and output.ndim == 4
     if spec.reduce is Reduction.POOL:

@@ -40,14 +40,14 @@ from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, describe_failure, is_config_fault, model_identity
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
-from ._reduce import channels_at_end, check_class_token, laid_out_channels_last, reduce_output
+from ._reduce import channels_at_end, check_class_token, declares_channels_last, laid_out_channels_last, reduce_output
 from ._scheduling import SHARE_GPU_CPUS
 from ._shards import Shard
 from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
 from ._stats import ValueStats
 from ._store import OutputStore
 from ._writer import LayerFileWriter, build_table
-from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, RunSpec, Shapes
+from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, Reduction, RunSpec, Shapes
 from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutputError, PipelineError,
                      ShapeChangedError, WeightsMismatchError)
 
@@ -247,6 +247,10 @@ class ShardWorker:
         self.inputs = resolve_input(self.config.source.preprocess, model)
         self.outputs = LayerOutputs(model.to(self.device), self.config.model)  # (an unknown layer: ConfigError)
         self.channels_at_end = channels_at_end(model, self.config.model.layers)
+        self.declares_channels_last = declares_channels_last(model)
+        #: layer -> (its output's shape, the input's height and width), for the layers taken as
+        #: (batch, height, width, channels) by their shape alone (the trial warns of them)
+        self.inferred_channels_last: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.store = OutputStore(self.config.run.output)
         try:
             index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None
@@ -343,7 +347,9 @@ class ShardWorker:
                 if out.ndim == 0 or out.shape[0] != len(positions):
                     raise LayerOutputError(_not_batch_first(layer, out, len(positions)))
                 channels_last = (layer in self.channels_at_end and out.ndim == 4
-                                 and laid_out_channels_last(out.shape, x.shape[-2:]))
+                                 and laid_out_channels_last(out.shape, x.shape[-2:], self.declares_channels_last))
+                if channels_last and not self.declares_channels_last:
+                    self.inferred_channels_last.setdefault(layer, (tuple(out.shape), tuple(x.shape[-2:])))
                 stored = reduce_output(out, self.config.dump, layer, channels_last)
                 counted.append((layer, stored))
                 host[layer] = _host(stored)
@@ -580,6 +586,7 @@ class ShardWorker:
             if self.config.run.batch_size > 1:
                 self._trial_of_two(first)
             self._warn_of_repeated_calls(first, dict(calls))
+            self._warn_of_inferred_layouts()
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
         except OutputSelectionError as exc:  # a selector that does not fit the layer's output
@@ -629,6 +636,20 @@ class ShardWorker:
                             "dumped: dump a layer that runs once to be sure which output it is (`actmap layers "
                             "MODEL --input-size ...` counts the calls)", layer, total[layer], kept.get(layer, 0),
                             total[layer], ModelSpec.key("mode"), ModelSpec.key("stop_early"))
+
+    def _warn_of_inferred_layouts(self) -> None:
+        """A warning for each layer that a pooling reduction takes as ``(batch, height, width,
+        channels)`` by its shape alone, in a model that does not say so: the rule could be wrong
+        for a model of odd shapes, and ``reduce: none`` keeps the outputs as they are."""
+        reduce = self.config.dump.reduce
+        if reduce not in (Reduction.POOL, Reduction.CHANNEL_MEAN):
+            return
+        for layer, (shape, (height, width)) in self.inferred_channels_last.items():
+            log.warning("layer %r gives %s outputs for %dx%d inputs: taken as (batch, height, width, channels), "
+                        "since its dims 1 and 2 have the input's proportions and dims 2 and 3 do not, so %s %r "
+                        "reduces each of its %d channels over %dx%d (%s 'none' stores the outputs as they are)",
+                        layer, tuple(shape), height, width, DumpSpec.key("reduce"), reduce.value, shape[3],
+                        shape[1], shape[2], DumpSpec.key("reduce"))
 
     def _trial_hint(self, exc: Exception, image: torch.Tensor) -> str:
         """What may fix a trial forward that failed inside the model (the pipeline's own errors

@@ -180,6 +180,33 @@ def test_the_maps_of_timm_models_laid_out_channels_last_are_reduced_over_their_h
     _assert_dump_equals(config, reduced)
 
 
+@pytest.mark.parametrize("model, layers, channels_last", [
+    ("support.models:tv_swin", ["features.0.0", "features.1", "features.3", "permute"], {"features.1", "features.3"}),
+    # a block's Linear gives (2, 8, 8, 32); the block itself (2, 8, 8, 8), (batch, channels, ...)
+    ("support.models:tv_convnext", ["features.1.0.block.0", "features.1.0.block.3", "features.1.0"],
+     {"features.1.0.block.3"}),
+])
+@pytest.mark.parametrize("reduce", ["pool", "channel_mean"])
+def test_maps_permuted_to_channels_last_by_a_model_that_does_not_say_so_are_reduced_per_channel(
+        tmp_path, caplog, model, layers, channels_last, reduce):
+    """torchvision's Swin and ConvNeXt permute their maps to (batch, height, width, channels)
+    with no attribute that says so: such a layer is known by its shape, each taken layer warned
+    of once by the trial, and pooled per channel as a CNN's maps are."""
+    config = _config(tmp_path / "out", {"name": model}, layers, normalize="imagenet", reduce=reduce)
+    config = Config.from_dict({**config.to_dict(), "dump": {**config.to_dict()["dump"], "pool_size": [2, 2]}})
+    run(config, stream=None)
+    full = _direct(build_model(config.model), _images(config), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                   {layer: (layer, _identity) for layer in layers})
+    maps = {layer: out.permute(0, 3, 1, 2) if layer in channels_last else out for layer, out in full.items()}
+    _assert_dump_equals(config, {layer: torch.nn.functional.adaptive_avg_pool2d(m, 2) if reduce == "pool"
+                                 else m.mean(dim=1) for layer, m in maps.items()})
+    warned = [r.getMessage() for r in caplog.records if "taken as (batch, height, width, channels)" in r.getMessage()]
+    assert sorted(w.split("'")[1] for w in warned) == sorted(channels_last), "once per taken layer, by the trial"
+    shape = tuple(full[sorted(channels_last)[0]].shape[1:])
+    assert f"gives (1, {shape[0]}, {shape[1]}, {shape[2]}) outputs for 32x32 inputs" in warned[0]
+    assert f"dump.reduce {reduce!r} reduces each of its {shape[2]} channels over {shape[0]}x{shape[1]}" in warned[0]
+
+
 def test_an_unknown_layer_of_a_model_laid_out_channels_last_is_a_config_error(tmp_path):
     from pipeline.errors import ConfigError
 

@@ -274,3 +274,24 @@ class OneAtATime(nn.Module):
 def one_at_a_time() -> OneAtATime:
     torch.manual_seed(0)
     return OneAtATime()
+
+
+def tv_swin() -> nn.Module:
+    """torchvision's Swin Transformer, tiny: its stages give (batch, height, width, channels)
+    maps (8x8x16 and 4x4x32 for 32 px images), and torchvision says nothing of it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                              window_size=[4, 4], num_classes=4)
+
+
+def tv_convnext() -> nn.Module:
+    """torchvision's ConvNeXt, tiny: inside a block the maps are permuted to (batch, height,
+    width, channels) for its LayerNorm and Linear layers, and back; its stem gives 8x8x8 maps
+    for 32 px images, so a block's output has the proportions of both layouts."""
+    import torchvision
+    from torchvision.models.convnext import CNBlockConfig
+
+    torch.manual_seed(0)
+    return torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=4)
