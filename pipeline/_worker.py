@@ -53,6 +53,9 @@ from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutput
 
 log = logging.getLogger(__name__)
 
+#: The exit status of an actor's process ended by :meth:`ShardWorker._end_process`.
+EXIT_DEVICE_BROKEN = 75
+
 _AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
@@ -66,6 +69,29 @@ def _device_lock(device: torch.device) -> threading.Lock:
         return threading.Lock()
     with _DEVICE_LOCKS_LOCK:
         return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+def breaks_the_device(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised from, is an accelerator error other than
+    running out of memory: a device-side assert, an illegal memory access. CUDA keeps such an
+    error in the process's context, and every later call on the device fails with it.
+
+    >>> breaks_the_device(torch.AcceleratorError("CUDA error: device-side assert triggered"))
+    True
+    >>> breaks_the_device(torch.OutOfMemoryError("CUDA out of memory")), breaks_the_device(ValueError("x"))
+    (False, False)
+    """
+    accelerator = getattr(torch, "AcceleratorError", None)  # torch 2.8 on; before, a RuntimeError
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return False
+        if (isinstance(exc, accelerator) if accelerator is not None
+                else isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class _Stopped(RuntimeError):
@@ -287,6 +313,7 @@ class ShardWorker:
         self.metrics = ActorMetrics(self.config.run.output)  # Ray metrics; the driver's per-batch progress
         self._stopping = threading.Event()
         self._forwards_done = 0  # batches whose forward worked: the model can run here
+        self._own_process = own_process
         self._frozen_objects = settle_heap() if own_process else 0
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
@@ -363,6 +390,18 @@ class ShardWorker:
             ready.record(torch.cuda.current_stream(self.device))
         return _Outputs(results, ready)
 
+    def _end_process(self, shard: Shard, exc: BaseException) -> None:
+        """End this worker's process, which it has to itself, after an error that leaves its
+        device unusable (:func:`breaks_the_device`): Ray starts the actor anew, with a new CUDA
+        context, and the driver gives its shards to it or another actor; kept alive, the actor
+        would fail every shard it is given."""
+        log.error("shard %d failed on %s with %s: this process can no longer use the device, so it ends, and "
+                  "Ray starts the actor anew (the shards it held are tried again)", shard.id, self.device,
+                  describe_error(exc))
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(EXIT_DEVICE_BROKEN)
+
     def _forward_isolating(self, batch: _Batch, stats: Mapping[str, ValueStats]) -> tuple[_Batch, _Outputs | None]:
         """The batch's forward; when it fails, each sample's alone, so that one sample the model
         cannot take is recorded as bad instead of failing the shard. If every sample fails
@@ -375,8 +414,8 @@ class ShardWorker:
         except torch.OutOfMemoryError as exc:  # the batch is too large here: no sample is at fault
             raise self._out_of_memory(len(batch.samples), exc) from exc
         except Exception as exc:
-            if len(batch.samples) == 1 and not self._forwards_done:
-                raise
+            if breaks_the_device(exc) or (len(batch.samples) == 1 and not self._forwards_done):
+                raise  # (with the device broken, every sample alone would fail too)
             failed = exc
         try:
             return self._isolate(batch, stats, failed)
@@ -519,7 +558,7 @@ class ShardWorker:
             for future in pending:
                 future.result()
             sizes = {layer: writer.commit() for layer, writer in writers.items()}
-        except BaseException:
+        except BaseException as exc:
             self.metrics.shard_failed(shard.id)
             if loading is not None:
                 loading.cancel()
@@ -530,6 +569,8 @@ class ShardWorker:
                     future.result()
             for writer in writers.values():
                 writer.abort()
+            if self._own_process and breaks_the_device(exc):
+                self._end_process(shard, exc)
             raise
         finally:
             stream.close()  # the source's open files and buffers go now, not when collected

@@ -295,3 +295,29 @@ def tv_convnext() -> nn.Module:
 
     torch.manual_seed(0)
     return torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=4)
+
+
+class DeviceBreaker(TinyConvNet):
+    """A TinyConvNet whose forward, in a process other than ``driver``'s, once the file ``mark``
+    exists, takes it away and raises a CUDA error that stays, as CUDA's do: every later forward
+    of that process raises it too. The pid of the process it broke goes into ``mark``.pid."""
+
+    broken = False
+
+    def __init__(self, mark: str, driver: int):
+        super().__init__()
+        self.mark, self.driver = mark, driver
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not DeviceBreaker.broken and os.getpid() != self.driver and os.path.exists(self.mark):
+            os.remove(self.mark)
+            with open(self.mark + ".pid", "w") as f:
+                f.write(str(os.getpid()))
+            DeviceBreaker.broken = True
+        if DeviceBreaker.broken:
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+        return super().forward(x)
+
+
+def device_breaker(mark: str, driver: int) -> DeviceBreaker:
+    return DeviceBreaker(mark, driver)
