@@ -242,6 +242,8 @@ def _claim_gpu_decoding(device: torch.device) -> bool:
     several GPUs in one process), said once each. torchvision keeps one GPU JPEG decoder per
     process and builds it anew, leaking the last one, whenever a call names another device."""
     global _gpu_decoding, _holders
+    if device.index is None:  # 'cuda' is the current device: the same as 'cuda:0' there
+        device = torch.device(device.type, torch.cuda.current_device())
     with _GPU_DECODING_LOCK:
         if _gpu_decoding is None:
             _gpu_decoding = device

@@ -136,6 +136,7 @@ def cpu_for_gpu(monkeypatch):
     monkeypatch.setattr(_decoder, "_holders", 0)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the worker's stream")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream), raising=False)
     calls.recorded, calls.synced = recorded, []
     return calls
@@ -219,8 +220,12 @@ def test_one_gpu_of_a_process_decodes_its_jpeg_files_the_others_use_the_cpu(cpu_
             assert first([_jpeg(1)])[0].shape == second([_jpeg(1)])[0].shape == (3, 30, 40)
     assert cpu_for_gpu == [1, "synchronize"] * 2, "cuda:1 decodes on the CPU"
     told = [r.getMessage() for r in caplog.records if "decoded on the CPU" in r.getMessage()]
-    assert told == ["JPEG files for cuda:1 are decoded on the CPU: cuda decodes this process's (torchvision keeps "
+    assert told == ["JPEG files for cuda:1 are decoded on the CPU: cuda:0 decodes this process's (torchvision keeps "
                     "one GPU decoder per process)"]
+    same = Decoder(threads=1, device="cuda:0")  # 'cuda' was the current device, cuda:0
+    same([_jpeg(1)])
+    assert cpu_for_gpu[-2:] == [1, "synchronize"], "cuda:0 decodes on the GPU, as cuda did"
+    same.close()
     first.close()  # the next run of this process may decode on another GPU
     second([_jpeg(1)])
     assert cpu_for_gpu[-2:] == [1, "synchronize"] and _decoder._gpu_decoding == torch.device("cuda:1")
