@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
+from ._device import breaks_the_device
 from ._imports import lazy_import
 from ._images import DEFAULT_MAX_PIXELS, ImageError, Into, conform, decode, header_size
 from ._preprocess import resize_crop, resize_crop_many
@@ -155,8 +156,6 @@ class Decoder:
 
     def _with_gpu_jpeg(self, raws: list) -> list[torch.Tensor | Exception]:
         # the bytes first (read in parallel), then the JPEG files in one call on the GPU
-        tvio = lazy_import("torchvision.io")  # when first needed: it takes seconds
-
         encoded = [isinstance(raw, (bytes, bytearray, memoryview, Deferred)) for raw in raws]
         raws = self._map(_load_jpeg, raws)[0]
         out: list[torch.Tensor | Exception | None] = [None] * len(raws)
@@ -182,9 +181,10 @@ class Decoder:
             out[i] = image
         return out
 
-    def _decode_on_gpu(self, data: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """JPEG files decoded, resized and cropped on the GPU, in one decoder call, or ``None``
-        when the decoder refuses one of them (the caller decodes them on the CPU).
+    def _decode_on_gpu(self, data: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+        """JPEG files decoded, resized and cropped on the GPU: ``None`` for each file the GPU
+        decoder refuses (a CMYK or damaged file: the caller decodes it on the CPU), or ``None``
+        for all when the GPU has no memory for them.
 
         The work runs on a stream of the calling thread's own, so it overlaps the forwards on
         the worker's stream instead of waiting for them, and the shards decoding at once do not
@@ -193,30 +193,52 @@ class Decoder:
         own. Its results are complete when this returns, and their memory is not reused before
         the work the caller's stream queues on them is done.
         """
-        tvio = lazy_import("torchvision.io")
         consumer = torch.cuda.current_stream(self.device)
         stream = getattr(self._streams, "stream", None)
         if stream is None:
             stream = self._streams.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
             try:
-                images = tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
+                images = self._gpu_decoded(data)
+                decoded = [i for i, image in enumerate(images) if image is not None]
                 # resized in one call per image size (and at most GPU_RESIZE_BYTES of them), not one per image
-                images = resize_crop_many([conform(image, channels_last=False, channels=self.channels)
-                                           for image in images], self.resize, self.crop, GPU_RESIZE_BYTES)
+                resized = resize_crop_many([conform(images[i], channels_last=False, channels=self.channels)
+                                            for i in decoded], self.resize, self.crop, GPU_RESIZE_BYTES)
             except torch.OutOfMemoryError as exc:  # (large photos, other shards' batches on the device)
                 log.info("a batch's JPEG files go through the CPU: the GPU had no memory for them (%s)",
                          str(exc).splitlines()[0])
                 return None
-            except RuntimeError as exc:  # one bad file fails the whole call
-                log.info("a batch's JPEG files go through the CPU: the GPU decoder refused one (%s)", exc)
-                return None
             done = torch.cuda.Event(blocking=True)  # waited for asleep: a spinning wait takes a core
             done.record(stream)
         done.synchronize()
-        for image in images:
+        for i, image in zip(decoded, resized):
             image.record_stream(consumer)
+            images[i] = image
         return images
+
+    def _gpu_decoded(self, data: list[torch.Tensor], splits: list[int] | None = None) -> list[torch.Tensor | None]:
+        """``data`` decoded on the GPU, ``None`` for the files its decoder refuses. One refused
+        file fails the decoder's whole call: such a call is split in halves, and so on, until
+        only the refused files are left (a few calls more for one file in a batch). ``splits``:
+        how many splits are left; where many files are refused, those left go to the CPU rather
+        than through a call each."""
+        tvio = lazy_import("torchvision.io")
+        if splits is None:
+            splits = [2 * len(data).bit_length()]  # enough to single out two files
+        try:
+            return list(tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            if breaks_the_device(exc):  # not the file's fault: the CPU cannot help the process
+                raise
+            if len(data) == 1 or splits[0] <= 0:
+                log.info("%d JPEG file(s) go through the CPU: the GPU decoder refused %s (%s)", len(data),
+                         "it" if len(data) == 1 else "one of them", exc)
+                return [None] * len(data)
+        splits[0] -= 1
+        half = len(data) // 2
+        return self._gpu_decoded(data[:half], splits) + self._gpu_decoded(data[half:], splits)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -33,6 +33,7 @@ from extender import OutputSelectionError
 from extender._selectors import element_ids
 
 from ._decoder import Decoder
+from ._device import breaks_the_device
 from ._labels import split_unfit
 from ._layout import SOURCE_INDEX_PATH, shard_record_path
 from ._metrics import ActorMetrics, peak_rss_mb
@@ -69,29 +70,6 @@ def _device_lock(device: torch.device) -> threading.Lock:
         return threading.Lock()
     with _DEVICE_LOCKS_LOCK:
         return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
-
-
-def breaks_the_device(exc: BaseException | None) -> bool:
-    """Whether ``exc``, or an error it was raised from, is an accelerator error other than
-    running out of memory: a device-side assert, an illegal memory access. CUDA keeps such an
-    error in the process's context, and every later call on the device fails with it.
-
-    >>> breaks_the_device(torch.AcceleratorError("CUDA error: device-side assert triggered"))
-    True
-    >>> breaks_the_device(torch.OutOfMemoryError("CUDA out of memory")), breaks_the_device(ValueError("x"))
-    (False, False)
-    """
-    accelerator = getattr(torch, "AcceleratorError", None)  # torch 2.8 on; before, a RuntimeError
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, torch.OutOfMemoryError):
-            return False
-        if (isinstance(exc, accelerator) if accelerator is not None
-                else isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 class _Stopped(RuntimeError):

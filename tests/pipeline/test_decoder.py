@@ -154,9 +154,10 @@ def test_the_gpu_path_decodes_a_batch_of_jpeg_files_in_one_call_like_the_cpu(tmp
              b"\xff\xd8\xff" + b"\x00" * 10]                 # a JPEG's start, then nothing: a bad sample
     gpu = Decoder(threads=2, device="cuda", resize=16, crop=(12, 12))
     cpu = Decoder(threads=2, resize=16, crop=(12, 12))
-    # without the broken file, then with it: it fails the decoder's call, and the batch goes
-    # through the CPU
-    for batch, calls in ((raws[:-1], [7, "synchronize"]), (raws, [7, "synchronize", 8])):
+    # without the broken file, then with it: it fails the decoder's call, which is split in
+    # halves until the broken file is alone, and only it goes through the CPU
+    for batch, calls in ((raws[:-1], [7, "synchronize"]),
+                         (raws, [7, "synchronize", 8, 4, 4, 2, 2, 1, 1, "synchronize"])):
         got, expected = gpu(batch), cpu(batch)
         for i, (g, e) in enumerate(zip(got, expected)):
             if isinstance(e, Exception):
@@ -164,10 +165,10 @@ def test_the_gpu_path_decodes_a_batch_of_jpeg_files_in_one_call_like_the_cpu(tmp
             else:
                 assert torch.equal(g, e), i
         assert isinstance(got[9], FileNotFoundError)
-        assert cpu_for_gpu == calls  # one decoder call per batch
+        assert cpu_for_gpu == calls  # one decoder call per batch of good files
     assert isinstance(got[10], ImageError)
     # the GPU's results: their stream waited for, their memory kept for the worker's stream
-    assert cpu_for_gpu.recorded == ["the worker's stream"] * 7
+    assert cpu_for_gpu.recorded == ["the worker's stream"] * 14
     gpu.close(), cpu.close()
 
 
@@ -243,6 +244,25 @@ def test_a_batch_the_gpu_has_no_memory_for_goes_through_the_cpu(cpu_for_gpu, mon
         got = gpu([_jpeg(3), _jpeg(4)])
     assert all(torch.equal(g, e) for g, e in zip(got, cpu([_jpeg(3), _jpeg(4)])))
     assert "the GPU had no memory for them (CUDA out of memory. Tried to allocate 37.50 GiB)" in caplog.text
+
+
+def test_a_batch_of_files_the_gpu_decoder_refuses_goes_to_the_cpu_in_a_bounded_number_of_calls(cpu_for_gpu):
+    # (a dataset of CMYK files, say): not a call for each file, after the first few
+    broken = b"\xff\xd8\xff" + b"\x00" * 10
+    got = Decoder(threads=1, device="cuda", resize=16)([_jpeg(5)] + [broken] * 64)
+    assert got[0].shape == (3, 16, 21) and all(isinstance(g, ImageError) for g in got[1:])
+    calls = [c for c in cpu_for_gpu if c != "synchronize"]
+    assert calls[0] == 65 and len(calls) <= 1 + 2 * 2 * 7, calls  # 2 x 7 splits: 65 takes 7 bits
+
+
+def test_a_cuda_error_in_the_gpu_decoder_is_raised_not_sent_to_the_cpu(cpu_for_gpu, monkeypatch):
+    # the process's device is broken (its worker ends the process): no file is at fault
+    def broken(data, mode, device):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(tvio, "decode_jpeg", broken)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        Decoder(threads=1, device="cuda", resize=16)([_jpeg(3), _jpeg(4)])
 
 
 def test_images_of_one_size_are_resized_together_in_groups_of_bounded_bytes(monkeypatch):
