@@ -46,7 +46,8 @@ class WorkerSpec:
     """What every worker is built from: the run's config, the weights digest the driver's model
     has (a worker whose model differs refuses to start), each layer's shape when shapes are
     fixed (every batch must keep it), and the label columns where the source types them from
-    its items (``label_types``: the driver's, so that every worker writes the same columns)."""
+    its items (``label_types``: the driver's, so that every worker writes the same columns).
+    The layers' layouts go with them too: every worker reduces a layer's maps alike."""
 
     config: Config
     digest: str
@@ -59,9 +60,10 @@ class WorkerSpec:
         with ``decode_threads`` threads that decode images and ``shards_at_once`` shards at work."""
         shapes = ({layer: list(spec.shape) for layer, spec in self.layers.items()}
                   if self.config.shapes_fixed() else None)
+        layouts = {layer: spec.layout for layer, spec in self.layers.items() if spec.layout is not None}
         return {"config": self.config.to_dict(), "expected_digest": self.digest, "layer_shapes": shapes,
                 "frozen_source": self.frozen_source, "decode_threads": decode_threads,
-                "shards_at_once": shards_at_once, "label_types": self.label_types}
+                "shards_at_once": shards_at_once, "label_types": self.label_types, "layer_layouts": layouts}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,11 +98,18 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
     lines += [f"source: {line}" for line in identity_diff(old_source, new_source)]
     if lines:  # (a layer's shape or dtype that a difference above changed says nothing more)
         return lines
-    # the model, built as it is now, may give its layers in other shapes than when the dump began
+    # the model, built as it is now, may give its layers in other shapes or layouts than when
+    # the dump began (a dump of variable shapes, or of an older version, does not say them all)
     return [f"layers: {layer}: {existing.layer_info[layer].describe()} -> {spec.describe()}"
             for layer, spec in new.layer_info.items()
-            if layer in existing.layer_info and existing.layer_info[layer].shape is not None
-            and spec.shape is not None and existing.layer_info[layer] != spec]
+            if layer in existing.layer_info and _stored_otherwise(existing.layer_info[layer], spec)]
+
+
+def _stored_otherwise(old: LayerSpec, new: LayerSpec) -> bool:
+    """Whether a layer that ``old`` describes is stored otherwise by a run that says ``new``,
+    as far as both say."""
+    shapes = old.shape is not None and new.shape is not None and (old.shape, old.dtype) != (new.shape, new.dtype)
+    return shapes or (old.layout is not None and new.layout is not None and old.layout != new.layout)
 
 
 # -- the folder ----------------------------------------------------------------------------------

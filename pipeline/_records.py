@@ -7,7 +7,7 @@ default) still loads the records of older versions, and an older version reads n
 
 >>> spec = LayerSpec.from_dict({"shape": [16, 8, 8], "dtype": "float16"})
 >>> spec, spec.describe(), LayerSpec(None, "bfloat16").describe()
-(LayerSpec(shape=(16, 8, 8), dtype='float16'), '16x8x8 float16', 'variable bfloat16')
+(LayerSpec(shape=(16, 8, 8), dtype='float16', layout=None), '16x8x8 float16', 'variable bfloat16')
 >>> record = ShardRecord(shard=2, start=8, stop=12, rows={"conv2": 3},
 ...                      bad=(BadSample(9, "9", "ValueError: corrupt"),))
 >>> ShardRecord.from_dict(record.to_dict()) == record
@@ -54,10 +54,18 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """How a layer's activations are stored: the per-sample ``shape`` (``None`` when each row
-    has its own) and the ``dtype``."""
+    has its own) and the ``dtype``; for a layer that gives 4-d maps, their ``layout`` as the
+    model gave them, ``channels_first`` or ``channels_last`` (``None``: not a 4-d map, or a dump
+    begun before layouts were recorded). ``reduce: none`` stores channels-last maps as they
+    are, ``(height, width, channels)``; the other reductions give ``(channels, ...)``.
+
+    >>> LayerSpec((96, 1, 1), "float16", "channels_last").describe()
+    '96x1x1 float16 (of channels-last maps)'
+    """
 
     shape: tuple[int, ...] | None
     dtype: str
+    layout: str | None = None
 
     def __post_init__(self):
         if self.shape is not None:
@@ -66,10 +74,11 @@ class LayerSpec:
     def describe(self) -> str:
         """``16x8x8 float16``, or ``variable float16``."""
         shape = "variable" if self.shape is None else "x".join(map(str, self.shape))
-        return f"{shape} {self.dtype}"
+        return f"{shape} {self.dtype}" + (" (of channels-last maps)" if self.layout == "channels_last" else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
+        data = {"shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
+        return data if self.layout is None else {**data, "layout": self.layout}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerSpec:

@@ -88,9 +88,8 @@ def declares_channels_last(model: torch.nn.Module) -> bool:
 
 def channels_at_end(model: torch.nn.Module, layers: Sequence[str]) -> set[str]:
     """The layers of ``layers`` whose 4-d outputs may be ``(batch, height, width, channels)``:
-    all but convolutions, batch norms and pooling layers (which give ``(batch, channels,
-    height, width)`` in any model) and ids with output selectors. The forward then decides by
-    each output's shape (:func:`laid_out_channels_last`).
+    all but convolutions, batch norms and pooling layers, which give ``(batch, channels,
+    height, width)`` in any model. The trial tells them apart (:func:`layout_from_growth`).
 
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LayerNorm(4))
     >>> channels_at_end(model, ["0", "1"])
@@ -98,8 +97,40 @@ def channels_at_end(model: torch.nn.Module, layers: Sequence[str]) -> set[str]:
     """
     from extender._layers import resolve_selections
 
-    return {layer for layer, (module, selection) in zip(layers, resolve_selections(model, layers))
-            if not selection.keys and not isinstance(module, _CHANNELS_FIRST)}
+    return {layer for layer, (module, _) in zip(layers, resolve_selections(model, layers))
+            if not isinstance(module, _CHANNELS_FIRST)}
+
+
+#: How a layer's 4-d outputs are laid out (``LayerSpec.layout``).
+CHANNELS_FIRST, CHANNELS_LAST = "channels_first", "channels_last"
+
+
+def layout_from_growth(shape: Sequence[int], taller: Sequence[int] | None, wider: Sequence[int] | None,
+                       image: Sequence[int], declared: bool) -> str:
+    """The layout of a layer's 4-d output ``shape`` for an input of ``image`` (height, width),
+    told by its shapes for an input of twice that height (``taller``) and twice that width
+    (``wider``): ``(batch, height, width, channels)`` where the height grows dim 1 alone and the
+    width dim 2 alone, ``(batch, channels, height, width)`` where they grow dims 2 and 3. Where
+    the shapes do not tell (maps pooled to 1x1, windows of tokens; ``None``: the model takes no
+    other input size), as the model ``declared`` (:func:`declares_channels_last`) and the
+    proportions say (:func:`laid_out_channels_last`), else channels-first.
+
+    >>> layout_from_growth((2, 8, 8, 96), (2, 16, 8, 96), (2, 8, 16, 96), (32, 32), False)
+    'channels_last'
+    >>> layout_from_growth((2, 96, 8, 8), (2, 96, 16, 8), (2, 96, 8, 16), (32, 32), False)
+    'channels_first'
+    >>> layout_from_growth((2, 768, 1, 1), (2, 768, 1, 1), (2, 768, 1, 1), (224, 64), False)
+    'channels_first'
+    >>> layout_from_growth((2, 56, 56, 96), None, None, (224, 224), True)
+    'channels_last'
+    """
+    if taller is not None and wider is not None:
+        grows = ({d for d in (1, 2, 3) if taller[d] != shape[d]}, {d for d in (1, 2, 3) if wider[d] != shape[d]})
+        if grows == ({1}, {2}):
+            return CHANNELS_LAST
+        if grows == ({2}, {3}):
+            return CHANNELS_FIRST
+    return CHANNELS_LAST if declared and laid_out_channels_last(shape, image, True) else CHANNELS_FIRST
 
 
 def _proportioned(a: int, b: int, height: int, width: int) -> bool:
@@ -109,12 +140,11 @@ def _proportioned(a: int, b: int, height: int, width: int) -> bool:
 
 
 def laid_out_channels_last(shape: Sequence[int], image: Sequence[int], declared: bool = False) -> bool:
-    """Whether the 4-d output ``shape`` of a layer :func:`channels_at_end` names is
-    ``(batch, height, width, channels)``, given the model input's ``(height, width)``: where
-    its dims 1 and 2 have the input's proportions and dims 2 and 3 do not (torchvision's Swin
-    and the insides of ConvNeXt blocks, which permute their maps); not where dims 2 and 3 have
-    them and dims 1 and 2 do not (the maps of a convolution passed through an activation); and
-    where both or neither have them, as the model ``declared`` (:func:`declares_channels_last`).
+    """Whether the 4-d output ``shape`` is ``(batch, height, width, channels)`` by its
+    proportions, given the model input's ``(height, width)``: where its dims 1 and 2 have the
+    input's proportions and dims 2 and 3 do not; not where dims 2 and 3 have them and dims 1
+    and 2 do not (the maps of a convolution passed through an activation); where both or
+    neither have them, as the model ``declared``.
 
     >>> laid_out_channels_last((8, 56, 56, 96), (224, 224)), laid_out_channels_last((8, 24, 112, 112), (224, 224))
     (True, False)
@@ -132,7 +162,7 @@ def laid_out_channels_last(shape: Sequence[int], image: Sequence[int], declared:
 
 def reduce_output(output: torch.Tensor, spec: DumpSpec, layer: str = "", channels_last: bool = False) -> torch.Tensor:
     """``output`` (batch first) reduced as ``spec`` says, cast to the storage dtype, contiguous.
-    ``channels_last``: a 4-d output is ``(batch, height, width, channels)`` (:func:`laid_out_channels_last`);
+    ``channels_last``: a 4-d output is ``(batch, height, width, channels)`` (:func:`layout_from_growth`);
     it is pooled over its height and width into ``(batch, channels, ...)`` maps, as any other."""
     channels_last = channels_last and output.ndim == 4
     if spec.reduce is Reduction.POOL:

@@ -41,14 +41,15 @@ from ._model_inputs import resolve_input
 from ._models import LayerOutputs, build_model, describe_failure, is_config_fault, model_identity
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
-from ._reduce import channels_at_end, check_class_token, declares_channels_last, laid_out_channels_last, reduce_output
+from ._reduce import (CHANNELS_FIRST, CHANNELS_LAST, channels_at_end, check_class_token, declares_channels_last,
+                      layout_from_growth, reduce_output)
 from ._scheduling import SHARE_GPU_CPUS
 from ._shards import Shard
 from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
 from ._stats import ValueStats
 from ._store import OutputStore
 from ._writer import LayerFileWriter, build_table
-from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, Reduction, RunSpec, Shapes
+from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, RunSpec, Shapes
 from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutputError, PipelineError,
                      ShapeChangedError, WeightsMismatchError)
 
@@ -233,7 +234,8 @@ class ShardWorker:
     def __init__(self, config: Mapping[str, Any], expected_digest: str | None = None,
                  device: str | None = None, layer_shapes: Mapping[str, Sequence[int]] | None = None,
                  decode_threads: int | None = None, frozen_source: bool = False, shards_at_once: int = 2,
-                 own_process: bool = False, label_types: Mapping[str, Any] | None = None):
+                 own_process: bool = False, label_types: Mapping[str, Any] | None = None,
+                 layer_layouts: Mapping[str, str] | None = None):
         self.config = Config.from_dict(config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_model(self.config.model)
@@ -252,9 +254,8 @@ class ShardWorker:
         self.outputs = LayerOutputs(model.to(self.device), self.config.model)  # (an unknown layer: ConfigError)
         self.channels_at_end = channels_at_end(model, self.config.model.layers)
         self.declares_channels_last = declares_channels_last(model)
-        #: layer -> (its output's shape, the input's height and width), for the layers taken as
-        #: (batch, height, width, channels) by their shape alone (the trial warns of them)
-        self.inferred_channels_last: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        # each 4-d layer's layout: the driver's trial's, else found on this worker's first batch
+        self._layouts: dict[str, str] | None = None if layer_layouts is None else dict(layer_layouts)
         self.store = OutputStore(self.config.run.output)
         try:
             index = IndexFile(self.store.fs, self.store.path(SOURCE_INDEX_PATH)) if frozen_source else None
@@ -334,16 +335,15 @@ class ShardWorker:
             groups.setdefault((tuple(image.shape), image.dtype, image.device), []).append(position)
         layers = self.config.model.layers
         results, counted = [], []
-        precision = self.config.model.precision
-        autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
-                    if precision in _AUTOCAST else contextlib.nullcontext())
         for positions in groups.values():
             pixels = stack_images([batch.images[p] for p in positions])
             if self.device.type == "cuda" and pixels.device.type == "cpu":
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             x = to_model_input(pixels, self.mean_std, self.config.model.channels_last)
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), self._autocast():
                 outputs = self.outputs(x)
+            if self._layouts is None:
+                self._layouts = self._find_layouts(x[:1], outputs)
             host = {}
             for layer in layers:
                 out = outputs[layer]  # every wanted layer's: one that did not run has raised
@@ -351,10 +351,7 @@ class ShardWorker:
                     raise LayerOutputError(_not_a_tensor(layer, out))
                 if out.ndim == 0 or out.shape[0] != len(positions):
                     raise LayerOutputError(_not_batch_first(layer, out, len(positions)))
-                channels_last = (layer in self.channels_at_end and out.ndim == 4
-                                 and laid_out_channels_last(out.shape, x.shape[-2:], self.declares_channels_last))
-                if channels_last and not self.declares_channels_last:
-                    self.inferred_channels_last.setdefault(layer, (tuple(out.shape), tuple(x.shape[-2:])))
+                channels_last = out.ndim == 4 and self._layouts.get(layer) == CHANNELS_LAST
                 stored = reduce_output(out, self.config.dump, layer, channels_last)
                 counted.append((layer, stored))
                 host[layer] = _host(stored)
@@ -594,18 +591,19 @@ class ShardWorker:
             raise ConfigError(Config.key("source"), f"none of {tried} can be read ({reasons})")
         first = _Batch(batch.samples[:1], batch.images[:1], [])
         try:
+            if self._layouts is None and self.channels_at_end:  # (found by forwards not counted below)
+                self._forward(first)
             with self.outputs.counting() as calls:
                 outputs = self._forward(first)
             layers = {}
             for layer in self.config.model.layers:
                 array = outputs.rows(layer, 1)[0]
                 shape = array.shape if self.fixed else None
-                layers[layer] = LayerSpec(shape, self.config.dump.dtype.value)
+                layers[layer] = LayerSpec(shape, self.config.dump.dtype.value, self._layouts.get(layer))
                 self._write_layer(_DiscardingWriter(), layer, _Columns.of(first.samples, self.label_fields), outputs)
             if self.config.run.batch_size > 1:
                 self._trial_of_two(first)
             self._warn_of_repeated_calls(first, dict(calls))
-            self._warn_of_inferred_layouts()
         except ConfigError:
             raise  # names its own key (a pass-through column that takes an output column's name)
         except OutputSelectionError as exc:  # a selector that does not fit the layer's output
@@ -641,13 +639,8 @@ class ShardWorker:
         is stored changes with the mode, ``stop_early`` and the other layers."""
         total = kept
         if self.outputs.stops_early:  # the calls after the stop: one whole forward
-            x = to_model_input(stack_images(batch.images[:1]).to(self.device), self.mean_std,
-                               self.config.model.channels_last)
-            precision = self.config.model.precision
-            autocast = (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
-                        if precision in _AUTOCAST else contextlib.nullcontext())
-            with torch.inference_mode(), autocast:
-                total = self.outputs.whole_calls(x)
+            with torch.inference_mode(), self._autocast():
+                total = self.outputs.whole_calls(self._model_input(batch))
         for layer in self.outputs.layers:
             if total.get(layer, 0) > 1:
                 log.warning("layer %r runs %d times in a forward of the model, and this run stores the output of "
@@ -656,19 +649,44 @@ class ShardWorker:
                             "MODEL --input-size ...` counts the calls)", layer, total[layer], kept.get(layer, 0),
                             total[layer], ModelSpec.key("mode"), ModelSpec.key("stop_early"))
 
-    def _warn_of_inferred_layouts(self) -> None:
-        """A warning for each layer that a pooling reduction takes as ``(batch, height, width,
-        channels)`` by its shape alone, in a model that does not say so: the rule could be wrong
-        for a model of odd shapes, and ``reduce: none`` keeps the outputs as they are."""
-        reduce = self.config.dump.reduce
-        if reduce not in (Reduction.POOL, Reduction.CHANNEL_MEAN):
-            return
-        for layer, (shape, (height, width)) in self.inferred_channels_last.items():
-            log.warning("layer %r gives %s outputs for %dx%d inputs: taken as (batch, height, width, channels), "
-                        "since its dims 1 and 2 have the input's proportions and dims 2 and 3 do not, so %s %r "
-                        "reduces each of its %d channels over %dx%d (%s 'none' stores the outputs as they are)",
-                        layer, tuple(shape), height, width, DumpSpec.key("reduce"), reduce.value, shape[3],
-                        shape[1], shape[2], DumpSpec.key("reduce"))
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's autocast to ``model.precision``, where it asks for one."""
+        precision = self.config.model.precision
+        return (torch.autocast(self.device.type, dtype=_AUTOCAST[precision])
+                if precision in _AUTOCAST else contextlib.nullcontext())
+
+    def _model_input(self, batch: _Batch) -> torch.Tensor:
+        """The model's input for the first sample of ``batch``, on the device."""
+        return to_model_input(stack_images(batch.images[:1]).to(self.device), self.mean_std,
+                              self.config.model.channels_last)
+
+    def _find_layouts(self, x: torch.Tensor, outputs: Mapping[str, Any]) -> dict[str, str]:
+        """The layout of each layer that gives 4-d maps in ``outputs``, a forward's of a batch
+        whose first sample is ``x``: from the model run again on ``x`` stacked to twice its
+        height, then to twice its width (:func:`layout_from_growth`); convolutions, batch norms
+        and pooling layers are channels-first without a run. A model that takes no other input
+        size leaves the layouts to what it declares."""
+        def shapes(outputs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+            return {layer: tuple(out.shape) for layer, out in outputs.items()
+                    if isinstance(out, torch.Tensor) and out.ndim == 4}
+
+        def grown(dim: int) -> dict[str, tuple[int, ...]]:
+            with torch.inference_mode(), self._autocast():
+                return shapes(self.outputs(torch.cat([x, x], dim=dim)))
+
+        base, taller, wider = shapes(outputs), None, None
+        if self.channels_at_end.intersection(base):
+            try:
+                taller, wider = grown(2), grown(3)
+            except Exception as exc:  # (a model that asserts its input's size)
+                if breaks_the_device(exc):
+                    raise
+                log.info("the model takes no input of twice the height or width of %s (%s): the layouts of "
+                         "its maps are taken from what it declares", tuple(x.shape[-2:]), describe_error(exc))
+                taller = wider = None
+        return {layer: layout_from_growth(shape, taller and taller.get(layer), wider and wider.get(layer),
+                                          x.shape[-2:], self.declares_channels_last)
+                if layer in self.channels_at_end else CHANNELS_FIRST for layer, shape in base.items()}
 
     def _trial_hint(self, exc: Exception, image: torch.Tensor) -> str:
         """What may fix a trial forward that failed inside the model (the pipeline's own errors

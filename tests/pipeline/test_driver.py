@@ -558,6 +558,28 @@ def test_a_dump_whose_layers_the_model_now_gives_in_other_shapes_is_not_resumed(
     assert 'config: dump.dtype: "float16" -> "float32"' in str(info.value) and "layers:" not in str(info.value)
 
 
+def test_a_dump_whose_maps_the_model_now_lays_out_otherwise_is_not_resumed(tmp_path):
+    # a pooled dump of (height, width, channels) maps, resumed by a version that tells them
+    # otherwise, would mix two meanings under one shape; one begun before layouts were recorded
+    # resumes as it did
+    out = tmp_path / "out"
+    config = _config(out, dump={"reduce": "pool"}, run={"actors": 1})
+    run(config, stream=None)
+    manifest = json.loads((out / MANIFEST_PATH).read_text())
+    assert {k: v["layout"] for k, v in manifest["layer_info"].items()} == {"relu1": "channels_first",
+                                                                           "conv2": "channels_first"}
+    manifest["layer_info"]["relu1"]["layout"] = "channels_last"
+    (out / MANIFEST_PATH).write_text(json.dumps(manifest))
+    (out / shard_record_path(2)).unlink()
+    with pytest.raises(OutputConflictError, match=r"(?s)gives its layers in other shapes .*layers: relu1: 8x1x1 "
+                                                  r"float16 \(of channels-last maps\) -> 8x1x1 float16$"):
+        run(config, stream=None)
+    for spec in manifest["layer_info"].values():
+        del spec["layout"]
+    (out / MANIFEST_PATH).write_text(json.dumps(manifest))
+    assert run(config, stream=None).resumed == 4
+
+
 class _Recording:
     """A local executor that notes whether it connected at all."""
 

@@ -15,6 +15,8 @@ import torchvision.transforms.v2.functional as TF
 
 from pipeline import read_layer, read_table, run
 from pipeline.config import Config
+from pipeline._manifest import read_manifest
+from pipeline._store import OutputStore
 from pipeline._models import build_model
 from pipeline._shards import plan_shards
 from pipeline._sources import open_source
@@ -182,16 +184,16 @@ def test_the_maps_of_timm_models_laid_out_channels_last_are_reduced_over_their_h
 
 @pytest.mark.parametrize("model, layers, channels_last", [
     ("support.models:tv_swin", ["features.0.0", "features.1", "features.3", "permute"], {"features.1", "features.3"}),
-    # a block's Linear gives (2, 8, 8, 32); the block itself (2, 8, 8, 8), (batch, channels, ...)
-    ("support.models:tv_convnext", ["features.1.0.block.0", "features.1.0.block.3", "features.1.0"],
-     {"features.1.0.block.3"}),
+    # inside a block, (2, 8, 8, 8) maps of both layouts; the pooled head's (2, 16, 1, 1)
+    ("support.models:tv_convnext", ["features.1.0.block.0", "features.1.0.block.2", "features.1.0.block.3",
+                                    "features.1.0", "classifier.0"], {"features.1.0.block.2", "features.1.0.block.3"}),
 ])
 @pytest.mark.parametrize("reduce", ["pool", "channel_mean"])
 def test_maps_permuted_to_channels_last_by_a_model_that_does_not_say_so_are_reduced_per_channel(
-        tmp_path, caplog, model, layers, channels_last, reduce):
+        tmp_path, model, layers, channels_last, reduce):
     """torchvision's Swin and ConvNeXt permute their maps to (batch, height, width, channels)
-    with no attribute that says so: such a layer is known by its shape, each taken layer warned
-    of once by the trial, and pooled per channel as a CNN's maps are."""
+    with no attribute that says so: the trial tells such a layer by how its maps grow with the
+    input's height and width, whatever their proportions, and the manifest records it."""
     config = _config(tmp_path / "out", {"name": model}, layers, normalize="imagenet", reduce=reduce)
     config = Config.from_dict({**config.to_dict(), "dump": {**config.to_dict()["dump"], "pool_size": [2, 2]}})
     run(config, stream=None)
@@ -200,11 +202,36 @@ def test_maps_permuted_to_channels_last_by_a_model_that_does_not_say_so_are_redu
     maps = {layer: out.permute(0, 3, 1, 2) if layer in channels_last else out for layer, out in full.items()}
     _assert_dump_equals(config, {layer: torch.nn.functional.adaptive_avg_pool2d(m, 2) if reduce == "pool"
                                  else m.mean(dim=1) for layer, m in maps.items()})
-    warned = [r.getMessage() for r in caplog.records if "taken as (batch, height, width, channels)" in r.getMessage()]
-    assert sorted(w.split("'")[1] for w in warned) == sorted(channels_last), "once per taken layer, by the trial"
-    shape = tuple(full[sorted(channels_last)[0]].shape[1:])
-    assert f"gives (1, {shape[0]}, {shape[1]}, {shape[2]}) outputs for 32x32 inputs" in warned[0]
-    assert f"dump.reduce {reduce!r} reduces each of its {shape[2]} channels over {shape[0]}x{shape[1]}" in warned[0]
+    recorded = read_manifest(OutputStore(config.run.output)).layer_info
+    assert {layer for layer, spec in recorded.items() if spec.layout == "channels_last"} == channels_last
+    assert all(spec.layout == "channels_first" for layer, spec in recorded.items() if layer not in channels_last)
+
+
+def test_a_layers_layout_is_told_once_for_images_of_every_size(tmp_path):
+    """Images of 32 and 48 px, not resized: a ConvNeXt block's (height, width, channels) maps are
+    (8, 8, 8) for the first, whose proportions tell nothing, and (12, 12, 8) for the second;
+    every row is pooled per channel all the same."""
+    from PIL import Image
+
+    rng, images = np.random.default_rng(0), tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([32, 48, 32, 48, 48, 32]):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    config = Config.from_dict({
+        "model": {"name": "support.models:tv_convnext", "layers": ["features.1.0.block.2"]},
+        "source": {"kind": "folder", "path": str(images), "preprocess": {"normalize": "imagenet"}},
+        "dump": {"dtype": "float32", "reduce": "pool"},
+        "run": {"output": str(tmp_path / "out"), "batch_size": 4, "shard_size": 4, "actors": 2, "executor": "local"}})
+    run(config, stream=None)
+    model, layer = build_model(config.model), "features.1.0.block.2"
+    ids = read_table(config.run.output, layer, columns=["sample_id"]).column("sample_id").to_pylist()
+    expected = []
+    for sample_id in ids:
+        x = torch.from_numpy(np.array(Image.open(images / sample_id))).permute(2, 0, 1)[None].float() / 255
+        out = _direct(model, x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), {layer: (layer, _identity)})[layer]
+        expected.append(out.mean(dim=(1, 2)).reshape(8, 1, 1))
+    np.testing.assert_allclose(read_layer(config.run.output, layer), torch.stack(expected).numpy(), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_an_unknown_layer_of_a_model_laid_out_channels_last_is_a_config_error(tmp_path):

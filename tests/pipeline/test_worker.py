@@ -234,7 +234,8 @@ def test_variable_shapes_from_a_folder(tmp_path):
 
 def test_probe_catches_what_would_fail_later(tmp_path):
     with ShardWorker(_config(tmp_path).to_dict()) as worker:
-        assert worker.probe() == {"relu1": LayerSpec((8, 16, 16), "float16"), "conv2": LayerSpec((16, 8, 8), "float16")}
+        assert worker.probe() == {"relu1": LayerSpec((8, 16, 16), "float16", "channels_first"),
+                                  "conv2": LayerSpec((16, 8, 8), "float16", "channels_first")}
     bad = _config(tmp_path, model={"layers": ["fc"]}, dump={"reduce": "pool"})
     with ShardWorker(bad.to_dict()) as worker, pytest.raises(
             ConfigError, match=r"model: a trial forward of sample '0' failed: layer 'fc' gives 2-d "
@@ -244,7 +245,7 @@ def test_probe_catches_what_would_fail_later(tmp_path):
     images.mkdir()
     Image.new("RGB", (9, 7)).save(images / "0.png")
     with ShardWorker(_config(tmp_path, source={"kind": "folder", "path": str(images)}).to_dict()) as worker:
-        assert worker.probe()["conv2"] == LayerSpec(None, "float16"), "variable shapes: no one shape"
+        assert worker.probe()["conv2"] == LayerSpec(None, "float16", "channels_first"), "variable shapes: no one shape"
 
 
 def test_unknown_layer_is_a_config_error(tmp_path):
@@ -408,7 +409,7 @@ def test_a_models_own_assert_on_its_input_is_a_config_error_naming_the_input_siz
     fixed = _config(tmp_path, model={"name": "support.models:sized", "layers": ["relu1"]},
                     source={"preprocess": {"resize": 32, "crop": 32}})
     with ShardWorker(fixed.to_dict()) as worker:
-        assert worker.probe() == {"relu1": LayerSpec((8, 32, 32), "float16")}
+        assert worker.probe() == {"relu1": LayerSpec((8, 32, 32), "float16", "channels_first")}
 
 
 def test_a_half_precision_model_is_told_to_set_the_precision_that_runs_it(tmp_path):
@@ -421,7 +422,7 @@ def test_a_half_precision_model_is_told_to_set_the_precision_that_runs_it(tmp_pa
     # and that is what runs it
     fixed = _config(tmp_path, model={"name": "support.models:half", "layers": ["relu1"], "precision": "fp16"})
     with ShardWorker(fixed.to_dict()) as worker:
-        assert worker.probe() == {"relu1": LayerSpec((8, 16, 16), "float16")}
+        assert worker.probe() == {"relu1": LayerSpec((8, 16, 16), "float16", "channels_first")}
         assert worker.run_shard(Shard(0, 0, 4)).rows == {"relu1": 4}
 
 
