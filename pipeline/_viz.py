@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, SourceKind
+from .config import Config, Reduction, SourceKind
 from ._encoding import read_metadata
 from ._extras import require
 from ._maps import NoMapError, activation_maps, spread
@@ -31,6 +31,7 @@ from ._manifest import read_manifest
 from ._preprocess import resize_crop
 from ._reader import decode_column, dump_layers, read_table
 from ._records import Manifest
+from ._reduce import CHANNELS_LAST
 from ._sources import IndexFile, open_source
 from ._sources.generated import SHAPES
 from ._store import OutputStore
@@ -121,10 +122,13 @@ def _as_image(pixels: torch.Tensor) -> np.ndarray:
 
 
 def _rows(location: str, layer: str, count: int) -> tuple[list[_Row], dict, str]:
-    """The sampled rows of ``layer``, their images re-read from the source; and the column spec."""
+    """The sampled rows of ``layer``, their images re-read from the source; and the column spec.
+    Maps stored as the model laid them out, ``(height, width, channels)``, come channels first."""
     store = OutputStore(location)
     manifest = _manifest(store)
     config = Config.from_dict(manifest.config)
+    spec = manifest.layer_info.get(layer)
+    across = config.dump.reduce is Reduction.NONE and spec is not None and spec.layout == CHANNELS_LAST
     present = read_table(location, layer, columns=[INDEX]).column(INDEX).to_pylist()
     table = read_table(location, layer, indices=spread(present, count))
     meta = read_metadata(table.schema)
@@ -145,7 +149,10 @@ def _rows(location: str, layer: str, count: int) -> tuple[list[_Row], dict, str]
         if masks is not None:
             raw = torch.as_tensor(np.asarray(masks[i], dtype=np.float32))[None]
             mask = resize_crop(raw, inputs.resize, inputs.crop)[0].numpy() > 0.5
-        rows.append(_Row(_as_image(image), mask, _caption(label, config.source.kind), activations[i]))
+        activation = activations[i]
+        if across and activation.ndim == 3:
+            activation = np.moveaxis(activation, -1, 0)
+        rows.append(_Row(_as_image(image), mask, _caption(label, config.source.kind), activation))
     return rows, meta, config.dump.reduce.value
 
 

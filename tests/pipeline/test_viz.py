@@ -100,6 +100,22 @@ def test_show_tokens_on_their_patch_grid(vit_dump, tmp_path):
     assert not (tmp_path / "q.png").exists()
 
 
+def test_show_draws_maps_stored_channels_last_per_channel(tmp_path):
+    # torchvision's Swin: its stages' maps are stored as the model gave them, (8, 8, 16)
+    from pipeline import read_layer, run
+
+    out = tmp_path / "out"
+    config = Config.from_dict({"model": {"name": "support.models:tv_swin", "layers": ["features.1"]},
+                               "source": {"count": 4, "image_size": 32},
+                               "run": {"output": str(out), "batch_size": 4, "executor": "local"}})
+    run(config, stream=None)
+    rows, meta, _ = _rows(str(out), "features.1", 2)
+    stored = read_layer(str(out), "features.1")
+    assert meta["columns"]["activation"]["shape"] == [8, 8, 16] and rows[0].activation.shape == (16, 8, 8)
+    np.testing.assert_array_equal(rows[0].activation[3], stored[0][:, :, 3])
+    assert main(["show", str(out), "--layer", "features.1", "--channels", "15", "-o", str(tmp_path / "s.png")]) == 0
+
+
 def test_stats_show_dead_layers_and_overflows(tmp_path):
     dump = _dump(tmp_path / "out", {"name": "support.models:overflowing"}, ["conv1", "relu1"], count=4)
     from pipeline._reader import read_layer
