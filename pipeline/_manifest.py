@@ -23,13 +23,13 @@ from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARD
                       is_data_file, is_owned, is_temporary, partition_layer, record_shard, shard_record_path,
                       temporary_target)
 from ._model_inputs import ModelInput
-from ._records import LayerSpec, Manifest, ShardRecord
+from ._records import CHANNELS_LAST, LayerSpec, Manifest, ShardRecord
 from ._secrets import cannot_use, redact, shown
 from ._shards import ShardPlan
 from ._sources._base import describe_error
 from ._sources._index import Index, IndexFile, first_difference
 from ._store import OutputStore
-from .config import Config, RunSpec, comparable_identity, identity_diff
+from .config import Config, Reduction, RunSpec, comparable_identity, identity_diff
 from .errors import DamagedDumpError, OutputConflictError
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,24 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
         return lines
     # the model, built as it is now, may give its layers in other shapes or layouts than when
     # the dump began (a dump of variable shapes, or of an older version, does not say them all)
-    return [f"layers: {layer}: {existing.layer_info[layer].describe()} -> {spec.describe()}"
-            for layer, spec in new.layer_info.items()
-            if layer in existing.layer_info and _stored_otherwise(existing.layer_info[layer], spec)]
+    pooled = Config.from_dict(new.config).dump.reduce in (Reduction.POOL, Reduction.CHANNEL_MEAN)
+    return [f"layers: {layer}: {existing.layer_info[layer].describe()}{unknown} -> {spec.describe()}"
+            for layer, spec in new.layer_info.items() if layer in existing.layer_info
+            for unknown in [_stored_otherwise(existing.layer_info[layer], spec, pooled)] if unknown is not None]
 
 
-def _stored_otherwise(old: LayerSpec, new: LayerSpec) -> bool:
+def _stored_otherwise(old: LayerSpec, new: LayerSpec, pooled: bool) -> str | None:
     """Whether a layer that ``old`` describes is stored otherwise by a run that says ``new``,
-    as far as both say."""
-    shapes = old.shape is not None and new.shape is not None and (old.shape, old.dtype) != (new.shape, new.dtype)
-    return shapes or (old.layout is not None and new.layout is not None and old.layout != new.layout)
+    as far as both say: ``None`` if not, else what to add to ``old``'s description. Maps a
+    run now pools as channels-last, in a dump begun before layouts were recorded, may have
+    been pooled otherwise (as channels-first, unless timm said NHWC)."""
+    if old.shape is not None and new.shape is not None and (old.shape, old.dtype) != (new.shape, new.dtype):
+        return ""
+    if old.layout is not None and new.layout is not None and old.layout != new.layout:
+        return ""
+    if old.layout is None and new.layout == CHANNELS_LAST and pooled:
+        return " (of maps whose layout an earlier version of actmap did not record)"
+    return None
 
 
 # -- the folder ----------------------------------------------------------------------------------

@@ -245,6 +245,20 @@ class LayerOutputs(torch.nn.Module):
             raise LayerOutputError(self._not_run(missing, x))
         return outputs
 
+    @contextlib.contextmanager
+    def stopping_early(self) -> Iterator[None]:
+        """Forwards in the block end once every wanted layer has run, whatever ``stop_early``
+        says (a stump's always do): the head after them is not run."""
+        wrapper = self.wrapper
+        if isinstance(wrapper, ModelStump) or wrapper.stop_early:
+            yield
+            return
+        wrapper.stop_early = True
+        try:
+            yield
+        finally:
+            wrapper.stop_early = False
+
     def _not_run(self, missing: list[str], x: torch.Tensor) -> str:
         """Why the ``missing`` layers have no output, and which layers do run (a second forward,
         with a hook on every module, made on this path once: each sample of a batch that fails

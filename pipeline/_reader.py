@@ -465,7 +465,8 @@ class DumpInfo:
     """What a dump holds: see :func:`inspect_dump`.
 
     ``manifest`` is the dump's (``None``: a run at work has not written it yet); ``layers`` holds each layer's ``rows``, stored ``shape`` (``None``: each row has its own) and
-    ``dtype``, ``files``, ``bytes`` and ``columns``; ``bad`` one dict per bad sample of the
+    ``dtype``, ``files``, ``bytes`` and ``columns`` (and the ``layout`` of its maps, where the
+    manifest records it: ``channels_first`` or ``channels_last``); ``bad`` one dict per bad sample of the
     shards done (its index, id and reason); ``damage`` one line per file that is not what the
     dump's records say (each naming the file); ``running`` who holds the dump's lock, while a
     run is at work on it; ``notes`` what else the folder holds that is none of the dump's (a
@@ -566,6 +567,9 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
         spec = read_metadata(schema)["columns"][ACTIVATION]
         layers[layer] = {"rows": rows, "shape": spec["shape"], "dtype": spec["dtype"], "files": len(files),
                          "bytes": size, "columns": schema.names}
+        known = manifest.layer_info.get(layer) if manifest else None
+        if known is not None and known.layout is not None:  # how the model laid out its maps
+            layers[layer]["layout"] = known.layout
         # each sample of the shards done, in each layer, exactly once
         damaged = {d.path for d in damage}
         recorded = [(f, records[file_shard(f)]) for f in readable if file_shard(f) in records and f not in damaged]

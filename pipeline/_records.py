@@ -51,6 +51,10 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
         raise RecordError(f"a {cls.__name__} with a value of the wrong kind ({type(exc).__name__}: {exc})") from None
 
 
+#: How a layer's 4-d maps are laid out (``LayerSpec.layout``).
+CHANNELS_FIRST, CHANNELS_LAST = "channels_first", "channels_last"
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """How a layer's activations are stored: the per-sample ``shape`` (``None`` when each row
@@ -74,7 +78,7 @@ class LayerSpec:
     def describe(self) -> str:
         """``16x8x8 float16``, or ``variable float16``."""
         shape = "variable" if self.shape is None else "x".join(map(str, self.shape))
-        return f"{shape} {self.dtype}" + (" (of channels-last maps)" if self.layout == "channels_last" else "")
+        return f"{shape} {self.dtype}" + (" (of channels-last maps)" if self.layout == CHANNELS_LAST else "")
 
     def to_dict(self) -> dict[str, Any]:
         data = {"shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._records import CHANNELS_FIRST, CHANNELS_LAST
 from .config import DumpSpec, Reduction
 from .errors import ConfigError
 
@@ -101,42 +102,45 @@ def channels_at_end(model: torch.nn.Module, layers: Sequence[str]) -> set[str]:
             if not isinstance(module, _CHANNELS_FIRST)}
 
 
-#: How a layer's 4-d outputs are laid out (``LayerSpec.layout``).
-CHANNELS_FIRST, CHANNELS_LAST = "channels_first", "channels_last"
-
-
 def layout_from_growth(shape: Sequence[int], taller: Sequence[int] | None, wider: Sequence[int] | None,
-                       image: Sequence[int], declared: bool) -> str:
-    """The layout of a layer's 4-d output ``shape`` for an input of ``image`` (height, width),
-    told by its shapes for an input of twice that height (``taller``) and twice that width
-    (``wider``): ``(batch, height, width, channels)`` where the height grows dim 1 alone and the
-    width dim 2 alone, ``(batch, channels, height, width)`` where they grow dims 2 and 3. Where
-    the shapes do not tell (maps pooled to 1x1, windows of tokens; ``None``: the model takes no
-    other input size), as the model ``declared`` (:func:`declares_channels_last`) and the
-    proportions say (:func:`laid_out_channels_last`), else channels-first.
+                       image: Sequence[int], declared: bool, batch: int = 1) -> str:
+    """The layout of a layer's 4-d output ``shape`` for a batch of ``batch`` inputs of
+    ``image`` (height, width), told by its shapes for one input of twice that height
+    (``taller``) and one of twice that width (``wider``): ``(batch, height, width, channels)``
+    where the height grows dim 1 and the width dim 2 (or one of them, the other side being one
+    cell at both sizes), ``(batch, channels, height, width)`` where they grow dims 2 and 3.
+    Where the shapes do not tell (maps pooled to 1x1; windows of tokens, whose count per
+    sample grows; ``None``: the model takes no other input size), by their proportions and
+    what the model ``declared`` (:func:`laid_out_channels_last`).
 
-    >>> layout_from_growth((2, 8, 8, 96), (2, 16, 8, 96), (2, 8, 16, 96), (32, 32), False)
+    >>> layout_from_growth((2, 8, 8, 96), (1, 16, 8, 96), (1, 8, 16, 96), (32, 32), False, batch=2)
     'channels_last'
-    >>> layout_from_growth((2, 96, 8, 8), (2, 96, 16, 8), (2, 96, 8, 16), (32, 32), False)
+    >>> layout_from_growth((1, 96, 8, 8), (1, 96, 16, 8), (1, 96, 8, 16), (32, 32), False)
     'channels_first'
-    >>> layout_from_growth((2, 768, 1, 1), (2, 768, 1, 1), (2, 768, 1, 1), (224, 64), False)
+    >>> layout_from_growth((1, 1, 1, 768), (1, 1, 1, 768), (1, 1, 2, 768), (16, 16), False)
+    'channels_last'
+    >>> layout_from_growth((1, 768, 1, 1), (1, 768, 1, 1), (1, 768, 1, 1), (224, 64), False)
     'channels_first'
-    >>> layout_from_growth((2, 56, 56, 96), None, None, (224, 224), True)
+    >>> layout_from_growth((1, 56, 56, 96), None, None, (224, 224), False)
     'channels_last'
     """
-    if taller is not None and wider is not None:
-        grows = ({d for d in (1, 2, 3) if taller[d] != shape[d]}, {d for d in (1, 2, 3) if wider[d] != shape[d]})
-        if grows == ({1}, {2}):
-            return CHANNELS_LAST
-        if grows == ({2}, {3}):
-            return CHANNELS_FIRST
-    return CHANNELS_LAST if declared and laid_out_channels_last(shape, image, True) else CHANNELS_FIRST
+    if taller is not None and wider is not None and len(taller) == len(wider) == 4:
+        if taller[0] == wider[0] == shape[0] / batch:
+            grows = [{d for d in (1, 2, 3) if grown[d] != shape[d]} for grown in (taller, wider)]
+            for layout, (height, width) in ((CHANNELS_LAST, (1, 2)), (CHANNELS_FIRST, (2, 3))):
+                if any(grows) and grows[0] <= {height} and grows[1] <= {width}:
+                    return layout
+    return CHANNELS_LAST if laid_out_channels_last(shape, image, declared) else CHANNELS_FIRST
 
 
 def _proportioned(a: int, b: int, height: int, width: int) -> bool:
     """Whether an ``a`` x ``b`` grid has the proportions of a ``height`` x ``width`` image, each
-    side rounded by up to one cell."""
-    return a > 0 and b > 0 and abs(a / b - height / width) <= (1 + a / b) / min(a, b)
+    side rounded by up to one cell; a grid with a side of one cell says nothing of them (no).
+
+    >>> _proportioned(56, 56, 224, 224), _proportioned(768, 1, 224, 64), _proportioned(1, 1, 224, 224)
+    (True, False, False)
+    """
+    return min(a, b) > 1 and abs(a / b - height / width) <= (1 + a / b) / min(a, b)
 
 
 def laid_out_channels_last(shape: Sequence[int], image: Sequence[int], declared: bool = False) -> bool:

@@ -30,8 +30,7 @@ from ._layout import ACTIVATION, INDEX, MANIFEST_PATH, SAMPLE_ID, SOURCE_INDEX_P
 from ._manifest import read_manifest
 from ._preprocess import resize_crop
 from ._reader import decode_column, dump_layers, read_table
-from ._records import Manifest
-from ._reduce import CHANNELS_LAST
+from ._records import CHANNELS_LAST, Manifest
 from ._sources import IndexFile, open_source
 from ._sources.generated import SHAPES
 from ._store import OutputStore

@@ -49,7 +49,7 @@ from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
 from ._stats import ValueStats
 from ._store import OutputStore
 from ._writer import LayerFileWriter, build_table
-from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, RunSpec, Shapes
+from .config import Config, DumpSpec, ModelSpec, Precision, PreprocessSpec, Reduction, RunSpec, Shapes
 from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutputError, PipelineError,
                      ShapeChangedError, WeightsMismatchError)
 
@@ -343,7 +343,7 @@ class ShardWorker:
             with torch.inference_mode(), self._autocast():
                 outputs = self.outputs(x)
             if self._layouts is None:
-                self._layouts = self._find_layouts(x[:1], outputs)
+                self._layouts = self._find_layouts(x, outputs)
             host = {}
             for layer in layers:
                 out = outputs[layer]  # every wanted layer's: one that did not run has raised
@@ -661,32 +661,41 @@ class ShardWorker:
                               self.config.model.channels_last)
 
     def _find_layouts(self, x: torch.Tensor, outputs: Mapping[str, Any]) -> dict[str, str]:
-        """The layout of each layer that gives 4-d maps in ``outputs``, a forward's of a batch
-        whose first sample is ``x``: from the model run again on ``x`` stacked to twice its
-        height, then to twice its width (:func:`layout_from_growth`); convolutions, batch norms
-        and pooling layers are channels-first without a run. A model that takes no other input
-        size leaves the layouts to what it declares."""
+        """The layout of each layer that gives 4-d maps in ``outputs``, the forward's of the
+        batch ``x``: from the model run again on its first sample stacked to twice its height,
+        then to twice its width, up to the wanted layers (:func:`layout_from_growth`);
+        convolutions, batch norms and pooling layers are channels-first without a run. Token
+        reductions take no maps: nothing to find."""
+        if self.config.dump.reduce in (Reduction.CLS, Reduction.MEAN):
+            return {}
+
         def shapes(outputs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-            return {layer: tuple(out.shape) for layer, out in outputs.items()
-                    if isinstance(out, torch.Tensor) and out.ndim == 4}
+            return {layer: tuple(out.shape) for layer, out in outputs.items() if isinstance(out, torch.Tensor)}
 
         def grown(dim: int) -> dict[str, tuple[int, ...]]:
-            with torch.inference_mode(), self._autocast():
-                return shapes(self.outputs(torch.cat([x, x], dim=dim)))
+            with torch.inference_mode(), self._autocast(), self.outputs.stopping_early():
+                return shapes(self.outputs(torch.cat([x[:1], x[:1]], dim=dim)))
 
-        base, taller, wider = shapes(outputs), None, None
-        if self.channels_at_end.intersection(base):
+        base = {layer: shape for layer, shape in shapes(outputs).items() if len(shape) == 4}
+        taller = wider = refused = None
+        told = self.channels_at_end.intersection(base)
+        if told:
             try:
                 taller, wider = grown(2), grown(3)
             except Exception as exc:  # (a model that asserts its input's size)
                 if breaks_the_device(exc):
                     raise
-                log.info("the model takes no input of twice the height or width of %s (%s): the layouts of "
-                         "its maps are taken from what it declares", tuple(x.shape[-2:]), describe_error(exc))
-                taller = wider = None
-        return {layer: layout_from_growth(shape, taller and taller.get(layer), wider and wider.get(layer),
-                                          x.shape[-2:], self.declares_channels_last)
-                if layer in self.channels_at_end else CHANNELS_FIRST for layer, shape in base.items()}
+                refused = describe_error(exc)
+        layouts = {layer: layout_from_growth(shape, None if taller is None else taller.get(layer),
+                                             None if wider is None else wider.get(layer), x.shape[-2:],
+                                             self.declares_channels_last, batch=len(x))
+                   if layer in told else CHANNELS_FIRST for layer, shape in base.items()}
+        if refused is not None and self.config.dump.reduce in (Reduction.POOL, Reduction.CHANNEL_MEAN):
+            log.warning("the model takes no input of twice the height or width of %dx%d (%s), so the layout of "
+                        "its maps is told by their proportions%s: %s", *x.shape[-2:], refused,
+                        " and its output_fmt" if self.declares_channels_last else "",
+                        ", ".join(f"{layer} {base[layer][1:]} {layouts[layer]}" for layer in sorted(told)))
+        return layouts
 
     def _trial_hint(self, exc: Exception, image: torch.Tensor) -> str:
         """What may fix a trial forward that failed inside the model (the pipeline's own errors

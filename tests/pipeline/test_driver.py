@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipeline import read_layer, read_table, run
+from pipeline import inspect_dump, read_layer, read_table, run
 from pipeline._layout import LOCK_PATH, MANIFEST_PATH, SHARDS_DIR, layer_file, shard_record_path
 from pipeline._models import build_model
 from pipeline._sources import open_source
@@ -578,6 +578,20 @@ def test_a_dump_whose_maps_the_model_now_lays_out_otherwise_is_not_resumed(tmp_p
         del spec["layout"]
     (out / MANIFEST_PATH).write_text(json.dumps(manifest))
     assert run(config, stream=None).resumed == 4
+    # maps pooled now as channels-last: how an earlier version pooled them is not known
+    out = tmp_path / "swin"
+    config = _config(out, model={"name": "support.models:tv_swin", "layers": ["features.1"]},
+                     source={"count": 8, "image_size": 32}, dump={"reduce": "pool"}, run={"actors": 1})
+    run(config, stream=None)
+    assert "8 rows of 16x1x1 float16 (of channels-last maps)" in inspect_dump(str(out)).format()
+    manifest = json.loads((out / MANIFEST_PATH).read_text())
+    del manifest["layer_info"]["features.1"]["layout"]
+    (out / MANIFEST_PATH).write_text(json.dumps(manifest))
+    (out / shard_record_path(0)).unlink()
+    with pytest.raises(OutputConflictError, match=r"layers: features.1: 16x1x1 float16 \(of maps whose layout an "
+                                                  r"earlier version of actmap did not record\) -> 16x1x1 float16 "
+                                                  r"\(of channels-last maps\)$"):
+        run(config, stream=None)
 
 
 class _Recording:

@@ -207,6 +207,27 @@ def test_maps_permuted_to_channels_last_by_a_model_that_does_not_say_so_are_redu
     assert all(spec.layout == "channels_first" for layer, spec in recorded.items() if layer not in channels_last)
 
 
+@pytest.mark.parametrize("head", [False, True])
+def test_the_layout_of_a_model_that_takes_one_input_size_is_told_by_its_proportions(tmp_path, caplog, head):
+    """A model that asserts its input's size cannot be run at twice it: its maps' proportions
+    tell (said in a warning). One whose head alone takes one size is run up to the wanted layers."""
+    layers = ["body.features.1", "body.features.3"]
+    config = _config(tmp_path / "out", {"name": "support.models:one_size_swin", "kwargs": {"head": head}}, layers,
+                     normalize="imagenet", reduce="pool")
+    run(config, stream=None)
+    recorded = read_manifest(OutputStore(config.run.output)).layer_info
+    assert [recorded[layer].layout for layer in layers] == ["channels_last", "channels_last"]
+    full = _direct(build_model(config.model), _images(config), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                   {layer: (layer, _identity) for layer in layers})
+    _assert_dump_equals(config, {layer: out.permute(0, 3, 1, 2).mean(dim=(2, 3), keepdim=True)
+                                 for layer, out in full.items()})
+    warned = [r.getMessage() for r in caplog.records if "told by their proportions" in r.getMessage()]
+    assert warned == ([] if head else [
+        "the model takes no input of twice the height or width of 32x32 (AssertionError: Input size (64, 32) doesn't "
+        "match model (32, 32)), so the layout of its maps is told by their proportions: body.features.1 (8, 8, 16) "
+        "channels_last, body.features.3 (4, 4, 32) channels_last"])
+
+
 def test_a_layers_layout_is_told_once_for_images_of_every_size(tmp_path):
     """Images of 32 and 48 px, not resized: a ConvNeXt block's (height, width, channels) maps are
     (8, 8, 8) for the first, whose proportions tell nothing, and (12, 12, 8) for the second;

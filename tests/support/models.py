@@ -321,3 +321,23 @@ class DeviceBreaker(TinyConvNet):
 
 def device_breaker(mark: str, driver: int) -> DeviceBreaker:
     return DeviceBreaker(mark, driver)
+
+
+class OneSizeSwin(nn.Module):
+    """``tv_swin`` that takes 32x32 inputs only: it asserts their size (as timm's models do),
+    or its head flattens its last maps into a Linear (``head: True``)."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        self.body = tv_swin()
+        self.head = nn.Linear(4 * 4 * 32, 4) if head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            assert x.shape[-2:] == (32, 32), f"Input size {tuple(x.shape[-2:])} doesn't match model (32, 32)"
+            return self.body(x)
+        return self.head(self.body.norm(self.body.features(x)).flatten(1))
+
+
+def one_size_swin(head: bool = False) -> OneSizeSwin:
+    return OneSizeSwin(head)
