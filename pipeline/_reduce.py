@@ -111,7 +111,8 @@ def layout_from_growth(shape: Sequence[int], taller: Sequence[int] | None, wider
     cell at both sizes), ``(batch, channels, height, width)`` where they grow dims 2 and 3.
     Where the shapes do not tell (maps pooled to 1x1; windows of tokens, whose count per
     sample grows; ``None``: the model takes no other input size), by their proportions and
-    what the model ``declared`` (:func:`laid_out_channels_last`).
+    what the model ``declared`` (:func:`laid_out_channels_last`), and ``(batch, 1, 1, C)`` is
+    one cell of ``C`` channels.
 
     >>> layout_from_growth((2, 8, 8, 96), (1, 16, 8, 96), (1, 8, 16, 96), (32, 32), False, batch=2)
     'channels_last'
@@ -123,6 +124,8 @@ def layout_from_growth(shape: Sequence[int], taller: Sequence[int] | None, wider
     'channels_first'
     >>> layout_from_growth((1, 56, 56, 96), None, None, (224, 224), False)
     'channels_last'
+    >>> layout_from_growth((1, 1, 1, 768), (1, 1, 1, 768), (1, 1, 1, 768), (16, 16), False)
+    'channels_last'
     """
     if taller is not None and wider is not None and len(taller) == len(wider) == 4:
         if taller[0] == wider[0] == shape[0] / batch:
@@ -130,6 +133,8 @@ def layout_from_growth(shape: Sequence[int], taller: Sequence[int] | None, wider
             for layout, (height, width) in ((CHANNELS_LAST, (1, 2)), (CHANNELS_FIRST, (2, 3))):
                 if any(grows) and grows[0] <= {height} and grows[1] <= {width}:
                     return layout
+    if shape[1] == shape[2] == 1 < shape[3]:  # one cell of many channels (a small input's last stage)
+        return CHANNELS_LAST
     return CHANNELS_LAST if laid_out_channels_last(shape, image, declared) else CHANNELS_FIRST
 
 
