@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from ._device import breaks_the_device
+from ._device import breaks_the_device, out_of_memory
 from ._imports import lazy_import
 from ._images import DEFAULT_MAX_PIXELS, ImageError, Into, conform, decode, header_size
 from ._preprocess import resize_crop, resize_crop_many
@@ -128,6 +128,8 @@ class Decoder:
                 self._decoding -= 1 + helpers
 
     def __call__(self, raws: Sequence[RawImage]) -> list[torch.Tensor | Exception]:
+        if self.device.type == "cuda" and self.device.index is None:  # torchvision's decoder is built anew
+            self.device = torch.device("cuda", torch.cuda.current_device())  # for another name of a device
         if self.device.type == "cuda" and (self._claimed or _claim_gpu_decoding(self.device)):
             self._claimed = True
             return self._with_gpu_jpeg(list(raws))
@@ -204,7 +206,9 @@ class Decoder:
                 # resized in one call per image size (and at most GPU_RESIZE_BYTES of them), not one per image
                 resized = resize_crop_many([conform(images[i], channels_last=False, channels=self.channels)
                                             for i in decoded], self.resize, self.crop, GPU_RESIZE_BYTES)
-            except torch.OutOfMemoryError as exc:  # (large photos, other shards' batches on the device)
+            except RuntimeError as exc:  # (large photos, other shards' batches on the device)
+                if not out_of_memory(exc):
+                    raise
                 log.info("a batch's JPEG files go through the CPU: the GPU had no memory for them (%s)",
                          str(exc).splitlines()[0])
                 return None
@@ -227,10 +231,8 @@ class Decoder:
             splits = [2 * len(data).bit_length()]  # enough to single out two files
         try:
             return list(tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device))
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:
-            if breaks_the_device(exc):  # not the file's fault: the CPU cannot help the process
+        except RuntimeError as exc:  # (torchvision wraps every error of its decoding in one)
+            if out_of_memory(exc) or breaks_the_device(exc):  # not a file's fault
                 raise
             if len(data) == 1 or splits[0] <= 0:
                 log.info("%d JPEG file(s) go through the CPU: the GPU decoder refused %s (%s)", len(data),
@@ -259,13 +261,11 @@ _GPU_DECODING_LOCK = threading.Lock()
 
 
 def _claim_gpu_decoding(device: torch.device) -> bool:
-    """Whether ``device`` decodes this process's JPEG files: the first CUDA device that asks
-    does (until every decoder on it is closed), the others decode on the CPU (local workers on
-    several GPUs in one process), said once each. torchvision keeps one GPU JPEG decoder per
+    """Whether ``device`` (with its index) decodes this process's JPEG files: the first CUDA
+    device that asks does (until every decoder on it is closed), the others decode on the CPU
+    (local workers on several GPUs in one process), said once each. torchvision keeps one GPU JPEG decoder per
     process and builds it anew, leaking the last one, whenever a call names another device."""
     global _gpu_decoding, _holders
-    if device.index is None:  # 'cuda' is the current device: the same as 'cuda:0' there
-        device = torch.device(device.type, torch.cuda.current_device())
     with _GPU_DECODING_LOCK:
         if _gpu_decoding is None:
             _gpu_decoding = device

@@ -74,6 +74,8 @@ class LayerSpec:
     def __post_init__(self):
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if self.layout not in (None, CHANNELS_FIRST, CHANNELS_LAST):
+            raise ValueError(f"layout {self.layout!r}: valid are {CHANNELS_FIRST!r}, {CHANNELS_LAST!r} or none")
 
     def describe(self) -> str:
         """``16x8x8 float16``, or ``variable float16``."""

@@ -406,6 +406,8 @@ class ShardWorker:
             try:
                 self._forward(_Batch([sample], [image], []))
             except Exception as exc:
+                if breaks_the_device(exc):  # no sample after it could run: none is at fault
+                    raise
                 good.bad.append(BadSample(sample.index, sample.sample_id,
                                           f"the model's forward fails on it: {describe_error(exc)}"))
             else:

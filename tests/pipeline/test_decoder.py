@@ -98,6 +98,7 @@ def _jpeg(value: int, size=(40, 30)) -> bytes:
 class _Calls(list):
     recorded: list
     synced: list  # the streams waited for, in order
+    devices: list  # the devices the decoder was given, in order
 
 
 @pytest.fixture
@@ -109,6 +110,7 @@ def cpu_for_gpu(monkeypatch):
     def decode_jpeg(data, mode, device):
         assert str(device).startswith("cuda") and all(t.dtype == torch.uint8 and t.ndim == 1 for t in data)
         calls.append(len(data))
+        calls.devices.append(str(device))
         return real(data, mode=mode)
 
     class Stream:  # what the decoder asks of its stream
@@ -138,7 +140,7 @@ def cpu_for_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the worker's stream")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream), raising=False)
-    calls.recorded, calls.synced = recorded, []
+    calls.recorded, calls.synced, calls.devices = recorded, [], []
     return calls
 
 
@@ -226,6 +228,7 @@ def test_one_gpu_of_a_process_decodes_its_jpeg_files_the_others_use_the_cpu(cpu_
     same = Decoder(threads=1, device="cuda:0")  # 'cuda' was the current device, cuda:0
     same([_jpeg(1)])
     assert cpu_for_gpu[-2:] == [1, "synchronize"], "cuda:0 decodes on the GPU, as cuda did"
+    assert set(cpu_for_gpu.devices) == {"cuda:0"}, "torchvision is given one name: it rebuilds its decoder for another"
     same.close()
     first.close()  # the next run of this process may decode on another GPU
     second([_jpeg(1)])
@@ -255,14 +258,30 @@ def test_a_batch_of_files_the_gpu_decoder_refuses_goes_to_the_cpu_in_a_bounded_n
     assert calls[0] == 65 and len(calls) <= 1 + 2 * 2 * 7, calls  # 2 x 7 splits: 65 takes 7 bits
 
 
-def test_a_cuda_error_in_the_gpu_decoder_is_raised_not_sent_to_the_cpu(cpu_for_gpu, monkeypatch):
+@pytest.mark.parametrize("error", [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    # torchvision wraps every error of its decoding in a plain RuntimeError
+    RuntimeError("Error while decoding JPEG images: CUDA error: an illegal memory access was encountered")])
+def test_a_cuda_error_in_the_gpu_decoder_is_raised_not_sent_to_the_cpu(cpu_for_gpu, monkeypatch, error):
     # the process's device is broken (its worker ends the process): no file is at fault
     def broken(data, mode, device):
-        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        raise error
 
     monkeypatch.setattr(tvio, "decode_jpeg", broken)
-    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+    with pytest.raises(RuntimeError, match="illegal memory access"):
         Decoder(threads=1, device="cuda", resize=16)([_jpeg(3), _jpeg(4)])
+
+
+def test_the_gpu_decoder_out_of_memory_sends_its_batch_to_the_cpu_at_once(cpu_for_gpu, monkeypatch, caplog):
+    def no_memory(data, mode, device):
+        cpu_for_gpu.append(len(data))
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tvio, "decode_jpeg", no_memory)
+    with caplog.at_level("INFO", logger="pipeline._decoder"):
+        got = Decoder(threads=1, device="cuda", resize=16)([_jpeg(3), _jpeg(4)])
+    assert all(g.shape == (3, 16, 21) for g in got) and cpu_for_gpu == [2], "not split: no file is at fault"
+    assert "the GPU had no memory for them" in caplog.text
 
 
 def test_images_of_one_size_are_resized_together_in_groups_of_bounded_bytes(monkeypatch):

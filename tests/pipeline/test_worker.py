@@ -513,6 +513,15 @@ def test_a_batch_that_runs_out_of_device_memory_fails_the_shard_and_says_what_to
     worker.close()
 
 
+def test_a_sample_that_breaks_the_device_alone_fails_the_shard_with_that_error(tmp_path):
+    # tried sample by sample after the batch failed: the device broke, and no sample after it
+    # could run, so none is recorded as bad (with run.strict, one would have been blamed)
+    config = _config(tmp_path, model={"name": "support.models:breaks_alone", "layers": ["relu1"]},
+                     run={"batch_size": 4})
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(torch.AcceleratorError, match="device-side assert"):
+        worker.run_shard(Shard(0, 0, 8))
+
+
 def test_the_device_memory_error_names_a_shared_gpu(tmp_path, monkeypatch):
     """On a GPU the error says how much memory is free, and, where the worker holds part of
     the GPU, that the workers beside it hold models there too (the GPU path, on the CPU)."""

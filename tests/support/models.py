@@ -341,3 +341,17 @@ class OneSizeSwin(nn.Module):
 
 def one_size_swin(head: bool = False) -> OneSizeSwin:
     return OneSizeSwin(head)
+
+
+class BreaksAlone(TinyConvNet):
+    """A TinyConvNet that refuses a batch of several images, and whose forward of one image
+    breaks the device (a CUDA error that stays)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > 1:
+            raise ValueError("cannot take this batch")
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+
+def breaks_alone() -> BreaksAlone:
+    return BreaksAlone()
