@@ -55,8 +55,9 @@ from .errors import (BadSampleError, ConfigError, DeviceMemoryError, LayerOutput
 
 log = logging.getLogger(__name__)
 
-#: The exit status of an actor's process ended by :meth:`ShardWorker._end_process`.
-EXIT_DEVICE_BROKEN = 75
+#: The exit status of an actor's process ended by :meth:`ShardWorker._end_if_broken`, and the
+#: seconds a progress question waits before it ends it (the failed shard's error goes first).
+EXIT_DEVICE_BROKEN, BROKEN_GRACE = 75, 1.0
 
 _AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
@@ -293,13 +294,15 @@ class ShardWorker:
         self._stopping = threading.Event()
         self._forwards_done = 0  # batches whose forward worked: the model can run here
         self._own_process = own_process
+        self._broken: float | None = None  # when the device broke (:meth:`_mark_broken`)
         self._frozen_objects = settle_heap() if own_process else 0
         log.info("worker ready on %s (%s), model %s", socket.gethostname(), self.device, self.digest[:12])
 
     def info(self) -> dict:
         """Where this worker runs: host, Ray node (when in Ray), process, device, threads, the
         objects it put out of its process's collector's sight (:func:`settle_heap`), and the
-        process's peak memory so far."""
+        process's peak memory so far. (The driver asks an idle actor before it hands it a shard.)"""
+        self._end_if_broken()
         node = None
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             node = sys.modules["ray"].get_runtime_context().get_node_id()
@@ -365,17 +368,21 @@ class ShardWorker:
             ready.record(torch.cuda.current_stream(self.device))
         return _Outputs(results, ready)
 
-    def _end_process(self, shard: Shard, exc: BaseException) -> None:
-        """End this worker's process, which it has to itself, after an error that leaves its
-        device unusable (:func:`breaks_the_device`): Ray starts the actor anew, with a new CUDA
-        context, and the driver gives its shards to it or another actor; kept alive, the actor
-        would fail every shard it is given."""
-        log.error("shard %d failed on %s with %s: this process can no longer use the device, so it ends, and "
-                  "Ray starts the actor anew (the shards it held are tried again)", shard.id, self.device,
-                  describe_error(exc))
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(EXIT_DEVICE_BROKEN)
+    def _mark_broken(self, shard: Shard, exc: BaseException) -> None:
+        """This worker's device is unusable (:func:`breaks_the_device`): its process, which it
+        has to itself, ends at the driver's next call (:meth:`_end_if_broken`), once the
+        driver has had the shard's error. Ray then starts the actor anew, with a new CUDA
+        context; kept alive, the actor would fail every shard it is given."""
+        self._broken = time.monotonic()
+        log.error("shard %d failed on %s with %s: this process can no longer use the device, so it ends, and Ray "
+                  "starts the actor anew", shard.id, self.device, describe_error(exc))
+
+    def _end_if_broken(self, grace: float = 0.0) -> None:
+        """End the process if its device broke at least ``grace`` seconds ago."""
+        if self._broken is not None and time.monotonic() - self._broken >= grace:
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(EXIT_DEVICE_BROKEN)
 
     def _forward_isolating(self, batch: _Batch, stats: Mapping[str, ValueStats]) -> tuple[_Batch, _Outputs | None]:
         """The batch's forward; when it fails, each sample's alone, so that one sample the model
@@ -484,6 +491,7 @@ class ShardWorker:
 
     def run_shard(self, shard: Shard | Mapping[str, int]) -> ShardRecord:
         """Dump one shard; returns its record (also written to the manifest folder)."""
+        self._end_if_broken()
         if isinstance(shard, Mapping):
             shard = Shard(**shard)
         started, started_at = time.perf_counter(), time.time()
@@ -547,7 +555,7 @@ class ShardWorker:
             for writer in writers.values():
                 writer.abort()
             if self._own_process and breaks_the_device(exc):
-                self._end_process(shard, exc)
+                self._mark_broken(shard, exc)
             raise
         finally:
             stream.close()  # the source's open files and buffers go now, not when collected
@@ -568,6 +576,7 @@ class ShardWorker:
 
     def progress(self) -> dict[int, int]:
         """The samples done so far of each shard this worker is running (for the driver)."""
+        self._end_if_broken(grace=BROKEN_GRACE)  # (asked twice a second: after the shard's error has gone)
         return self.metrics.in_flight()
 
     def probe(self, tries: int = 8) -> dict[str, LayerSpec]:

@@ -463,10 +463,12 @@ def test_an_actor_that_ray_restarts_as_its_retry_is_handed_to_it_costs_no_try(tm
     assert submitted.count(0) >= 2 and len(log.read_text().splitlines()) == 2
 
 
-def test_an_actor_whose_device_broke_ends_its_process_and_its_shard_runs_on_the_new_one(tmp_path, ray_cluster):
+def test_an_actor_whose_device_broke_ends_its_process_and_its_shard_runs_on_the_new_one(tmp_path, ray_cluster,
+                                                                                       caplog):
     """A CUDA error that stays in the process (a device-side assert) would fail every later
-    shard of the actor: its process ends, Ray starts it anew, and the shard's retry works
-    there. (Kept alive, the one actor failed the shard's every try.)"""
+    shard of the actor: the shard fails with it, the process ends at the driver's next call,
+    Ray starts it anew, and the shard's retry works there. (Kept alive, the one actor failed
+    the shard's every try.)"""
     mark = tmp_path / "break"
     mark.touch()
     config = _config(tmp_path / "out", "ray", model={"name": "support.models:device_breaker",
@@ -478,6 +480,7 @@ def test_an_actor_whose_device_broke_ends_its_process_and_its_shard_runs_on_the_
     pids = {json.loads(p.read_text())["worker"]["pid"] for p in (tmp_path / "out" / SHARDS_DIR).glob("*.json")}
     assert pids and broken not in pids
     _assert_complete(config, _direct(config))
+    assert "failed: torch.AcceleratorError: CUDA error: device-side assert triggered" in caplog.text
 
 
 def test_ray_reruns_no_shard_behind_the_drivers_back(tmp_path, ray_cluster):
