@@ -10,7 +10,7 @@
 #                     hooks, actmap, Ray Data (generated source: the actors generate the images)
 #   5. bench_pipeline the same with the memory source (actors read the images from a .npy), no Ray Data
 #   6. bench_encoding the design table's batch of 256 on this host's cores
-#   7. jpeg_folder    16,384 JPEG files of 500x375 (4,096 images, each in 4 files), decoded on the GPU,
+#   7. jpeg_folder    16,384 JPEG files of 500x375 (4,096 images, each in 4 files, one of them CMYK), decoded on the GPU,
 #                     through resnet50 layer3 + layer4,
 #                     full maps, pooled to 1x1 (input-bound), and pooled by one actor holding the
 #                     whole GPU: images/s; a few rows against a CPU decode + direct forward, every pooled
@@ -247,7 +247,11 @@ count, distinct = int(os.environ["JPEG_COUNT"]), int(os.environ["BENCH_COUNT"])
 
 def make(i):  # a photo-sized (500x375) JPEG in one of 8 class folders; past `distinct`, copies
     path = f"{root}/{i % 8}/{i:06d}.jpg"
-    if i < distinct:
+    if i == 5:  # one CMYK file (with its copies, one in 4,096), which the GPU decoder may refuse
+        from PIL import Image
+        Image.fromarray(generate(i, 500, 0)[0][:, :375, :].permute(1, 2, 0).numpy()).convert("CMYK").save(
+            path, quality=90)
+    elif i < distinct:
         tvio.write_jpeg(generate(i, 500, 0)[0][:, :375, :].contiguous(), path, quality=90)
     else:
         shutil.copyfile(f"{root}/{i % distinct % 8}/{i % distinct:06d}.jpg", path)
