@@ -146,6 +146,12 @@ def is_owned(path: str) -> bool:
 META_DIR = "_actmap"
 MANIFEST_PATH = f"{META_DIR}/manifest.json"
 MANIFEST_FORMAT = "actmap.manifest/1"
+#: The format of a manifest with a layer whose maps are pooled as (batch, height, width,
+#: channels): a version before layouts were recorded would pool that layer's maps otherwise, so
+#: it refuses to resume such a dump by its format (it knows ``MANIFEST_FORMAT`` alone).
+MANIFEST_FORMAT_POOLED_LAST = "actmap.manifest/2"
+#: The formats this version resumes.
+MANIFEST_FORMATS = (MANIFEST_FORMAT, MANIFEST_FORMAT_POOLED_LAST)
 SHARDS_DIR = f"{META_DIR}/shards"
 _RECORD_SUFFIX = ".json"
 #: The source's frozen index (a folder's listing, Parquet row groups, tar members), if it has one.

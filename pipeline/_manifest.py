@@ -19,9 +19,9 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from ._integrity import Damage, check_dump
-from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_PATH, META_DIR, SHARDS_DIR, SOURCE_INDEX_PATH, file_shard,
-                      is_data_file, is_owned, is_temporary, partition_layer, record_shard, shard_record_path,
-                      temporary_target)
+from ._layout import (LOCK_PATH, MANIFEST_FORMAT, MANIFEST_FORMAT_POOLED_LAST, MANIFEST_FORMATS, MANIFEST_PATH,
+                      META_DIR, SHARDS_DIR, SOURCE_INDEX_PATH, file_shard, is_data_file, is_owned, is_temporary,
+                      partition_layer, record_shard, shard_record_path, temporary_target)
 from ._model_inputs import ModelInput
 from ._records import CHANNELS_LAST, LayerSpec, Manifest, ShardRecord
 from ._secrets import cannot_use, redact, shown
@@ -41,8 +41,12 @@ def new_manifest(config: Config, model: Mapping, source: Mapping, num_samples: i
                  layer_info: Mapping[str, LayerSpec] | None = None, inputs: ModelInput | None = None,
                  labels: Mapping[str, Any] | None = None) -> Manifest:
     """The manifest of a run (a pure function of its inputs, but for the timestamp), without the
-    credentials its URIs may carry (:func:`pipeline._secrets.redact`)."""
-    return Manifest(format=MANIFEST_FORMAT,
+    credentials its URIs may carry (:func:`pipeline._secrets.redact`). Its format is
+    ``MANIFEST_FORMAT_POOLED_LAST`` where a layer's maps are pooled as channels-last (which an
+    earlier version would resume pooling otherwise), else ``MANIFEST_FORMAT``."""
+    pooled_last = config.dump.reduce in (Reduction.POOL, Reduction.CHANNEL_MEAN) and any(
+        spec.layout == CHANNELS_LAST for spec in (layer_info or {}).values())
+    return Manifest(format=MANIFEST_FORMAT_POOLED_LAST if pooled_last else MANIFEST_FORMAT,
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     identity=redact(config.identity()), config=redact(config.to_dict()), model=model,
                     source=redact(source),
@@ -84,8 +88,8 @@ def conflicts(existing: Manifest, new: Manifest) -> list[str]:
     >>> conflicts(a, b)
     ['config: dump.dtype: "float16" -> "float32"']
     """
-    if existing.format != MANIFEST_FORMAT:
-        return [f"manifest format {existing.format!r}, this version writes {MANIFEST_FORMAT!r}"]
+    if existing.format not in MANIFEST_FORMATS:
+        return [f"manifest format {existing.format!r}, this version writes {' or '.join(map(repr, MANIFEST_FORMATS))}"]
     # (a dump made before credentials were left out of manifests holds them: compared without)
     old_identity, new_identity = comparable_identity(redact(existing.identity)), comparable_identity(new.identity)
     lines = [f"config: {line}" for line in identity_diff(old_identity, new_identity)]

@@ -571,6 +571,7 @@ def test_a_dump_whose_maps_the_model_now_lays_out_otherwise_is_not_resumed(tmp_p
     manifest = json.loads((out / MANIFEST_PATH).read_text())
     assert {k: v["layout"] for k, v in manifest["layer_info"].items()} == {"relu1": "channels_first",
                                                                            "conv2": "channels_first"}
+    assert manifest["format"] == "actmap.manifest/1"  # (what every version resumes)
     manifest["layer_info"]["relu1"]["layout"] = "channels_last"
     (out / MANIFEST_PATH).write_text(json.dumps(manifest))
     (out / shard_record_path(2)).unlink()
@@ -588,6 +589,10 @@ def test_a_dump_whose_maps_the_model_now_lays_out_otherwise_is_not_resumed(tmp_p
     run(config, stream=None)
     assert "8 rows of 16x1x1 float16 (of channels-last maps)" in inspect_dump(str(out)).format()
     manifest = json.loads((out / MANIFEST_PATH).read_text())
+    # a format the versions before layouts were recorded refuse to resume (they know /1 alone)
+    assert manifest["format"] == "actmap.manifest/2"
+    (out / shard_record_path(0)).unlink()
+    assert run(config, stream=None).new_samples == 8  # (resumed: its one shard redone)
     del manifest["layer_info"]["features.1"]["layout"]
     (out / MANIFEST_PATH).write_text(json.dumps(manifest))
     (out / shard_record_path(0)).unlink()

@@ -253,3 +253,27 @@ def test_the_temporary_files_of_shards_still_being_written_are_kept(tmp_path):
             path.write_bytes(b"cut short")
     assert remove_temporaries(OutputStore(str(tmp_path)), ["l"], keep={3}) == 2
     assert all(p.exists() for p in planted[3]) and not any(p.exists() for p in planted[4])
+
+
+def test_a_manifest_says_its_format_by_whether_it_pools_maps_laid_out_channels_last():
+    """Maps pooled as (batch, height, width, channels) get a manifest format that versions
+    before layouts were recorded do not resume (they would pool the rest otherwise); this
+    version resumes both formats, and refuses another, naming those it knows."""
+    from dataclasses import replace
+
+    from pipeline._manifest import conflicts
+    from pipeline._records import LayerSpec
+
+    def manifest(reduce, layout):
+        return new_manifest(Config.from_dict({"dump": {"reduce": reduce}}), MODEL, {"count": 10}, 10,
+                            {"a": LayerSpec((8, 1, 1), "float16", layout="channels_first"),
+                             "b": LayerSpec((8, 1, 1), "float16", layout=layout)})
+
+    assert manifest("pool", "channels_last").format == "actmap.manifest/2"
+    assert manifest("channel_mean", "channels_last").format == "actmap.manifest/2"
+    assert manifest("pool", "channels_first").format == "actmap.manifest/1"
+    assert manifest("none", "channels_last").format == "actmap.manifest/1"  # stored as the model gave them
+    new = manifest("pool", "channels_last")
+    assert conflicts(new, new) == [] and conflicts(replace(new, format="actmap.manifest/1"), new) == []
+    assert conflicts(replace(new, format="actmap.manifest/3"), new) == [
+        "manifest format 'actmap.manifest/3', this version writes 'actmap.manifest/1' or 'actmap.manifest/2'"]
