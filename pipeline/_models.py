@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from extender import ActivationMapGrabber, ModelStump, UnknownLayerError, list_layers
+from extender import ActivationMapGrabber, ModelStump, OutputSelectionError, UnknownLayerError, list_layers
 from extender._layers import resolve_selections
 
 from ._targets import import_target
@@ -283,14 +283,43 @@ class LayerOutputs(torch.nn.Module):
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[collections.Counter[str]]:
-        """Counts each wanted layer's calls while the block runs (a hook on each one's module,
-        before the wrapper's own, taken off after)."""
+        """Counts each wanted layer's calls while the block runs."""
         counts: collections.Counter[str] = collections.Counter()
-        model = self.wrapper.wrapped_model
-        handles = [module.register_forward_hook(lambda *_, layer=layer: counts.update([layer]), prepend=True)
-                   for layer, (module, _) in zip(self.layers, resolve_selections(model, self.layers))]
-        try:
+        with self._seeing(lambda layer, _: counts.update([layer])):
             yield counts
+
+    @contextlib.contextmanager
+    def shapes_seen(self) -> Iterator[dict[str, tuple[int, ...]]]:
+        """The shape of each wanted layer's (selected) output in the block's forwards, its first
+        call's, kept as the layers run: those that ran before a forward failed are there too."""
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def see(layer: str, output: Any) -> None:
+            if layer not in shapes and isinstance(output, torch.Tensor):
+                shapes[layer] = tuple(output.shape)
+
+        with self._seeing(see, select=True):
+            yield shapes
+
+    @contextlib.contextmanager
+    def _seeing(self, see: Callable[[str, Any], None], select: bool = False) -> Iterator[None]:
+        """``see(layer, output)`` at each call of a wanted layer while the block runs (a hook on
+        its module, before the wrapper's own, taken off after); the output as the layer's
+        selectors pick it with ``select`` (``None`` where they do not fit)."""
+        def hook(layer: str, selection: Any, output: Any) -> None:
+            if select:
+                try:
+                    output = selection.apply(output)
+                except OutputSelectionError:
+                    output = None
+            see(layer, output)
+
+        model = self.wrapper.wrapped_model
+        handles = [module.register_forward_hook(lambda _, __, out, layer=layer, selection=selection:
+                                                hook(layer, selection, out), prepend=True)
+                   for layer, (module, selection) in zip(self.layers, resolve_selections(model, self.layers))]
+        try:
+            yield
         finally:
             for handle in handles:
                 handle.remove()

@@ -127,15 +127,67 @@ def layout_from_growth(shape: Sequence[int], taller: Sequence[int] | None, wider
     >>> layout_from_growth((1, 1, 1, 768), (1, 1, 1, 768), (1, 1, 1, 768), (16, 16), False)
     'channels_last'
     """
-    if taller is not None and wider is not None and len(taller) == len(wider) == 4:
-        if taller[0] == wider[0] == shape[0] / batch:
-            grows = [{d for d in (1, 2, 3) if grown[d] != shape[d]} for grown in (taller, wider)]
-            for layout, (height, width) in ((CHANNELS_LAST, (1, 2)), (CHANNELS_FIRST, (2, 3))):
-                if any(grows) and grows[0] <= {height} and grows[1] <= {width}:
-                    return layout
+    grown = layout_by_growth(shape, taller, wider, batch)
+    if grown is not None:
+        return grown
     if shape[1] == shape[2] == 1 < shape[3]:  # one cell of many channels (a small input's last stage)
         return CHANNELS_LAST
     return CHANNELS_LAST if laid_out_channels_last(shape, image, declared) else CHANNELS_FIRST
+
+
+def layout_by_growth(shape: Sequence[int], taller: Sequence[int] | None, wider: Sequence[int] | None,
+                     batch: int = 1) -> str | None:
+    """The layout :func:`layout_from_growth` tells by growth alone; ``None`` where growth does not tell."""
+    grows = _growth(shape, taller, wider, batch)
+    if grows is not None and any(grows):
+        for layout, (height, width) in ((CHANNELS_LAST, (1, 2)), (CHANNELS_FIRST, (2, 3))):
+            if grows[0] <= {height} and grows[1] <= {width}:
+                return layout
+    return None
+
+
+def fits_no_grid(shape: Sequence[int], image: Sequence[int]) -> bool:
+    """Whether a 4-d output ``shape`` has the proportions of the ``image`` (height, width) in
+    neither layout, no side being one cell: no image's maps (windows of tokens, attention
+    between the tokens of an image that is not square).
+
+    >>> fits_no_grid((1, 16, 49, 128), (224, 224)), fits_no_grid((1, 128, 28, 28), (224, 224))
+    (True, False)
+    >>> fits_no_grid((1, 28, 28, 128), (224, 224)), fits_no_grid((1, 768, 1, 1), (224, 224))
+    (False, False)
+    """
+    height, width = image
+    return (min(shape[1:]) > 1 and not _proportioned(shape[1], shape[2], height, width)
+            and not _proportioned(shape[2], shape[3], height, width))
+
+
+def windows_from_growth(shape: Sequence[int], taller: Sequence[int] | None, wider: Sequence[int] | None,
+                        batch: int = 1) -> bool:
+    """Whether a layer's 4-d output ``shape`` (for ``batch`` inputs) is windows of tokens,
+    ``(batch, windows, tokens, channels)`` as in MaxViT's attention inside its partitions:
+    told by its shapes for one input of twice the height (``taller``) and of twice the width
+    (``wider``), where both grow the same dims among 1 and 2 (an image grid grows one with the
+    height and the other with the width).
+
+    >>> windows_from_growth((1, 16, 4, 16), (1, 32, 4, 16), (1, 32, 4, 16))
+    True
+    >>> windows_from_growth((1, 8, 8, 96), (1, 16, 8, 96), (1, 8, 16, 96)), windows_from_growth((1, 4, 8, 8), None, None)
+    (False, False)
+    """
+    grows = _growth(shape, taller, wider, batch)
+    return grows is not None and bool(grows[0]) and grows[0] == grows[1] and grows[0] <= {1, 2}
+
+
+def _growth(shape: Sequence[int], taller: Sequence[int] | None, wider: Sequence[int] | None,
+            batch: int) -> list[set[int]] | None:
+    """The dims of a 4-d ``shape`` that grow with the input's height and with its width, or
+    ``None`` where that is not known (no shapes at the other sizes, or windows folded into the
+    batch: one sample's dim 0 grows)."""
+    if taller is None or wider is None or len(taller) != 4 or len(wider) != 4:
+        return None
+    if not taller[0] == wider[0] == shape[0] / batch:
+        return None
+    return [{d for d in (1, 2, 3) if grown[d] != shape[d]} for grown in (taller, wider)]
 
 
 def _proportioned(a: int, b: int, height: int, width: int) -> bool:

@@ -42,7 +42,7 @@ from ._models import LayerOutputs, build_model, describe_failure, is_config_faul
 from ._preprocess import stack_images, to_model_input
 from ._records import LayerSpec, ShardRecord
 from ._reduce import (CHANNELS_FIRST, CHANNELS_LAST, channels_at_end, check_class_token, declares_channels_last,
-                      layout_from_growth, reduce_output)
+                      fits_no_grid, layout_by_growth, layout_from_growth, reduce_output, windows_from_growth)
 from ._scheduling import SHARE_GPU_CPUS
 from ._shards import Shard
 from ._sources import BadSample, IndexFile, Sample, describe_error, open_source
@@ -192,6 +192,19 @@ def _not_batch_first(layer: str, output: torch.Tensor, inputs: int) -> str:
     return (f"layer {layer!r} gives a {shape} tensor for {inputs} input{'s' if inputs != 1 else ''}: its first dim "
             "is not the batch's, so its rows are not the samples' (a sequence-first RNN's state, one image's "
             "detections); dump a layer, or pick an output, with one row per input")
+
+
+def _windows_refused(layer: str, shape: Sequence[int], reduce: Reduction) -> str:
+    """Why ``reduce`` cannot take a layer whose maps are windows of tokens.
+
+    >>> print(_windows_refused("attn", (16, 4, 32), Reduction.POOL))
+    'pool' takes (channels, height, width) or (height, width, channels) maps, but layer 'attn' gives windows of tokens, (16, 4, 32) per sample: the same dim grows with the input's height and with its width (as inside MaxViT's partitions), so there is no image grid to pool; dump a layer after the windows are put back together (MaxViT's PartitionAttentionLayer), or 'none'
+    """
+    shape = "(" + ", ".join(map(str, shape)) + ")"
+    return (f"{reduce.value!r} takes (channels, height, width) or (height, width, channels) maps, but layer {layer!r} "
+            f"gives windows of tokens, {shape} per sample: the same dim grows with the input's height and with its "
+            "width (as inside MaxViT's partitions), so there is no image grid to pool; dump a layer after the windows "
+            "are put back together (MaxViT's PartitionAttentionLayer), or 'none'")
 
 
 def _not_a_tensor(layer: str, output: Any) -> str:
@@ -676,37 +689,64 @@ class ShardWorker:
         batch ``x``: from the model run again on its first sample stacked to twice its height,
         then to twice its width, up to the wanted layers (:func:`layout_from_growth`);
         convolutions, batch norms and pooling layers are channels-first without a run. Token
-        reductions take no maps: nothing to find."""
+        reductions take no maps: nothing to find. Windows of tokens (:func:`windows_from_growth`)
+        are no maps to pool: a :class:`ConfigError` for ``pool`` and ``channel_mean``."""
         if self.config.dump.reduce in (Reduction.CLS, Reduction.MEAN):
             return {}
 
-        def shapes(outputs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-            return {layer: tuple(out.shape) for layer, out in outputs.items() if isinstance(out, torch.Tensor)}
+        refused: list[str] = []
 
         def grown(dim: int) -> dict[str, tuple[int, ...]]:
-            with torch.inference_mode(), self._autocast(), self.outputs.stopping_early():
-                return shapes(self.outputs(torch.cat([x[:1], x[:1]], dim=dim)))
+            """The wanted layers' shapes for the first sample twice over along ``dim``: those
+            that ran before the model refused the size, if it does (asserting its input's size,
+            or using a grid of the size it was built for after them)."""
+            with torch.inference_mode(), self._autocast(), self.outputs.stopping_early(), \
+                    self.outputs.shapes_seen() as seen:
+                try:
+                    self.outputs(torch.cat([x[:1], x[:1]], dim=dim))
+                except Exception as exc:
+                    if breaks_the_device(exc):
+                        raise
+                    refused.append(describe_error(exc))
+            return seen
 
-        base = {layer: shape for layer, shape in shapes(outputs).items() if len(shape) == 4}
-        taller = wider = refused = None
+        base = {layer: tuple(out.shape) for layer, out in outputs.items()
+                if isinstance(out, torch.Tensor) and out.ndim == 4}
         told = self.channels_at_end.intersection(base)
-        if told:
-            try:
-                taller, wider = grown(2), grown(3)
-            except Exception as exc:  # (a model that asserts its input's size)
-                if breaks_the_device(exc):
-                    raise
-                refused = describe_error(exc)
-        layouts = {layer: layout_from_growth(shape, None if taller is None else taller.get(layer),
-                                             None if wider is None else wider.get(layer), x.shape[-2:],
-                                             self.declares_channels_last, batch=len(x))
+        taller, wider = (grown(2), grown(3)) if told else ({}, {})
+        grew = {layer: (taller.get(layer), wider.get(layer)) for layer in told}
+        pooled = self.config.dump.reduce in (Reduction.POOL, Reduction.CHANNEL_MEAN)
+        windows = sorted(layer for layer in told if windows_from_growth(base[layer], *grew[layer], batch=len(x)))
+        if windows and pooled:
+            raise ConfigError(DumpSpec.key("reduce"),
+                              _windows_refused(windows[0], base[windows[0]][1:], self.config.dump.reduce))
+        layouts = {layer: layout_from_growth(shape, *grew[layer], x.shape[-2:], self.declares_channels_last,
+                                             batch=len(x))
                    if layer in told else CHANNELS_FIRST for layer, shape in base.items()}
-        if refused is not None and self.config.dump.reduce in (Reduction.POOL, Reduction.CHANNEL_MEAN):
-            log.warning("the model takes no input of twice the height or width of %dx%d (%s), so the layout of "
-                        "its maps is told by their proportions%s: %s", *x.shape[-2:], refused,
-                        " and its output_fmt" if self.declares_channels_last else "",
-                        ", ".join(f"{layer} {base[layer][1:]} {layouts[layer]}" for layer in sorted(told)))
+        if pooled:
+            self._warn_of_proportions(x.shape[-2:], len(x), base, layouts, grew, refused)
         return layouts
+
+    def _warn_of_proportions(self, image: Sequence[int], batch: int, shapes: Mapping[str, tuple[int, ...]],
+                             layouts: Mapping[str, str], grew: Mapping[str, tuple], refused: Sequence[str]) -> None:
+        """Warnings for the pooled layers whose layout growth did not tell: where the model took
+        no input of twice the size, which layouts their proportions gave; where those have the
+        proportions of no image's maps, that pooling them means little."""
+        guessed = sorted(layer for layer, (taller, wider) in grew.items()
+                         if layout_by_growth(shapes[layer], taller, wider, batch) is None)
+        unknown = [layer for layer in guessed if None in grew[layer]]
+        if refused and unknown:
+            log.warning("the model takes no input of twice the height or width of %dx%d (%s), so the layout of "
+                        "its maps is told by their proportions%s: %s", *image, refused[0],
+                        " and its output_fmt" if self.declares_channels_last else "",
+                        ", ".join(f"{layer} {shapes[layer][1:]} {layouts[layer]}" for layer in unknown))
+        gridless = [layer for layer in guessed if fits_no_grid(shapes[layer], image)]
+        if gridless:
+            log.warning("%s: the proportions of no %dx%d image's maps in either layout per sample, and how they grow "
+                        "with the input does not tell: pooled as %s, they may be no maps at all (windows of tokens, "
+                        "attention) and their pooled values mean little; reduce: none keeps them as they are",
+                        ", ".join(f"{layer} {shapes[layer][1:]}" for layer in gridless), *image,
+                        " / ".join(sorted({layouts[layer] for layer in gridless})))
 
     def _trial_hint(self, exc: Exception, image: torch.Tensor) -> str:
         """What may fix a trial forward that failed inside the model (the pipeline's own errors

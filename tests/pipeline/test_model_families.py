@@ -228,6 +228,52 @@ def test_the_layout_of_a_model_that_takes_one_input_size_is_told_by_its_proporti
         "channels_last, body.features.3 (4, 4, 32) channels_last"])
 
 
+def test_tensors_of_no_image_grid_whose_growth_does_not_tell_are_pooled_with_a_warning(tmp_path, caplog):
+    """MaxViT's grid attention comes after its windows are put back on the grid of the size it
+    was built for: at twice the input's size the model fails before it, so growth does not
+    tell; its (windows, tokens, channels) tensors have the proportions of no maps of the input,
+    which a warning says."""
+    grid = "blocks.0.layers.0.layers.grid_attention.mlp_layer"
+    config = _config(tmp_path / "out", {"name": "support.models:tv_maxvit"}, [grid], normalize="imagenet",
+                     reduce="pool")
+    run(config, stream=None)
+    warned = [r.getMessage() for r in caplog.records if "image's maps in either layout" in r.getMessage()]
+    assert warned == [f"{grid} (16, 4, 16): the proportions of no 32x32 image's maps in either layout per sample, "
+                      "and how they grow with the input does not tell: pooled as channels_first, they may be no maps "
+                      "at all (windows of tokens, attention) and their pooled values mean little; reduce: none keeps "
+                      "them as they are"]
+
+
+@pytest.mark.parametrize("reduce", ["pool", "channel_mean"])
+def test_windows_of_tokens_are_not_pooled_as_maps(tmp_path, reduce):
+    """Inside MaxViT's partitions, (batch, windows, tokens, channels) tensors: the trial finds
+    that one dim grows with both the input's height and its width, and refuses to pool them as
+    an image's maps, naming the layer; the layer that puts the windows back is pooled per
+    channel, and the windows are dumped as they are with reduce: none."""
+    from pipeline.errors import ConfigError
+
+    window = "blocks.0.layers.0.layers.window_attention"
+    config = _config(tmp_path / "out", {"name": "support.models:tv_maxvit"}, [f"{window}.attn_layer", window],
+                     normalize="imagenet", reduce=reduce)
+    with ShardWorker(config.to_dict()) as worker, pytest.raises(
+            ConfigError, match=rf"dump.reduce: '{reduce}' takes .* but layer '{window}.attn_layer' gives windows of "
+                               r"tokens, \(16, 4, 16\) per sample: the same dim grows"):
+        worker.probe()
+    config = _config(tmp_path / "back", {"name": "support.models:tv_maxvit"}, [window], normalize="imagenet",
+                     reduce=reduce)
+    run(config, stream=None)
+    full = _direct(build_model(config.model), _images(config), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                   {window: (window, _identity)})[window]
+    assert full.shape[1:] == (16, 8, 8)
+    _assert_dump_equals(config, {window: full.mean(dim=(2, 3), keepdim=True) if reduce == "pool" else full.mean(dim=1)})
+    config = _config(tmp_path / "none", {"name": "support.models:tv_maxvit"}, [f"{window}.attn_layer"],
+                     normalize="imagenet")
+    run(config, stream=None)
+    full = _direct(build_model(config.model), _images(config), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                   {f"{window}.attn_layer": (f"{window}.attn_layer", _identity)})
+    _assert_dump_equals(config, full)
+
+
 def test_a_layers_layout_is_told_once_for_images_of_every_size(tmp_path):
     """Images of 32 and 48 px, not resized: a ConvNeXt block's (height, width, channels) maps are
     (8, 8, 8) for the first, whose proportions tell nothing, and (12, 12, 8) for the second;

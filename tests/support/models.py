@@ -297,6 +297,16 @@ def tv_convnext() -> nn.Module:
     return torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=4)
 
 
+def tv_maxvit() -> nn.Module:
+    """torchvision's MaxViT, tiny, for 32 px images: inside its partitions the attention takes
+    (batch, windows, tokens, channels) tensors, (16, 4, 16) per image."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16],
+                                     block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=4)
+
+
 class DeviceBreaker(TinyConvNet):
     """A TinyConvNet whose forward, in a process other than ``driver``'s, once the file ``mark``
     exists, takes it away and raises a CUDA error that stays, as CUDA's do: every later forward
