@@ -225,6 +225,7 @@ class OutputState:
     damage: list[Damage] = dataclasses.field(default_factory=list)
     remove: Collection[str] | None | bool = False
     labels: Mapping[str, Any] | None = None
+    existing: Manifest | None = None  # (the resumed dump's)
 
 
 def _source_difference(store: OutputStore, index: Index | None) -> list[str]:
@@ -320,7 +321,7 @@ def assess_output(store: OutputStore, manifest: Manifest, overwrite: bool = Fals
                                   "--overwrite to replace it, or choose another folder. Differences:\n  "
                                   + "\n  ".join(diff))
     checked = check_dump(store, existing.plan, existing.layers, layer_info=existing.layer_info)
-    return OutputState(True, checked.records, checked.damage, labels=existing.labels)
+    return OutputState(True, checked.records, checked.damage, labels=existing.labels, existing=existing)
 
 
 def commit_output(store: OutputStore, manifest: Manifest, state: OutputState) -> None:
@@ -333,6 +334,10 @@ def commit_output(store: OutputStore, manifest: Manifest, state: OutputState) ->
     if not state.resume:
         store.write_json(MANIFEST_PATH, manifest.to_dict())
         return
+    if state.existing is not None and state.existing.format != manifest.format == MANIFEST_FORMAT_POOLED_LAST:
+        # begun by a version that recorded layouts but wrote the first format: a version before
+        # those would resume it next, pooling the rest otherwise
+        store.write_json(MANIFEST_PATH, dataclasses.replace(state.existing, format=manifest.format).to_dict())
     for shard in sorted({d.shard for d in state.damage if d.shard is not None}):
         reasons = "; ".join(str(d) for d in state.damage if d.shard == shard)
         log.warning("shard %d is redone: %s", shard, reasons)

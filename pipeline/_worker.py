@@ -356,10 +356,12 @@ class ShardWorker:
             if self.device.type == "cuda" and pixels.device.type == "cpu":
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             x = to_model_input(pixels, self.mean_std, self.config.model.channels_last)
-            with torch.inference_mode(), self._autocast():
+            finding = self._layouts is None
+            with torch.inference_mode(), self._autocast(), \
+                    self.outputs.shapes_seen() if finding else contextlib.nullcontext({}) as first_calls:
                 outputs = self.outputs(x)
-            if self._layouts is None:
-                self._layouts = self._find_layouts(x, outputs)
+            if finding:
+                self._layouts = self._find_layouts(x, outputs, first_calls)
             host = {}
             for layer in layers:
                 out = outputs[layer]  # every wanted layer's: one that did not run has raised
@@ -684,10 +686,14 @@ class ShardWorker:
         return to_model_input(stack_images(batch.images[:1]).to(self.device), self.mean_std,
                               self.config.model.channels_last)
 
-    def _find_layouts(self, x: torch.Tensor, outputs: Mapping[str, Any]) -> dict[str, str]:
+    def _find_layouts(self, x: torch.Tensor, outputs: Mapping[str, Any],
+                      first_calls: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
         """The layout of each layer that gives 4-d maps in ``outputs``, the forward's of the
-        batch ``x``: from the model run again on its first sample stacked to twice its height,
-        then to twice its width, up to the wanted layers (:func:`layout_from_growth`);
+        batch ``x`` (whose layers' first calls gave ``first_calls``): from the model run again
+        on its first sample stacked to twice its height, then to twice its width, up to the
+        wanted layers (:func:`layout_from_growth`; the first calls' shapes are compared, so a
+        layer whose output is not its first call's, in a model that calls it again in another
+        shape, is told by its proportions);
         convolutions, batch norms and pooling layers are channels-first without a run. Token
         reductions take no maps: nothing to find. Windows of tokens (:func:`windows_from_growth`)
         are no maps to pool: a :class:`ConfigError` for ``pool`` and ``channel_mean``."""
@@ -714,7 +720,8 @@ class ShardWorker:
                 if isinstance(out, torch.Tensor) and out.ndim == 4}
         told = self.channels_at_end.intersection(base)
         taller, wider = (grown(2), grown(3)) if told else ({}, {})
-        grew = {layer: (taller.get(layer), wider.get(layer)) for layer in told}
+        grew = {layer: (taller.get(layer), wider.get(layer)) if first_calls.get(layer) == base[layer] else (None, None)
+                for layer in told}
         pooled = self.config.dump.reduce in (Reduction.POOL, Reduction.CHANNEL_MEAN)
         windows = sorted(layer for layer in told if windows_from_growth(base[layer], *grew[layer], batch=len(x)))
         if windows and pooled:

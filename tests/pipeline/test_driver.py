@@ -593,6 +593,11 @@ def test_a_dump_whose_maps_the_model_now_lays_out_otherwise_is_not_resumed(tmp_p
     assert manifest["format"] == "actmap.manifest/2"
     (out / shard_record_path(0)).unlink()
     assert run(config, stream=None).new_samples == 8  # (resumed: its one shard redone)
+    # begun by a version that recorded layouts in the first format: resumed, and given the second
+    (out / MANIFEST_PATH).write_text(json.dumps(dict(manifest, format="actmap.manifest/1")))
+    (out / shard_record_path(0)).unlink()
+    assert run(config, stream=None).new_samples == 8
+    assert json.loads((out / MANIFEST_PATH).read_text()) == manifest
     del manifest["layer_info"]["features.1"]["layout"]
     (out / MANIFEST_PATH).write_text(json.dumps(manifest))
     (out / shard_record_path(0)).unlink()

@@ -228,6 +228,20 @@ def test_the_layout_of_a_model_that_takes_one_input_size_is_told_by_its_proporti
         "channels_last, body.features.3 (4, 4, 32) channels_last"])
 
 
+@pytest.mark.parametrize("layers, stop_early", [(["act", "later"], True), (["act", "later"], False),
+                                               (["act"], False)])
+def test_a_layer_called_twice_in_other_shapes_is_not_told_by_its_first_calls_growth(tmp_path, layers, stop_early):
+    """One GELU module called on maps of two sizes: the output stored is its last call's, so
+    the growth of its first call (cut short where the forward stops early) is not compared
+    with it (that made it look like windows of tokens, and refused); its proportions tell."""
+    model = {"name": "support.models:shared_activation", "stop_early": stop_early}
+    config = _config(tmp_path / "out", model, layers, normalize="imagenet", reduce="pool")
+    run(config, stream=None)
+    recorded = read_manifest(OutputStore(config.run.output)).layer_info
+    assert {layer: (spec.shape, spec.layout) for layer, spec in recorded.items()} == {
+        layer: ((8, 1, 1), "channels_last") for layer in layers}
+
+
 def test_tensors_of_no_image_grid_whose_growth_does_not_tell_are_pooled_with_a_warning(tmp_path, caplog):
     """MaxViT's grid attention comes after its windows are put back on the grid of the size it
     was built for: at twice the input's size the model fails before it, so growth does not

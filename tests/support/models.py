@@ -307,6 +307,28 @@ def tv_maxvit() -> nn.Module:
                                      block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=4)
 
 
+class SharedActivation(nn.Module):
+    """Two stages of (batch, height, width, channels) maps, 8 channels each, at a quarter and
+    an eighth of the input's size, and one GELU module called in both: its output as grabbed
+    (its last call's) is not its first call's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.down = nn.Conv2d(3, 8, 4, stride=4), nn.Conv2d(8, 8, 2, stride=2)
+        self.norm1, self.norm2, self.act = nn.LayerNorm(8), nn.LayerNorm(8), nn.GELU()
+        self.later, self.head = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.stem(x).permute(0, 2, 3, 1)))
+        x = self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.head(self.later(self.act(self.norm2(x))).mean((1, 2)))
+
+
+def shared_activation() -> nn.Module:
+    torch.manual_seed(0)
+    return SharedActivation()
+
+
 class DeviceBreaker(TinyConvNet):
     """A TinyConvNet whose forward, in a process other than ``driver``'s, once the file ``mark``
     exists, takes it away and raises a CUDA error that stays, as CUDA's do: every later forward
