@@ -54,7 +54,49 @@ def _of_kind(value: Any, column: pa.DataType) -> bool:
     for is_kind, kinds in _KINDS:
         if is_kind(column):  # a bool is an Integral to Python, not to a number column
             return isinstance(value, kinds) and (isinstance(value, bool) == pa.types.is_boolean(column))
-    return True  # lists, structs, dates, decimals...: the conversion decides
+    return _nested_problem(value, column) is None  # lists, structs; dates, decimals...: the conversion decides
+
+
+def _is_list(column: pa.DataType) -> bool:
+    return pa.types.is_list(column) or pa.types.is_large_list(column) or pa.types.is_fixed_size_list(column)
+
+
+def _nested_problem(value: Any, column: pa.DataType, at: str = "") -> str | None:
+    """What in a list or struct ``value`` does not fit the ``column`` without loss (``None``:
+    all of it fits, or it is no list or struct: the conversion judges it): pyarrow converts a
+    2.5 inside them to an integer field as 2, and drops a key the struct lacks, without a word.
+
+    >>> _nested_problem({"x": 8.75, "y": 1}, pa.struct([("x", pa.int64()), ("y", pa.int64())]))
+    "['x'] holds 8.75 (type float), not int64"
+    >>> _nested_problem({"x": 1, "w": 3.0}, pa.struct([("x", pa.int64())]))
+    "it has the key 'w', which the column's struct lacks"
+    >>> _nested_problem([[1, 2], [3]], pa.list_(pa.list_(pa.int64()))) is None
+    True
+    """
+    if value is None:
+        return None
+    if pa.types.is_struct(column) and isinstance(value, Mapping):
+        names = [column.field(i).name for i in range(column.num_fields)]
+        extra = next((key for key in value if key not in names), None)
+        if extra is not None:
+            return f"{at or 'it'} has the key {extra!r}, which the column's struct lacks"
+        parts = [(value.get(name), column.field(i).type, f"{at}[{name!r}]") for i, name in enumerate(names)]
+    elif _is_list(column) and isinstance(value, (list, tuple, np.ndarray)):
+        items = value.tolist() if isinstance(value, np.ndarray) else value
+        parts = [(item, column.value_type, f"{at}[{i}]") for i, item in enumerate(items)]
+    else:
+        return None
+    for item, kind, where in parts:
+        if not _of_kind(item, kind) and not (pa.types.is_struct(kind) or _is_list(kind)):
+            return f"{where} holds {_shown(item)} (type {type(item).__name__}), not {kind}"
+        if (problem := _nested_problem(item, kind, where)) is not None:
+            return problem
+    return None
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 #: The builtin types whose values fit each kind of column without a closer look: a batch's values
@@ -77,6 +119,19 @@ def _all_of_kind(values: Sequence[Any], column: pa.DataType) -> bool:
     return all(_of_kind(value, column) for value in values)
 
 
+def _all_fit(values: Sequence[Any], column: pa.DataType) -> bool:
+    """Whether every one of ``values`` fits ``column``, judged at once: one conversion, and
+    for lists and structs the values it gives compared with these (the parts of those convert
+    with loss, see :func:`_nested_problem`; a Parquet column's values come back the same).
+    ``False`` sends each value to :func:`label_problem`, which is exact."""
+    if pa.types.is_struct(column) or _is_list(column):
+        try:
+            return pa.array(values, type=column).to_pylist() == values
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):  # (an array compared)
+            return False
+    return _all_of_kind(values, column) and _converts(values, column)
+
+
 def _converts(values: Sequence[Any], column: pa.DataType) -> bool:
     try:
         pa.array(values, type=column)
@@ -86,12 +141,16 @@ def _converts(values: Sequence[Any], column: pa.DataType) -> bool:
 
 
 def label_problem(name: str, value: Any, column: pa.DataType) -> str | None:
-    """Why ``value`` cannot go into the label column ``name`` of type ``column`` (``None``: it fits)."""
+    """Why ``value`` cannot go into the label column ``name`` of type ``column`` (``None``: it fits).
+
+    >>> label_problem("box", {"x": 8.75}, pa.struct([("x", pa.int64())]))
+    "label 'box' holds {'x': 8.75} (type dict); its column holds struct<x: int64>: ['x'] holds 8.75 (type float), not int64"
+    """
     if _of_kind(value, column) and _converts([value], column):
         return None
-    shown = repr(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return f"label {name!r} holds {shown} (type {type(value).__name__}); its column holds {column}"
+    detail = _nested_problem(value, column)
+    return (f"label {name!r} holds {_shown(value)} (type {type(value).__name__}); its column holds {column}"
+            + ("" if detail is None else f": {detail}"))
 
 
 def array_problem(name: str, value: Any, spec: ArraySpec) -> str | None:
@@ -129,7 +188,7 @@ def split_unfit(samples: Sequence[Sample], fields: Sequence[pa.Field],
                 problems[position] = problem
     for field in fields:
         values = [s.labels.get(field.name) for s in samples]
-        if _all_of_kind(values, field.type) and _converts(values, field.type):
+        if _all_fit(values, field.type):
             continue
         for position, value in enumerate(values):
             if position not in problems:

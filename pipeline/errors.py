@@ -86,8 +86,9 @@ class ReservedColumnError(ConfigError):
 
         self.column = column
         super().__init__(Config.key("source"), f"the pass-through column {column!r} clashes with an output "
-                         f"column ({', '.join(sorted(taken))}); rename it in the data, or leave it out (a "
-                         f"parquet source passes through only the columns listed in {ParquetSpec.key('columns')})")
+                         f"column ({', '.join(sorted(taken))}); rename it in the data (a dataset's item key, a "
+                         f"Parquet column, a WebDataset .json field), or leave it out (a parquet source passes "
+                         f"through only the columns listed in {ParquetSpec.key('columns')})")
 
 
 #: What to do after an error that a rerun of the same config meets again.

@@ -7,8 +7,9 @@ array target becomes an array column named ``target``. Ids are the indices.
 
 The label columns are those of the first readable items (up to 8): a key that first appears
 in a later item is left out, with a warning that names it; an item without a key has a null.
-A label that is ``None`` in all of them is typed by the first later item that holds a value
-(up to 64 more are looked at). The driver types the columns once and the workers take its
+A label that is ``None`` (or a list empty) in all of them is typed by the later items that hold
+a value (up to 64 more are looked at); a key of a nested dict that first appears in a later
+item is left out, with a warning, as a label is. The driver types the columns once and the workers take its
 types, so every file of a dump has the same columns.
 
 An item whose ``__getitem__`` raises is a bad sample that says why, unless the error may pass
@@ -18,6 +19,7 @@ An item whose ``__getitem__`` raises is a bad sample that says why, unless the e
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -95,6 +97,54 @@ def _to_image(value: Any) -> Any:
                     "a PIL image, an (H, W, C) uint8 array or encoded bytes")
 
 
+
+def _typed(values: list) -> pa.DataType | None:
+    """The type pyarrow gives ``values`` (``None`` where they make no one type: said later)."""
+    try:
+        return pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return None
+
+
+def _untyped(values: list) -> bool:
+    """Whether ``values`` leave a part of their column's type open: all ``None``, or lists
+    empty in every one (a detection dataset whose first images have no boxes), at any depth.
+
+    >>> _untyped([None, None]), _untyped([[], []]), _untyped([[], [[1.0, 2.0]]]), _untyped([{"a": None}])
+    (True, True, False, True)
+    """
+    def has_null(kind: pa.DataType) -> bool:
+        return pa.types.is_null(kind) or any(has_null(kind.field(i).type) for i in range(kind.num_fields))
+
+    kind = _typed(values)
+    return kind is not None and has_null(kind)
+
+
+def _has_struct(kind: pa.DataType) -> bool:
+    return pa.types.is_struct(kind) or any(_has_struct(kind.field(i).type) for i in range(kind.num_fields))
+
+
+def _without_late_keys(value: Any, kind: pa.DataType, found: list[str], at: str) -> Any:
+    """``value`` without the keys of its dicts that its column's structs lack (they name them
+    in ``found``, as ``at['key']``): a key first seen after the items that typed the column is
+    left out, as a label is. Other values are left for the column's check.
+
+    >>> found = []
+    >>> _without_late_keys([{"x": 1, "w": 2}], pa.list_(pa.struct([("x", pa.int64())])), found, "box")
+    [{'x': 1}]
+    >>> found
+    ["box[]['w']"]
+    """
+    if pa.types.is_struct(kind) and isinstance(value, Mapping):
+        fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+        found.extend(f"{at}[{key!r}]" for key in value if key not in fields)
+        return {key: _without_late_keys(item, fields[key], found, f"{at}[{key!r}]")
+                for key, item in value.items() if key in fields}
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
+            and isinstance(value, (list, tuple)):
+        return [_without_late_keys(item, kind.value_type, found, f"{at}[]") for item in value]
+    return value
+
 class DatasetSource(RandomAccessSource):
     """The items of the dataset that ``target(**kwargs)`` returns."""
 
@@ -157,19 +207,20 @@ class DatasetSource(RandomAccessSource):
                 readable += 1
                 if readable == _TYPED_FROM:
                     break
-            unset = [name for name, seen in values.items() if name not in arrays and all(v is None for v in seen)]
+            unset = [name for name, seen in values.items() if name not in arrays and _untyped(seen)]
             for index in range(index + 1, min(self.count, index + 1 + _LOOKED_FURTHER)) if unset else ():
                 labels = self._labels_of(index) or {}
                 for name in [n for n in unset if labels.get(n) is not None]:
                     value = labels[name]  # (an array makes an array column, as in the first items)
                     (arrays.setdefault(name, []) if isinstance(value, np.ndarray) else values[name]).append(value)
-                    unset.remove(name)
+                    if name in arrays or not _untyped(values[name]):
+                        unset.remove(name)
                 if not unset:
                     break
             for name in unset:
-                log.warning("the label %r of %r is None in every item looked at (the first %d readable ones and "
-                            "up to %d more): its column holds nulls, and an item that gives it a value is a bad "
-                            "sample", name, self.target, _TYPED_FROM, _LOOKED_FURTHER)
+                log.warning("the label %r of %r is None or empty in every item looked at (the first %d readable ones "
+                            "and up to %d more): its column holds %s, and an item that gives it a value is a bad "
+                            "sample", name, self.target, _TYPED_FROM, _LOOKED_FURTHER, _typed(values[name]))
             self._fields = [self._field(name, seen) for name, seen in values.items() if name not in arrays]
             self._arrays = {name: array_spec(seen) for name, seen in arrays.items()}
         return self._fields
@@ -198,6 +249,7 @@ class DatasetSource(RandomAccessSource):
         """Type the labels as :meth:`label_types` gave (the driver's), reading no item."""
         self._fields = list(pa.ipc.read_schema(pa.py_buffer(base64.b64decode(types["fields"]))))
         self._names = set(types["names"])
+        self.__dict__.pop("_structured", None)
         self._arrays = {name: ArraySpec(np.dtype(dtype), None if shape is None else tuple(shape))
                         for name, (dtype, shape) in types["arrays"].items()}
 
@@ -216,7 +268,21 @@ class DatasetSource(RandomAccessSource):
             self._left_out.add(name)
             log.warning("the label %r of %r is in none of the items that made the label columns (the first %d "
                         "readable ones): it is not stored", name, self.target, _TYPED_FROM)
-        return {k: v for k, v in labels.items() if k not in late} if late else labels
+        labels = {k: v for k, v in labels.items() if k not in late} if late else labels
+        for field in self._structured:
+            if labels.get(field.name) is not None:
+                found: list[str] = []
+                labels[field.name] = _without_late_keys(labels[field.name], field.type, found, field.name)
+                for key in set(found) - self._left_out:
+                    self._left_out.add(key)
+                    log.warning("the label %s of %r is in none of the items that typed its column (the first %d "
+                                "readable ones): it is not stored", key, self.target, _TYPED_FROM)
+        return labels
+
+    @functools.cached_property
+    def _structured(self) -> list[pa.Field]:
+        """The label fields with a struct in their type, whose values' keys are checked."""
+        return [field for field in self.label_fields() if _has_struct(field.type)]
 
     def _field(self, name: str, values: list[Any]) -> pa.Field:
         try:

@@ -11,11 +11,16 @@ from pipeline._records import BadSample
 from pipeline._sources import Sample
 
 
+_BOX = pa.struct([("x", pa.int64()), ("y", pa.int64())])
+
 FITTING = [
     (3, pa.int64()), (3, pa.int32()), (np.int16(3), pa.int64()), (3, pa.float64()), (2.5, pa.float32()),
     (True, pa.bool_()), ("cat", pa.string()), ("cat", pa.large_string()), (b"\x00", pa.binary()),
     (None, pa.int64()), (None, pa.string()), ([1, 2], pa.list_(pa.int64())),
     (datetime.date(2026, 1, 2), pa.date32()),
+    ({"x": 1, "y": 2.5}, pa.struct([("x", pa.int64()), ("y", pa.float64())])), ({"x": 1}, _BOX),
+    ([[1, 2.5], []], pa.list_(pa.list_(pa.float64()))), ((1, 2), pa.list_(pa.int64())),
+    (np.arange(2), pa.list_(pa.int64())), ([{"x": 1, "y": None}], pa.list_(_BOX)),
 ]
 
 
@@ -35,7 +40,20 @@ NOT_FITTING = [
     (2 ** 70, pa.int64(), f"label 'x' holds {2 ** 70} (type int); its column holds int64"),
     (-1, pa.uint8(), "label 'x' holds -1 (type int); its column holds uint8"),
     (np.zeros(2), pa.int64(), "label 'x' holds array([0., 0.]) (type ndarray); its column holds int64"),
-    (["a"], pa.list_(pa.int64()), "label 'x' holds ['a'] (type list); its column holds list<item: int64>"),
+    (["a"], pa.list_(pa.int64()), "label 'x' holds ['a'] (type list); its column holds list<item: int64>: [0] holds "
+                                  "'a' (type str), not int64"),
+    # inside lists and structs pyarrow truncates a fraction and drops a key the struct lacks
+    ({"x": 8.75, "y": 1}, _BOX, "label 'x' holds {'x': 8.75, 'y': 1} (type dict); its column holds struct<x: int64, "
+                                "y: int64>: ['x'] holds 8.75 (type float), not int64"),
+    ({"x": 1, "w": 3}, _BOX, "label 'x' holds {'x': 1, 'w': 3} (type dict); its column holds struct<x: int64, y: "
+                             "int64>: it has the key 'w', which the column's struct lacks"),
+    ([[1, 2], [3, 4.5]], pa.list_(pa.list_(pa.int64())), "label 'x' holds [[1, 2], [3, 4.5]] (type list); its column "
+                                                         "holds list<item: list<item: int64>>: [1][1] holds 4.5 (type "
+                                                         "float), not int64"),
+    ([{"x": True}], pa.list_(_BOX), "label 'x' holds [{'x': True}] (type list); its column holds list<item: "
+                                    "struct<x: int64, y: int64>>: [0]['x'] holds True (type bool), not int64"),
+    (np.array([1.5]), pa.list_(pa.int64()), "label 'x' holds array([1.5]) (type ndarray); its column holds "
+                                            "list<item: int64>: [0] holds 1.5 (type float), not int64"),
 ]
 
 

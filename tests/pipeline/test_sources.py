@@ -402,13 +402,44 @@ def test_dataset_labels_come_from_readable_items_and_a_none_label_from_a_later_v
     assert late_array.label_fields() == [] and late_array.array_labels()["tag"].shape == (2,)  # (an array column)
     never = DatasetSource("support.datasets:Labelled", {"n": 100, "tagged_from": 90})
     assert never.label_fields() == [pa.field("tag", pa.null())]
-    assert ("the label 'tag' of 'support.datasets:Labelled' is None in every item looked at (the first 8 readable "
-            "ones and up to 64 more): its column holds nulls") in caplog.text
+    assert ("the label 'tag' of 'support.datasets:Labelled' is None or empty in every item looked at (the first 8 "
+            "readable ones and up to 64 more): its column holds null") in caplog.text
+    # lists empty in the first items (images without boxes): typed by the first later boxes, as
+    # a list of nulls every later value was a bad sample
+    caplog.clear()
+    boxes = DatasetSource("support.datasets:Labelled", {"tagged_from": 10, "boxes": True})
+    assert boxes.label_fields() == [pa.field("tag", pa.list_(pa.list_(pa.float64())))]
+    assert boxes.read([12])[0].labels == {"tag": [[12, 12.5]]} and "None or empty" not in caplog.text
+    none_yet = DatasetSource("support.datasets:Labelled", {"n": 100, "tagged_from": 90, "boxes": True})
+    assert none_yet.label_fields() == [pa.field("tag", pa.list_(pa.null()))]
+    assert ("is None or empty in every item looked at (the first 8 readable ones and up to 64 more): its column "
+            "holds list<item: null>, and an item that gives it a value is a bad sample") in caplog.text
     # integers over int64's range (a hash): uint64, not an OverflowError that failed the run
     big = DatasetSource("support.datasets:Labelled", {"offset": 2**63})
     assert big.label_fields() == [pa.field("tag", pa.uint64())]
     with pytest.raises(ConfigError, match="holds integers beyond 64 bits in the first items, which no column holds"):
         DatasetSource("support.datasets:Labelled", {"offset": 2**64}).label_fields()
+
+
+def test_nested_labels_keep_their_first_items_keys_and_lose_nothing_silently(caplog):
+    """Inside a struct, a key the first items lack is left out with a warning, as a label is;
+    a fraction in an integer field (which pyarrow would truncate) makes its sample bad."""
+    from pipeline._labels import split_unfit
+
+    source = DatasetSource("support.datasets:Annotated", {})
+    box = pa.struct([("x", pa.int64())])
+    assert source.label_fields() == [pa.field("ann", pa.struct([("n", pa.int64()), ("boxes", pa.list_(box))]))]
+    samples = source.read(range(9, 14))
+    assert [s.labels["ann"] for s in samples] == [{"n": i, "boxes": [{"x": i + 0.5 if i == 12 else i}]}
+                                                  for i in range(9, 14)]
+    warned = [r.getMessage() for r in caplog.records if "in none of the items" in r.getMessage()]
+    assert warned == ["the label ann['boxes'][]['w'] of 'support.datasets:Annotated' is in none of the items that "
+                      "typed its column (the first 8 readable ones): it is not stored"]
+    good, bad = split_unfit(samples, source.label_fields())
+    assert [s.index for s in good] == [9, 10, 11, 13]
+    assert [b.reason for b in bad] == [
+        "label 'ann' holds {'n': 12, 'boxes': [{'x': 12.5}]} (type dict); its column holds struct<n: int64, boxes: "
+        "list<item: struct<x: int64>>>: ['boxes'][0]['x'] holds 12.5 (type float), not int64"]
 
 
 def test_dataset_label_types_are_the_drivers_on_every_worker():

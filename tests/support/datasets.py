@@ -25,6 +25,20 @@ class Squares(torch.utils.data.Dataset):
         return torch.rand(3, self.size, self.size, generator=g), i % 3
 
 
+class Annotated(Squares):
+    """Dict items with a nested ``ann`` label: ``{"n": i, "boxes": [{"x": i}]}``, a box with a
+    key ``"w"`` too from item ``wide_from`` on, and ``x`` a fraction in item ``fraction_at``."""
+
+    def __init__(self, n: int = 16, size: int = 8, wide_from: int = 10, fraction_at: int = 12):
+        super().__init__(n, size)
+        self.wide_from, self.fraction_at = wide_from, fraction_at
+
+    def __getitem__(self, i: int):
+        image, _ = super().__getitem__(i)
+        box = {"x": i + 0.5 if i == self.fraction_at else i}
+        return {"image": image, "ann": {"n": i, "boxes": [dict(box, w=2) if i >= self.wide_from else box]}}
+
+
 class LateBad(Squares):
     """Squares whose item ``bad`` raises after ``delay`` seconds (a read that fails slowly): the
     shards beside its own have written batches by then."""
@@ -82,15 +96,16 @@ class Scored(Squares):
 
 class Labelled(Squares):
     """Dict items with a ``tag`` label: ``None`` before item ``tagged_from``, then the index plus
-    ``offset`` (as a pair, an array, with ``pair``); the items before ``readable_from`` raise;
+    ``offset`` (as a pair, an array, with ``pair``; with ``boxes``, a list of boxes, empty before
+    ``tagged_from``, then one of the index and a fraction); the items before ``readable_from`` raise;
     item ``dropping`` raises a ``ConnectionResetError`` (a dropped connection) the first time
     this object reads it."""
 
     def __init__(self, n: int = 20, size: int = 8, tagged_from: int = 0, readable_from: int = 0, offset: int = 0,
-                 dropping: int | None = None, pair: bool = False):
+                 dropping: int | None = None, pair: bool = False, boxes: bool = False):
         super().__init__(n, size)
         self.tagged_from, self.readable_from, self.offset, self.dropping = tagged_from, readable_from, offset, dropping
-        self.pair = pair
+        self.pair, self.boxes = pair, boxes
 
     def __getitem__(self, i: int):
         if i < self.readable_from:
@@ -100,6 +115,8 @@ class Labelled(Squares):
             raise ConnectionResetError("the connection dropped")
         image, _ = super().__getitem__(i)
         tag = None if i < self.tagged_from else i + self.offset
+        if self.boxes:
+            return {"image": image, "tag": [] if tag is None else [[tag, tag + 0.5]]}
         return {"image": image, "tag": np.array([tag, tag]) if self.pair and tag is not None else tag}
 
 
