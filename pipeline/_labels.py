@@ -54,44 +54,98 @@ def _of_kind(value: Any, column: pa.DataType) -> bool:
     for is_kind, kinds in _KINDS:
         if is_kind(column):  # a bool is an Integral to Python, not to a number column
             return isinstance(value, kinds) and (isinstance(value, bool) == pa.types.is_boolean(column))
-    return _nested_problem(value, column) is None  # lists, structs; dates, decimals...: the conversion decides
+    return True  # dates, decimals...: the conversion decides
 
 
-def _is_list(column: pa.DataType) -> bool:
-    return pa.types.is_list(column) or pa.types.is_large_list(column) or pa.types.is_fixed_size_list(column)
+#: What pyarrow refuses a value with: a conversion that fails.
+_REFUSALS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError)
 
 
-def _nested_problem(value: Any, column: pa.DataType, at: str = "") -> str | None:
-    """What in a list or struct ``value`` does not fit the ``column`` without loss (``None``:
-    all of it fits, or it is no list or struct: the conversion judges it): pyarrow converts a
-    2.5 inside them to an integer field as 2, and drops a key the struct lacks, without a word.
+def _is_nested(column: pa.DataType) -> bool:
+    return pa.types.is_nested(column) and not pa.types.is_union(column)
 
-    >>> _nested_problem({"x": 8.75, "y": 1}, pa.struct([("x", pa.int64()), ("y", pa.int64())]))
-    "['x'] holds 8.75 (type float), not int64"
-    >>> _nested_problem({"x": 1, "w": 3.0}, pa.struct([("x", pa.int64())]))
+
+def _nested_problem(value: Any, column: pa.DataType) -> str | None:
+    """What of a list, struct or map ``value`` the ``column`` would not hold as it is
+    (``None``: it holds all of it; where pyarrow refuses it, pyarrow's reason). Inside those, pyarrow
+    converts a 2.5 in an integer field to 2 and drops a key the struct lacks, without a word:
+    the value converted is compared with the value given (a whole float and its integer, NaN
+    and NaN, a missing key and a null are the same).
+
+    >>> box = pa.struct([("x", pa.int64()), ("y", pa.int64())])
+    >>> _nested_problem({"x": 8.75, "y": 1}, box)
+    "['x'] holds 8.75 (type float), which the column would hold as 8"
+    >>> _nested_problem({"x": 1, "w": 3.0}, box)
     "it has the key 'w', which the column's struct lacks"
-    >>> _nested_problem([[1, 2], [3]], pa.list_(pa.list_(pa.int64()))) is None
+    >>> _nested_problem([[1, 2.0], [float("nan")]], pa.list_(pa.list_(pa.float32()))) is None
     True
     """
-    if value is None:
+    try:
+        converted = pa.array([value], type=column).to_pylist()[0]
+    except _REFUSALS as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _difference(value, converted, "")
+
+
+def _difference(given: Any, held: Any, at: str) -> str | None:
+    """Where the value ``held`` (pyarrow's of ``given``) differs from ``given``, at its part ``at``."""
+    if isinstance(given, Mapping):
+        try:
+            pairs = dict(held) if isinstance(held, list) else held  # (a map's (key, value) pairs)
+        except (TypeError, ValueError):
+            pairs = held
+        if isinstance(pairs, Mapping):
+            for key, item in given.items():
+                name = key.decode("utf-8", "replace") if isinstance(key, bytes) else key  # (as pyarrow names it)
+                if name not in pairs:
+                    return f"{at or 'it'} has the key {key!r}, which the column's struct lacks"
+                if (found := _difference(item, pairs[name], f"{at}[{key!r}]")) is not None:
+                    return found
+            return None
+    elif isinstance(given, (list, tuple)) or (isinstance(given, np.ndarray) and given.ndim):
+        items = given.tolist() if isinstance(given, np.ndarray) else given
+        parts = list(held.values()) if isinstance(held, Mapping) else held  # (a tuple given for a struct)
+        if isinstance(parts, (list, tuple)) and len(parts) == len(items):
+            for i, (item, part) in enumerate(zip(items, parts)):
+                if (found := _difference(item, part, f"{at}[{i}]")) is not None:
+                    return found
+            return None
+    elif _same(given, held):
         return None
-    if pa.types.is_struct(column) and isinstance(value, Mapping):
-        names = [column.field(i).name for i in range(column.num_fields)]
-        extra = next((key for key in value if key not in names), None)
-        if extra is not None:
-            return f"{at or 'it'} has the key {extra!r}, which the column's struct lacks"
-        parts = [(value.get(name), column.field(i).type, f"{at}[{name!r}]") for i, name in enumerate(names)]
-    elif _is_list(column) and isinstance(value, (list, tuple, np.ndarray)):
-        items = value.tolist() if isinstance(value, np.ndarray) else value
-        parts = [(item, column.value_type, f"{at}[{i}]") for i, item in enumerate(items)]
-    else:
-        return None
-    for item, kind, where in parts:
-        if not _of_kind(item, kind) and not (pa.types.is_struct(kind) or _is_list(kind)):
-            return f"{where} holds {_shown(item)} (type {type(item).__name__}), not {kind}"
-        if (problem := _nested_problem(item, kind, where)) is not None:
-            return problem
-    return None
+    return f"{at or 'it'} holds {_shown(given)} (type {type(given).__name__}), which the column would hold as {_shown(held)}"
+
+
+def _same(given: Any, held: Any) -> bool:
+    if isinstance(held, float) and isinstance(given, (float, np.floating)):  # (NaN; a column of less precision)
+        return True
+    try:
+        return bool(given == held)
+    except (TypeError, ValueError):
+        return False
+
+
+def _loose(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with every float of 64 bits, every integer signed 64, every list a plain list
+    and strings and bytes of the short kind: the type pyarrow infers for values that a column
+    of ``kind`` holds as they are (floats at its precision; where an integer or a list's length
+    does not fit, the conversion refuses it).
+
+    >>> _loose(pa.list_(pa.struct([("x", pa.float32()), ("n", pa.uint8())]), 4))
+    ListType(list<item: struct<x: double, n: int64>>)
+    """
+    if pa.types.is_floating(kind):
+        return pa.float64()
+    if pa.types.is_integer(kind):
+        return pa.int64()
+    if pa.types.is_large_string(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.binary()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return pa.list_(_loose(kind.value_type))
+    if pa.types.is_struct(kind):
+        return pa.struct([pa.field(field.name, _loose(field.type)) for field in kind])
+    return kind
 
 
 def _shown(value: Any) -> str:
@@ -120,14 +174,19 @@ def _all_of_kind(values: Sequence[Any], column: pa.DataType) -> bool:
 
 
 def _all_fit(values: Sequence[Any], column: pa.DataType) -> bool:
-    """Whether every one of ``values`` fits ``column``, judged at once: one conversion, and
-    for lists and structs the values it gives compared with these (the parts of those convert
-    with loss, see :func:`_nested_problem`; a Parquet column's values come back the same).
-    ``False`` sends each value to :func:`label_problem`, which is exact."""
-    if pa.types.is_struct(column) or _is_list(column):
+    """Whether every one of ``values`` fits ``column``, judged at once: one conversion, and for
+    lists, structs and maps the values it gives compared with these (:func:`_nested_problem`;
+    a Parquet column's come back the same). ``False`` sends each value to
+    :func:`label_problem`, which judges it alone the same way (a NaN, a missing key or a
+    tuple for a struct is no difference there)."""
+    if _is_nested(column):
         try:
-            return pa.array(values, type=column).to_pylist() == values
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):  # (an array compared)
+            inferred = pa.array(values).type
+            if inferred == column:  # the type pyarrow infers holds every value as it is
+                return True
+            converted = pa.array(values, type=column)  # (an integer too large, a list of another size: refused)
+            return _loose(inferred) == _loose(column) or converted.to_pylist() == values
+        except _REFUSALS:  # (arrays compared too)
             return False
     return _all_of_kind(values, column) and _converts(values, column)
 
@@ -135,7 +194,7 @@ def _all_fit(values: Sequence[Any], column: pa.DataType) -> bool:
 def _converts(values: Sequence[Any], column: pa.DataType) -> bool:
     try:
         pa.array(values, type=column)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+    except _REFUSALS:
         return False
     return True
 
@@ -144,13 +203,18 @@ def label_problem(name: str, value: Any, column: pa.DataType) -> str | None:
     """Why ``value`` cannot go into the label column ``name`` of type ``column`` (``None``: it fits).
 
     >>> label_problem("box", {"x": 8.75}, pa.struct([("x", pa.int64())]))
-    "label 'box' holds {'x': 8.75} (type dict); its column holds struct<x: int64>: ['x'] holds 8.75 (type float), not int64"
+    "label 'box' holds {'x': 8.75} (type dict); its column holds struct<x: int64>: ['x'] holds 8.75 (type float), which the column would hold as 8"
     """
-    if _of_kind(value, column) and _converts([value], column):
+    if _is_nested(column):
+        detail = _nested_problem(value, column)
+        if detail is None:
+            return None
+    elif _of_kind(value, column) and _converts([value], column):
         return None
-    detail = _nested_problem(value, column)
+    else:
+        detail = ""
     return (f"label {name!r} holds {_shown(value)} (type {type(value).__name__}); its column holds {column}"
-            + ("" if detail is None else f": {detail}"))
+            + (f": {detail}" if detail else ""))
 
 
 def array_problem(name: str, value: Any, spec: ArraySpec) -> str | None:

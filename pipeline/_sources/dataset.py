@@ -110,14 +110,44 @@ def _untyped(values: list) -> bool:
     """Whether ``values`` leave a part of their column's type open: all ``None``, or lists
     empty in every one (a detection dataset whose first images have no boxes), at any depth.
 
-    >>> _untyped([None, None]), _untyped([[], []]), _untyped([[], [[1.0, 2.0]]]), _untyped([{"a": None}])
-    (True, True, False, True)
+    >>> _untyped([None, None]), _untyped([[], []]), _untyped([[], [[1.0, 2.0]]]), _untyped([{"a": None}]), _untyped([{}])
+    (True, True, False, True, True)
     """
     def has_null(kind: pa.DataType) -> bool:
-        return pa.types.is_null(kind) or any(has_null(kind.field(i).type) for i in range(kind.num_fields))
+        return (pa.types.is_null(kind) or (pa.types.is_struct(kind) and not kind.num_fields)
+                or any(has_null(kind.field(i).type) for i in range(kind.num_fields)))
 
     kind = _typed(values)
     return kind is not None and has_null(kind)
+
+
+def _fills(before: pa.DataType | None, after: pa.DataType | None) -> bool:
+    """Whether the type ``after`` is ``before`` with parts of it that were null (or structs
+    without fields) typed, and nothing else changed: a later value only types what the first
+    items left open.
+
+    >>> box = pa.struct([("x", pa.int64()), ("seg", pa.null())])
+    >>> _fills(box, pa.struct([("x", pa.int64()), ("seg", pa.list_(pa.float64()))]))
+    True
+    >>> _fills(box, pa.struct([("x", pa.float64()), ("seg", pa.null())])), _fills(pa.list_(pa.null()), None)
+    (False, False)
+    """
+    if before is None or after is None:
+        return False
+    if pa.types.is_null(before) or (pa.types.is_struct(before) and not before.num_fields):
+        return True
+    if pa.types.is_struct(before) and pa.types.is_struct(after):
+        return ([f.name for f in before] == [f.name for f in after]
+                and all(_fills(b.type, a.type) for b, a in zip(before, after)))
+    if pa.types.is_list(before) and pa.types.is_list(after):
+        return _fills(before.value_type, after.value_type)
+    return before == after
+
+
+def _holds_nothing(kind: pa.DataType | None) -> bool:
+    """Whether a column of ``kind`` has a struct without fields in it, which Parquet cannot write."""
+    return kind is not None and ((pa.types.is_struct(kind) and not kind.num_fields)
+                                 or any(_holds_nothing(kind.field(i).type) for i in range(kind.num_fields)))
 
 
 def _has_struct(kind: pa.DataType) -> bool:
@@ -137,9 +167,10 @@ def _without_late_keys(value: Any, kind: pa.DataType, found: list[str], at: str)
     """
     if pa.types.is_struct(kind) and isinstance(value, Mapping):
         fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
-        found.extend(f"{at}[{key!r}]" for key in value if key not in fields)
-        return {key: _without_late_keys(item, fields[key], found, f"{at}[{key!r}]")
-                for key, item in value.items() if key in fields}
+        names = {key: key.decode("utf-8", "replace") if isinstance(key, bytes) else key for key in value}  # (pyarrow's)
+        found.extend(f"{at}[{key!r}]" for key, name in names.items() if name not in fields)
+        return {key: _without_late_keys(item, fields[names[key]], found, f"{at}[{key!r}]")
+                for key, item in value.items() if names[key] in fields}
     if (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
             and isinstance(value, (list, tuple)):
         return [_without_late_keys(item, kind.value_type, found, f"{at}[]") for item in value]
@@ -212,15 +243,26 @@ class DatasetSource(RandomAccessSource):
                 labels = self._labels_of(index) or {}
                 for name in [n for n in unset if labels.get(n) is not None]:
                     value = labels[name]  # (an array makes an array column, as in the first items)
-                    (arrays.setdefault(name, []) if isinstance(value, np.ndarray) else values[name]).append(value)
+                    if isinstance(value, np.ndarray):
+                        arrays.setdefault(name, []).append(value)
+                    elif _fills(_typed(values[name]), _typed(values[name] + [value])):
+                        values[name].append(value)  # (others are left to be judged as bad samples)
                     if name in arrays or not _untyped(values[name]):
                         unset.remove(name)
                 if not unset:
                     break
             for name in unset:
-                log.warning("the label %r of %r is None or empty in every item looked at (the first %d readable ones "
-                            "and up to %d more): its column holds %s, and an item that gives it a value is a bad "
-                            "sample", name, self.target, _TYPED_FROM, _LOOKED_FURTHER, _typed(values[name]))
+                kind = _typed(values[name])
+                if _holds_nothing(kind):
+                    log.warning("the label %r of %r holds empty dicts only in every item looked at (the first %d "
+                                "readable ones and up to %d more): a column of %s holds nothing, and it is not stored",
+                                name, self.target, _TYPED_FROM, _LOOKED_FURTHER, kind)
+                    del values[name]
+                else:
+                    log.warning("the label %r of %r is None, or None or empty in a part, in every item looked at (the "
+                                "first %d readable ones and up to %d more): its column holds %s, and an item that "
+                                "gives it a value there is a bad sample", name, self.target, _TYPED_FROM,
+                                _LOOKED_FURTHER, kind)
             self._fields = [self._field(name, seen) for name, seen in values.items() if name not in arrays]
             self._arrays = {name: array_spec(seen) for name, seen in arrays.items()}
         return self._fields

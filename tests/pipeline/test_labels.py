@@ -21,6 +21,12 @@ FITTING = [
     ({"x": 1, "y": 2.5}, pa.struct([("x", pa.int64()), ("y", pa.float64())])), ({"x": 1}, _BOX),
     ([[1, 2.5], []], pa.list_(pa.list_(pa.float64()))), ((1, 2), pa.list_(pa.int64())),
     (np.arange(2), pa.list_(pa.int64())), ([{"x": 1, "y": None}], pa.list_(_BOX)),
+    # inside lists and dicts a value fits where the column holds it as it is: a whole float in an
+    # integer field, a numpy bool, NaN and -0.0, a float at a column's lower precision, a
+    # tuple for a struct, a dict with bytes keys; judged the same alone or among others
+    ([10, 20, 30.0], pa.list_(pa.int64())), ({"x": 3.0}, _BOX), ([np.True_, False], pa.list_(pa.bool_())),
+    ([float("nan"), -0.0], pa.list_(pa.float64())), ([0.1], pa.list_(pa.float32())), ((1, 2), _BOX),
+    ({b"x": 1}, _BOX), ({"k": 2.0}, pa.map_(pa.string(), pa.int64())),
 ]
 
 
@@ -40,20 +46,26 @@ NOT_FITTING = [
     (2 ** 70, pa.int64(), f"label 'x' holds {2 ** 70} (type int); its column holds int64"),
     (-1, pa.uint8(), "label 'x' holds -1 (type int); its column holds uint8"),
     (np.zeros(2), pa.int64(), "label 'x' holds array([0., 0.]) (type ndarray); its column holds int64"),
-    (["a"], pa.list_(pa.int64()), "label 'x' holds ['a'] (type list); its column holds list<item: int64>: [0] holds "
-                                  "'a' (type str), not int64"),
+    (["a"], pa.list_(pa.int64()), "label 'x' holds ['a'] (type list); its column holds list<item: int64>: Could "
+                                  "not convert 'a' with type str: tried to convert to int64"),
     # inside lists and structs pyarrow truncates a fraction and drops a key the struct lacks
     ({"x": 8.75, "y": 1}, _BOX, "label 'x' holds {'x': 8.75, 'y': 1} (type dict); its column holds struct<x: int64, "
-                                "y: int64>: ['x'] holds 8.75 (type float), not int64"),
+                                "y: int64>: ['x'] holds 8.75 (type float), which the column would hold as 8"),
     ({"x": 1, "w": 3}, _BOX, "label 'x' holds {'x': 1, 'w': 3} (type dict); its column holds struct<x: int64, y: "
                              "int64>: it has the key 'w', which the column's struct lacks"),
     ([[1, 2], [3, 4.5]], pa.list_(pa.list_(pa.int64())), "label 'x' holds [[1, 2], [3, 4.5]] (type list); its column "
                                                          "holds list<item: list<item: int64>>: [1][1] holds 4.5 (type "
-                                                         "float), not int64"),
+                                                         "float), which the column would hold as 4"),
     ([{"x": True}], pa.list_(_BOX), "label 'x' holds [{'x': True}] (type list); its column holds list<item: "
-                                    "struct<x: int64, y: int64>>: [0]['x'] holds True (type bool), not int64"),
+                                    "struct<x: int64, y: int64>>: Expected integer, got bool"),
+    ({"k": 2.5}, pa.map_(pa.string(), pa.int64()), "label 'x' holds {'k': 2.5} (type dict); its column holds "
+                                                   "map<string, int64>: ['k'] holds 2.5 (type float), which the column "
+                                                   "would hold as 2"),
+    (np.array(3), pa.list_(pa.int64()), "label 'x' holds array(3) (type ndarray); its column holds list<item: "
+                                        "int64>: Can only convert 1-dimensional array values of list<item: int64> to "
+                                        "a variable-sized list"),
     (np.array([1.5]), pa.list_(pa.int64()), "label 'x' holds array([1.5]) (type ndarray); its column holds "
-                                            "list<item: int64>: [0] holds 1.5 (type float), not int64"),
+                                            "list<item: int64>: [0] holds 1.5 (type float), which the column would hold as 1"),
 ]
 
 

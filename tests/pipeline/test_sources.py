@@ -402,8 +402,8 @@ def test_dataset_labels_come_from_readable_items_and_a_none_label_from_a_later_v
     assert late_array.label_fields() == [] and late_array.array_labels()["tag"].shape == (2,)  # (an array column)
     never = DatasetSource("support.datasets:Labelled", {"n": 100, "tagged_from": 90})
     assert never.label_fields() == [pa.field("tag", pa.null())]
-    assert ("the label 'tag' of 'support.datasets:Labelled' is None or empty in every item looked at (the first 8 "
-            "readable ones and up to 64 more): its column holds null") in caplog.text
+    assert ("the label 'tag' of 'support.datasets:Labelled' is None, or None or empty in a part, in every item looked "
+            "at (the first 8 readable ones and up to 64 more): its column holds null") in caplog.text
     # lists empty in the first items (images without boxes): typed by the first later boxes, as
     # a list of nulls every later value was a bad sample
     caplog.clear()
@@ -412,8 +412,8 @@ def test_dataset_labels_come_from_readable_items_and_a_none_label_from_a_later_v
     assert boxes.read([12])[0].labels == {"tag": [[12, 12.5]]} and "None or empty" not in caplog.text
     none_yet = DatasetSource("support.datasets:Labelled", {"n": 100, "tagged_from": 90, "boxes": True})
     assert none_yet.label_fields() == [pa.field("tag", pa.list_(pa.null()))]
-    assert ("is None or empty in every item looked at (the first 8 readable ones and up to 64 more): its column "
-            "holds list<item: null>, and an item that gives it a value is a bad sample") in caplog.text
+    assert ("in every item looked at (the first 8 readable ones and up to 64 more): its column holds list<item: "
+            "null>, and an item that gives it a value there is a bad sample") in caplog.text
     # integers over int64's range (a hash): uint64, not an OverflowError that failed the run
     big = DatasetSource("support.datasets:Labelled", {"offset": 2**63})
     assert big.label_fields() == [pa.field("tag", pa.uint64())]
@@ -439,7 +439,26 @@ def test_nested_labels_keep_their_first_items_keys_and_lose_nothing_silently(cap
     assert [s.index for s in good] == [9, 10, 11, 13]
     assert [b.reason for b in bad] == [
         "label 'ann' holds {'n': 12, 'boxes': [{'x': 12.5}]} (type dict); its column holds struct<n: int64, boxes: "
-        "list<item: struct<x: int64>>>: ['boxes'][0]['x'] holds 12.5 (type float), not int64"]
+        "list<item: struct<x: int64>>>: ['boxes'][0]['x'] holds 12.5 (type float), which the column would hold as 12"]
+
+
+def test_a_nested_label_part_that_stays_null_is_typed_from_the_first_items_and_an_empty_dict_is_not_stored(caplog):
+    """A part None in every item (a COCO-style optional field) is looked for in later items; one
+    of those that fits no type with the first items makes only its own sample bad (it had
+    refused the source). A label that is an empty dict in every item is left out: Parquet
+    cannot write a struct without fields (every shard had failed)."""
+    from pipeline._labels import split_unfit
+
+    source = DatasetSource("support.datasets:Annotated", {"segments": True, "meta": True, "wide_from": 99})
+    box = pa.struct([("x", pa.int64())])
+    assert source.label_fields() == [pa.field("ann", pa.struct([("n", pa.int64()), ("boxes", pa.list_(box)),
+                                                               ("segments", pa.null())]))]
+    assert ("the label 'meta' of 'support.datasets:Annotated' holds empty dicts only in every item looked at (the "
+            "first 8 readable ones and up to 64 more): a column of struct<> holds nothing, and it is not stored"
+            ) in caplog.text
+    good, bad = split_unfit(source.read(range(8, 12)), source.label_fields())
+    assert [s.index for s in good] == [8, 9, 11] and [b.index for b in bad] == [10]
+    assert bad[0].reason.endswith("Could not convert 'many' with type str: tried to convert to int64")
 
 
 def test_dataset_label_types_are_the_drivers_on_every_worker():

@@ -27,16 +27,23 @@ class Squares(torch.utils.data.Dataset):
 
 class Annotated(Squares):
     """Dict items with a nested ``ann`` label: ``{"n": i, "boxes": [{"x": i}]}``, a box with a
-    key ``"w"`` too from item ``wide_from`` on, and ``x`` a fraction in item ``fraction_at``."""
+    key ``"w"`` too from item ``wide_from`` on, and ``x`` a fraction in item ``fraction_at``;
+    with ``segments``, ``ann["segments"]`` too, always None, and ``ann["n"]`` text in item
+    ``text_at``; with ``meta``, a label ``meta`` that is an empty dict in every item."""
 
-    def __init__(self, n: int = 16, size: int = 8, wide_from: int = 10, fraction_at: int = 12):
+    def __init__(self, n: int = 16, size: int = 8, wide_from: int = 10, fraction_at: int = 12,
+                 segments: bool = False, text_at: int = 10, meta: bool = False):
         super().__init__(n, size)
-        self.wide_from, self.fraction_at = wide_from, fraction_at
+        self.wide_from, self.fraction_at, self.segments, self.text_at = wide_from, fraction_at, segments, text_at
+        self.meta = meta
 
     def __getitem__(self, i: int):
         image, _ = super().__getitem__(i)
         box = {"x": i + 0.5 if i == self.fraction_at else i}
-        return {"image": image, "ann": {"n": i, "boxes": [dict(box, w=2) if i >= self.wide_from else box]}}
+        ann = {"n": i, "boxes": [dict(box, w=2) if i >= self.wide_from else box]}
+        if self.segments:
+            ann.update(n="many" if i == self.text_at else i, segments=None)
+        return {"image": image, "ann": ann, **({"meta": {}} if self.meta else {})}
 
 
 class LateBad(Squares):
