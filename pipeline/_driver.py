@@ -12,6 +12,7 @@ workers return. ``run.executor`` picks Ray actors (the default) or workers in th
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -131,6 +132,8 @@ def _refuse_output_in_source(config: Config) -> None:
     if config.source.kind not in _PASSED_OVER or not isinstance(path, str):
         return
     output, source = (comparable_location(p).partition("?")[0].rstrip("/") for p in (config.run.output, path))
+    if "://" not in output and "://" not in source:  # local: as the links on the way resolve
+        output, source = os.path.realpath(output), os.path.realpath(source)
     below = output[len(source) + 1:].split("/") if output.startswith(source + "/") else []
     if any(part.startswith(_PASSED_OVER[config.source.kind]) for part in below):
         return

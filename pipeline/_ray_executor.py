@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from ._metrics import InFlightPoller
 from ._scheduling import ActorPlan, plan_actors, unmet
 from ._shards import Shard
 from .config import Config, RunSpec
-from .errors import WorkersUnavailableError
+from .errors import ConfigError, WorkersUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         yield False
         return
     kwargs: dict = {"logging_level": logging.WARNING}
+    named_by = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    _check_answers(address, named_by)
     if address == "local":
         # a Ray of our own ("local": not whatever cluster `ray start` left running here). Its
         # workers import modules from the current folder, as the driver does (Ray puts it on
@@ -113,6 +116,33 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         yield address == "local"
     finally:
         ray.shutdown()
+
+
+#: How long a Ray address has to answer a connection.
+CONNECT_TIMEOUT = 10.0
+
+
+def _check_answers(address: str, named_by: str) -> None:
+    """A Ray cluster address (``host:port``, ``ray://host:port``) at which nothing answers a
+    connection within :data:`CONNECT_TIMEOUT`: a :class:`ConfigError` naming it, before any
+    work (``ray.init`` would retry for minutes with only Ray's own log lines). Other forms
+    (``local``, ``auto``) are Ray's to judge.
+
+    >>> _check_answers("127.0.0.1:1", "--address")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: --address: nothing answers at '127.0.0.1:1' (ConnectionRefusedError: [Errno 111] Connection refused); give the head node's address, host:6379 (the port `ray start --head` printed), or ray://host:10001 for Ray Client, or leave it out for a local Ray
+    """
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if "://" in host or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        why = "no answer within %g s" % CONNECT_TIMEOUT if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        raise ConfigError(named_by, f"nothing answers at {address!r} ({why}); give the head node's address, host:6379 "
+                                    "(the port `ray start --head` printed), or ray://host:10001 for Ray Client, or "
+                                    "leave it out for a local Ray") from None
 
 
 def autoscaling() -> bool:

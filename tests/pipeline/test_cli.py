@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -360,13 +361,26 @@ def test_the_actmap_command_imports_the_working_folders_modules(tmp_path):
     assert "Conv2d      (1, 2, 6, 6)" in done.stdout, done.stdout
 
 
+def test_a_ray_address_at_which_nothing_answers_exits_2_at_once(tmp_path, capsys):
+    """ray.init retried such an address for minutes, saying nothing of ours."""
+    started = time.monotonic()
+    assert main(["run", "--set", "run.executor=ray", "--set", f"run.output={tmp_path / 'out'}",
+                 "--address", "127.0.0.1:1"]) == 2
+    assert time.monotonic() - started < 60
+    assert ("actmap: error: --address: nothing answers at '127.0.0.1:1' (ConnectionRefusedError: "
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_inside_the_folder_the_source_reads_exits_2(tmp_path, capsys):
     from PIL import Image
 
     (tmp_path / "images" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / "0.png")
-    for output in (tmp_path / "images" / "out", tmp_path / "images"):
-        code = main(["run", "--set", "source.kind=folder", "--set", f"source.path={tmp_path / 'images'}",
+    (tmp_path / "link").symlink_to(tmp_path / "images")  # (either path through a link to the other's folder)
+    for source, output in [(tmp_path / "images", tmp_path / "images" / "out"), (tmp_path / "images", tmp_path / "images"),
+                           (tmp_path / "images", tmp_path / "link" / "out"), (tmp_path / "link", tmp_path / "images" / "out")]:
+        code = main(["run", "--set", "source.kind=folder", "--set", f"source.path={source}",
                      "--set", "run.executor=local", "--set", f"run.output={output}"])
         err = capsys.readouterr().err
         assert code == 2, err
