@@ -343,7 +343,11 @@ def commit_output(store: OutputStore, manifest: Manifest, state: OutputState) ->
         log.warning("shard %d is redone: %s", shard, reasons)
         store.delete_file(store.path(shard_record_path(shard)))
     for damage in state.damage:
-        if damage.shard is None:
+        if damage.shard is None and is_data_file(damage.path) and is_owned(damage.path):
+            # a data file of a shard the plan has not: named as the dump's own, and no run of it writes it
+            log.warning("%s: no shard of this dump writes it; deleted", damage)
+            store.delete_file(store.path(damage.path))
+        elif damage.shard is None:
             log.warning("%s: no shard of this dump writes it, so the readers refuse the dump while it is "
                         "there; delete it", damage)
     remove_temporaries(store, manifest.layers)

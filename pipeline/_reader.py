@@ -49,15 +49,20 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
     checked = check_dump(store, manifest.plan if manifest else None, [layer] if layer in layers else [],
                          layer_info=manifest.layer_info if manifest else None)
     files = sorted(checked.files.get(layer, ()))  # (a folder `layer=...` beside the dump is none of its layers)
+    if manifest is None:  # no plan to hold the other files to: those the records vouch for
+        vouched = {path for record in checked.records.values() for named, path in record.files.items() if named == layer}
+        files = [path for path in files if path in vouched]
+    if checked.damage and layer in layers:  # (a layer whose files are all gone too)
+        raise DamagedDumpError(f"{store.location!r} is damaged: its files contradict its records, so its rows "
+                               f"cannot be trusted: {_listed(checked.damage)}. Rerun the command that made it: "
+                               "the rerun checks every file, redoes those shards and deletes the files of shards the "
+                               "dump has not (`actmap inspect` lists the damage)")
     if not files:
         hint = ("none of its shards is finished yet: rerun the command that made the dump to finish it "
                 "(`actmap inspect` tells how far it is)" if layer in layers
-                else close_matches(layer, layers) if layers else "it holds no layer yet")
+                else close_matches(layer, layers) if layers
+                else "it holds no layer yet" if store.entries() else "it is empty or does not exist")
         raise UnknownDumpLayerError(f"{store.location!r} holds no rows of layer {layer!r}; {hint}")
-    if checked.damage:
-        raise DamagedDumpError(f"{store.location!r} is damaged: its files contradict its records, so its rows "
-                               f"cannot be trusted: {_listed(checked.damage)}. Rerun the command that made it: "
-                               "the rerun checks every file and redoes those shards (`actmap inspect` lists the damage)")
     return files
 
 

@@ -106,7 +106,7 @@ def test_damaged_files_are_named_refused_by_readers_and_redone_by_a_rerun(tmp_pa
     with pytest.raises(DamagedDumpError) as info:
         read_layer(str(out), "conv2")
     assert "layer=conv2/part-00004.parquet: holds indices 24-31, its record says 32-39" in str(info.value)
-    assert "Rerun the command that made it: the rerun checks every file and redoes those shards" in str(info.value)
+    assert "Rerun the command that made it: the rerun checks every file, redoes those shards" in str(info.value)
     with pytest.raises(DamagedDumpError, match="layer=relu1/part-00002.parquet: .* bytes, its record says"):
         read_table(str(out), "relu1")
     code = main(["inspect", str(out)])
@@ -287,7 +287,9 @@ def test_a_damaged_source_index_is_written_again_on_resume(tmp_path, capsys, cap
     _exactly_once(out, "conv2", 20)
 
 
-def test_a_stray_part_file_is_named_until_deleted(tmp_path, capsys, caplog):
+def test_a_stray_part_file_is_named_and_deleted_by_the_rerun(tmp_path, capsys, caplog):
+    # named as the dump's own data file, of a shard no run of this dump writes: the rerun the
+    # readers' error prescribes deletes it (it had only named it, and the readers went on refusing)
     out = tmp_path / "out"
     assert _cli(capsys, *_args(out))[0] == 0
     shutil.copy(out / layer_file("conv2", 0), out / layer_file("conv2", 7))
@@ -295,9 +297,33 @@ def test_a_stray_part_file_is_named_until_deleted(tmp_path, capsys, caplog):
         read_layer(str(out), "conv2")
     assert _cli(capsys, *_args(out))[0] == 0
     assert ("layer=conv2/part-00007.parquet: shard 7 is not in the plan of 5 shards: no shard of this dump writes "
-            "it, so the readers refuse the dump while it is there; delete it") in caplog.text
-    (out / layer_file("conv2", 7)).unlink()
+            "it; deleted") in caplog.text
+    assert not (out / layer_file("conv2", 7)).exists()
     _exactly_once(out, "conv2", 40)
+
+
+def test_a_dump_without_its_manifest_reads_only_the_files_its_records_vouch_for(tmp_path, capsys):
+    # without the plan a stray copy of a part file had its rows read twice, and the file of a
+    # shard whose record is gone was read too
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out))[0] == 0
+    (out / MANIFEST_PATH).unlink()
+    shutil.copy(out / layer_file("conv2", 0), out / layer_file("conv2", 7))
+    (out / shard_record_path(1)).unlink()
+    indices = read_table(str(out), "conv2", columns=["index"]).column("index").to_pylist()
+    assert indices == [i for i in range(40) if not 8 <= i < 16]
+
+
+def test_a_layer_whose_files_are_all_gone_is_damage_and_a_missing_folder_is_said(tmp_path, capsys):
+    from pipeline.errors import UnknownDumpLayerError
+
+    out = tmp_path / "out"
+    assert _cli(capsys, *_args(out))[0] == 0
+    shutil.rmtree(out / "layer=conv2")
+    with pytest.raises(DamagedDumpError, match=r"layer=conv2/part-00000.parquet: .*missing"):
+        read_layer(str(out), "conv2")  # (it had said that no shard of the layer was finished yet)
+    with pytest.raises(UnknownDumpLayerError, match="holds no rows of layer 'conv2'; it is empty or does not exist"):
+        read_layer(str(tmp_path / "nowhere"), "conv2")
 
 
 # -- smaller ---------------------------------------------------------------------------------------
