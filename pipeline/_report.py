@@ -106,6 +106,7 @@ class Summary:
         lines += bad_sample_lines([BadSample.from_dict(b) for b in self.bad], limit=10, indent="    ",
                                   more=f"... `actmap inspect {_braces(shlex.quote(self.output))}` lists all {{all}}")
         first = next(iter(self.layers))
-        lines.append(f"Read it back: pipeline.read_layer({self.output!r}, {first!r}) -> numpy array; "
+        what = "numpy array" if layers[first].shape is not None else "list of arrays, one shape per row"
+        lines.append(f"Read it back: pipeline.read_layer({self.output!r}, {first!r}) -> {what}; "
                      f"`actmap inspect {shlex.quote(self.output)}` describes the dump")
         return "\n".join(lines)

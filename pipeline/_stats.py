@@ -65,8 +65,10 @@ class ValueStats:
         if not (math.isfinite(low) and math.isfinite(high)):
             self._add_numbers(t.numel(), *(v.item() for v in _device_numbers(t)))
             return
-        self._add_numbers(t.numel(), t.numel() - _nonzero(t), 0, 0, t.numel(),
-                          float(t.sum() if t.dtype == torch.float32 else t.float().sum()), low, high)
+        total = float(t.sum() if t.dtype == torch.float32 else t.float().sum())
+        if not math.isfinite(total):  # finite values whose float32 sum overflows (near 3e38)
+            total = float(t.sum(dtype=torch.float64))
+        self._add_numbers(t.numel(), t.numel() - _nonzero(t), 0, 0, t.numel(), total, low, high)
 
     def _add_numbers(self, count: int, zeros: int, nan: int, inf: int, finite: int, total: float,
                      low: float, high: float) -> None:
@@ -147,7 +149,7 @@ def _device_numbers(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     # Python scalars, not tensors made here: on a GPU a new tensor would be a copy that waits
     low = torch.where(finite_mask, t, math.inf).amin()
     high = torch.where(finite_mask, t, -math.inf).amax()
-    total = torch.where(finite_mask, t, 0.0).sum(dtype=torch.float32)
+    total = torch.where(finite_mask, t, 0.0).sum(dtype=torch.float64)  # (float32 overflows near 3e38)
     return (t == 0).sum(), nan, inf, finite, total, low, high
 
 

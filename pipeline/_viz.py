@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import Config, Reduction, SourceKind
+from .errors import ConfigError
 from ._encoding import read_metadata
 from ._extras import require
 from ._maps import NoMapError, activation_maps, spread
@@ -31,7 +32,8 @@ from ._manifest import read_manifest
 from ._preprocess import resize_crop
 from ._reader import decode_column, dump_layers, read_table
 from ._records import CHANNELS_LAST, Manifest
-from ._sources import IndexFile, open_source
+from ._secrets import shown
+from ._sources import IndexFile, describe_error, open_source
 from ._sources.generated import SHAPES
 from ._store import OutputStore
 
@@ -141,9 +143,18 @@ def _rows(location: str, layer: str, count: int) -> tuple[list[_Row], dict, str]
     inputs = _model_input(manifest, config)
     rows = []
     for i, (found, label) in enumerate(zip(source.read([row[INDEX] for row in labels]), labels)):
-        if not hasattr(found, "image"):
-            raise RuntimeError(f"sample {found.sample_id!r} of the source cannot be read now: {found.reason}")
-        image = resize_crop(decode(found.image), inputs.resize, inputs.crop)
+        try:
+            if not hasattr(found, "image"):
+                raise OSError(found.reason)
+            image = resize_crop(decode(found.image), inputs.resize, inputs.crop)
+        except OSError as exc:  # (a file moved or deleted since the dump)
+            path = getattr(config.source, "path", None)
+            raise ConfigError(config.source.key("path") if path else Config.key("source"),
+                              f"sample {found.sample_id!r} cannot be read from the source the dump names "
+                              f"({shown(str(path or config.source.kind.value))!r}) now: {describe_error(exc)}; "
+                              "`actmap show` draws the maps over "
+                              "the images the model saw, read again from that source: put it back where it was "
+                              "when the dump ran") from None
         mask = None
         if masks is not None:
             raw = torch.as_tensor(np.asarray(masks[i], dtype=np.float32))[None]

@@ -88,3 +88,16 @@ def test_shard_records_carry_the_stats_of_what_was_written(tmp_path, dtype):
     text = inspect_dump(config.run.output).format()
     assert f"    values: {merged['relu1'].format()}" in text
     assert "layer conv1" in text and "inf" in text
+
+
+def test_finite_values_whose_float32_sum_overflows_give_a_finite_mean():
+    """Values near float32's largest (3.4e38): their sum overflowed to inf, shown as the mean
+    of values none of which is inf (and written to the record as JSON's non-standard Infinity)."""
+    x = torch.full((4, 3), 3e38, dtype=torch.float32)
+    stats = ValueStats()
+    stats.add(x)
+    lazy = ValueStats()
+    lazy.count += x.numel()
+    lazy._pending.append(_device_numbers(x.reshape(-1)))  # what add() does off the CPU
+    for s in (stats, lazy):
+        assert s.to_dict()["sum"] == pytest.approx(3.6e39) and s.to_dict()["inf"] == 0

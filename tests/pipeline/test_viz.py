@@ -180,3 +180,20 @@ def test_show_refuses_a_negative_channel(conv_dump, tmp_path, capsys):
 def test_show_blames_the_channels_for_a_channel_out_of_range(conv_dump, tmp_path, capsys):
     assert main(["show", conv_dump, "--layer", "conv2", "--channels", "99", "-o", str(tmp_path / "x.png")]) == 2
     assert "actmap: error: --channels: channel 99 is out of range: the layer has " in capsys.readouterr().err
+
+
+def test_show_of_a_dump_whose_source_image_is_gone_names_the_sample_and_the_source(tmp_path, capsys):
+    # (it blamed the output, with a bare "No such file or directory")
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(images / f"{i}.png")
+    out = str(tmp_path / "out")
+    assert main(["run", "--quiet", "--set", "source.kind=folder", "--set", f"source.path={tmp_path / 'images'}",
+                 "--set", "model.name=support.models:tiny", "--set", "model.layers=[conv2]",
+                 "--set", "run.executor=local", "--set", f"run.output={out}"]) == 0
+    (images / "0.png").unlink()
+    assert main(["show", out, "--layer", "conv2", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "actmap: error: source.path: sample 'a/0.png' cannot be read from the source the dump names " in err
+    assert "FileNotFoundError" in err and "put it back where it was when the dump ran" in err
