@@ -49,7 +49,7 @@ def _layer_files(store: OutputStore, layer: str) -> list[str]:
     checked = check_dump(store, manifest.plan if manifest else None, [layer] if layer in layers else [],
                          layer_info=manifest.layer_info if manifest else None)
     files = sorted(checked.files.get(layer, ()))  # (a folder `layer=...` beside the dump is none of its layers)
-    if manifest is None:  # no plan to hold the other files to: those the records vouch for
+    if manifest is None and checked.records:  # no plan to hold the other files to: those the records vouch for
         vouched = {path for record in checked.records.values() for named, path in record.files.items() if named == layer}
         files = [path for path in files if path in vouched]
     if checked.damage and layer in layers:  # (a layer whose files are all gone too)
