@@ -24,8 +24,8 @@ import torch
 
 from ._encoding import bfloat16_to_float32, decode_fixed, decode_variable, read_metadata, schema_metadata
 from ._integrity import Damage, check_dump, index_damage, mend_by_redo, page_problem, parallel_map
-from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, file_shard, is_shard_record, partition_dir,
-                      partition_layer, shape_column, shape_columns)
+from ._layout import (ACTIVATION, INDEX, MANIFEST_PATH, SHARDS_DIR, file_shard, is_owned, is_shard_record,
+                      partition_dir, partition_layer, shape_column, shape_columns)
 from ._lock import running_on
 from ._manifest import read_manifest
 from ._records import BadSample, LayerSpec, Manifest
@@ -76,6 +76,14 @@ def _without_manifest(store: OutputStore) -> DamagedDumpError | None:
     return DamagedDumpError(f"{store.location!r} holds the files of an actmap dump without its manifest "
                             f"({', '.join(leftovers[:5])}): they cannot be checked or resumed (no {MANIFEST_PATH}); "
                             "rerun the command that made it with --overwrite to redo the dump")
+
+
+def _foreign_files(store: OutputStore, layer: str) -> list[str]:
+    """The files in ``layer``'s folder that the dump did not write and that readers of a folder
+    of Parquet files take in (not hidden, not named with a leading ``_``), as a copy
+    ``part-00001 (1).parquet`` put there by hand."""
+    return sorted(path for path in store.list_files(partition_dir(layer)) if not is_owned(path)
+                  and not any(part.startswith((".", "_")) for part in path.split("/")[1:]))
 
 
 def _listed(damage: Sequence[object], limit: int = 5) -> str:
@@ -595,4 +603,7 @@ def inspect_dump(location: str, verify: bool = False) -> DumpInfo:
     lines = [str(d) for d in damage] + [mend_by_redo(d) for d in unseen]
     notes = [f"{partition_dir(layer)} is no layer of this dump (not in its manifest): not checked, and left "
              "alone by reruns" for layer in stray]
+    notes += [f"{path} is none of the dump's files: actmap's readers pass over it, but a reader of the layer "
+              "folder's Parquet files (pyarrow's dataset, Spark) would take it in; move it out"
+              for layer in layer_ids for path in _foreign_files(store, layer)]
     return DumpInfo(location, manifest, layers, done, planned, bad, lines, running, notes)

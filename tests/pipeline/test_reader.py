@@ -325,3 +325,18 @@ def test_ray_dataset_of_variable_shapes_gives_one_array_per_row_in_its_dtype(var
             len({e.shape for e in expected}))
         for row, values in zip(rows, expected):
             assert row["activation"].dtype == dtype and np.array_equal(row["activation"], values)
+
+
+def test_a_file_of_another_name_in_a_layer_folder_is_noted_and_passed_over(dump, tmp_path):
+    # actmap's readers take the part files alone; a reader of the folder (pyarrow's dataset,
+    # the README's recipe without actmap) took the copy's rows too, and inspect said nothing
+    out = tmp_path / "out"
+    shutil.copytree(dump, out)
+    shutil.copy(out / "layer=conv2" / "part-00000.parquet", out / "layer=conv2" / "part-00000 (1).parquet")
+    (out / "layer=conv2" / ".notes.txt").write_text("hidden: no reader takes it in")
+    info = inspect_dump(str(out))
+    assert info.complete and not info.damage
+    assert [line for line in info.format().splitlines() if "none of the dump's files" in line] == [
+        "note: layer=conv2/part-00000 (1).parquet is none of the dump's files: actmap's readers pass over it, but a "
+        "reader of the layer folder's Parquet files (pyarrow's dataset, Spark) would take it in; move it out"]
+    assert np.array_equal(read_layer(str(out), "conv2"), read_layer(dump, "conv2"))
