@@ -124,6 +124,16 @@ def _same(given: Any, held: Any) -> bool:
         return False
 
 
+def _narrows(kind: pa.DataType) -> bool:
+    """Whether a column of ``kind`` refuses some values of the type :func:`_loose` gives it: an
+    integer narrower than int64 or unsigned (one too large), a list of one length, a float16."""
+    if pa.types.is_integer(kind):
+        return kind != pa.int64()
+    if pa.types.is_fixed_size_list(kind) or pa.types.is_float16(kind):
+        return True
+    return any(_narrows(kind.field(i).type) for i in range(kind.num_fields))
+
+
 def _loose(kind: pa.DataType) -> pa.DataType:
     """``kind`` with every float of 64 bits, every integer signed 64, every list a plain list
     and strings and bytes of the short kind: the type pyarrow infers for values that a column
@@ -183,6 +193,8 @@ def _all_fit(values: Sequence[Any], column: pa.DataType) -> bool:
         try:
             inferred = pa.array(values).type
             if inferred == column:  # the type pyarrow infers holds every value as it is
+                return True
+            if _loose(inferred) == _loose(column) and not _narrows(column):  # (floats at its precision)
                 return True
             converted = pa.array(values, type=column)  # (an integer too large, a list of another size: refused)
             return _loose(inferred) == _loose(column) or converted.to_pylist() == values

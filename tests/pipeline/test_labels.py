@@ -64,6 +64,12 @@ NOT_FITTING = [
     (np.array(3), pa.list_(pa.int64()), "label 'x' holds array(3) (type ndarray); its column holds list<item: "
                                         "int64>: Can only convert 1-dimensional array values of list<item: int64> to "
                                         "a variable-sized list"),
+    # where the column is narrower than the type pyarrow infers (judged in a batch by that type)
+    ([2 ** 40], pa.list_(pa.int32()), "label 'x' holds [1099511627776] (type list); its column holds list<item: "
+                                      "int32>: Value 1099511627776 too large to fit in C integer type"),
+    ([1, 2, 3], pa.list_(pa.int64(), 2), "label 'x' holds [1, 2, 3] (type list); its column holds "
+                                         "fixed_size_list<item: int64>[2]: Length of item not correct: expected 2 but "
+                                         "got array of size 3"),
     (np.array([1.5]), pa.list_(pa.int64()), "label 'x' holds array([1.5]) (type ndarray); its column holds "
                                             "list<item: int64>: [0] holds 1.5 (type float), which the column would hold as 1"),
 ]
