@@ -84,7 +84,7 @@ def _nested_problem(value: Any, column: pa.DataType) -> str | None:
         converted = pa.array([value], type=column).to_pylist()[0]
     except _REFUSALS as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return _difference(value, converted, "")
+    return None if _same(value, converted) else _difference(value, converted, "")
 
 
 def _difference(given: Any, held: Any, at: str) -> str | None:
@@ -106,6 +106,8 @@ def _difference(given: Any, held: Any, at: str) -> str | None:
         items = given.tolist() if isinstance(given, np.ndarray) else given
         parts = list(held.values()) if isinstance(held, Mapping) else held  # (a tuple given for a struct)
         if isinstance(parts, (list, tuple)) and len(parts) == len(items):
+            if _same_numbers(items, parts):
+                return None
             for i, (item, part) in enumerate(zip(items, parts)):
                 if (found := _difference(item, part, f"{at}[{i}]")) is not None:
                     return found
@@ -115,6 +117,19 @@ def _difference(given: Any, held: Any, at: str) -> str | None:
     return f"{at or 'it'} holds {_shown(given)} (type {type(given).__name__}), which the column would hold as {_shown(held)}"
 
 
+def _same_numbers(given: Sequence[Any], held: Sequence[Any]) -> bool:
+    """Whether a flat list of numbers is held as it is, at once (:func:`_same` on each: floats
+    held as floats are; integers and bools equal to the bit); ``False`` where they are not
+    all numbers, for a look at each."""
+    try:
+        given_array, held_array = np.asarray(given), np.asarray(held)
+    except (TypeError, ValueError):
+        return False
+    if given_array.dtype.kind not in "biuf" or held_array.dtype.kind not in "biuf" or given_array.ndim != 1:
+        return False
+    return held_array.dtype.kind == "f" or bool(np.array_equal(given_array, held_array))
+
+
 def _same(given: Any, held: Any) -> bool:
     if isinstance(held, float) and isinstance(given, (float, np.floating)):  # (NaN; a column of less precision)
         return True
@@ -122,40 +137,6 @@ def _same(given: Any, held: Any) -> bool:
         return bool(given == held)
     except (TypeError, ValueError):
         return False
-
-
-def _narrows(kind: pa.DataType) -> bool:
-    """Whether a column of ``kind`` refuses some values of the type :func:`_loose` gives it: an
-    integer narrower than int64 or unsigned (one too large), a list of one length, a float16."""
-    if pa.types.is_integer(kind):
-        return kind != pa.int64()
-    if pa.types.is_fixed_size_list(kind) or pa.types.is_float16(kind):
-        return True
-    return any(_narrows(kind.field(i).type) for i in range(kind.num_fields))
-
-
-def _loose(kind: pa.DataType) -> pa.DataType:
-    """``kind`` with every float of 64 bits, every integer signed 64, every list a plain list
-    and strings and bytes of the short kind: the type pyarrow infers for values that a column
-    of ``kind`` holds as they are (floats at its precision; where an integer or a list's length
-    does not fit, the conversion refuses it).
-
-    >>> _loose(pa.list_(pa.struct([("x", pa.float32()), ("n", pa.uint8())]), 4))
-    ListType(list<item: struct<x: double, n: int64>>)
-    """
-    if pa.types.is_floating(kind):
-        return pa.float64()
-    if pa.types.is_integer(kind):
-        return pa.int64()
-    if pa.types.is_large_string(kind):
-        return pa.string()
-    if pa.types.is_large_binary(kind):
-        return pa.binary()
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return pa.list_(_loose(kind.value_type))
-    if pa.types.is_struct(kind):
-        return pa.struct([pa.field(field.name, _loose(field.type)) for field in kind])
-    return kind
 
 
 def _shown(value: Any) -> str:
@@ -191,13 +172,7 @@ def _all_fit(values: Sequence[Any], column: pa.DataType) -> bool:
     tuple for a struct is no difference there)."""
     if _is_nested(column):
         try:
-            inferred = pa.array(values).type
-            if inferred == column:  # the type pyarrow infers holds every value as it is
-                return True
-            if _loose(inferred) == _loose(column) and not _narrows(column):  # (floats at its precision)
-                return True
-            converted = pa.array(values, type=column)  # (an integer too large, a list of another size: refused)
-            return _loose(inferred) == _loose(column) or converted.to_pylist() == values
+            return pa.array(values, type=column).to_pylist() == values
         except _REFUSALS:  # (arrays compared too)
             return False
     return _all_of_kind(values, column) and _converts(values, column)
@@ -256,13 +231,16 @@ def split_unfit(samples: Sequence[Sample], fields: Sequence[pa.Field],
                 arrays: Mapping[str, ArraySpec] | None = None) -> tuple[list[Sample], list[BadSample]]:
     """``samples`` whose labels all fit the columns ``fields`` and the array columns ``arrays``,
     and the others as bad samples (the reason names the first label that does not fit). One
-    conversion per column checks a batch whose values all fit."""
+    conversion per column checks a batch whose values all fit; a label every sample's source
+    took from a column of its field's type (:attr:`Sample.exact`) is not checked."""
     problems: dict[int, str] = {}
     for name, spec in (arrays or {}).items():
         for position, sample in enumerate(samples):
             if position not in problems and (problem := array_problem(name, sample.labels.get(name), spec)):
                 problems[position] = problem
     for field in fields:
+        if all(field.name in s.exact for s in samples):
+            continue  # (taken from a column of this type)
         values = [s.labels.get(field.name) for s in samples]
         if _all_fit(values, field.type):
             continue

@@ -35,12 +35,15 @@ RawImage = Union[bytes, Deferred, torch.Tensor, np.ndarray]
 @dataclasses.dataclass
 class Sample:
     """One sample: its position ``index`` in the source, its stable ``sample_id``, the image,
-    and its labels (values for the pass-through columns, named as in ``Source.label_fields``)."""
+    and its labels (values for the pass-through columns, named as in ``Source.label_fields``);
+    ``exact``: the labels whose values the source took from a column of their field's type,
+    which holds them as they are (their check is skipped)."""
 
     index: int
     sample_id: str
     image: RawImage
     labels: dict[str, Any] = dataclasses.field(default_factory=dict)
+    exact: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -883,10 +883,13 @@ class ParquetSource(StreamingSource):
         names = [field.name for field in self._fields]
         rows = zip(*(self._values(table, field, relative) for field in self._fields)) if names else \
             itertools.repeat(())
+        # the columns of this file of their field's type give values the field holds as they are
+        exact = frozenset(field.name for field in self._fields if field.name in table.schema.names
+                          and table.schema.field(field.name).type == field.type)
         for index, sample_id, image, values in zip(indices, ids, images, rows):
             if sample_id is None:
                 yield BadSample(index, str(index), f"the id ({self.id_column}) is null")
             elif image is None:
                 yield BadSample(index, sample_id, _no_bytes(paths[index - first] if paths else None))
             else:
-                yield Sample(index, sample_id, image, dict(zip(names, values)))
+                yield Sample(index, sample_id, image, dict(zip(names, values)), exact)

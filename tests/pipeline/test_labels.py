@@ -107,3 +107,12 @@ def test_a_batch_judges_each_value_as_alone_among_values_of_plain_types(value, c
     good, bad = split_unfit(samples, [pa.field("x", column)])
     assert [s.index for s in good] == ([0, 2] if reason else [0, 1, 2])
     assert bad == ([BadSample(1, "s1", reason)] if reason else [])
+
+
+def test_a_label_every_sample_took_from_a_column_of_its_type_is_not_checked():
+    field = pa.field("x", pa.list_(pa.int64()))
+    exact = [Sample(i, f"s{i}", b"", {"x": [2.5]}, frozenset({"x"})) for i in range(2)]
+    assert split_unfit(exact, [field]) == (exact, [])  # (a source that says so is taken at its word)
+    mixed = exact[:1] + _samples([{"x": [2.5]}])
+    good, bad = split_unfit(mixed, [field])
+    assert good == [] and len(bad) == 2  # one sample not taken so: the column is checked for all

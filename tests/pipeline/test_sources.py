@@ -1187,3 +1187,17 @@ def test_parquet_objects_whose_keys_no_path_reaches_are_left_out_with_a_warning(
     assert "which no path reaches, and are left out, e.g. 'sub//b.parquet'" in caplog.text
     (tmp_path / "x").mkdir()  # the folder's own path may have such parts: only those below it count
     assert len(ParquetSource(f"file://{tmp_path}/x/../t", id_column="key")) == 6
+
+
+def test_parquet_samples_name_the_labels_taken_from_a_column_of_their_fields_type(tmp_path):
+    # those are not checked again (a list of 512 floats cost up to 20 us a row to check)
+    (tmp_path / "t").mkdir()
+    png = _png("red")
+    emb = pa.array([[0.5, 1.5]], pa.list_(pa.float32()))
+    pq.write_table(pa.table({"image": [png], "score": pa.array([1], pa.int64()), "emb": emb}), tmp_path / "t" / "0.parquet")
+    pq.write_table(pa.table({"image": [png], "score": pa.array([2], pa.int32()), "emb": emb}), tmp_path / "t" / "1.parquet")
+    source = ParquetSource(str(tmp_path / "t"))
+    assert {f.name: str(f.type) for f in source.label_fields()} == {"score": "int64", "emb": "list<element: float>"}
+    assert [(s.labels, s.exact) for s in source.stream(0, 2)] == [
+        ({"score": 1, "emb": [0.5, 1.5]}, frozenset({"score", "emb"})),
+        ({"score": 2, "emb": [0.5, 1.5]}, frozenset({"emb"}))]
