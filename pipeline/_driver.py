@@ -131,16 +131,26 @@ def _refuse_output_in_source(config: Config) -> None:
     path = getattr(config.source, "path", None)
     if config.source.kind not in _PASSED_OVER or not isinstance(path, str):
         return
-    output, source = (comparable_location(p).partition("?")[0].rstrip("/") for p in (config.run.output, path))
-    if "://" not in output and "://" not in source:  # local: as the links on the way resolve
-        output, source = os.path.realpath(output), os.path.realpath(source)
-    below = output[len(source) + 1:].split("/") if output.startswith(source + "/") else []
-    if any(part.startswith(_PASSED_OVER[config.source.kind]) for part in below):
-        return
-    if output == source or below:
-        raise ConfigError(RunSpec.key("output"), f"{shown(config.run.output)!r} lies inside the folder the source reads "
-                          f"({config.source.key('path')}: {shown(path)!r}): the dump's files would become part of the "
-                          "source, and a rerun would find it changed; put the output outside it")
+    output, source = (comparable_location(p).partition("?")[0] for p in (config.run.output, path))
+    spellings = [(output.rstrip("/") or "/", source.rstrip("/") or "/")]
+    if "://" not in output and "://" not in source:  # local: also as the links on the way resolve
+        spellings.append((os.path.realpath(output), os.path.realpath(source)))
+    for output, source in spellings:
+        below = [] if output == source else _below(output, source)
+        if below is not None and not any(part.startswith(_PASSED_OVER[config.source.kind]) for part in below):
+            raise ConfigError(RunSpec.key("output"), f"{shown(config.run.output)!r} lies inside the folder the source "
+                              f"reads ({config.source.key('path')}: {shown(path)!r}): the dump's files would become "
+                              "part of the source, and a rerun would find it changed; put the output outside it")
+
+
+def _below(path: str, folder: str) -> list[str] | None:
+    """The names on the way from ``folder`` down to ``path``; ``None`` where it is not below it.
+
+    >>> _below("/data/images/out/x", "/data/images"), _below("/data/img", "/data/images"), _below("/x", "/")
+    (['out', 'x'], None, ['x'])
+    """
+    prefix = folder if folder.endswith("/") else folder + "/"
+    return path[len(prefix):].split("/") if path.startswith(prefix) else None
 
 
 def _warn_row_groups(source, shard_size: int) -> None:

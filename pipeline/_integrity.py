@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ._encoding import layout_problem, parse_metadata
-from ._layout import (ACTIVATION, INDEX, METADATA_KEY, SAMPLE_ID, SHARDS_DIR, file_shard, is_data_file,
+from ._layout import (ACTIVATION, INDEX, METADATA_KEY, SAMPLE_ID, SHARDS_DIR, file_shard, is_data_file, is_owned,
                       is_shard_record, layer_file, partition_dir, record_shard, shard_record_path, shape_columns)
 from ._records import LayerSpec, ShardRecord
 from ._shards import ShardPlan
@@ -326,8 +326,9 @@ def check_dump(store: OutputStore, plan: ShardPlan | None, layers: Collection[st
             damage.append(problem)
         else:
             records[read.shard] = read
-    files = {layer: {f: size for f, size in store.sizes(partition_dir(layer)).items() if is_data_file(f)}
-             for layer in layers}
+    # (a copy in a folder inside a layer's is none of the dump's files: readers pass over it)
+    files = {layer: {f: size for f, size in store.sizes(partition_dir(layer)).items()
+                     if is_data_file(f) and is_owned(f)} for layer in layers}
     named = [(record, layer, path) for record in records.values() for layer, path in record.files.items()
              if layer in files]
     recorded = {path for _, _, path in named}

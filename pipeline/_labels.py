@@ -114,7 +114,8 @@ def _difference(given: Any, held: Any, at: str) -> str | None:
             return None
     elif _same(given, held):
         return None
-    return f"{at or 'it'} holds {_shown(given)} (type {type(given).__name__}), which the column would hold as {_shown(held)}"
+    return (f"{at or 'it'} holds {_shown(given)} (type {type(given).__name__}), which the column would hold as "
+            f"{_shown(held)}")
 
 
 def _same_numbers(given: Sequence[Any], held: Sequence[Any]) -> bool:

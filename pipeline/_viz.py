@@ -147,13 +147,13 @@ def _rows(location: str, layer: str, count: int) -> tuple[list[_Row], dict, str]
             if not hasattr(found, "image"):
                 raise OSError(found.reason)
             image = resize_crop(decode(found.image), inputs.resize, inputs.crop)
-        except OSError as exc:  # (a file moved or deleted since the dump)
+        except OSError as exc:  # (a file moved, deleted or changed since the dump)
             path = getattr(config.source, "path", None)
             raise ConfigError(config.source.key("path") if path else Config.key("source"),
                               f"sample {found.sample_id!r} cannot be read from the source the dump names "
                               f"({shown(str(path or config.source.kind.value))!r}) now: {describe_error(exc)}; "
                               "`actmap show` draws the maps over "
-                              "the images the model saw, read again from that source: put it back where it was "
+                              "the images the model saw, read again from that source: it has to hold them as it did "
                               "when the dump ran") from None
         mask = None
         if masks is not None:

@@ -380,8 +380,11 @@ def test_an_output_inside_the_folder_the_source_reads_exits_2(tmp_path, capsys):
     (tmp_path / "images" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a" / "0.png")
     (tmp_path / "link").symlink_to(tmp_path / "images")  # (either path through a link to the other's folder)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "images" / "more").symlink_to(tmp_path / "elsewhere")  # (a link the source follows)
     for source, output in [(tmp_path / "images", tmp_path / "images" / "out"), (tmp_path / "images", tmp_path / "images"),
-                           (tmp_path / "images", tmp_path / "link" / "out"), (tmp_path / "link", tmp_path / "images" / "out")]:
+                           (tmp_path / "images", tmp_path / "link" / "out"), (tmp_path / "link", tmp_path / "images" / "out"),
+                           (tmp_path / "images", tmp_path / "images" / "more" / "out")]:
         code = main(["run", "--set", "source.kind=folder", "--set", f"source.path={source}",
                      "--set", "run.executor=local", "--set", f"run.output={output}"])
         err = capsys.readouterr().err

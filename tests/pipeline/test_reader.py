@@ -333,10 +333,13 @@ def test_a_file_of_another_name_in_a_layer_folder_is_noted_and_passed_over(dump,
     out = tmp_path / "out"
     shutil.copytree(dump, out)
     shutil.copy(out / "layer=conv2" / "part-00000.parquet", out / "layer=conv2" / "part-00000 (1).parquet")
+    (out / "layer=conv2" / "backup").mkdir()  # (in a folder inside: it was taken for the shard's file, as damage)
+    shutil.copy(out / "layer=conv2" / "part-00000.parquet", out / "layer=conv2" / "backup" / "part-00000.parquet")
     (out / "layer=conv2" / ".notes.txt").write_text("hidden: no reader takes it in")
     info = inspect_dump(str(out))
     assert info.complete and not info.damage
     assert [line for line in info.format().splitlines() if "none of the dump's files" in line] == [
-        "note: layer=conv2/part-00000 (1).parquet is none of the dump's files: actmap's readers pass over it, but a "
-        "reader of the layer folder's Parquet files (pyarrow's dataset, Spark) would take it in; move it out"]
+        f"note: layer=conv2/{name} is none of the dump's files: actmap's readers pass over it, but a reader of the "
+        "layer folder's Parquet files (pyarrow's dataset, Spark) would take it in; move it out"
+        for name in ("backup/part-00000.parquet", "part-00000 (1).parquet")]
     assert np.array_equal(read_layer(str(out), "conv2"), read_layer(dump, "conv2"))

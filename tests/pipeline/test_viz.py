@@ -196,4 +196,4 @@ def test_show_of_a_dump_whose_source_image_is_gone_names_the_sample_and_the_sour
     assert main(["show", out, "--layer", "conv2", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "actmap: error: source.path: sample 'a/0.png' cannot be read from the source the dump names " in err
-    assert "FileNotFoundError" in err and "put it back where it was when the dump ran" in err
+    assert "FileNotFoundError" in err and "it has to hold them as it did when the dump ran" in err
